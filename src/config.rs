@@ -1,0 +1,404 @@
+//! Configuration: command-line flags, `SWITCHBOARD_*` environment variables,
+//! an optional TOML file, and built-in defaults, in that order of precedence.
+//!
+//! [`ServeOptions`] is both the clap argument group and the TOML file schema
+//! (every field optional); [`Config::resolve`] merges and validates them into
+//! the [`Config`] the server runs with.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+use switchboard_proto::AudioMode;
+
+/// Every `serve` option. Field names are the TOML keys; flags are the same in
+/// kebab-case; environment variables are `SWITCHBOARD_` + upper snake case.
+#[derive(Debug, Clone, Default, clap::Args, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ServeOptions {
+    /// Address and port for HTTP and WebSocket signaling [default: 127.0.0.1:8080]
+    #[arg(long, env = "SWITCHBOARD_LISTEN", value_name = "ADDR:PORT")]
+    pub listen: Option<SocketAddr>,
+
+    /// TLS certificate chain (PEM); needs --tls-key
+    #[arg(long, env = "SWITCHBOARD_TLS_CERT", value_name = "FILE")]
+    pub tls_cert: Option<PathBuf>,
+
+    /// TLS private key (PEM); needs --tls-cert
+    #[arg(long, env = "SWITCHBOARD_TLS_KEY", value_name = "FILE")]
+    pub tls_key: Option<PathBuf>,
+
+    /// Serve HTTPS with a certificate generated at start-up (for trying the
+    /// camera from phones on a LAN; browsers will ask you to accept it)
+    #[arg(long, env = "SWITCHBOARD_TLS_SELF_SIGNED", num_args = 0..=1, default_missing_value = "true", value_name = "BOOL")]
+    pub tls_self_signed: Option<bool>,
+
+    /// Extra DNS names or IP addresses for the self-signed certificate, comma
+    /// separated (localhost, 127.0.0.1 and the listen address are always in it)
+    #[arg(long, env = "SWITCHBOARD_TLS_SELF_SIGNED_NAMES", value_delimiter = ',', value_name = "NAMES")]
+    pub tls_self_signed_names: Option<Vec<String>>,
+
+    /// Largest accepted text frame in bytes; larger frames get `too-large`
+    /// (frames over 4x this close the connection) [default: 65536]
+    #[arg(long, env = "SWITCHBOARD_MAX_FRAME_BYTES", value_name = "BYTES")]
+    pub max_frame_bytes: Option<usize>,
+
+    /// Sustained messages per second allowed per connection (token bucket) [default: 50]
+    #[arg(long, env = "SWITCHBOARD_RATE_LIMIT", value_name = "MSGS")]
+    pub rate_limit: Option<f64>,
+
+    /// Burst of messages allowed above the rate; flooding on past the limit
+    /// for about twice this many more messages closes the connection [default: 200]
+    #[arg(long, env = "SWITCHBOARD_RATE_BURST", value_name = "MSGS")]
+    pub rate_burst: Option<u32>,
+
+    /// Most rooms that may exist at once; joins that would create more get `full` [default: 10000]
+    #[arg(long, env = "SWITCHBOARD_MAX_ROOMS", value_name = "N")]
+    pub max_rooms: Option<usize>,
+
+    /// Most participants per room (p2p rooms always hold two) [default: 100]
+    #[arg(long, env = "SWITCHBOARD_MAX_PARTICIPANTS", value_name = "N")]
+    pub max_participants: Option<usize>,
+
+    /// How often the server sends a WebSocket ping, in milliseconds [default: 3000]
+    #[arg(long, env = "SWITCHBOARD_WS_PING_INTERVAL_MS", value_name = "MS")]
+    pub ws_ping_interval_ms: Option<u64>,
+
+    /// A connection that sends nothing (not even a pong) for this long is
+    /// dropped and the room gets `bye`, in milliseconds [default: 9000]
+    #[arg(long, env = "SWITCHBOARD_WS_TIMEOUT_MS", value_name = "MS")]
+    pub ws_timeout_ms: Option<u64>,
+
+    /// STUN server URLs handed to clients in `joined`, comma separated
+    /// (e.g. stun:stun.example.org:3478) [default: none]
+    #[arg(long, env = "SWITCHBOARD_STUN_URLS", value_delimiter = ',', value_name = "URLS")]
+    pub stun_urls: Option<Vec<String>>,
+
+    /// TURN server URLs handed to clients with short-lived credentials,
+    /// comma separated (e.g. turn:turn.example.org:3478?transport=udp); needs --turn-secret
+    #[arg(long, env = "SWITCHBOARD_TURN_URLS", value_delimiter = ',', value_name = "URLS")]
+    pub turn_urls: Option<Vec<String>>,
+
+    /// Shared secret of the TURN server (coturn `use-auth-secret` / `static-auth-secret`)
+    #[arg(long, env = "SWITCHBOARD_TURN_SECRET", value_name = "SECRET", hide_env_values = true)]
+    pub turn_secret: Option<String>,
+
+    /// Lifetime of TURN credentials in seconds [default: 3600]
+    #[arg(long, env = "SWITCHBOARD_TURN_TTL_SECS", value_name = "SECS")]
+    pub turn_ttl_secs: Option<u64>,
+
+    /// How long clients give a P2P connection to connect before sending
+    /// `p2p-failed`, in milliseconds (sent in `joined`) [default: 5000]
+    #[arg(long, env = "SWITCHBOARD_P2P_TIMEOUT_MS", value_name = "MS")]
+    pub p2p_timeout_ms: Option<u64>,
+
+    /// Audio handling of new SFU rooms whose creator does not choose: mix or forward [default: mix]
+    #[arg(long, env = "SWITCHBOARD_AUDIO_MODE", value_name = "MODE", value_parser = parse_audio_mode)]
+    pub audio_mode: Option<AudioMode>,
+
+    /// Allowed `Origin` values for /ws, comma separated (e.g. https://meet.example.org);
+    /// empty allows any origin [default: any]
+    #[arg(long, env = "SWITCHBOARD_ALLOWED_ORIGINS", value_delimiter = ',', value_name = "ORIGINS")]
+    pub allowed_origins: Option<Vec<String>>,
+
+    /// On SIGINT/SIGTERM, how long to wait for connections to close, in milliseconds [default: 5000]
+    #[arg(long, env = "SWITCHBOARD_SHUTDOWN_GRACE_MS", value_name = "MS")]
+    pub shutdown_grace_ms: Option<u64>,
+
+    /// Log format: text (human-readable) or json [default: text]
+    #[arg(long, env = "SWITCHBOARD_LOG_FORMAT", value_name = "FORMAT", value_parser = ["text", "json"])]
+    pub log_format: Option<String>,
+
+    /// Log filter, e.g. info or switchboard=debug (RUST_LOG also works) [default: info]
+    #[arg(long, env = "SWITCHBOARD_LOG", value_name = "FILTER")]
+    pub log: Option<String>,
+}
+
+fn parse_audio_mode(s: &str) -> Result<AudioMode, String> {
+    match s {
+        "mix" => Ok(AudioMode::Mix),
+        "forward" => Ok(AudioMode::Forward),
+        other => Err(format!("expected mix or forward, got {other:?}")),
+    }
+}
+
+impl ServeOptions {
+    /// Fills every option `self` leaves unset from `other`.
+    pub fn or(self, other: ServeOptions) -> ServeOptions {
+        ServeOptions {
+            listen: self.listen.or(other.listen),
+            tls_cert: self.tls_cert.or(other.tls_cert),
+            tls_key: self.tls_key.or(other.tls_key),
+            tls_self_signed: self.tls_self_signed.or(other.tls_self_signed),
+            tls_self_signed_names: self.tls_self_signed_names.or(other.tls_self_signed_names),
+            max_frame_bytes: self.max_frame_bytes.or(other.max_frame_bytes),
+            rate_limit: self.rate_limit.or(other.rate_limit),
+            rate_burst: self.rate_burst.or(other.rate_burst),
+            max_rooms: self.max_rooms.or(other.max_rooms),
+            max_participants: self.max_participants.or(other.max_participants),
+            ws_ping_interval_ms: self.ws_ping_interval_ms.or(other.ws_ping_interval_ms),
+            ws_timeout_ms: self.ws_timeout_ms.or(other.ws_timeout_ms),
+            stun_urls: self.stun_urls.or(other.stun_urls),
+            turn_urls: self.turn_urls.or(other.turn_urls),
+            turn_secret: self.turn_secret.or(other.turn_secret),
+            turn_ttl_secs: self.turn_ttl_secs.or(other.turn_ttl_secs),
+            p2p_timeout_ms: self.p2p_timeout_ms.or(other.p2p_timeout_ms),
+            audio_mode: self.audio_mode.or(other.audio_mode),
+            allowed_origins: self.allowed_origins.or(other.allowed_origins),
+            shutdown_grace_ms: self.shutdown_grace_ms.or(other.shutdown_grace_ms),
+            log_format: self.log_format.or(other.log_format),
+            log: self.log.or(other.log),
+        }
+    }
+
+    /// Reads a TOML file of options.
+    pub fn from_file(path: &Path) -> Result<ServeOptions, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_owned(),
+            source,
+        })?;
+        toml::from_str(&text).map_err(|e| ConfigError::Toml {
+            path: path.to_owned(),
+            message: e.to_string(),
+        })
+    }
+}
+
+/// Configuration errors, reported at start-up.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config file {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("config file {path}: {message}")]
+    Toml { path: PathBuf, message: String },
+    #[error("--tls-cert and --tls-key go together")]
+    TlsPair,
+    #[error("--tls-self-signed cannot be combined with --tls-cert/--tls-key")]
+    TlsBoth,
+    #[error("--turn-urls needs --turn-secret (short-lived credentials are made from it)")]
+    TurnSecret,
+    #[error("{option} must be greater than zero")]
+    Zero { option: &'static str },
+    #[error("--ws-timeout-ms ({timeout}) must be longer than --ws-ping-interval-ms ({interval})")]
+    PingTimeout { interval: u64, timeout: u64 },
+    #[error("{url:?} is not a {kind} URL")]
+    Url { kind: &'static str, url: String },
+}
+
+/// How HTTPS is served, if at all.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Tls {
+    Off,
+    Files { cert: PathBuf, key: PathBuf },
+    SelfSigned { extra_names: Vec<String> },
+}
+
+/// Per-connection and per-server limits.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Limits {
+    pub max_frame_bytes: usize,
+    pub rate_per_sec: f64,
+    pub rate_burst: u32,
+    pub max_rooms: usize,
+    pub max_participants: usize,
+}
+
+/// STUN/TURN servers for `joined.iceServers`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct IceConfig {
+    pub stun_urls: Vec<String>,
+    pub turn_urls: Vec<String>,
+    pub turn_secret: Option<String>,
+    pub turn_ttl: Duration,
+}
+
+/// Log output.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LogConfig {
+    pub json: bool,
+    pub filter: String,
+}
+
+/// The resolved configuration the server runs with.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Config {
+    pub listen: SocketAddr,
+    pub tls: Tls,
+    pub limits: Limits,
+    pub ws_ping_interval: Duration,
+    pub ws_timeout: Duration,
+    pub ice: IceConfig,
+    pub p2p_timeout_ms: u64,
+    pub audio_mode: AudioMode,
+    pub allowed_origins: Vec<String>,
+    pub shutdown_grace: Duration,
+    pub log: LogConfig,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        // The defaults are exactly what an empty set of options resolves to.
+        match Config::resolve(ServeOptions::default()) {
+            Ok(c) => c,
+            Err(e) => unreachable!("built-in defaults are valid: {e}"),
+        }
+    }
+}
+
+impl Config {
+    /// Applies defaults and checks the options.
+    pub fn resolve(o: ServeOptions) -> Result<Config, ConfigError> {
+        let tls = match (o.tls_cert, o.tls_key, o.tls_self_signed.unwrap_or(false)) {
+            (None, None, false) => Tls::Off,
+            (None, None, true) => Tls::SelfSigned {
+                extra_names: o.tls_self_signed_names.unwrap_or_default(),
+            },
+            (Some(cert), Some(key), false) => Tls::Files { cert, key },
+            (Some(_), Some(_), true) => return Err(ConfigError::TlsBoth),
+            _ => return Err(ConfigError::TlsPair),
+        };
+        let limits = Limits {
+            max_frame_bytes: nonzero(o.max_frame_bytes.unwrap_or(65536), "--max-frame-bytes")?,
+            rate_per_sec: o.rate_limit.unwrap_or(50.0),
+            rate_burst: nonzero(o.rate_burst.unwrap_or(200), "--rate-burst")?,
+            max_rooms: nonzero(o.max_rooms.unwrap_or(10_000), "--max-rooms")?,
+            max_participants: nonzero(o.max_participants.unwrap_or(100), "--max-participants")?,
+        };
+        if limits.rate_per_sec.is_nan() || limits.rate_per_sec <= 0.0 {
+            return Err(ConfigError::Zero {
+                option: "--rate-limit",
+            });
+        }
+        let interval = nonzero(o.ws_ping_interval_ms.unwrap_or(3000), "--ws-ping-interval-ms")?;
+        let timeout = o.ws_timeout_ms.unwrap_or(9000);
+        if timeout <= interval {
+            return Err(ConfigError::PingTimeout { interval, timeout });
+        }
+        let stun_urls = o.stun_urls.unwrap_or_default();
+        let turn_urls = o.turn_urls.unwrap_or_default();
+        check_urls(&stun_urls, "STUN", &["stun:", "stuns:"])?;
+        check_urls(&turn_urls, "TURN", &["turn:", "turns:"])?;
+        let turn_secret = o.turn_secret.filter(|s| !s.is_empty());
+        if !turn_urls.is_empty() && turn_secret.is_none() {
+            return Err(ConfigError::TurnSecret);
+        }
+        let turn_ttl = nonzero(o.turn_ttl_secs.unwrap_or(3600), "--turn-ttl-secs")?;
+        Ok(Config {
+            listen: o
+                .listen
+                .unwrap_or_else(|| SocketAddr::from(([127, 0, 0, 1], 8080))),
+            tls,
+            limits,
+            ws_ping_interval: Duration::from_millis(interval),
+            ws_timeout: Duration::from_millis(timeout),
+            ice: IceConfig {
+                stun_urls,
+                turn_urls,
+                turn_secret,
+                turn_ttl: Duration::from_secs(turn_ttl),
+            },
+            p2p_timeout_ms: o.p2p_timeout_ms.unwrap_or(5000),
+            audio_mode: o.audio_mode.unwrap_or_default(),
+            allowed_origins: o.allowed_origins.unwrap_or_default(),
+            shutdown_grace: Duration::from_millis(o.shutdown_grace_ms.unwrap_or(5000)),
+            log: LogConfig {
+                json: o.log_format.as_deref() == Some("json"),
+                filter: o.log.unwrap_or_else(|| "info".to_owned()),
+            },
+        })
+    }
+}
+
+fn nonzero<T: PartialEq + Default>(v: T, option: &'static str) -> Result<T, ConfigError> {
+    if v == T::default() {
+        Err(ConfigError::Zero { option })
+    } else {
+        Ok(v)
+    }
+}
+
+fn check_urls(urls: &[String], kind: &'static str, schemes: &[&str]) -> Result<(), ConfigError> {
+    match urls
+        .iter()
+        .find(|u| !schemes.iter().any(|s| u.starts_with(s)) || u.len() > 512)
+    {
+        Some(url) => Err(ConfigError::Url {
+            kind,
+            url: url.clone(),
+        }),
+        None => Ok(()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults() {
+        let c = Config::default();
+        assert_eq!(c.listen.to_string(), "127.0.0.1:8080");
+        assert_eq!(c.tls, Tls::Off);
+        assert_eq!(c.limits.max_frame_bytes, 65536);
+        assert_eq!(c.limits.max_participants, 100);
+        assert_eq!(c.p2p_timeout_ms, 5000);
+        assert_eq!(c.audio_mode, AudioMode::Mix);
+        assert!(c.ws_timeout <= Duration::from_secs(10), "dead peers within 10 s");
+    }
+
+    #[test]
+    fn cli_beats_file_beats_default() {
+        let file: ServeOptions = toml::from_str(
+            "listen = \"127.0.0.1:9000\"\nmax_rooms = 7\nstun_urls = [\"stun:127.0.0.1:3478\"]\n",
+        )
+        .unwrap();
+        let cli = ServeOptions {
+            max_rooms: Some(3),
+            ..Default::default()
+        };
+        let c = Config::resolve(cli.or(file)).unwrap();
+        assert_eq!(c.listen.port(), 9000);
+        assert_eq!(c.limits.max_rooms, 3);
+        assert_eq!(c.ice.stun_urls, vec!["stun:127.0.0.1:3478".to_owned()]);
+    }
+
+    #[test]
+    fn unknown_file_keys_are_errors() {
+        assert!(toml::from_str::<ServeOptions>("max_room = 7").is_err());
+    }
+
+    #[test]
+    fn refuses_inconsistent_options() {
+        let bad = |o: ServeOptions| Config::resolve(o).unwrap_err().to_string();
+        assert!(bad(ServeOptions {
+            tls_cert: Some("c.pem".into()),
+            ..Default::default()
+        })
+        .contains("go together"));
+        assert!(bad(ServeOptions {
+            turn_urls: Some(vec!["turn:127.0.0.1:3478".into()]),
+            ..Default::default()
+        })
+        .contains("turn-secret"));
+        assert!(bad(ServeOptions {
+            stun_urls: Some(vec!["http://x".into()]),
+            ..Default::default()
+        })
+        .contains("STUN"));
+        assert!(bad(ServeOptions {
+            max_frame_bytes: Some(0),
+            ..Default::default()
+        })
+        .contains("greater than zero"));
+        assert!(bad(ServeOptions {
+            ws_ping_interval_ms: Some(5000),
+            ws_timeout_ms: Some(4000),
+            ..Default::default()
+        })
+        .contains("longer than"));
+    }
+}

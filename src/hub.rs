@@ -1,0 +1,309 @@
+//! The hub: every room and every joined participant's outbox.
+//!
+//! Sessions call the hub with parsed requests; the hub runs the pure [`Room`]
+//! logic under that room's map entry lock and writes the resulting effects
+//! into the recipients' outboxes, serializing each message once however many
+//! receive it. Nothing here awaits: outboxes are bounded channels written
+//! with `try_send`, and a recipient whose outbox is full is kicked (its
+//! session closes it) instead of slowing the room down.
+//!
+//! Lock order: a `rooms` entry may be held while touching `outboxes`; never
+//! the other way round.
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use axum::extract::ws::Utf8Bytes;
+use dashmap::mapref::entry::Entry;
+use dashmap::DashMap;
+use rand::distr::{Alphanumeric, SampleString};
+use switchboard_proto::{
+    ErrorCode, Join, ParticipantId, RequestedMode, RoomName, ServerMessage,
+};
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+
+use crate::config::Config;
+use crate::ice::ice_servers;
+use crate::metrics::{Metrics, Refusal};
+use crate::room::{Effect, JoinContext, Room, RoomError, RoomSettings, To};
+
+/// Messages a connection has yet to write, in order.
+pub const OUTBOX_CAPACITY: usize = 512;
+
+/// The write side of one connection.
+#[derive(Clone)]
+pub struct Outbox {
+    tx: mpsc::Sender<Utf8Bytes>,
+    /// Cancelled when the connection must be closed because it cannot keep up.
+    kick: CancellationToken,
+}
+
+impl Outbox {
+    pub fn new() -> (Outbox, mpsc::Receiver<Utf8Bytes>, CancellationToken) {
+        let (tx, rx) = mpsc::channel(OUTBOX_CAPACITY);
+        let kick = CancellationToken::new();
+        (
+            Outbox {
+                tx,
+                kick: kick.clone(),
+            },
+            rx,
+            kick,
+        )
+    }
+
+    /// Queues `text`; a full or closed outbox kicks the connection.
+    pub fn push(&self, text: Utf8Bytes) -> bool {
+        match self.tx.try_send(text) {
+            Ok(()) => true,
+            Err(_) => {
+                self.kick.cancel();
+                false
+            }
+        }
+    }
+}
+
+/// Requests the hub refuses.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum HubError {
+    #[error("you are not in room {0}")]
+    NotInRoom(RoomName),
+    #[error(transparent)]
+    Room(#[from] RoomError),
+}
+
+impl HubError {
+    pub fn code(&self) -> ErrorCode {
+        match self {
+            HubError::NotInRoom(_) | HubError::Room(RoomError::NotAMember(_)) => {
+                ErrorCode::NotInRoom
+            }
+            HubError::Room(
+                RoomError::NoSuchPeer(_) | RoomError::SelfAddressed | RoomError::SfuUnavailable,
+            ) => ErrorCode::NoSuchPeer,
+        }
+    }
+}
+
+/// The result of a join.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum JoinOutcome {
+    /// Admitted with this id; `joined` (and the rest) are in the outbox.
+    Joined(ParticipantId),
+    /// Not admitted; `full` is in the outbox.
+    Refused,
+}
+
+pub struct Hub {
+    rooms: DashMap<RoomName, Room>,
+    outboxes: DashMap<ParticipantId, Outbox>,
+    room_count: AtomicUsize,
+    config: Arc<Config>,
+    metrics: Arc<Metrics>,
+}
+
+impl Hub {
+    pub fn new(config: Arc<Config>, metrics: Arc<Metrics>) -> Hub {
+        Hub {
+            rooms: DashMap::new(),
+            outboxes: DashMap::new(),
+            room_count: AtomicUsize::new(0),
+            config,
+            metrics,
+        }
+    }
+
+    pub fn metrics(&self) -> &Metrics {
+        &self.metrics
+    }
+
+    pub fn config(&self) -> &Config {
+        &self.config
+    }
+
+    /// Number of rooms now.
+    pub fn room_count(&self) -> usize {
+        self.room_count.load(Ordering::Relaxed)
+    }
+
+    /// Admits the connection behind `outbox` to `req.room`, creating the room
+    /// if needed (with the mode and audio `req` asks for).
+    pub fn join(&self, outbox: &Outbox, req: Join) -> JoinOutcome {
+        let id = self.new_participant_id();
+        let ctx = JoinContext {
+            ice_servers: ice_servers(&self.config.ice, &id, unix_now()),
+            p2p_timeout_ms: self.config.p2p_timeout_ms,
+        };
+        let mut room = match self.rooms.entry(req.room.clone()) {
+            Entry::Occupied(e) => e.into_ref(),
+            Entry::Vacant(v) => {
+                let max = self.config.limits.max_rooms;
+                let admitted = self
+                    .room_count
+                    .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
+                        (n < max).then_some(n + 1)
+                    })
+                    .is_ok();
+                if !admitted {
+                    self.metrics.refused(Refusal::TooManyRooms);
+                    self.reply(
+                        outbox,
+                        &ServerMessage::Full(switchboard_proto::Full { room: req.room }),
+                    );
+                    return JoinOutcome::Refused;
+                }
+                self.metrics.rooms.inc();
+                let settings = RoomSettings {
+                    requested: req.mode.unwrap_or(RequestedMode::Auto),
+                    audio: req.audio.unwrap_or(self.config.audio_mode),
+                    max_participants: self.config.limits.max_participants,
+                };
+                tracing::info!(room = %req.room, mode = ?settings.requested, audio = settings.audio.as_str(), "room created");
+                v.insert(Room::new(req.room.clone(), &settings))
+            }
+        };
+        match room.join(id.clone(), req.name, &ctx) {
+            Ok(effects) => {
+                self.outboxes.insert(id.clone(), outbox.clone());
+                self.metrics.participants.inc();
+                self.deliver(&room, effects);
+                JoinOutcome::Joined(id)
+            }
+            Err(refused) => {
+                self.metrics.refused(Refusal::RoomFull);
+                self.reply(outbox, &refused.reply);
+                JoinOutcome::Refused
+            }
+        }
+    }
+
+    /// Removes `id` from `room`. With `acknowledge` (an explicit `leave`) the
+    /// leaver gets `leaved`; the others get `bye` either way. Frees the room
+    /// when it is empty.
+    pub fn leave(&self, room_name: &RoomName, id: &ParticipantId, acknowledge: bool) {
+        let now_empty = {
+            let Some(mut room) = self.rooms.get_mut(room_name) else {
+                return;
+            };
+            if !room.contains(id) {
+                return;
+            }
+            let effects = room.leave(id, acknowledge);
+            self.deliver_with_leaver(&room, effects, id);
+            room.is_empty()
+        };
+        if self.outboxes.remove(id).is_some() {
+            self.metrics.participants.dec();
+        }
+        if now_empty && self.rooms.remove_if(room_name, |_, r| r.is_empty()).is_some() {
+            self.room_count.fetch_sub(1, Ordering::AcqRel);
+            self.metrics.rooms.dec();
+            tracing::info!(room = %room_name, "room freed");
+        }
+    }
+
+    /// Relays `data` from `from` per `message`.
+    pub fn relay(
+        &self,
+        room_name: &RoomName,
+        from: &ParticipantId,
+        to: Option<&str>,
+        data: serde_json::Value,
+    ) -> Result<(), HubError> {
+        let room = self
+            .rooms
+            .get(room_name)
+            .ok_or_else(|| HubError::NotInRoom(room_name.clone()))?;
+        let effect = room.relay(from, to, data)?;
+        self.deliver(&room, [effect]);
+        Ok(())
+    }
+
+    /// Handles `p2p-failed`.
+    pub fn p2p_failed(
+        &self,
+        room_name: &RoomName,
+        from: &ParticipantId,
+        peer: &str,
+    ) -> Result<(), HubError> {
+        let mut room = self
+            .rooms
+            .get_mut(room_name)
+            .ok_or_else(|| HubError::NotInRoom(room_name.clone()))?;
+        let effects = room.p2p_failed(from, peer)?;
+        self.deliver(&room, effects);
+        Ok(())
+    }
+
+    /// Sends `msg` to one connection that may not be in a room.
+    pub fn reply(&self, outbox: &Outbox, msg: &ServerMessage) {
+        self.count_sent(msg, 1);
+        outbox.push(Utf8Bytes::from(msg.to_text()));
+    }
+
+    fn deliver(&self, room: &Room, effects: impl IntoIterator<Item = Effect>) {
+        for effect in effects {
+            self.deliver_one(room, effect, None);
+        }
+    }
+
+    /// Like `deliver`, for effects of a leave: `leaver` is no longer a room
+    /// member but may still be addressed.
+    fn deliver_with_leaver(&self, room: &Room, effects: Vec<Effect>, leaver: &ParticipantId) {
+        for effect in effects {
+            self.deliver_one(room, effect, Some(leaver));
+        }
+    }
+
+    fn deliver_one(&self, room: &Room, effect: Effect, leaver: Option<&ParticipantId>) {
+        let text = Utf8Bytes::from(effect.msg.to_text());
+        let mut count = 0u64;
+        let mut send = |id: &ParticipantId| {
+            if let Some(outbox) = self.outboxes.get(id) {
+                outbox.push(text.clone());
+                count += 1;
+            }
+        };
+        match &effect.to {
+            To::One(id) => {
+                if room.contains(id) || leaver == Some(id) {
+                    send(id);
+                }
+            }
+            To::AllExcept(except) => room.member_ids().filter(|m| *m != except).for_each(send),
+            To::All => room.member_ids().for_each(send),
+        }
+        self.count_sent(&effect.msg, count);
+    }
+
+    fn count_sent(&self, msg: &ServerMessage, count: u64) {
+        self.metrics.sent(msg.type_name(), count);
+        match msg {
+            ServerMessage::Error(e) => self.metrics.error(e.code),
+            ServerMessage::Mode(m) => self.metrics.mode_switch(m.reason),
+            _ => {}
+        }
+    }
+
+    fn new_participant_id(&self) -> ParticipantId {
+        loop {
+            let s = Alphanumeric.sample_string(&mut rand::rng(), 12);
+            // 12 alphanumeric characters always pass the id rules.
+            if let Ok(id) = ParticipantId::parse(&s) {
+                if !self.outboxes.contains_key(&id) {
+                    return id;
+                }
+            }
+        }
+    }
+}
+
+fn unix_now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}

@@ -1,0 +1,31 @@
+//! Switchboard: a WebRTC room server. Two people talk peer to peer through
+//! its signaling; when P2P fails or a third person joins, everyone moves to
+//! the server's SFU.
+//!
+//! # Layout
+//!
+//! - [`config`]: `serve` options from flags, `SWITCHBOARD_*` env and a TOML
+//!   file, resolved into one validated [`config::Config`].
+//! - [`server`]: the HTTP edge (axum): `/` browser client, `/ws`, `/healthz`,
+//!   `/metrics`, TLS, graceful shutdown. [`server::start`] is what `serve`
+//!   and the integration tests run.
+//! - [`session`]: one WebSocket connection: limits, parsing, hub calls.
+//! - [`hub`]: every room and every participant's outbox; runs room logic and
+//!   delivers its effects. Never awaits.
+//! - [`room`]: one room's membership and media-mode state machine. Pure:
+//!   requests in, addressed messages out.
+//! - [`ratelimit`], [`ice`] (STUN/TURN credentials), [`metrics`].
+//! - `web/`: the browser client, embedded in the binary.
+//! - The wire types live in the `switchboard-proto` crate (`proto/`).
+//!
+//! Data flows one way: socket → session (parse, limit) → hub → room (decide)
+//! → hub (deliver) → outboxes → each session's socket.
+
+pub mod config;
+pub mod hub;
+pub mod ice;
+pub mod metrics;
+pub mod ratelimit;
+pub mod room;
+pub mod server;
+pub mod session;

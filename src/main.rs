@@ -1,0 +1,107 @@
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+use switchboard::config::{Config, ServeOptions};
+use tracing_subscriber::EnvFilter;
+
+/// Switchboard: WebRTC rooms, peer to peer first, through the server when needed.
+#[derive(Parser)]
+#[command(name = "switchboard", version, about)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the server (signaling, browser client, metrics).
+    ///
+    /// Every option can also be set with its SWITCHBOARD_* environment
+    /// variable or in a TOML file given with --config (keys are the option
+    /// names with underscores, e.g. max_rooms = 500). Flags beat the
+    /// environment, which beats the file, which beats the defaults.
+    Serve {
+        /// TOML file with options
+        #[arg(long, env = "SWITCHBOARD_CONFIG", value_name = "FILE")]
+        config: Option<PathBuf>,
+        #[command(flatten)]
+        options: ServeOptions,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match cli.command {
+        Command::Serve { config, options } => {
+            let options = match config {
+                Some(path) => match ServeOptions::from_file(&path) {
+                    Ok(file) => options.or(file),
+                    Err(e) => return fail(&e),
+                },
+                None => options,
+            };
+            let config = match Config::resolve(options) {
+                Ok(c) => c,
+                Err(e) => return fail(&e),
+            };
+            init_logging(&config);
+            let runtime = match tokio::runtime::Runtime::new() {
+                Ok(r) => r,
+                Err(e) => return fail(&e),
+            };
+            match runtime.block_on(serve(config)) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    tracing::error!(error = %e, "server failed");
+                    fail(&e)
+                }
+            }
+        }
+    }
+}
+
+async fn serve(config: Config) -> Result<(), switchboard::server::ServeError> {
+    let server = switchboard::server::start(config).await?;
+    println!("switchboard listening on {}", server.http_url());
+    let token = server.shutdown_token();
+    tokio::spawn(async move {
+        wait_for_signal().await;
+        token.cancel();
+    });
+    server.wait().await
+}
+
+async fn wait_for_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    match (signal(SignalKind::interrupt()), signal(SignalKind::terminate())) {
+        (Ok(mut int), Ok(mut term)) => {
+            tokio::select! {
+                _ = int.recv() => tracing::info!("SIGINT"),
+                _ = term.recv() => tracing::info!("SIGTERM"),
+            }
+        }
+        _ => {
+            let _ = tokio::signal::ctrl_c().await;
+        }
+    }
+}
+
+fn init_logging(config: &Config) {
+    let filter = EnvFilter::try_from_default_env()
+        .or_else(|_| EnvFilter::try_new(&config.log.filter))
+        .unwrap_or_else(|_| EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    if config.log.json {
+        builder.json().init();
+    } else {
+        builder.init();
+    }
+}
+
+fn fail(e: &dyn std::fmt::Display) -> ExitCode {
+    eprintln!("switchboard: {e}");
+    ExitCode::FAILURE
+}

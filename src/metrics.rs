@@ -1,0 +1,230 @@
+//! Prometheus metrics, all named `switchboard_<subsystem>_<name>[_unit]`.
+//!
+//! Every labelled counter is created with all its label values up front, so
+//! dashboards see zeros instead of missing series, and the hot path indexes
+//! an array instead of hashing label strings.
+
+use prometheus::{Encoder, IntCounter, IntCounterVec, IntGauge, Opts, Registry, TextEncoder};
+use switchboard_proto::{ErrorCode, ModeReason, CLIENT_TYPES, SERVER_TYPES};
+
+/// Why a signaling connection ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Disconnect {
+    /// The client closed it (close frame or TCP end).
+    Closed,
+    /// Nothing received within the WebSocket timeout.
+    Timeout,
+    /// Sustained flooding past the rate limit.
+    RateLimit,
+    /// The client did not read its messages fast enough.
+    SlowConsumer,
+    /// A frame over the hard limit, or a protocol error in the WebSocket layer.
+    ProtocolError,
+    /// The server is shutting down.
+    Shutdown,
+}
+
+impl Disconnect {
+    pub const ALL: [Disconnect; 6] = [
+        Disconnect::Closed,
+        Disconnect::Timeout,
+        Disconnect::RateLimit,
+        Disconnect::SlowConsumer,
+        Disconnect::ProtocolError,
+        Disconnect::Shutdown,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Disconnect::Closed => "closed",
+            Disconnect::Timeout => "timeout",
+            Disconnect::RateLimit => "rate-limit",
+            Disconnect::SlowConsumer => "slow-consumer",
+            Disconnect::ProtocolError => "protocol-error",
+            Disconnect::Shutdown => "shutdown",
+        }
+    }
+}
+
+/// Why a join was not admitted.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Refusal {
+    RoomFull,
+    TooManyRooms,
+}
+
+pub struct Metrics {
+    registry: Registry,
+    pub connections: IntGauge,
+    pub connections_opened: IntCounter,
+    pub rooms: IntGauge,
+    pub participants: IntGauge,
+    received: Vec<IntCounter>,
+    received_invalid: IntCounter,
+    sent: Vec<IntCounter>,
+    errors: Vec<IntCounter>,
+    mode_switches: Vec<IntCounter>,
+    disconnects: Vec<IntCounter>,
+    refused: [IntCounter; 2],
+}
+
+impl Metrics {
+    pub fn new() -> Metrics {
+        let registry = Registry::new();
+        let gauge = |name: &str, help: &str| {
+            let g = IntGauge::new(name, help).unwrap_or_else(|e| unreachable!("{e}"));
+            register(&registry, g.clone());
+            g
+        };
+        let counter = |name: &str, help: &str| {
+            let c = IntCounter::new(name, help).unwrap_or_else(|e| unreachable!("{e}"));
+            register(&registry, c.clone());
+            c
+        };
+        let labelled = |name: &str, help: &str, label: &str, values: &[&str]| {
+            let v = IntCounterVec::new(Opts::new(name, help), &[label])
+                .unwrap_or_else(|e| unreachable!("{e}"));
+            register(&registry, v.clone());
+            values
+                .iter()
+                .map(|l| v.with_label_values(&[*l]))
+                .collect::<Vec<_>>()
+        };
+        let received_names: Vec<&str> = CLIENT_TYPES.iter().copied().chain(["invalid"]).collect();
+        let mut received = labelled(
+            "switchboard_signaling_messages_received_total",
+            "Signaling messages received, by type (invalid: not parseable as a known type)",
+            "type",
+            &received_names,
+        );
+        let received_invalid = received.pop().unwrap_or_else(|| unreachable!());
+        let refused = labelled(
+            "switchboard_room_joins_refused_total",
+            "Joins answered with `full`, by reason",
+            "reason",
+            &["room-full", "too-many-rooms"],
+        );
+        Metrics {
+            connections: gauge(
+                "switchboard_signaling_connections",
+                "Open signaling WebSocket connections",
+            ),
+            connections_opened: counter(
+                "switchboard_signaling_connections_opened_total",
+                "Signaling WebSocket connections accepted",
+            ),
+            rooms: gauge("switchboard_rooms", "Rooms that exist now"),
+            participants: gauge("switchboard_participants", "Participants in rooms now"),
+            received,
+            received_invalid,
+            sent: labelled(
+                "switchboard_signaling_messages_sent_total",
+                "Signaling messages sent, by type",
+                "type",
+                &SERVER_TYPES,
+            ),
+            errors: labelled(
+                "switchboard_signaling_errors_total",
+                "`error` messages sent, by code",
+                "code",
+                &ErrorCode::ALL.map(ErrorCode::as_str),
+            ),
+            mode_switches: labelled(
+                "switchboard_room_mode_switches_total",
+                "Rooms that changed media mode, by reason",
+                "reason",
+                &ModeReason::ALL.map(ModeReason::as_str),
+            ),
+            disconnects: labelled(
+                "switchboard_signaling_disconnects_total",
+                "Signaling connections ended, by reason",
+                "reason",
+                &Disconnect::ALL.map(Disconnect::as_str),
+            ),
+            refused: [refused[0].clone(), refused[1].clone()],
+            registry,
+        }
+    }
+
+    /// A client message of wire type `ty`, or `None` when it did not parse.
+    pub fn received(&self, ty: Option<&str>) {
+        match ty.and_then(|t| CLIENT_TYPES.iter().position(|c| *c == t)) {
+            Some(i) => self.received[i].inc(),
+            None => self.received_invalid.inc(),
+        }
+    }
+
+    /// A server message of wire type `ty`.
+    pub fn sent(&self, ty: &str, count: u64) {
+        if let Some(i) = SERVER_TYPES.iter().position(|c| *c == ty) {
+            self.sent[i].inc_by(count);
+        }
+    }
+
+    pub fn error(&self, code: ErrorCode) {
+        if let Some(i) = ErrorCode::ALL.iter().position(|c| *c == code) {
+            self.errors[i].inc();
+        }
+    }
+
+    pub fn mode_switch(&self, reason: ModeReason) {
+        if let Some(i) = ModeReason::ALL.iter().position(|c| *c == reason) {
+            self.mode_switches[i].inc();
+        }
+    }
+
+    pub fn disconnect(&self, why: Disconnect) {
+        if let Some(i) = Disconnect::ALL.iter().position(|c| *c == why) {
+            self.disconnects[i].inc();
+        }
+    }
+
+    pub fn refused(&self, why: Refusal) {
+        self.refused[why as usize].inc();
+    }
+
+    /// The Prometheus text exposition of every metric.
+    pub fn render(&self) -> String {
+        let mut buf = Vec::with_capacity(8192);
+        // Encoding into a Vec cannot fail for well-formed metric families.
+        if let Err(e) = TextEncoder::new().encode(&self.registry.gather(), &mut buf) {
+            tracing::error!(error = %e, "encoding metrics failed");
+        }
+        String::from_utf8(buf).unwrap_or_default()
+    }
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Metrics::new()
+    }
+}
+
+fn register<C: prometheus::core::Collector + 'static>(registry: &Registry, c: C) {
+    // Names are fixed and distinct, so registration cannot collide.
+    if let Err(e) = registry.register(Box::new(c)) {
+        unreachable!("metric registration: {e}");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn renders_every_family_with_zeroes() {
+        let m = Metrics::new();
+        m.received(Some("join"));
+        m.received(None);
+        m.error(ErrorCode::TooLarge);
+        let text = m.render();
+        assert!(text.contains("switchboard_signaling_messages_received_total{type=\"join\"} 1"));
+        assert!(text.contains("switchboard_signaling_messages_received_total{type=\"invalid\"} 1"));
+        assert!(text.contains("switchboard_signaling_errors_total{code=\"too-large\"} 1"));
+        assert!(text.contains("switchboard_signaling_errors_total{code=\"internal\"} 0"));
+        assert!(text.contains("switchboard_room_mode_switches_total{reason=\"p2p-failed\"} 0"));
+        for line in text.lines().filter(|l| !l.starts_with('#')) {
+            assert!(line.starts_with("switchboard_"), "{line}");
+        }
+    }
+}

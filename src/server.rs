@@ -1,0 +1,283 @@
+//! The HTTP edge: routes, TLS, and graceful shutdown.
+//!
+//! Routes: `/` (the browser client, embedded), `/app.js`, `/style.css`,
+//! `/ws` (signaling), `/healthz`, `/metrics`.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::extract::ws::WebSocketUpgrade;
+use axum::extract::{ConnectInfo, State};
+use axum::http::{header, HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use axum::Router;
+use axum_server::tls_rustls::RustlsConfig;
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::config::{Config, Tls};
+use crate::hub::Hub;
+use crate::metrics::Metrics;
+
+/// Failures starting or running the server.
+#[derive(Debug, thiserror::Error)]
+pub enum ServeError {
+    #[error("cannot listen on {addr}: {source}")]
+    Bind {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+    #[error("TLS: {0}")]
+    Tls(String),
+    #[error("HTTP server failed: {0}")]
+    Http(std::io::Error),
+}
+
+#[derive(Clone)]
+struct AppState {
+    hub: Arc<Hub>,
+    metrics: Arc<Metrics>,
+    sessions: TaskTracker,
+    shutdown: CancellationToken,
+}
+
+/// A server that is accepting connections.
+pub struct RunningServer {
+    addr: SocketAddr,
+    tls: bool,
+    shutdown: CancellationToken,
+    task: JoinHandle<Result<(), ServeError>>,
+    hub: Arc<Hub>,
+}
+
+impl RunningServer {
+    /// The address it listens on (the real port when the config said `:0`).
+    pub fn local_addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// The `ws://` or `wss://` URL of signaling.
+    pub fn ws_url(&self) -> String {
+        let scheme = if self.tls { "wss" } else { "ws" };
+        format!("{scheme}://{}/ws", self.addr)
+    }
+
+    /// The `http://` or `https://` base URL.
+    pub fn http_url(&self) -> String {
+        let scheme = if self.tls { "https" } else { "http" };
+        format!("{scheme}://{}", self.addr)
+    }
+
+    /// The room registry, for inspection.
+    pub fn hub(&self) -> &Arc<Hub> {
+        &self.hub
+    }
+
+    /// Starts a graceful shutdown: every client gets `error` `room-closed`,
+    /// then its socket closes.
+    pub fn shutdown(&self) {
+        self.shutdown.cancel();
+    }
+
+    /// A token that starts the shutdown when cancelled.
+    pub fn shutdown_token(&self) -> CancellationToken {
+        self.shutdown.clone()
+    }
+
+    /// Waits until the server has stopped.
+    pub async fn wait(self) -> Result<(), ServeError> {
+        match self.task.await {
+            Ok(r) => r,
+            Err(e) => Err(ServeError::Http(std::io::Error::other(e))),
+        }
+    }
+}
+
+/// Binds and starts serving `config` on the current tokio runtime.
+pub async fn start(config: Config) -> Result<RunningServer, ServeError> {
+    let config = Arc::new(config);
+    let metrics = Arc::new(Metrics::new());
+    let hub = Arc::new(Hub::new(config.clone(), metrics.clone()));
+    let shutdown = CancellationToken::new();
+    let sessions = TaskTracker::new();
+    let state = AppState {
+        hub: hub.clone(),
+        metrics,
+        sessions: sessions.clone(),
+        shutdown: shutdown.clone(),
+    };
+    let app = router(state).into_make_service_with_connect_info::<SocketAddr>();
+
+    let listener = std::net::TcpListener::bind(config.listen).map_err(|source| ServeError::Bind {
+        addr: config.listen,
+        source,
+    })?;
+    let bind_err = |source| ServeError::Bind {
+        addr: config.listen,
+        source,
+    };
+    listener.set_nonblocking(true).map_err(bind_err)?;
+    let addr = listener.local_addr().map_err(bind_err)?;
+    let handle = axum_server::Handle::new();
+    let rustls = tls_config(&config).await?;
+    let tls = rustls.is_some();
+
+    let serve_handle = handle.clone();
+    let http = async move {
+        match rustls {
+            Some(rc) => {
+                axum_server::from_tcp_rustls(listener, rc)
+                    .map_err(ServeError::Http)?
+                    .handle(serve_handle)
+                    .serve(app)
+                    .await
+            }
+            None => {
+                axum_server::from_tcp(listener)
+                    .map_err(ServeError::Http)?
+                    .handle(serve_handle)
+                    .serve(app)
+                    .await
+            }
+        }
+        .map_err(ServeError::Http)
+    };
+    let grace = config.shutdown_grace;
+    let stop = shutdown.clone();
+    let task = tokio::spawn(async move {
+        let http = tokio::spawn(http);
+        stop.cancelled().await;
+        tracing::info!("shutting down: closing every connection");
+        // Stop accepting; sessions see the same token and say `room-closed`.
+        handle.graceful_shutdown(Some(grace));
+        sessions.close();
+        if tokio::time::timeout(grace, sessions.wait()).await.is_err() {
+            tracing::warn!(?grace, "some connections did not close in time");
+        }
+        match tokio::time::timeout(Duration::from_secs(1), http).await {
+            Ok(Ok(r)) => r,
+            Ok(Err(e)) => Err(ServeError::Http(std::io::Error::other(e))),
+            Err(_) => Ok(()),
+        }
+    });
+    tracing::info!(%addr, tls, "listening");
+    Ok(RunningServer {
+        addr,
+        tls,
+        shutdown,
+        task,
+        hub,
+    })
+}
+
+fn router(state: AppState) -> Router {
+    Router::new()
+        .route("/", get(|| async { asset("text/html; charset=utf-8", INDEX_HTML) }))
+        .route("/app.js", get(|| async { asset("text/javascript; charset=utf-8", APP_JS) }))
+        .route("/style.css", get(|| async { asset("text/css; charset=utf-8", STYLE_CSS) }))
+        .route("/healthz", get(healthz))
+        .route("/metrics", get(metrics))
+        .route("/ws", get(ws))
+        .with_state(state)
+}
+
+const INDEX_HTML: &str = include_str!("web/index.html");
+const APP_JS: &str = include_str!("web/app.js");
+const STYLE_CSS: &str = include_str!("web/style.css");
+
+fn asset(content_type: &'static str, body: &'static str) -> Response {
+    (
+        [
+            (header::CONTENT_TYPE, content_type),
+            (header::CACHE_CONTROL, "no-cache"),
+        ],
+        body,
+    )
+        .into_response()
+}
+
+async fn healthz(State(s): State<AppState>) -> Response {
+    if s.shutdown.is_cancelled() {
+        (StatusCode::SERVICE_UNAVAILABLE, "shutting down\n").into_response()
+    } else {
+        "ok\n".into_response()
+    }
+}
+
+async fn metrics(State(s): State<AppState>) -> Response {
+    (
+        [(header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")],
+        s.metrics.render(),
+    )
+        .into_response()
+}
+
+async fn ws(
+    State(s): State<AppState>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    headers: HeaderMap,
+    upgrade: WebSocketUpgrade,
+) -> Response {
+    let allowed = &s.hub.config().allowed_origins;
+    if !allowed.is_empty() {
+        let origin = headers
+            .get(header::ORIGIN)
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or("");
+        if !allowed.iter().any(|a| a == origin) {
+            tracing::info!(%peer, origin, "refused a WebSocket from a foreign origin");
+            return (StatusCode::FORBIDDEN, "origin not allowed\n").into_response();
+        }
+    }
+    if s.shutdown.is_cancelled() {
+        return (StatusCode::SERVICE_UNAVAILABLE, "shutting down\n").into_response();
+    }
+    // Frames over the limit get `too-large` and the connection lives on; only
+    // frames over four times the limit (which we refuse to buffer) close it.
+    let hard_cap = s.hub.config().limits.max_frame_bytes.saturating_mul(4);
+    let sessions = s.sessions.clone();
+    upgrade
+        .max_message_size(hard_cap)
+        .max_frame_size(hard_cap)
+        .on_upgrade(move |socket| {
+            sessions.track_future(crate::session::run(
+                socket,
+                s.hub.clone(),
+                peer.to_string(),
+                s.shutdown.clone(),
+            ))
+        })
+}
+
+async fn tls_config(config: &Config) -> Result<Option<RustlsConfig>, ServeError> {
+    // Either provider works; pick ring explicitly so the process has exactly one.
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    match &config.tls {
+        Tls::Off => Ok(None),
+        Tls::Files { cert, key } => RustlsConfig::from_pem_file(cert, key)
+            .await
+            .map(Some)
+            .map_err(|e| ServeError::Tls(format!("{} / {}: {e}", cert.display(), key.display()))),
+        Tls::SelfSigned { extra_names } => {
+            let mut names = vec!["localhost".to_owned(), "127.0.0.1".to_owned(), "::1".to_owned()];
+            if !config.listen.ip().is_unspecified() {
+                names.push(config.listen.ip().to_string());
+            }
+            names.extend(extra_names.iter().cloned());
+            names.dedup();
+            let cert = rcgen::generate_simple_self_signed(names.clone())
+                .map_err(|e| ServeError::Tls(format!("generating a certificate: {e}")))?;
+            tracing::warn!(?names, "serving HTTPS with a self-signed certificate (for development only)");
+            RustlsConfig::from_pem(
+                cert.cert.pem().into_bytes(),
+                cert.signing_key.serialize_pem().into_bytes(),
+            )
+            .await
+            .map(Some)
+            .map_err(|e| ServeError::Tls(e.to_string()))
+        }
+    }
+}

@@ -1,0 +1,291 @@
+//! One signaling connection: reads frames, applies limits, turns requests
+//! into hub calls, and writes its outbox to the socket.
+//!
+//! One task per connection, selecting over: the socket, the outbox, the
+//! keepalive timer, the server's shutdown, and a kick from the hub when the
+//! outbox overflowed. Every reply goes through the outbox, so what one
+//! connection sees is always in the order the hub produced it.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::extract::ws::{CloseFrame, Message, Utf8Bytes, WebSocket};
+use futures_util::{SinkExt, StreamExt};
+use switchboard_proto::{
+    parse_client, ClientMessage, ErrorCode, ParticipantId, RoomName, ServerMessage,
+};
+use tokio::time::{sleep_until, Instant};
+use tokio_util::sync::CancellationToken;
+use tracing::Instrument;
+
+use crate::hub::{Hub, JoinOutcome, Outbox};
+use crate::metrics::Disconnect;
+use crate::ratelimit::{RateLimiter, Verdict};
+
+/// WebSocket close codes we send.
+const CLOSE_GOING_AWAY: u16 = 1001;
+const CLOSE_POLICY: u16 = 1008;
+
+/// Runs one connection to its end.
+pub async fn run(socket: WebSocket, hub: Arc<Hub>, peer: String, shutdown: CancellationToken) {
+    let span = tracing::info_span!(
+        "conn",
+        %peer,
+        room = tracing::field::Empty,
+        participant = tracing::field::Empty
+    );
+    let metrics_hub = hub.clone();
+    metrics_hub.metrics().connections.inc();
+    metrics_hub.metrics().connections_opened.inc();
+    let why = Session::new(hub, span.clone())
+        .serve(socket, shutdown)
+        .instrument(span)
+        .await;
+    metrics_hub.metrics().connections.dec();
+    metrics_hub.metrics().disconnect(why);
+}
+
+struct Session {
+    hub: Arc<Hub>,
+    span: tracing::Span,
+    /// The room this connection is in, and its id there.
+    joined: Option<(RoomName, ParticipantId)>,
+    limiter: RateLimiter,
+}
+
+/// What handling one frame asks the loop to do next.
+enum Next {
+    Continue,
+    Close(Disconnect, u16, &'static str),
+}
+
+impl Session {
+    fn new(hub: Arc<Hub>, span: tracing::Span) -> Session {
+        let limits = &hub.config().limits;
+        let limiter = RateLimiter::new(
+            limits.rate_per_sec,
+            limits.rate_burst,
+            std::time::Instant::now(),
+        );
+        Session {
+            hub,
+            span,
+            joined: None,
+            limiter,
+        }
+    }
+
+    async fn serve(mut self, socket: WebSocket, shutdown: CancellationToken) -> Disconnect {
+        let (outbox, mut rx, kick) = Outbox::new();
+        let (mut sink, mut stream) = socket.split();
+        let ping_every = self.hub.config().ws_ping_interval;
+        let timeout = self.hub.config().ws_timeout;
+        let mut last_rx = Instant::now();
+        let mut next_ping = last_rx + ping_every;
+        tracing::debug!("connected");
+
+        let why = loop {
+            let deadline = last_rx + timeout;
+            tokio::select! {
+                biased;
+                () = shutdown.cancelled() => {
+                    self.hub.reply(&outbox, &ServerMessage::error(
+                        ErrorCode::RoomClosed, "the server is shutting down", None));
+                    drain(&mut rx, &mut sink).await;
+                    close(&mut sink, CLOSE_GOING_AWAY, "server shutting down").await;
+                    break Disconnect::Shutdown;
+                }
+                () = kick.cancelled() => {
+                    tracing::warn!("closing a connection that does not read its messages");
+                    close(&mut sink, CLOSE_POLICY, "too slow").await;
+                    break Disconnect::SlowConsumer;
+                }
+                Some(text) = rx.recv() => {
+                    if sink.send(Message::Text(text)).await.is_err() {
+                        break Disconnect::Closed;
+                    }
+                }
+                frame = stream.next() => {
+                    let Some(Ok(frame)) = frame else {
+                        // `Err` is a WebSocket protocol error or a frame over the
+                        // hard size cap; `None` is the end of the stream.
+                        break if matches!(frame, Some(Err(_))) { Disconnect::ProtocolError } else { Disconnect::Closed };
+                    };
+                    last_rx = Instant::now();
+                    let next = match frame {
+                        Message::Text(text) => self.on_text(&outbox, &text),
+                        Message::Binary(_) => self.on_binary(&outbox),
+                        Message::Ping(_) | Message::Pong(_) => Next::Continue,
+                        Message::Close(_) => break Disconnect::Closed,
+                    };
+                    if let Next::Close(why, code, reason) = next {
+                        drain(&mut rx, &mut sink).await;
+                        close(&mut sink, code, reason).await;
+                        break why;
+                    }
+                }
+                () = sleep_until(deadline.min(next_ping)) => {
+                    let now = Instant::now();
+                    if now >= deadline {
+                        tracing::info!(silent_for = ?now - last_rx, "connection timed out");
+                        break Disconnect::Timeout;
+                    }
+                    next_ping = now + ping_every;
+                    if sink.send(Message::Ping(Default::default())).await.is_err() {
+                        break Disconnect::Closed;
+                    }
+                }
+            }
+        };
+        if let Some((room, id)) = self.joined.take() {
+            self.hub.leave(&room, &id, false);
+        }
+        tracing::debug!(reason = why.as_str(), "disconnected");
+        why
+    }
+
+    fn on_binary(&mut self, outbox: &Outbox) -> Next {
+        if let Some(next) = self.rate_limit(outbox) {
+            return next;
+        }
+        self.hub.metrics().received(None);
+        self.error(outbox, ErrorCode::BadRequest, "binary frames are not accepted; send JSON text", None);
+        Next::Continue
+    }
+
+    fn on_text(&mut self, outbox: &Outbox, text: &Utf8Bytes) -> Next {
+        if let Some(next) = self.rate_limit(outbox) {
+            return next;
+        }
+        let msg = match parse_client(text.as_str(), self.hub.config().limits.max_frame_bytes) {
+            Ok(msg) => msg,
+            Err(e) => {
+                self.hub.metrics().received(None);
+                tracing::debug!(code = %e.code, message = %e.message, "refused a frame");
+                self.error(outbox, e.code, &e.message, e.request.as_deref());
+                return Next::Continue;
+            }
+        };
+        self.hub.metrics().received(Some(msg.type_name()));
+        self.on_message(outbox, msg);
+        Next::Continue
+    }
+
+    /// Applies the rate limit; `Some` when the frame must not be handled.
+    fn rate_limit(&mut self, outbox: &Outbox) -> Option<Next> {
+        match self.limiter.check(std::time::Instant::now()) {
+            Verdict::Allow => None,
+            Verdict::Reject => {
+                self.error(outbox, ErrorCode::RateLimited, "too many messages; slow down", None);
+                Some(Next::Continue)
+            }
+            Verdict::Close => {
+                tracing::warn!("closing a connection that keeps flooding");
+                self.error(
+                    outbox,
+                    ErrorCode::RateLimited,
+                    "too many messages for too long; closing the connection",
+                    None,
+                );
+                Some(Next::Close(Disconnect::RateLimit, CLOSE_POLICY, "rate limit"))
+            }
+        }
+    }
+
+    fn on_message(&mut self, outbox: &Outbox, msg: ClientMessage) {
+        let ty = msg.type_name();
+        match msg {
+            ClientMessage::Ping(p) => self.hub.reply(outbox, &ServerMessage::Pong(p)),
+            ClientMessage::Join(join) => {
+                if let Some((room, _)) = &self.joined {
+                    let text = format!("already in room {room}; leave it first");
+                    self.error(outbox, ErrorCode::AlreadyInRoom, &text, Some(ty));
+                    return;
+                }
+                let room = join.room.clone();
+                if let JoinOutcome::Joined(id) = self.hub.join(outbox, join) {
+                    self.span.record("room", room.as_str());
+                    self.span.record("participant", id.as_str());
+                    tracing::info!("joined");
+                    self.joined = Some((room, id));
+                }
+            }
+            ClientMessage::Leave(leave) => {
+                if let Some((room, id)) = self.my_room(outbox, &leave.room, ty) {
+                    self.hub.leave(&room, &id, true);
+                    tracing::info!("left");
+                    self.joined = None;
+                }
+            }
+            ClientMessage::Message(m) => {
+                if let Some((room, id)) = self.my_room(outbox, &m.room, ty) {
+                    if let Err(e) = self.hub.relay(&room, &id, m.to.as_deref(), m.data) {
+                        self.error(outbox, e.code(), &e.to_string(), Some(ty));
+                    }
+                }
+            }
+            ClientMessage::P2pFailed(f) => {
+                if let Some((room, id)) = self.my_room(outbox, &f.room, ty) {
+                    match self.hub.p2p_failed(&room, &id, &f.peer) {
+                        Ok(()) => tracing::info!(peer = %f.peer.chars().take(64).collect::<String>(), "p2p failed"),
+                        Err(e) => self.error(outbox, e.code(), &e.to_string(), Some(ty)),
+                    }
+                }
+            }
+        }
+    }
+
+    /// The connection's room and id when `named` is that room; otherwise
+    /// answers `not-in-room`.
+    fn my_room(
+        &self,
+        outbox: &Outbox,
+        named: &RoomName,
+        ty: &str,
+    ) -> Option<(RoomName, ParticipantId)> {
+        match &self.joined {
+            Some((room, id)) if room == named => Some((room.clone(), id.clone())),
+            Some((room, _)) => {
+                let text = format!("you are in room {room}, not {named}");
+                self.error(outbox, ErrorCode::NotInRoom, &text, Some(ty));
+                None
+            }
+            None => {
+                self.error(outbox, ErrorCode::NotInRoom, "join a room first", Some(ty));
+                None
+            }
+        }
+    }
+
+    fn error(&self, outbox: &Outbox, code: ErrorCode, message: &str, request: Option<&str>) {
+        self.hub
+            .reply(outbox, &ServerMessage::error(code, message, request));
+    }
+}
+
+/// Writes whatever is already queued (bounded: the outbox is), so a final
+/// `error` reaches the client before the close frame.
+async fn drain<S>(rx: &mut tokio::sync::mpsc::Receiver<Utf8Bytes>, sink: &mut S)
+where
+    S: SinkExt<Message> + Unpin,
+{
+    let write_all = async {
+        while let Ok(text) = rx.try_recv() {
+            if sink.send(Message::Text(text)).await.is_err() {
+                return;
+            }
+        }
+    };
+    let _ = tokio::time::timeout(Duration::from_secs(1), write_all).await;
+}
+
+async fn close<S>(sink: &mut S, code: u16, reason: &'static str)
+where
+    S: SinkExt<Message> + Unpin,
+{
+    let frame = CloseFrame {
+        code,
+        reason: Utf8Bytes::from_static(reason),
+    };
+    let _ = tokio::time::timeout(Duration::from_secs(1), sink.send(Message::Close(Some(frame)))).await;
+}
