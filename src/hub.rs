@@ -88,6 +88,17 @@ impl HubError {
     }
 }
 
+/// How a participant left its room.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Departure {
+    /// It sent `leave`: `leaved` to it, `bye` to the others.
+    Left,
+    /// Its connection ended: `bye` to the others.
+    Vanished,
+    /// The server is shutting down and everyone gets `room-closed`: no `bye`.
+    ServerClosing,
+}
+
 /// The result of a join.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum JoinOutcome {
@@ -180,10 +191,9 @@ impl Hub {
         }
     }
 
-    /// Removes `id` from `room`. With `acknowledge` (an explicit `leave`) the
-    /// leaver gets `leaved`; the others get `bye` either way. Frees the room
-    /// when it is empty.
-    pub fn leave(&self, room_name: &RoomName, id: &ParticipantId, acknowledge: bool) {
+    /// Removes `id` from `room`, telling whom [`Departure`] says. Frees the
+    /// room when it is empty.
+    pub fn leave(&self, room_name: &RoomName, id: &ParticipantId, how: Departure) {
         let now_empty = {
             let Some(mut room) = self.rooms.get_mut(room_name) else {
                 return;
@@ -191,8 +201,10 @@ impl Hub {
             if !room.contains(id) {
                 return;
             }
-            let effects = room.leave(id, acknowledge);
-            self.deliver_with_leaver(&room, effects, id);
+            let effects = room.leave(id, how == Departure::Left);
+            if how != Departure::ServerClosing {
+                self.deliver_with_leaver(&room, effects, id);
+            }
             room.is_empty()
         };
         if self.outboxes.remove(id).is_some() {

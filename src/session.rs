@@ -18,7 +18,7 @@ use tokio::time::{sleep_until, Instant};
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
-use crate::hub::{Hub, JoinOutcome, Outbox};
+use crate::hub::{Departure, Hub, JoinOutcome, Outbox};
 use crate::metrics::Disconnect;
 use crate::ratelimit::{RateLimiter, Verdict};
 
@@ -138,7 +138,12 @@ impl Session {
             }
         };
         if let Some((room, id)) = self.joined.take() {
-            self.hub.leave(&room, &id, false);
+            let how = if why == Disconnect::Shutdown {
+                Departure::ServerClosing
+            } else {
+                Departure::Vanished
+            };
+            self.hub.leave(&room, &id, how);
         }
         tracing::debug!(reason = why.as_str(), "disconnected");
         why
@@ -212,7 +217,7 @@ impl Session {
             }
             ClientMessage::Leave(leave) => {
                 if let Some((room, id)) = self.my_room(outbox, &leave.room, ty) {
-                    self.hub.leave(&room, &id, true);
+                    self.hub.leave(&room, &id, Departure::Left);
                     tracing::info!("left");
                     self.joined = None;
                 }

@@ -1,0 +1,281 @@
+//! Real-browser end-to-end test: two headless Chromium pages join one room
+//! through the server's own web client and must decode each other's video over
+//! a direct (P2P) WebRTC connection.
+//!
+//! Everything runs inside a fresh network namespace that has only `lo`, so every
+//! ICE candidate is 127.0.0.1 and nothing leaves the machine. Needs root (for
+//! `ip netns`), Node.js 20+, and Debian's Chromium (`apt-get install -y chromium`;
+//! `.ci/run` installs it). The browser driver is `tests/browser/p2p_call.mjs`.
+
+use std::fs::{self, File};
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::thread::sleep;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+const CHROMIUM: &str = "/usr/bin/chromium";
+const LISTEN: &str = "127.0.0.1:18080";
+const NODE_TIMEOUT: Duration = Duration::from_secs(90);
+const NPM_TIMEOUT: Duration = Duration::from_secs(300);
+
+/// Owns the namespace and every process started in it. Dropping it (also on
+/// panic) kills the processes and deletes the namespace.
+struct Sandbox {
+    netns: String,
+    children: Vec<(&'static str, Child)>,
+}
+
+impl Sandbox {
+    fn new(netns: String) -> Self {
+        run_checked(
+            Command::new("ip").args(["netns", "add", &netns]),
+            "create the network namespace (needs root)",
+        );
+        let sandbox = Sandbox {
+            netns,
+            children: Vec::new(),
+        };
+        run_checked(
+            Command::new("ip").args(["-n", &sandbox.netns, "link", "set", "lo", "up"]),
+            "bring up lo in the namespace",
+        );
+        sandbox
+    }
+
+    /// Starts `program args` inside the namespace, in its own process group,
+    /// with stdout and stderr going to `<log>.stdout` and `<log>.stderr`.
+    fn spawn(
+        &mut self,
+        what: &'static str,
+        program: &Path,
+        args: &[&str],
+        envs: &[(&str, &Path)],
+        log: &Path,
+    ) -> usize {
+        let child = Command::new("ip")
+            .args(["netns", "exec", &self.netns])
+            .arg(program)
+            .args(args)
+            .envs(envs.iter().copied())
+            .stdin(Stdio::null())
+            .stdout(create(&log.with_extension("stdout")))
+            .stderr(create(&log.with_extension("stderr")))
+            .process_group(0)
+            .spawn()
+            .unwrap_or_else(|e| panic!("start {what} ({}): {e}", program.display()));
+        self.children.push((what, child));
+        self.children.len() - 1
+    }
+
+    fn try_wait(&mut self, index: usize) -> Option<ExitStatus> {
+        let (what, child) = &mut self.children[index];
+        child
+            .try_wait()
+            .unwrap_or_else(|e| panic!("wait for {what}: {e}"))
+    }
+
+    fn kill(&mut self, index: usize) {
+        let (_, child) = &mut self.children[index];
+        kill_group(child);
+    }
+}
+
+impl Drop for Sandbox {
+    fn drop(&mut self) {
+        for (_, child) in &mut self.children {
+            kill_group(child);
+        }
+        // Anything else still living in the namespace (e.g. a browser process that
+        // left the process group) goes too, or the namespace would outlive us.
+        if let Ok(out) = Command::new("ip")
+            .args(["netns", "pids", &self.netns])
+            .output()
+        {
+            for pid in String::from_utf8_lossy(&out.stdout).split_whitespace() {
+                let _ = Command::new("kill").args(["-KILL", pid]).status();
+            }
+        }
+        let _ = Command::new("ip")
+            .args(["netns", "delete", &self.netns])
+            .status();
+    }
+}
+
+/// SIGKILL to the child's whole process group (it leads its own), then reap it.
+fn kill_group(child: &mut Child) {
+    if matches!(child.try_wait(), Ok(None)) {
+        let _ = Command::new("kill")
+            .args(["-KILL", "--", &format!("-{}", child.id())])
+            .stderr(Stdio::null())
+            .status();
+        let _ = child.kill();
+    }
+    let _ = child.wait();
+}
+
+fn run_checked(cmd: &mut Command, what: &str) {
+    match cmd.output() {
+        Ok(out) if out.status.success() => {}
+        Ok(out) => panic!(
+            "could not {what}: {:?} exited with {}\n{}{}",
+            cmd,
+            out.status,
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        ),
+        Err(e) => panic!("could not {what}: {cmd:?}: {e}"),
+    }
+}
+
+/// Runs `cmd` to completion, killing it after `limit`. Output goes to `log`.
+fn run_bounded(cmd: &mut Command, limit: Duration, log: &Path) -> Result<(), String> {
+    let out = File::create(log).map_err(|e| format!("create {}: {e}", log.display()))?;
+    let err = out.try_clone().map_err(|e| e.to_string())?;
+    let mut child = cmd
+        .stdin(Stdio::null())
+        .stdout(out)
+        .stderr(err)
+        .process_group(0)
+        .spawn()
+        .map_err(|e| format!("{cmd:?}: {e}"))?;
+    let deadline = Instant::now() + limit;
+    loop {
+        match child.try_wait() {
+            Ok(Some(status)) if status.success() => return Ok(()),
+            Ok(Some(status)) => return Err(format!("{cmd:?} exited with {status}\n{}", read(log))),
+            Ok(None) if Instant::now() > deadline => {
+                kill_group(&mut child);
+                return Err(format!("{cmd:?} timed out after {limit:?}\n{}", read(log)));
+            }
+            Ok(None) => sleep(Duration::from_millis(200)),
+            Err(e) => return Err(e.to_string()),
+        }
+    }
+}
+
+fn create(path: &Path) -> File {
+    File::create(path).unwrap_or_else(|e| panic!("create {}: {e}", path.display()))
+}
+
+fn read(path: &Path) -> String {
+    fs::read_to_string(path).unwrap_or_else(|e| format!("(cannot read {}: {e})", path.display()))
+}
+
+fn unique_suffix() -> String {
+    let nanos = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.subsec_nanos())
+        .unwrap_or(0);
+    format!("{}-{nanos}", std::process::id())
+}
+
+/// Makes sure `tests/browser/node_modules` has playwright-core (`npm ci` if not).
+fn ensure_playwright(browser_dir: &Path, logs: &Path) {
+    if browser_dir
+        .join("node_modules/playwright-core/package.json")
+        .is_file()
+    {
+        return;
+    }
+    let log = logs.join("npm-ci.log");
+    if let Err(e) = run_bounded(
+        Command::new("npm")
+            .args(["ci", "--no-audit", "--no-fund", "--prefix"])
+            .arg(browser_dir)
+            .env("PLAYWRIGHT_SKIP_BROWSER_DOWNLOAD", "1"),
+        NPM_TIMEOUT,
+        &log,
+    ) {
+        panic!("`npm ci --prefix tests/browser` failed (needs Node.js 20+ and npm with registry access):\n{e}");
+    }
+}
+
+#[test]
+fn two_chromium_pages_make_a_p2p_call() {
+    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
+    let browser_dir = root.join("tests/browser");
+    let server = PathBuf::from(env!("CARGO_BIN_EXE_switchboard"));
+    let suffix = unique_suffix();
+    let logs = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join(format!("browser-{suffix}"));
+    fs::create_dir_all(&logs).unwrap_or_else(|e| panic!("create {}: {e}", logs.display()));
+
+    assert!(
+        Path::new(CHROMIUM).exists(),
+        "{CHROMIUM} is missing: run `apt-get install -y chromium` (.ci/run installs it). \
+         This test needs a real browser and does not skip."
+    );
+    ensure_playwright(&browser_dir, &logs);
+
+    let mut sandbox = Sandbox::new(format!("sbt-{suffix}"));
+    let server_log = logs.join("server");
+    let node_log = logs.join("node");
+    let srv = sandbox.spawn(
+        "switchboard",
+        &server,
+        &["serve", "--listen", LISTEN],
+        &[],
+        &server_log,
+    );
+    let script = browser_dir.join("p2p_call.mjs");
+    let script = script.to_str().expect("utf-8 path");
+    let base = format!("http://{LISTEN}");
+    // Screenshots of both pages land next to the logs unless the caller chose a place.
+    let shots = std::env::var_os("SB_SCREENSHOT_DIR").map_or_else(|| logs.clone(), PathBuf::from);
+    let node = sandbox.spawn(
+        "node",
+        Path::new("node"),
+        &[script, &base],
+        &[("SB_SCREENSHOT_DIR", &shots)],
+        &node_log,
+    );
+
+    let deadline = Instant::now() + NODE_TIMEOUT;
+    let node_status = loop {
+        if let Some(status) = sandbox.try_wait(node) {
+            break Ok(status);
+        }
+        if let Some(status) = sandbox.try_wait(srv) {
+            sandbox.kill(node);
+            break Err(format!("the server exited early with {status}"));
+        }
+        if Instant::now() > deadline {
+            sandbox.kill(node);
+            break Err(format!(
+                "node did not finish within {NODE_TIMEOUT:?} and was killed"
+            ));
+        }
+        sleep(Duration::from_millis(100));
+    };
+    let server_alive = sandbox.try_wait(srv).is_none();
+    drop(sandbox); // kills the server and anything left, deletes the namespace
+
+    let stdout = read(&node_log.with_extension("stdout"));
+    let report = format!(
+        "--- node p2p_call.mjs stdout ---\n{stdout}\n--- node stderr ---\n{}\n\
+         --- switchboard stderr ---\n{}\n--- switchboard stdout ---\n{}\n(logs and screenshots in {})",
+        read(&node_log.with_extension("stderr")),
+        read(&server_log.with_extension("stderr")),
+        read(&server_log.with_extension("stdout")),
+        logs.display(),
+    );
+    match node_status {
+        Ok(status) if status.success() => {
+            assert!(server_alive, "the server died during the call\n{report}");
+            let line = stdout
+                .lines()
+                .find(|l| l.starts_with("{\"ok\":true"))
+                .unwrap_or("");
+            assert!(
+                !line.is_empty(),
+                "node exited 0 without a success line\n{report}"
+            );
+            println!("{line}");
+            if std::env::var_os("SB_SCREENSHOT_DIR").is_none() {
+                let _ = fs::remove_dir_all(&logs); // keep the logs of failed runs only
+            }
+        }
+        Ok(status) => panic!("the browser call failed (node exited with {status})\n{report}"),
+        Err(why) => panic!("{why}\n{report}"),
+    }
+}
