@@ -36,7 +36,12 @@ pub struct ServeOptions {
 
     /// Extra DNS names or IP addresses for the self-signed certificate, comma
     /// separated (localhost, 127.0.0.1 and the listen address are always in it)
-    #[arg(long, env = "SWITCHBOARD_TLS_SELF_SIGNED_NAMES", value_delimiter = ',', value_name = "NAMES")]
+    #[arg(
+        long,
+        env = "SWITCHBOARD_TLS_SELF_SIGNED_NAMES",
+        value_delimiter = ',',
+        value_name = "NAMES"
+    )]
     pub tls_self_signed_names: Option<Vec<String>>,
 
     /// Largest accepted text frame in bytes; larger frames get `too-large`
@@ -72,16 +77,31 @@ pub struct ServeOptions {
 
     /// STUN server URLs handed to clients in `joined`, comma separated
     /// (e.g. stun:stun.example.org:3478) [default: none]
-    #[arg(long, env = "SWITCHBOARD_STUN_URLS", value_delimiter = ',', value_name = "URLS")]
+    #[arg(
+        long,
+        env = "SWITCHBOARD_STUN_URLS",
+        value_delimiter = ',',
+        value_name = "URLS"
+    )]
     pub stun_urls: Option<Vec<String>>,
 
     /// TURN server URLs handed to clients with short-lived credentials,
     /// comma separated (e.g. turn:turn.example.org:3478?transport=udp); needs --turn-secret
-    #[arg(long, env = "SWITCHBOARD_TURN_URLS", value_delimiter = ',', value_name = "URLS")]
+    #[arg(
+        long,
+        env = "SWITCHBOARD_TURN_URLS",
+        value_delimiter = ',',
+        value_name = "URLS"
+    )]
     pub turn_urls: Option<Vec<String>>,
 
     /// Shared secret of the TURN server (coturn `use-auth-secret` / `static-auth-secret`)
-    #[arg(long, env = "SWITCHBOARD_TURN_SECRET", value_name = "SECRET", hide_env_values = true)]
+    #[arg(
+        long,
+        env = "SWITCHBOARD_TURN_SECRET",
+        value_name = "SECRET",
+        hide_env_values = true
+    )]
     pub turn_secret: Option<String>,
 
     /// Lifetime of TURN credentials in seconds [default: 3600]
@@ -99,7 +119,12 @@ pub struct ServeOptions {
 
     /// Allowed `Origin` values for /ws, comma separated (e.g. https://meet.example.org);
     /// empty allows any origin [default: any]
-    #[arg(long, env = "SWITCHBOARD_ALLOWED_ORIGINS", value_delimiter = ',', value_name = "ORIGINS")]
+    #[arg(
+        long,
+        env = "SWITCHBOARD_ALLOWED_ORIGINS",
+        value_delimiter = ',',
+        value_name = "ORIGINS"
+    )]
     pub allowed_origins: Option<Vec<String>>,
 
     /// On SIGINT/SIGTERM, how long to wait for connections to close, in milliseconds [default: 5000]
@@ -273,7 +298,10 @@ impl Config {
                 option: "--rate-limit",
             });
         }
-        let interval = nonzero(o.ws_ping_interval_ms.unwrap_or(3000), "--ws-ping-interval-ms")?;
+        let interval = nonzero(
+            o.ws_ping_interval_ms.unwrap_or(3000),
+            "--ws-ping-interval-ms",
+        )?;
         let timeout = o.ws_timeout_ms.unwrap_or(9000);
         if timeout <= interval {
             return Err(ConfigError::PingTimeout { interval, timeout });
@@ -347,7 +375,10 @@ mod tests {
         assert_eq!(c.limits.max_participants, 100);
         assert_eq!(c.p2p_timeout_ms, 5000);
         assert_eq!(c.audio_mode, AudioMode::Mix);
-        assert!(c.ws_timeout <= Duration::from_secs(10), "dead peers within 10 s");
+        assert!(
+            c.ws_timeout <= Duration::from_secs(10),
+            "dead peers within 10 s"
+        );
     }
 
     #[test]

@@ -18,9 +18,7 @@ use axum::extract::ws::Utf8Bytes;
 use dashmap::mapref::entry::Entry;
 use dashmap::DashMap;
 use rand::distr::{Alphanumeric, SampleString};
-use switchboard_proto::{
-    ErrorCode, Join, ParticipantId, RequestedMode, RoomName, ServerMessage,
-};
+use switchboard_proto::{ErrorCode, Join, ParticipantId, RequestedMode, RoomName, ServerMessage};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
@@ -210,7 +208,12 @@ impl Hub {
         if self.outboxes.remove(id).is_some() {
             self.metrics.participants.dec();
         }
-        if now_empty && self.rooms.remove_if(room_name, |_, r| r.is_empty()).is_some() {
+        if now_empty
+            && self
+                .rooms
+                .remove_if(room_name, |_, r| r.is_empty())
+                .is_some()
+        {
             self.room_count.fetch_sub(1, Ordering::AcqRel);
             self.metrics.rooms.dec();
             tracing::info!(room = %room_name, "room freed");

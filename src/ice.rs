@@ -34,7 +34,11 @@ pub fn ice_servers(cfg: &IceConfig, participant: &ParticipantId, now_unix: u64) 
 }
 
 /// Username and password for the TURN REST scheme.
-pub fn turn_credentials(secret: &str, participant: &ParticipantId, expiry_unix: u64) -> (String, String) {
+pub fn turn_credentials(
+    secret: &str,
+    participant: &ParticipantId,
+    expiry_unix: u64,
+) -> (String, String) {
     let username = format!("{expiry_unix}:{participant}");
     // HMAC accepts keys of any length, so `new_from_slice` cannot fail.
     let mut mac = <Hmac<Sha1>>::new_from_slice(secret.as_bytes())
@@ -53,7 +57,11 @@ mod tests {
     fn turn_rest_credentials_match_a_known_vector() {
         // Computed independently:
         // printf '%s' '1700000000:alice' | openssl dgst -sha1 -hmac 'north' -binary | base64
-        let (u, p) = turn_credentials("north", &ParticipantId::parse("alice").unwrap(), 1_700_000_000);
+        let (u, p) = turn_credentials(
+            "north",
+            &ParticipantId::parse("alice").unwrap(),
+            1_700_000_000,
+        );
         assert_eq!(u, "1700000000:alice");
         assert_eq!(p, "Cd/49soE35ICqcJF/bCTn8Z4OyE=");
     }

@@ -10,8 +10,8 @@
 //! stays `sfu`.
 
 use switchboard_proto::{
-    AudioMode, Full, Joined, MediaMode, ModeChange, ModeReason, OtherJoin, ParticipantId,
-    PeerInfo, Relayed, RequestedMode, RoomName, RoomParticipant, ServerMessage, SFU_PEER,
+    AudioMode, Full, Joined, MediaMode, ModeChange, ModeReason, OtherJoin, ParticipantId, PeerInfo,
+    Relayed, RequestedMode, RoomName, RoomParticipant, ServerMessage, SFU_PEER,
 };
 
 /// Who an effect is for.
@@ -465,6 +465,9 @@ mod tests {
         let e = r.leave(&pid("b"), false);
         assert!(e.is_empty(), "nobody left to tell");
         assert!(r.is_empty());
-        assert!(r.leave(&pid("b"), true).is_empty(), "leaving twice is a no-op");
+        assert!(
+            r.leave(&pid("b"), true).is_empty(),
+            "leaving twice is a no-op"
+        );
     }
 }

@@ -111,10 +111,11 @@ pub async fn start(config: Config) -> Result<RunningServer, ServeError> {
     };
     let app = router(state).into_make_service_with_connect_info::<SocketAddr>();
 
-    let listener = std::net::TcpListener::bind(config.listen).map_err(|source| ServeError::Bind {
-        addr: config.listen,
-        source,
-    })?;
+    let listener =
+        std::net::TcpListener::bind(config.listen).map_err(|source| ServeError::Bind {
+            addr: config.listen,
+            source,
+        })?;
     let bind_err = |source| ServeError::Bind {
         addr: config.listen,
         source,
@@ -175,9 +176,18 @@ pub async fn start(config: Config) -> Result<RunningServer, ServeError> {
 
 fn router(state: AppState) -> Router {
     Router::new()
-        .route("/", get(|| async { asset("text/html; charset=utf-8", INDEX_HTML) }))
-        .route("/app.js", get(|| async { asset("text/javascript; charset=utf-8", APP_JS) }))
-        .route("/style.css", get(|| async { asset("text/css; charset=utf-8", STYLE_CSS) }))
+        .route(
+            "/",
+            get(|| async { asset("text/html; charset=utf-8", INDEX_HTML) }),
+        )
+        .route(
+            "/app.js",
+            get(|| async { asset("text/javascript; charset=utf-8", APP_JS) }),
+        )
+        .route(
+            "/style.css",
+            get(|| async { asset("text/css; charset=utf-8", STYLE_CSS) }),
+        )
         .route("/healthz", get(healthz))
         .route("/metrics", get(metrics))
         .route("/ws", get(ws))
@@ -209,7 +219,10 @@ async fn healthz(State(s): State<AppState>) -> Response {
 
 async fn metrics(State(s): State<AppState>) -> Response {
     (
-        [(header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")],
+        [(
+            header::CONTENT_TYPE,
+            "text/plain; version=0.0.4; charset=utf-8",
+        )],
         s.metrics.render(),
     )
         .into_response()
@@ -262,7 +275,11 @@ async fn tls_config(config: &Config) -> Result<Option<RustlsConfig>, ServeError>
             .map(Some)
             .map_err(|e| ServeError::Tls(format!("{} / {}: {e}", cert.display(), key.display()))),
         Tls::SelfSigned { extra_names } => {
-            let mut names = vec!["localhost".to_owned(), "127.0.0.1".to_owned(), "::1".to_owned()];
+            let mut names = vec![
+                "localhost".to_owned(),
+                "127.0.0.1".to_owned(),
+                "::1".to_owned(),
+            ];
             if !config.listen.ip().is_unspecified() {
                 names.push(config.listen.ip().to_string());
             }
@@ -270,7 +287,10 @@ async fn tls_config(config: &Config) -> Result<Option<RustlsConfig>, ServeError>
             names.dedup();
             let cert = rcgen::generate_simple_self_signed(names.clone())
                 .map_err(|e| ServeError::Tls(format!("generating a certificate: {e}")))?;
-            tracing::warn!(?names, "serving HTTPS with a self-signed certificate (for development only)");
+            tracing::warn!(
+                ?names,
+                "serving HTTPS with a self-signed certificate (for development only)"
+            );
             RustlsConfig::from_pem(
                 cert.cert.pem().into_bytes(),
                 cert.signing_key.serialize_pem().into_bytes(),

@@ -154,7 +154,12 @@ impl Session {
             return next;
         }
         self.hub.metrics().received(None);
-        self.error(outbox, ErrorCode::BadRequest, "binary frames are not accepted; send JSON text", None);
+        self.error(
+            outbox,
+            ErrorCode::BadRequest,
+            "binary frames are not accepted; send JSON text",
+            None,
+        );
         Next::Continue
     }
 
@@ -181,7 +186,12 @@ impl Session {
         match self.limiter.check(std::time::Instant::now()) {
             Verdict::Allow => None,
             Verdict::Reject => {
-                self.error(outbox, ErrorCode::RateLimited, "too many messages; slow down", None);
+                self.error(
+                    outbox,
+                    ErrorCode::RateLimited,
+                    "too many messages; slow down",
+                    None,
+                );
                 Some(Next::Continue)
             }
             Verdict::Close => {
@@ -192,7 +202,11 @@ impl Session {
                     "too many messages for too long; closing the connection",
                     None,
                 );
-                Some(Next::Close(Disconnect::RateLimit, CLOSE_POLICY, "rate limit"))
+                Some(Next::Close(
+                    Disconnect::RateLimit,
+                    CLOSE_POLICY,
+                    "rate limit",
+                ))
             }
         }
     }
@@ -232,7 +246,9 @@ impl Session {
             ClientMessage::P2pFailed(f) => {
                 if let Some((room, id)) = self.my_room(outbox, &f.room, ty) {
                     match self.hub.p2p_failed(&room, &id, &f.peer) {
-                        Ok(()) => tracing::info!(peer = %f.peer.chars().take(64).collect::<String>(), "p2p failed"),
+                        Ok(()) => {
+                            tracing::info!(peer = %f.peer.chars().take(64).collect::<String>(), "p2p failed")
+                        }
                         Err(e) => self.error(outbox, e.code(), &e.to_string(), Some(ty)),
                     }
                 }
@@ -292,5 +308,9 @@ where
         code,
         reason: Utf8Bytes::from_static(reason),
     };
-    let _ = tokio::time::timeout(Duration::from_secs(1), sink.send(Message::Close(Some(frame)))).await;
+    let _ = tokio::time::timeout(
+        Duration::from_secs(1),
+        sink.send(Message::Close(Some(frame))),
+    )
+    .await;
 }

@@ -25,7 +25,13 @@ async fn room_of_two(options: ServeOptions) -> Room {
     let ida = id_of(&a.join("r", json!({})).await);
     let idb = id_of(&b.join("r", json!({})).await);
     a.expect("otherjoin").await;
-    Room { server, a, b, ida, idb }
+    Room {
+        server,
+        a,
+        b,
+        ida,
+        idb,
+    }
 }
 
 impl Room {
@@ -34,7 +40,9 @@ impl Room {
         self.a.expect_nothing_pending().await;
         self.b.expect_nothing_pending().await;
         let data = json!({"type":"offer","sdp":"v=0\r\n"});
-        self.a.send(json!({"type":"message","room":"r","data": data})).await;
+        self.a
+            .send(json!({"type":"message","room":"r","data": data}))
+            .await;
         let got = self.b.expect("message").await;
         assert_eq!(got["from"], self.ida.as_str());
         assert_eq!(got["data"], data);
@@ -42,7 +50,10 @@ impl Room {
 
     async fn errors_counted(&self, code: &str) -> f64 {
         let m = metrics(&self.server).await;
-        metric(&m, &format!("switchboard_signaling_errors_total{{code=\"{code}\"}}"))
+        metric(
+            &m,
+            &format!("switchboard_signaling_errors_total{{code=\"{code}\"}}"),
+        )
     }
 }
 
@@ -50,7 +61,10 @@ async fn refused(text: &str, code: &str) -> Value {
     let mut r = room_of_two(ServeOptions::default()).await;
     r.a.send_text(text).await;
     let e = r.a.expect_error(code).await;
-    assert!(!e["message"].as_str().unwrap_or("").is_empty(), "errors explain themselves");
+    assert!(
+        !e["message"].as_str().unwrap_or("").is_empty(),
+        "errors explain themselves"
+    );
     r.unharmed().await;
     assert_eq!(r.errors_counted(code).await, 1.0);
     e
@@ -79,7 +93,11 @@ async fn missing_field() {
 
 #[tokio::test]
 async fn mistyped_field() {
-    let e = refused(r#"{"type":"message","room":"r","to":42,"data":{}}"#, "bad-request").await;
+    let e = refused(
+        r#"{"type":"message","room":"r","to":42,"data":{}}"#,
+        "bad-request",
+    )
+    .await;
     assert_eq!(e["request"], "message");
 }
 
@@ -110,14 +128,21 @@ async fn too_long_room_name() {
 #[tokio::test]
 async fn frame_over_the_limit() {
     let mut r = room_of_two(ServeOptions::default()).await;
-    let big = json!({"type":"message","room":"r","data":{"type":"offer","sdp": "a".repeat(70_000)}});
+    let big =
+        json!({"type":"message","room":"r","data":{"type":"offer","sdp": "a".repeat(70_000)}});
     r.a.send(big).await;
     r.a.expect_error("too-large").await;
     r.unharmed().await;
     // Just under the limit is fine.
     let sdp = "a".repeat(65_536 - 200);
-    r.a.send(json!({"type":"message","room":"r","data":{"type":"offer","sdp": sdp}})).await;
-    assert_eq!(r.b.expect("message").await["data"]["sdp"].as_str().map(str::len), Some(sdp.len()));
+    r.a.send(json!({"type":"message","room":"r","data":{"type":"offer","sdp": sdp}}))
+        .await;
+    assert_eq!(
+        r.b.expect("message").await["data"]["sdp"]
+            .as_str()
+            .map(str::len),
+        Some(sdp.len())
+    );
     assert_eq!(r.errors_counted("too-large").await, 1.0);
 }
 
@@ -133,11 +158,13 @@ async fn binary_frame() {
 async fn message_before_join() {
     let mut r = room_of_two(ServeOptions::default()).await;
     let mut c = Client::connect(&r.server, "carol").await;
-    c.send(json!({"type":"message","room":"r","data":{"x":1}})).await;
+    c.send(json!({"type":"message","room":"r","data":{"x":1}}))
+        .await;
     assert_eq!(c.expect_error("not-in-room").await["request"], "message");
     c.send(json!({"type":"leave","room":"r"})).await;
     c.expect_error("not-in-room").await;
-    c.send(json!({"type":"p2p-failed","room":"r","peer": r.ida})).await;
+    c.send(json!({"type":"p2p-failed","room":"r","peer": r.ida}))
+        .await;
     c.expect_error("not-in-room").await;
     c.expect_nothing_pending().await;
     r.unharmed().await;
@@ -146,7 +173,8 @@ async fn message_before_join() {
 #[tokio::test]
 async fn message_naming_a_room_that_is_not_yours() {
     let mut r = room_of_two(ServeOptions::default()).await;
-    r.a.send(json!({"type":"message","room":"other","data":{"x":1}})).await;
+    r.a.send(json!({"type":"message","room":"other","data":{"x":1}}))
+        .await;
     r.a.expect_error("not-in-room").await;
     r.a.send(json!({"type":"leave","room":"other"})).await;
     r.a.expect_error("not-in-room").await;
@@ -156,17 +184,26 @@ async fn message_naming_a_room_that_is_not_yours() {
 #[tokio::test]
 async fn message_to_an_unknown_peer() {
     let mut r = room_of_two(ServeOptions::default()).await;
-    r.a.send(json!({"type":"message","room":"r","to":"nobody","data":{"x":1}})).await;
+    r.a.send(json!({"type":"message","room":"r","to":"nobody","data":{"x":1}}))
+        .await;
     r.a.expect_error("no-such-peer").await;
     let ida = r.ida.clone();
-    r.a.send(json!({"type":"message","room":"r","to": ida,"data":{"x":1}})).await;
+    r.a.send(json!({"type":"message","room":"r","to": ida,"data":{"x":1}}))
+        .await;
     r.a.expect_error("no-such-peer").await;
-    r.a.send(json!({"type":"p2p-failed","room":"r","peer":"nobody"})).await;
+    r.a.send(json!({"type":"p2p-failed","room":"r","peer":"nobody"}))
+        .await;
     r.a.expect_error("no-such-peer").await;
     r.unharmed().await;
     // Nothing switched.
     let m = metrics(&r.server).await;
-    assert_eq!(metric(&m, "switchboard_room_mode_switches_total{reason=\"p2p-failed\"}"), 0.0);
+    assert_eq!(
+        metric(
+            &m,
+            "switchboard_room_mode_switches_total{reason=\"p2p-failed\"}"
+        ),
+        0.0
+    );
 }
 
 #[tokio::test]
@@ -174,7 +211,10 @@ async fn message_to_the_sfu_peer_before_the_media_plane_exists() {
     // The server's media peer arrives with the SFU issue; until then a
     // message to "sfu" is refused clearly, never dropped silently.
     let mut r = room_of_two(ServeOptions::default()).await;
-    r.a.send(json!({"type":"message","room":"r","to":"sfu","data":{"type":"offer","sdp":"v=0\r\n"}})).await;
+    r.a.send(
+        json!({"type":"message","room":"r","to":"sfu","data":{"type":"offer","sdp":"v=0\r\n"}}),
+    )
+    .await;
     r.a.expect_error("no-such-peer").await;
     r.unharmed().await;
 }
@@ -216,7 +256,10 @@ async fn over_the_rate_limit_then_recovering() {
             _ => panic!("unexpected {v}"),
         }
     }
-    assert!((10..=11).contains(&pongs), "the burst of 10 is allowed, got {pongs}");
+    assert!(
+        (10..=11).contains(&pongs),
+        "the burst of 10 is allowed, got {pongs}"
+    );
     assert_eq!(pongs + limited, 15, "every refused message is answered");
     // A short overshoot is forgiven: once tokens refill the connection works.
     tokio::time::sleep(std::time::Duration::from_millis(1600)).await;
@@ -268,10 +311,19 @@ async fn sustained_flooding_closes_the_connection_and_nobody_else_is_hurt() {
             _ => panic!("unexpected {v}"),
         }
     }
-    assert!(relayed <= 10 + 2, "at most the burst got through, got {relayed}");
+    assert!(
+        relayed <= 10 + 2,
+        "at most the burst got through, got {relayed}"
+    );
     r.b.expect_nothing_pending().await;
     let m = metrics(&r.server).await;
-    assert_eq!(metric(&m, "switchboard_signaling_disconnects_total{reason=\"rate-limit\"}"), 1.0);
+    assert_eq!(
+        metric(
+            &m,
+            "switchboard_signaling_disconnects_total{reason=\"rate-limit\"}"
+        ),
+        1.0
+    );
     // The room lives on with bob in it.
     let mut c = Client::connect(&r.server, "carol").await;
     let jc = c.join("r", json!({})).await;

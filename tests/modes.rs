@@ -17,10 +17,17 @@ async fn third_join_switches_an_auto_room_to_sfu_for_everyone() {
     a.expect("otherjoin").await;
 
     let jc = c.join("trio", json!({})).await;
-    assert_eq!(jc["mode"], "sfu", "the third joiner's joined already says sfu");
+    assert_eq!(
+        jc["mode"], "sfu",
+        "the third joiner's joined already says sfu"
+    );
     assert_eq!(jc["peers"].as_array().map(Vec::len), Some(2));
     let mode = json!({"type":"mode","room":"trio","mode":"sfu","reason":"third-participant"});
-    assert_eq!(c.recv().await, mode, "the joiner gets mode right after joined");
+    assert_eq!(
+        c.recv().await,
+        mode,
+        "the joiner gets mode right after joined"
+    );
     for x in [&mut a, &mut b] {
         assert_eq!(x.recv().await, mode, "mode comes before otherjoin");
         assert_eq!(x.expect("otherjoin").await["id"], id_of(&jc).as_str());
@@ -37,7 +44,13 @@ async fn third_join_switches_an_auto_room_to_sfu_for_everyone() {
     assert_eq!(d.join("trio", json!({})).await["mode"], "sfu");
     d.expect_nothing_pending().await;
     let m = metrics(&server).await;
-    assert_eq!(metric(&m, "switchboard_room_mode_switches_total{reason=\"third-participant\"}"), 1.0);
+    assert_eq!(
+        metric(
+            &m,
+            "switchboard_room_mode_switches_total{reason=\"third-participant\"}"
+        ),
+        1.0
+    );
 }
 
 #[tokio::test]
@@ -49,17 +62,25 @@ async fn p2p_failed_switches_both_to_sfu_once() {
     let idb = id_of(&b.join("pair", json!({})).await);
     a.expect("otherjoin").await;
 
-    b.send(json!({"type":"p2p-failed","room":"pair","peer": ida})).await;
+    b.send(json!({"type":"p2p-failed","room":"pair","peer": ida}))
+        .await;
     let mode = json!({"type":"mode","room":"pair","mode":"sfu","reason":"p2p-failed"});
     assert_eq!(a.recv().await, mode);
     assert_eq!(b.recv().await, mode);
 
     // Already sfu: accepted silently, no error, no second mode.
-    a.send(json!({"type":"p2p-failed","room":"pair","peer": idb})).await;
+    a.send(json!({"type":"p2p-failed","room":"pair","peer": idb}))
+        .await;
     a.expect_nothing_pending().await;
     b.expect_nothing_pending().await;
     let m = metrics(&server).await;
-    assert_eq!(metric(&m, "switchboard_room_mode_switches_total{reason=\"p2p-failed\"}"), 1.0);
+    assert_eq!(
+        metric(
+            &m,
+            "switchboard_room_mode_switches_total{reason=\"p2p-failed\"}"
+        ),
+        1.0
+    );
 }
 
 #[tokio::test]
@@ -70,7 +91,8 @@ async fn p2p_failed_in_a_p2p_room_is_accepted_silently() {
     a.join("fixed", json!({"mode":"p2p"})).await;
     let idb = id_of(&b.join("fixed", json!({})).await);
     a.expect("otherjoin").await;
-    a.send(json!({"type":"p2p-failed","room":"fixed","peer": idb})).await;
+    a.send(json!({"type":"p2p-failed","room":"fixed","peer": idb}))
+        .await;
     a.expect_nothing_pending().await;
     b.expect_nothing_pending().await;
 }

@@ -14,12 +14,18 @@ async fn serves_the_browser_client_health_and_metrics() {
     let server = default_server().await;
     let (status, body) = http_get(&server, "/").await;
     assert_eq!(status, 200);
-    assert!(body.contains("<html") && body.contains("/app.js"), "index.html is served");
+    assert!(
+        body.contains("<html") && body.contains("/app.js"),
+        "index.html is served"
+    );
     let (status, body) = http_get(&server, "/app.js").await;
     assert_eq!(status, 200);
     assert!(body.contains("WebSocket"), "the client script is served");
     assert_eq!(http_get(&server, "/style.css").await.0, 200);
-    assert_eq!(http_get(&server, "/healthz").await, (200, "ok\n".to_owned()));
+    assert_eq!(
+        http_get(&server, "/healthz").await,
+        (200, "ok\n".to_owned())
+    );
     assert_eq!(http_get(&server, "/nope").await.0, 404);
 }
 
@@ -37,7 +43,8 @@ async fn metrics_move_with_the_flows() {
     let ida = id_of(&a.join("m", json!({})).await);
     b.join("m", json!({})).await;
     a.expect("otherjoin").await;
-    a.send(json!({"type":"message","room":"m","data":{"x":1}})).await;
+    a.send(json!({"type":"message","room":"m","data":{"x":1}}))
+        .await;
     b.expect("message").await;
     c.send_text("not json").await;
     c.expect_error("bad-request").await;
@@ -50,17 +57,68 @@ async fn metrics_move_with_the_flows() {
 
     let m = metrics(&server).await;
     assert_eq!(metric(&m, "switchboard_signaling_connections"), 3.0);
-    assert_eq!(metric(&m, "switchboard_signaling_connections_opened_total"), 3.0);
+    assert_eq!(
+        metric(&m, "switchboard_signaling_connections_opened_total"),
+        3.0
+    );
     assert_eq!(metric(&m, "switchboard_rooms"), 1.0);
     assert_eq!(metric(&m, "switchboard_participants"), 3.0);
-    assert_eq!(metric(&m, "switchboard_signaling_messages_received_total{type=\"join\"}"), 3.0);
-    assert_eq!(metric(&m, "switchboard_signaling_messages_received_total{type=\"message\"}"), 1.0);
-    assert_eq!(metric(&m, "switchboard_signaling_messages_received_total{type=\"invalid\"}"), 1.0);
-    assert_eq!(metric(&m, "switchboard_signaling_messages_sent_total{type=\"joined\"}"), 3.0);
-    assert_eq!(metric(&m, "switchboard_signaling_messages_sent_total{type=\"message\"}"), 1.0);
-    assert_eq!(metric(&m, "switchboard_signaling_messages_sent_total{type=\"mode\"}"), 3.0);
-    assert_eq!(metric(&m, "switchboard_signaling_errors_total{code=\"bad-request\"}"), 1.0);
-    assert_eq!(metric(&m, "switchboard_room_mode_switches_total{reason=\"third-participant\"}"), 1.0);
+    assert_eq!(
+        metric(
+            &m,
+            "switchboard_signaling_messages_received_total{type=\"join\"}"
+        ),
+        3.0
+    );
+    assert_eq!(
+        metric(
+            &m,
+            "switchboard_signaling_messages_received_total{type=\"message\"}"
+        ),
+        1.0
+    );
+    assert_eq!(
+        metric(
+            &m,
+            "switchboard_signaling_messages_received_total{type=\"invalid\"}"
+        ),
+        1.0
+    );
+    assert_eq!(
+        metric(
+            &m,
+            "switchboard_signaling_messages_sent_total{type=\"joined\"}"
+        ),
+        3.0
+    );
+    assert_eq!(
+        metric(
+            &m,
+            "switchboard_signaling_messages_sent_total{type=\"message\"}"
+        ),
+        1.0
+    );
+    assert_eq!(
+        metric(
+            &m,
+            "switchboard_signaling_messages_sent_total{type=\"mode\"}"
+        ),
+        3.0
+    );
+    assert_eq!(
+        metric(
+            &m,
+            "switchboard_signaling_errors_total{code=\"bad-request\"}"
+        ),
+        1.0
+    );
+    assert_eq!(
+        metric(
+            &m,
+            "switchboard_room_mode_switches_total{reason=\"third-participant\"}"
+        ),
+        1.0
+    );
 
     // Everyone leaves: the room is freed and the gauges return to zero.
     a.send(json!({"type":"leave","room":"m"})).await;
@@ -100,10 +158,26 @@ async fn participant_and_room_limits_answer_full() {
     c.send(json!({"type":"join","room":"one"})).await;
     assert_eq!(c.recv().await, json!({"type":"full","room":"one"}));
     c.send(json!({"type":"join","room":"two"})).await;
-    assert_eq!(c.recv().await, json!({"type":"full","room":"two"}), "no room for a second room");
+    assert_eq!(
+        c.recv().await,
+        json!({"type":"full","room":"two"}),
+        "no room for a second room"
+    );
     let m = metrics(&server).await;
-    assert_eq!(metric(&m, "switchboard_room_joins_refused_total{reason=\"room-full\"}"), 1.0);
-    assert_eq!(metric(&m, "switchboard_room_joins_refused_total{reason=\"too-many-rooms\"}"), 1.0);
+    assert_eq!(
+        metric(
+            &m,
+            "switchboard_room_joins_refused_total{reason=\"room-full\"}"
+        ),
+        1.0
+    );
+    assert_eq!(
+        metric(
+            &m,
+            "switchboard_room_joins_refused_total{reason=\"too-many-rooms\"}"
+        ),
+        1.0
+    );
     // Freeing the room frees the slot.
     a.send(json!({"type":"leave","room":"one"})).await;
     a.expect("otherjoin").await;
@@ -140,7 +214,10 @@ async fn joined_carries_stun_and_short_lived_turn_credentials() {
         .expect("clock")
         .as_secs();
     let expiry: u64 = expiry.parse().expect("unix time");
-    assert!(expiry > now && expiry <= now + 601, "valid for the TTL: {expiry} vs {now}");
+    assert!(
+        expiry > now && expiry <= now + 601,
+        "valid for the TTL: {expiry} vs {now}"
+    );
     let id = switchboard_proto::ParticipantId::parse(who).expect("id");
     let (_, password) = switchboard::ice::turn_credentials("north", &id, expiry);
     assert_eq!(turn["credential"], password.as_str());
@@ -156,7 +233,8 @@ async fn websocket_from_a_foreign_origin_is_refused() {
     let req = |origin: &str| {
         use tokio_tungstenite::tungstenite::client::IntoClientRequest;
         let mut r = server.ws_url().into_client_request().expect("request");
-        r.headers_mut().insert("Origin", origin.parse().expect("header"));
+        r.headers_mut()
+            .insert("Origin", origin.parse().expect("header"));
         r
     };
     let refused = tokio_tungstenite::connect_async(req("https://evil.example")).await;
@@ -168,9 +246,11 @@ async fn websocket_from_a_foreign_origin_is_refused() {
         .await
         .expect("allowed origin connects");
     use futures_util::{SinkExt, StreamExt};
-    ws.send(tokio_tungstenite::tungstenite::Message::text(r#"{"type":"ping","id":1}"#))
-        .await
-        .expect("send");
+    ws.send(tokio_tungstenite::tungstenite::Message::text(
+        r#"{"type":"ping","id":1}"#,
+    ))
+    .await
+    .expect("send");
     let pong = ws.next().await.expect("frame").expect("ok");
     assert_eq!(pong.to_text().expect("text"), r#"{"type":"pong","id":1}"#);
 }
@@ -186,7 +266,10 @@ async fn graceful_shutdown_tells_everyone_room_closed_then_closes() {
     server.shutdown();
     for x in [&mut a, &mut b] {
         let e = x.expect_error("room-closed").await;
-        assert!(e["message"].as_str().unwrap_or("").contains("shutting down"));
+        assert!(e["message"]
+            .as_str()
+            .unwrap_or("")
+            .contains("shutting down"));
         // Then the close frame; no `bye` noise while the room closes.
         match x.next_event().await {
             Event::Closed(code) => assert_eq!(code, Some(1001), "going away"),
@@ -230,7 +313,9 @@ async fn tls_with_certificate_files_serves_wss_to_a_verifying_client() {
     .expect("versions")
     .with_root_certificates(roots)
     .with_no_client_auth();
-    let tcp = tokio::net::TcpStream::connect(server.local_addr()).await.expect("tcp");
+    let tcp = tokio::net::TcpStream::connect(server.local_addr())
+        .await
+        .expect("tcp");
     let tls = tokio_rustls::TlsConnector::from(Arc::new(config))
         .connect(
             rustls_pki_types::ServerName::try_from("localhost").expect("name"),
@@ -239,16 +324,24 @@ async fn tls_with_certificate_files_serves_wss_to_a_verifying_client() {
         .await
         .expect("TLS handshake verifies");
     let url = format!("wss://localhost:{}/ws", server.local_addr().port());
-    let (mut ws, _) = tokio_tungstenite::client_async(url, tls).await.expect("ws over TLS");
+    let (mut ws, _) = tokio_tungstenite::client_async(url, tls)
+        .await
+        .expect("ws over TLS");
     use futures_util::{SinkExt, StreamExt};
     ws.send(tokio_tungstenite::tungstenite::Message::text(
         r#"{"type":"join","room":"secure","name":"alice"}"#,
     ))
     .await
     .expect("send");
-    let joined: serde_json::Value =
-        serde_json::from_str(ws.next().await.expect("frame").expect("ok").to_text().expect("text"))
-            .expect("json");
+    let joined: serde_json::Value = serde_json::from_str(
+        ws.next()
+            .await
+            .expect("frame")
+            .expect("ok")
+            .to_text()
+            .expect("text"),
+    )
+    .expect("json");
     assert_eq!(joined["type"], "joined");
     assert_eq!(joined["room"], "secure");
 }
@@ -271,7 +364,9 @@ async fn tls_self_signed_generates_a_certificate_for_localhost_and_extra_names()
     .dangerous()
     .with_custom_certificate_verifier(Arc::new(Capture(seen.clone())))
     .with_no_client_auth();
-    let tcp = tokio::net::TcpStream::connect(server.local_addr()).await.expect("tcp");
+    let tcp = tokio::net::TcpStream::connect(server.local_addr())
+        .await
+        .expect("tcp");
     let mut tls = tokio_rustls::TlsConnector::from(Arc::new(config))
         .connect(
             rustls_pki_types::ServerName::try_from("localhost").expect("name"),

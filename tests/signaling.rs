@@ -3,7 +3,6 @@
 
 mod common;
 
-
 use common::*;
 use serde_json::json;
 use switchboard::config::ServeOptions;
@@ -32,10 +31,14 @@ async fn the_classic_p2p_room_flow() {
     assert_eq!(jb["peers"], json!([{"id": ida, "name": "alice"}]));
     assert_eq!(jb["mode"], "p2p");
     let other = a.expect("otherjoin").await;
-    assert_eq!(other, json!({"type":"otherjoin","room":"demo","id": idb,"name":"bob"}));
+    assert_eq!(
+        other,
+        json!({"type":"otherjoin","room":"demo","id": idb,"name":"bob"})
+    );
 
     // A p2p room holds two.
-    c.send(json!({"type":"join","room":"demo","name":"carol"})).await;
+    c.send(json!({"type":"join","room":"demo","name":"carol"}))
+        .await;
     assert_eq!(c.recv().await, json!({"type":"full","room":"demo"}));
     // Carol was not admitted, so she may join elsewhere and nobody heard of her.
     a.expect_nothing_pending().await;
@@ -43,15 +46,21 @@ async fn the_classic_p2p_room_flow() {
 
     // Broadcast: the one already there offers; a forged `from` is ignored.
     let offer = json!({"type":"offer","sdp":"v=0\r\no=- 1 2 IN IP4 127.0.0.1\r\n"});
-    a.send(json!({"type":"message","room":"demo","from":"someone-else","data": offer})).await;
+    a.send(json!({"type":"message","room":"demo","from":"someone-else","data": offer}))
+        .await;
     let got = b.expect("message").await;
-    assert_eq!(got, json!({"type":"message","room":"demo","from": ida,"data": offer}));
+    assert_eq!(
+        got,
+        json!({"type":"message","room":"demo","from": ida,"data": offer})
+    );
     // Unicast with `to`, the answer and a candidate, data verbatim.
     let answer = json!({"type":"answer","sdp":"v=0\r\n","extra":{"z":1,"a":[1,2]}});
-    b.send(json!({"type":"message","room":"demo","to": ida,"data": answer})).await;
+    b.send(json!({"type":"message","room":"demo","to": ida,"data": answer}))
+        .await;
     assert_eq!(a.expect("message").await["data"], answer);
     let cand = json!({"type":"candidate","label":0,"id":"0","candidate":"candidate:1 1 udp 2122260223 127.0.0.1 50000 typ host"});
-    b.send(json!({"type":"message","room":"demo","to": ida,"data": cand})).await;
+    b.send(json!({"type":"message","room":"demo","to": ida,"data": cand}))
+        .await;
     let got = a.expect("message").await;
     assert_eq!(got["from"], idb.as_str());
     assert_eq!(got["data"], cand);
@@ -60,8 +69,14 @@ async fn the_classic_p2p_room_flow() {
 
     // Leave: `leaved` to the leaver, `bye` to the other.
     a.send(json!({"type":"leave","room":"demo"})).await;
-    assert_eq!(a.recv().await, json!({"type":"leaved","room":"demo","id": ida}));
-    assert_eq!(b.recv().await, json!({"type":"bye","room":"demo","id": ida}));
+    assert_eq!(
+        a.recv().await,
+        json!({"type":"leaved","room":"demo","id": ida})
+    );
+    assert_eq!(
+        b.recv().await,
+        json!({"type":"bye","room":"demo","id": ida})
+    );
 
     // The same connection may join again and gets a new id.
     let again = a.join("demo", json!({})).await;
@@ -83,7 +98,10 @@ async fn a_dropped_tcp_connection_says_bye() {
     let idb = id_of(&b.join("drop", json!({})).await);
     a.expect("otherjoin").await;
     b.drop_abruptly();
-    assert_eq!(a.recv().await, json!({"type":"bye","room":"drop","id": idb}));
+    assert_eq!(
+        a.recv().await,
+        json!({"type":"bye","room":"drop","id": idb})
+    );
 }
 
 /// A peer that vanishes without closing TCP (cable pulled, phone asleep) is
@@ -122,7 +140,13 @@ async fn a_vanished_peer_is_detected_by_websocket_ping() {
     assert_eq!(bye, json!({"type":"bye","room":"vanish","id": idb}));
     drop(b);
     let m = metrics(&server).await;
-    assert_eq!(metric(&m, "switchboard_signaling_disconnects_total{reason=\"timeout\"}"), 1.0);
+    assert_eq!(
+        metric(
+            &m,
+            "switchboard_signaling_disconnects_total{reason=\"timeout\"}"
+        ),
+        1.0
+    );
 }
 
 /// Copies bytes until `frozen`; from then on holds both sockets open and

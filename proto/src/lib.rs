@@ -547,7 +547,10 @@ pub fn parse_client(text: &str, max_bytes: usize) -> Result<ClientMessage, Parse
     if text.len() > max_bytes {
         return Err(ParseError::new(
             ErrorCode::TooLarge,
-            format!("frame of {} bytes exceeds the limit of {max_bytes}", text.len()),
+            format!(
+                "frame of {} bytes exceeds the limit of {max_bytes}",
+                text.len()
+            ),
             None,
         ));
     }
@@ -708,12 +711,18 @@ mod tests {
         assert_eq!(code(r#"{"type":"dance"}"#), ErrorCode::UnknownType);
         assert_eq!(code(r#"{"type":"join"}"#), ErrorCode::BadRequest);
         assert_eq!(code(r#"{"type":"join","room":7}"#), ErrorCode::BadRequest);
-        assert_eq!(code(r#"{"type":"join","room":"a b"}"#), ErrorCode::BadRequest);
+        assert_eq!(
+            code(r#"{"type":"join","room":"a b"}"#),
+            ErrorCode::BadRequest
+        );
         assert_eq!(
             code(r#"{"type":"join","room":"r","mode":"mesh"}"#),
             ErrorCode::BadRequest
         );
-        assert_eq!(code(r#"{"type":"message","room":"r"}"#), ErrorCode::BadRequest);
+        assert_eq!(
+            code(r#"{"type":"message","room":"r"}"#),
+            ErrorCode::BadRequest
+        );
         assert_eq!(
             code(r#"{"type":"message","room":"r","data":null}"#),
             ErrorCode::BadRequest

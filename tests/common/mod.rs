@@ -103,7 +103,10 @@ impl Client {
                         .iter_errors(&v)
                         .map(|e| e.to_string())
                         .collect();
-                    assert!(errors.is_empty(), "server frame {t} violates the schema: {errors:?}");
+                    assert!(
+                        errors.is_empty(),
+                        "server frame {t} violates the schema: {errors:?}"
+                    );
                     return Event::Msg(v);
                 }
                 Some(Ok(Message::Close(f))) => return Event::Closed(f.map(|f| u16::from(f.code))),
@@ -136,7 +139,12 @@ impl Client {
         let id = rand_id();
         self.send(json!({"type":"ping","id": id})).await;
         let v = self.recv().await;
-        assert_eq!(v, json!({"type":"pong","id": id}), "{}: something was pending", self.name);
+        assert_eq!(
+            v,
+            json!({"type":"pong","id": id}),
+            "{}: something was pending",
+            self.name
+        );
     }
 
     /// Joins `room` with extra fields; returns `joined`.
@@ -176,7 +184,9 @@ pub fn id_of(joined: &Value) -> String {
 
 /// GET `path` over plain HTTP/1.1; returns (status, body).
 pub async fn http_get(server: &RunningServer, path: &str) -> (u16, String) {
-    let mut s = TcpStream::connect(server.local_addr()).await.expect("connect");
+    let mut s = TcpStream::connect(server.local_addr())
+        .await
+        .expect("connect");
     let req = format!("GET {path} HTTP/1.1\r\nHost: test\r\nConnection: close\r\n\r\n");
     s.write_all(req.as_bytes()).await.expect("write");
     let mut buf = Vec::new();
@@ -190,7 +200,10 @@ pub async fn http_get(server: &RunningServer, path: &str) -> (u16, String) {
         .nth(1)
         .and_then(|s| s.parse().ok())
         .expect("status line");
-    let body = text.split_once("\r\n\r\n").map(|(_, b)| b.to_owned()).unwrap_or_default();
+    let body = text
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_owned())
+        .unwrap_or_default();
     (status, body)
 }
 
@@ -199,7 +212,10 @@ pub async fn http_get(server: &RunningServer, path: &str) -> (u16, String) {
 /// `metric(&text, "switchboard_signaling_errors_total{code=\"too-large\"}")`.
 pub fn metric(text: &str, sample: &str) -> f64 {
     text.lines()
-        .find_map(|l| l.strip_prefix(sample).and_then(|rest| rest.strip_prefix(' ')))
+        .find_map(|l| {
+            l.strip_prefix(sample)
+                .and_then(|rest| rest.strip_prefix(' '))
+        })
         .unwrap_or_else(|| panic!("no sample {sample} in /metrics"))
         .trim()
         .parse()
