@@ -5,7 +5,7 @@
 //! (every field optional); [`Config::resolve`] merges and validates them into
 //! the [`Config`] the server runs with.
 
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -131,6 +131,23 @@ pub struct ServeOptions {
     #[arg(long, env = "SWITCHBOARD_SHUTDOWN_GRACE_MS", value_name = "MS")]
     pub shutdown_grace_ms: Option<u64>,
 
+    /// Run the SFU media plane (set false for a signaling-only server) [default: true]
+    #[arg(long, env = "SWITCHBOARD_MEDIA", num_args = 0..=1, default_missing_value = "true", value_name = "BOOL")]
+    pub media: Option<bool>,
+
+    /// Address the media UDP port binds to [default: 127.0.0.1]
+    #[arg(long, env = "SWITCHBOARD_RTC_IP", value_name = "IP")]
+    pub rtc_ip: Option<IpAddr>,
+
+    /// The one UDP port all participants' media uses (0 picks a free one) [default: 7882]
+    #[arg(long, env = "SWITCHBOARD_RTC_PORT", value_name = "PORT")]
+    pub rtc_port: Option<u16>,
+
+    /// Address announced in ICE candidates when the server is behind 1:1 NAT
+    /// [default: the --rtc-ip address]
+    #[arg(long, env = "SWITCHBOARD_PUBLIC_IP", value_name = "IP")]
+    pub public_ip: Option<IpAddr>,
+
     /// Log format: text (human-readable) or json [default: text]
     #[arg(long, env = "SWITCHBOARD_LOG_FORMAT", value_name = "FORMAT", value_parser = ["text", "json"])]
     pub log_format: Option<String>,
@@ -172,6 +189,10 @@ impl ServeOptions {
             audio_mode: self.audio_mode.or(other.audio_mode),
             allowed_origins: self.allowed_origins.or(other.allowed_origins),
             shutdown_grace_ms: self.shutdown_grace_ms.or(other.shutdown_grace_ms),
+            media: self.media.or(other.media),
+            rtc_ip: self.rtc_ip.or(other.rtc_ip),
+            rtc_port: self.rtc_port.or(other.rtc_port),
+            public_ip: self.public_ip.or(other.public_ip),
             log_format: self.log_format.or(other.log_format),
             log: self.log.or(other.log),
         }
@@ -261,6 +282,8 @@ pub struct Config {
     pub audio_mode: AudioMode,
     pub allowed_origins: Vec<String>,
     pub shutdown_grace: Duration,
+    /// The SFU media plane, unless turned off.
+    pub media: Option<crate::sfu::MediaConfig>,
     pub log: LogConfig,
 }
 
@@ -333,6 +356,13 @@ impl Config {
             audio_mode: o.audio_mode.unwrap_or_default(),
             allowed_origins: o.allowed_origins.unwrap_or_default(),
             shutdown_grace: Duration::from_millis(o.shutdown_grace_ms.unwrap_or(5000)),
+            media: o.media.unwrap_or(true).then(|| crate::sfu::MediaConfig {
+                bind: SocketAddr::new(
+                    o.rtc_ip.unwrap_or(IpAddr::from([127, 0, 0, 1])),
+                    o.rtc_port.unwrap_or(7882),
+                ),
+                public_ip: o.public_ip,
+            }),
             log: LogConfig {
                 json: o.log_format.as_deref() == Some("json"),
                 filter: o.log.unwrap_or_else(|| "info".to_owned()),

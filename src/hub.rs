@@ -18,7 +18,10 @@ use axum::extract::ws::Utf8Bytes;
 use dashmap::mapref::entry::Entry;
 use dashmap::DashMap;
 use rand::distr::{Alphanumeric, SampleString};
-use switchboard_proto::{ErrorCode, Join, ParticipantId, RequestedMode, RoomName, ServerMessage};
+use switchboard_proto::{
+    ErrorCode, Join, MediaMode, ParticipantId, RequestedMode, RoomName, ServerMessage, SignalData,
+    SFU_PEER,
+};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
@@ -26,6 +29,7 @@ use crate::config::Config;
 use crate::ice::ice_servers;
 use crate::metrics::{Metrics, Refusal};
 use crate::room::{Effect, JoinContext, Room, RoomError, RoomSettings, To};
+use crate::sfu::{Command, MediaError, MediaPlane};
 
 /// Messages a connection has yet to write, in order.
 pub const OUTBOX_CAPACITY: usize = 512;
@@ -64,6 +68,26 @@ impl Outbox {
     }
 }
 
+/// Every joined participant's outbox, shared by the hub and the media plane.
+#[derive(Default)]
+pub struct Outboxes {
+    map: DashMap<ParticipantId, Outbox>,
+}
+
+impl Outboxes {
+    /// Sends `msg` to `id` if it is still connected.
+    pub fn send(&self, id: &ParticipantId, msg: &ServerMessage, metrics: &Metrics) -> bool {
+        let Some(outbox) = self.map.get(id) else {
+            return false;
+        };
+        metrics.sent(msg.type_name(), 1);
+        if let ServerMessage::Error(e) = msg {
+            metrics.error(e.code);
+        }
+        outbox.push(Utf8Bytes::from(msg.to_text()))
+    }
+}
+
 /// Requests the hub refuses.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum HubError {
@@ -71,6 +95,10 @@ pub enum HubError {
     NotInRoom(RoomName),
     #[error(transparent)]
     Room(#[from] RoomError),
+    #[error("data for \"sfu\" must be an offer, answer or candidate: {0}")]
+    BadSignal(String),
+    #[error("the media plane cannot take this now: {0}")]
+    Media(#[from] MediaError),
 }
 
 impl HubError {
@@ -82,6 +110,8 @@ impl HubError {
             HubError::Room(
                 RoomError::NoSuchPeer(_) | RoomError::SelfAddressed | RoomError::SfuUnavailable,
             ) => ErrorCode::NoSuchPeer,
+            HubError::BadSignal(_) => ErrorCode::BadRequest,
+            HubError::Media(_) => ErrorCode::Internal,
         }
     }
 }
@@ -108,17 +138,25 @@ pub enum JoinOutcome {
 
 pub struct Hub {
     rooms: DashMap<RoomName, Room>,
-    outboxes: DashMap<ParticipantId, Outbox>,
+    outboxes: Arc<Outboxes>,
+    media: Option<MediaPlane>,
     room_count: AtomicUsize,
     config: Arc<Config>,
     metrics: Arc<Metrics>,
 }
 
 impl Hub {
-    pub fn new(config: Arc<Config>, metrics: Arc<Metrics>) -> Hub {
+    /// A hub; `media` is the SFU media plane, if this server runs one.
+    pub fn new(
+        config: Arc<Config>,
+        metrics: Arc<Metrics>,
+        outboxes: Arc<Outboxes>,
+        media: Option<MediaPlane>,
+    ) -> Hub {
         Hub {
             rooms: DashMap::new(),
-            outboxes: DashMap::new(),
+            outboxes,
+            media,
             room_count: AtomicUsize::new(0),
             config,
             metrics,
@@ -176,7 +214,7 @@ impl Hub {
         };
         match room.join(id.clone(), req.name, &ctx) {
             Ok(effects) => {
-                self.outboxes.insert(id.clone(), outbox.clone());
+                self.outboxes.map.insert(id.clone(), outbox.clone());
                 self.metrics.participants.inc();
                 self.deliver(&room, effects);
                 JoinOutcome::Joined(id)
@@ -205,8 +243,17 @@ impl Hub {
             }
             room.is_empty()
         };
-        if self.outboxes.remove(id).is_some() {
+        if self.outboxes.map.remove(id).is_some() {
             self.metrics.participants.dec();
+        }
+        if let Some(media) = &self.media {
+            let left = Command::Left {
+                room: room_name.clone(),
+                participant: id.clone(),
+            };
+            if let Err(e) = media.send(left) {
+                tracing::warn!(error = %e, participant = %id, "media plane missed a departure");
+            }
         }
         if now_empty
             && self
@@ -232,6 +279,20 @@ impl Hub {
             .rooms
             .get(room_name)
             .ok_or_else(|| HubError::NotInRoom(room_name.clone()))?;
+        if let (Some(SFU_PEER), Some(media)) = (to, &self.media) {
+            if !room.contains(from) {
+                return Err(RoomError::NotAMember(from.clone()).into());
+            }
+            let data: SignalData =
+                serde_json::from_value(data).map_err(|e| HubError::BadSignal(e.to_string()))?;
+            media.send(Command::Signal {
+                room: room_name.clone(),
+                participant: from.clone(),
+                sfu: room.mode() == MediaMode::Sfu,
+                data,
+            })?;
+            return Ok(());
+        }
         let effect = room.relay(from, to, data)?;
         self.deliver(&room, [effect]);
         Ok(())
@@ -277,7 +338,7 @@ impl Hub {
         let text = Utf8Bytes::from(effect.msg.to_text());
         let mut count = 0u64;
         let mut send = |id: &ParticipantId| {
-            if let Some(outbox) = self.outboxes.get(id) {
+            if let Some(outbox) = self.outboxes.map.get(id) {
                 outbox.push(text.clone());
                 count += 1;
             }
@@ -292,6 +353,16 @@ impl Hub {
             To::All => room.member_ids().for_each(send),
         }
         self.count_sent(&effect.msg, count);
+        if let (ServerMessage::Mode(m), Some(media)) = (&effect.msg, &self.media) {
+            if m.mode == MediaMode::Sfu {
+                let cmd = Command::RoomSfu {
+                    room: room.name().clone(),
+                };
+                if let Err(e) = media.send(cmd) {
+                    tracing::warn!(error = %e, room = %room.name(), "media plane missed a mode switch");
+                }
+            }
+        }
     }
 
     fn count_sent(&self, msg: &ServerMessage, count: u64) {
@@ -308,7 +379,7 @@ impl Hub {
             let s = Alphanumeric.sample_string(&mut rand::rng(), 12);
             // 12 alphanumeric characters always pass the id rules.
             if let Ok(id) = ParticipantId::parse(&s) {
-                if !self.outboxes.contains_key(&id) {
+                if !self.outboxes.map.contains_key(&id) {
                     return id;
                 }
             }

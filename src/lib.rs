@@ -14,6 +14,12 @@
 //!   delivers its effects. Never awaits.
 //! - [`room`]: one room's membership and media-mode state machine. Pure:
 //!   requests in, addressed messages out.
+//! - [`sfu`]: the hub's handle on the media plane (commands in, no webrtc-rs).
+//! - [`transport`]: the media plane itself: every server PeerConnection on
+//!   one UDP port, driven by webrtc-rs's sans-IO `rtc`; the only module that
+//!   imports webrtc-rs or touches media sockets.
+//! - `media`: the engine-independent media core (rewriting, NACK cache,
+//!   keyframe throttling, demux): data and `now` in, decisions out.
 //! - [`ratelimit`], [`ice`] (STUN/TURN credentials), [`metrics`].
 //! - `web/`: the browser client, embedded in the binary.
 //! - The wire types live in the `switchboard-proto` crate (`proto/`).
@@ -29,3 +35,5 @@ pub mod ratelimit;
 pub mod room;
 pub mod server;
 pub mod session;
+pub mod sfu;
+// pub mod transport; (re-enabled when src/media lands)

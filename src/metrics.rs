@@ -4,7 +4,10 @@
 //! dashboards see zeros instead of missing series, and the hot path indexes
 //! an array instead of hashing label strings.
 
-use prometheus::{Encoder, IntCounter, IntCounterVec, IntGauge, Opts, Registry, TextEncoder};
+use prometheus::{
+    Encoder, Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, Opts, Registry,
+    TextEncoder,
+};
 use switchboard_proto::{ErrorCode, ModeReason, CLIENT_TYPES, SERVER_TYPES};
 
 /// Why a signaling connection ended.
@@ -66,6 +69,22 @@ pub struct Metrics {
     mode_switches: Vec<IntCounter>,
     disconnects: Vec<IntCounter>,
     refused: [IntCounter; 2],
+    /// Server-side PeerConnections that exist now.
+    pub media_connections: IntGauge,
+    media_datagrams_in: IntCounter,
+    media_bytes_in: IntCounter,
+    media_datagrams_out: IntCounter,
+    media_bytes_out: IntCounter,
+    /// RTP packets written to a subscriber.
+    pub media_forwarded: IntCounter,
+    media_dropped: IntCounterVec,
+    /// PLI/FIR received from subscribers.
+    pub keyframe_requests_in: IntCounter,
+    /// PLIs sent to publishers.
+    pub plis_sent: IntCounter,
+    /// From a packet's arrival at the socket to its last copy handed to a
+    /// subscriber's connection.
+    pub forward_latency: Histogram,
 }
 
 impl Metrics {
@@ -142,6 +161,65 @@ impl Metrics {
                 &Disconnect::ALL.map(Disconnect::as_str),
             ),
             refused: [refused[0].clone(), refused[1].clone()],
+            media_connections: gauge(
+                "switchboard_media_connections",
+                "Server-side PeerConnections (one per participant in SFU mode or on standby)",
+            ),
+            media_datagrams_in: counter(
+                "switchboard_media_datagrams_received_total",
+                "Datagrams received on the media port and routed to a connection",
+            ),
+            media_bytes_in: counter(
+                "switchboard_media_received_bytes_total",
+                "Bytes of routed datagrams received on the media port",
+            ),
+            media_datagrams_out: counter(
+                "switchboard_media_datagrams_sent_total",
+                "Datagrams sent from the media port",
+            ),
+            media_bytes_out: counter(
+                "switchboard_media_sent_bytes_total",
+                "Bytes sent from the media port",
+            ),
+            media_forwarded: counter(
+                "switchboard_media_rtp_forwarded_total",
+                "RTP packets forwarded to a subscriber",
+            ),
+            media_dropped: {
+                let v = IntCounterVec::new(
+                    Opts::new(
+                        "switchboard_media_dropped_total",
+                        "Datagrams or RTP packets dropped, by reason",
+                    ),
+                    &["reason"],
+                )
+                .unwrap_or_else(|e| unreachable!("{e}"));
+                register(&registry, v.clone());
+                v
+            },
+            keyframe_requests_in: counter(
+                "switchboard_media_keyframe_requests_received_total",
+                "PLI and FIR received from subscribers",
+            ),
+            plis_sent: counter(
+                "switchboard_media_plis_sent_total",
+                "PLIs sent to publishers (after throttling)",
+            ),
+            forward_latency: {
+                let buckets = vec![
+                    50e-6, 100e-6, 200e-6, 500e-6, 1e-3, 2e-3, 5e-3, 10e-3, 20e-3,
+                ];
+                let h = Histogram::with_opts(
+                    HistogramOpts::new(
+                        "switchboard_media_forward_latency_seconds",
+                        "Time from a packet's arrival to its last forwarded copy",
+                    )
+                    .buckets(buckets),
+                )
+                .unwrap_or_else(|e| unreachable!("{e}"));
+                register(&registry, h.clone());
+                h
+            },
             registry,
         }
     }
@@ -181,6 +259,24 @@ impl Metrics {
 
     pub fn refused(&self, why: Refusal) {
         self.refused[why as usize].inc();
+    }
+
+    /// A datagram of `bytes` was received and routed.
+    pub fn media_in(&self, bytes: usize) {
+        self.media_datagrams_in.inc();
+        self.media_bytes_in.inc_by(bytes as u64);
+    }
+
+    /// A datagram of `bytes` was sent.
+    pub fn media_out(&self, bytes: usize) {
+        self.media_datagrams_out.inc();
+        self.media_bytes_out.inc_by(bytes as u64);
+    }
+
+    /// Something on the media path was dropped for `reason` (a short,
+    /// fixed string: the label set stays small).
+    pub fn media_dropped(&self, reason: &'static str) {
+        self.media_dropped.with_label_values(&[reason]).inc();
     }
 
     /// The Prometheus text exposition of every metric.

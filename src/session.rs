@@ -116,7 +116,11 @@ impl Session {
                         Message::Text(text) => self.on_text(&outbox, &text),
                         Message::Binary(_) => self.on_binary(&outbox),
                         Message::Ping(_) | Message::Pong(_) => Next::Continue,
-                        Message::Close(_) => break Disconnect::Closed,
+                        Message::Close(_) => {
+                            // Answer the close handshake instead of resetting.
+                            let _ = sink.close().await;
+                            break Disconnect::Closed;
+                        }
                     };
                     if let Next::Close(why, code, reason) = next {
                         drain(&mut rx, &mut sink).await;

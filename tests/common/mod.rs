@@ -21,6 +21,8 @@ pub const WAIT: Duration = Duration::from_secs(10);
 pub async fn server(options: ServeOptions) -> RunningServer {
     let options = ServeOptions {
         listen: Some("127.0.0.1:0".parse().expect("address")),
+        rtc_ip: Some("127.0.0.1".parse().expect("address")),
+        rtc_port: Some(options.rtc_port.unwrap_or(0)),
         ..options
     };
     let config = Config::resolve(options).expect("valid test config");

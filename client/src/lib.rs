@@ -1,0 +1,626 @@
+//! A small Switchboard client: signaling over the WebSocket plus one WebRTC
+//! connection to the server's `"sfu"` peer, built on webrtc-rs's sans-IO
+//! `rtc` crate. Used by the integration tests and the load tester.
+//!
+//! [`Client::join`] connects and joins; the client then runs in its own task.
+//! It connects to `"sfu"` when the room is (or becomes) `sfu`, or at once
+//! with [`JoinOptions::standby`]. It publishes one Opus and/or one VP8 track
+//! whose packets the caller supplies ([`Client::send_rtp`]), opens the `chat`
+//! data channel, answers every server offer, and reports what arrives as
+//! [`Event`]s. It binds its UDP socket to [`JoinOptions::bind_ip`] and offers
+//! only that host candidate.
+
+use std::collections::HashMap;
+use std::net::{IpAddr, SocketAddr};
+use std::time::{Duration, Instant};
+
+use bytes::{Bytes, BytesMut};
+use futures_util::{SinkExt, StreamExt};
+use rtc::media_stream::MediaStreamTrack;
+use rtc::peer_connection::configuration::interceptor_registry::register_default_interceptors;
+use rtc::peer_connection::configuration::media_engine::{
+    MediaEngine, MIME_TYPE_OPUS, MIME_TYPE_VP8,
+};
+use rtc::peer_connection::configuration::setting_engine::SettingEngineBuilder;
+use rtc::peer_connection::configuration::RTCConfigurationBuilder;
+use rtc::peer_connection::event::{RTCDataChannelEvent, RTCPeerConnectionEvent, RTCTrackEvent};
+use rtc::peer_connection::message::{RTCMessage, TaggedRTCMessage};
+use rtc::peer_connection::sdp::RTCSessionDescription;
+use rtc::peer_connection::transport::{CandidateConfig, CandidateHostConfig, RTCIceCandidate};
+use rtc::peer_connection::{RTCPeerConnection, RTCPeerConnectionBuilder};
+use rtc::rtp_transceiver::rtp_sender::{
+    RTCRtpCodec, RTCRtpCodingParameters, RTCRtpEncodingParameters, RtpCodecKind,
+};
+use rtc::rtp_transceiver::RTCRtpSenderId;
+use rtc::sansio::Protocol;
+use rtc::shared::{TaggedBytesMut, TransportContext, TransportProtocol};
+use serde_json::json;
+use switchboard_proto::{
+    AudioMode, ClientMessage, Join, Joined, MediaMode, RelayRequest, RequestedMode, RoomName,
+    ServerMessage, SignalData, SFU_PEER,
+};
+use tokio::net::UdpSocket;
+use tokio::sync::mpsc;
+use tokio_tungstenite::tungstenite::Message;
+
+pub use rtc::rtp::Packet as RtpPacket;
+
+/// Audio or video.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Kind {
+    Audio,
+    Video,
+}
+
+/// How to join.
+#[derive(Debug, Clone)]
+pub struct JoinOptions {
+    /// `ws://host:port/ws`
+    pub url: String,
+    pub room: String,
+    pub name: String,
+    pub mode: Option<RequestedMode>,
+    pub audio: Option<AudioMode>,
+    pub publish_audio: bool,
+    pub publish_video: bool,
+    /// Open the server connection at once, even while the room is `p2p`.
+    pub standby: bool,
+    /// Address the media socket binds to (and the only candidate offered).
+    pub bind_ip: IpAddr,
+}
+
+impl JoinOptions {
+    /// Options for a room created `sfu`, publishing audio and video, on 127.0.0.1.
+    pub fn sfu(url: &str, room: &str, name: &str) -> JoinOptions {
+        JoinOptions {
+            url: url.to_owned(),
+            room: room.to_owned(),
+            name: name.to_owned(),
+            mode: Some(RequestedMode::Sfu),
+            audio: Some(AudioMode::Forward),
+            publish_audio: true,
+            publish_video: true,
+            standby: false,
+            bind_ip: IpAddr::from([127, 0, 0, 1]),
+        }
+    }
+}
+
+/// Something that happened.
+#[derive(Debug)]
+pub enum Event {
+    /// A signaling message other than SDP/ICE from `"sfu"`.
+    Signal(ServerMessage),
+    /// The server connection's state: `connecting`, `connected`, `failed`, ...
+    Connection(String),
+    /// A forwarded track appeared.
+    TrackAdded {
+        track_id: String,
+        stream_id: String,
+        kind: Kind,
+    },
+    /// A forwarded track ended.
+    TrackRemoved { track_id: String },
+    /// An RTP packet on a forwarded track.
+    Rtp {
+        track_id: String,
+        stream_id: String,
+        kind: Kind,
+        packet: RtpPacket,
+        at: Instant,
+    },
+    /// Text on the `chat` channel (`{"from":..,"data":..}` JSON).
+    Chat(String),
+    /// An offer/answer exchange with the server completed.
+    Negotiated,
+    /// The task ended (signaling closed, or left).
+    Closed,
+}
+
+/// Client failures.
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    #[error("websocket: {0}")]
+    WebSocket(#[from] tokio_tungstenite::tungstenite::Error),
+    #[error("not admitted: {0}")]
+    Refused(String),
+    #[error("bad room name: {0}")]
+    Room(#[from] switchboard_proto::IdError),
+    #[error("io: {0}")]
+    Io(#[from] std::io::Error),
+    #[error("webrtc: {0}")]
+    Rtc(#[from] rtc::shared::error::Error),
+    #[error("the client task has stopped")]
+    Stopped,
+    #[error("timed out waiting for {0}")]
+    Timeout(&'static str),
+}
+
+enum Cmd {
+    Rtp {
+        kind: Kind,
+        payload: Bytes,
+        marker: bool,
+        timestamp: u32,
+    },
+    Chat(String),
+    Raw(ClientMessage),
+    Leave,
+}
+
+/// A joined participant.
+pub struct Client {
+    /// Our participant id.
+    pub id: String,
+    /// The `joined` we got.
+    pub joined: Joined,
+    cmd: mpsc::UnboundedSender<Cmd>,
+    events: mpsc::UnboundedReceiver<Event>,
+}
+
+impl Client {
+    /// Connects, joins, and starts the client task.
+    pub async fn join(opts: JoinOptions) -> Result<Client, ClientError> {
+        let room = RoomName::parse(&opts.room)?;
+        let (mut ws, _) = tokio_tungstenite::connect_async(&opts.url).await?;
+        let join = ClientMessage::Join(Join {
+            room: room.clone(),
+            name: opts.name.clone(),
+            token: None,
+            mode: opts.mode,
+            audio: opts.audio,
+        });
+        ws.send(Message::text(join.to_text())).await?;
+        let joined = loop {
+            let frame = tokio::time::timeout(Duration::from_secs(10), ws.next())
+                .await
+                .map_err(|_| ClientError::Timeout("joined"))?;
+            let Some(frame) = frame else {
+                return Err(ClientError::Stopped);
+            };
+            let Message::Text(text) = frame? else {
+                continue;
+            };
+            match serde_json::from_str::<ServerMessage>(&text) {
+                Ok(ServerMessage::Joined(j)) => break j,
+                Ok(other) => return Err(ClientError::Refused(other.to_text())),
+                Err(_) => return Err(ClientError::Refused(text.to_string())),
+            }
+        };
+        let socket = UdpSocket::bind(SocketAddr::new(opts.bind_ip, 0)).await?;
+        let (cmd_tx, cmd_rx) = mpsc::unbounded_channel();
+        let (ev_tx, ev_rx) = mpsc::unbounded_channel();
+        let id = joined.id.to_string();
+        let sfu_now = opts.standby || joined.mode == MediaMode::Sfu;
+        let task = Task {
+            room,
+            opts,
+            socket,
+            pc: None,
+            senders: HashMap::new(),
+            tracks: HashMap::new(),
+            chat: None,
+            chat_open: false,
+            events: ev_tx,
+            offer_sent: false,
+        };
+        tokio::spawn(task.run(ws, cmd_rx, sfu_now));
+        Ok(Client {
+            id,
+            joined,
+            cmd: cmd_tx,
+            events: ev_rx,
+        })
+    }
+
+    /// The next event, or `None` when the task has ended.
+    pub async fn next_event(&mut self) -> Option<Event> {
+        self.events.recv().await
+    }
+
+    /// The next event within `limit`.
+    pub async fn next_event_within(&mut self, limit: Duration) -> Option<Event> {
+        tokio::time::timeout(limit, self.events.recv())
+            .await
+            .ok()
+            .flatten()
+    }
+
+    /// Sends one RTP packet on our audio or video track. Packets before the
+    /// connection is negotiated are dropped.
+    pub fn send_rtp(
+        &self,
+        kind: Kind,
+        payload: Bytes,
+        marker: bool,
+        timestamp: u32,
+    ) -> Result<(), ClientError> {
+        self.cmd
+            .send(Cmd::Rtp {
+                kind,
+                payload,
+                marker,
+                timestamp,
+            })
+            .map_err(|_| ClientError::Stopped)
+    }
+
+    /// Sends text on the `chat` data channel.
+    pub fn send_chat(&self, text: &str) -> Result<(), ClientError> {
+        self.cmd
+            .send(Cmd::Chat(text.to_owned()))
+            .map_err(|_| ClientError::Stopped)
+    }
+
+    /// Sends any signaling message as is (for tests of bad input).
+    pub fn send_signal(&self, msg: ClientMessage) -> Result<(), ClientError> {
+        self.cmd
+            .send(Cmd::Raw(msg))
+            .map_err(|_| ClientError::Stopped)
+    }
+
+    /// Leaves the room and stops.
+    pub fn leave(&self) {
+        let _ = self.cmd.send(Cmd::Leave);
+    }
+}
+
+struct Sender {
+    id: RTCRtpSenderId,
+    ssrc: u32,
+    pt: Option<u8>,
+    seq: u16,
+}
+
+struct Task {
+    room: RoomName,
+    opts: JoinOptions,
+    socket: UdpSocket,
+    pc: Option<RTCPeerConnection>,
+    senders: HashMap<Kind, Sender>,
+    /// Remote track id → (stream id, kind).
+    tracks: HashMap<String, (String, Kind)>,
+    chat: Option<usize>,
+    chat_open: bool,
+    events: mpsc::UnboundedSender<Event>,
+    offer_sent: bool,
+}
+
+type Ws =
+    tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
+
+impl Task {
+    async fn run(mut self, ws: Ws, mut cmds: mpsc::UnboundedReceiver<Cmd>, sfu_now: bool) {
+        let (mut sink, mut stream) = ws.split();
+        let mut outgoing: Vec<ClientMessage> = Vec::new();
+        if sfu_now {
+            self.connect_sfu(&mut outgoing);
+        }
+        let mut buf = vec![0u8; 2048];
+        let local = self.socket.local_addr().ok();
+        loop {
+            for msg in outgoing.drain(..) {
+                if sink.send(Message::text(msg.to_text())).await.is_err() {
+                    let _ = self.events.send(Event::Closed);
+                    return;
+                }
+            }
+            if let Some(pc) = self.pc.as_mut() {
+                while let Some(out) = pc.poll_write() {
+                    let _ = self
+                        .socket
+                        .try_send_to(&out.message, out.transport.peer_addr);
+                }
+            }
+            self.drain_pc();
+            let now = Instant::now();
+            let deadline = self
+                .pc
+                .as_mut()
+                .and_then(|pc| pc.poll_timeout())
+                .unwrap_or(now + Duration::from_secs(1))
+                .max(now);
+            tokio::select! {
+                frame = stream.next() => match frame {
+                    Some(Ok(Message::Text(text))) => {
+                        if let Ok(msg) = serde_json::from_str::<ServerMessage>(&text) {
+                            self.on_signal(msg, &mut outgoing);
+                        }
+                    }
+                    Some(Ok(Message::Close(_))) | None | Some(Err(_)) => break,
+                    Some(Ok(_)) => {}
+                },
+                cmd = cmds.recv() => match cmd {
+                    Some(Cmd::Rtp { kind, payload, marker, timestamp }) => self.send_rtp(kind, payload, marker, timestamp),
+                    Some(Cmd::Chat(text)) => {
+                        if let (Some(pc), Some(id)) = (self.pc.as_mut(), self.chat) {
+                            if let Some(mut dc) = pc.data_channel(id) {
+                                let _ = dc.send_text(Instant::now(), text);
+                            }
+                        }
+                    }
+                    Some(Cmd::Raw(msg)) => outgoing.push(msg),
+                    Some(Cmd::Leave) | None => {
+                        let leave = ClientMessage::Leave(switchboard_proto::Leave { room: self.room.clone() });
+                        let _ = sink.send(Message::text(leave.to_text())).await;
+                        let _ = sink.close().await;
+                        break;
+                    }
+                },
+                res = self.socket.recv_from(&mut buf) => {
+                    if let (Ok((n, from)), Some(pc), Some(local)) = (res, self.pc.as_mut(), local) {
+                        let _ = pc.handle_read(TaggedBytesMut {
+                            now: Instant::now(),
+                            transport: TransportContext {
+                                local_addr: local,
+                                peer_addr: from,
+                                ecn: None,
+                                transport_protocol: TransportProtocol::UDP,
+                            },
+                            message: BytesMut::from(&buf[..n]),
+                        });
+                    }
+                }
+                () = tokio::time::sleep_until(deadline.into()) => {
+                    if let Some(pc) = self.pc.as_mut() {
+                        let _ = pc.handle_timeout(Instant::now());
+                    }
+                }
+            }
+        }
+        if let Some(pc) = self.pc.as_mut() {
+            let _ = pc.close();
+        }
+        let _ = self.events.send(Event::Closed);
+    }
+
+    fn on_signal(&mut self, msg: ServerMessage, outgoing: &mut Vec<ClientMessage>) {
+        match msg {
+            ServerMessage::Message(m) if m.from == SFU_PEER => {
+                match serde_json::from_value::<SignalData>(m.data) {
+                    Ok(SignalData::Answer { sdp }) => {
+                        if let Some(pc) = self.pc.as_mut() {
+                            let r = RTCSessionDescription::answer(sdp)
+                                .and_then(|a| pc.set_remote_description(Instant::now(), a));
+                            if r.is_ok() {
+                                self.learn_payload_types();
+                                let _ = self.events.send(Event::Negotiated);
+                            }
+                        }
+                    }
+                    Ok(SignalData::Offer { sdp }) => {
+                        if let Some(pc) = self.pc.as_mut() {
+                            let now = Instant::now();
+                            let r = RTCSessionDescription::offer(sdp)
+                                .and_then(|o| pc.set_remote_description(now, o))
+                                .and_then(|()| pc.create_answer(None))
+                                .and_then(|a| pc.set_local_description(now, a.clone()).map(|()| a));
+                            if let Ok(answer) = r {
+                                outgoing
+                                    .push(self.to_sfu(json!({"type":"answer","sdp": answer.sdp})));
+                                let _ = self.events.send(Event::Negotiated);
+                            }
+                        }
+                    }
+                    Ok(SignalData::Candidate { .. }) | Err(_) => {}
+                }
+            }
+            ServerMessage::Mode(m) if m.mode == MediaMode::Sfu => {
+                if self.pc.is_none() {
+                    self.connect_sfu(outgoing);
+                }
+                let _ = self.events.send(Event::Signal(ServerMessage::Mode(m)));
+            }
+            other => {
+                let _ = self.events.send(Event::Signal(other));
+            }
+        }
+    }
+
+    fn to_sfu(&self, data: serde_json::Value) -> ClientMessage {
+        ClientMessage::Message(RelayRequest {
+            room: self.room.clone(),
+            to: Some(SFU_PEER.to_owned()),
+            data,
+        })
+    }
+
+    /// Builds the connection, adds our tracks and the chat channel, and offers.
+    fn connect_sfu(&mut self, outgoing: &mut Vec<ClientMessage>) {
+        if self.offer_sent {
+            return;
+        }
+        match self.build_and_offer() {
+            Ok(sdp) => {
+                self.offer_sent = true;
+                outgoing.push(self.to_sfu(json!({"type":"offer","sdp": sdp})));
+            }
+            Err(e) => tracing::warn!(error = %e, "cannot connect to the server"),
+        }
+    }
+
+    fn build_and_offer(&mut self) -> Result<String, ClientError> {
+        let mut media_engine = MediaEngine::default();
+        media_engine.register_default_codecs()?;
+        let registry =
+            register_default_interceptors(rtc::interceptor::Registry::new(), &mut media_engine)?;
+        let mut pc = RTCPeerConnectionBuilder::new()
+            .with_configuration(RTCConfigurationBuilder::new().build())
+            .with_setting_engine(SettingEngineBuilder::new().build())
+            .with_media_engine(media_engine)
+            .with_interceptor_registry(registry)
+            .build(Instant::now())?;
+        let local = self.socket.local_addr()?;
+        let candidate = CandidateHostConfig {
+            base_config: CandidateConfig {
+                network: "udp".to_owned(),
+                address: local.ip().to_string(),
+                port: local.port(),
+                component: 1,
+                ..Default::default()
+            },
+            ..Default::default()
+        }
+        .new_candidate_host()?;
+        pc.add_local_candidate(RTCIceCandidate::from(&candidate).to_json()?)?;
+        let stream_id = format!("{}-stream", self.opts.name);
+        let publish = [
+            (
+                self.opts.publish_audio,
+                Kind::Audio,
+                RtpCodecKind::Audio,
+                MIME_TYPE_OPUS,
+                48000,
+                2,
+                "minptime=10;useinbandfec=1",
+            ),
+            (
+                self.opts.publish_video,
+                Kind::Video,
+                RtpCodecKind::Video,
+                MIME_TYPE_VP8,
+                90000,
+                0,
+                "",
+            ),
+        ];
+        for (on, kind, codec_kind, mime, clock_rate, channels, fmtp) in publish {
+            if !on {
+                continue;
+            }
+            let ssrc = rand::random::<u32>();
+            let track_id = format!("{}-{kind:?}", self.opts.name).to_lowercase();
+            let track = MediaStreamTrack::new(
+                stream_id.clone(),
+                track_id.clone(),
+                track_id,
+                codec_kind,
+                vec![RTCRtpEncodingParameters {
+                    rtp_coding_parameters: RTCRtpCodingParameters {
+                        ssrc: Some(ssrc),
+                        ..Default::default()
+                    },
+                    codec: RTCRtpCodec {
+                        mime_type: mime.to_owned(),
+                        clock_rate,
+                        channels,
+                        sdp_fmtp_line: fmtp.to_owned(),
+                        rtcp_feedback: vec![],
+                    },
+                    ..Default::default()
+                }],
+            );
+            let id = pc.add_track(track)?;
+            self.senders.insert(
+                kind,
+                Sender {
+                    id,
+                    ssrc,
+                    pt: None,
+                    seq: rand::random::<u16>(),
+                },
+            );
+        }
+        self.chat = Some(pc.create_data_channel("chat", None)?.id());
+        let offer = pc.create_offer(None)?;
+        pc.set_local_description(Instant::now(), offer.clone())?;
+        self.pc = Some(pc);
+        Ok(offer.sdp)
+    }
+
+    fn learn_payload_types(&mut self) {
+        let Some(pc) = self.pc.as_mut() else { return };
+        for sender in self.senders.values_mut() {
+            if let Some(mut s) = pc.rtp_sender(sender.id) {
+                sender.pt = s
+                    .get_parameters()
+                    .rtp_parameters
+                    .codecs
+                    .first()
+                    .map(|c| c.payload_type);
+            }
+        }
+    }
+
+    fn send_rtp(&mut self, kind: Kind, payload: Bytes, marker: bool, timestamp: u32) {
+        let (Some(pc), Some(sender)) = (self.pc.as_mut(), self.senders.get_mut(&kind)) else {
+            return;
+        };
+        let Some(pt) = sender.pt else { return };
+        sender.seq = sender.seq.wrapping_add(1);
+        let packet = RtpPacket {
+            header: rtc::rtp::header::Header {
+                version: 2,
+                marker,
+                payload_type: pt,
+                sequence_number: sender.seq,
+                timestamp,
+                ssrc: sender.ssrc,
+                ..Default::default()
+            },
+            payload,
+        };
+        if let Some(mut s) = pc.rtp_sender(sender.id) {
+            let _ = s.write_rtp(Instant::now(), packet);
+        }
+    }
+
+    fn drain_pc(&mut self) {
+        let Some(pc) = self.pc.as_mut() else { return };
+        while let Some(event) = pc.poll_event() {
+            match event {
+                RTCPeerConnectionEvent::OnConnectionStateChangeEvent(state) => {
+                    let _ = self.events.send(Event::Connection(state.to_string()));
+                }
+                RTCPeerConnectionEvent::OnTrack(RTCTrackEvent::OnOpen(init)) => {
+                    let kind = match pc.rtp_receiver(init.receiver_id).map(|r| r.track().kind()) {
+                        Some(RtpCodecKind::Audio) => Kind::Audio,
+                        _ => Kind::Video,
+                    };
+                    let stream_id = init.stream_ids.first().cloned().unwrap_or_default();
+                    self.tracks
+                        .insert(init.track_id.clone(), (stream_id.clone(), kind));
+                    let _ = self.events.send(Event::TrackAdded {
+                        track_id: init.track_id,
+                        stream_id,
+                        kind,
+                    });
+                }
+                RTCPeerConnectionEvent::OnTrack(RTCTrackEvent::OnClose(track_id)) => {
+                    self.tracks.remove(&track_id);
+                    let _ = self.events.send(Event::TrackRemoved { track_id });
+                }
+                RTCPeerConnectionEvent::OnDataChannel(RTCDataChannelEvent::OnOpen(id)) => {
+                    if Some(id) == self.chat {
+                        self.chat_open = true;
+                    }
+                }
+                _ => {}
+            }
+        }
+        while let Some(TaggedRTCMessage { now, message }) = pc.poll_read() {
+            match message {
+                RTCMessage::RtpPacket(track_id, packet) => {
+                    let (stream_id, kind) = self
+                        .tracks
+                        .get(&track_id)
+                        .cloned()
+                        .unwrap_or_else(|| (String::new(), Kind::Video));
+                    let _ = self.events.send(Event::Rtp {
+                        track_id,
+                        stream_id,
+                        kind,
+                        packet,
+                        at: now,
+                    });
+                }
+                RTCMessage::DataChannelMessage(_, msg) if msg.is_string => {
+                    if let Ok(text) = String::from_utf8(msg.data.to_vec()) {
+                        let _ = self.events.send(Event::Chat(text));
+                    }
+                }
+                _ => {}
+            }
+        }
+    }
+}

@@ -1,0 +1,113 @@
+//! `loadtest`: load generator for Switchboard.
+//!
+//! Subcommands:
+//! - `signaling`: many WebSocket clients join rooms and ping; reports
+//!   join and ping latency and what the connections cost the server.
+
+mod proc;
+mod signaling;
+mod stats;
+
+use std::process::ExitCode;
+use std::time::Duration;
+
+use clap::{Parser, Subcommand};
+
+#[derive(Debug, Parser)]
+#[command(name = "loadtest", version, about = "Load generator for Switchboard")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Signaling benchmark: open N WebSocket connections spread over M rooms,
+    /// join (mode sfu), ping, leave; report latency percentiles and the
+    /// server's RSS and CPU.
+    Signaling(signaling::SignalingArgs),
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match cli.command {
+        Command::Signaling(args) => signaling::main(&args),
+    }
+}
+
+/// A tokio runtime: current-thread for `threads == 1`, else multi-thread with
+/// that many workers.
+pub fn runtime(threads: usize) -> std::io::Result<tokio::runtime::Runtime> {
+    if threads <= 1 {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+    } else {
+        tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(threads)
+            .enable_all()
+            .build()
+    }
+}
+
+/// Parses a duration with a unit: `250us`, `100ms`, `1.5s`, `2m`.
+pub fn parse_duration(s: &str) -> Result<Duration, String> {
+    let s = s.trim();
+    let split = s
+        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+        .ok_or_else(|| format!("{s:?} has no unit (use us, ms, s or m)"))?;
+    let (num, unit) = s.split_at(split);
+    let value: f64 = num
+        .parse()
+        .map_err(|_| format!("{s:?} does not start with a number"))?;
+    let secs = match unit.trim() {
+        "us" | "µs" => value / 1e6,
+        "ms" => value / 1e3,
+        "s" => value,
+        "m" | "min" => value * 60.0,
+        other => return Err(format!("unknown unit {other:?} (use us, ms, s or m)")),
+    };
+    Duration::try_from_secs_f64(secs).map_err(|e| format!("{s:?}: {e}"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn durations() {
+        assert_eq!(parse_duration("100ms"), Ok(Duration::from_millis(100)));
+        assert_eq!(parse_duration("1.5s"), Ok(Duration::from_millis(1500)));
+        assert_eq!(parse_duration("250us"), Ok(Duration::from_micros(250)));
+        assert_eq!(parse_duration("2m"), Ok(Duration::from_secs(120)));
+        assert_eq!(parse_duration("0s"), Ok(Duration::ZERO));
+        assert!(parse_duration("100").is_err());
+        assert!(parse_duration("ms").is_err());
+        assert!(parse_duration("5h").is_err());
+        assert!(parse_duration("-1s").is_err());
+    }
+
+    #[test]
+    fn cli_parses() {
+        use clap::CommandFactory;
+        Cli::command().debug_assert();
+        let cli = Cli::try_parse_from([
+            "loadtest",
+            "signaling",
+            "--url",
+            "ws://127.0.0.1:9/ws",
+            "--connections",
+            "10",
+            "--rooms",
+            "2",
+            "--ping-interval",
+            "50ms",
+        ])
+        .expect("parses");
+        let Command::Signaling(a) = cli.command;
+        assert_eq!(a.connections, 10);
+        assert_eq!(a.rooms, 2);
+        assert_eq!(a.ping_interval, Duration::from_millis(50));
+        assert_eq!(a.timeout, Duration::from_secs(120));
+    }
+}

@@ -1,0 +1,81 @@
+//! The SFU media plane as the rest of the server sees it: a handle that takes
+//! commands from the hub. The media itself runs on its own thread in
+//! [`crate::transport`], the only module that knows webrtc-rs.
+//!
+//! The hub tells the media plane three things: a participant sent something
+//! to `"sfu"` (offer, answer, candidate), a participant left, and a room's
+//! media mode. The media plane answers participants through their outboxes.
+
+use std::net::{IpAddr, SocketAddr};
+
+use switchboard_proto::{ParticipantId, RoomName, SignalData};
+use tokio::sync::mpsc;
+
+/// Where the media plane listens and what it announces.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MediaConfig {
+    /// Address the UDP socket binds (`--rtc-ip`:`--rtc-port`).
+    pub bind: SocketAddr,
+    /// Address put in ICE candidates (`--public-ip`, default the bind IP).
+    pub public_ip: Option<IpAddr>,
+}
+
+/// A request from the signaling side.
+#[derive(Debug)]
+pub enum Command {
+    /// `message` with `to:"sfu"` from `participant` in `room`.
+    Signal {
+        room: RoomName,
+        participant: ParticipantId,
+        /// Whether the room is in `sfu` mode now (otherwise warm standby).
+        sfu: bool,
+        data: SignalData,
+    },
+    /// `participant` left `room` (or vanished).
+    Left {
+        room: RoomName,
+        participant: ParticipantId,
+    },
+    /// `room` is now in `sfu` mode: start forwarding.
+    RoomSfu { room: RoomName },
+    /// Stop the media thread.
+    Shutdown,
+}
+
+/// How many commands may wait for the media thread.
+pub const COMMAND_QUEUE: usize = 4096;
+
+/// The hub's handle on the media plane.
+#[derive(Debug, Clone)]
+pub struct MediaPlane {
+    tx: mpsc::Sender<Command>,
+    local_addr: SocketAddr,
+}
+
+/// Why the media plane refused a command.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum MediaError {
+    #[error("the media plane is overloaded")]
+    Busy,
+    #[error("the media plane has stopped")]
+    Stopped,
+}
+
+impl MediaPlane {
+    pub(crate) fn new(tx: mpsc::Sender<Command>, local_addr: SocketAddr) -> MediaPlane {
+        MediaPlane { tx, local_addr }
+    }
+
+    /// The UDP address media is received on.
+    pub fn local_addr(&self) -> SocketAddr {
+        self.local_addr
+    }
+
+    /// Queues `cmd` without waiting.
+    pub fn send(&self, cmd: Command) -> Result<(), MediaError> {
+        self.tx.try_send(cmd).map_err(|e| match e {
+            mpsc::error::TrySendError::Full(_) => MediaError::Busy,
+            mpsc::error::TrySendError::Closed(_) => MediaError::Stopped,
+        })
+    }
+}
