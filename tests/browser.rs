@@ -7,6 +7,7 @@
 //! `ip netns`), Node.js 20+, and Debian's Chromium (`apt-get install -y chromium`;
 //! `.ci/run` installs it). The browser driver is `tests/browser/p2p_call.mjs`.
 
+use std::ffi::OsStr;
 use std::fs::{self, File};
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
@@ -50,7 +51,7 @@ impl Sandbox {
         what: &'static str,
         program: &Path,
         args: &[&str],
-        envs: &[(&str, &Path)],
+        envs: &[(&str, &OsStr)],
         log: &Path,
     ) -> usize {
         let child = Command::new("ip")
@@ -214,19 +215,27 @@ fn two_chromium_pages_make_a_p2p_call() {
         "switchboard",
         &server,
         &["serve", "--listen", LISTEN],
-        &[],
+        &[("NO_COLOR", OsStr::new("1"))], // plain logs in the failure report
         &server_log,
     );
     let script = browser_dir.join("p2p_call.mjs");
     let script = script.to_str().expect("utf-8 path");
     let base = format!("http://{LISTEN}");
-    // Screenshots of both pages land next to the logs unless the caller chose a place.
+    // Screenshots of both pages (mid-call, or at the failure) land next to the logs
+    // unless the caller chose a place.
     let shots = std::env::var_os("SB_SCREENSHOT_DIR").map_or_else(|| logs.clone(), PathBuf::from);
+    let node_tmp = logs.join("tmp");
+    fs::create_dir_all(&node_tmp).unwrap_or_else(|e| panic!("create {}: {e}", node_tmp.display()));
     let node = sandbox.spawn(
         "node",
         Path::new("node"),
         &[script, &base],
-        &[("SB_SCREENSHOT_DIR", &shots)],
+        &[
+            ("SB_SCREENSHOT_DIR", shots.as_os_str()),
+            // Browser profile and Playwright scratch files stay inside our log dir,
+            // so even a killed run leaves nothing behind in /tmp.
+            ("TMPDIR", node_tmp.as_os_str()),
+        ],
         &node_log,
     );
 
@@ -253,11 +262,12 @@ fn two_chromium_pages_make_a_p2p_call() {
     let stdout = read(&node_log.with_extension("stdout"));
     let report = format!(
         "--- node p2p_call.mjs stdout ---\n{stdout}\n--- node stderr ---\n{}\n\
-         --- switchboard stderr ---\n{}\n--- switchboard stdout ---\n{}\n(logs and screenshots in {})",
+         --- switchboard stderr ---\n{}\n--- switchboard stdout ---\n{}\n(logs in {}, screenshots in {})",
         read(&node_log.with_extension("stderr")),
         read(&server_log.with_extension("stderr")),
         read(&server_log.with_extension("stdout")),
         logs.display(),
+        shots.display(),
     );
     match node_status {
         Ok(status) if status.success() => {
