@@ -66,13 +66,15 @@ async fn serve(config: Config) -> Result<(), switchboard::server::ServeError> {
     println!("switchboard listening on {}", server.http_url());
     let token = server.shutdown_token();
     tokio::spawn(async move {
-        wait_for_signal().await;
+        let signal = wait_for_signal().await;
         token.cancel();
+        tracing::info!(signal, "shutting down");
     });
     server.wait().await
 }
 
-async fn wait_for_signal() {
+/// Waits for SIGINT or SIGTERM; returns its name.
+async fn wait_for_signal() -> &'static str {
     use tokio::signal::unix::{signal, SignalKind};
     match (
         signal(SignalKind::interrupt()),
@@ -80,12 +82,13 @@ async fn wait_for_signal() {
     ) {
         (Ok(mut int), Ok(mut term)) => {
             tokio::select! {
-                _ = int.recv() => tracing::info!("SIGINT"),
-                _ = term.recv() => tracing::info!("SIGTERM"),
+                _ = int.recv() => "SIGINT",
+                _ = term.recv() => "SIGTERM",
             }
         }
         _ => {
             let _ = tokio::signal::ctrl_c().await;
+            "SIGINT"
         }
     }
 }
@@ -94,9 +97,13 @@ fn init_logging(config: &Config) {
     let filter = EnvFilter::try_from_default_env()
         .or_else(|_| EnvFilter::try_new(&config.log.filter))
         .unwrap_or_else(|_| EnvFilter::new("info"));
+    // A log line that cannot be written (stderr is a closed pipe) is lost,
+    // never a panic: the default reports it with eprintln!, which panics on
+    // that same broken stderr and took the signal handler down with it.
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr);
+        .with_writer(std::io::stderr)
+        .log_internal_errors(false);
     if config.log.json {
         builder.json().init();
     } else {
