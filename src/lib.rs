@@ -30,10 +30,11 @@
 pub mod config;
 pub mod hub;
 pub mod ice;
+pub mod media;
 pub mod metrics;
 pub mod ratelimit;
 pub mod room;
 pub mod server;
 pub mod session;
 pub mod sfu;
-// pub mod transport; (re-enabled when src/media lands)
+pub mod transport;

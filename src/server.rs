@@ -108,7 +108,17 @@ pub async fn start(config: Config) -> Result<RunningServer, ServeError> {
     let config = Arc::new(config);
     let metrics = Arc::new(Metrics::new());
     let outboxes = Arc::new(Outboxes::default());
-    let media: Option<MediaPlane> = None; // TRANSPORT-WIP
+    let media = match &config.media {
+        Some(media) => Some(
+            crate::transport::start(media.clone(), outboxes.clone(), metrics.clone()).map_err(
+                |source| ServeError::Bind {
+                    addr: media.bind,
+                    source,
+                },
+            )?,
+        ),
+        None => None,
+    };
     let hub = Arc::new(Hub::new(
         config.clone(),
         metrics.clone(),

@@ -207,10 +207,37 @@ async fn message_to_an_unknown_peer() {
 }
 
 #[tokio::test]
-async fn message_to_the_sfu_peer_before_the_media_plane_exists() {
-    // The server's media peer arrives with the SFU issue; until then a
-    // message to "sfu" is refused clearly, never dropped silently.
+async fn data_for_the_sfu_that_is_not_signaling() {
     let mut r = room_of_two(ServeOptions::default()).await;
+    r.a.send(json!({"type":"message","room":"r","to":"sfu","data":{"hello":"server"}}))
+        .await;
+    assert_eq!(r.a.expect_error("bad-request").await["request"], "message");
+    r.unharmed().await;
+}
+
+#[tokio::test]
+async fn an_invalid_sdp_offer_to_the_sfu() {
+    let mut r = room_of_two(ServeOptions::default()).await;
+    r.a.send(json!({"type":"message","room":"r","to":"sfu","data":{"type":"offer","sdp":"this is not SDP"}})).await;
+    let e = r.a.expect_error("bad-request").await;
+    assert!(e["message"].as_str().unwrap_or("").contains("offer"), "{e}");
+    r.unharmed().await;
+    let m = metrics(&r.server).await;
+    assert_eq!(
+        metric(&m, "switchboard_media_connections"),
+        0.0,
+        "the failed connection was freed"
+    );
+}
+
+#[tokio::test]
+async fn the_sfu_peer_on_a_signaling_only_server() {
+    // `--media false`: no server media peer, so "sfu" is nobody.
+    let mut r = room_of_two(ServeOptions {
+        media: Some(false),
+        ..Default::default()
+    })
+    .await;
     r.a.send(
         json!({"type":"message","room":"r","to":"sfu","data":{"type":"offer","sdp":"v=0\r\n"}}),
     )

@@ -590,10 +590,10 @@ impl Task {
                     self.tracks.remove(&track_id);
                     let _ = self.events.send(Event::TrackRemoved { track_id });
                 }
-                RTCPeerConnectionEvent::OnDataChannel(RTCDataChannelEvent::OnOpen(id)) => {
-                    if Some(id) == self.chat {
-                        self.chat_open = true;
-                    }
+                RTCPeerConnectionEvent::OnDataChannel(RTCDataChannelEvent::OnOpen(id))
+                    if Some(id) == self.chat =>
+                {
+                    self.chat_open = true;
                 }
                 _ => {}
             }

@@ -1,0 +1,1044 @@
+//! The media transport: every server-side PeerConnection, on one UDP port,
+//! driven by webrtc-rs's sans-IO `rtc` crate from our own event loop. This is
+//! the only module that imports webrtc-rs or touches media sockets.
+//!
+//! One thread (`sfu-media`) owns the socket and all connections. Datagrams
+//! are routed to a connection by ICE ufrag, then by remote address
+//! ([`Demux`]). Each participant has one [`Peer`]: the tracks it publishes
+//! and the tracks forwarded to it (each forwarded track is a sender on the
+//! subscriber's connection, added by a server offer). Negotiation follows the
+//! protocol: the client offers first; the server offers only in stable state
+//! and never with another exchange in flight.
+
+use std::collections::HashMap;
+use std::io;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::BytesMut;
+use rtc::interceptor::{Attribute, Interceptor, Packet, Registry, Slot, StreamInfo, TaggedPacket};
+use rtc::media_stream::{MediaStreamTrack, MediaStreamTrackId};
+use rtc::peer_connection::configuration::interceptor_registry::register_default_interceptors;
+use rtc::peer_connection::configuration::media_engine::MediaEngine;
+use rtc::peer_connection::configuration::setting_engine::SettingEngineBuilder;
+use rtc::peer_connection::configuration::RTCConfigurationBuilder;
+use rtc::peer_connection::event::{RTCDataChannelEvent, RTCPeerConnectionEvent, RTCTrackEvent};
+use rtc::peer_connection::message::{RTCMessage, TaggedRTCMessage};
+use rtc::peer_connection::sdp::RTCSessionDescription;
+use rtc::peer_connection::state::RTCPeerConnectionState;
+use rtc::peer_connection::transport::{
+    CandidateConfig, CandidateHostConfig, RTCDtlsRole, RTCIceCandidate, RTCIceCandidateInit,
+};
+use rtc::peer_connection::RTCPeerConnection;
+use rtc::peer_connection::RTCPeerConnectionBuilder;
+use rtc::rtcp::payload_feedbacks::full_intra_request::FullIntraRequest;
+use rtc::rtcp::payload_feedbacks::picture_loss_indication::PictureLossIndication;
+use rtc::rtp_transceiver::rtp_sender::{
+    RTCRtpCodec, RTCRtpCodingParameters, RTCRtpEncodingParameters, RtpCodecKind,
+};
+use rtc::rtp_transceiver::{RTCRtpReceiverId, RTCRtpSenderId};
+use rtc::sansio::Protocol;
+use rtc::shared::{TaggedBytesMut, TransportContext, TransportProtocol};
+use serde_json::json;
+use switchboard_proto::{ErrorCode, ParticipantId, Relayed, RoomName, ServerMessage, SignalData};
+use tokio::net::UdpSocket;
+use tokio::sync::mpsc;
+
+use crate::hub::Outboxes;
+use crate::media::demux::{Demux, Route};
+use crate::media::keyframe::KeyframeRequester;
+use crate::media::rewrite::{Rewrite, SeqRewriter};
+use crate::metrics::Metrics;
+use crate::sfu::{Command, MediaConfig, MediaPlane, COMMAND_QUEUE};
+
+/// Largest datagram we read.
+const MAX_DATAGRAM: usize = 1500;
+/// How long an idle loop sleeps when no connection has a deadline.
+const IDLE: Duration = Duration::from_secs(1);
+
+/// Starts the media thread; returns the hub's handle on it.
+pub fn start(
+    config: MediaConfig,
+    outboxes: Arc<Outboxes>,
+    metrics: Arc<Metrics>,
+) -> io::Result<MediaPlane> {
+    let socket = std::net::UdpSocket::bind(config.bind)?;
+    socket.set_nonblocking(true)?;
+    let local = socket.local_addr()?;
+    let announce = SocketAddr::new(config.public_ip.unwrap_or(local.ip()), local.port());
+    let (tx, rx) = mpsc::channel(COMMAND_QUEUE);
+    std::thread::Builder::new()
+        .name("sfu-media".into())
+        .spawn(move || {
+            let runtime = match tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+            {
+                Ok(r) => r,
+                Err(e) => {
+                    tracing::error!(error = %e, "media runtime failed to start");
+                    return;
+                }
+            };
+            runtime.block_on(async move {
+                match UdpSocket::from_std(socket) {
+                    Ok(socket) => {
+                        Engine::new(announce, outboxes, metrics)
+                            .run(socket, rx)
+                            .await
+                    }
+                    Err(e) => tracing::error!(error = %e, "media socket failed"),
+                }
+            });
+        })?;
+    tracing::info!(%local, %announce, "media listening (UDP)");
+    Ok(MediaPlane::new(tx, local))
+}
+
+/// Index of a connection in the engine.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+struct PeerKey(u64);
+
+struct MediaRoom {
+    sfu: bool,
+    members: Vec<PeerKey>,
+}
+
+/// A track a participant publishes.
+struct Published {
+    receiver_id: RTCRtpReceiverId,
+    ssrc: u32,
+    kind: RtpCodecKind,
+    codec: RTCRtpCodec,
+    keyframes: KeyframeRequester,
+}
+
+/// A track forwarded to a participant.
+struct Down {
+    sender_id: RTCRtpSenderId,
+    ssrc: u32,
+    kind: RtpCodecKind,
+    mime: String,
+    /// Payload type the subscriber negotiated; `None` until its answer.
+    pt: Option<u8>,
+    rewriter: SeqRewriter,
+}
+
+/// One participant's server connection.
+struct Peer {
+    participant: ParticipantId,
+    room: RoomName,
+    pc: RTCPeerConnection,
+    ufrag: String,
+    answered_first: bool,
+    offer_in_flight: bool,
+    needs_offer: bool,
+    published: HashMap<MediaStreamTrackId, Published>,
+    /// Keyed by (publisher, publisher's track id).
+    down: HashMap<(PeerKey, MediaStreamTrackId), Down>,
+    /// Our local track id of a downtrack → its key in `down`.
+    down_by_local: HashMap<MediaStreamTrackId, (PeerKey, MediaStreamTrackId)>,
+    chat: Option<usize>,
+    state: RTCPeerConnectionState,
+}
+
+/// Something a connection's output asks the engine to do to others.
+enum Action {
+    Forward {
+        from: PeerKey,
+        track: MediaStreamTrackId,
+        packet: rtc::rtp::Packet,
+        arrived: Instant,
+    },
+    TrackOpened(PeerKey, MediaStreamTrackId),
+    TrackClosed(PeerKey, MediaStreamTrackId),
+    KeyframeWanted(PeerKey, MediaStreamTrackId),
+    Chat(PeerKey, String),
+    Failed(PeerKey),
+}
+
+struct Engine {
+    announce: SocketAddr,
+    peers: HashMap<PeerKey, Peer>,
+    by_participant: HashMap<ParticipantId, PeerKey>,
+    rooms: HashMap<RoomName, MediaRoom>,
+    demux: Demux<PeerKey>,
+    outboxes: Arc<Outboxes>,
+    metrics: Arc<Metrics>,
+    next_key: u64,
+    actions: Vec<Action>,
+}
+
+impl Engine {
+    fn new(announce: SocketAddr, outboxes: Arc<Outboxes>, metrics: Arc<Metrics>) -> Engine {
+        Engine {
+            announce,
+            peers: HashMap::new(),
+            by_participant: HashMap::new(),
+            rooms: HashMap::new(),
+            demux: Demux::new(),
+            outboxes,
+            metrics,
+            next_key: 1,
+            actions: Vec::new(),
+        }
+    }
+
+    async fn run(mut self, socket: UdpSocket, mut commands: mpsc::Receiver<Command>) {
+        let mut buf = vec![0u8; MAX_DATAGRAM + 1];
+        loop {
+            self.flush(&socket);
+            let now = Instant::now();
+            let deadline = self
+                .peers
+                .values_mut()
+                .filter_map(|p| p.pc.poll_timeout())
+                .min()
+                .unwrap_or(now + IDLE)
+                .max(now);
+            tokio::select! {
+                biased;
+                cmd = commands.recv() => match cmd {
+                    Some(Command::Shutdown) | None => break,
+                    Some(cmd) => self.on_command(cmd),
+                },
+                res = socket.recv_from(&mut buf) => match res {
+                    Ok((n, from)) => self.on_datagram(&buf[..n], from),
+                    Err(e) => tracing::debug!(error = %e, "media socket read"),
+                },
+                () = tokio::time::sleep_until(deadline.into()) => {
+                    let now = Instant::now();
+                    let keys: Vec<PeerKey> = self.peers.keys().copied().collect();
+                    for key in keys {
+                        if let Some(p) = self.peers.get_mut(&key) {
+                            if p.pc.poll_timeout().is_some_and(|t| t <= now) {
+                                let _ = p.pc.handle_timeout(now);
+                            }
+                        }
+                        self.drain(key);
+                    }
+                    self.apply_actions();
+                    self.poll_keyframes(now);
+                }
+            }
+        }
+        for (_, mut p) in self.peers.drain() {
+            let _ = p.pc.close();
+        }
+        tracing::info!("media plane stopped");
+    }
+
+    // -- input ------------------------------------------------------------
+
+    fn on_datagram(&mut self, data: &[u8], from: SocketAddr) {
+        if data.len() > MAX_DATAGRAM {
+            self.metrics.media_dropped("oversize");
+            return;
+        }
+        let key = match self.demux.route(data, from) {
+            Route::To(key) => key,
+            Route::Drop(reason) => {
+                self.metrics.media_dropped(reason.as_str());
+                return;
+            }
+        };
+        let Some(peer) = self.peers.get_mut(&key) else {
+            self.metrics.media_dropped("unknown-peer");
+            return;
+        };
+        self.metrics.media_in(data.len());
+        let now = Instant::now();
+        let msg = TaggedBytesMut {
+            now,
+            transport: TransportContext {
+                local_addr: self.announce,
+                peer_addr: from,
+                ecn: None,
+                transport_protocol: TransportProtocol::UDP,
+            },
+            message: BytesMut::from(data),
+        };
+        if let Err(e) = peer.pc.handle_read(msg) {
+            tracing::debug!(participant = %peer.participant, error = %e, "bad media datagram");
+            self.metrics.media_dropped("rejected");
+        }
+        self.drain(key);
+        self.apply_actions();
+    }
+
+    fn on_command(&mut self, cmd: Command) {
+        match cmd {
+            Command::Signal {
+                room,
+                participant,
+                sfu,
+                data,
+            } => self.on_signal(room, participant, sfu, data),
+            Command::Left { room, participant } => {
+                if let Some(key) = self.by_participant.get(&participant).copied() {
+                    self.remove_peer(key);
+                }
+                let _ = room;
+            }
+            Command::RoomSfu { room } => self.room_to_sfu(&room),
+            Command::Shutdown => {}
+        }
+    }
+
+    fn on_signal(
+        &mut self,
+        room: RoomName,
+        participant: ParticipantId,
+        sfu: bool,
+        data: SignalData,
+    ) {
+        let key = match (self.by_participant.get(&participant).copied(), &data) {
+            (Some(key), _) => key,
+            (None, SignalData::Offer { .. }) => {
+                match self.add_peer(room.clone(), participant.clone(), sfu) {
+                    Ok(key) => key,
+                    Err(e) => {
+                        tracing::warn!(%participant, error = %e, "cannot create a server connection");
+                        self.send_error(
+                            &participant,
+                            ErrorCode::Internal,
+                            "cannot create a server connection",
+                        );
+                        return;
+                    }
+                }
+            }
+            // Candidates or answers before any offer: nothing to apply them to.
+            (None, _) => return,
+        };
+        match data {
+            SignalData::Offer { sdp } => self.on_client_offer(key, sdp),
+            SignalData::Answer { sdp } => self.on_client_answer(key, sdp),
+            SignalData::Candidate {
+                label,
+                id,
+                candidate,
+            } => {
+                if candidate.is_empty() {
+                    return; // end of candidates
+                }
+                if let Some(p) = self.peers.get_mut(&key) {
+                    let init = RTCIceCandidateInit {
+                        candidate,
+                        sdp_mid: id,
+                        sdp_mline_index: label.and_then(|l| u16::try_from(l).ok()),
+                        ..Default::default()
+                    };
+                    // Candidates we cannot use are ignored silently, per protocol.
+                    let _ = p.pc.add_remote_candidate(init);
+                }
+            }
+        }
+        self.drain(key);
+        self.apply_actions();
+    }
+
+    fn add_peer(
+        &mut self,
+        room: RoomName,
+        participant: ParticipantId,
+        sfu: bool,
+    ) -> Result<PeerKey, rtc::shared::error::Error> {
+        let ufrag = random_token(16);
+        let pwd = random_token(32);
+        let pc = build_connection(&ufrag, &pwd, self.announce)?;
+        let key = PeerKey(self.next_key);
+        self.next_key += 1;
+        self.demux.register(&ufrag, key);
+        let media_room = self.rooms.entry(room.clone()).or_insert(MediaRoom {
+            sfu,
+            members: Vec::new(),
+        });
+        media_room.sfu |= sfu;
+        media_room.members.push(key);
+        self.by_participant.insert(participant.clone(), key);
+        tracing::info!(%room, %participant, "server connection created");
+        self.peers.insert(
+            key,
+            Peer {
+                participant,
+                room,
+                pc,
+                ufrag,
+                answered_first: false,
+                offer_in_flight: false,
+                needs_offer: false,
+                published: HashMap::new(),
+                down: HashMap::new(),
+                down_by_local: HashMap::new(),
+                chat: None,
+                state: RTCPeerConnectionState::New,
+            },
+        );
+        self.metrics.media_connections.inc();
+        Ok(key)
+    }
+
+    fn on_client_offer(&mut self, key: PeerKey, sdp: String) {
+        let Some(p) = self.peers.get_mut(&key) else {
+            return;
+        };
+        if p.offer_in_flight {
+            // Glare: the client is the polite peer and rolls back; its offer is dropped.
+            return;
+        }
+        let now = Instant::now();
+        let result = RTCSessionDescription::offer(sdp)
+            .and_then(|offer| p.pc.set_remote_description(now, offer))
+            .and_then(|()| p.pc.create_answer(None))
+            .and_then(|answer| {
+                p.pc.set_local_description(now, answer.clone())
+                    .map(|()| answer)
+            });
+        match result {
+            Ok(answer) => {
+                p.answered_first = true;
+                let (participant, room) = (p.participant.clone(), p.room.clone());
+                self.send_signal(
+                    &participant,
+                    &room,
+                    json!({"type":"answer","sdp": answer.sdp}),
+                );
+                self.maybe_offer(key);
+            }
+            Err(e) => {
+                let participant = p.participant.clone();
+                let never_answered = !p.answered_first;
+                tracing::info!(%participant, error = %e, "refused an offer");
+                // A connection that never got a valid offer is useless: free
+                // it before saying so.
+                if never_answered {
+                    self.remove_peer(key);
+                }
+                self.send_error(
+                    &participant,
+                    ErrorCode::BadRequest,
+                    &format!("offer refused: {e}"),
+                );
+            }
+        }
+    }
+
+    fn on_client_answer(&mut self, key: PeerKey, sdp: String) {
+        let Some(p) = self.peers.get_mut(&key) else {
+            return;
+        };
+        if !p.offer_in_flight {
+            let participant = p.participant.clone();
+            self.send_error(
+                &participant,
+                ErrorCode::BadRequest,
+                "answer without a server offer",
+            );
+            return;
+        }
+        let result = RTCSessionDescription::answer(sdp)
+            .and_then(|answer| p.pc.set_remote_description(Instant::now(), answer));
+        if let Err(e) = result {
+            let participant = p.participant.clone();
+            tracing::info!(%participant, error = %e, "refused an answer");
+            self.send_error(
+                &participant,
+                ErrorCode::BadRequest,
+                &format!("answer refused: {e}"),
+            );
+            return;
+        }
+        p.offer_in_flight = false;
+        // Learn the payload types the subscriber accepted; new video
+        // downtracks need a keyframe.
+        let mut want_keyframes = Vec::new();
+        for (source, down) in p.down.iter_mut() {
+            if down.pt.is_some() {
+                continue;
+            }
+            if let Some(mut sender) = p.pc.rtp_sender(down.sender_id) {
+                down.pt = sender
+                    .get_parameters()
+                    .rtp_parameters
+                    .codecs
+                    .iter()
+                    .find(|c| c.rtp_codec.mime_type.eq_ignore_ascii_case(&down.mime))
+                    .map(|c| c.payload_type);
+            }
+            if down.pt.is_some() && down.kind == RtpCodecKind::Video {
+                want_keyframes.push(source.clone());
+            }
+        }
+        for (publisher, track) in want_keyframes {
+            self.actions.push(Action::KeyframeWanted(publisher, track));
+        }
+        self.maybe_offer(key);
+    }
+
+    /// Sends a server offer if one is needed and allowed now.
+    fn maybe_offer(&mut self, key: PeerKey) {
+        let Some(p) = self.peers.get_mut(&key) else {
+            return;
+        };
+        // Client offers are answered at once, so the only time the
+        // connection is not stable is while our own offer is out.
+        if !p.needs_offer || !p.answered_first || p.offer_in_flight {
+            return;
+        }
+        let now = Instant::now();
+        match p.pc.create_offer(None).and_then(|offer| {
+            p.pc.set_local_description(now, offer.clone())
+                .map(|()| offer)
+        }) {
+            Ok(offer) => {
+                p.needs_offer = false;
+                p.offer_in_flight = true;
+                let (participant, room) = (p.participant.clone(), p.room.clone());
+                self.send_signal(
+                    &participant,
+                    &room,
+                    json!({"type":"offer","sdp": offer.sdp}),
+                );
+            }
+            Err(e) => {
+                tracing::warn!(participant = %p.participant, error = %e, "cannot create an offer")
+            }
+        }
+    }
+
+    // -- output of a connection ---------------------------------------------
+
+    /// Drains one connection's events and messages into `self.actions`.
+    fn drain(&mut self, key: PeerKey) {
+        let Some(p) = self.peers.get_mut(&key) else {
+            return;
+        };
+        while let Some(event) = p.pc.poll_event() {
+            match event {
+                RTCPeerConnectionEvent::OnConnectionStateChangeEvent(state) => {
+                    tracing::info!(participant = %p.participant, %state, "server connection");
+                    p.state = state;
+                    if matches!(
+                        state,
+                        RTCPeerConnectionState::Failed | RTCPeerConnectionState::Closed
+                    ) {
+                        self.actions.push(Action::Failed(key));
+                    }
+                }
+                RTCPeerConnectionEvent::OnTrack(RTCTrackEvent::OnOpen(init)) => {
+                    let Some(mut receiver) = p.pc.rtp_receiver(init.receiver_id) else {
+                        continue;
+                    };
+                    let kind = receiver.track().kind();
+                    let codec = receiver
+                        .get_parameters()
+                        .rtp_parameters
+                        .codecs
+                        .first()
+                        .map(|c| c.rtp_codec.clone())
+                        .unwrap_or_default();
+                    tracing::info!(participant = %p.participant, track = %init.track_id, ?kind, mime = %codec.mime_type, "track published");
+                    p.published.insert(
+                        init.track_id.clone(),
+                        Published {
+                            receiver_id: init.receiver_id,
+                            ssrc: init.ssrc,
+                            kind,
+                            codec,
+                            keyframes: KeyframeRequester::new(Duration::from_millis(500)),
+                        },
+                    );
+                    self.actions.push(Action::TrackOpened(key, init.track_id));
+                }
+                RTCPeerConnectionEvent::OnTrack(RTCTrackEvent::OnClose(track_id))
+                    if p.published.contains_key(&track_id) =>
+                {
+                    p.published.remove(&track_id);
+                    self.actions.push(Action::TrackClosed(key, track_id));
+                }
+                RTCPeerConnectionEvent::OnDataChannel(RTCDataChannelEvent::OnOpen(id))
+                    if p.pc.data_channel(id).is_some_and(|dc| dc.label() == "chat") =>
+                {
+                    p.chat = Some(id);
+                }
+                RTCPeerConnectionEvent::OnDataChannel(RTCDataChannelEvent::OnClose(id))
+                    if p.chat == Some(id) =>
+                {
+                    p.chat = None;
+                }
+                _ => {}
+            }
+        }
+        while let Some(TaggedRTCMessage { now, message }) = p.pc.poll_read() {
+            match message {
+                RTCMessage::RtpPacket(track, packet) => self.actions.push(Action::Forward {
+                    from: key,
+                    track,
+                    packet,
+                    arrived: now,
+                }),
+                RTCMessage::RtcpPacket(track, packets) => {
+                    let wants_keyframe = packets.iter().any(|pkt| {
+                        let any = pkt.as_any();
+                        any.is::<PictureLossIndication>() || any.is::<FullIntraRequest>()
+                    });
+                    if wants_keyframe {
+                        if let Some((publisher, source)) = p.down_by_local.get(&track) {
+                            self.metrics.keyframe_requests_in.inc();
+                            self.actions
+                                .push(Action::KeyframeWanted(*publisher, source.clone()));
+                        }
+                    }
+                }
+                RTCMessage::DataChannelMessage(id, msg) if Some(id) == p.chat && msg.is_string => {
+                    match String::from_utf8(msg.data.to_vec()) {
+                        Ok(text) => self.actions.push(Action::Chat(key, text)),
+                        Err(_) => self.metrics.media_dropped("chat-not-utf8"),
+                    }
+                }
+                _ => {}
+            }
+        }
+    }
+
+    fn apply_actions(&mut self) {
+        while !self.actions.is_empty() {
+            let actions = std::mem::take(&mut self.actions);
+            for action in actions {
+                match action {
+                    Action::Forward {
+                        from,
+                        track,
+                        packet,
+                        arrived,
+                    } => self.forward(from, &track, packet, arrived),
+                    Action::TrackOpened(publisher, track) => self.subscribe_all(publisher, &track),
+                    Action::TrackClosed(publisher, track) => {
+                        self.unsubscribe_all(publisher, &track)
+                    }
+                    Action::KeyframeWanted(publisher, track) => {
+                        self.request_keyframe(publisher, &track)
+                    }
+                    Action::Chat(from, text) => self.relay_chat(from, &text),
+                    Action::Failed(key) => self.remove_peer(key),
+                }
+            }
+        }
+    }
+
+    // -- forwarding ----------------------------------------------------------
+
+    fn forward(
+        &mut self,
+        from: PeerKey,
+        track: &MediaStreamTrackId,
+        packet: rtc::rtp::Packet,
+        arrived: Instant,
+    ) {
+        let Some(publisher) = self.peers.get_mut(&from) else {
+            return;
+        };
+        let Some(published) = publisher.published.get_mut(track) else {
+            self.metrics.media_dropped("unknown-track");
+            return;
+        };
+        if published.kind == RtpCodecKind::Video
+            && crate::media::codec::is_keyframe(&published.codec.mime_type, &packet.payload)
+        {
+            published.keyframes.keyframe_received(arrived);
+        }
+        let room = publisher.room.clone();
+        let Some(media_room) = self.rooms.get(&room) else {
+            return;
+        };
+        if !media_room.sfu {
+            self.metrics.media_dropped("standby");
+            return;
+        }
+        let source = (from, track.clone());
+        let members = media_room.members.clone();
+        let now = Instant::now();
+        for sub in members {
+            if sub == from {
+                continue;
+            }
+            let Some(s) = self.peers.get_mut(&sub) else {
+                continue;
+            };
+            let Some(down) = s.down.get_mut(&source) else {
+                continue;
+            };
+            let Some(pt) = down.pt else {
+                self.metrics.media_dropped("not-negotiated");
+                continue;
+            };
+            let (seq, ts) = match down.rewriter.rewrite(
+                packet.header.ssrc,
+                packet.header.sequence_number,
+                packet.header.timestamp,
+                now,
+            ) {
+                Rewrite::Forward { seq, ts } => (seq, ts),
+                Rewrite::Drop(reason) => {
+                    self.metrics.media_dropped(reason.as_str());
+                    continue;
+                }
+            };
+            let mut out = packet.clone();
+            out.header.ssrc = down.ssrc;
+            out.header.payload_type = pt;
+            out.header.sequence_number = seq;
+            out.header.timestamp = ts;
+            let sender_id = down.sender_id;
+            if let Some(mut sender) = s.pc.rtp_sender(sender_id) {
+                match sender.write_rtp(now, out) {
+                    Ok(()) => self.metrics.media_forwarded.inc(),
+                    Err(_) => self.metrics.media_dropped("write-failed"),
+                }
+            }
+        }
+        self.metrics
+            .forward_latency
+            .observe(arrived.elapsed().as_secs_f64());
+    }
+
+    /// Adds `publisher`'s `track` to every other member of its room.
+    fn subscribe_all(&mut self, publisher: PeerKey, track: &MediaStreamTrackId) {
+        let Some(p) = self.peers.get(&publisher) else {
+            return;
+        };
+        let Some(media_room) = self.rooms.get(&p.room) else {
+            return;
+        };
+        if !media_room.sfu {
+            return; // warm standby: subscriptions start when the room goes sfu
+        }
+        let members = media_room.members.clone();
+        for sub in members {
+            if sub != publisher {
+                self.subscribe(sub, publisher, track);
+            }
+        }
+    }
+
+    fn subscribe(&mut self, sub: PeerKey, publisher: PeerKey, track: &MediaStreamTrackId) {
+        let Some(p) = self.peers.get(&publisher) else {
+            return;
+        };
+        let Some(published) = p.published.get(track) else {
+            return;
+        };
+        let stream_id = p.participant.to_string();
+        let codec = published.codec.clone();
+        let kind = published.kind;
+        let Some(s) = self.peers.get_mut(&sub) else {
+            return;
+        };
+        let source = (publisher, track.clone());
+        if s.down.contains_key(&source) {
+            return;
+        }
+        let ssrc = rand::random::<u32>();
+        let local_id = format!("{stream_id}-{}", random_token(8));
+        let encodings = vec![RTCRtpEncodingParameters {
+            rtp_coding_parameters: RTCRtpCodingParameters {
+                ssrc: Some(ssrc),
+                ..Default::default()
+            },
+            codec: codec.clone(),
+            ..Default::default()
+        }];
+        let local = MediaStreamTrack::new(
+            stream_id,
+            local_id.clone(),
+            local_id.clone(),
+            kind,
+            encodings,
+        );
+        match s.pc.add_track(local) {
+            Ok(sender_id) => {
+                s.down.insert(
+                    source.clone(),
+                    Down {
+                        sender_id,
+                        ssrc,
+                        kind,
+                        mime: codec.mime_type.clone(),
+                        pt: None,
+                        rewriter: SeqRewriter::new(codec.clock_rate),
+                    },
+                );
+                s.down_by_local.insert(local_id, source);
+                s.needs_offer = true;
+                self.maybe_offer(sub);
+            }
+            Err(e) => {
+                tracing::warn!(subscriber = %s.participant, error = %e, "cannot add a forwarded track")
+            }
+        }
+    }
+
+    /// Removes `publisher`'s `track` from everyone who receives it.
+    fn unsubscribe_all(&mut self, publisher: PeerKey, track: &MediaStreamTrackId) {
+        let source = (publisher, track.clone());
+        let keys: Vec<PeerKey> = self.peers.keys().copied().collect();
+        for sub in keys {
+            let Some(s) = self.peers.get_mut(&sub) else {
+                continue;
+            };
+            if let Some(down) = s.down.remove(&source) {
+                s.down_by_local.retain(|_, v| *v != source);
+                let _ = s.pc.remove_track(down.sender_id);
+                s.needs_offer = true;
+                self.maybe_offer(sub);
+            }
+        }
+    }
+
+    /// Subscribes everyone in `room` to everyone else's tracks.
+    fn room_to_sfu(&mut self, room: &RoomName) {
+        let Some(media_room) = self.rooms.get_mut(room) else {
+            return;
+        };
+        if media_room.sfu {
+            return;
+        }
+        media_room.sfu = true;
+        let members = media_room.members.clone();
+        for &publisher in &members {
+            let tracks: Vec<MediaStreamTrackId> = self
+                .peers
+                .get(&publisher)
+                .map(|p| p.published.keys().cloned().collect())
+                .unwrap_or_default();
+            for track in tracks {
+                for &sub in &members {
+                    if sub != publisher {
+                        self.subscribe(sub, publisher, &track);
+                    }
+                }
+            }
+        }
+    }
+
+    fn request_keyframe(&mut self, publisher: PeerKey, track: &MediaStreamTrackId) {
+        let now = Instant::now();
+        let Some(p) = self.peers.get_mut(&publisher) else {
+            return;
+        };
+        let Some(published) = p.published.get_mut(track) else {
+            return;
+        };
+        if published.kind != RtpCodecKind::Video {
+            return;
+        }
+        if published.keyframes.request(now) {
+            send_pli(&mut p.pc, published.receiver_id, published.ssrc, now);
+            self.metrics.plis_sent.inc();
+        }
+    }
+
+    /// Sends the PLIs that throttling deferred.
+    fn poll_keyframes(&mut self, now: Instant) {
+        for p in self.peers.values_mut() {
+            for published in p.published.values_mut() {
+                if published.keyframes.poll(now) {
+                    send_pli(&mut p.pc, published.receiver_id, published.ssrc, now);
+                    self.metrics.plis_sent.inc();
+                }
+            }
+        }
+    }
+
+    fn relay_chat(&mut self, from: PeerKey, text: &str) {
+        let Some(p) = self.peers.get(&from) else {
+            return;
+        };
+        let Some(media_room) = self.rooms.get(&p.room) else {
+            return;
+        };
+        let body = json!({"from": p.participant.as_str(), "data": text}).to_string();
+        let members = media_room.members.clone();
+        let now = Instant::now();
+        for sub in members {
+            if sub == from {
+                continue;
+            }
+            let Some(s) = self.peers.get_mut(&sub) else {
+                continue;
+            };
+            if let Some(id) = s.chat {
+                if let Some(mut dc) = s.pc.data_channel(id) {
+                    let _ = dc.send_text(now, body.clone());
+                }
+            }
+        }
+    }
+
+    fn remove_peer(&mut self, key: PeerKey) {
+        let Some(mut p) = self.peers.remove(&key) else {
+            return;
+        };
+        tracing::info!(participant = %p.participant, room = %p.room, "server connection removed");
+        self.demux.unregister(key);
+        self.by_participant.remove(&p.participant);
+        let _ = p.pc.close();
+        self.metrics.media_connections.dec();
+        if let Some(room) = self.rooms.get_mut(&p.room) {
+            room.members.retain(|k| *k != key);
+            if room.members.is_empty() {
+                self.rooms.remove(&p.room);
+            }
+        }
+        let tracks: Vec<MediaStreamTrackId> = p.published.keys().cloned().collect();
+        for track in tracks {
+            self.unsubscribe_all(key, &track);
+        }
+        let _ = p.ufrag;
+    }
+
+    // -- signaling back to clients -------------------------------------------
+
+    fn send_signal(&self, participant: &ParticipantId, room: &RoomName, data: serde_json::Value) {
+        let msg = ServerMessage::Message(Relayed {
+            room: room.clone(),
+            from: switchboard_proto::SFU_PEER.to_owned(),
+            data,
+        });
+        self.outboxes.send(participant, &msg, &self.metrics);
+    }
+
+    fn send_error(&self, participant: &ParticipantId, code: ErrorCode, message: &str) {
+        let msg = ServerMessage::error(code, message, Some("message"));
+        self.outboxes.send(participant, &msg, &self.metrics);
+    }
+
+    /// Writes every connection's pending datagrams to the socket.
+    fn flush(&mut self, socket: &UdpSocket) {
+        for p in self.peers.values_mut() {
+            while let Some(out) = p.pc.poll_write() {
+                match socket.try_send_to(&out.message, out.transport.peer_addr) {
+                    Ok(n) => self.metrics.media_out(n),
+                    Err(_) => self.metrics.media_dropped("send-failed"),
+                }
+            }
+        }
+    }
+}
+
+fn send_pli(pc: &mut RTCPeerConnection, receiver: RTCRtpReceiverId, ssrc: u32, now: Instant) {
+    if let Some(mut r) = pc.rtp_receiver(receiver) {
+        let _ = r.write_rtcp(
+            now,
+            vec![Box::new(PictureLossIndication {
+                sender_ssrc: 0,
+                media_ssrc: ssrc,
+            })],
+        );
+    }
+}
+
+fn build_connection(
+    ufrag: &str,
+    pwd: &str,
+    announce: SocketAddr,
+) -> Result<RTCPeerConnection, rtc::shared::error::Error> {
+    let mut media_engine = MediaEngine::default();
+    media_engine.register_default_codecs()?;
+    let registry = Registry::new().with(Slot::from(14_000), DeliverKeyframeRequests::default());
+    let registry = register_default_interceptors(registry, &mut media_engine)?;
+    let settings = SettingEngineBuilder::new()
+        .with_lite(true)
+        .with_ice_credentials(ufrag.to_owned(), pwd.to_owned())
+        .with_answering_dtls_role(RTCDtlsRole::Server)
+        .with_ice_timeouts(
+            Some(Duration::from_secs(4)),
+            Some(Duration::from_secs(5)),
+            Some(Duration::from_secs(2)),
+        )
+        .build();
+    let mut pc = RTCPeerConnectionBuilder::new()
+        .with_configuration(RTCConfigurationBuilder::new().build())
+        .with_setting_engine(settings)
+        .with_media_engine(media_engine)
+        .with_interceptor_registry(registry)
+        .build(Instant::now())?;
+    let candidate = CandidateHostConfig {
+        base_config: CandidateConfig {
+            network: "udp".to_owned(),
+            address: announce.ip().to_string(),
+            port: announce.port(),
+            component: 1,
+            ..Default::default()
+        },
+        ..Default::default()
+    }
+    .new_candidate_host()?;
+    pc.add_local_candidate(RTCIceCandidate::from(&candidate).to_json()?)?;
+    Ok(pc)
+}
+
+fn random_token(len: usize) -> String {
+    use rand::distr::{Alphanumeric, SampleString};
+    Alphanumeric.sample_string(&mut rand::rng(), len)
+}
+
+/// Lets subscribers' keyframe requests (PLI, FIR) reach the application;
+/// the rest of RTCP stays with the interceptors that act on it.
+#[derive(Default)]
+struct DeliverKeyframeRequests {
+    read: std::collections::VecDeque<TaggedPacket>,
+    write: std::collections::VecDeque<TaggedPacket>,
+}
+
+impl Protocol<TaggedPacket, TaggedPacket, ()> for DeliverKeyframeRequests {
+    type Rout = TaggedPacket;
+    type Wout = TaggedPacket;
+    type Eout = ();
+    type Error = rtc::shared::error::Error;
+    type Time = Instant;
+
+    fn handle_read(&mut self, mut msg: TaggedPacket) -> Result<(), Self::Error> {
+        if let Packet::Rtcp(packets) = &msg.message.packet {
+            let wanted = packets.iter().any(|p| {
+                let any = p.as_any();
+                any.is::<PictureLossIndication>() || any.is::<FullIntraRequest>()
+            });
+            if wanted {
+                msg.message.add(Attribute::DeliverToApplication);
+            }
+        }
+        self.read.push_back(msg);
+        Ok(())
+    }
+
+    fn poll_read(&mut self) -> Option<TaggedPacket> {
+        self.read.pop_front()
+    }
+
+    fn handle_write(&mut self, msg: TaggedPacket) -> Result<(), Self::Error> {
+        self.write.push_back(msg);
+        Ok(())
+    }
+
+    fn poll_write(&mut self) -> Option<TaggedPacket> {
+        self.write.pop_front()
+    }
+
+    fn handle_timeout(&mut self, _now: Instant) -> Result<(), Self::Error> {
+        Ok(())
+    }
+
+    fn poll_timeout(&mut self) -> Option<Instant> {
+        None
+    }
+}
+
+impl Interceptor for DeliverKeyframeRequests {
+    fn bind_local_stream(&mut self, _info: &StreamInfo) {}
+    fn unbind_local_stream(&mut self, _info: &StreamInfo) {}
+    fn bind_remote_stream(&mut self, _info: &StreamInfo) {}
+    fn unbind_remote_stream(&mut self, _info: &StreamInfo) {}
+}
