@@ -37,7 +37,9 @@ use rtc::rtcp::payload_feedbacks::picture_loss_indication::PictureLossIndication
 use rtc::rtp_transceiver::rtp_sender::{
     RTCRtpCodec, RTCRtpCodingParameters, RTCRtpEncodingParameters, RtpCodecKind,
 };
-use rtc::rtp_transceiver::{RTCRtpReceiverId, RTCRtpSenderId};
+use rtc::rtp_transceiver::{
+    RTCRtpReceiverId, RTCRtpSenderId, RTCRtpTransceiverDirection, RTCRtpTransceiverInit,
+};
 use rtc::sansio::Protocol;
 use rtc::shared::{TaggedBytesMut, TransportContext, TransportProtocol};
 use serde_json::json;
@@ -757,7 +759,21 @@ impl Engine {
             kind,
             encodings,
         );
-        match s.pc.add_track(local) {
+        // A transceiver of its own, sendonly: one server-added m-section per
+        // forwarded track, never one of the client's own m-sections.
+        let init = RTCRtpTransceiverInit {
+            direction: RTCRtpTransceiverDirection::Sendonly,
+            streams: vec![],
+            send_encodings: vec![],
+        };
+        let added =
+            s.pc.add_transceiver_from_track(local, Some(init))
+                .and_then(|tid| {
+                    s.pc.rtp_transceiver(tid)
+                        .and_then(|t| t.sender())
+                        .ok_or(rtc::shared::error::Error::ErrRTPSenderNotExisted)
+                });
+        match added {
             Ok(sender_id) => {
                 s.down.insert(
                     source.clone(),

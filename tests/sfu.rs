@@ -229,3 +229,141 @@ async fn three_peers_receive_each_others_audio_and_video_intact() {
     let m = metrics(&server).await;
     assert!(metric(&m, "switchboard_media_rtp_forwarded_total") > 0.0);
 }
+
+/// Collects until `cond(seen)` holds for every client, or `limit` passes.
+async fn until(
+    clients: &mut [Client],
+    seen: &mut [Seen],
+    limit: Duration,
+    cond: impl Fn(usize, &Seen) -> bool,
+) -> bool {
+    let end = Instant::now() + limit;
+    loop {
+        if seen.iter().enumerate().all(|(i, s)| cond(i, s)) {
+            return true;
+        }
+        if Instant::now() >= end {
+            return false;
+        }
+        collect(clients, seen, Duration::from_millis(20)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_late_joiner_gets_everyone_promptly_and_a_leavers_tracks_end() {
+    let server = media_server().await;
+    let mut names = vec!["alice", "bob", "carol"];
+    let mut clients = Vec::new();
+    for name in &names {
+        clients.push(join(&server, "late", name).await);
+    }
+    for c in clients.iter_mut() {
+        until_connected(c).await;
+    }
+    let mut seen: Vec<Seen> = (0..3).map(|_| Seen::default()).collect();
+    publish(&mut clients, &names, &mut seen, 0).await;
+    let plis_before = metric(&metrics(&server).await, "switchboard_media_plis_sent_total");
+
+    // Dave joins a running call.
+    let joined_at = Instant::now();
+    clients.push(join(&server, "late", "dave").await);
+    names.push("dave");
+    seen.push(Seen::default());
+    until_connected(&mut clients[3]).await;
+    // Everyone keeps publishing; dave must get all three others, audio and video.
+    let mut first_packet: HashMap<String, Duration> = HashMap::new();
+    let end = Instant::now() + WAIT;
+    let mut seq = 5_000;
+    while first_packet.len() < 6 && Instant::now() < end {
+        for (c, name) in clients.iter().zip(&names) {
+            let _ = c.send_rtp(
+                Kind::Audio,
+                payload(Kind::Audio, name, seq),
+                false,
+                seq * 960,
+            );
+            let _ = c.send_rtp(
+                Kind::Video,
+                payload(Kind::Video, name, seq),
+                true,
+                seq * 3000,
+            );
+        }
+        seq += 1;
+        while let Some(ev) = clients[3]
+            .next_event_within(Duration::from_millis(20))
+            .await
+        {
+            if let Event::Rtp { kind, packet, .. } = &ev {
+                if let Some((name, _)) = parse(*kind, &packet.payload) {
+                    first_packet
+                        .entry(format!("{name}/{kind:?}"))
+                        .or_insert_with(|| joined_at.elapsed());
+                }
+            }
+            seen[3].absorb(ev);
+        }
+        for (c, s) in clients[..3].iter_mut().zip(seen.iter_mut()) {
+            while let Some(ev) = c.next_event_within(Duration::from_millis(1)).await {
+                s.absorb(ev);
+            }
+        }
+    }
+    eprintln!("dave's join -> first packet per remote track: {first_packet:?}");
+    assert_eq!(
+        first_packet.len(),
+        6,
+        "dave receives audio and video of alice, bob and carol: {first_packet:?}"
+    );
+    assert_eq!(seen[3].tracks.len(), 6);
+    let plis_after = metric(&metrics(&server).await, "switchboard_media_plis_sent_total");
+    assert!(
+        plis_after > plis_before,
+        "dave's arrival asked the publishers for keyframes"
+    );
+    // The others got dave's tracks too.
+    let dave = clients[3].id.clone();
+    for (i, s) in seen[..3].iter().enumerate() {
+        assert!(
+            s.tracks.contains(&(dave.clone(), Kind::Video)),
+            "{} sees dave's video",
+            names[i]
+        );
+    }
+
+    // Chat: relayed to every other open channel, never back to the sender.
+    clients[0].send_chat("hello everyone").expect("chat");
+    let alice = clients[0].id.clone();
+    let expected = serde_json::json!({"from": alice, "data": "hello everyone"});
+    let got = until(&mut clients, &mut seen, WAIT, |i, s| {
+        i == 0 || !s.chat.is_empty()
+    })
+    .await;
+    assert!(got, "bob, carol and dave get alice's chat");
+    for (i, s) in seen.iter().enumerate().skip(1) {
+        let msg: serde_json::Value = serde_json::from_str(&s.chat[0]).expect("chat is JSON");
+        assert_eq!(msg, expected, "{}", names[i]);
+    }
+    assert!(
+        seen[0].chat.is_empty(),
+        "the sender does not get its own message"
+    );
+
+    // Carol leaves: her two tracks end at alice, bob and dave.
+    clients[2].leave();
+    let removed = until(&mut clients, &mut seen, WAIT, |i, s| {
+        i == 2 || s.removed >= 2
+    })
+    .await;
+    assert!(
+        removed,
+        "carol's tracks end at the others: {:?}",
+        seen.iter().map(|s| s.removed).collect::<Vec<_>>()
+    );
+    let m = metrics(&server).await;
+    assert_eq!(
+        metric(&m, "switchboard_media_connections"),
+        3.0,
+        "carol's server connection is freed"
+    );
+}

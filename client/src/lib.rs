@@ -31,7 +31,7 @@ use rtc::peer_connection::{RTCPeerConnection, RTCPeerConnectionBuilder};
 use rtc::rtp_transceiver::rtp_sender::{
     RTCRtpCodec, RTCRtpCodingParameters, RTCRtpEncodingParameters, RtpCodecKind,
 };
-use rtc::rtp_transceiver::RTCRtpSenderId;
+use rtc::rtp_transceiver::{RTCRtpReceiverId, RTCRtpSenderId, RTCRtpTransceiverDirection};
 use rtc::sansio::Protocol;
 use rtc::shared::{TaggedBytesMut, TransportContext, TransportProtocol};
 use serde_json::json;
@@ -67,6 +67,9 @@ pub struct JoinOptions {
     pub standby: bool,
     /// Address the media socket binds to (and the only candidate offered).
     pub bind_ip: IpAddr,
+    /// Test hook: drop every Nth incoming RTP datagram once connected, to
+    /// make the client's NACKs (and the server's answers) happen.
+    pub drop_incoming_rtp_every: Option<u32>,
 }
 
 impl JoinOptions {
@@ -82,6 +85,7 @@ impl JoinOptions {
             publish_video: true,
             standby: false,
             bind_ip: IpAddr::from([127, 0, 0, 1]),
+            drop_incoming_rtp_every: None,
         }
     }
 }
@@ -145,6 +149,7 @@ enum Cmd {
     },
     Chat(String),
     Raw(ClientMessage),
+    FreezeMedia,
     Leave,
 }
 
@@ -199,10 +204,13 @@ impl Client {
             pc: None,
             senders: HashMap::new(),
             tracks: HashMap::new(),
+            receivers: HashMap::new(),
             chat: None,
             chat_open: false,
             events: ev_tx,
             offer_sent: false,
+            frozen: false,
+            rtp_seen: 0,
         };
         tokio::spawn(task.run(ws, cmd_rx, sfu_now));
         Ok(Client {
@@ -259,6 +267,12 @@ impl Client {
             .map_err(|_| ClientError::Stopped)
     }
 
+    /// Test hook: from now on, send and receive no media datagrams (as if the
+    /// network vanished) while signaling stays up.
+    pub fn freeze_media(&self) {
+        let _ = self.cmd.send(Cmd::FreezeMedia);
+    }
+
     /// Leaves the room and stops.
     pub fn leave(&self) {
         let _ = self.cmd.send(Cmd::Leave);
@@ -280,10 +294,14 @@ struct Task {
     senders: HashMap<Kind, Sender>,
     /// Remote track id → (stream id, kind).
     tracks: HashMap<String, (String, Kind)>,
+    /// Receiver of each remote track.
+    receivers: HashMap<RTCRtpReceiverId, String>,
     chat: Option<usize>,
     chat_open: bool,
     events: mpsc::UnboundedSender<Event>,
     offer_sent: bool,
+    frozen: bool,
+    rtp_seen: u32,
 }
 
 type Ws =
@@ -340,6 +358,7 @@ impl Task {
                         }
                     }
                     Some(Cmd::Raw(msg)) => outgoing.push(msg),
+                    Some(Cmd::FreezeMedia) => self.frozen = true,
                     Some(Cmd::Leave) | None => {
                         let leave = ClientMessage::Leave(switchboard_proto::Leave { room: self.room.clone() });
                         let _ = sink.send(Message::text(leave.to_text())).await;
@@ -348,7 +367,11 @@ impl Task {
                     }
                 },
                 res = self.socket.recv_from(&mut buf) => {
-                    if let (Ok((n, from)), Some(pc), Some(local)) = (res, self.pc.as_mut(), local) {
+                    let keep = match &res {
+                        Ok((n, _)) => self.keep_incoming(&buf[..*n]),
+                        Err(_) => false,
+                    };
+                    if let (true, Ok((n, from)), Some(pc), Some(local)) = (keep, res, self.pc.as_mut(), local) {
                         let _ = pc.handle_read(TaggedBytesMut {
                             now: Instant::now(),
                             transport: TransportContext {
@@ -372,6 +395,23 @@ impl Task {
             let _ = pc.close();
         }
         let _ = self.events.send(Event::Closed);
+    }
+
+    /// Applies the test hooks to one incoming datagram.
+    fn keep_incoming(&mut self, datagram: &[u8]) -> bool {
+        if self.frozen {
+            return false;
+        }
+        // RTP (not RTCP, RFC 5761): first byte 128..=191, second byte's
+        // payload type outside 192..=223.
+        let is_rtp = matches!(datagram, [0x80..=0xbf, b, ..] if !(192..=223).contains(b));
+        match self.opts.drop_incoming_rtp_every {
+            Some(n) if n > 0 && is_rtp => {
+                self.rtp_seen = self.rtp_seen.wrapping_add(1);
+                self.rtp_seen % n != 0
+            }
+            _ => true,
+        }
     }
 
     fn on_signal(&mut self, msg: ServerMessage, outgoing: &mut Vec<ClientMessage>) {
@@ -398,6 +438,7 @@ impl Task {
                             if let Ok(answer) = r {
                                 outgoing
                                     .push(self.to_sfu(json!({"type":"answer","sdp": answer.sdp})));
+                                self.detect_ended_tracks();
                                 let _ = self.events.send(Event::Negotiated);
                             }
                         }
@@ -528,6 +569,35 @@ impl Task {
         Ok(offer.sdp)
     }
 
+    /// A forwarded track ends when the server marks its m-section inactive:
+    /// rtc 0.21 raises no track event for that, so after each exchange every
+    /// transceiver that no longer receives ends its track here.
+    fn detect_ended_tracks(&mut self) {
+        let Some(pc) = self.pc.as_mut() else { return };
+        let transceivers: Vec<_> = pc.get_transceivers().collect();
+        for id in transceivers {
+            let Some((direction, receiver)) = pc
+                .rtp_transceiver(id)
+                .map(|t| (t.current_direction(), t.receiver()))
+            else {
+                continue;
+            };
+            let receiving = matches!(
+                direction,
+                RTCRtpTransceiverDirection::Sendrecv | RTCRtpTransceiverDirection::Recvonly
+            );
+            let Some(receiver) = receiver.filter(|_| !receiving) else {
+                continue;
+            };
+            let Some(track_id) = self.receivers.remove(&receiver) else {
+                continue;
+            };
+            if self.tracks.remove(&track_id).is_some() {
+                let _ = self.events.send(Event::TrackRemoved { track_id });
+            }
+        }
+    }
+
     fn learn_payload_types(&mut self) {
         let Some(pc) = self.pc.as_mut() else { return };
         for sender in self.senders.values_mut() {
@@ -580,6 +650,8 @@ impl Task {
                     let stream_id = init.stream_ids.first().cloned().unwrap_or_default();
                     self.tracks
                         .insert(init.track_id.clone(), (stream_id.clone(), kind));
+                    self.receivers
+                        .insert(init.receiver_id, init.track_id.clone());
                     let _ = self.events.send(Event::TrackAdded {
                         track_id: init.track_id,
                         stream_id,
