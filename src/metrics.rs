@@ -82,6 +82,8 @@ pub struct Metrics {
     pub keyframe_requests_in: IntCounter,
     /// PLIs sent to publishers.
     pub plis_sent: IntCounter,
+    /// Server connections removed because their peer went silent.
+    pub media_timeouts: IntCounter,
     /// From a packet's arrival at the socket to its last copy handed to a
     /// subscriber's connection.
     pub forward_latency: Histogram,
@@ -204,6 +206,10 @@ impl Metrics {
             plis_sent: counter(
                 "switchboard_media_plis_sent_total",
                 "PLIs sent to publishers (after throttling)",
+            ),
+            media_timeouts: counter(
+                "switchboard_media_connection_timeouts_total",
+                "Server connections removed because the peer sent nothing for 8 s",
             ),
             forward_latency: {
                 let buckets = vec![

@@ -56,8 +56,12 @@ use crate::sfu::{Command, MediaConfig, MediaPlane, COMMAND_QUEUE};
 
 /// Largest datagram we read.
 const MAX_DATAGRAM: usize = 1500;
-/// How long an idle loop sleeps when no connection has a deadline.
+/// The longest the loop sleeps: also the period of the liveness sweep.
 const IDLE: Duration = Duration::from_secs(1);
+/// A connection that sends nothing at all (not even an ICE consent check,
+/// which browsers send every ~5 s) for this long is gone. As ICE-lite the
+/// server sends no checks of its own, so this is how it notices.
+const PEER_SILENCE: Duration = Duration::from_secs(8);
 
 /// Starts the media thread; returns the hub's handle on it.
 pub fn start(
@@ -143,6 +147,8 @@ struct Peer {
     down_by_local: HashMap<MediaStreamTrackId, (PeerKey, MediaStreamTrackId)>,
     chat: Option<usize>,
     state: RTCPeerConnectionState,
+    /// When the last datagram from this connection arrived (or its creation).
+    last_rx: Instant,
 }
 
 /// Something a connection's output asks the engine to do to others.
@@ -198,6 +204,7 @@ impl Engine {
                 .filter_map(|p| p.pc.poll_timeout())
                 .min()
                 .unwrap_or(now + IDLE)
+                .min(now + IDLE)
                 .max(now);
             tokio::select! {
                 biased;
@@ -222,6 +229,7 @@ impl Engine {
                     }
                     self.apply_actions();
                     self.poll_keyframes(now);
+                    self.sweep_silent(now);
                 }
             }
         }
@@ -251,6 +259,7 @@ impl Engine {
         };
         self.metrics.media_in(data.len());
         let now = Instant::now();
+        peer.last_rx = now;
         let msg = TaggedBytesMut {
             now,
             transport: TransportContext {
@@ -376,6 +385,7 @@ impl Engine {
                 down_by_local: HashMap::new(),
                 chat: None,
                 state: RTCPeerConnectionState::New,
+                last_rx: Instant::now(),
             },
         );
         self.metrics.media_connections.inc();
@@ -865,6 +875,23 @@ impl Engine {
                     self.metrics.plis_sent.inc();
                 }
             }
+        }
+    }
+
+    /// Removes connections that have been silent for [`PEER_SILENCE`].
+    fn sweep_silent(&mut self, now: Instant) {
+        let silent: Vec<PeerKey> = self
+            .peers
+            .iter()
+            .filter(|(_, p)| now.saturating_duration_since(p.last_rx) >= PEER_SILENCE)
+            .map(|(k, _)| *k)
+            .collect();
+        for key in silent {
+            if let Some(p) = self.peers.get(&key) {
+                tracing::info!(participant = %p.participant, room = %p.room, "server connection silent; removing it");
+            }
+            self.metrics.media_timeouts.inc();
+            self.remove_peer(key);
         }
     }
 

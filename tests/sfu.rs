@@ -367,3 +367,239 @@ async fn a_late_joiner_gets_everyone_promptly_and_a_leavers_tracks_end() {
         "carol's server connection is freed"
     );
 }
+
+/// Joins `names` to `room` with `opts` tweaks and waits until all are connected.
+async fn join_all(
+    server: &RunningServer,
+    room: &str,
+    names: &[&str],
+    tweak: impl Fn(&mut JoinOptions, usize),
+) -> Vec<Client> {
+    let mut clients = Vec::new();
+    for (i, name) in names.iter().enumerate() {
+        let mut opts = JoinOptions::sfu(&server.ws_url(), room, name);
+        tweak(&mut opts, i);
+        clients.push(Client::join(opts).await.expect("joins"));
+    }
+    for c in clients.iter_mut() {
+        until_connected(c).await;
+    }
+    clients
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_subscribers_nacks_are_answered_with_the_original_payload() {
+    let server = media_server().await;
+    let names = ["alice", "bob"];
+    // Bob's network loses every 10th RTP datagram the server sends him.
+    let mut clients = join_all(&server, "nack", &names, |o, i| {
+        if i == 1 {
+            o.drop_incoming_rtp_every = Some(10);
+        }
+    })
+    .await;
+    let mut warmup: Vec<Seen> = (0..2).map(|_| Seen::default()).collect();
+    publish(&mut clients, &names, &mut warmup, 0).await;
+    let mut seen: Vec<Seen> = (0..2).map(|_| Seen::default()).collect();
+    publish(&mut clients, &names, &mut seen, 20_000).await;
+    collect(&mut clients, &mut seen, Duration::from_secs(1)).await;
+    let video = seen[1]
+        .packets
+        .get(&("alice".to_owned(), Kind::Video))
+        .map_or(0, HashSet::len);
+    let audio = seen[1]
+        .packets
+        .get(&("alice".to_owned(), Kind::Audio))
+        .map_or(0, HashSet::len);
+    eprintln!("bob, losing 10% of datagrams, got video {video}/{VIDEO_PACKETS}, audio {audio}/{AUDIO_PACKETS}");
+    assert_eq!(
+        seen[1].corrupt, 0,
+        "retransmissions carry the original payload"
+    );
+    // Video negotiates NACK: the ~10 % lost is retransmitted by the server.
+    assert!(
+        video as f64 >= 0.99 * f64::from(VIDEO_PACKETS),
+        "bob recovered his lost video packets through NACK: {video}/{VIDEO_PACKETS}"
+    );
+    // Audio (Opus, no NACK in SDP) shows the loss was real.
+    assert!(
+        audio < AUDIO_PACKETS as usize,
+        "the loss was real: audio {audio}/{AUDIO_PACKETS}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_warm_standby_connection_carries_no_media_until_the_room_is_sfu() {
+    let server = media_server().await;
+    let names = ["alice", "bob"];
+    // An auto room: p2p for two; both open their server connection anyway.
+    let mut clients = join_all(&server, "standby", &names, |o, _| {
+        o.mode = None;
+        o.standby = true;
+    })
+    .await;
+    assert_eq!(clients[0].joined.mode, switchboard_proto::MediaMode::P2p);
+    let mut seen: Vec<Seen> = (0..2).map(|_| Seen::default()).collect();
+    publish(&mut clients, &names, &mut seen, 0).await;
+    let m = metrics(&server).await;
+    assert_eq!(
+        metric(&m, "switchboard_media_rtp_forwarded_total"),
+        0.0,
+        "nothing forwarded in p2p"
+    );
+    assert!(metric(&m, "switchboard_media_dropped_total{reason=\"standby\"}") > 0.0);
+    assert!(seen
+        .iter()
+        .all(|s| s.packets.is_empty() && s.tracks.is_empty()));
+
+    // P2P fails: the room goes sfu and the standby connections start carrying media.
+    let bob = clients[1].id.clone();
+    clients[0]
+        .send_signal(switchboard_proto::ClientMessage::P2pFailed(
+            switchboard_proto::P2pFailed {
+                room: switchboard_proto::RoomName::parse("standby").expect("room"),
+                peer: bob,
+            },
+        ))
+        .expect("send");
+    let switched_at = Instant::now();
+    let mut seq = 1_000;
+    let end = Instant::now() + WAIT;
+    let mut first: Option<Duration> = None;
+    while Instant::now() < end && seen.iter().any(|s| s.packets.len() < 2) {
+        for (c, name) in clients.iter().zip(&names) {
+            let _ = c.send_rtp(
+                Kind::Audio,
+                payload(Kind::Audio, name, seq),
+                false,
+                seq * 960,
+            );
+            let _ = c.send_rtp(
+                Kind::Video,
+                payload(Kind::Video, name, seq),
+                true,
+                seq * 3000,
+            );
+        }
+        seq += 1;
+        collect(&mut clients, &mut seen, Duration::from_millis(20)).await;
+        if first.is_none() && seen.iter().any(|s| !s.packets.is_empty()) {
+            first = Some(switched_at.elapsed());
+        }
+    }
+    eprintln!("p2p-failed -> first server-relayed packet with a warm standby: {first:?}");
+    for (i, s) in seen.iter().enumerate() {
+        assert_eq!(
+            s.packets.len(),
+            2,
+            "{} gets the other's audio and video after the switch",
+            names[i]
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn garbage_on_the_media_port_is_dropped_counted_and_harms_nobody() {
+    let server = media_server().await;
+    let media = server.media_addr().expect("media plane runs");
+    let names = ["alice", "bob"];
+    let mut clients = join_all(&server, "garbage", &names, |_, _| {}).await;
+    let mut warmup: Vec<Seen> = (0..2).map(|_| Seen::default()).collect();
+    publish(&mut clients, &names, &mut warmup, 0).await;
+
+    let attacker = tokio::net::UdpSocket::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let mut stun_unknown = vec![0x00, 0x01, 0x00, 0x0c, 0x21, 0x12, 0xa4, 0x42];
+    stun_unknown.extend_from_slice(&[7u8; 12]); // transaction id
+    stun_unknown.extend_from_slice(&[0x00, 0x06, 0x00, 0x07]); // USERNAME, 7 bytes
+    stun_unknown.extend_from_slice(b"nobody:\0"); // padded to 8
+    let mut rtp_from_stranger = vec![0x80, 96, 0, 1, 0, 0, 0, 1, 0xde, 0xad, 0xbe, 0xef];
+    rtp_from_stranger.extend_from_slice(&[0u8; 100]);
+    let garbage: Vec<Vec<u8>> = vec![
+        vec![],                                   // empty
+        vec![0xff; 40],                           // not STUN, DTLS or RTP
+        vec![0x80, 0x60, 0x00],                   // truncated RTP
+        vec![0x16, 0xfe],                         // truncated DTLS
+        vec![0x80; 4000],                         // oversized
+        vec![0x00, 0x01, 0x00, 0xff, 0x21, 0x12], // truncated STUN
+        stun_unknown,
+        rtp_from_stranger,
+    ];
+    // Bounded: 8 kinds x 50, interleaved with real media.
+    let mut seen: Vec<Seen> = (0..2).map(|_| Seen::default()).collect();
+    for round in 0..50u32 {
+        for g in &garbage {
+            let _ = attacker.send_to(g, media).await;
+        }
+        for (c, name) in clients.iter().zip(&names) {
+            let seq = 30_000 + round;
+            c.send_rtp(
+                Kind::Audio,
+                payload(Kind::Audio, name, seq),
+                false,
+                seq * 960,
+            )
+            .expect("send");
+        }
+        collect(&mut clients, &mut seen, Duration::from_millis(20)).await;
+    }
+    collect(&mut clients, &mut seen, Duration::from_millis(500)).await;
+    for (i, s) in seen.iter().enumerate() {
+        let other = names[1 - i];
+        let got = s
+            .packets
+            .get(&(other.to_owned(), Kind::Audio))
+            .map_or(0, HashSet::len);
+        assert!(
+            got >= 49,
+            "{} still gets {other}'s audio: {got}/50",
+            names[i]
+        );
+        assert_eq!(s.corrupt, 0);
+    }
+    let m = metrics(&server).await;
+    let dropped: f64 = m
+        .lines()
+        .filter(|l| l.starts_with("switchboard_media_dropped_total{"))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum();
+    assert!(
+        dropped >= 50.0 * 7.0,
+        "garbage is counted as dropped: {dropped}\n{m}"
+    );
+    for reason in ["unknown-ufrag", "unknown-address", "oversize"] {
+        assert!(
+            m.lines()
+                .any(|l| l.contains(&format!("reason=\"{reason}\"")) && !l.ends_with(" 0")),
+            "no drops counted as {reason}:\n{m}"
+        );
+    }
+    assert_eq!(metric(&m, "switchboard_media_connections"), 2.0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_vanished_peer_is_removed_and_its_tracks_end_at_the_others() {
+    let server = media_server().await;
+    let names = ["alice", "bob", "carol"];
+    let mut clients = join_all(&server, "vanish", &names, |_, _| {}).await;
+    let mut seen: Vec<Seen> = (0..3).map(|_| Seen::default()).collect();
+    publish(&mut clients, &names, &mut seen, 0).await;
+    assert!(seen[0].tracks.len() == 4 && seen[1].tracks.len() == 4);
+    // Carol's network disappears; her signaling stays up.
+    clients[2].freeze_media();
+    let frozen_at = Instant::now();
+    let removed = until(&mut clients, &mut seen, Duration::from_secs(20), |i, s| {
+        i == 2 || s.removed >= 2
+    })
+    .await;
+    let took = frozen_at.elapsed();
+    eprintln!("vanished peer detected and its tracks removed after {took:?}");
+    assert!(removed, "alice and bob see carol's tracks end");
+    let m = metrics(&server).await;
+    assert_eq!(
+        metric(&m, "switchboard_media_connections"),
+        2.0,
+        "carol's connection is freed"
+    );
+}

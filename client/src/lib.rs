@@ -325,6 +325,9 @@ impl Task {
             }
             if let Some(pc) = self.pc.as_mut() {
                 while let Some(out) = pc.poll_write() {
+                    if self.frozen {
+                        continue;
+                    }
                     let _ = self
                         .socket
                         .try_send_to(&out.message, out.transport.peer_addr);
