@@ -214,6 +214,7 @@ impl Hub {
         };
         match room.join(id.clone(), req.name, &ctx) {
             Ok(effects) => {
+                self.metrics.room_resized(room.len() - 1, room.len());
                 self.outboxes.map.insert(id.clone(), outbox.clone());
                 self.metrics.participants.inc();
                 self.deliver(&room, effects);
@@ -238,6 +239,7 @@ impl Hub {
                 return;
             }
             let effects = room.leave(id, how == Departure::Left);
+            self.metrics.room_resized(room.len() + 1, room.len());
             if how != Departure::ServerClosing {
                 self.deliver_with_leaver(&room, effects, id);
             }

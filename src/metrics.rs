@@ -5,8 +5,8 @@
 //! an array instead of hashing label strings.
 
 use prometheus::{
-    Encoder, Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, Opts, Registry,
-    TextEncoder,
+    Encoder, Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts,
+    Registry, TextEncoder,
 };
 use switchboard_proto::{ErrorCode, ModeReason, CLIENT_TYPES, SERVER_TYPES};
 
@@ -49,6 +49,25 @@ impl Disconnect {
     }
 }
 
+/// Labels of `switchboard_rooms_by_participants` and their upper bounds.
+const ROOM_SIZE_BUCKETS: [(&str, usize); 8] = [
+    ("1", 1),
+    ("2", 2),
+    ("3-4", 4),
+    ("5-10", 10),
+    ("11-25", 25),
+    ("26-50", 50),
+    ("51-100", 100),
+    ("101+", usize::MAX),
+];
+
+fn room_size_bucket(n: usize) -> Option<usize> {
+    if n == 0 {
+        return None;
+    }
+    ROOM_SIZE_BUCKETS.iter().position(|(_, max)| n <= *max)
+}
+
 /// Why a join was not admitted.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Refusal {
@@ -84,6 +103,12 @@ pub struct Metrics {
     pub plis_sent: IntCounter,
     /// Server connections removed because their peer went silent.
     pub media_timeouts: IntCounter,
+    /// Packets subscribers asked to be sent again (generic NACK).
+    pub nacks_received: IntCounter,
+    /// Packets the server asked publishers to send again.
+    pub nacks_sent: IntCounter,
+    connection_states: IntGaugeVec,
+    rooms_by_size: Vec<IntGauge>,
     /// From a packet's arrival at the socket to its last copy handed to a
     /// subscriber's connection.
     pub forward_latency: Histogram,
@@ -207,6 +232,44 @@ impl Metrics {
                 "switchboard_media_plis_sent_total",
                 "PLIs sent to publishers (after throttling)",
             ),
+            nacks_received: counter(
+                "switchboard_media_nacked_packets_received_total",
+                "Packets that subscribers' generic NACKs asked for (answered from the send buffer, RTX where negotiated)",
+            ),
+            nacks_sent: counter(
+                "switchboard_media_nacked_packets_sent_total",
+                "Packets the server's NACKs asked publishers to send again",
+            ),
+            connection_states: {
+                let v = IntGaugeVec::new(
+                    Opts::new(
+                        "switchboard_media_connections_by_state",
+                        "Server-side PeerConnections by connection state",
+                    ),
+                    &["state"],
+                )
+                .unwrap_or_else(|e| unreachable!("{e}"));
+                register(&registry, v.clone());
+                for s in ["new", "connecting", "connected", "disconnected", "failed", "closed"] {
+                    v.with_label_values(&[s]).set(0);
+                }
+                v
+            },
+            rooms_by_size: {
+                let v = IntGaugeVec::new(
+                    Opts::new(
+                        "switchboard_rooms_by_participants",
+                        "Rooms by how many participants they hold now",
+                    ),
+                    &["participants"],
+                )
+                .unwrap_or_else(|e| unreachable!("{e}"));
+                register(&registry, v.clone());
+                ROOM_SIZE_BUCKETS
+                    .iter()
+                    .map(|(label, _)| v.with_label_values(&[*label]))
+                    .collect()
+            },
             media_timeouts: counter(
                 "switchboard_media_connection_timeouts_total",
                 "Server connections removed because the peer sent nothing for 8 s",
@@ -283,6 +346,28 @@ impl Metrics {
     /// fixed string: the label set stays small).
     pub fn media_dropped(&self, reason: &'static str) {
         self.media_dropped.with_label_values(&[reason]).inc();
+    }
+
+    /// A server connection moved from one state to another (`None`: it did
+    /// not exist before / does not exist any more).
+    pub fn move_connection_state(&self, from: Option<&str>, to: Option<&str>) {
+        if let Some(from) = from {
+            self.connection_states.with_label_values(&[from]).dec();
+        }
+        if let Some(to) = to {
+            self.connection_states.with_label_values(&[to]).inc();
+        }
+    }
+
+    /// A room went from `from` to `to` participants (0 = it did not exist /
+    /// was freed).
+    pub fn room_resized(&self, from: usize, to: usize) {
+        if let Some(g) = room_size_bucket(from).and_then(|i| self.rooms_by_size.get(i)) {
+            g.dec();
+        }
+        if let Some(g) = room_size_bucket(to).and_then(|i| self.rooms_by_size.get(i)) {
+            g.inc();
+        }
     }
 
     /// The Prometheus text exposition of every metric.

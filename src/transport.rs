@@ -34,6 +34,7 @@ use rtc::peer_connection::RTCPeerConnection;
 use rtc::peer_connection::RTCPeerConnectionBuilder;
 use rtc::rtcp::payload_feedbacks::full_intra_request::FullIntraRequest;
 use rtc::rtcp::payload_feedbacks::picture_loss_indication::PictureLossIndication;
+use rtc::rtcp::transport_feedbacks::transport_layer_nack::TransportLayerNack;
 use rtc::rtp_transceiver::rtp_sender::{
     RTCRtpCodec, RTCRtpCodingParameters, RTCRtpEncodingParameters, RtpCodecKind,
 };
@@ -118,6 +119,10 @@ struct Published {
     kind: RtpCodecKind,
     codec: RTCRtpCodec,
     keyframes: KeyframeRequester,
+    /// Ids of the header extensions that name the publisher's own m-section
+    /// (mid, rid, repaired rid): removed before forwarding, or the subscriber
+    /// would route the packet to its own m-section of that mid.
+    strip_extensions: Vec<u8>,
 }
 
 /// A track forwarded to a participant.
@@ -128,6 +133,9 @@ struct Down {
     mime: String,
     /// Payload type the subscriber negotiated; `None` until its answer.
     pt: Option<u8>,
+    /// Whether a server offer carrying this track has gone out; only the
+    /// answer to such an offer negotiates it.
+    offered: bool,
     rewriter: SeqRewriter,
 }
 
@@ -176,6 +184,8 @@ struct Engine {
     metrics: Arc<Metrics>,
     next_key: u64,
     actions: Vec<Action>,
+    /// Connections whose forwarded tracks changed since the last offer round.
+    offers_due: Vec<PeerKey>,
 }
 
 impl Engine {
@@ -190,6 +200,7 @@ impl Engine {
             metrics,
             next_key: 1,
             actions: Vec::new(),
+            offers_due: Vec::new(),
         }
     }
 
@@ -210,7 +221,10 @@ impl Engine {
                 biased;
                 cmd = commands.recv() => match cmd {
                     Some(Command::Shutdown) | None => break,
-                    Some(cmd) => self.on_command(cmd),
+                    Some(cmd) => {
+                        self.on_command(cmd);
+                        self.apply_actions();
+                    }
                 },
                 res = socket.recv_from(&mut buf) => match res {
                     Ok((n, from)) => self.on_datagram(&buf[..n], from),
@@ -358,7 +372,7 @@ impl Engine {
     ) -> Result<PeerKey, rtc::shared::error::Error> {
         let ufrag = random_token(16);
         let pwd = random_token(32);
-        let pc = build_connection(&ufrag, &pwd, self.announce)?;
+        let pc = build_connection(&ufrag, &pwd, self.announce, &self.metrics)?;
         let key = PeerKey(self.next_key);
         self.next_key += 1;
         self.demux.register(&ufrag, key);
@@ -389,6 +403,8 @@ impl Engine {
             },
         );
         self.metrics.media_connections.inc();
+        self.metrics
+            .move_connection_state(None, Some(state_label(RTCPeerConnectionState::New)));
         Ok(key)
     }
 
@@ -467,7 +483,7 @@ impl Engine {
         // downtracks need a keyframe.
         let mut want_keyframes = Vec::new();
         for (source, down) in p.down.iter_mut() {
-            if down.pt.is_some() {
+            if down.pt.is_some() || !down.offered {
                 continue;
             }
             if let Some(mut sender) = p.pc.rtp_sender(down.sender_id) {
@@ -507,6 +523,9 @@ impl Engine {
             Ok(offer) => {
                 p.needs_offer = false;
                 p.offer_in_flight = true;
+                for down in p.down.values_mut() {
+                    down.offered = true;
+                }
                 let (participant, room) = (p.participant.clone(), p.room.clone());
                 self.send_signal(
                     &participant,
@@ -531,6 +550,10 @@ impl Engine {
             match event {
                 RTCPeerConnectionEvent::OnConnectionStateChangeEvent(state) => {
                     tracing::info!(participant = %p.participant, %state, "server connection");
+                    self.metrics.move_connection_state(
+                        Some(state_label(p.state)),
+                        Some(state_label(state)),
+                    );
                     p.state = state;
                     if matches!(
                         state,
@@ -544,13 +567,25 @@ impl Engine {
                         continue;
                     };
                     let kind = receiver.track().kind();
-                    let codec = receiver
-                        .get_parameters()
-                        .rtp_parameters
+                    let params = &receiver.get_parameters().rtp_parameters;
+                    let codec = params
                         .codecs
                         .first()
                         .map(|c| c.rtp_codec.clone())
                         .unwrap_or_default();
+                    let strip_extensions = params
+                        .header_extensions
+                        .iter()
+                        .filter(|e| {
+                            [
+                                rtc::sdp::extmap::SDES_MID_URI,
+                                rtc::sdp::extmap::SDES_RTP_STREAM_ID_URI,
+                                rtc::sdp::extmap::SDES_REPAIR_RTP_STREAM_ID_URI,
+                            ]
+                            .contains(&e.uri.as_str())
+                        })
+                        .filter_map(|e| u8::try_from(e.id).ok())
+                        .collect();
                     tracing::info!(participant = %p.participant, track = %init.track_id, ?kind, mime = %codec.mime_type, "track published");
                     p.published.insert(
                         init.track_id.clone(),
@@ -560,6 +595,7 @@ impl Engine {
                             kind,
                             codec,
                             keyframes: KeyframeRequester::new(Duration::from_millis(500)),
+                            strip_extensions,
                         },
                     );
                     self.actions.push(Action::TrackOpened(key, init.track_id));
@@ -638,6 +674,12 @@ impl Engine {
                 }
             }
         }
+        // One offer per connection for everything that changed in this round,
+        // not one per track.
+        let due = std::mem::take(&mut self.offers_due);
+        for key in due {
+            self.maybe_offer(key);
+        }
     }
 
     // -- forwarding ----------------------------------------------------------
@@ -646,7 +688,7 @@ impl Engine {
         &mut self,
         from: PeerKey,
         track: &MediaStreamTrackId,
-        packet: rtc::rtp::Packet,
+        mut packet: rtc::rtp::Packet,
         arrived: Instant,
     ) {
         let Some(publisher) = self.peers.get_mut(&from) else {
@@ -656,6 +698,9 @@ impl Engine {
             self.metrics.media_dropped("unknown-track");
             return;
         };
+        for id in &published.strip_extensions {
+            let _ = packet.header.del_extension(*id);
+        }
         if published.kind == RtpCodecKind::Video
             && crate::media::codec::is_keyframe(&published.codec.mime_type, &packet.payload)
         {
@@ -793,12 +838,13 @@ impl Engine {
                         kind,
                         mime: codec.mime_type.clone(),
                         pt: None,
+                        offered: false,
                         rewriter: SeqRewriter::new(codec.clock_rate),
                     },
                 );
                 s.down_by_local.insert(local_id, source);
                 s.needs_offer = true;
-                self.maybe_offer(sub);
+                self.offers_due.push(sub);
             }
             Err(e) => {
                 tracing::warn!(subscriber = %s.participant, error = %e, "cannot add a forwarded track")
@@ -818,7 +864,7 @@ impl Engine {
                 s.down_by_local.retain(|_, v| *v != source);
                 let _ = s.pc.remove_track(down.sender_id);
                 s.needs_offer = true;
-                self.maybe_offer(sub);
+                self.offers_due.push(sub);
             }
         }
     }
@@ -929,6 +975,8 @@ impl Engine {
         self.by_participant.remove(&p.participant);
         let _ = p.pc.close();
         self.metrics.media_connections.dec();
+        self.metrics
+            .move_connection_state(Some(state_label(p.state)), None);
         if let Some(room) = self.rooms.get_mut(&p.room) {
             room.members.retain(|k| *k != key);
             if room.members.is_empty() {
@@ -971,6 +1019,19 @@ impl Engine {
     }
 }
 
+/// The metric label of a connection state.
+fn state_label(state: RTCPeerConnectionState) -> &'static str {
+    match state {
+        RTCPeerConnectionState::New => "new",
+        RTCPeerConnectionState::Connecting => "connecting",
+        RTCPeerConnectionState::Connected => "connected",
+        RTCPeerConnectionState::Disconnected => "disconnected",
+        RTCPeerConnectionState::Failed => "failed",
+        RTCPeerConnectionState::Closed => "closed",
+        _ => "unspecified",
+    }
+}
+
 fn send_pli(pc: &mut RTCPeerConnection, receiver: RTCRtpReceiverId, ssrc: u32, now: Instant) {
     if let Some(mut r) = pc.rtp_receiver(receiver) {
         let _ = r.write_rtcp(
@@ -987,10 +1048,11 @@ fn build_connection(
     ufrag: &str,
     pwd: &str,
     announce: SocketAddr,
+    metrics: &Metrics,
 ) -> Result<RTCPeerConnection, rtc::shared::error::Error> {
     let mut media_engine = MediaEngine::default();
     media_engine.register_default_codecs()?;
-    let registry = Registry::new().with(Slot::from(14_000), DeliverKeyframeRequests::default());
+    let registry = Registry::new().with(Slot::from(14_000), DeliverKeyframeRequests::new(metrics));
     let registry = register_default_interceptors(registry, &mut media_engine)?;
     let settings = SettingEngineBuilder::new()
         .with_lite(true)
@@ -1029,11 +1091,34 @@ fn random_token(len: usize) -> String {
 }
 
 /// Lets subscribers' keyframe requests (PLI, FIR) reach the application;
-/// the rest of RTCP stays with the interceptors that act on it.
-#[derive(Default)]
+/// the rest of RTCP stays with the interceptors that act on it. Also counts
+/// the NACKs that pass by in either direction.
 struct DeliverKeyframeRequests {
     read: std::collections::VecDeque<TaggedPacket>,
     write: std::collections::VecDeque<TaggedPacket>,
+    nacks_in: prometheus::IntCounter,
+    nacks_out: prometheus::IntCounter,
+}
+
+impl DeliverKeyframeRequests {
+    fn new(metrics: &Metrics) -> Self {
+        DeliverKeyframeRequests {
+            read: Default::default(),
+            write: Default::default(),
+            nacks_in: metrics.nacks_received.clone(),
+            nacks_out: metrics.nacks_sent.clone(),
+        }
+    }
+}
+
+/// Sequence numbers requested by the generic NACKs among `packets`.
+fn nacked_packets(packets: &[Box<dyn rtc::rtcp::Packet>]) -> u64 {
+    packets
+        .iter()
+        .filter_map(|p| p.as_any().downcast_ref::<TransportLayerNack>())
+        .flat_map(|n| n.nacks.iter())
+        .map(|pair| 1 + u64::from(pair.lost_packets.count_ones()))
+        .sum()
 }
 
 impl Protocol<TaggedPacket, TaggedPacket, ()> for DeliverKeyframeRequests {
@@ -1045,6 +1130,7 @@ impl Protocol<TaggedPacket, TaggedPacket, ()> for DeliverKeyframeRequests {
 
     fn handle_read(&mut self, mut msg: TaggedPacket) -> Result<(), Self::Error> {
         if let Packet::Rtcp(packets) = &msg.message.packet {
+            self.nacks_in.inc_by(nacked_packets(packets));
             let wanted = packets.iter().any(|p| {
                 let any = p.as_any();
                 any.is::<PictureLossIndication>() || any.is::<FullIntraRequest>()
@@ -1062,6 +1148,9 @@ impl Protocol<TaggedPacket, TaggedPacket, ()> for DeliverKeyframeRequests {
     }
 
     fn handle_write(&mut self, msg: TaggedPacket) -> Result<(), Self::Error> {
+        if let Packet::Rtcp(packets) = &msg.message.packet {
+            self.nacks_out.inc_by(nacked_packets(packets));
+        }
         self.write.push_back(msg);
         Ok(())
     }

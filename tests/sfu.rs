@@ -227,6 +227,8 @@ async fn three_peers_receive_each_others_audio_and_video_intact() {
     }
     let _ = ids;
     let m = metrics(&server).await;
+    assert_eq!(metric(&m, "switchboard_media_connections_by_state{state=\"connected\"}"), 3.0);
+    assert_eq!(metric(&m, "switchboard_rooms_by_participants{participants=\"3-4\"}"), 1.0);
     assert!(metric(&m, "switchboard_media_rtp_forwarded_total") > 0.0);
 }
 
@@ -421,6 +423,9 @@ async fn a_subscribers_nacks_are_answered_with_the_original_payload() {
         video as f64 >= 0.99 * f64::from(VIDEO_PACKETS),
         "bob recovered his lost video packets through NACK: {video}/{VIDEO_PACKETS}"
     );
+    let m = metrics(&server).await;
+    let nacked = metric(&m, "switchboard_media_nacked_packets_received_total");
+    assert!(nacked >= 10.0, "bob's NACKs reached the server: {nacked}");
     // Audio (Opus, no NACK in SDP) shows the loss was real.
     assert!(
         audio < AUDIO_PACKETS as usize,
