@@ -143,6 +143,11 @@ pub struct ServeOptions {
     #[arg(long, env = "SWITCHBOARD_RTC_PORT", value_name = "PORT")]
     pub rtc_port: Option<u16>,
 
+    /// Also accept ICE over TCP (passive) on the --rtc-port number, for
+    /// networks that block UDP [default: true]
+    #[arg(long, env = "SWITCHBOARD_ICE_TCP", num_args = 0..=1, default_missing_value = "true", value_name = "BOOL")]
+    pub ice_tcp: Option<bool>,
+
     /// Address announced in ICE candidates when the server is behind 1:1 NAT
     /// [default: the --rtc-ip address]
     #[arg(long, env = "SWITCHBOARD_PUBLIC_IP", value_name = "IP")]
@@ -193,6 +198,7 @@ impl ServeOptions {
             rtc_ip: self.rtc_ip.or(other.rtc_ip),
             rtc_port: self.rtc_port.or(other.rtc_port),
             public_ip: self.public_ip.or(other.public_ip),
+            ice_tcp: self.ice_tcp.or(other.ice_tcp),
             log_format: self.log_format.or(other.log_format),
             log: self.log.or(other.log),
         }
@@ -362,6 +368,7 @@ impl Config {
                     o.rtc_port.unwrap_or(7882),
                 ),
                 public_ip: o.public_ip,
+                ice_tcp: o.ice_tcp.unwrap_or(true),
             }),
             log: LogConfig {
                 json: o.log_format.as_deref() == Some("json"),

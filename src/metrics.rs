@@ -103,6 +103,8 @@ pub struct Metrics {
     pub plis_sent: IntCounter,
     /// Server connections removed because their peer went silent.
     pub media_timeouts: IntCounter,
+    /// Framed packets received over ICE-TCP.
+    pub media_tcp_in: IntCounter,
     /// Packets subscribers asked to be sent again (generic NACK).
     pub nacks_received: IntCounter,
     /// Packets the server asked publishers to send again.
@@ -231,6 +233,10 @@ impl Metrics {
             plis_sent: counter(
                 "switchboard_media_plis_sent_total",
                 "PLIs sent to publishers (after throttling)",
+            ),
+            media_tcp_in: counter(
+                "switchboard_media_tcp_packets_received_total",
+                "Framed packets received over ICE-TCP (also counted as datagrams received)",
             ),
             nacks_received: counter(
                 "switchboard_media_nacked_packets_received_total",

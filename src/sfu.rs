@@ -18,6 +18,8 @@ pub struct MediaConfig {
     pub bind: SocketAddr,
     /// Address put in ICE candidates (`--public-ip`, default the bind IP).
     pub public_ip: Option<IpAddr>,
+    /// Also accept ICE over TCP (passive) on the same port number.
+    pub ice_tcp: bool,
 }
 
 /// A request from the signaling side.

@@ -42,6 +42,7 @@ use rtc::rtp_transceiver::{
     RTCRtpReceiverId, RTCRtpSenderId, RTCRtpTransceiverDirection, RTCRtpTransceiverInit,
 };
 use rtc::sansio::Protocol;
+use rtc::shared::tcp_framing::frame_packet;
 use rtc::shared::{TaggedBytesMut, TransportContext, TransportProtocol};
 use serde_json::json;
 use switchboard_proto::{ErrorCode, ParticipantId, Relayed, RoomName, ServerMessage, SignalData};
@@ -74,6 +75,19 @@ pub fn start(
     socket.set_nonblocking(true)?;
     let local = socket.local_addr()?;
     let announce = SocketAddr::new(config.public_ip.unwrap_or(local.ip()), local.port());
+    // ICE-TCP (passive) on the same port number, for networks that block UDP.
+    let tcp = if config.ice_tcp {
+        match std::net::TcpListener::bind(local).and_then(|l| l.set_nonblocking(true).map(|()| l)) {
+            Ok(l) => Some(l),
+            Err(e) => {
+                tracing::warn!(%local, error = %e, "ICE-TCP disabled: cannot listen on the media port over TCP");
+                None
+            }
+        }
+    } else {
+        None
+    };
+    let tcp_announce = tcp.as_ref().map(|_| announce);
     let (tx, rx) = mpsc::channel(COMMAND_QUEUE);
     std::thread::Builder::new()
         .name("sfu-media".into())
@@ -89,18 +103,113 @@ pub fn start(
                 }
             };
             runtime.block_on(async move {
+                let tcp_events = match tcp.map(tokio::net::TcpListener::from_std) {
+                    Some(Ok(listener)) => {
+                        let (ev_tx, ev_rx) = mpsc::channel(TCP_EVENT_QUEUE);
+                        tokio::spawn(accept_tcp(listener, ev_tx));
+                        Some(ev_rx)
+                    }
+                    Some(Err(e)) => {
+                        tracing::warn!(error = %e, "ICE-TCP disabled");
+                        None
+                    }
+                    None => None,
+                };
                 match UdpSocket::from_std(socket) {
                     Ok(socket) => {
-                        Engine::new(announce, outboxes, metrics)
-                            .run(socket, rx)
+                        Engine::new(announce, tcp_announce, outboxes, metrics)
+                            .run(socket, rx, tcp_events)
                             .await
                     }
                     Err(e) => tracing::error!(error = %e, "media socket failed"),
                 }
             });
         })?;
-    tracing::info!(%local, %announce, "media listening (UDP)");
+    tracing::info!(%local, %announce, ice_tcp = tcp_announce.is_some(), "media listening");
     Ok(MediaPlane::new(tx, local))
+}
+
+/// What the ICE-TCP side tells the engine.
+enum TcpEvent {
+    Opened {
+        from: SocketAddr,
+        writer: mpsc::Sender<Vec<u8>>,
+    },
+    Packet {
+        from: SocketAddr,
+        data: Vec<u8>,
+    },
+    Closed {
+        from: SocketAddr,
+    },
+}
+
+const TCP_EVENT_QUEUE: usize = 4096;
+/// Framed packets waiting to be written to one TCP connection.
+const TCP_WRITE_QUEUE: usize = 512;
+/// ICE-TCP connections open at once; more are refused.
+const MAX_TCP_CONNECTIONS: usize = 4096;
+/// A TCP connection that sends nothing for this long is closed (ICE
+/// keepalives and consent checks come every few seconds).
+const TCP_IDLE: Duration = Duration::from_secs(30);
+
+/// Accepts ICE-TCP connections; each gets a reader (RFC 4571 framing) and a
+/// writer task. The engine routes their packets like datagrams.
+async fn accept_tcp(listener: tokio::net::TcpListener, events: mpsc::Sender<TcpEvent>) {
+    let open = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    loop {
+        let (stream, from) = match listener.accept().await {
+            Ok(conn) => conn,
+            Err(e) => {
+                tracing::debug!(error = %e, "ICE-TCP accept");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                continue;
+            }
+        };
+        if open.load(std::sync::atomic::Ordering::Relaxed) >= MAX_TCP_CONNECTIONS {
+            continue; // dropping `stream` refuses it
+        }
+        open.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let _ = stream.set_nodelay(true);
+        let (mut reader, mut writer) = stream.into_split();
+        let (wtx, mut wrx) = mpsc::channel::<Vec<u8>>(TCP_WRITE_QUEUE);
+        if events
+            .send(TcpEvent::Opened { from, writer: wtx })
+            .await
+            .is_err()
+        {
+            return;
+        }
+        tokio::spawn(async move {
+            use tokio::io::AsyncWriteExt;
+            while let Some(frame) = wrx.recv().await {
+                if writer.write_all(&frame).await.is_err() {
+                    break;
+                }
+            }
+        });
+        let events = events.clone();
+        let open = open.clone();
+        tokio::spawn(async move {
+            use tokio::io::AsyncReadExt;
+            let mut decoder = rtc::shared::tcp_framing::TcpFrameDecoder::new();
+            let mut buf = vec![0u8; 4096];
+            'conn: loop {
+                let n = match tokio::time::timeout(TCP_IDLE, reader.read(&mut buf)).await {
+                    Ok(Ok(n)) if n > 0 => n,
+                    _ => break,
+                };
+                decoder.extend_from_slice(&buf[..n]);
+                while let Some(data) = decoder.next_packet() {
+                    if events.send(TcpEvent::Packet { from, data }).await.is_err() {
+                        break 'conn;
+                    }
+                }
+            }
+            open.fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+            let _ = events.send(TcpEvent::Closed { from }).await;
+        });
+    }
 }
 
 /// Index of a connection in the engine.
@@ -176,6 +285,10 @@ enum Action {
 
 struct Engine {
     announce: SocketAddr,
+    /// Where ICE-TCP listens, if it does.
+    tcp_announce: Option<SocketAddr>,
+    /// Write side of each ICE-TCP connection, by remote address.
+    tcp_writers: HashMap<SocketAddr, mpsc::Sender<Vec<u8>>>,
     peers: HashMap<PeerKey, Peer>,
     by_participant: HashMap<ParticipantId, PeerKey>,
     rooms: HashMap<RoomName, MediaRoom>,
@@ -189,9 +302,16 @@ struct Engine {
 }
 
 impl Engine {
-    fn new(announce: SocketAddr, outboxes: Arc<Outboxes>, metrics: Arc<Metrics>) -> Engine {
+    fn new(
+        announce: SocketAddr,
+        tcp_announce: Option<SocketAddr>,
+        outboxes: Arc<Outboxes>,
+        metrics: Arc<Metrics>,
+    ) -> Engine {
         Engine {
             announce,
+            tcp_announce,
+            tcp_writers: HashMap::new(),
             peers: HashMap::new(),
             by_participant: HashMap::new(),
             rooms: HashMap::new(),
@@ -204,7 +324,12 @@ impl Engine {
         }
     }
 
-    async fn run(mut self, socket: UdpSocket, mut commands: mpsc::Receiver<Command>) {
+    async fn run(
+        mut self,
+        socket: UdpSocket,
+        mut commands: mpsc::Receiver<Command>,
+        mut tcp: Option<mpsc::Receiver<TcpEvent>>,
+    ) {
         let mut buf = vec![0u8; MAX_DATAGRAM + 1];
         loop {
             self.flush(&socket);
@@ -227,9 +352,10 @@ impl Engine {
                     }
                 },
                 res = socket.recv_from(&mut buf) => match res {
-                    Ok((n, from)) => self.on_datagram(&buf[..n], from),
+                    Ok((n, from)) => self.on_packet(&buf[..n], from, TransportProtocol::UDP),
                     Err(e) => tracing::debug!(error = %e, "media socket read"),
                 },
+                Some(event) = next_tcp(&mut tcp) => self.on_tcp(event),
                 () = tokio::time::sleep_until(deadline.into()) => {
                     let now = Instant::now();
                     let keys: Vec<PeerKey> = self.peers.keys().copied().collect();
@@ -255,7 +381,23 @@ impl Engine {
 
     // -- input ------------------------------------------------------------
 
-    fn on_datagram(&mut self, data: &[u8], from: SocketAddr) {
+    fn on_tcp(&mut self, event: TcpEvent) {
+        match event {
+            TcpEvent::Opened { from, writer } => {
+                self.tcp_writers.insert(from, writer);
+            }
+            TcpEvent::Packet { from, data } => {
+                self.metrics.media_tcp_in.inc();
+                self.on_packet(&data, from, TransportProtocol::TCP)
+            }
+            TcpEvent::Closed { from } => {
+                self.tcp_writers.remove(&from);
+            }
+        }
+    }
+
+    /// One datagram (UDP) or framed packet (ICE-TCP) from `from`.
+    fn on_packet(&mut self, data: &[u8], from: SocketAddr, protocol: TransportProtocol) {
         if data.len() > MAX_DATAGRAM {
             self.metrics.media_dropped("oversize");
             return;
@@ -280,7 +422,7 @@ impl Engine {
                 local_addr: self.announce,
                 peer_addr: from,
                 ecn: None,
-                transport_protocol: TransportProtocol::UDP,
+                transport_protocol: protocol,
             },
             message: BytesMut::from(data),
         };
@@ -372,7 +514,13 @@ impl Engine {
     ) -> Result<PeerKey, rtc::shared::error::Error> {
         let ufrag = random_token(16);
         let pwd = random_token(32);
-        let pc = build_connection(&ufrag, &pwd, self.announce, &self.metrics)?;
+        let pc = build_connection(
+            &ufrag,
+            &pwd,
+            self.announce,
+            self.tcp_announce,
+            &self.metrics,
+        )?;
         let key = PeerKey(self.next_key);
         self.next_key += 1;
         self.demux.register(&ufrag, key);
@@ -1010,6 +1158,18 @@ impl Engine {
     fn flush(&mut self, socket: &UdpSocket) {
         for p in self.peers.values_mut() {
             while let Some(out) = p.pc.poll_write() {
+                if out.transport.transport_protocol == TransportProtocol::TCP {
+                    let sent = self
+                        .tcp_writers
+                        .get(&out.transport.peer_addr)
+                        .is_some_and(|w| w.try_send(frame_packet(&out.message)).is_ok());
+                    if sent {
+                        self.metrics.media_out(out.message.len());
+                    } else {
+                        self.metrics.media_dropped("tcp-send-failed");
+                    }
+                    continue;
+                }
                 match socket.try_send_to(&out.message, out.transport.peer_addr) {
                     Ok(n) => self.metrics.media_out(n),
                     Err(_) => self.metrics.media_dropped("send-failed"),
@@ -1044,10 +1204,19 @@ fn send_pli(pc: &mut RTCPeerConnection, receiver: RTCRtpReceiverId, ssrc: u32, n
     }
 }
 
+/// The next ICE-TCP event, or never when ICE-TCP is off.
+async fn next_tcp(tcp: &mut Option<mpsc::Receiver<TcpEvent>>) -> Option<TcpEvent> {
+    match tcp {
+        Some(rx) => rx.recv().await,
+        None => std::future::pending().await,
+    }
+}
+
 fn build_connection(
     ufrag: &str,
     pwd: &str,
     announce: SocketAddr,
+    tcp_announce: Option<SocketAddr>,
     metrics: &Metrics,
 ) -> Result<RTCPeerConnection, rtc::shared::error::Error> {
     let mut media_engine = MediaEngine::default();
@@ -1082,6 +1251,20 @@ fn build_connection(
     }
     .new_candidate_host()?;
     pc.add_local_candidate(RTCIceCandidate::from(&candidate).to_json()?)?;
+    if let Some(tcp) = tcp_announce {
+        let candidate = CandidateHostConfig {
+            base_config: CandidateConfig {
+                network: "tcp".to_owned(),
+                address: tcp.ip().to_string(),
+                port: tcp.port(),
+                component: 1,
+                ..Default::default()
+            },
+            tcp_type: rtc::ice::tcp_type::TcpType::Passive,
+        }
+        .new_candidate_host()?;
+        pc.add_local_candidate(RTCIceCandidate::from(&candidate).to_json()?)?;
+    }
     Ok(pc)
 }
 

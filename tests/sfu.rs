@@ -227,8 +227,20 @@ async fn three_peers_receive_each_others_audio_and_video_intact() {
     }
     let _ = ids;
     let m = metrics(&server).await;
-    assert_eq!(metric(&m, "switchboard_media_connections_by_state{state=\"connected\"}"), 3.0);
-    assert_eq!(metric(&m, "switchboard_rooms_by_participants{participants=\"3-4\"}"), 1.0);
+    assert_eq!(
+        metric(
+            &m,
+            "switchboard_media_connections_by_state{state=\"connected\"}"
+        ),
+        3.0
+    );
+    assert_eq!(
+        metric(
+            &m,
+            "switchboard_rooms_by_participants{participants=\"3-4\"}"
+        ),
+        1.0
+    );
     assert!(metric(&m, "switchboard_media_rtp_forwarded_total") > 0.0);
 }
 
@@ -606,5 +618,51 @@ async fn a_vanished_peer_is_removed_and_its_tracks_end_at_the_others() {
         metric(&m, "switchboard_media_connections"),
         2.0,
         "carol's connection is freed"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ice_tcp_carries_media_for_a_client_that_cannot_use_udp() {
+    let server = media_server().await;
+    let names = ["alice", "bob"];
+    // Alice offers only an active TCP candidate (no UDP at all), so her
+    // connection can only work over the server's passive ICE-TCP candidate
+    // on the media port number.
+    let mut clients = join_all(&server, "tcp", &names, |o, i| o.ice_tcp = i == 0).await;
+    let mut warmup: Vec<Seen> = (0..2).map(|_| Seen::default()).collect();
+    publish(&mut clients, &names, &mut warmup, 0).await;
+    let mut seen: Vec<Seen> = (0..2).map(|_| Seen::default()).collect();
+    publish(&mut clients, &names, &mut seen, 40_000).await;
+    for (i, s) in seen.iter().enumerate() {
+        let other = names[1 - i];
+        let audio = s
+            .packets
+            .get(&(other.to_owned(), Kind::Audio))
+            .map_or(0, HashSet::len);
+        let video = s
+            .packets
+            .get(&(other.to_owned(), Kind::Video))
+            .map_or(0, HashSet::len);
+        eprintln!(
+            "{} <- {other} (alice on ICE-TCP): audio {audio}, video {video}",
+            names[i]
+        );
+        assert!(
+            audio as f64 >= 0.99 * f64::from(AUDIO_PACKETS),
+            "{}: audio {audio}",
+            names[i]
+        );
+        assert!(
+            video as f64 >= 0.99 * f64::from(VIDEO_PACKETS),
+            "{}: video {video}",
+            names[i]
+        );
+        assert_eq!(s.corrupt, 0);
+    }
+    let m = metrics(&server).await;
+    let tcp = metric(&m, "switchboard_media_tcp_packets_received_total");
+    assert!(
+        tcp >= f64::from(AUDIO_PACKETS + VIDEO_PACKETS),
+        "alice's media came over TCP: {tcp}"
     );
 }

@@ -70,6 +70,9 @@ pub struct JoinOptions {
     /// Test hook: drop every Nth incoming RTP datagram once connected, to
     /// make the client's NACKs (and the server's answers) happen.
     pub drop_incoming_rtp_every: Option<u32>,
+    /// Use ICE over TCP only (an active candidate connecting to the
+    /// server's passive one), as a client behind a UDP-blocking firewall would.
+    pub ice_tcp: bool,
 }
 
 impl JoinOptions {
@@ -86,6 +89,7 @@ impl JoinOptions {
             standby: false,
             bind_ip: IpAddr::from([127, 0, 0, 1]),
             drop_incoming_rtp_every: None,
+            ice_tcp: false,
         }
     }
 }
@@ -211,6 +215,7 @@ impl Client {
             offer_sent: false,
             frozen: false,
             rtp_seen: 0,
+            tcp: None,
         };
         tokio::spawn(task.run(ws, cmd_rx, sfu_now));
         Ok(Client {
@@ -302,6 +307,29 @@ struct Task {
     offer_sent: bool,
     frozen: bool,
     rtp_seen: u32,
+    /// The ICE-TCP connection, when `opts.ice_tcp`.
+    tcp: Option<TcpLink>,
+}
+
+struct TcpLink {
+    reader: tokio::net::tcp::OwnedReadHalf,
+    writer: tokio::net::tcp::OwnedWriteHalf,
+    local: SocketAddr,
+    remote: SocketAddr,
+    decoder: rtc::shared::tcp_framing::TcpFrameDecoder,
+}
+
+/// Reads from the ICE-TCP link; `None` when it closed. Never resolves
+/// without a link.
+async fn read_tcp(link: &mut Option<TcpLink>, buf: &mut [u8]) -> Option<usize> {
+    use tokio::io::AsyncReadExt;
+    match link {
+        Some(l) => match l.reader.read(buf).await {
+            Ok(n) if n > 0 => Some(n),
+            _ => None,
+        },
+        None => std::future::pending().await,
+    }
 }
 
 type Ws =
@@ -315,6 +343,7 @@ impl Task {
             self.connect_sfu(&mut outgoing);
         }
         let mut buf = vec![0u8; 2048];
+        let mut tcp_buf = vec![0u8; 4096];
         let local = self.socket.local_addr().ok();
         loop {
             for msg in outgoing.drain(..) {
@@ -328,10 +357,21 @@ impl Task {
                     if self.frozen {
                         continue;
                     }
+                    if out.transport.transport_protocol == TransportProtocol::TCP {
+                        if let Some(link) = self.tcp.as_mut() {
+                            use tokio::io::AsyncWriteExt;
+                            let frame = rtc::shared::tcp_framing::frame_packet(&out.message);
+                            let _ = link.writer.write_all(&frame).await;
+                        }
+                        continue;
+                    }
                     let _ = self
                         .socket
                         .try_send_to(&out.message, out.transport.peer_addr);
                 }
+            }
+            if self.opts.ice_tcp && self.tcp.is_none() {
+                self.connect_tcp().await;
             }
             self.drain_pc();
             let now = Instant::now();
@@ -387,6 +427,7 @@ impl Task {
                         });
                     }
                 }
+                n = read_tcp(&mut self.tcp, &mut tcp_buf) => self.on_tcp_read(n, &tcp_buf),
                 () = tokio::time::sleep_until(deadline.into()) => {
                     if let Some(pc) = self.pc.as_mut() {
                         let _ = pc.handle_timeout(Instant::now());
@@ -398,6 +439,79 @@ impl Task {
             let _ = pc.close();
         }
         let _ = self.events.send(Event::Closed);
+    }
+
+    /// Connects to the server's passive TCP candidate from its answer.
+    async fn connect_tcp(&mut self) {
+        let Some(sdp) = self
+            .pc
+            .as_ref()
+            .and_then(|pc| pc.remote_description())
+            .map(|d| d.sdp.clone())
+        else {
+            return;
+        };
+        // a=candidate:<foundation> 1 tcp <prio> <ip> <port> typ host tcptype passive
+        let target = sdp.lines().find_map(|l| {
+            let f: Vec<&str> = l.strip_prefix("a=candidate:")?.split_whitespace().collect();
+            let passive = f.get(2)?.eq_ignore_ascii_case("tcp")
+                && f.windows(2).any(|w| w[0] == "tcptype" && w[1] == "passive");
+            if !passive {
+                return None;
+            }
+            format!("{}:{}", f.get(4)?, f.get(5)?)
+                .parse::<SocketAddr>()
+                .ok()
+        });
+        let Some(target) = target else { return };
+        match tokio::net::TcpStream::connect(target).await {
+            Ok(stream) => {
+                let _ = stream.set_nodelay(true);
+                let local = stream.local_addr().unwrap_or(target);
+                let (reader, writer) = stream.into_split();
+                self.tcp = Some(TcpLink {
+                    reader,
+                    writer,
+                    local,
+                    remote: target,
+                    decoder: rtc::shared::tcp_framing::TcpFrameDecoder::new(),
+                });
+            }
+            Err(e) => tracing::warn!(error = %e, %target, "ICE-TCP connect failed"),
+        }
+    }
+
+    fn on_tcp_read(&mut self, n: Option<usize>, buf: &[u8]) {
+        let Some(link) = self.tcp.as_mut() else {
+            return;
+        };
+        let Some(n) = n else {
+            self.tcp = None;
+            return;
+        };
+        link.decoder.extend_from_slice(&buf[..n]);
+        let (local, remote) = (link.local, link.remote);
+        let mut packets = Vec::new();
+        while let Some(p) = link.decoder.next_packet() {
+            packets.push(p);
+        }
+        for p in packets {
+            if !self.keep_incoming(&p) {
+                continue;
+            }
+            if let Some(pc) = self.pc.as_mut() {
+                let _ = pc.handle_read(TaggedBytesMut {
+                    now: Instant::now(),
+                    transport: TransportContext {
+                        local_addr: local,
+                        peer_addr: remote,
+                        ecn: None,
+                        transport_protocol: TransportProtocol::TCP,
+                    },
+                    message: BytesMut::from(&p[..]),
+                });
+            }
+        }
     }
 
     /// Applies the test hooks to one incoming datagram.
@@ -484,13 +598,20 @@ impl Task {
     }
 
     fn build_and_offer(&mut self) -> Result<String, ClientError> {
+        let settings = if self.opts.ice_tcp {
+            SettingEngineBuilder::new()
+                .with_network_types(vec![rtc::ice::network_type::NetworkType::Tcp4])
+                .build()
+        } else {
+            SettingEngineBuilder::new().build()
+        };
         let mut media_engine = MediaEngine::default();
         media_engine.register_default_codecs()?;
         let registry =
             register_default_interceptors(rtc::interceptor::Registry::new(), &mut media_engine)?;
         let mut pc = RTCPeerConnectionBuilder::new()
             .with_configuration(RTCConfigurationBuilder::new().build())
-            .with_setting_engine(SettingEngineBuilder::new().build())
+            .with_setting_engine(settings)
             .with_media_engine(media_engine)
             .with_interceptor_registry(registry)
             .build(Instant::now())?;
@@ -506,7 +627,23 @@ impl Task {
             ..Default::default()
         }
         .new_candidate_host()?;
-        pc.add_local_candidate(RTCIceCandidate::from(&candidate).to_json()?)?;
+        if self.opts.ice_tcp {
+            // An active candidate does not listen: port 9 by convention.
+            let active = CandidateHostConfig {
+                base_config: CandidateConfig {
+                    network: "tcp".to_owned(),
+                    address: local.ip().to_string(),
+                    port: 9,
+                    component: 1,
+                    ..Default::default()
+                },
+                tcp_type: rtc::ice::tcp_type::TcpType::Active,
+            }
+            .new_candidate_host()?;
+            pc.add_local_candidate(RTCIceCandidate::from(&active).to_json()?)?;
+        } else {
+            pc.add_local_candidate(RTCIceCandidate::from(&candidate).to_json()?)?;
+        }
         let stream_id = format!("{}-stream", self.opts.name);
         let publish = [
             (
