@@ -36,7 +36,8 @@ use rtc::rtcp::payload_feedbacks::full_intra_request::FullIntraRequest;
 use rtc::rtcp::payload_feedbacks::picture_loss_indication::PictureLossIndication;
 use rtc::rtcp::transport_feedbacks::transport_layer_nack::TransportLayerNack;
 use rtc::rtp_transceiver::rtp_sender::{
-    RTCRtpCodec, RTCRtpCodingParameters, RTCRtpEncodingParameters, RtpCodecKind,
+    RTCRtpCodec, RTCRtpCodingParameters, RTCRtpEncodingParameters, RTCRtpRtxParameters,
+    RtpCodecKind,
 };
 use rtc::rtp_transceiver::{
     RTCRtpReceiverId, RTCRtpSenderId, RTCRtpTransceiverDirection, RTCRtpTransceiverInit,
@@ -229,8 +230,10 @@ struct Published {
     codec: RTCRtpCodec,
     keyframes: KeyframeRequester,
     /// Ids of the header extensions that name the publisher's own m-section
-    /// (mid, rid, repaired rid): removed before forwarding, or the subscriber
-    /// would route the packet to its own m-section of that mid.
+    /// (mid, rid, repaired rid, transport-cc, abs-send-time): removed before
+    /// forwarding. A subscriber would route a packet by the publisher's mid
+    /// to its own m-section of that mid, and the congestion-control fields
+    /// belong to the publisher's hop.
     strip_extensions: Vec<u8>,
 }
 
@@ -299,6 +302,8 @@ struct Engine {
     actions: Vec<Action>,
     /// Connections whose forwarded tracks changed since the last offer round.
     offers_due: Vec<PeerKey>,
+    /// Reused by `forward` for the subscriber list.
+    scratch: Vec<PeerKey>,
 }
 
 impl Engine {
@@ -321,6 +326,7 @@ impl Engine {
             next_key: 1,
             actions: Vec::new(),
             offers_due: Vec::new(),
+            scratch: Vec::new(),
         }
     }
 
@@ -729,6 +735,10 @@ impl Engine {
                                 rtc::sdp::extmap::SDES_MID_URI,
                                 rtc::sdp::extmap::SDES_RTP_STREAM_ID_URI,
                                 rtc::sdp::extmap::SDES_REPAIR_RTP_STREAM_ID_URI,
+                                // These two describe the publisher-to-server
+                                // hop; to a subscriber they are noise.
+                                rtc::sdp::extmap::TRANSPORT_CC_URI,
+                                rtc::sdp::extmap::ABS_SEND_TIME_URI,
                             ]
                             .contains(&e.uri.as_str())
                         })
@@ -854,18 +864,21 @@ impl Engine {
         {
             published.keyframes.keyframe_received(arrived);
         }
-        let room = publisher.room.clone();
-        let Some(media_room) = self.rooms.get(&room) else {
+        let Some(media_room) = self.rooms.get(&publisher.room) else {
             return;
         };
         if !media_room.sfu {
             self.metrics.media_dropped("standby");
             return;
         }
+        // The subscribers, copied into a buffer reused from packet to packet
+        // (no allocation once it has grown to the largest room).
+        let mut members = std::mem::take(&mut self.scratch);
+        members.clear();
+        members.extend_from_slice(&media_room.members);
         let source = (from, track.clone());
-        let members = media_room.members.clone();
         let now = Instant::now();
-        for sub in members {
+        for &sub in &members {
             if sub == from {
                 continue;
             }
@@ -904,6 +917,7 @@ impl Engine {
                 }
             }
         }
+        self.scratch = members;
         self.metrics
             .forward_latency
             .observe(arrived.elapsed().as_secs_f64());
@@ -950,6 +964,11 @@ impl Engine {
         let encodings = vec![RTCRtpEncodingParameters {
             rtp_coding_parameters: RTCRtpCodingParameters {
                 ssrc: Some(ssrc),
+                // Retransmissions go on an RTX stream where the subscriber
+                // negotiated one (RFC 4588); audio is not retransmitted.
+                rtx: (kind == RtpCodecKind::Video).then(|| RTCRtpRtxParameters {
+                    ssrc: rand::random::<u32>(),
+                }),
                 ..Default::default()
             },
             codec: codec.clone(),

@@ -1,24 +1,32 @@
-//! Real-browser end-to-end test: two headless Chromium pages join one room
-//! through the server's own web client and must decode each other's video over
-//! a direct (P2P) WebRTC connection.
+//! Real-browser end-to-end tests: headless Chromium pages join rooms through
+//! the server's own web client and must decode each other's video — two pages
+//! over a direct (P2P) WebRTC connection, and three pages through the server's
+//! SFU (one connection each to the server, which forwards every track), with
+//! the SFU chat channel.
 //!
 //! Everything runs inside a fresh network namespace that has only `lo`, so every
-//! ICE candidate is 127.0.0.1 and nothing leaves the machine. Needs root (for
-//! `ip netns`), Node.js 20+, and Debian's Chromium (`apt-get install -y chromium`;
-//! `.ci/run` installs it). The browser driver is `tests/browser/p2p_call.mjs`.
+//! ICE candidate is 127.0.0.1 and nothing leaves the machine (the server's
+//! media port, 127.0.0.1:7882 by default, is private to the namespace too).
+//! Needs root (for `ip netns`), Node.js 20+, and Debian's Chromium
+//! (`apt-get install -y chromium`; `.ci/run` installs it). The browser drivers
+//! are `tests/browser/p2p_call.mjs` and `tests/browser/sfu_call.mjs`.
 
 use std::ffi::OsStr;
 use std::fs::{self, File};
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::Mutex;
 use std::thread::sleep;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 const CHROMIUM: &str = "/usr/bin/chromium";
 const LISTEN: &str = "127.0.0.1:18080";
-const NODE_TIMEOUT: Duration = Duration::from_secs(90);
 const NPM_TIMEOUT: Duration = Duration::from_secs(300);
+
+/// One browser run at a time: they share two cores with everything else, and
+/// a starved Chromium makes timing flaky.
+static BROWSER_RUNS: Mutex<()> = Mutex::new(());
 
 /// Owns the namespace and every process started in it. Dropping it (also on
 /// panic) kills the processes and deletes the namespace.
@@ -192,13 +200,18 @@ fn ensure_playwright(browser_dir: &Path, logs: &Path) {
     }
 }
 
-#[test]
-fn two_chromium_pages_make_a_p2p_call() {
+/// Starts the server (defaults, HTTP on [`LISTEN`]) in a fresh namespace, runs
+/// `node tests/browser/<script> <base url>` there, and returns the script's
+/// `{"ok":true,...}` line. Panics with the script's and the server's output
+/// when the script fails, times out (`limit`), or the server dies.
+fn run_browser_script(script: &str, limit: Duration) -> String {
+    let _one_at_a_time = BROWSER_RUNS.lock().unwrap_or_else(|e| e.into_inner());
     let root = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
     let browser_dir = root.join("tests/browser");
     let server = PathBuf::from(env!("CARGO_BIN_EXE_switchboard"));
     let suffix = unique_suffix();
-    let logs = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join(format!("browser-{suffix}"));
+    let stem = script.trim_end_matches(".mjs");
+    let logs = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join(format!("browser-{stem}-{suffix}"));
     fs::create_dir_all(&logs).unwrap_or_else(|e| panic!("create {}: {e}", logs.display()));
 
     assert!(
@@ -218,10 +231,10 @@ fn two_chromium_pages_make_a_p2p_call() {
         &[("NO_COLOR", OsStr::new("1"))], // plain logs in the failure report
         &server_log,
     );
-    let script = browser_dir.join("p2p_call.mjs");
-    let script = script.to_str().expect("utf-8 path");
+    let script_path = browser_dir.join(script);
+    let script_path = script_path.to_str().expect("utf-8 path");
     let base = format!("http://{LISTEN}");
-    // Screenshots of both pages (mid-call, or at the failure) land next to the logs
+    // Screenshots of the pages (mid-call, or at the failure) land next to the logs
     // unless the caller chose a place.
     let shots = std::env::var_os("SB_SCREENSHOT_DIR").map_or_else(|| logs.clone(), PathBuf::from);
     let node_tmp = logs.join("tmp");
@@ -229,7 +242,7 @@ fn two_chromium_pages_make_a_p2p_call() {
     let node = sandbox.spawn(
         "node",
         Path::new("node"),
-        &[script, &base],
+        &[script_path, &base],
         &[
             ("SB_SCREENSHOT_DIR", shots.as_os_str()),
             // Browser profile and Playwright scratch files stay inside our log dir,
@@ -239,7 +252,7 @@ fn two_chromium_pages_make_a_p2p_call() {
         &node_log,
     );
 
-    let deadline = Instant::now() + NODE_TIMEOUT;
+    let deadline = Instant::now() + limit;
     let node_status = loop {
         if let Some(status) = sandbox.try_wait(node) {
             break Ok(status);
@@ -251,7 +264,7 @@ fn two_chromium_pages_make_a_p2p_call() {
         if Instant::now() > deadline {
             sandbox.kill(node);
             break Err(format!(
-                "node did not finish within {NODE_TIMEOUT:?} and was killed"
+                "node did not finish within {limit:?} and was killed"
             ));
         }
         sleep(Duration::from_millis(100));
@@ -261,7 +274,7 @@ fn two_chromium_pages_make_a_p2p_call() {
 
     let stdout = read(&node_log.with_extension("stdout"));
     let report = format!(
-        "--- node p2p_call.mjs stdout ---\n{stdout}\n--- node stderr ---\n{}\n\
+        "--- node {script} stdout ---\n{stdout}\n--- node stderr ---\n{}\n\
          --- switchboard stderr ---\n{}\n--- switchboard stdout ---\n{}\n(logs in {}, screenshots in {})",
         read(&node_log.with_extension("stderr")),
         read(&server_log.with_extension("stderr")),
@@ -280,12 +293,30 @@ fn two_chromium_pages_make_a_p2p_call() {
                 !line.is_empty(),
                 "node exited 0 without a success line\n{report}"
             );
-            println!("{line}");
             if std::env::var_os("SB_SCREENSHOT_DIR").is_none() {
                 let _ = fs::remove_dir_all(&logs); // keep the logs of failed runs only
             }
+            line.to_owned()
         }
         Ok(status) => panic!("the browser call failed (node exited with {status})\n{report}"),
         Err(why) => panic!("{why}\n{report}"),
     }
+}
+
+/// Two pages in one room talk peer to peer and decode each other's video.
+#[test]
+fn two_chromium_pages_make_a_p2p_call() {
+    // p2p_call.mjs gives up on its own after 60 s.
+    let line = run_browser_script("p2p_call.mjs", Duration::from_secs(90));
+    println!("{line}");
+}
+
+/// Three pages in a room created `mode=sfu`: each decodes both others' video
+/// and receives both others' audio through its one server connection, tiles
+/// are labelled with the right names, and a chat message reaches the others.
+#[test]
+fn three_chromium_pages_in_an_sfu_room() {
+    // sfu_call.mjs gives up on its own after 90 s.
+    let line = run_browser_script("sfu_call.mjs", Duration::from_secs(120));
+    println!("{line}");
 }

@@ -102,6 +102,19 @@ struct Seen {
 }
 
 impl Seen {
+    /// Packets from `name` of `kind` received intact with sequence numbers in
+    /// `from..from + n` (one round of `publish`; late retransmissions of an
+    /// earlier round do not count).
+    fn got(&self, name: &str, kind: Kind, from: u32, n: u32) -> usize {
+        self.packets
+            .get(&(name.to_owned(), kind))
+            .map_or(0, |seqs| {
+                seqs.iter()
+                    .filter(|q| (from..from + n).contains(*q))
+                    .count()
+            })
+    }
+
     fn absorb(&mut self, ev: Event) {
         match ev {
             Event::TrackAdded {
@@ -200,14 +213,8 @@ async fn three_peers_receive_each_others_audio_and_video_intact() {
         let me = names[i];
         assert_eq!(s.corrupt, 0, "{me}: every payload arrives byte for byte");
         for (j, other) in names.iter().enumerate() {
-            let audio = s
-                .packets
-                .get(&((*other).to_owned(), Kind::Audio))
-                .map_or(0, HashSet::len);
-            let video = s
-                .packets
-                .get(&((*other).to_owned(), Kind::Video))
-                .map_or(0, HashSet::len);
+            let audio = s.got(other, Kind::Audio, 10_000, AUDIO_PACKETS);
+            let video = s.got(other, Kind::Video, 10_000, VIDEO_PACKETS);
             if i == j {
                 assert_eq!(audio + video, 0, "{me} never receives itself");
                 continue;
@@ -417,14 +424,8 @@ async fn a_subscribers_nacks_are_answered_with_the_original_payload() {
     let mut seen: Vec<Seen> = (0..2).map(|_| Seen::default()).collect();
     publish(&mut clients, &names, &mut seen, 20_000).await;
     collect(&mut clients, &mut seen, Duration::from_secs(1)).await;
-    let video = seen[1]
-        .packets
-        .get(&("alice".to_owned(), Kind::Video))
-        .map_or(0, HashSet::len);
-    let audio = seen[1]
-        .packets
-        .get(&("alice".to_owned(), Kind::Audio))
-        .map_or(0, HashSet::len);
+    let video = seen[1].got("alice", Kind::Video, 20_000, VIDEO_PACKETS);
+    let audio = seen[1].got("alice", Kind::Audio, 20_000, AUDIO_PACKETS);
     eprintln!("bob, losing 10% of datagrams, got video {video}/{VIDEO_PACKETS}, audio {audio}/{AUDIO_PACKETS}");
     assert_eq!(
         seen[1].corrupt, 0,
@@ -564,10 +565,7 @@ async fn garbage_on_the_media_port_is_dropped_counted_and_harms_nobody() {
     collect(&mut clients, &mut seen, Duration::from_millis(500)).await;
     for (i, s) in seen.iter().enumerate() {
         let other = names[1 - i];
-        let got = s
-            .packets
-            .get(&(other.to_owned(), Kind::Audio))
-            .map_or(0, HashSet::len);
+        let got = s.got(other, Kind::Audio, 30_000, 50);
         assert!(
             got >= 49,
             "{} still gets {other}'s audio: {got}/50",
@@ -635,14 +633,8 @@ async fn ice_tcp_carries_media_for_a_client_that_cannot_use_udp() {
     publish(&mut clients, &names, &mut seen, 40_000).await;
     for (i, s) in seen.iter().enumerate() {
         let other = names[1 - i];
-        let audio = s
-            .packets
-            .get(&(other.to_owned(), Kind::Audio))
-            .map_or(0, HashSet::len);
-        let video = s
-            .packets
-            .get(&(other.to_owned(), Kind::Video))
-            .map_or(0, HashSet::len);
+        let audio = s.got(other, Kind::Audio, 40_000, AUDIO_PACKETS);
+        let video = s.got(other, Kind::Video, 40_000, VIDEO_PACKETS);
         eprintln!(
             "{} <- {other} (alice on ICE-TCP): audio {audio}, video {video}",
             names[i]

@@ -1,5 +1,7 @@
 // Switchboard browser client: signaling protocol v1 over one WebSocket at /ws,
-// P2P calls between participants. Plain JS, no build step, no external URLs.
+// P2P calls between two participants; in SFU rooms one RTCPeerConnection to the
+// server's peer "sfu" carries everyone's media and the `chat` data channel.
+// Plain JS, no build step, no external URLs.
 'use strict';
 
 (() => {
@@ -13,20 +15,33 @@
     mic: $('mic-button'), cam: $('cam-button'), leave: $('leave-button'),
     roomLabel: $('room-label'), modeBadge: $('mode-badge'), wsBadge: $('ws-badge'), wsText: $('ws-text'),
     notices: $('notices'), template: $('remote-tile-template'),
+    chat: $('chat'), chatButton: $('chat-button'), chatUnread: $('chat-unread'), chatClose: $('chat-close'),
+    chatState: $('chat-state'), chatScroll: $('chat-scroll'), chatEmpty: $('chat-empty'), chatLog: $('chat-log'),
+    chatForm: $('chat-form'), chatInput: $('chat-input'), chatSend: $('chat-send'),
   };
 
   const PING_INTERVAL_MS = 20000;
   const LEAVE_TIMEOUT_MS = 3000;
   const RECONNECT_MAX_ATTEMPTS = 6;
   const ROOM_RE = /^[A-Za-z0-9_.-]{1,128}$/;
+  const CHAT_MAX_CHARS = 1000;
+  const CHAT_MAX_MESSAGES = 500;
+  const SFU = 'sfu'; // the server's reserved participant id
+  const MIX = 'mix'; // stream id of the mixed audio in `audio: "mix"` rooms
 
   // Everything the client knows. `phase`: lobby | joining | in-room | reconnecting | leaving.
   const S = {
     phase: 'lobby',
     ws: null, wsGen: 0, wsLabel: 'offline',
     id: null, room: null, name: '', mode: null, audio: null,
+    joinMode: null, joinAudio: null, // optional `mode` / `audio` for the join that creates the room
     iceServers: [], p2pTimeoutMs: 5000,
     peers: new Map(), // id -> peer (see addPeer)
+    gone: new Set(), // ids that said bye: media still arriving for them is ignored
+    names: new Map(), // id -> display name of everyone seen, for chat history
+    sfu: null, // the server connection (see openSfu)
+    mixAudio: null, // <audio> playing the server's mix
+    chatUnread: 0, chatOpen: null,
     localStream: null,
     pingTimer: null, pingSeq: 0, lastPong: 0,
     reconnectAttempts: 0, reconnectTimer: null,
@@ -70,11 +85,36 @@
 
   function setMode(mode) {
     S.mode = mode;
-    ui.modeBadge.hidden = !mode;
-    ui.modeBadge.dataset.mode = mode || '';
-    ui.modeBadge.textContent = mode === 'sfu' ? 'via server' : mode === 'p2p' ? 'P2P' : '';
-    ui.modeBadge.title = mode === 'sfu' ? 'Media is routed through the server'
-      : 'Media flows directly between participants';
+    updateModeBadge();
+    updateChatVisibility();
+  }
+
+  // "P2P", or "via server" plus the state of the server connection.
+  function updateModeBadge() {
+    const mode = S.mode;
+    const b = ui.modeBadge;
+    b.hidden = !mode;
+    b.dataset.mode = mode || '';
+    b.textContent = '';
+    if (mode === 'sfu') {
+      const state = S.sfu ? S.sfu.pc.connectionState : 'new';
+      b.dataset.state = state;
+      const dot = document.createElement('span');
+      dot.className = 'dot';
+      dot.setAttribute('aria-hidden', 'true');
+      const text = document.createElement('span');
+      text.className = 'mode-text';
+      text.textContent = 'via server';
+      const st = document.createElement('span');
+      st.className = 'mode-state';
+      st.textContent = state;
+      b.append(dot, text, st);
+      b.title = `Media is routed through the server (server connection: ${state})`;
+    } else {
+      delete b.dataset.state;
+      b.textContent = mode === 'p2p' ? 'P2P' : '';
+      b.title = 'Media flows directly between participants';
+    }
   }
 
   function showLobby() {
@@ -101,7 +141,29 @@
     const n = S.peers.size;
     ui.tiles.dataset.count = String(n + 1);
     ui.waiting.hidden = n > 0 || S.phase !== 'in-room';
+    layoutTiles();
   }
+
+  // Three or more tiles: a grid of equal 16:9 tiles, with the number of
+  // columns that makes them largest in the space there is.
+  const TILE_GAP = 10;
+  function layoutTiles() {
+    const n = ui.tiles.childElementCount;
+    if (n < 3) { delete ui.tiles.dataset.layout; return; }
+    ui.tiles.dataset.layout = 'grid';
+    const W = ui.tiles.clientWidth;
+    const H = ui.tiles.clientHeight;
+    if (!W || !H) return;
+    let best = { cols: 1, w: 0 };
+    for (let cols = 1; cols <= n; cols++) {
+      const rows = Math.ceil(n / cols);
+      const w = Math.min((W - (cols - 1) * TILE_GAP) / cols, ((H - (rows - 1) * TILE_GAP) / rows) * 16 / 9);
+      if (w > best.w + 0.5) best = { cols, w };
+    }
+    ui.tiles.style.setProperty('--cols', String(best.cols));
+    ui.tiles.style.setProperty('--tile-w', `${Math.max(120, Math.floor(best.w))}px`);
+  }
+  if (window.ResizeObserver) new ResizeObserver(() => layoutTiles()).observe(ui.tiles);
 
   function initial(name) {
     const c = (name || '').trim().charAt(0);
@@ -220,7 +282,10 @@
       setWsLabel('connected');
       S.lastPong = Date.now();
       startPing();
-      send({ type: 'join', room: S.room, name: S.name });
+      const join = { type: 'join', room: S.room, name: S.name };
+      if (S.joinMode) join.mode = S.joinMode;
+      if (S.joinAudio) join.audio = S.joinAudio;
+      send(join);
     };
     ws.onmessage = (ev) => {
       if (gen !== S.wsGen) return;
@@ -250,6 +315,7 @@
     const wasIn = S.phase === 'in-room' || S.phase === 'reconnecting';
     if (S.phase === 'leaving' || S.phase === 'lobby') return;
     closeAllPeers();
+    closeSfu();
     S.id = null;
     if (!wasIn) {
       notice('ws', 'error', `Could not connect to the server${ev && ev.code && ev.code !== 1006 ? ` (code ${ev.code})` : ''}. Please try again.`);
@@ -297,7 +363,7 @@
     switch (msg.type) {
       case 'joined': return onJoined(msg);
       case 'otherjoin': return onOtherJoin(msg);
-      case 'bye': return removePeer(msg.id);
+      case 'bye': return onBye(msg);
       case 'leaved': if (S.leavedWaiter) S.leavedWaiter(); return undefined;
       case 'full':
         notice('room', 'error', `Room "${msg.room || S.room}" is full.`);
@@ -320,6 +386,7 @@
     S.audio = msg.audio;
     S.iceServers = Array.isArray(msg.iceServers) ? msg.iceServers : [];
     S.p2pTimeoutMs = Number.isFinite(msg.p2pTimeoutMs) ? msg.p2pTimeoutMs : 5000;
+    S.gone.clear();
     setMode(msg.mode);
     clearNotice('ws');
     clearNotice('room');
@@ -329,28 +396,44 @@
     history.replaceState(null, '', url);
     showCall();
     // The newcomer waits for the offers of those already here.
-    for (const p of Array.isArray(msg.peers) ? msg.peers : []) addPeer(p.id, p.name, { polite: true });
+    for (const p of Array.isArray(msg.peers) ? msg.peers : []) {
+      if (p && typeof p.id === 'string') addPeer(p.id, p.name, { polite: true });
+    }
     if (S.mode === 'sfu') connectToSfu();
     updateLayout();
   }
 
   function onOtherJoin(msg) {
     if (!msg.id || msg.id === S.id) return;
+    const known = S.peers.get(msg.id);
+    if (known && !known.pc) {
+      // Its media came through the server before this message did: keep the tile, name it.
+      setPeerName(known, msg.name);
+      return;
+    }
     removePeer(msg.id);
     const peer = addPeer(msg.id, msg.name, { polite: false });
     // The participant already in the room makes the offer; never in an SFU room.
     if (peer.pc) startCall(peer);
   }
 
+  function onBye(msg) {
+    if (typeof msg.id !== 'string') return;
+    S.gone.add(msg.id);
+    removePeer(msg.id);
+  }
+
   function onModeChange(msg) {
     const before = S.mode;
     setMode(msg.mode);
     if (msg.mode === 'sfu' && before !== 'sfu') {
-      for (const peer of S.peers.values()) clearTimeout(peer.p2pTimer);
       connectToSfu(msg.reason);
-    } else if (msg.mode === 'p2p') {
+    } else if (msg.mode === 'p2p' && before === 'sfu') {
+      // Back to two people. Switching back to P2P media is not done yet: the
+      // server connection stays up.
       clearNotice('sfu');
     }
+    updateLayout();
   }
 
   function onError(msg) {
@@ -360,29 +443,15 @@
     if ((msg.request === 'join' && S.phase !== 'in-room') || code === 'room-closed') backToLobby();
   }
 
-  // SFU media arrives in a later version: this is where the client will open its
-  // one RTCPeerConnection to the reserved peer "sfu" (offer as message to:"sfu").
-  // Until then existing P2P connections stay up.
-  function connectToSfu(reason) {
-    const why = reason === 'third-participant' ? 'A third person joined, so this call now goes via the server. '
-      : reason === 'p2p-failed' ? 'A direct connection failed, so this call now goes via the server. '
-        : 'This call goes via the server. ';
-    notice('sfu', 'info', `${why}Server media arrives in a later version of Switchboard; `
-      + 'direct connections stay up meanwhile.', { sticky: true });
-    for (const peer of S.peers.values()) updatePeerState(peer);
-  }
-
-  function onSfuSignal(_data) { /* later: answers/offers/candidates from the server's peer */ }
-
   function onRelayed(msg) {
     const from = msg.from;
     const data = msg.data;
     if (!data || typeof data !== 'object' || typeof from !== 'string') return;
-    if (from === 'sfu') { onSfuSignal(data); return; }
+    if (from === SFU) { onSfuSignal(data); return; }
     let peer = S.peers.get(from);
     if (!peer) {
       // An offer from someone we were not told about: accept it rather than drop the call.
-      if (data.type !== 'offer' || S.mode === 'sfu') return;
+      if (data.type !== 'offer' || S.mode === 'sfu' || S.gone.has(from)) return;
       peer = addPeer(from, '', { polite: true });
     }
     if (!peer.pc) return;
@@ -399,11 +468,14 @@
   // ---------------------------------------------------------------- peers (P2P)
 
   function addPeer(id, name, { polite }) {
+    name = typeof name === 'string' ? name : '';
     const peer = {
-      id, name: typeof name === 'string' ? name : '', polite,
+      id, name, polite,
       pc: null, pending: [], chain: Promise.resolve(), stream: null,
       p2pTimer: null, reportedFailed: false, tile: makeTile(id, name),
+      sfuStream: null, // MediaStream of this participant's tracks from the server connection
     };
+    if (name || !S.names.has(id)) S.names.set(id, name);
     S.peers.set(id, peer);
     if (S.mode !== 'sfu') {
       peer.pc = createPc(peer);
@@ -420,8 +492,8 @@
     const peer = S.peers.get(id);
     if (!peer) return;
     S.peers.delete(id);
-    clearTimeout(peer.p2pTimer);
-    if (peer.pc) { peer.pc.onconnectionstatechange = null; peer.pc.close(); }
+    closePeerPc(peer);
+    peer.sfuStream = null;
     peer.tile.remove();
     clearNotice(`peer-${id}`);
     updateLayout();
@@ -429,6 +501,33 @@
 
   function closeAllPeers() {
     for (const id of [...S.peers.keys()]) removePeer(id);
+  }
+
+  // Ends the direct connection to `peer` (the tile stays).
+  function closePeerPc(peer) {
+    clearTimeout(peer.p2pTimer);
+    peer.p2pTimer = null;
+    peer.pending = [];
+    const pc = peer.pc;
+    if (!pc) return;
+    peer.pc = null;
+    pc.onconnectionstatechange = null;
+    pc.onicecandidate = null;
+    pc.ontrack = null;
+    pc.close();
+    peer.stream = null;
+    const video = peer.tile.querySelector('video');
+    if (!peer.sfuStream && video.srcObject) video.srcObject = null;
+    clearNotice(`peer-${peer.id}`);
+    refreshTile(peer);
+  }
+
+  function setPeerName(peer, name) {
+    if (typeof name !== 'string' || !name) return;
+    peer.name = name;
+    S.names.set(peer.id, name);
+    peer.tile.querySelector('.name').textContent = name;
+    peer.tile.querySelector('.avatar').textContent = initial(name);
   }
 
   function createPc(peer) {
@@ -456,6 +555,7 @@
         peer.stream.addTrack(ev.track);
         stream = peer.stream;
       }
+      watchTrack(ev.track, () => refreshTile(peer));
       attachRemote(peer, stream);
     };
     pc.onconnectionstatechange = () => {
@@ -538,6 +638,387 @@
     notice(`peer-${peer.id}`, 'info', `The direct connection to ${peer.name || 'a participant'} did not work out; asking the server to carry the call.`);
   }
 
+  // ---------------------------------------------------------------- server connection (SFU)
+
+  // The room now goes via the server: drop the direct connections and open
+  // the one connection to the server's peer "sfu".
+  function connectToSfu(reason) {
+    const why = reason === 'third-participant' ? 'A third person joined, so the call now goes via the server.'
+      : reason === 'p2p-failed' ? 'A direct connection failed, so the call now goes via the server.'
+        : '';
+    if (why) notice('sfu', 'info', why);
+    // A later version switches make-before-break; for now: close, then connect.
+    for (const peer of S.peers.values()) closePeerPc(peer);
+    if (!S.sfu) openSfu();
+    for (const peer of S.peers.values()) updatePeerState(peer);
+  }
+
+  function openSfu() {
+    let pc;
+    try {
+      pc = new RTCPeerConnection({ iceServers: S.iceServers, bundlePolicy: 'max-bundle' });
+    } catch (e) {
+      notice('ice', 'error', `The server's ICE settings were rejected (${e.message}); trying without them.`);
+      pc = new RTCPeerConnection({ bundlePolicy: 'max-bundle' });
+    }
+    const sfu = {
+      pc,
+      chain: Promise.resolve(), // signaling steps, one at a time
+      pending: [], // remote candidates that came before the remote description
+      outbox: [], // our candidates gathered before the offer went out
+      offerSent: false,
+      needsOffer: false, // our offer was rolled back: offer again when stable
+      owners: new Map(), // mid -> stream id (= publishing participant, or "mix")
+      remote: new Map(), // mid -> { owner, kind, track } of what we receive now
+      chat: null,
+      syncQueued: false,
+    };
+    S.sfu = sfu;
+    if (S.localStream) for (const t of S.localStream.getTracks()) pc.addTrack(t, S.localStream);
+    // In-band, ordered, reliable: the server relays it to everyone else's `chat`.
+    sfu.chat = pc.createDataChannel('chat', { ordered: true });
+    wireChat(sfu, sfu.chat);
+
+    pc.onicecandidate = ({ candidate }) => {
+      let data;
+      if (candidate && candidate.candidate) {
+        data = { type: 'candidate', label: candidate.sdpMLineIndex, id: candidate.sdpMid, candidate: candidate.candidate };
+      } else if (!candidate) {
+        // End of candidates, once for the whole BUNDLE transport.
+        const first = pc.getTransceivers().find((t) => t.mid !== null);
+        data = { type: 'candidate', label: 0, id: first ? first.mid : '0', candidate: '' };
+      } else {
+        return;
+      }
+      if (sfu.offerSent) signal(SFU, data); else sfu.outbox.push(data);
+    };
+    pc.ontrack = (ev) => {
+      const owner = ev.streams[0] ? ev.streams[0].id : null;
+      if (ev.transceiver.mid && owner) sfu.owners.set(ev.transceiver.mid, owner);
+      watchTrack(ev.track, () => queueSfuSync(sfu));
+      queueSfuSync(sfu);
+    };
+    pc.onconnectionstatechange = () => {
+      if (S.sfu !== sfu) return;
+      const state = pc.connectionState;
+      updateModeBadge();
+      updateChatState();
+      for (const peer of S.peers.values()) updatePeerState(peer);
+      if (state === 'connected') clearNotice('sfu-conn');
+      else if (state === 'failed') {
+        notice('sfu-conn', 'error', 'The media connection to the server failed. Leave and join again to retry.');
+      } else if (state === 'disconnected') {
+        notice('sfu-conn', 'info', 'The media connection to the server is interrupted\u2026', { sticky: true });
+      }
+    };
+    updateModeBadge();
+    updateChatState();
+    updateChatVisibility();
+    // The client always offers first, even with nothing to send but `chat`.
+    sfuStep(sfu, () => sfuOffer(sfu));
+  }
+
+  // Runs one signaling step after the previous ones.
+  function sfuStep(sfu, step) {
+    sfu.chain = sfu.chain.then(() => (S.sfu === sfu && sfu.pc.signalingState !== 'closed' ? step() : undefined))
+      .catch((e) => {
+        console.warn('server connection signaling failed:', e);
+        if (S.sfu === sfu) notice('sfu-conn', 'error', `Connecting to the server failed: ${e.message || e}`);
+      });
+  }
+
+  async function sfuOffer(sfu) {
+    const pc = sfu.pc;
+    if (pc.signalingState !== 'stable') { sfu.needsOffer = true; return; }
+    sfu.needsOffer = false;
+    await pc.setLocalDescription(await pc.createOffer());
+    signal(SFU, { type: 'offer', sdp: pc.localDescription.sdp });
+    if (!sfu.offerSent) {
+      sfu.offerSent = true;
+      for (const c of sfu.outbox.splice(0)) signal(SFU, c);
+    }
+  }
+
+  function onSfuSignal(data) {
+    const sfu = S.sfu;
+    if (!sfu) return;
+    sfuStep(sfu, async () => {
+      const pc = sfu.pc;
+      switch (data.type) {
+        case 'answer': {
+          if (typeof data.sdp !== 'string' || pc.signalingState !== 'have-local-offer') return;
+          await pc.setRemoteDescription({ type: 'answer', sdp: data.sdp });
+          await flushSfuCandidates(sfu);
+          break;
+        }
+        case 'offer': {
+          if (typeof data.sdp !== 'string') return;
+          // We are the polite peer: our crossing offer yields (the server drops it).
+          if (pc.signalingState === 'have-local-offer') {
+            await pc.setLocalDescription({ type: 'rollback' });
+            sfu.needsOffer = true;
+          }
+          await pc.setRemoteDescription({ type: 'offer', sdp: data.sdp });
+          await flushSfuCandidates(sfu);
+          await pc.setLocalDescription(await pc.createAnswer());
+          signal(SFU, { type: 'answer', sdp: pc.localDescription.sdp });
+          break;
+        }
+        case 'candidate': {
+          if (!pc.remoteDescription) { sfu.pending.push(data); return; }
+          await addCandidate(pc, data);
+          return;
+        }
+        default:
+          return;
+      }
+      syncSfuTracks(sfu);
+      if (sfu.needsOffer && pc.signalingState === 'stable') await sfuOffer(sfu);
+    });
+  }
+
+  async function flushSfuCandidates(sfu) {
+    for (const c of sfu.pending.splice(0)) await addCandidate(sfu.pc, c);
+  }
+
+  function queueSfuSync(sfu) {
+    if (sfu.syncQueued) return;
+    sfu.syncQueued = true;
+    queueMicrotask(() => { sfu.syncQueued = false; syncSfuTracks(sfu); });
+  }
+
+  // mid -> { owner, ssrcs } of every m-section in `sdp` that names a stream
+  // (a=msid, or the older a=ssrc:N msid:), with the SSRCs it announces.
+  function sdpStreams(sdp) {
+    const out = new Map();
+    if (typeof sdp !== 'string') return out;
+    for (const section of sdp.split(/\r?\nm=/).slice(1)) {
+      const mid = /^a=mid:(\S+)/m.exec(section);
+      const msid = /^a=msid:(\S+)/m.exec(section) || /^a=ssrc:\d+ msid:(\S+)/m.exec(section);
+      if (!mid || !msid || msid[1] === '-') continue;
+      const ssrcs = new Set([...section.matchAll(/^a=ssrc:(\d+) /gm)].map((m) => Number(m[1])));
+      out.set(mid[1], { owner: msid[1], ssrcs });
+    }
+    return out;
+  }
+
+  // Works out, by mid, which tracks the server sends us now and who each
+  // belongs to, and puts them in the tiles: a participant's audio and video
+  // share its tile; the mixed audio plays on its own.
+  function syncSfuTracks(sfu) {
+    if (S.sfu !== sfu) return;
+    const pc = sfu.pc;
+    const fromSdp = sdpStreams(pc.remoteDescription && pc.remoteDescription.sdp);
+    sfu.remote.clear();
+    for (const t of pc.getTransceivers()) {
+      if (!t.mid || t.stopped) continue;
+      // A forwarded track is one the server sends; `a=inactive` (or gone) means it ended.
+      const receiving = t.currentDirection === 'recvonly' || t.currentDirection === 'sendrecv';
+      const track = t.receiver.track;
+      if (!receiving || track.readyState !== 'live') continue;
+      const signalled = fromSdp.get(t.mid);
+      const owner = signalled ? signalled.owner : sfu.owners.get(t.mid);
+      if (!owner) continue;
+      watchTrack(track, () => queueSfuSync(sfu));
+      sfu.remote.set(t.mid, { owner, kind: track.kind, track, ssrcs: signalled ? signalled.ssrcs : new Set() });
+    }
+    const byOwner = new Map();
+    for (const r of sfu.remote.values()) {
+      if (!byOwner.has(r.owner)) byOwner.set(r.owner, []);
+      byOwner.get(r.owner).push(r.track);
+    }
+    setMixAudio(byOwner.get(MIX) || []);
+    byOwner.delete(MIX);
+    // Media of someone we were not told about (yet): give it a tile; the
+    // otherjoin names it. Nobody who said bye comes back.
+    for (const owner of byOwner.keys()) {
+      if (!S.peers.has(owner) && owner !== S.id && !S.gone.has(owner)) {
+        addPeer(owner, S.names.get(owner) || '', { polite: true });
+      }
+    }
+    for (const peer of S.peers.values()) setPeerMedia(peer, byOwner.get(peer.id) || []);
+  }
+
+  function setPeerMedia(peer, tracks) {
+    const current = peer.sfuStream ? peer.sfuStream.getTracks() : [];
+    const same = current.length === tracks.length && tracks.every((t) => current.includes(t));
+    if (!same) {
+      if (tracks.length) {
+        // A fresh stream per change: every browser picks that up, not all notice addtrack.
+        peer.sfuStream = new MediaStream(tracks);
+        attachRemote(peer, peer.sfuStream);
+      } else {
+        peer.sfuStream = null;
+        peer.tile.querySelector('video').srcObject = null;
+      }
+    }
+    refreshTile(peer);
+  }
+
+  function setMixAudio(tracks) {
+    if (!tracks.length) {
+      if (S.mixAudio) { S.mixAudio.srcObject = null; S.mixAudio.remove(); S.mixAudio = null; }
+      return;
+    }
+    if (!S.mixAudio) {
+      S.mixAudio = document.createElement('audio');
+      S.mixAudio.autoplay = true;
+      S.mixAudio.hidden = true;
+      document.body.append(S.mixAudio);
+    }
+    const current = S.mixAudio.srcObject ? S.mixAudio.srcObject.getTracks() : [];
+    if (current.length === tracks.length && tracks.every((t) => current.includes(t))) return;
+    S.mixAudio.srcObject = new MediaStream(tracks);
+    playMedia(S.mixAudio, () => {
+      notice('autoplay', 'info', 'Click anywhere on the page to hear the others.', { sticky: true });
+      document.addEventListener('click', () => {
+        clearNotice('autoplay');
+        if (S.mixAudio) { S.mixAudio.muted = false; S.mixAudio.play().catch(() => {}); }
+      }, { once: true });
+    });
+  }
+
+  function closeSfu() {
+    const sfu = S.sfu;
+    if (!sfu) return;
+    S.sfu = null;
+    sfu.pc.onicecandidate = null;
+    sfu.pc.ontrack = null;
+    sfu.pc.onconnectionstatechange = null;
+    if (sfu.chat) { sfu.chat.onopen = null; sfu.chat.onclose = null; sfu.chat.onmessage = null; }
+    sfu.pc.close();
+    setMixAudio([]);
+    for (const peer of S.peers.values()) {
+      if (peer.sfuStream) setPeerMedia(peer, []);
+    }
+    clearNotice('sfu-conn');
+    updateModeBadge();
+    updateChatState();
+    updateChatVisibility();
+  }
+
+  // ---------------------------------------------------------------- chat
+
+  function wireChat(sfu, dc) {
+    dc.onopen = () => { if (S.sfu === sfu) updateChatState(); };
+    dc.onclose = () => { if (S.sfu === sfu) updateChatState(); };
+    dc.onmessage = (ev) => {
+      if (S.sfu !== sfu || typeof ev.data !== 'string') return;
+      let msg;
+      try { msg = JSON.parse(ev.data); } catch (_) { return; }
+      if (!msg || typeof msg.from !== 'string' || typeof msg.data !== 'string') return;
+      // The server never echoes our own text; if it ever did, we already show it.
+      if (msg.from === S.id) return;
+      addChatMessage(msg.from, msg.data, false);
+    };
+  }
+
+  function chatReady() {
+    return !!(S.sfu && S.sfu.chat && S.sfu.chat.readyState === 'open');
+  }
+
+  function updateChatState() {
+    const ready = chatReady();
+    ui.chatInput.disabled = !ready;
+    ui.chatSend.disabled = !ready || !ui.chatInput.value.trim();
+    const dc = S.sfu && S.sfu.chat;
+    const state = ready ? '' : !dc ? 'offline' : dc.readyState === 'connecting' ? 'connecting\u2026' : 'offline';
+    ui.chatState.textContent = state;
+    ui.chatState.hidden = !state;
+    ui.chatInput.placeholder = ready ? 'Message everyone' : 'Chat connects with the call\u2026';
+  }
+
+  // The chat is part of SFU rooms (it rides on the server connection). On
+  // wide screens it opens with the room.
+  function updateChatVisibility() {
+    const available = S.mode === 'sfu' || !!S.sfu;
+    ui.chatButton.hidden = !available;
+    if (available && S.chatOpen === null) S.chatOpen = window.matchMedia('(min-width: 900px)').matches;
+    const open = available && !!S.chatOpen;
+    ui.chat.hidden = !open;
+    ui.call.classList.toggle('with-chat', open);
+    ui.chatButton.setAttribute('aria-pressed', String(open));
+    ui.chatButton.title = open ? 'Hide the chat' : 'Show the chat';
+    if (open) { S.chatUnread = 0; scrollChat(true); }
+    ui.chatUnread.hidden = !S.chatUnread || open;
+    ui.chatUnread.textContent = S.chatUnread > 9 ? '9+' : String(S.chatUnread);
+  }
+
+  function setChatOpen(open) {
+    S.chatOpen = open;
+    updateChatVisibility();
+    if (open && !ui.chatInput.disabled) ui.chatInput.focus();
+  }
+
+  function sendChat() {
+    const text = ui.chatInput.value.trim().slice(0, CHAT_MAX_CHARS);
+    if (!text || !chatReady()) return;
+    try {
+      S.sfu.chat.send(text);
+    } catch (e) {
+      notice('chat', 'error', `The message was not sent: ${e.message || e}`);
+      return;
+    }
+    addChatMessage(S.id, text, true);
+    ui.chatInput.value = '';
+    updateChatState();
+  }
+
+  function addChatMessage(from, text, mine) {
+    const near = ui.chatScroll.scrollHeight - ui.chatScroll.scrollTop - ui.chatScroll.clientHeight < 40;
+    const li = document.createElement('li');
+    li.className = mine ? 'chat-msg mine' : 'chat-msg';
+    li.dataset.from = from;
+    li.dataset.at = String(Date.now());
+    // Messages in a row from one sender within two minutes share one header.
+    const prev = ui.chatLog.lastElementChild;
+    if (prev && prev.dataset.from === from && Date.now() - Number(prev.dataset.at) < 120000) li.classList.add('cont');
+    const head = document.createElement('div');
+    head.className = 'chat-meta';
+    const who = document.createElement('span');
+    who.className = 'chat-from';
+    who.textContent = mine ? 'You' : (S.names.get(from) || 'Guest');
+    if (!mine) who.style.color = nameColor(from);
+    const when = document.createElement('time');
+    const now = new Date();
+    when.dateTime = now.toISOString();
+    when.textContent = now.toLocaleTimeString([], { hour: '2-digit', minute: '2-digit' });
+    head.append(who, when);
+    const body = document.createElement('div');
+    body.className = 'chat-text';
+    body.textContent = text.slice(0, CHAT_MAX_CHARS);
+    li.append(head, body);
+    ui.chatLog.append(li);
+    while (ui.chatLog.childElementCount > CHAT_MAX_MESSAGES) ui.chatLog.firstElementChild.remove();
+    ui.chatEmpty.hidden = true;
+    if (!mine && ui.chat.hidden) {
+      S.chatUnread++;
+      updateChatVisibility();
+    }
+    scrollChat(mine || near);
+  }
+
+  // A stable, readable colour per participant id.
+  function nameColor(id) {
+    let h = 0;
+    for (const c of id) h = (h * 31 + c.charCodeAt(0)) % 360;
+    return `hsl(${h} 75% 72%)`;
+  }
+
+  function scrollChat(force) {
+    if (force) ui.chatScroll.scrollTop = ui.chatScroll.scrollHeight;
+  }
+
+  function clearChat() {
+    ui.chatLog.textContent = '';
+    ui.chatEmpty.hidden = false;
+    ui.chatInput.value = '';
+    S.chatUnread = 0;
+    S.chatOpen = null;
+    updateChatVisibility();
+    updateChatState();
+  }
+
   // ---------------------------------------------------------------- tiles
 
   function makeTile(id, name) {
@@ -547,7 +1028,9 @@
     tile.querySelector('.name').textContent = name || 'Guest';
     tile.querySelector('.avatar').textContent = initial(name);
     const video = tile.querySelector('video');
-    video.addEventListener('loadeddata', () => tile.classList.remove('no-video'));
+    const refresh = () => { const p = S.peers.get(id); if (p) refreshTile(p); };
+    video.addEventListener('loadeddata', refresh);
+    video.addEventListener('resize', refresh);
     const unmute = tile.querySelector('.unmute');
     unmute.addEventListener('click', () => {
       video.muted = false;
@@ -558,23 +1041,61 @@
     return tile;
   }
 
+  // Calls `onChange` whenever `track` is muted, unmuted or ends (once per track).
+  const watchedTracks = new WeakSet();
+  function watchTrack(track, onChange) {
+    if (watchedTracks.has(track)) return;
+    watchedTracks.add(track);
+    for (const ev of ['mute', 'unmute', 'ended']) track.addEventListener(ev, onChange);
+  }
+
+  function playMedia(el, onBlocked) {
+    el.play().catch((e) => {
+      if (e.name !== 'NotAllowedError') return;
+      // Autoplay with sound was blocked: play muted and offer to unmute.
+      el.muted = true;
+      el.play().catch(() => {});
+      onBlocked();
+    });
+  }
+
   function attachRemote(peer, stream) {
     const video = peer.tile.querySelector('video');
     if (video.srcObject !== stream) video.srcObject = stream;
-    video.play().catch((e) => {
-      if (e.name !== 'NotAllowedError') return;
-      // Autoplay with sound was blocked: play muted and offer to unmute.
-      video.muted = true;
-      video.play().catch(() => {});
-      peer.tile.querySelector('.unmute').hidden = false;
-    });
+    playMedia(video, () => { peer.tile.querySelector('.unmute').hidden = false; });
+    refreshTile(peer);
+  }
+
+  // Shows the video, or the avatar while there is no live, unmuted video track.
+  function refreshTile(peer) {
+    const video = peer.tile.querySelector('video');
+    const stream = video.srcObject;
+    const live = !!stream && stream.getVideoTracks().some((t) => t.readyState === 'live' && !t.muted);
+    peer.tile.classList.toggle('no-video', !live || video.readyState < 2);
+    updatePeerState(peer);
   }
 
   function updatePeerState(peer) {
     const el = peer.tile.querySelector('.pc-state');
-    const state = peer.pc ? peer.pc.connectionState : 'via-server';
+    let state;
+    let text;
+    if (peer.pc) {
+      state = peer.pc.connectionState;
+      text = state;
+    } else if (S.mode === 'sfu' && (!S.sfu || S.sfu.pc.connectionState !== 'connected')) {
+      state = S.sfu ? S.sfu.pc.connectionState : 'new';
+      text = state === 'new' ? 'connecting' : state;
+    } else if (S.mode === 'sfu') {
+      const tracks = peer.sfuStream ? peer.sfuStream.getTracks() : [];
+      const has = (kind) => tracks.some((t) => t.kind === kind && t.readyState === 'live');
+      state = tracks.length ? 'via-server' : 'no-media';
+      text = !tracks.length ? 'no media' : !has('audio') ? 'no audio' : !has('video') ? 'audio only' : '';
+    } else {
+      state = 'via-server';
+      text = 'via server';
+    }
     el.dataset.state = state;
-    el.textContent = peer.pc ? state : 'via server';
+    el.textContent = text;
   }
 
   // ---------------------------------------------------------------- join / leave
@@ -606,6 +1127,7 @@
     const wasIn = S.phase === 'in-room';
     S.phase = 'leaving';
     closeAllPeers();
+    closeSfu();
     if (wasIn && S.id && send({ type: 'leave', room: S.room })) {
       await new Promise((resolve) => {
         const t = setTimeout(resolve, LEAVE_TIMEOUT_MS);
@@ -621,10 +1143,15 @@
     if (S.reconnectTimer) clearTimeout(S.reconnectTimer);
     S.reconnectTimer = null;
     closeAllPeers();
+    closeSfu();
     closeSocket();
     stopLocalMedia();
     clearNotice('sfu');
+    clearNotice('autoplay');
     S.id = null;
+    S.gone.clear();
+    S.names.clear();
+    clearChat();
     setMode(null);
     ui.room.value = S.room || ui.room.value;
     ui.name.value = S.name || ui.name.value;
@@ -640,6 +1167,20 @@
   ui.mic.addEventListener('click', () => toggleTrack('audio'));
   ui.cam.addEventListener('click', () => toggleTrack('video'));
   ui.leave.addEventListener('click', () => leave());
+  ui.chatButton.addEventListener('click', () => setChatOpen(ui.chat.hidden));
+  ui.chatClose.addEventListener('click', () => { setChatOpen(false); ui.chatButton.focus(); });
+  ui.chatInput.addEventListener('input', updateChatState);
+  ui.chat.addEventListener('keydown', (ev) => {
+    // Escape closes the chat where it covers the call.
+    if (ev.key === 'Escape' && getComputedStyle(ui.chat).position === 'fixed') {
+      setChatOpen(false);
+      ui.chatButton.focus();
+    }
+  });
+  ui.chatForm.addEventListener('submit', (ev) => {
+    ev.preventDefault();
+    sendChat();
+  });
   ui.copyLink.addEventListener('click', async () => {
     const link = `${location.origin}/?room=${encodeURIComponent(S.room || '')}`;
     try {
@@ -652,35 +1193,76 @@
   window.addEventListener('pagehide', () => { if (S.ws) S.ws.close(1000, 'page closed'); });
 
   // Test hooks (kept small on purpose).
+  async function inbound(pc, kind, owner) {
+    const out = [];
+    const report = await pc.getStats();
+    report.forEach((r) => {
+      if (r.type !== 'inbound-rtp' || r.kind !== kind) return;
+      const peer = owner(r);
+      if (peer) out.push({ peer, mid: r.mid ?? null, ssrc: r.ssrc, packetsReceived: r.packetsReceived || 0, ...(kind === 'video' ? { framesDecoded: r.framesDecoded || 0 } : {}) });
+    });
+    return out;
+  }
+
+  // Inbound stats of the server connection, attributed by mid to the
+  // publishing participant (or "mix"); streams no longer received are left out.
+  function sfuOwner(r) {
+    const sfu = S.sfu;
+    if (!sfu) return null;
+    let entry = r.mid != null ? sfu.remote.get(String(r.mid)) : null;
+    if (!entry && r.trackIdentifier) {
+      entry = [...sfu.remote.values()].find((x) => x.track.id === r.trackIdentifier) || null;
+    }
+    // An m-section reused for a later track: stats of the earlier SSRC are not the new owner's.
+    if (entry && entry.ssrcs.size && !entry.ssrcs.has(r.ssrc)) return null;
+    return entry ? entry.owner : null;
+  }
+
+  async function mediaStats(kind) {
+    const out = [];
+    for (const p of S.peers.values()) {
+      if (p.pc) out.push(...(await inbound(p.pc, kind, () => p.id)).map((x) => ({ ...x, via: 'p2p' })));
+    }
+    if (S.sfu) out.push(...(await inbound(S.sfu.pc, kind, sfuOwner)).map((x) => ({ ...x, via: 'sfu' })));
+    return out;
+  }
+
   window.sb = {
     state() {
       const ws = S.ws ? ['connecting', 'open', 'closing', 'closed'][S.ws.readyState] : 'closed';
+      const sfu = S.sfu;
       return {
-        id: S.id, room: S.room, mode: S.mode, ws,
+        id: S.id, room: S.room, mode: S.mode, audio: S.audio, ws,
         peers: [...S.peers.values()].map((p) => ({
           id: p.id, name: p.name, connectionState: p.pc ? p.pc.connectionState : 'none',
+          sfuTracks: p.sfuStream ? p.sfuStream.getTracks().map((t) => t.kind) : [],
         })),
+        sfu: sfu ? {
+          connectionState: sfu.pc.connectionState,
+          iceConnectionState: sfu.pc.iceConnectionState,
+          signalingState: sfu.pc.signalingState,
+          chat: sfu.chat ? sfu.chat.readyState : 'none',
+          remote: [...sfu.remote.entries()].map(([mid, r]) => ({
+            mid, owner: r.owner, kind: r.kind, muted: r.track.muted,
+          })),
+        } : null,
       };
     },
-    async videoStats() {
-      const out = [];
-      for (const p of S.peers.values()) {
-        if (!p.pc) continue;
-        const report = await p.pc.getStats();
-        report.forEach((r) => {
-          if (r.type === 'inbound-rtp' && r.kind === 'video') {
-            out.push({ peer: p.id, framesDecoded: r.framesDecoded || 0, packetsReceived: r.packetsReceived || 0 });
-          }
-        });
-      }
-      return out;
-    },
+    // Inbound video per remote participant: { peer, via, mid, ssrc, framesDecoded, packetsReceived }.
+    videoStats() { return mediaStats('video'); },
+    // Inbound audio per remote participant (or "mix"): { peer, via, mid, ssrc, packetsReceived }.
+    audioStats() { return mediaStats('audio'); },
   };
 
   // Start: room (and name) from the URL; both present means join right away.
   const params = new URLSearchParams(location.search);
   const urlRoom = params.get('room') || '';
   const urlName = params.get('name') || '';
+  // Optional settings for the join that creates the room (ignored otherwise).
+  const urlMode = params.get('mode');
+  const urlAudio = params.get('audio');
+  if (['auto', 'p2p', 'sfu'].includes(urlMode)) S.joinMode = urlMode;
+  if (['mix', 'forward'].includes(urlAudio)) S.joinAudio = urlAudio;
   let savedName = '';
   try { savedName = localStorage.getItem('switchboard.name') || ''; } catch (_) { /* private mode */ }
   ui.room.value = urlRoom;

@@ -1,0 +1,264 @@
+// Three headless Chromium pages join one room created in SFU mode on a running
+// Switchboard. Each page must decode the video of both others and receive
+// both others' audio through its one connection to the server, with a tile
+// per participant labelled with the right name; a chat message from alice
+// must show up at bob and carol (and once at alice).
+//
+//   node sfu_call.mjs <baseUrl>        e.g. node sfu_call.mjs http://127.0.0.1:8080
+//
+// Uses Debian's /usr/bin/chromium (no browser download). Prints one JSON line
+// and exits 0 on success; exits 1 with a reason on failure. Env:
+//   SB_SCREENSHOT_DIR  save alice.png / bob.png / carol.png there (mid-call, or at failure)
+//   SB_CHROMIUM        browser executable (default /usr/bin/chromium)
+
+import { mkdtempSync, mkdirSync, rmSync } from 'node:fs';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
+import { randomBytes } from 'node:crypto';
+import { chromium } from 'playwright-core';
+
+const HEALTH_TIMEOUT_MS = 20_000;
+const JOIN_TIMEOUT_MS = 10_000;
+const MEDIA_TIMEOUT_MS = 40_000;
+const CHAT_TIMEOUT_MS = 10_000;
+const HARD_TIMEOUT_MS = 90_000;
+const CHROMIUM = process.env.SB_CHROMIUM || '/usr/bin/chromium';
+const FLAGS = [
+  '--headless', '--no-sandbox', '--disable-gpu', '--disable-quic', '--no-first-run',
+  '--disable-background-networking', '--disable-component-update', '--disable-sync',
+  '--use-fake-device-for-media-stream', '--use-fake-ui-for-media-stream',
+  '--allow-loopback-in-peer-connection',
+];
+const NAMES = ['alice', 'bob', 'carol'];
+const CHAT_TEXT = `hello from alice <b>${randomBytes(3).toString('hex')}</b>`;
+
+const sleep = (ms) => new Promise((r) => setTimeout(r, ms));
+const log = (...a) => console.error('[sfu_call]', ...a);
+
+class Failure extends Error {}
+const fail = (reason) => { throw new Failure(reason); };
+
+async function waitForHealth(base) {
+  const deadline = Date.now() + HEALTH_TIMEOUT_MS;
+  let last = 'no answer';
+  while (Date.now() < deadline) {
+    try {
+      const res = await fetch(new URL('/healthz', base), { signal: AbortSignal.timeout(2000) });
+      if (res.status === 200) return;
+      last = `HTTP ${res.status}`;
+    } catch (e) {
+      last = e.cause?.code || e.message;
+    }
+    await sleep(250);
+  }
+  fail(`server at ${base} not healthy within ${HEALTH_TIMEOUT_MS / 1000} s (/healthz: ${last})`);
+}
+
+// Everything a page shows that the test checks.
+function observe(page) {
+  return page.evaluate(async () => {
+    const tiles = [...document.querySelectorAll('.tile.remote')].map((t) => ({
+      peer: t.dataset.peer,
+      name: t.querySelector('.name')?.textContent ?? '',
+      state: t.querySelector('.pc-state')?.textContent ?? '',
+      showsVideo: !t.classList.contains('no-video'),
+    }));
+    const badge = document.getElementById('mode-badge');
+    const chat = document.getElementById('chat');
+    return {
+      state: window.sb ? window.sb.state() : null,
+      video: window.sb ? await window.sb.videoStats() : [],
+      audio: window.sb && window.sb.audioStats ? await window.sb.audioStats() : [],
+      tiles,
+      badge: badge && !badge.hidden ? {
+        mode: badge.dataset.mode,
+        text: badge.querySelector('.mode-text')?.textContent ?? badge.textContent.trim(),
+        state: badge.querySelector('.mode-state')?.textContent ?? '',
+      } : null,
+      chatVisible: !!chat && !chat.hidden,
+      chat: [...document.querySelectorAll('#chat-log .chat-msg')].map((m) => ({
+        from: m.dataset.from,
+        name: m.querySelector('.chat-from')?.textContent ?? '',
+        text: m.querySelector('.chat-text')?.textContent ?? '',
+        mine: m.classList.contains('mine'),
+      })),
+      notices: [...document.querySelectorAll('#notices .notice span')].map((n) => n.textContent),
+    };
+  });
+}
+
+// For page `name`: what it receives from each other participant, by name.
+function received(name, s) {
+  const out = {};
+  for (const other of NAMES.filter((n) => n !== name)) {
+    const peer = s.state?.peers.find((p) => p.name === other);
+    const video = s.video.filter((x) => peer && x.peer === peer.id && x.via === 'sfu');
+    const audio = s.audio.filter((x) => peer && x.peer === peer.id && x.via === 'sfu');
+    out[other] = {
+      id: peer?.id ?? null,
+      videoStreams: video.length,
+      framesDecoded: video.reduce((n, x) => n + x.framesDecoded, 0),
+      videoPackets: video.reduce((n, x) => n + x.packetsReceived, 0),
+      audioStreams: audio.length,
+      audioPackets: audio.reduce((n, x) => n + x.packetsReceived, 0),
+      tile: s.tiles.find((t) => peer && t.peer === peer.id) ?? null,
+    };
+  }
+  return out;
+}
+
+function mediaOk(r) {
+  return Object.values(r).every((x) => x.id && x.framesDecoded > 0 && x.videoStreams === 1
+    && x.audioPackets > 0 && x.audioStreams === 1);
+}
+
+async function main() {
+  const base = process.argv[2];
+  if (!base || !/^https?:\/\//.test(base)) fail('usage: node sfu_call.mjs <baseUrl> (http://host:port)');
+  await waitForHealth(base);
+
+  const room = `sfu-${randomBytes(6).toString('hex')}`;
+  const userDataDir = mkdtempSync(join(tmpdir(), 'sb-chromium-'));
+  const shotDir = process.env.SB_SCREENSHOT_DIR || '';
+  let context;
+  const pages = {};
+  const consoleLines = Object.fromEntries(NAMES.map((n) => [n, []]));
+  try {
+    // Exactly our flags: Playwright's own defaults are ignored; it only needs its
+    // debugging pipe and the profile directory.
+    context = await chromium.launchPersistentContext(userDataDir, {
+      executablePath: CHROMIUM,
+      headless: true,
+      ignoreDefaultArgs: true,
+      args: [...FLAGS, `--user-data-dir=${userDataDir}`, '--remote-debugging-pipe', 'about:blank'],
+      viewport: { width: 1280, height: 720 },
+      timeout: 20_000,
+    });
+    log(`chromium ${context.browser()?.version() ?? '(persistent)'} up, room ${room}`);
+
+    const started = Date.now();
+    for (const name of NAMES) {
+      const page = await context.newPage();
+      page.on('console', (m) => consoleLines[name].push(`${m.type()}: ${m.text()}`));
+      page.on('pageerror', (e) => consoleLines[name].push(`pageerror: ${e.message}`));
+      // Alice creates the room, in SFU mode, with audio forwarded per participant.
+      await page.goto(`${base}/?room=${room}&name=${name}&mode=sfu&audio=forward`, { timeout: 10_000 });
+      pages[name] = page;
+      // One at a time, so the room exists (and is SFU) before the next arrives.
+      await page.waitForFunction(() => window.sb && window.sb.state().id, null, { timeout: JOIN_TIMEOUT_MS })
+        .catch(() => fail(`${name} never got joined (no participant id within ${JOIN_TIMEOUT_MS / 1000} s)`));
+    }
+
+    const readyMs = {};
+    const deadline = Date.now() + MEDIA_TIMEOUT_MS;
+    const snap = {};
+    for (;;) {
+      for (const name of NAMES) {
+        snap[name] = await observe(pages[name]);
+        if (readyMs[name] === undefined && mediaOk(received(name, snap[name]))) readyMs[name] = Date.now() - started;
+      }
+      if (NAMES.every((n) => readyMs[n] !== undefined)) break;
+      if (Date.now() > deadline) {
+        const what = Object.fromEntries(NAMES.map((n) => [n, { received: received(n, snap[n]), ...snap[n] }]));
+        fail(`not every page decoded video and got audio from both others within ${MEDIA_TIMEOUT_MS / 1000} s: ${JSON.stringify(what)}`);
+      }
+      await sleep(250);
+    }
+
+    // Chat: alice types a message and presses Enter; bob and carol show it
+    // under alice's name, alice shows it once as her own.
+    const input = pages.alice.locator('#chat-input');
+    await input.waitFor({ state: 'visible', timeout: 5000 })
+      .catch(() => fail('alice: the chat input is not visible in an SFU room'));
+    await pages.alice.waitForFunction(() => !document.getElementById('chat-input').disabled, null, { timeout: CHAT_TIMEOUT_MS })
+      .catch(() => fail(`alice: the chat input never became usable (chat channel: ${snap.alice.state?.sfu?.chat})`));
+    await input.fill(CHAT_TEXT);
+    await input.press('Enter');
+    const chatDeadline = Date.now() + CHAT_TIMEOUT_MS;
+    const aliceId = snap.alice.state.id;
+    for (;;) {
+      for (const name of NAMES) snap[name] = await observe(pages[name]);
+      const got = ['bob', 'carol'].every((n) => snap[n].chat.some((m) => m.text === CHAT_TEXT));
+      if (got) break;
+      if (Date.now() > chatDeadline) {
+        fail(`chat message not shown within ${CHAT_TIMEOUT_MS / 1000} s: ${JSON.stringify(Object.fromEntries(NAMES.map((n) => [n, snap[n].chat])))}`);
+      }
+      await sleep(200);
+    }
+    // Let more frames through (and any echo arrive) before the final look.
+    await sleep(1500);
+
+    const result = { ok: true, room, pages: {} };
+    for (const name of NAMES) {
+      const s = await observe(pages[name]);
+      const r = received(name, s);
+      if (s.state.mode !== 'sfu') fail(`${name}: room mode is ${s.state.mode}, expected sfu`);
+      if (s.state.ws !== 'open') fail(`${name}: WebSocket is ${s.state.ws}`);
+      if (s.state.sfu?.connectionState !== 'connected') fail(`${name}: server connection is ${s.state.sfu?.connectionState}`);
+      if (s.badge?.text !== 'via server') fail(`${name}: mode badge says ${JSON.stringify(s.badge)}, expected "via server"`);
+      if (s.badge?.state !== 'connected') fail(`${name}: mode badge shows server connection ${JSON.stringify(s.badge)}, expected connected`);
+      if (!s.chatVisible) fail(`${name}: the chat is not visible in an SFU room`);
+      if (s.tiles.length !== 2) fail(`${name}: ${s.tiles.length} remote tiles, expected 2: ${JSON.stringify(s.tiles)}`);
+      if (s.state.peers.some((p) => p.connectionState !== 'none')) fail(`${name}: a P2P connection is open in an SFU room: ${JSON.stringify(s.state.peers)}`);
+      for (const [other, x] of Object.entries(r)) {
+        if (!x.id) fail(`${name}: no participant named ${other} in sb.state(): ${JSON.stringify(s.state)}`);
+        if (!x.tile) fail(`${name}: no tile for ${other} (${x.id})`);
+        if (x.tile.name !== other) fail(`${name}: the tile of ${x.id} is labelled "${x.tile.name}", expected "${other}"`);
+        if (!x.tile.showsVideo) fail(`${name}: the tile of ${other} shows no video`);
+        if (x.videoStreams !== 1 || x.framesDecoded <= 0) fail(`${name}: video from ${other}: ${JSON.stringify(x)}`);
+        if (x.audioStreams !== 1 || x.audioPackets <= 0) fail(`${name}: audio from ${other}: ${JSON.stringify(x)}`);
+      }
+      const chatHere = s.chat.filter((m) => m.text === CHAT_TEXT);
+      if (chatHere.length !== 1) fail(`${name}: shows the chat message ${chatHere.length} times: ${JSON.stringify(s.chat)}`);
+      if (name === 'alice') {
+        if (!chatHere[0].mine) fail(`alice: her own message is not marked as hers: ${JSON.stringify(chatHere)}`);
+      } else if (chatHere[0].from !== aliceId || chatHere[0].name !== 'alice' || chatHere[0].mine) {
+        fail(`${name}: chat message attributed wrongly: ${JSON.stringify(chatHere[0])} (alice is ${aliceId})`);
+      }
+      result.pages[name] = {
+        id: s.state.id,
+        readyMs: readyMs[name],
+        from: Object.fromEntries(Object.entries(r).map(([other, x]) => [other, {
+          framesDecoded: x.framesDecoded, videoPackets: x.videoPackets, audioPackets: x.audioPackets, tile: x.tile.name,
+        }])),
+        chat: chatHere[0].name,
+      };
+    }
+    if (shotDir) await screenshots(pages, shotDir);
+    process.stdout.write(`${JSON.stringify(result)}\n`);
+  } catch (e) {
+    if (shotDir && Object.keys(pages).length) await screenshots(pages, shotDir).catch(() => {});
+    for (const [name, lines] of Object.entries(consoleLines)) {
+      if (lines.length) log(`${name} console:\n  ${lines.slice(-30).join('\n  ')}`);
+    }
+    throw e;
+  } finally {
+    await context?.close().catch((e) => log('closing chromium:', e.message));
+    rmSync(userDataDir, { recursive: true, force: true });
+  }
+}
+
+async function screenshots(pages, dir) {
+  mkdirSync(dir, { recursive: true });
+  for (const [name, page] of Object.entries(pages)) {
+    await page.screenshot({ path: join(dir, `${name}.png`), timeout: 5000 });
+  }
+  log(`screenshots in ${dir}`);
+}
+
+const hard = setTimeout(() => {
+  process.stdout.write(`${JSON.stringify({ ok: false, reason: `hard timeout after ${HARD_TIMEOUT_MS / 1000} s` })}\n`);
+  log(`FAIL: hard timeout after ${HARD_TIMEOUT_MS / 1000} s`);
+  process.exit(1); // Playwright kills the browser it launched when node exits
+}, HARD_TIMEOUT_MS);
+
+main().then(() => {
+  clearTimeout(hard);
+  process.exit(0);
+}, (e) => {
+  clearTimeout(hard);
+  const reason = e instanceof Failure ? e.message : `unexpected error: ${e.stack || e}`;
+  process.stdout.write(`${JSON.stringify({ ok: false, reason })}\n`);
+  log(`FAIL: ${reason}`);
+  process.exit(1);
+});
