@@ -269,6 +269,8 @@ struct Peer {
     state: RTCPeerConnectionState,
     /// When the last datagram from this connection arrived (or its creation).
     last_rx: Instant,
+    /// The server's candidate lines, trickled after the first answer.
+    candidates: Vec<String>,
 }
 
 /// Something a connection's output asks the engine to do to others.
@@ -520,7 +522,7 @@ impl Engine {
     ) -> Result<PeerKey, rtc::shared::error::Error> {
         let ufrag = random_token(16);
         let pwd = random_token(32);
-        let pc = build_connection(
+        let (pc, candidates) = build_connection(
             &ufrag,
             &pwd,
             self.announce,
@@ -554,6 +556,7 @@ impl Engine {
                 chat: None,
                 state: RTCPeerConnectionState::New,
                 last_rx: Instant::now(),
+                candidates,
             },
         );
         self.metrics.media_connections.inc();
@@ -577,16 +580,50 @@ impl Engine {
             .and_then(|answer| {
                 p.pc.set_local_description(now, answer.clone())
                     .map(|()| answer)
+            })
+            .map_err(|e| format!("offer refused: {e}"))
+            .and_then(|answer| {
+                if accepts_nothing(&answer.sdp) {
+                    Err(
+                        "offer refused: no media section or data channel this server can \
+                         accept (no codec in common)"
+                            .to_owned(),
+                    )
+                } else {
+                    Ok(answer)
+                }
             });
         match result {
             Ok(answer) => {
+                let first = !p.answered_first;
                 p.answered_first = true;
                 let (participant, room) = (p.participant.clone(), p.room.clone());
+                // Candidates also trickle, for clients that read them only
+                // from `candidate` messages; they are in the SDP too.
+                let trickle = if first {
+                    std::mem::take(&mut p.candidates)
+                } else {
+                    Vec::new()
+                };
+                let mid = answer
+                    .sdp
+                    .lines()
+                    .find_map(|l| l.strip_prefix("a=mid:"))
+                    .map(str::to_owned);
                 self.send_signal(
                     &participant,
                     &room,
                     json!({"type":"answer","sdp": answer.sdp}),
                 );
+                if let (false, Some(mid)) = (trickle.is_empty(), mid) {
+                    for candidate in trickle.into_iter().chain([String::new()]) {
+                        self.send_signal(
+                            &participant,
+                            &room,
+                            json!({"type":"candidate","label":0,"id": mid,"candidate": candidate}),
+                        );
+                    }
+                }
                 self.maybe_offer(key);
             }
             Err(e) => {
@@ -598,11 +635,7 @@ impl Engine {
                 if never_answered {
                     self.remove_peer(key);
                 }
-                self.send_error(
-                    &participant,
-                    ErrorCode::BadRequest,
-                    &format!("offer refused: {e}"),
-                );
+                self.send_error(&participant, ErrorCode::BadRequest, &e);
             }
         }
     }
@@ -1198,6 +1231,17 @@ impl Engine {
     }
 }
 
+/// Whether an answer rejects every m-section (all ports 0): the offer had
+/// nothing in common with what this server speaks.
+fn accepts_nothing(answer_sdp: &str) -> bool {
+    let mut sections = answer_sdp
+        .lines()
+        .filter_map(|l| l.strip_prefix("m="))
+        .map(|m| m.split_whitespace().nth(1) == Some("0"))
+        .peekable();
+    sections.peek().is_some() && sections.all(|rejected| rejected)
+}
+
 /// The metric label of a connection state.
 fn state_label(state: RTCPeerConnectionState) -> &'static str {
     match state {
@@ -1237,7 +1281,7 @@ fn build_connection(
     announce: SocketAddr,
     tcp_announce: Option<SocketAddr>,
     metrics: &Metrics,
-) -> Result<RTCPeerConnection, rtc::shared::error::Error> {
+) -> Result<(RTCPeerConnection, Vec<String>), rtc::shared::error::Error> {
     let mut media_engine = MediaEngine::default();
     media_engine.register_default_codecs()?;
     let registry = Registry::new().with(Slot::from(14_000), DeliverKeyframeRequests::new(metrics));
@@ -1269,7 +1313,10 @@ fn build_connection(
         ..Default::default()
     }
     .new_candidate_host()?;
-    pc.add_local_candidate(RTCIceCandidate::from(&candidate).to_json()?)?;
+    let mut candidates = Vec::with_capacity(2);
+    let udp = RTCIceCandidate::from(&candidate).to_json()?;
+    candidates.push(udp.candidate.clone());
+    pc.add_local_candidate(udp)?;
     if let Some(tcp) = tcp_announce {
         let candidate = CandidateHostConfig {
             base_config: CandidateConfig {
@@ -1282,9 +1329,11 @@ fn build_connection(
             tcp_type: rtc::ice::tcp_type::TcpType::Passive,
         }
         .new_candidate_host()?;
-        pc.add_local_candidate(RTCIceCandidate::from(&candidate).to_json()?)?;
+        let tcp = RTCIceCandidate::from(&candidate).to_json()?;
+        candidates.push(tcp.candidate.clone());
+        pc.add_local_candidate(tcp)?;
     }
-    Ok(pc)
+    Ok((pc, candidates))
 }
 
 fn random_token(len: usize) -> String {
@@ -1375,4 +1424,21 @@ impl Interceptor for DeliverKeyframeRequests {
     fn unbind_local_stream(&mut self, _info: &StreamInfo) {}
     fn bind_remote_stream(&mut self, _info: &StreamInfo) {}
     fn unbind_remote_stream(&mut self, _info: &StreamInfo) {}
+}
+
+#[cfg(test)]
+mod tests {
+    use super::accepts_nothing;
+
+    #[test]
+    fn an_answer_that_rejects_every_section_accepts_nothing() {
+        let rejected = "v=0\r\nm=audio 0 UDP/TLS/RTP/SAVPF 0\r\na=mid:0\r\n";
+        assert!(accepts_nothing(rejected));
+        let partly = "v=0\r\nm=audio 0 UDP/TLS/RTP/SAVPF 0\r\nm=application 9 UDP/DTLS/SCTP webrtc-datachannel\r\n";
+        assert!(!accepts_nothing(partly));
+        assert!(
+            !accepts_nothing("v=0\r\n"),
+            "no sections at all is not a codec problem"
+        );
+    }
 }

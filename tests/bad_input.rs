@@ -356,3 +356,44 @@ async fn sustained_flooding_closes_the_connection_and_nobody_else_is_hurt() {
     let jc = c.join("r", json!({})).await;
     assert_eq!(jc["peers"], json!([{"id": r.idb, "name": "bob"}]));
 }
+
+#[tokio::test]
+async fn an_offer_with_no_common_codec() {
+    let mut r = room_of_two(ServeOptions::default()).await;
+    // A well-formed offer whose only media section carries a codec nobody
+    // here speaks.
+    let sdp = "v=0\r\n\
+o=- 4611731400430051336 2 IN IP4 127.0.0.1\r\n\
+s=-\r\n\
+t=0 0\r\n\
+a=group:BUNDLE 0\r\n\
+a=msid-semantic: WMS\r\n\
+m=audio 9 UDP/TLS/RTP/SAVPF 111\r\n\
+c=IN IP4 0.0.0.0\r\n\
+a=rtcp:9 IN IP4 0.0.0.0\r\n\
+a=ice-ufrag:abcd\r\n\
+a=ice-pwd:abcdefghijklmnopqrstuvwx\r\n\
+a=fingerprint:sha-256 9A:5B:3C:7E:2F:11:44:55:66:77:88:99:AA:BB:CC:DD:EE:FF:00:11:22:33:44:55:66:77:88:99:AA:BB:CC:DD\r\n\
+a=setup:actpass\r\n\
+a=mid:0\r\n\
+a=sendrecv\r\n\
+a=rtcp-mux\r\n\
+a=rtpmap:111 NOSUCHCODEC/8000\r\n";
+    r.a.send(json!({"type":"message","room":"r","to":"sfu","data":{"type":"offer","sdp": sdp}}))
+        .await;
+    let e = r.a.expect_error("bad-request").await;
+    assert!(
+        e["message"]
+            .as_str()
+            .unwrap_or("")
+            .contains("no codec in common"),
+        "{e}"
+    );
+    let m = metrics(&r.server).await;
+    assert_eq!(
+        metric(&m, "switchboard_media_connections"),
+        0.0,
+        "nothing is kept for it"
+    );
+    r.unharmed().await;
+}
