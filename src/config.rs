@@ -127,6 +127,23 @@ pub struct ServeOptions {
     )]
     pub allowed_origins: Option<Vec<String>>,
 
+    /// On the first SIGTERM/SIGINT the server drains: /readyz turns 503, new
+    /// joins get `room-closed`, running rooms go on until they empty or this
+    /// many milliseconds pass; then everyone gets `room-closed`. A second
+    /// signal closes at once [default: 30000]
+    #[arg(long, env = "SWITCHBOARD_DRAIN_TIMEOUT_MS", value_name = "MS")]
+    pub drain_timeout_ms: Option<u64>,
+
+    /// Token for `POST /admin/drain` (header `Authorization: Bearer TOKEN`);
+    /// without it the endpoint is off
+    #[arg(
+        long,
+        env = "SWITCHBOARD_ADMIN_TOKEN",
+        value_name = "TOKEN",
+        hide_env_values = true
+    )]
+    pub admin_token: Option<String>,
+
     /// On SIGINT/SIGTERM, how long to wait for connections to close, in milliseconds [default: 5000]
     #[arg(long, env = "SWITCHBOARD_SHUTDOWN_GRACE_MS", value_name = "MS")]
     pub shutdown_grace_ms: Option<u64>,
@@ -194,6 +211,8 @@ impl ServeOptions {
             audio_mode: self.audio_mode.or(other.audio_mode),
             allowed_origins: self.allowed_origins.or(other.allowed_origins),
             shutdown_grace_ms: self.shutdown_grace_ms.or(other.shutdown_grace_ms),
+            drain_timeout_ms: self.drain_timeout_ms.or(other.drain_timeout_ms),
+            admin_token: self.admin_token.or(other.admin_token),
             media: self.media.or(other.media),
             rtc_ip: self.rtc_ip.or(other.rtc_ip),
             rtc_port: self.rtc_port.or(other.rtc_port),
@@ -288,6 +307,10 @@ pub struct Config {
     pub audio_mode: AudioMode,
     pub allowed_origins: Vec<String>,
     pub shutdown_grace: Duration,
+    /// How long a drain lets running rooms go on.
+    pub drain_timeout: Duration,
+    /// Bearer token of `POST /admin/drain`; `None` turns the endpoint off.
+    pub admin_token: Option<String>,
     /// The SFU media plane, unless turned off.
     pub media: Option<crate::sfu::MediaConfig>,
     pub log: LogConfig,
@@ -362,6 +385,8 @@ impl Config {
             audio_mode: o.audio_mode.unwrap_or_default(),
             allowed_origins: o.allowed_origins.unwrap_or_default(),
             shutdown_grace: Duration::from_millis(o.shutdown_grace_ms.unwrap_or(5000)),
+            drain_timeout: Duration::from_millis(o.drain_timeout_ms.unwrap_or(30_000)),
+            admin_token: o.admin_token.filter(|t| !t.is_empty()),
             media: o.media.unwrap_or(true).then(|| crate::sfu::MediaConfig {
                 bind: SocketAddr::new(
                     o.rtc_ip.unwrap_or(IpAddr::from([127, 0, 0, 1])),

@@ -141,6 +141,8 @@ pub struct Hub {
     outboxes: Arc<Outboxes>,
     media: Option<MediaPlane>,
     room_count: AtomicUsize,
+    /// Set when the server drains: no new joins.
+    draining: std::sync::atomic::AtomicBool,
     config: Arc<Config>,
     metrics: Arc<Metrics>,
 }
@@ -158,6 +160,7 @@ impl Hub {
             outboxes,
             media,
             room_count: AtomicUsize::new(0),
+            draining: std::sync::atomic::AtomicBool::new(false),
             config,
             metrics,
         }
@@ -176,9 +179,34 @@ impl Hub {
         self.room_count.load(Ordering::Relaxed)
     }
 
+    /// Stops admitting joins (the server is draining).
+    pub fn start_draining(&self) {
+        self.draining.store(true, Ordering::Release);
+    }
+
+    pub fn is_draining(&self) -> bool {
+        self.draining.load(Ordering::Acquire)
+    }
+
+    /// Participants in rooms now.
+    pub fn participant_count(&self) -> usize {
+        self.outboxes.map.len()
+    }
+
     /// Admits the connection behind `outbox` to `req.room`, creating the room
     /// if needed (with the mode and audio `req` asks for).
     pub fn join(&self, outbox: &Outbox, req: Join) -> JoinOutcome {
+        if self.is_draining() {
+            self.reply(
+                outbox,
+                &ServerMessage::error(
+                    ErrorCode::RoomClosed,
+                    "this server is draining and admits no new participants; try again",
+                    Some("join"),
+                ),
+            );
+            return JoinOutcome::Refused;
+        }
         let id = self.new_participant_id();
         let ctx = JoinContext {
             ice_servers: ice_servers(&self.config.ice, &id, unix_now()),

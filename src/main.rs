@@ -62,33 +62,52 @@ fn main() -> ExitCode {
 }
 
 async fn serve(config: Config) -> Result<(), switchboard::server::ServeError> {
+    // Handlers first: a signal that arrives once we have said we listen
+    // must drain, not kill.
+    let mut signals = Signals::new();
     let server = switchboard::server::start(config).await?;
     println!("switchboard listening on {}", server.http_url());
-    let token = server.shutdown_token();
+    let handle = server.handle();
     tokio::spawn(async move {
-        let signal = wait_for_signal().await;
-        token.cancel();
-        tracing::info!(signal, "shutting down");
+        // The first signal drains; a second one closes at once.
+        let signal = signals.next().await;
+        handle.drain();
+        tracing::info!(signal, "draining; send the signal again to close at once");
+        let signal = signals.next().await;
+        handle.shutdown();
+        tracing::info!(signal, "shutting down now");
     });
     server.wait().await
 }
 
-/// Waits for SIGINT or SIGTERM; returns its name.
-async fn wait_for_signal() -> &'static str {
-    use tokio::signal::unix::{signal, SignalKind};
-    match (
-        signal(SignalKind::interrupt()),
-        signal(SignalKind::terminate()),
-    ) {
-        (Ok(mut int), Ok(mut term)) => {
-            tokio::select! {
-                _ = int.recv() => "SIGINT",
-                _ = term.recv() => "SIGTERM",
+/// SIGINT and SIGTERM, registered once so none is missed between waits.
+struct Signals {
+    int: Option<tokio::signal::unix::Signal>,
+    term: Option<tokio::signal::unix::Signal>,
+}
+
+impl Signals {
+    fn new() -> Signals {
+        use tokio::signal::unix::{signal, SignalKind};
+        Signals {
+            int: signal(SignalKind::interrupt()).ok(),
+            term: signal(SignalKind::terminate()).ok(),
+        }
+    }
+
+    /// Waits for the next SIGINT or SIGTERM; returns its name.
+    async fn next(&mut self) -> &'static str {
+        async fn recv(s: &mut Option<tokio::signal::unix::Signal>) {
+            match s {
+                Some(s) => {
+                    s.recv().await;
+                }
+                None => std::future::pending().await,
             }
         }
-        _ => {
-            let _ = tokio::signal::ctrl_c().await;
-            "SIGINT"
+        tokio::select! {
+            () = recv(&mut self.int) => "SIGINT",
+            () = recv(&mut self.term) => "SIGTERM",
         }
     }
 }

@@ -83,6 +83,26 @@ impl RunningServer {
         &self.hub
     }
 
+    /// A handle that can drain or shut down the server from another task.
+    pub fn handle(&self) -> ServerHandle {
+        ServerHandle {
+            hub: self.hub.clone(),
+            shutdown: self.shutdown.clone(),
+        }
+    }
+
+    /// Starts a drain: `/readyz` turns 503 and new joins are refused at once;
+    /// rooms go on until they are empty or `--drain-timeout-ms` passes, then
+    /// the server shuts down as [`RunningServer::shutdown`] does.
+    pub fn drain(&self) {
+        start_drain(&self.hub, &self.shutdown);
+    }
+
+    /// Whether a drain or shutdown has started.
+    pub fn is_draining(&self) -> bool {
+        self.hub.is_draining() || self.shutdown.is_cancelled()
+    }
+
     /// Starts a graceful shutdown: every client gets `error` `room-closed`,
     /// then its socket closes.
     pub fn shutdown(&self) {
@@ -100,6 +120,25 @@ impl RunningServer {
             Ok(r) => r,
             Err(e) => Err(ServeError::Http(std::io::Error::other(e))),
         }
+    }
+}
+
+/// Drains or shuts down a running server (e.g. from a signal handler).
+#[derive(Clone)]
+pub struct ServerHandle {
+    hub: Arc<Hub>,
+    shutdown: CancellationToken,
+}
+
+impl ServerHandle {
+    /// See [`RunningServer::drain`].
+    pub fn drain(&self) {
+        start_drain(&self.hub, &self.shutdown);
+    }
+
+    /// See [`RunningServer::shutdown`].
+    pub fn shutdown(&self) {
+        self.shutdown.cancel();
     }
 }
 
@@ -224,6 +263,8 @@ fn router(state: AppState) -> Router {
             get(|| async { asset("text/css; charset=utf-8", STYLE_CSS) }),
         )
         .route("/healthz", get(healthz))
+        .route("/readyz", get(readyz))
+        .route("/admin/drain", axum::routing::post(admin_drain))
         .route("/metrics", get(metrics))
         .route("/ws", get(ws))
         .with_state(state)
@@ -250,6 +291,73 @@ async fn healthz(State(s): State<AppState>) -> Response {
     } else {
         "ok\n".into_response()
     }
+}
+
+/// Ready for new participants: 503 from the moment a drain starts.
+async fn readyz(State(s): State<AppState>) -> Response {
+    if s.shutdown.is_cancelled() || s.hub.is_draining() {
+        (StatusCode::SERVICE_UNAVAILABLE, "draining\n").into_response()
+    } else {
+        "ready\n".into_response()
+    }
+}
+
+/// `POST /admin/drain` with `Authorization: Bearer <--admin-token>`.
+async fn admin_drain(State(s): State<AppState>, headers: HeaderMap) -> Response {
+    let Some(token) = s.hub.config().admin_token.as_deref() else {
+        return (
+            StatusCode::NOT_FOUND,
+            "the admin endpoint is off (no --admin-token)\n",
+        )
+            .into_response();
+    };
+    let given = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .unwrap_or("");
+    if !constant_time_eq(given.as_bytes(), token.as_bytes()) {
+        return (StatusCode::UNAUTHORIZED, "bad or missing admin token\n").into_response();
+    }
+    start_drain(&s.hub, &s.shutdown);
+    (StatusCode::ACCEPTED, "draining\n").into_response()
+}
+
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+/// Starts a drain (once): no new joins, `/readyz` 503; the shutdown follows
+/// when the last participant leaves or the drain timeout passes.
+fn start_drain(hub: &Arc<Hub>, shutdown: &CancellationToken) {
+    if hub.is_draining() || shutdown.is_cancelled() {
+        return;
+    }
+    hub.start_draining();
+    let timeout = hub.config().drain_timeout;
+    tracing::info!(?timeout, participants = hub.participant_count(), "draining");
+    let (hub, shutdown) = (hub.clone(), shutdown.clone());
+    tokio::spawn(async move {
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            if hub.participant_count() == 0 {
+                tracing::info!("drained: no participants left");
+                break;
+            }
+            if tokio::time::Instant::now() >= deadline {
+                tracing::info!(
+                    participants = hub.participant_count(),
+                    "drain timeout; closing the rooms"
+                );
+                break;
+            }
+            tokio::select! {
+                () = shutdown.cancelled() => return,
+                () = tokio::time::sleep(Duration::from_millis(100)) => {}
+            }
+        }
+        shutdown.cancel();
+    });
 }
 
 async fn metrics(State(s): State<AppState>) -> Response {

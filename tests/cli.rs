@@ -149,3 +149,64 @@ fn sigterm_stops_the_server_even_when_its_log_pipe_is_closed() {
         }
     }
 }
+
+#[test]
+fn first_sigterm_drains_second_sigterm_closes() {
+    use futures_util::{SinkExt, StreamExt};
+    use tokio_tungstenite::tungstenite::Message;
+    let (mut child, url) = serve(
+        &["--listen", "127.0.0.1:0", "--drain-timeout-ms", "600000"],
+        &[],
+    );
+    let host = url.trim_start_matches("http://").to_owned();
+    let runtime = tokio::runtime::Runtime::new().expect("runtime");
+    runtime.block_on(async {
+        let (mut ws, _) = tokio_tungstenite::connect_async(format!("ws://{host}/ws"))
+            .await
+            .expect("connect");
+        ws.send(Message::text(r#"{"type":"join","room":"r","name":"a"}"#))
+            .await
+            .expect("send");
+        let joined = ws.next().await.expect("frame").expect("ok");
+        assert!(joined.to_text().expect("text").contains("\"joined\""));
+
+        sigterm(&child);
+        // Draining: still serving the call, but not ready for new people.
+        let readyz = || {
+            let mut s = std::net::TcpStream::connect(&host).expect("connect");
+            use std::io::{Read, Write};
+            s.write_all(b"GET /readyz HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n")
+                .expect("write");
+            let mut out = String::new();
+            let _ = s.read_to_string(&mut out);
+            out
+        };
+        let mut status = String::new();
+        for _ in 0..50 {
+            status = readyz();
+            if status.starts_with("HTTP/1.1 503") {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        assert!(status.starts_with("HTTP/1.1 503"), "{status}");
+        assert!(
+            child.try_wait().expect("try_wait").is_none(),
+            "still running while the call goes on"
+        );
+
+        sigterm(&child);
+        let closed = tokio::time::timeout(Duration::from_secs(10), ws.next())
+            .await
+            .expect("room-closed in time")
+            .expect("frame")
+            .expect("ok");
+        assert!(
+            closed.to_text().expect("text").contains("room-closed"),
+            "{closed:?}"
+        );
+    });
+    let status =
+        wait_exit(&mut child, Duration::from_secs(10)).expect("exits after the second SIGTERM");
+    assert!(status.success());
+}

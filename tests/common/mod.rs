@@ -186,10 +186,24 @@ pub fn id_of(joined: &Value) -> String {
 
 /// GET `path` over plain HTTP/1.1; returns (status, body).
 pub async fn http_get(server: &RunningServer, path: &str) -> (u16, String) {
+    http_request(server, "GET", path, &[]).await
+}
+
+/// `method` `path` with extra header lines over plain HTTP/1.1; returns
+/// (status, body).
+pub async fn http_request(
+    server: &RunningServer,
+    method: &str,
+    path: &str,
+    headers: &[&str],
+) -> (u16, String) {
     let mut s = TcpStream::connect(server.local_addr())
         .await
         .expect("connect");
-    let req = format!("GET {path} HTTP/1.1\r\nHost: test\r\nConnection: close\r\n\r\n");
+    let extra: String = headers.iter().map(|h| format!("{h}\r\n")).collect();
+    let req = format!(
+        "{method} {path} HTTP/1.1\r\nHost: test\r\nContent-Length: 0\r\n{extra}Connection: close\r\n\r\n"
+    );
     s.write_all(req.as_bytes()).await.expect("write");
     let mut buf = Vec::new();
     tokio::time::timeout(WAIT, s.read_to_end(&mut buf))
