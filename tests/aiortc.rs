@@ -15,7 +15,7 @@ use std::path::PathBuf;
 use std::process::Stdio;
 use std::time::{Duration, Instant};
 
-use bytes::Bytes;
+use common::media::payload;
 use common::*;
 use serde_json::Value;
 use switchboard::config::ServeOptions;
@@ -38,31 +38,6 @@ const MIN_SHARE: f64 = 0.6;
 const ROOM: &str = "interop";
 const OUR_NAME: &str = "rusty";
 const PEER_NAME: &str = "aiortc";
-
-/// A payload that names its sender and sequence (the shape tests/sfu.rs
-/// uses; peer.py checks it byte for byte): `<kind><name:8><seq:4><filler>`.
-fn payload(kind: Kind, name: &str, seq: u32) -> Bytes {
-    let mut p = Vec::with_capacity(1000);
-    match kind {
-        // VP8 payload descriptor (S=1, partition 0), then a VP8 header byte
-        // whose P bit says keyframe every 30th packet.
-        Kind::Video => {
-            p.push(0x10);
-            p.push(if seq % 30 == 0 { 0x00 } else { 0x01 });
-            p.extend_from_slice(b"V");
-        }
-        Kind::Audio => p.extend_from_slice(b"A"),
-    }
-    let mut n = [b'_'; 8];
-    for (i, b) in name.bytes().take(8).enumerate() {
-        n[i] = b;
-    }
-    p.extend_from_slice(&n);
-    p.extend_from_slice(&seq.to_be_bytes());
-    let filler = if kind == Kind::Video { 900 } else { 100 };
-    p.extend((0..filler).map(|i| (i as u8) ^ (seq as u8)));
-    Bytes::from(p)
-}
 
 /// Fails (never skips) when python3 cannot import what peer.py needs.
 fn require_aiortc() {

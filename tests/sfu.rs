@@ -8,7 +8,7 @@ mod common;
 use std::collections::{HashMap, HashSet};
 use std::time::{Duration, Instant};
 
-use bytes::Bytes;
+use common::media::{parse, payload};
 use common::*;
 use switchboard::config::ServeOptions;
 use switchboard::server::RunningServer;
@@ -17,51 +17,6 @@ use switchboard_client::{Client, Event, JoinOptions, Kind};
 /// Packets each publisher sends per kind and stream in the steady-state check.
 const AUDIO_PACKETS: u32 = 250; // 5 s at 50 packets/s
 const VIDEO_PACKETS: u32 = 150; // 5 s at 30 packets/s
-
-/// A payload that names its sender and sequence: `<kind><name:8><seq:4><filler>`.
-fn payload(kind: Kind, name: &str, seq: u32) -> Bytes {
-    let mut p = Vec::with_capacity(200);
-    match kind {
-        // VP8 payload descriptor: S=1, partition 0; then a VP8 header whose
-        // P bit says keyframe every 30th packet.
-        Kind::Video => {
-            p.push(0x10);
-            p.push(if seq % 30 == 0 { 0x00 } else { 0x01 });
-            p.extend_from_slice(b"V");
-        }
-        Kind::Audio => p.extend_from_slice(b"A"),
-    }
-    let mut n = [b'_'; 8];
-    for (i, b) in name.bytes().take(8).enumerate() {
-        n[i] = b;
-    }
-    p.extend_from_slice(&n);
-    p.extend_from_slice(&seq.to_be_bytes());
-    let filler = if kind == Kind::Video { 900 } else { 100 };
-    p.extend((0..filler).map(|i| (i as u8) ^ (seq as u8)));
-    Bytes::from(p)
-}
-
-/// Parses a payload back into (name, seq) after checking every byte.
-fn parse(kind: Kind, data: &[u8]) -> Option<(String, u32)> {
-    let body = match kind {
-        Kind::Video => data.get(3..)?,
-        Kind::Audio => data.get(1..)?,
-    };
-    let name = String::from_utf8(body.get(..8)?.to_vec()).ok()?;
-    let seq = u32::from_be_bytes(body.get(8..12)?.try_into().ok()?);
-    let filler = &body[12..];
-    let expected = if kind == Kind::Video { 900 } else { 100 };
-    if filler.len() != expected
-        || filler
-            .iter()
-            .enumerate()
-            .any(|(i, b)| *b != (i as u8) ^ (seq as u8))
-    {
-        return None;
-    }
-    Some((name.trim_end_matches('_').to_owned(), seq))
-}
 
 async fn media_server() -> RunningServer {
     server(ServeOptions::default()).await

@@ -3,6 +3,8 @@
 //! validated against the protocol's JSON Schema before the test sees it.
 #![allow(dead_code)]
 
+pub mod media;
+
 use std::sync::OnceLock;
 use std::time::Duration;
 
