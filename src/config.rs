@@ -256,6 +256,8 @@ pub enum ConfigError {
     Zero { option: &'static str },
     #[error("--ws-timeout-ms ({timeout}) must be longer than --ws-ping-interval-ms ({interval})")]
     PingTimeout { interval: u64, timeout: u64 },
+    #[error("--rtc-ip {0} binds every interface, so it cannot be announced in ICE candidates: set --public-ip to the address clients reach")]
+    PublicIpNeeded(IpAddr),
     #[error("{url:?} is not a {kind} URL")]
     Url { kind: &'static str, url: String },
 }
@@ -367,6 +369,10 @@ impl Config {
             return Err(ConfigError::TurnSecret);
         }
         let turn_ttl = nonzero(o.turn_ttl_secs.unwrap_or(3600), "--turn-ttl-secs")?;
+        let rtc_ip = o.rtc_ip.unwrap_or(IpAddr::from([127, 0, 0, 1]));
+        if o.media != Some(false) && rtc_ip.is_unspecified() && o.public_ip.is_none() {
+            return Err(ConfigError::PublicIpNeeded(rtc_ip));
+        }
         Ok(Config {
             listen: o
                 .listen
@@ -388,10 +394,7 @@ impl Config {
             drain_timeout: Duration::from_millis(o.drain_timeout_ms.unwrap_or(30_000)),
             admin_token: o.admin_token.filter(|t| !t.is_empty()),
             media: o.media.unwrap_or(true).then(|| crate::sfu::MediaConfig {
-                bind: SocketAddr::new(
-                    o.rtc_ip.unwrap_or(IpAddr::from([127, 0, 0, 1])),
-                    o.rtc_port.unwrap_or(7882),
-                ),
+                bind: SocketAddr::new(rtc_ip, o.rtc_port.unwrap_or(7882)),
                 public_ip: o.public_ip,
                 ice_tcp: o.ice_tcp.unwrap_or(true),
             }),
@@ -482,6 +485,17 @@ mod tests {
             ..Default::default()
         })
         .contains("STUN"));
+        assert!(bad(ServeOptions {
+            rtc_ip: Some("0.0.0.0".parse().unwrap()),
+            ..Default::default()
+        })
+        .contains("--public-ip"));
+        assert!(Config::resolve(ServeOptions {
+            rtc_ip: Some("0.0.0.0".parse().unwrap()),
+            public_ip: Some("192.0.2.10".parse().unwrap()),
+            ..Default::default()
+        })
+        .is_ok());
         assert!(bad(ServeOptions {
             max_frame_bytes: Some(0),
             ..Default::default()
