@@ -306,6 +306,8 @@ struct Engine {
     offers_due: Vec<PeerKey>,
     /// Reused by `forward` for the subscriber list.
     scratch: Vec<PeerKey>,
+    /// Arrival of the first packet forwarded since the last flush.
+    forwarded_since: Option<Instant>,
 }
 
 impl Engine {
@@ -329,6 +331,7 @@ impl Engine {
             actions: Vec::new(),
             offers_due: Vec::new(),
             scratch: Vec::new(),
+            forwarded_since: None,
         }
     }
 
@@ -341,6 +344,11 @@ impl Engine {
         let mut buf = vec![0u8; MAX_DATAGRAM + 1];
         loop {
             self.flush(&socket);
+            if let Some(arrived) = self.forwarded_since.take() {
+                self.metrics
+                    .forward_latency
+                    .observe(arrived.elapsed().as_secs_f64());
+            }
             let now = Instant::now();
             let deadline = self
                 .peers
@@ -951,9 +959,9 @@ impl Engine {
             }
         }
         self.scratch = members;
-        self.metrics
-            .forward_latency
-            .observe(arrived.elapsed().as_secs_f64());
+        // Timed once the copies are on the wire (after encryption and
+        // sendto, in `flush`), from the earliest packet of this turn.
+        self.forwarded_since.get_or_insert(arrived);
     }
 
     /// Adds `publisher`'s `track` to every other member of its room.

@@ -3,8 +3,13 @@
 //! Subcommands:
 //! - `signaling`: many WebSocket clients join rooms and ping; reports
 //!   join and ping latency and what the connections cost the server.
+//! - `sfu`: rooms of real WebRTC clients publish paced audio and video
+//!   through the SFU; reports loss, end-to-end latency, and the server's CPU
+//!   per forwarded packet, forwarding latency and RSS per participant.
 
 mod proc;
+mod scrape;
+mod sfu;
 mod signaling;
 mod stats;
 
@@ -26,12 +31,17 @@ enum Command {
     /// join (mode sfu), ping, leave; report latency percentiles and the
     /// server's RSS and CPU.
     Signaling(signaling::SignalingArgs),
+    /// SFU forwarding benchmark: rooms x participants WebRTC clients publish
+    /// paced audio and video; report loss, end-to-end latency, and the
+    /// server's CPU per forwarded packet, forwarding latency and RSS.
+    Sfu(sfu::SfuArgs),
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
         Command::Signaling(args) => signaling::main(&args),
+        Command::Sfu(args) => sfu::main(&args),
     }
 }
 
@@ -104,10 +114,32 @@ mod tests {
             "50ms",
         ])
         .expect("parses");
-        let Command::Signaling(a) = cli.command;
+        let Command::Signaling(a) = cli.command else {
+            panic!("not signaling");
+        };
         assert_eq!(a.connections, 10);
         assert_eq!(a.rooms, 2);
         assert_eq!(a.ping_interval, Duration::from_millis(50));
         assert_eq!(a.timeout, Duration::from_secs(120));
+        let cli = Cli::try_parse_from([
+            "loadtest",
+            "sfu",
+            "--rooms",
+            "2",
+            "--participants",
+            "3",
+            "--duration",
+            "5s",
+            "--server-pid",
+            "1",
+        ])
+        .expect("parses");
+        let Command::Sfu(a) = cli.command else {
+            panic!("not sfu");
+        };
+        assert_eq!((a.rooms, a.participants), (2, 3));
+        assert_eq!(a.duration, Duration::from_secs(5));
+        assert_eq!(a.video_kbps, 500);
+        assert_eq!(a.server_pid, Some(1));
     }
 }

@@ -1,5 +1,6 @@
 //! Sampling processes and the machine through `/proc` (Linux only).
 
+use std::collections::BTreeMap;
 use std::io;
 use std::path::PathBuf;
 use std::process::Command;
@@ -175,6 +176,23 @@ fn parse_open_files_limit(limits: &str) -> Option<u64> {
         .ok()
 }
 
+/// The kernel's UDP counters (`Udp:` lines of `/proc/net/snmp`, system-wide
+/// for this network namespace): `InDatagrams`, `RcvbufErrors`, ...
+pub fn udp_counters() -> Option<BTreeMap<String, u64>> {
+    parse_snmp_udp(&std::fs::read_to_string("/proc/net/snmp").ok()?)
+}
+
+fn parse_snmp_udp(snmp: &str) -> Option<BTreeMap<String, u64>> {
+    let mut lines = snmp.lines().filter(|l| l.starts_with("Udp:"));
+    let names = lines.next()?.split_whitespace().skip(1);
+    let values = lines.next()?.split_whitespace().skip(1);
+    let map: BTreeMap<String, u64> = names
+        .zip(values)
+        .filter_map(|(n, v)| Some((n.to_owned(), v.parse().ok()?)))
+        .collect();
+    (!map.is_empty()).then_some(map)
+}
+
 fn invalid(msg: &str) -> io::Error {
     io::Error::new(io::ErrorKind::InvalidData, msg.to_owned())
 }
@@ -240,6 +258,22 @@ mod tests {
         assert!(!pid.exists());
         assert!(rss_bytes(pid).is_err());
         assert!(cpu_time(pid).is_err());
+    }
+
+    #[test]
+    fn snmp_udp() {
+        let snmp = "Ip: Forwarding DefaultTTL\nIp: 1 64\n\
+                    Udp: InDatagrams NoPorts InErrors OutDatagrams RcvbufErrors SndbufErrors\n\
+                    Udp: 100 2 3 90 3 0\nUdpLite: InDatagrams\nUdpLite: 0\n";
+        let m = parse_snmp_udp(snmp).expect("udp counters");
+        assert_eq!(m.get("InDatagrams"), Some(&100));
+        assert_eq!(m.get("RcvbufErrors"), Some(&3));
+        assert_eq!(m.len(), 6);
+        assert!(parse_snmp_udp("Ip: a\nIp: 1\n").is_none());
+        // This machine's own counters, where /proc/net/snmp exists.
+        if std::path::Path::new("/proc/net/snmp").exists() {
+            assert!(udp_counters().is_some_and(|m| m.contains_key("InDatagrams")));
+        }
     }
 
     #[test]

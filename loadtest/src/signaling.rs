@@ -209,7 +209,7 @@ fn validate(args: &SignalingArgs, run_id: &str) -> Result<(Uri, Vec<RoomName>), 
 }
 
 /// Accepts `ws://` URLs whose host is loopback, or any host with `allow_remote`.
-fn check_url(url: &str, allow_remote: bool) -> Result<Uri, String> {
+pub(crate) fn check_url(url: &str, allow_remote: bool) -> Result<Uri, String> {
     let req = url
         .into_client_request()
         .map_err(|e| format!("--url {url:?}: {e}"))?;
@@ -233,7 +233,7 @@ fn check_url(url: &str, allow_remote: bool) -> Result<Uri, String> {
     Ok(uri)
 }
 
-fn default_run_id() -> String {
+pub(crate) fn default_run_id() -> String {
     let secs = SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map_or(0, |d| d.as_secs());
@@ -453,7 +453,7 @@ async fn wait_for(
     true
 }
 
-fn progress(started: Instant, what: std::fmt::Arguments<'_>) {
+pub(crate) fn progress(started: Instant, what: std::fmt::Arguments<'_>) {
     eprintln!("[{:7.2}s] {what}", started.elapsed().as_secs_f64());
 }
 

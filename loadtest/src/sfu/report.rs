@@ -1,0 +1,942 @@
+//! The SFU benchmark's report: the figures, the table and the JSON.
+
+use std::collections::{BTreeMap, HashMap};
+use std::fmt::Write as _;
+use std::time::{Duration, Instant};
+
+use serde::{Serialize, Serializer};
+
+use super::{kind_index, Outcome, Sample, Schedule, SfuArgs, StreamSpec, KIND_NAMES};
+use crate::proc::{self, Machine};
+use crate::scrape::{self, Estimate, Histogram};
+use crate::stats::{self, Summary};
+
+/// The server's forwarding counter and latency histogram.
+pub const FORWARDED: &str = "switchboard_media_rtp_forwarded_total";
+pub const FORWARD_LATENCY: &str = "switchboard_media_forward_latency_seconds";
+const DATAGRAMS_IN: &str = "switchboard_media_datagrams_received_total";
+const DATAGRAMS_OUT: &str = "switchboard_media_datagrams_sent_total";
+
+fn ser_summary<S: Serializer>(s: &Summary, ser: S) -> Result<S::Ok, S::Error> {
+    s.micros().serialize(ser)
+}
+
+/// The benchmark's results; serialized as the `--json` report.
+#[derive(Debug, Serialize)]
+pub struct Report {
+    pub tool: &'static str,
+    pub url: String,
+    pub run_id: String,
+    /// False when the run hit `--timeout` or lost a task.
+    pub completed: bool,
+    pub config: Config,
+    pub machine: Machine,
+    pub participants: Participants,
+    /// Join start → connected and negotiated.
+    #[serde(serialize_with = "ser_summary")]
+    pub join_latency: Summary,
+    /// Wall-clock seconds between the samples at both ends of the window.
+    pub window_s: f64,
+    /// Per kind, over the window.
+    pub media: Vec<KindTotals>,
+    /// End-to-end latency of every in-window packet, both kinds.
+    #[serde(serialize_with = "ser_summary")]
+    pub latency_all: Summary,
+    /// Per remote track: warm-up start (publishing begins) → first packet.
+    #[serde(serialize_with = "ser_summary")]
+    pub first_packet_after_warmup: Summary,
+    /// Per remote track: the subscriber's join start → first packet.
+    #[serde(serialize_with = "ser_summary")]
+    pub first_packet_after_join: Summary,
+    /// Remote tracks announced (`TrackAdded`) over all subscribers, and the
+    /// number expected.
+    pub tracks_added: usize,
+    pub tracks_expected: usize,
+    pub tracks_removed: u64,
+    /// Payloads that could not be counted, by reason.
+    pub bad_payloads: BTreeMap<String, u64>,
+    pub subscribers: Vec<SubscriberRow>,
+    pub flows: Vec<FlowRow>,
+    pub server: Option<ServerStats>,
+    pub server_metrics: Option<ServerMetrics>,
+    pub generator: GeneratorStats,
+    /// Deltas of the kernel's UDP counters over the window (system-wide).
+    pub kernel_udp: BTreeMap<String, i64>,
+    /// Participants by the first thing that went wrong.
+    pub errors: BTreeMap<String, u64>,
+    /// Server `error` messages, by code.
+    pub server_errors: BTreeMap<String, u64>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct Config {
+    pub rooms: usize,
+    pub participants_per_room: usize,
+    pub duration_s: f64,
+    pub warmup_s: f64,
+    pub drain_s: f64,
+    pub streams: Vec<StreamConfig>,
+    pub join_timeout_s: f64,
+    pub connect_concurrency: usize,
+    pub timeout_s: f64,
+    pub threads: usize,
+}
+
+#[derive(Debug, Serialize)]
+pub struct StreamConfig {
+    pub kind: &'static str,
+    pub packets_per_second: f64,
+    pub payload_bytes: usize,
+    pub payload_kbps: f64,
+}
+
+#[derive(Debug, Default, Serialize)]
+pub struct Participants {
+    pub requested: usize,
+    /// Connected and negotiated.
+    pub connected: usize,
+    pub failed: usize,
+    /// Published in the media phase.
+    pub published: usize,
+    /// Lost signaling or media connection after connecting.
+    pub dropped: usize,
+    /// Tasks that panicked or overran the hard deadline (outcome unknown).
+    pub tasks_lost: usize,
+}
+
+#[derive(Debug, Serialize)]
+pub struct KindTotals {
+    pub kind: &'static str,
+    /// Packets published in the window, all publishers.
+    pub sent: u64,
+    /// Packets published over the whole media phase (warm-up included).
+    pub sent_total: u64,
+    pub send_errors: u64,
+    /// In-window packets every subscriber should get: Σ sent × subscribers.
+    pub expected: u64,
+    pub received: u64,
+    pub lost: u64,
+    pub loss_percent: f64,
+    pub duplicates: u64,
+    pub reordered: u64,
+    /// (subscriber, publisher) pairs expected, and those with no packet in the window.
+    pub tracks: usize,
+    pub tracks_missing: usize,
+    #[serde(serialize_with = "ser_summary")]
+    pub latency: Summary,
+}
+
+#[derive(Debug, Serialize)]
+pub struct SubscriberRow {
+    pub name: String,
+    pub id: Option<String>,
+    pub room: usize,
+    pub expected: u64,
+    pub received: u64,
+    pub lost: u64,
+    pub loss_percent: f64,
+    #[serde(serialize_with = "ser_summary")]
+    pub latency: Summary,
+    /// Slowest remote track: warm-up start → first packet, ms.
+    pub first_packet_max_ms: Option<f64>,
+    pub error: Option<String>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct FlowRow {
+    pub subscriber: String,
+    pub publisher: String,
+    pub kind: &'static str,
+    pub sent: u64,
+    pub received: u64,
+    pub lost: u64,
+    pub duplicates: u64,
+    pub reordered: u64,
+    pub first_packet_after_warmup_ms: Option<f64>,
+    pub first_packet_after_join_ms: Option<f64>,
+    #[serde(serialize_with = "ser_summary")]
+    pub latency: Summary,
+}
+
+#[derive(Debug, Serialize)]
+pub struct ServerStats {
+    pub pid: u32,
+    /// Command name of the process (`/proc/PID/comm`).
+    pub name: Option<String>,
+    /// utime + stime over the window.
+    pub cpu_window_s: Option<f64>,
+    pub cpu_percent_of_core: Option<f64>,
+    /// Window CPU / RTP packets forwarded in the window (server's counter).
+    pub cpu_per_forwarded_packet_us: Option<f64>,
+    /// Window CPU / media datagrams received in the window.
+    pub cpu_per_received_datagram_us: Option<f64>,
+    /// Before anyone joined.
+    pub rss_baseline_bytes: Option<u64>,
+    /// Everyone connected, no media yet.
+    pub rss_after_join_bytes: Option<u64>,
+    /// Start of the window (after the warm-up).
+    pub rss_window_start_bytes: Option<u64>,
+    /// End of the window.
+    pub rss_steady_bytes: Option<u64>,
+    /// After everyone left.
+    pub rss_after_leave_bytes: Option<u64>,
+    /// (steady − baseline) / connected participants.
+    pub rss_per_participant_bytes: Option<i64>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct ServerMetrics {
+    /// `switchboard_media_rtp_forwarded_total` over the window.
+    pub forwarded: f64,
+    pub forwarded_per_s: f64,
+    /// What the generator's counts say should have been forwarded
+    /// (Σ sent in the window × other participants in the room).
+    pub expected_forwarded: u64,
+    pub datagrams_in: Option<f64>,
+    pub datagrams_out: Option<f64>,
+    pub forward_latency: Option<LatencyHistogram>,
+    /// Every `switchboard_*_total` series that changed over the window.
+    pub counters: BTreeMap<String, f64>,
+}
+
+/// The server's forwarding-latency histogram over the window (one
+/// observation per incoming RTP packet: arrival → last copy queued with
+/// rtc; the outbound interceptors, SRTP encryption and `sendto` happen at the
+/// next flush and are not included).
+#[derive(Debug, Serialize)]
+pub struct LatencyHistogram {
+    pub observations: f64,
+    pub mean_s: Option<f64>,
+    pub p50: Option<Estimate>,
+    pub p90: Option<Estimate>,
+    pub p99: Option<Estimate>,
+    pub p999: Option<Estimate>,
+    /// Share of the observations in the lowest bucket (where quantiles
+    /// cannot be resolved), percent.
+    pub lowest_bucket_percent: Option<f64>,
+    /// Highest bucket bound with an observation in it (`+Inf` → `None`).
+    pub max_bucket_s: Option<f64>,
+    /// `(le seconds or "+Inf", cumulative count)` over the window.
+    pub buckets: Vec<(String, f64)>,
+}
+
+#[derive(Debug, Default, Serialize)]
+pub struct GeneratorStats {
+    pub cpu_window_s: Option<f64>,
+    pub cpu_percent_of_core: Option<f64>,
+    /// Window CPU / (packets sent + received in the window).
+    pub cpu_per_packet_us: Option<f64>,
+    pub rss_bytes: Option<u64>,
+}
+
+/// What [`Report::assemble`] is built from.
+pub(super) struct Inputs<'a> {
+    pub args: &'a SfuArgs,
+    pub run_id: &'a str,
+    pub machine: Machine,
+    pub streams: &'a [StreamSpec],
+    pub base: Instant,
+    pub outcomes: Vec<Outcome>,
+    pub tasks_lost: usize,
+    pub completed: bool,
+    pub schedule: Option<Schedule>,
+    pub baseline: Sample,
+    pub after_join: Sample,
+    pub joined_at: Instant,
+    pub window: Option<(Sample, Sample)>,
+    pub finished: Sample,
+}
+
+/// Totals of one kind over every (subscriber, publisher) pair.
+#[derive(Debug, Default)]
+struct KindAcc {
+    expected: u64,
+    received: u64,
+    duplicates: u64,
+    reordered: u64,
+    tracks: usize,
+    missing: usize,
+    latencies: Vec<Duration>,
+}
+
+fn ms_between(a: Instant, b: Instant) -> f64 {
+    b.saturating_duration_since(a).as_secs_f64() * 1e3
+}
+
+fn percent(part: u64, whole: u64) -> f64 {
+    if whole == 0 {
+        0.0
+    } else {
+        100.0 * part as f64 / whole as f64
+    }
+}
+
+impl Report {
+    pub(super) fn assemble(inp: Inputs<'_>) -> Report {
+        let args = inp.args;
+        let mut outcomes = inp.outcomes;
+        outcomes.sort_by_key(|o| o.index);
+        let by_index: HashMap<usize, &Outcome> = outcomes.iter().map(|o| (o.index, o)).collect();
+        let id_to_index: HashMap<&str, usize> = outcomes
+            .iter()
+            .filter_map(|o| Some((o.id.as_deref()?, o.index)))
+            .collect();
+        let kinds: Vec<usize> = inp.streams.iter().map(|s| kind_index(s.kind)).collect();
+
+        let mut p = Participants {
+            requested: args.rooms * args.participants,
+            tasks_lost: inp.tasks_lost,
+            ..Participants::default()
+        };
+        let mut joins = Vec::new();
+        let mut errors = BTreeMap::new();
+        let mut server_errors = BTreeMap::new();
+        let mut bad = BTreeMap::new();
+        for o in &outcomes {
+            if let (Some(s), Some(r)) = (o.join_started, o.ready_at) {
+                p.connected += 1;
+                joins.push(r - s);
+            } else {
+                p.failed += 1;
+            }
+            p.published += usize::from(o.published);
+            let dropped = o.closed_early
+                || o.later_states
+                    .iter()
+                    .any(|s| matches!(s.as_str(), "failed" | "disconnected" | "closed"));
+            p.dropped += usize::from(dropped && o.ready_at.is_some());
+            if let Some(e) = &o.error {
+                *errors.entry(e.clone()).or_default() += 1;
+            } else if dropped {
+                let states = o.later_states.join(" → ");
+                *errors
+                    .entry(format!("connection went {states}"))
+                    .or_default() += 1;
+            }
+            for (code, n) in &o.server_errors {
+                *server_errors.entry(code.clone()).or_default() += n;
+            }
+            for (reason, n) in &o.bad {
+                *bad.entry((*reason).to_owned()).or_default() += n;
+            }
+        }
+
+        // Per flow: every published stream of every other publisher in the room.
+        let mut flows = Vec::new();
+        let mut subscribers = Vec::new();
+        let mut per_kind: [KindAcc; 2] = Default::default();
+        let (mut after_warmup, mut after_join) = (Vec::new(), Vec::new());
+        let mut tracks_expected = 0usize;
+        let mut tracks_added = 0usize;
+        let mut tracks_removed = 0u64;
+        for sub in outcomes.iter().filter(|o| o.published) {
+            let (mut s_expected, mut s_received) = (0u64, 0u64);
+            let mut s_lat = Vec::new();
+            let mut s_first_max: Option<f64> = None;
+            tracks_removed += sub.tracks_removed;
+            tracks_added += sub
+                .tracks_added
+                .keys()
+                .filter(|(id, _)| id_to_index.contains_key(id.as_str()))
+                .count();
+            let room_members = (sub.room * args.participants)..((sub.room + 1) * args.participants);
+            for pubi in room_members {
+                let Some(publisher) = by_index.get(&pubi).filter(|o| o.published) else {
+                    continue;
+                };
+                if pubi == sub.index {
+                    continue;
+                }
+                for &k in &kinds {
+                    tracks_expected += 1;
+                    let sent = publisher.sent[k].window;
+                    let flow = sub.flows.get(&(pubi, k));
+                    let received = flow.map_or(0, |f| f.window);
+                    let lost = sent.saturating_sub(received);
+                    let first_w = flow
+                        .and_then(|f| f.first_at)
+                        .zip(inp.schedule)
+                        .map(|(at, s)| ms_between(s.warmup_start, at));
+                    let first_j = flow
+                        .and_then(|f| f.first_at)
+                        .zip(sub.join_started)
+                        .map(|(at, j)| ms_between(j, at));
+                    if let Some(w) = first_w {
+                        after_warmup.push(Duration::from_secs_f64(w / 1e3));
+                        s_first_max = Some(s_first_max.map_or(w, |m: f64| m.max(w)));
+                    }
+                    if let Some(j) = first_j {
+                        after_join.push(Duration::from_secs_f64(j / 1e3));
+                    }
+                    let mut lat = flow.map(|f| f.latencies.clone()).unwrap_or_default();
+                    let t = &mut per_kind[k];
+                    t.expected += sent;
+                    t.received += received;
+                    t.duplicates += flow.map_or(0, |f| f.duplicates);
+                    t.reordered += flow.map_or(0, |f| f.reordered);
+                    t.tracks += 1;
+                    t.missing += usize::from(sent > 0 && received == 0);
+                    t.latencies.extend_from_slice(&lat);
+                    s_lat.extend_from_slice(&lat);
+                    s_expected += sent;
+                    s_received += received;
+                    flows.push(FlowRow {
+                        subscriber: sub.name.clone(),
+                        publisher: publisher.name.clone(),
+                        kind: KIND_NAMES[k],
+                        sent,
+                        received,
+                        lost,
+                        duplicates: flow.map_or(0, |f| f.duplicates),
+                        reordered: flow.map_or(0, |f| f.reordered),
+                        first_packet_after_warmup_ms: first_w,
+                        first_packet_after_join_ms: first_j,
+                        latency: Summary::of(&mut lat),
+                    });
+                }
+            }
+            let lost = s_expected.saturating_sub(s_received);
+            subscribers.push(SubscriberRow {
+                name: sub.name.clone(),
+                id: sub.id.clone(),
+                room: sub.room,
+                expected: s_expected,
+                received: s_received,
+                lost,
+                loss_percent: percent(lost, s_expected),
+                latency: Summary::of(&mut s_lat),
+                first_packet_max_ms: s_first_max,
+                error: sub.error.clone(),
+            });
+        }
+        let mut all_lat = Vec::new();
+        let mut media = Vec::new();
+        let mut sent_window_total = 0u64;
+        let mut received_total = 0u64;
+        for &k in &kinds {
+            let acc = &mut per_kind[k];
+            all_lat.extend_from_slice(&acc.latencies);
+            let sent: u64 = outcomes
+                .iter()
+                .filter(|o| o.published)
+                .map(|o| o.sent[k].window)
+                .sum();
+            sent_window_total += sent;
+            received_total += acc.received;
+            let lost = acc.expected.saturating_sub(acc.received);
+            media.push(KindTotals {
+                kind: KIND_NAMES[k],
+                sent,
+                sent_total: outcomes.iter().map(|o| o.sent[k].total).sum(),
+                send_errors: outcomes.iter().map(|o| o.sent[k].errors).sum(),
+                expected: acc.expected,
+                received: acc.received,
+                lost,
+                loss_percent: percent(lost, acc.expected),
+                duplicates: acc.duplicates,
+                reordered: acc.reordered,
+                tracks: acc.tracks,
+                tracks_missing: acc.missing,
+                latency: Summary::of(&mut acc.latencies),
+            });
+        }
+        let expected_forwarded: u64 = media.iter().map(|m| m.expected).sum();
+
+        // Server and generator over the window.
+        let window_s = inp
+            .window
+            .as_ref()
+            .map_or(0.0, |(a, b)| (b.at - a.at).as_secs_f64());
+        let cpu = |get: fn(&Sample) -> Option<Duration>| {
+            let (a, b) = inp.window.as_ref()?;
+            Some(get(b)?.saturating_sub(get(a)?).as_secs_f64())
+        };
+        let per_core = |c: Option<f64>| c.filter(|_| window_s > 0.0).map(|c| 100.0 * c / window_s);
+        let metrics = inp.window.as_ref().and_then(|(a, b)| {
+            let (a, b) = (a.metrics.as_ref().ok()?, b.metrics.as_ref().ok()?);
+            let forwarded = scrape::delta(a, b, FORWARDED)?;
+            let forward_latency = Histogram::from_samples(b, FORWARD_LATENCY)
+                .zip(Histogram::from_samples(a, FORWARD_LATENCY))
+                .map(|(hb, ha)| {
+                    let h = hb.since(&ha);
+                    LatencyHistogram {
+                        observations: h.total(),
+                        mean_s: h.mean(),
+                        p50: h.quantile(0.5),
+                        p90: h.quantile(0.9),
+                        p99: h.quantile(0.99),
+                        p999: h.quantile(0.999),
+                        lowest_bucket_percent: h
+                            .buckets
+                            .first()
+                            .filter(|_| h.total() > 0.0)
+                            .map(|(_, c)| 100.0 * c / h.total()),
+                        max_bucket_s: h.quantile(1.0).and_then(|e| e.bucket_upper),
+                        buckets: h
+                            .buckets
+                            .iter()
+                            .map(|(le, c)| {
+                                let le = if le.is_infinite() {
+                                    "+Inf".to_owned()
+                                } else {
+                                    format!("{le}")
+                                };
+                                (le, *c)
+                            })
+                            .collect(),
+                    }
+                });
+            Some(ServerMetrics {
+                forwarded,
+                forwarded_per_s: if window_s > 0.0 {
+                    forwarded / window_s
+                } else {
+                    0.0
+                },
+                expected_forwarded,
+                datagrams_in: scrape::delta(a, b, DATAGRAMS_IN),
+                datagrams_out: scrape::delta(a, b, DATAGRAMS_OUT),
+                forward_latency,
+                counters: scrape::counter_deltas(a, b, "switchboard_"),
+            })
+        });
+        let server = args.server_pid.map(|pid| {
+            let cpu_s = cpu(|s| s.server_cpu);
+            let per = |n: Option<f64>| cpu_s.zip(n.filter(|n| *n > 0.0)).map(|(c, n)| c * 1e6 / n);
+            let steady = inp.window.as_ref().and_then(|(_, b)| b.server_rss);
+            let per_participant = match (inp.baseline.server_rss, steady) {
+                (Some(b), Some(s)) if p.connected > 0 => {
+                    Some((s as i64 - b as i64) / p.connected as i64)
+                }
+                _ => None,
+            };
+            ServerStats {
+                pid,
+                name: proc::comm(proc::Pid::Other(pid)).ok(),
+                cpu_window_s: cpu_s,
+                cpu_percent_of_core: per_core(cpu_s),
+                cpu_per_forwarded_packet_us: per(metrics.as_ref().map(|m| m.forwarded)),
+                cpu_per_received_datagram_us: per(metrics.as_ref().and_then(|m| m.datagrams_in)),
+                rss_baseline_bytes: inp.baseline.server_rss,
+                rss_after_join_bytes: inp.after_join.server_rss,
+                rss_window_start_bytes: inp.window.as_ref().and_then(|(a, _)| a.server_rss),
+                rss_steady_bytes: steady,
+                rss_after_leave_bytes: inp.finished.server_rss,
+                rss_per_participant_bytes: per_participant,
+            }
+        });
+        let own = cpu(|s| s.own_cpu);
+        let handled = sent_window_total + received_total;
+        let generator = GeneratorStats {
+            cpu_window_s: own,
+            cpu_percent_of_core: per_core(own),
+            cpu_per_packet_us: own
+                .filter(|_| handled > 0)
+                .map(|c| c * 1e6 / handled as f64),
+            rss_bytes: proc::rss_bytes(proc::Pid::Own).ok(),
+        };
+        let kernel_udp = inp
+            .window
+            .as_ref()
+            .and_then(|(a, b)| {
+                let (a, b) = (a.udp.as_ref()?, b.udp.as_ref()?);
+                Some(
+                    b.iter()
+                        .map(|(k, v)| {
+                            let before = a.get(k).copied().unwrap_or(0);
+                            (k.clone(), *v as i64 - before as i64)
+                        })
+                        .collect(),
+                )
+            })
+            .unwrap_or_default();
+        let _ = (inp.base, inp.joined_at);
+
+        Report {
+            tool: "loadtest sfu",
+            url: args.url.clone(),
+            run_id: inp.run_id.to_owned(),
+            completed: inp.completed,
+            config: Config {
+                rooms: args.rooms,
+                participants_per_room: args.participants,
+                duration_s: args.duration.as_secs_f64(),
+                warmup_s: args.warmup.as_secs_f64(),
+                drain_s: args.drain.as_secs_f64(),
+                streams: inp
+                    .streams
+                    .iter()
+                    .map(|s| StreamConfig {
+                        kind: KIND_NAMES[kind_index(s.kind)],
+                        packets_per_second: s.packets_per_second(),
+                        payload_bytes: s.payload,
+                        payload_kbps: s.packets_per_second() * s.payload as f64 * 8.0 / 1e3,
+                    })
+                    .collect(),
+                join_timeout_s: args.join_timeout.as_secs_f64(),
+                connect_concurrency: args.connect_concurrency,
+                timeout_s: args.timeout.as_secs_f64(),
+                threads: args.threads.max(1),
+            },
+            machine: inp.machine,
+            participants: p,
+            join_latency: Summary::of(&mut joins),
+            window_s,
+            media,
+            latency_all: Summary::of(&mut all_lat),
+            first_packet_after_warmup: Summary::of(&mut after_warmup),
+            first_packet_after_join: Summary::of(&mut after_join),
+            tracks_added,
+            tracks_expected,
+            tracks_removed,
+            bad_payloads: bad,
+            subscribers,
+            flows,
+            server,
+            server_metrics: metrics,
+            generator,
+            kernel_udp,
+            errors,
+            server_errors,
+        }
+    }
+
+    /// Every participant connected and stayed connected, every expected
+    /// track delivered packets in the window, and the run finished in time.
+    pub fn all_ok(&self) -> bool {
+        let p = &self.participants;
+        self.completed
+            && p.connected == p.requested
+            && p.published == p.requested
+            && p.dropped == 0
+            && p.tasks_lost == 0
+            && self.media.iter().all(|m| m.tracks_missing == 0)
+    }
+
+    /// The human-readable report.
+    pub fn table(&self) -> String {
+        let mut t = String::new();
+        self.write_table(&mut t)
+            .expect("formatting into a String cannot fail");
+        t
+    }
+
+    fn write_table(&self, t: &mut String) -> std::fmt::Result {
+        let c = &self.config;
+        let m = &self.machine;
+        let p = &self.participants;
+        writeln!(t)?;
+        writeln!(t, "Switchboard SFU forwarding benchmark")?;
+        writeln!(t, "  url          {}", self.url)?;
+        writeln!(
+            t,
+            "  run          {}  ({} rooms x {} participants, warm-up {} s, window {} s, drain {} s{})",
+            self.run_id,
+            c.rooms,
+            c.participants_per_room,
+            c.warmup_s,
+            c.duration_s,
+            c.drain_s,
+            if self.completed {
+                ""
+            } else {
+                "; DID NOT COMPLETE"
+            },
+        )?;
+        for s in &c.streams {
+            writeln!(
+                t,
+                "  publishing   {} per participant: {:.1} packets/s x {} B = {:.0} kbit/s of payload",
+                s.kind, s.packets_per_second, s.payload_bytes, s.payload_kbps
+            )?;
+        }
+        writeln!(
+            t,
+            "  machine      {} CPUs ({} online), {}; load avg {:.2} {:.2} {:.2} at start",
+            m.nproc, m.cpus_online, m.cpu_model, m.loadavg[0], m.loadavg[1], m.loadavg[2]
+        )?;
+        writeln!(
+            t,
+            "  generator    tokio {}, all clients in this process",
+            if c.threads <= 1 {
+                "current-thread runtime".to_owned()
+            } else {
+                format!("multi-thread runtime, {} workers", c.threads)
+            }
+        )?;
+        writeln!(
+            t,
+            "  participants {} requested, {} connected, {} failed, {} published, {} dropped{}",
+            p.requested,
+            p.connected,
+            p.failed,
+            p.published,
+            p.dropped,
+            if p.tasks_lost > 0 {
+                format!(", {} tasks lost", p.tasks_lost)
+            } else {
+                String::new()
+            }
+        )?;
+        writeln!(t)?;
+        writeln!(
+            t,
+            "  media in the window ({:.2} s)   sent   expected   received       lost  loss %   dup  reord  tracks (missing)",
+            self.window_s
+        )?;
+        for k in &self.media {
+            writeln!(
+                t,
+                "    {:<28} {:>7} {:>10} {:>10} {:>10} {:>7.3} {:>5} {:>6}  {} ({})",
+                k.kind,
+                k.sent,
+                k.expected,
+                k.received,
+                k.lost,
+                k.loss_percent,
+                k.duplicates,
+                k.reordered,
+                k.tracks,
+                k.tracks_missing
+            )?;
+        }
+        writeln!(
+            t,
+            "    tracks announced {} of {} expected, {} removed{}",
+            self.tracks_added,
+            self.tracks_expected,
+            self.tracks_removed,
+            if self.bad_payloads.is_empty() {
+                String::new()
+            } else {
+                format!("; uncounted payloads: {}", join_map(&self.bad_payloads))
+            }
+        )?;
+        writeln!(t)?;
+        writeln!(
+            t,
+            "  {:<34} {:>7} {:>9} {:>9} {:>9} {:>9} {:>9}",
+            "latency (ms)", "count", "p50", "p90", "p99", "max", "mean"
+        )?;
+        let mut rows: Vec<(String, &Summary)> =
+            vec![("join -> connected+negotiated".into(), &self.join_latency)];
+        for k in &self.media {
+            rows.push((format!("end-to-end {}", k.kind), &k.latency));
+        }
+        rows.push(("end-to-end all".into(), &self.latency_all));
+        rows.push((
+            "warm-up start -> first pkt/track".into(),
+            &self.first_packet_after_warmup,
+        ));
+        rows.push((
+            "join -> first pkt/track".into(),
+            &self.first_packet_after_join,
+        ));
+        for (name, s) in rows {
+            writeln!(
+                t,
+                "  {:<34} {:>7} {:>9} {:>9} {:>9} {:>9} {:>9}",
+                name,
+                s.count,
+                stats::ms(s.p50),
+                stats::ms(s.p90),
+                stats::ms(s.p99),
+                stats::ms(s.max),
+                stats::ms(s.mean)
+            )?;
+        }
+        writeln!(t)?;
+        writeln!(
+            t,
+            "  per subscriber      received/expected   loss %   e2e p50    p99    max (ms)  first pkt (ms, slowest track)"
+        )?;
+        for s in &self.subscribers {
+            writeln!(
+                t,
+                "    {:<16} {:>9}/{:<9} {:>7.3}  {:>7} {:>7} {:>7}   {}{}",
+                s.name,
+                s.received,
+                s.expected,
+                s.loss_percent,
+                stats::ms(s.latency.p50),
+                stats::ms(s.latency.p99),
+                stats::ms(s.latency.max),
+                s.first_packet_max_ms
+                    .map_or("-".into(), |v| format!("{v:.0}")),
+                s.error
+                    .as_ref()
+                    .map_or(String::new(), |e| format!("  ({e})"))
+            )?;
+        }
+        writeln!(t)?;
+        match &self.server {
+            Some(s) => {
+                writeln!(
+                    t,
+                    "  server (pid {}, {})",
+                    s.pid,
+                    s.name.as_deref().unwrap_or("exited")
+                )?;
+                writeln!(
+                    t,
+                    "    CPU in window        {}  ({} of one core)",
+                    opt(s.cpu_window_s, |v| format!("{v:.2} s")),
+                    opt(s.cpu_percent_of_core, |v| format!("{v:.1} %"))
+                )?;
+                writeln!(
+                    t,
+                    "    CPU per packet       {} per forwarded RTP packet, {} per received datagram",
+                    opt(s.cpu_per_forwarded_packet_us, |v| format!("{v:.2} µs")),
+                    opt(s.cpu_per_received_datagram_us, |v| format!("{v:.2} µs"))
+                )?;
+                writeln!(
+                    t,
+                    "    RSS                  baseline {}, all connected {}, window start {}, steady (window end) {}, after leaving {}",
+                    mib(s.rss_baseline_bytes),
+                    mib(s.rss_after_join_bytes),
+                    mib(s.rss_window_start_bytes),
+                    mib(s.rss_steady_bytes),
+                    mib(s.rss_after_leave_bytes)
+                )?;
+                writeln!(
+                    t,
+                    "    RSS/participant      {}  ((steady - baseline) / {} connected)",
+                    opt(s.rss_per_participant_bytes, |b| format!(
+                        "{:.1} KiB",
+                        b as f64 / 1024.0
+                    )),
+                    p.connected
+                )?;
+            }
+            None => writeln!(
+                t,
+                "  server               (no --server-pid: CPU and RSS not sampled)"
+            )?,
+        }
+        match &self.server_metrics {
+            Some(sm) => {
+                writeln!(
+                    t,
+                    "    forwarded            {:.0} RTP packets ({:.0}/s); the generator expected {}",
+                    sm.forwarded, sm.forwarded_per_s, sm.expected_forwarded
+                )?;
+                writeln!(
+                    t,
+                    "    media datagrams      {} in, {} out",
+                    opt(sm.datagrams_in, |v| format!("{v:.0}")),
+                    opt(sm.datagrams_out, |v| format!("{v:.0}"))
+                )?;
+                if let Some(h) = &sm.forward_latency {
+                    writeln!(
+                        t,
+                        "    forwarding latency   p50 {}, p99 {}, p99.9 {}, max {}, mean {}",
+                        est(h.p50),
+                        est(h.p99),
+                        est(h.p999),
+                        h.max_bucket_s
+                            .map_or("> last bucket".into(), |v| format!("<= {:.3} ms", v * 1e3)),
+                        opt(h.mean_s, |v| format!("{:.3} ms", v * 1e3)),
+                    )?;
+                    writeln!(
+                        t,
+                        "                         ({:.0} packets, {} in the lowest bucket; the server's histogram,\n                         \
+                         arrival -> last copy queued in rtc; the outbound interceptors, SRTP and sendto come later)",
+                        h.observations,
+                        opt(h.lowest_bucket_percent, |v| format!("{v:.2} %")),
+                    )?;
+                }
+                let others: Vec<String> = sm
+                    .counters
+                    .iter()
+                    .filter(|(k, _)| {
+                        ![FORWARDED, DATAGRAMS_IN, DATAGRAMS_OUT].contains(&k.as_str())
+                            && !k.contains("_bytes_total")
+                            && !k.starts_with("switchboard_signaling_")
+                    })
+                    .map(|(k, v)| format!("{}={v:.0}", k.trim_start_matches("switchboard_")))
+                    .collect();
+                if !others.is_empty() {
+                    writeln!(t, "    other counters       {}", others.join(", "))?;
+                }
+            }
+            None => writeln!(t, "    /metrics             not available over the window")?,
+        }
+        let g = &self.generator;
+        writeln!(
+            t,
+            "  generator CPU          {} in window ({} of one core, {} per packet sent or received), RSS {}",
+            opt(g.cpu_window_s, |v| format!("{v:.2} s")),
+            opt(g.cpu_percent_of_core, |v| format!("{v:.1} %")),
+            opt(g.cpu_per_packet_us, |v| format!("{v:.2} µs")),
+            mib(g.rss_bytes)
+        )?;
+        if !self.kernel_udp.is_empty() {
+            let pick: Vec<String> = [
+                "InDatagrams",
+                "OutDatagrams",
+                "RcvbufErrors",
+                "SndbufErrors",
+                "InErrors",
+            ]
+            .iter()
+            .filter_map(|k| Some(format!("{k}={}", self.kernel_udp.get(*k)?)))
+            .collect();
+            writeln!(
+                t,
+                "  kernel UDP (window)    {}  (system-wide)",
+                pick.join(", ")
+            )?;
+        }
+        if !self.server_errors.is_empty() {
+            writeln!(
+                t,
+                "  server errors          {}",
+                join_map(&self.server_errors)
+            )?;
+        }
+        if self.errors.is_empty() {
+            writeln!(t, "  participant errors     none")?;
+        } else {
+            writeln!(t, "  participant errors")?;
+            for (e, n) in &self.errors {
+                writeln!(t, "    {n:>6}  {e}")?;
+            }
+        }
+        writeln!(t)
+    }
+}
+
+fn opt<T>(v: Option<T>, f: impl Fn(T) -> String) -> String {
+    v.map_or_else(|| "n/a".to_owned(), f)
+}
+
+/// A histogram quantile: `<= upper` when it falls in the lowest bucket
+/// (interpolating there would only say "half the bucket"), else the
+/// interpolated value with its bucket.
+fn est(e: Option<Estimate>) -> String {
+    let ms = |s: f64| s * 1e3;
+    let Some(e) = e else {
+        return "n/a".into();
+    };
+    match e.bucket_upper {
+        None => format!("> {:.3} ms", ms(e.bucket_lower)),
+        Some(hi) if e.bucket_lower <= 0.0 => format!("<= {:.3} ms", ms(hi)),
+        Some(hi) => format!(
+            "{:.3} ms (in {:.3}-{:.3})",
+            ms(e.seconds),
+            ms(e.bucket_lower),
+            ms(hi)
+        ),
+    }
+}
+
+fn mib(b: Option<u64>) -> String {
+    b.map_or("n/a".into(), |b| format!("{:.2} MiB", b as f64 / 1048576.0))
+}
+
+fn join_map(m: &BTreeMap<String, u64>) -> String {
+    m.iter()
+        .map(|(k, v)| format!("{k}={v}"))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
