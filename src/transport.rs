@@ -623,6 +623,11 @@ impl Engine {
                     &room,
                     json!({"type":"answer","sdp": answer.sdp}),
                 );
+                if first {
+                    // A newcomer gets every track already published in the
+                    // room (offered once its first exchange is done).
+                    self.subscribe_to_room(key);
+                }
                 if let (false, Some(mid)) = (trickle.is_empty(), mid) {
                     for candidate in trickle.into_iter().chain([String::new()]) {
                         self.send_signal(
@@ -755,6 +760,18 @@ impl Engine {
                         RTCPeerConnectionState::Failed | RTCPeerConnectionState::Closed
                     ) {
                         self.actions.push(Action::Failed(key));
+                    }
+                }
+                // rtc raises OnOpen again for a known track after some
+                // renegotiations: the same track, perhaps on a new SSRC.
+                // Keep its state (keyframe throttle, subscribers) and
+                // follow the SSRC, which keyframe requests name.
+                RTCPeerConnectionEvent::OnTrack(RTCTrackEvent::OnOpen(init))
+                    if p.published.contains_key(&init.track_id) =>
+                {
+                    if let Some(published) = p.published.get_mut(&init.track_id) {
+                        published.ssrc = init.ssrc;
+                        published.receiver_id = init.receiver_id;
                     }
                 }
                 RTCPeerConnectionEvent::OnTrack(RTCTrackEvent::OnOpen(init)) => {
@@ -1057,6 +1074,30 @@ impl Engine {
             Err(e) => {
                 tracing::warn!(subscriber = %s.participant, error = %e, "cannot add a forwarded track")
             }
+        }
+    }
+
+    /// Subscribes `sub` to every track the others in its room publish, if
+    /// the room is in `sfu` mode.
+    fn subscribe_to_room(&mut self, sub: PeerKey) {
+        let Some(p) = self.peers.get(&sub) else {
+            return;
+        };
+        let Some(media_room) = self.rooms.get(&p.room) else {
+            return;
+        };
+        if !media_room.sfu {
+            return;
+        }
+        let sources: Vec<(PeerKey, MediaStreamTrackId)> = media_room
+            .members
+            .iter()
+            .filter(|&&k| k != sub)
+            .filter_map(|k| self.peers.get(k).map(|o| (k, o)))
+            .flat_map(|(k, o)| o.published.keys().map(move |t| (*k, t.clone())))
+            .collect();
+        for (publisher, track) in sources {
+            self.subscribe(sub, publisher, &track);
         }
     }
 

@@ -297,8 +297,32 @@ async fn a_late_joiner_gets_everyone_promptly_and_a_leavers_tracks_end() {
         plis_after > plis_before,
         "dave's arrival asked the publishers for keyframes"
     );
-    // The others got dave's tracks too.
+    // The others get dave's tracks too (their offers may still be in
+    // flight when dave already has everyone): keep media flowing, bounded.
     let dave = clients[3].id.clone();
+    let end = Instant::now() + WAIT;
+    while Instant::now() < end
+        && !seen[..3]
+            .iter()
+            .all(|s| s.tracks.contains(&(dave.clone(), Kind::Video)))
+    {
+        for (c, name) in clients.iter().zip(&names) {
+            let _ = c.send_rtp(
+                Kind::Audio,
+                payload(Kind::Audio, name, seq),
+                false,
+                seq * 960,
+            );
+            let _ = c.send_rtp(
+                Kind::Video,
+                payload(Kind::Video, name, seq),
+                true,
+                seq * 3000,
+            );
+        }
+        seq += 1;
+        collect(&mut clients, &mut seen, Duration::from_millis(20)).await;
+    }
     for (i, s) in seen[..3].iter().enumerate() {
         assert!(
             s.tracks.contains(&(dave.clone(), Kind::Video)),
