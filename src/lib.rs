@@ -20,6 +20,9 @@
 //!   imports webrtc-rs or touches media sockets.
 //! - `media`: the engine-independent media core (rewriting, NACK cache,
 //!   keyframe throttling, demux): data and `now` in, decisions out.
+//! - [`mixer`]: the audio mixer's pure core (jitter buffers, Opus decode and
+//!   encode, top-K selection, soft limiter, levels); not wired to the
+//!   transport yet.
 //! - [`ratelimit`], [`ice`] (STUN/TURN credentials), [`metrics`].
 //! - `web/`: the browser client, embedded in the binary.
 //! - The wire types live in the `switchboard-proto` crate (`proto/`).
@@ -32,6 +35,7 @@ pub mod hub;
 pub mod ice;
 pub mod media;
 pub mod metrics;
+pub mod mixer;
 pub mod ratelimit;
 pub mod room;
 pub mod server;
