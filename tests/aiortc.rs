@@ -15,7 +15,7 @@ use std::path::PathBuf;
 use std::process::Stdio;
 use std::time::{Duration, Instant};
 
-use common::media::payload;
+use common::media::{payload, until_connected};
 use common::*;
 use serde_json::Value;
 use switchboard::config::ServeOptions;
@@ -54,21 +54,6 @@ fn require_aiortc() {
             String::from_utf8_lossy(&o.stderr)
         ),
         Err(e) => panic!("{hint}\ncannot run python3: {e}"),
-    }
-}
-
-/// Waits until `client` has negotiated and is connected to the server.
-async fn until_connected(client: &mut Client) {
-    let deadline = Instant::now() + WAIT;
-    let (mut connected, mut negotiated) = (false, false);
-    while !(connected && negotiated) {
-        let left = deadline.saturating_duration_since(Instant::now());
-        match client.next_event_within(left).await {
-            Some(Event::Connection(s)) if s == "connected" => connected = true,
-            Some(Event::Negotiated) => negotiated = true,
-            Some(Event::Closed) | None => panic!("{}: not connected within {WAIT:?}", client.id),
-            Some(_) => {}
-        }
     }
 }
 

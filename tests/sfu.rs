@@ -8,7 +8,7 @@ mod common;
 use std::collections::{HashMap, HashSet};
 use std::time::{Duration, Instant};
 
-use common::media::{parse, payload};
+use common::media::{parse, payload, until_connected};
 use common::*;
 use switchboard::config::ServeOptions;
 use switchboard::server::RunningServer;
@@ -26,22 +26,6 @@ async fn join(server: &RunningServer, room: &str, name: &str) -> Client {
     Client::join(JoinOptions::sfu(&server.ws_url(), room, name))
         .await
         .expect("joins")
-}
-
-/// Waits until `client` has negotiated and is connected to the server.
-async fn until_connected(client: &mut Client) {
-    let deadline = Instant::now() + WAIT;
-    let mut connected = false;
-    let mut negotiated = false;
-    while !(connected && negotiated) {
-        let left = deadline.saturating_duration_since(Instant::now());
-        match client.next_event_within(left).await {
-            Some(Event::Connection(s)) if s == "connected" => connected = true,
-            Some(Event::Negotiated) => negotiated = true,
-            Some(Event::Closed) | None => panic!("{}: not connected within {WAIT:?}", client.id),
-            Some(_) => {}
-        }
-    }
 }
 
 /// What one subscriber saw.
@@ -206,6 +190,24 @@ async fn three_peers_receive_each_others_audio_and_video_intact() {
     assert!(metric(&m, "switchboard_media_rtp_forwarded_total") > 0.0);
 }
 
+/// Sends one audio and one video packet with sequence `seq` from every client.
+fn send_round(clients: &[Client], names: &[&str], seq: u32) {
+    for (c, name) in clients.iter().zip(names) {
+        let _ = c.send_rtp(
+            Kind::Audio,
+            payload(Kind::Audio, name, seq),
+            false,
+            seq * 960,
+        );
+        let _ = c.send_rtp(
+            Kind::Video,
+            payload(Kind::Video, name, seq),
+            true,
+            seq * 3000,
+        );
+    }
+}
+
 /// Collects until `cond(seen)` holds for every client, or `limit` passes.
 async fn until(
     clients: &mut [Client],
@@ -251,20 +253,7 @@ async fn a_late_joiner_gets_everyone_promptly_and_a_leavers_tracks_end() {
     let end = Instant::now() + WAIT;
     let mut seq = 5_000;
     while first_packet.len() < 6 && Instant::now() < end {
-        for (c, name) in clients.iter().zip(&names) {
-            let _ = c.send_rtp(
-                Kind::Audio,
-                payload(Kind::Audio, name, seq),
-                false,
-                seq * 960,
-            );
-            let _ = c.send_rtp(
-                Kind::Video,
-                payload(Kind::Video, name, seq),
-                true,
-                seq * 3000,
-            );
-        }
+        send_round(&clients, &names, seq);
         seq += 1;
         while let Some(ev) = clients[3]
             .next_event_within(Duration::from_millis(20))
@@ -306,20 +295,7 @@ async fn a_late_joiner_gets_everyone_promptly_and_a_leavers_tracks_end() {
             .iter()
             .all(|s| s.tracks.contains(&(dave.clone(), Kind::Video)))
     {
-        for (c, name) in clients.iter().zip(&names) {
-            let _ = c.send_rtp(
-                Kind::Audio,
-                payload(Kind::Audio, name, seq),
-                false,
-                seq * 960,
-            );
-            let _ = c.send_rtp(
-                Kind::Video,
-                payload(Kind::Video, name, seq),
-                true,
-                seq * 3000,
-            );
-        }
+        send_round(&clients, &names, seq);
         seq += 1;
         collect(&mut clients, &mut seen, Duration::from_millis(20)).await;
     }
@@ -464,20 +440,7 @@ async fn a_warm_standby_connection_carries_no_media_until_the_room_is_sfu() {
     let end = Instant::now() + WAIT;
     let mut first: Option<Duration> = None;
     while Instant::now() < end && seen.iter().any(|s| s.packets.len() < 2) {
-        for (c, name) in clients.iter().zip(&names) {
-            let _ = c.send_rtp(
-                Kind::Audio,
-                payload(Kind::Audio, name, seq),
-                false,
-                seq * 960,
-            );
-            let _ = c.send_rtp(
-                Kind::Video,
-                payload(Kind::Video, name, seq),
-                true,
-                seq * 3000,
-            );
-        }
+        send_round(&clients, &names, seq);
         seq += 1;
         collect(&mut clients, &mut seen, Duration::from_millis(20)).await;
         if first.is_none() && seen.iter().any(|s| !s.packets.is_empty()) {

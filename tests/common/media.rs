@@ -1,8 +1,12 @@
 //! The synthetic media payloads the SFU tests publish: each names its
 //! sender and sequence, so a receiver can check every byte.
 
+use std::time::Instant;
+
 use bytes::Bytes;
-use switchboard_client::Kind;
+use switchboard_client::{Client, Event, Kind};
+
+use super::WAIT;
 
 /// A payload that names its sender and sequence: `<kind><name:8><seq:4><filler>`.
 pub fn payload(kind: Kind, name: &str, seq: u32) -> Bytes {
@@ -47,4 +51,20 @@ pub fn parse(kind: Kind, data: &[u8]) -> Option<(String, u32)> {
         return None;
     }
     Some((name.trim_end_matches('_').to_owned(), seq))
+}
+
+/// Waits until `client` has negotiated and is connected to the server.
+pub async fn until_connected(client: &mut Client) {
+    let deadline = Instant::now() + WAIT;
+    let mut connected = false;
+    let mut negotiated = false;
+    while !(connected && negotiated) {
+        let left = deadline.saturating_duration_since(Instant::now());
+        match client.next_event_within(left).await {
+            Some(Event::Connection(s)) if s == "connected" => connected = true,
+            Some(Event::Negotiated) => negotiated = true,
+            Some(Event::Closed) | None => panic!("{}: not connected within {WAIT:?}", client.id),
+            Some(_) => {}
+        }
+    }
 }
