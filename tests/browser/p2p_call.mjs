@@ -8,44 +8,21 @@
 //   SB_SCREENSHOT_DIR  save alice.png / bob.png there (mid-call, or at failure)
 //   SB_CHROMIUM        browser executable (default /usr/bin/chromium)
 
-import { mkdtempSync, mkdirSync, rmSync } from 'node:fs';
+import { mkdtempSync, rmSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { randomBytes } from 'node:crypto';
-import { chromium } from 'playwright-core';
+import {
+  fail, launchChromium, makeLog, run, screenshots, sleep, waitForHealth,
+} from './harness.mjs';
 
-const HEALTH_TIMEOUT_MS = 20_000;
 const FRAMES_TIMEOUT_MS = 30_000;
 const HARD_TIMEOUT_MS = 60_000;
-const CHROMIUM = process.env.SB_CHROMIUM || '/usr/bin/chromium';
-const FLAGS = [
-  '--headless', '--no-sandbox', '--disable-gpu', '--disable-quic', '--no-first-run',
-  '--disable-background-networking', '--disable-component-update', '--disable-sync',
-  '--use-fake-device-for-media-stream', '--use-fake-ui-for-media-stream',
-  '--allow-loopback-in-peer-connection',
-];
 
-const sleep = (ms) => new Promise((r) => setTimeout(r, ms));
-const log = (...a) => console.error('[p2p_call]', ...a);
 
-class Failure extends Error {}
-const fail = (reason) => { throw new Failure(reason); };
+const log = makeLog('p2p_call');
 
-async function waitForHealth(base) {
-  const deadline = Date.now() + HEALTH_TIMEOUT_MS;
-  let last = 'no answer';
-  while (Date.now() < deadline) {
-    try {
-      const res = await fetch(new URL('/healthz', base), { signal: AbortSignal.timeout(2000) });
-      if (res.status === 200) return;
-      last = `HTTP ${res.status}`;
-    } catch (e) {
-      last = e.cause?.code || e.message;
-    }
-    await sleep(250);
-  }
-  fail(`server at ${base} not healthy within ${HEALTH_TIMEOUT_MS / 1000} s (/healthz: ${last})`);
-}
+
 
 // Everything a page shows that the test checks.
 function observe(page) {
@@ -78,16 +55,7 @@ async function main() {
   const pages = {};
   const consoleLines = { alice: [], bob: [] };
   try {
-    // Exactly our flags: Playwright's own defaults are ignored; it only needs its
-    // debugging pipe and the profile directory.
-    context = await chromium.launchPersistentContext(userDataDir, {
-      executablePath: CHROMIUM,
-      headless: true,
-      ignoreDefaultArgs: true,
-      args: [...FLAGS, `--user-data-dir=${userDataDir}`, '--remote-debugging-pipe', 'about:blank'],
-      viewport: { width: 960, height: 600 },
-      timeout: 20_000,
-    });
+    context = await launchChromium(userDataDir, { width: 960, height: 600 });
     log(`chromium ${context.browser()?.version() ?? '(persistent)'} up, room ${room}`);
 
     const started = Date.now();
@@ -146,10 +114,10 @@ async function main() {
         firstFrameMs: firstFrameMs[name], badge: s.modeBadge, tile: tile.name,
       };
     }
-    if (shotDir) await screenshots(pages, shotDir);
+    if (shotDir) await screenshots(pages, shotDir, log);
     process.stdout.write(`${JSON.stringify(result)}\n`);
   } catch (e) {
-    if (shotDir && Object.keys(pages).length) await screenshots(pages, shotDir).catch(() => {});
+    if (shotDir && Object.keys(pages).length) await screenshots(pages, shotDir, log).catch(() => {});
     for (const [name, lines] of Object.entries(consoleLines)) {
       if (lines.length) log(`${name} console:\n  ${lines.slice(-30).join('\n  ')}`);
     }
@@ -160,27 +128,4 @@ async function main() {
   }
 }
 
-async function screenshots(pages, dir) {
-  mkdirSync(dir, { recursive: true });
-  for (const [name, page] of Object.entries(pages)) {
-    await page.screenshot({ path: join(dir, `${name}.png`), timeout: 5000 });
-  }
-  log(`screenshots in ${dir}`);
-}
-
-const hard = setTimeout(() => {
-  process.stdout.write(`${JSON.stringify({ ok: false, reason: `hard timeout after ${HARD_TIMEOUT_MS / 1000} s` })}\n`);
-  log(`FAIL: hard timeout after ${HARD_TIMEOUT_MS / 1000} s`);
-  process.exit(1); // Playwright kills the browser it launched when node exits
-}, HARD_TIMEOUT_MS);
-
-main().then(() => {
-  clearTimeout(hard);
-  process.exit(0);
-}, (e) => {
-  clearTimeout(hard);
-  const reason = e instanceof Failure ? e.message : `unexpected error: ${e.stack || e}`;
-  process.stdout.write(`${JSON.stringify({ ok: false, reason })}\n`);
-  log(`FAIL: ${reason}`);
-  process.exit(1);
-});
+run(main, HARD_TIMEOUT_MS, log);
