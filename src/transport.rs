@@ -261,8 +261,9 @@ struct Peer {
     offer_in_flight: bool,
     needs_offer: bool,
     published: HashMap<MediaStreamTrackId, Published>,
-    /// Keyed by (publisher, publisher's track id).
-    down: HashMap<(PeerKey, MediaStreamTrackId), Down>,
+    /// By publisher, then the publisher's track id (two levels so the
+    /// per-packet lookup borrows the track id instead of cloning it).
+    down: HashMap<PeerKey, HashMap<MediaStreamTrackId, Down>>,
     /// Our local track id of a downtrack → its key in `down`.
     down_by_local: HashMap<MediaStreamTrackId, (PeerKey, MediaStreamTrackId)>,
     chat: Option<usize>,
@@ -682,7 +683,10 @@ impl Engine {
         // Learn the payload types the subscriber accepted; new video
         // downtracks need a keyframe.
         let mut want_keyframes = Vec::new();
-        for (source, down) in p.down.iter_mut() {
+        let downs = p.down.iter_mut().flat_map(|(publisher, tracks)| {
+            tracks.iter_mut().map(move |(t, d)| (*publisher, t, d))
+        });
+        for (publisher, track, down) in downs {
             if down.pt.is_some() || !down.offered {
                 continue;
             }
@@ -696,7 +700,7 @@ impl Engine {
                     .map(|c| c.payload_type);
             }
             if down.pt.is_some() && down.kind == RtpCodecKind::Video {
-                want_keyframes.push(source.clone());
+                want_keyframes.push((publisher, track.clone()));
             }
         }
         for (publisher, track) in want_keyframes {
@@ -723,7 +727,7 @@ impl Engine {
             Ok(offer) => {
                 p.needs_offer = false;
                 p.offer_in_flight = true;
-                for down in p.down.values_mut() {
+                for down in p.down.values_mut().flat_map(HashMap::values_mut) {
                     down.offered = true;
                 }
                 let (participant, room) = (p.participant.clone(), p.room.clone());
@@ -934,7 +938,6 @@ impl Engine {
         let mut members = std::mem::take(&mut self.scratch);
         members.clear();
         members.extend_from_slice(&media_room.members);
-        let source = (from, track.clone());
         let now = Instant::now();
         for &sub in &members {
             if sub == from {
@@ -943,7 +946,7 @@ impl Engine {
             let Some(s) = self.peers.get_mut(&sub) else {
                 continue;
             };
-            let Some(down) = s.down.get_mut(&source) else {
+            let Some(down) = s.down.get_mut(&from).and_then(|t| t.get_mut(track)) else {
                 continue;
             };
             let Some(pt) = down.pt else {
@@ -1013,8 +1016,10 @@ impl Engine {
         let Some(s) = self.peers.get_mut(&sub) else {
             return;
         };
-        let source = (publisher, track.clone());
-        if s.down.contains_key(&source) {
+        if s.down
+            .get(&publisher)
+            .is_some_and(|t| t.contains_key(track))
+        {
             return;
         }
         let ssrc = rand::random::<u32>();
@@ -1055,8 +1060,8 @@ impl Engine {
                 });
         match added {
             Ok(sender_id) => {
-                s.down.insert(
-                    source.clone(),
+                s.down.entry(publisher).or_default().insert(
+                    track.clone(),
                     Down {
                         sender_id,
                         ssrc,
@@ -1067,7 +1072,7 @@ impl Engine {
                         rewriter: SeqRewriter::new(codec.clock_rate),
                     },
                 );
-                s.down_by_local.insert(local_id, source);
+                s.down_by_local.insert(local_id, (publisher, track.clone()));
                 s.needs_offer = true;
                 self.offers_due.push(sub);
             }
@@ -1103,14 +1108,18 @@ impl Engine {
 
     /// Removes `publisher`'s `track` from everyone who receives it.
     fn unsubscribe_all(&mut self, publisher: PeerKey, track: &MediaStreamTrackId) {
-        let source = (publisher, track.clone());
         let keys: Vec<PeerKey> = self.peers.keys().copied().collect();
         for sub in keys {
             let Some(s) = self.peers.get_mut(&sub) else {
                 continue;
             };
-            if let Some(down) = s.down.remove(&source) {
-                s.down_by_local.retain(|_, v| *v != source);
+            let removed = s.down.get_mut(&publisher).and_then(|t| t.remove(track));
+            if s.down.get(&publisher).is_some_and(HashMap::is_empty) {
+                s.down.remove(&publisher);
+            }
+            if let Some(down) = removed {
+                s.down_by_local
+                    .retain(|_, (p, t)| !(*p == publisher && t == track));
                 let _ = s.pc.remove_track(down.sender_id);
                 s.needs_offer = true;
                 self.offers_due.push(sub);
