@@ -237,17 +237,21 @@ fn run_browser_script(script: &str, limit: Duration) -> String {
     // Screenshots of the pages (mid-call, or at the failure) land next to the logs
     // unless the caller chose a place.
     let shots = std::env::var_os("SB_SCREENSHOT_DIR").map_or_else(|| logs.clone(), PathBuf::from);
-    let node_tmp = logs.join("tmp");
-    fs::create_dir_all(&node_tmp).unwrap_or_else(|e| panic!("create {}: {e}", node_tmp.display()));
+    // Chromium puts its singleton socket under TMPDIR and aborts when that path
+    // exceeds the 108-byte unix socket limit, which a deep checkout reaches
+    // easily: so a short directory in /tmp, removed when this function returns.
+    let node_tmp = tempfile::Builder::new()
+        .prefix("sb-")
+        .tempdir_in("/tmp")
+        .unwrap_or_else(|e| panic!("create a temp dir in /tmp: {e}"));
     let node = sandbox.spawn(
         "node",
         Path::new("node"),
         &[script_path, &base],
         &[
             ("SB_SCREENSHOT_DIR", shots.as_os_str()),
-            // Browser profile and Playwright scratch files stay inside our log dir,
-            // so even a killed run leaves nothing behind in /tmp.
-            ("TMPDIR", node_tmp.as_os_str()),
+            // Browser profile and Playwright scratch files go to our own temp dir.
+            ("TMPDIR", node_tmp.path().as_os_str()),
         ],
         &node_log,
     );
