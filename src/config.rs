@@ -117,6 +117,11 @@ pub struct ServeOptions {
     #[arg(long, env = "SWITCHBOARD_AUDIO_MODE", value_name = "MODE", value_parser = parse_audio_mode)]
     pub audio_mode: Option<AudioMode>,
 
+    /// In mix rooms, how many of the loudest speakers are mixed (1-16); the
+    /// rest of the room hears them through one shared encode [default: 3]
+    #[arg(long, env = "SWITCHBOARD_MIX_SPEAKERS", value_name = "K")]
+    pub mix_speakers: Option<usize>,
+
     /// Allowed `Origin` values for /ws, comma separated (e.g. https://meet.example.org);
     /// empty allows any origin [default: any]
     #[arg(
@@ -209,6 +214,7 @@ impl ServeOptions {
             turn_ttl_secs: self.turn_ttl_secs.or(other.turn_ttl_secs),
             p2p_timeout_ms: self.p2p_timeout_ms.or(other.p2p_timeout_ms),
             audio_mode: self.audio_mode.or(other.audio_mode),
+            mix_speakers: self.mix_speakers.or(other.mix_speakers),
             allowed_origins: self.allowed_origins.or(other.allowed_origins),
             shutdown_grace_ms: self.shutdown_grace_ms.or(other.shutdown_grace_ms),
             drain_timeout_ms: self.drain_timeout_ms.or(other.drain_timeout_ms),
@@ -258,6 +264,8 @@ pub enum ConfigError {
     PingTimeout { interval: u64, timeout: u64 },
     #[error("--rtc-ip {0} binds every interface, so it cannot be announced in ICE candidates: set --public-ip to the address clients reach")]
     PublicIpNeeded(IpAddr),
+    #[error("--mix-speakers {0} is out of range (1-16)")]
+    MixSpeakers(usize),
     #[error("{url:?} is not a {kind} URL")]
     Url { kind: &'static str, url: String },
 }
@@ -347,6 +355,10 @@ impl Config {
             max_rooms: nonzero(o.max_rooms.unwrap_or(10_000), "--max-rooms")?,
             max_participants: nonzero(o.max_participants.unwrap_or(100), "--max-participants")?,
         };
+        let mix_speakers = o.mix_speakers.unwrap_or(3);
+        if !(1..=16).contains(&mix_speakers) {
+            return Err(ConfigError::MixSpeakers(mix_speakers));
+        }
         if limits.rate_per_sec.is_nan() || limits.rate_per_sec <= 0.0 {
             return Err(ConfigError::Zero {
                 option: "--rate-limit",
@@ -397,6 +409,7 @@ impl Config {
                 bind: SocketAddr::new(rtc_ip, o.rtc_port.unwrap_or(7882)),
                 public_ip: o.public_ip,
                 ice_tcp: o.ice_tcp.unwrap_or(true),
+                mix_speakers,
             }),
             log: LogConfig {
                 json: o.log_format.as_deref() == Some("json"),

@@ -319,6 +319,7 @@ impl Hub {
                 room: room_name.clone(),
                 participant: from.clone(),
                 sfu: room.mode() == MediaMode::Sfu,
+                audio: room.audio(),
                 data,
             })?;
             return Ok(());
