@@ -41,6 +41,8 @@
     names: new Map(), // id -> display name of everyone seen, for chat history
     sfu: null, // the server connection (see openSfu)
     mixAudio: null, // <audio> playing the server's mix
+    speakers: [], // the last `speakers`: [{ id, level }], loudest first
+    speakerEvents: 0,
     chatUnread: 0, chatOpen: null,
     localStream: null,
     pingTimer: null, pingSeq: 0, lastPong: 0,
@@ -372,9 +374,25 @@
       case 'mode': return onModeChange(msg);
       case 'error': return onError(msg);
       case 'pong': S.lastPong = Date.now(); return undefined;
-      case 'speakers': return undefined; // SFU rooms; used by a later version
+      case 'speakers': return onSpeakers(msg);
       default: return undefined; // unknown types are ignored
     }
+  }
+
+  // Highlights the tiles of whoever the server says is speaking now.
+  function onSpeakers(msg) {
+    const list = Array.isArray(msg.speakers) ? msg.speakers : [];
+    S.speakers = list
+      .filter((x) => x && typeof x.id === 'string')
+      .map((x) => ({ id: x.id, level: Math.min(1, Math.max(0, Number(x.level) || 0)) }));
+    S.speakerEvents += 1;
+    const loudness = new Map(S.speakers.map((x) => [x.id, x.level]));
+    const mark = (tile, id) => {
+      tile.classList.toggle('speaking', loudness.has(id));
+      tile.classList.toggle('loudest', S.speakers.length > 0 && S.speakers[0].id === id);
+    };
+    for (const peer of S.peers.values()) mark(peer.tile, peer.id);
+    mark(ui.localTile, S.id);
   }
 
   function onJoined(msg) {
@@ -1089,7 +1107,9 @@
       const tracks = peer.sfuStream ? peer.sfuStream.getTracks() : [];
       const has = (kind) => tracks.some((t) => t.kind === kind && t.readyState === 'live');
       state = tracks.length ? 'via-server' : 'no-media';
-      text = !tracks.length ? 'no media' : !has('audio') ? 'no audio' : !has('video') ? 'audio only' : '';
+      // In a mix room everyone's audio arrives in the one mixed track.
+      const noAudio = !has('audio') && S.audio !== MIX;
+      text = !tracks.length ? 'no media' : noAudio ? 'no audio' : !has('video') ? 'audio only' : '';
     } else {
       state = 'via-server';
       text = 'via server';
@@ -1233,6 +1253,8 @@
       const sfu = S.sfu;
       return {
         id: S.id, room: S.room, mode: S.mode, audio: S.audio, ws,
+        speakers: S.speakers.map((x) => x.id), speakerEvents: S.speakerEvents,
+        speaking: [...document.querySelectorAll('.tile.speaking')].map((t) => (t === ui.localTile ? S.id : t.dataset.peer)),
         peers: [...S.peers.values()].map((p) => ({
           id: p.id, name: p.name, connectionState: p.pc ? p.pc.connectionState : 'none',
           sfuTracks: p.sfuStream ? p.sfuStream.getTracks().map((t) => t.kind) : [],
