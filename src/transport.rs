@@ -59,7 +59,8 @@ use crate::media::keyframe::KeyframeRequester;
 use crate::media::rewrite::{Rewrite, SeqRewriter};
 use crate::metrics::{Metrics, MixDrop};
 use crate::mixer::{
-    AudioLevel, InputId, MixerConfig, MixerStats, Push, RoomMixer, SelectConfig, FRAME_SAMPLES,
+    AudioLevel, InputId, MixerConfig, MixerStats, Push, RoomMixer, SelectConfig, SpeakerTracker,
+    FRAME_SAMPLES,
 };
 use crate::sfu::{Command, MediaConfig, MediaPlane, COMMAND_QUEUE};
 
@@ -236,13 +237,13 @@ struct MediaRoom {
     members: Vec<PeerKey>,
     /// The mixer of an `audio: "mix"` room (its audio is mixed, not forwarded).
     mix: Option<Box<RoomMix>>,
+    /// Active speakers of a forward room, from publishers' audio levels.
+    speakers: Option<Box<SpeakerTracker>>,
 }
 
-/// A mix room's mixer and who is who in it.
+/// A mix room's mixer.
 struct RoomMix {
     mixer: RoomMixer,
-    /// Mixer input (and listener) → connection.
-    by_input: HashMap<InputId, PeerKey>,
     /// Mixer counters already exported to the metrics.
     exported: MixerStats,
     /// Speakers currently counted in the active-speakers gauge.
@@ -316,7 +317,7 @@ struct Peer {
     /// The server's candidate lines, trickled after the first answer.
     candidates: Vec<String>,
     /// This participant's input (and listener id) in its room's mixer.
-    mix_input: Option<InputId>,
+    audio_input: Option<InputId>,
     /// The mixed audio sent to it, in a mix room.
     mix_out: Option<MixOut>,
 }
@@ -357,7 +358,7 @@ struct Engine {
     /// Arrival of the first packet forwarded since the last flush.
     forwarded_since: Option<Instant>,
     /// When the mixer runs next; `None` while no room mixes.
-    mix_due: Option<Instant>,
+    audio_due: Option<Instant>,
     /// K of the mixer (`--mix-speakers`).
     mix_speakers: usize,
     next_input: u32,
@@ -386,7 +387,7 @@ impl Engine {
             offers_due: Vec::new(),
             scratch: Vec::new(),
             forwarded_since: None,
-            mix_due: None,
+            audio_due: None,
             mix_speakers,
             next_input: 1,
         }
@@ -402,8 +403,8 @@ impl Engine {
         loop {
             // The mixer runs here rather than in a select branch so a busy
             // socket (always ready) cannot starve it.
-            if self.mix_due.is_some_and(|due| due <= Instant::now()) {
-                self.mix_tick();
+            if self.audio_due.is_some_and(|due| due <= Instant::now()) {
+                self.audio_tick();
             }
             self.flush(&socket);
             if let Some(arrived) = self.forwarded_since.take() {
@@ -419,7 +420,7 @@ impl Engine {
                 .min()
                 .unwrap_or(now + IDLE)
                 .min(now + IDLE)
-                .min(self.mix_due.unwrap_or(now + IDLE))
+                .min(self.audio_due.unwrap_or(now + IDLE))
                 .max(now);
             tokio::select! {
                 biased;
@@ -624,7 +625,6 @@ impl Engine {
                                 self.metrics.mixer.rooms.inc();
                                 Some(Box::new(RoomMix {
                                     mixer,
-                                    by_input: HashMap::new(),
                                     exported: MixerStats::default(),
                                     speakers: 0,
                                 }))
@@ -637,31 +637,44 @@ impl Engine {
                         }
                     }
                 };
+                let speakers = mix.is_none().then(|| {
+                    let defaults = MixerConfig::default();
+                    Box::new(SpeakerTracker::new(
+                        self.mix_speakers,
+                        defaults.silence_threshold_dbov,
+                        defaults.speakers_interval,
+                    ))
+                });
                 e.insert(MediaRoom {
                     sfu,
                     members: Vec::new(),
                     mix,
+                    speakers,
                 })
             }
         };
         media_room.sfu |= sfu;
         media_room.members.push(key);
-        let mut mix_input = None;
+        // Every participant is an input of its room's mixer or speaker
+        // tracker, by this id.
+        let input = InputId(self.next_input);
+        self.next_input = self.next_input.wrapping_add(1).max(1);
+        let mut audio_input = None;
         if let Some(mix) = media_room.mix.as_mut() {
-            let input = InputId(self.next_input);
-            self.next_input = self.next_input.wrapping_add(1).max(1);
             match mix.mixer.add_input(input) {
                 Ok(()) => {
-                    mix.by_input.insert(input, key);
-                    mix_input = Some(input);
+                    audio_input = Some(input);
                 }
                 Err(e) => {
                     tracing::error!(%room, %participant, error = %e, "cannot add a mixer input")
                 }
             }
-            if self.mix_due.is_none() {
-                self.mix_due = Some(Instant::now() + MIX_FRAME);
-            }
+        } else if let Some(tracker) = media_room.speakers.as_mut() {
+            tracker.add(input);
+            audio_input = Some(input);
+        }
+        if self.audio_due.is_none() {
+            self.audio_due = Some(Instant::now() + MIX_FRAME);
         }
         self.by_participant.insert(participant.clone(), key);
         tracing::info!(%room, %participant, "server connection created");
@@ -682,7 +695,7 @@ impl Engine {
                 state: RTCPeerConnectionState::New,
                 last_rx: Instant::now(),
                 candidates,
-                mix_input,
+                audio_input,
                 mix_out: None,
             },
         );
@@ -850,7 +863,7 @@ impl Engine {
                 mix_fec = Some(opus_fec_in_answer(&answer_sdp, &mid, pt));
             }
         }
-        if let (Some(fec), Some(input)) = (mix_fec, p.mix_input) {
+        if let (Some(fec), Some(input)) = (mix_fec, p.audio_input) {
             if let Some(mix) = self.rooms.get_mut(&p.room).and_then(|r| r.mix.as_mut()) {
                 let _ = mix.mixer.set_fec(input, fec);
             }
@@ -1108,7 +1121,7 @@ impl Engine {
             return;
         }
         if published.kind == RtpCodecKind::Audio {
-            if let (Some(mix), Some(input)) = (media_room.mix.as_mut(), publisher.mix_input) {
+            if let (Some(mix), Some(input)) = (media_room.mix.as_mut(), publisher.audio_input) {
                 // A mix room: the audio goes to the mixer, not to anyone.
                 if let Err(why) = mixable(published.opus_pt, packet.header.payload_type) {
                     self.metrics.mixer.dropped(why, 1);
@@ -1126,6 +1139,11 @@ impl Engine {
                     self.metrics.mixer.dropped(MixDrop::Invalid, 1);
                 }
                 return;
+            }
+            if let (Some(tracker), Some(input), Some(level)) =
+                (media_room.speakers.as_mut(), publisher.audio_input, level)
+            {
+                tracker.level(input, level);
             }
         }
         // The subscribers, copied into a buffer reused from packet to packet
@@ -1319,7 +1337,7 @@ impl Engine {
             .rooms
             .get(&p.room)
             .is_some_and(|r| r.sfu && r.mix.is_some());
-        if !mixing || p.mix_out.is_some() || p.mix_input.is_none() || !p.answered_first {
+        if !mixing || p.mix_out.is_some() || p.audio_input.is_none() || !p.answered_first {
             return;
         }
         let ssrc = rand::random::<u32>();
@@ -1381,8 +1399,8 @@ impl Engine {
 
     /// One 20 ms mixer frame for every mixing room: decode, mix, encode,
     /// and hand each listener its packet; `speakers` when they change.
-    fn mix_tick(&mut self) {
-        let Some(due) = self.mix_due else {
+    fn audio_tick(&mut self) {
+        let Some(due) = self.audio_due else {
             return;
         };
         let started = Instant::now();
@@ -1397,20 +1415,25 @@ impl Engine {
         let mut any = false;
         let mut speaker_events = Vec::new();
         for (name, room) in &mut self.rooms {
-            let Some(mix) = room.mix.as_mut() else {
-                continue;
-            };
             any = true;
             if !room.sfu {
                 continue;
             }
+            if let Some(tracker) = room.speakers.as_mut() {
+                if let Some(list) = tracker.tick(started) {
+                    speaker_events.push((name.clone(), room.members.clone(), list.to_vec()));
+                }
+            }
+            let Some(mix) = room.mix.as_mut() else {
+                continue;
+            };
             let out = mix.mixer.tick(started);
             let shared = out.shared().map(Bytes::copy_from_slice);
             for &member in &room.members {
                 let Some(p) = self.peers.get_mut(&member) else {
                     continue;
                 };
-                let (Some(input), Some(mo)) = (p.mix_input, p.mix_out.as_mut()) else {
+                let (Some(input), Some(mo)) = (p.audio_input, p.mix_out.as_mut()) else {
                     continue;
                 };
                 let ts = mo.ts;
@@ -1450,25 +1473,27 @@ impl Engine {
                 .add(active as i64 - mix.speakers as i64);
             mix.speakers = active;
             if out.speakers_changed() {
-                let speakers: Vec<Speaker> = out
-                    .speakers()
-                    .iter()
-                    .filter_map(|s| {
-                        let key = mix.by_input.get(&s.id)?;
-                        let p = self.peers.get(key)?;
-                        Some(Speaker {
-                            id: p.participant.clone(),
-                            level: s.level,
-                        })
-                    })
-                    .collect();
-                speaker_events.push((name.clone(), room.members.clone(), speakers));
+                speaker_events.push((name.clone(), room.members.clone(), out.speakers().to_vec()));
             }
             let stats = *mix.mixer.stats();
             export_mixer_stats(&self.metrics, &mix.exported, &stats);
             mix.exported = stats;
         }
-        for (room, members, speakers) in speaker_events {
+        for (room, members, list) in speaker_events {
+            // Input ids → participant ids (inputs are members of this room).
+            let speakers = list
+                .iter()
+                .filter_map(|s| {
+                    let p = members
+                        .iter()
+                        .filter_map(|k| self.peers.get(k))
+                        .find(|p| p.audio_input == Some(s.id))?;
+                    Some(Speaker {
+                        id: p.participant.clone(),
+                        level: s.level,
+                    })
+                })
+                .collect();
             let msg = ServerMessage::Speakers(Speakers { room, speakers });
             for key in members {
                 if let Some(p) = self.peers.get(&key) {
@@ -1476,7 +1501,7 @@ impl Engine {
                 }
             }
         }
-        self.mix_due = any.then_some(due + MIX_FRAME * (missed + 1));
+        self.audio_due = any.then_some(due + MIX_FRAME * (missed + 1));
         self.metrics
             .mixer
             .tick
@@ -1617,9 +1642,11 @@ impl Engine {
             .move_connection_state(Some(state_label(p.state)), None);
         if let Some(room) = self.rooms.get_mut(&p.room) {
             room.members.retain(|k| *k != key);
-            if let (Some(mix), Some(input)) = (room.mix.as_mut(), p.mix_input) {
+            if let (Some(mix), Some(input)) = (room.mix.as_mut(), p.audio_input) {
                 let _ = mix.mixer.remove_input(input);
-                mix.by_input.remove(&input);
+            }
+            if let (Some(tracker), Some(input)) = (room.speakers.as_mut(), p.audio_input) {
+                tracker.remove(input);
             }
             if room.members.is_empty() {
                 if let Some(mix) = self.rooms.remove(&p.room).and_then(|r| r.mix) {

@@ -42,11 +42,13 @@ pub mod jitter;
 pub mod level;
 pub mod mix;
 pub mod select;
+pub mod speakers;
 
 pub use jitter::{Frame, JitterBuffer, JitterStats, Push};
 pub use level::{AudioLevel, LevelError, LevelMeter};
 pub use mix::{Accumulator, Pcm, FRAME_SAMPLES, SAMPLE_RATE};
 pub use select::{Plan, SelectConfig, Selector};
+pub use speakers::SpeakerTracker;
 
 /// The largest encoded packet the mixer produces.
 pub const MAX_PACKET: usize = 1500;
