@@ -1392,7 +1392,17 @@ impl Engine {
                 self.offers_due.push(key);
             }
             Err(e) => {
-                tracing::warn!(participant = %p.participant, error = %e, "cannot add the mixed audio track")
+                // In practice: the client negotiated audio without Opus (a
+                // PCMU-only peer), and the mix is Opus. Say so rather than
+                // leave it wondering why it hears nobody.
+                tracing::info!(participant = %p.participant, error = %e, "cannot add the mixed audio track");
+                let participant = p.participant.clone();
+                self.send_error(
+                    &participant,
+                    ErrorCode::BadRequest,
+                    "this room mixes audio as Opus, and your connection negotiated audio without \
+                     Opus: you cannot hear the room (and your audio is not mixed)",
+                );
             }
         }
     }

@@ -6,13 +6,17 @@
 //!
 //! Publishers send real Opus (sine tones encoded with libopus); listeners
 //! decode what they receive and measure tone power with the Goertzel filter.
+//! One publisher is Python aiortc sending PCMU only: it is not mixed.
 
 mod common;
 
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
+use std::process::Stdio;
+
 use bytes::Bytes;
+use common::aiortc::{peer_script, require_aiortc, slurp};
 use common::media::until_connected;
 use common::*;
 use opus::{Application, Channels, Decoder, Encoder};
@@ -442,6 +446,129 @@ async fn corrupt_opus_is_dropped_and_counted_and_the_mix_survives() {
         "a newcomer hears alice: {db:.1} dB vs {off:.1} dB"
     );
     for c in clients.iter().chain([&dave]) {
+        c.leave();
+    }
+}
+
+/// A publisher whose audio is not Opus (aiortc negotiating PCMU only, as a
+/// legacy or misconfigured peer might) is dropped from the mix and counted;
+/// it is told why it cannot hear the (Opus) mix, and the others still hear
+/// each other.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_publisher_that_is_not_opus_is_not_mixed_and_is_counted() {
+    require_aiortc();
+    let server = mix_server().await;
+    let room = format!("mixpcmu-{}", rand_id());
+    let mut clients = vec![
+        join(&server, &room, "alice", true).await,
+        join(&server, &room, "bob", false).await,
+    ];
+    let mut heard = vec![Heard::default(), Heard::default()];
+    let script = peer_script();
+    let mut child = tokio::process::Command::new("python3")
+        .arg(&script)
+        .args([
+            "--url",
+            &server.ws_url(),
+            "--room",
+            &room,
+            "--name",
+            "legacy",
+        ])
+        .args([
+            "--audio",
+            "mix",
+            "--audio-codec",
+            "PCMU",
+            "--freq",
+            "440",
+            "--no-video",
+        ])
+        .args(["--duration", "5", "--timeout", "45"])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap_or_else(|e| panic!("start python3 {}: {e}", script.display()));
+    let stdout = slurp(child.stdout.take());
+    let stderr = slurp(child.stderr.take());
+
+    // Alice talks (660 Hz) until the aiortc peer has run its course.
+    let mut alice = Tone::new(660.0, 5000.0);
+    let started = Instant::now();
+    let mut frames = 0u32;
+    let status = loop {
+        if let Some(status) = child.try_wait().expect("poll the aiortc peer") {
+            break status;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(60),
+            "the aiortc peer did not finish within 60 s:\n{}",
+            {
+                let _ = child.kill().await;
+                stderr.await.unwrap_or_default()
+            }
+        );
+        let (payload, ts) = alice.next();
+        clients[0]
+            .send_rtp(Kind::Audio, payload, false, ts)
+            .expect("send");
+        frames += 1;
+        drain_until(
+            &mut clients,
+            &mut heard,
+            started + Duration::from_millis(20 * u64::from(frames)),
+        )
+        .await;
+    };
+    let out = stdout.await.unwrap_or_default();
+    let err = stderr.await.unwrap_or_default();
+    // Exit status 2: the run went fine but the server sent an `error`.
+    assert_eq!(
+        status.code(),
+        Some(2),
+        "the aiortc peer ({status}):\n{err}\n{out}"
+    );
+    let result: serde_json::Value = serde_json::from_str(out.lines().last().unwrap_or(""))
+        .unwrap_or_else(|e| panic!("aiortc's report is not JSON ({e}):\n{out}\n{err}"));
+
+    let text = metrics(&server).await;
+    let not_opus = metric(
+        &text,
+        "switchboard_mixer_input_dropped_total{reason=\"not-opus\"}",
+    );
+    let sent = result["sent"]["audio"].as_u64().unwrap_or(0);
+    eprintln!("aiortc sent {sent} PCMU packets; the mixer dropped {not_opus} as not Opus");
+    assert!(sent > 100, "aiortc published PCMU: {result}");
+    assert!(
+        not_opus >= 0.8 * sent as f64,
+        "PCMU packets are dropped and counted: {not_opus} of {sent}"
+    );
+
+    // The PCMU peer is told, in an `error`, why it hears nothing.
+    let errors = result["errors"].as_array().cloned().unwrap_or_default();
+    assert!(
+        errors.iter().any(|e| e["code"] == "bad-request"
+            && e["message"]
+                .as_str()
+                .is_some_and(|m| m.contains("without Opus"))),
+        "aiortc is told it cannot hear the Opus mix: {result}"
+    );
+    assert_eq!(
+        result["connection"], "connected",
+        "its connection stays up: {result}"
+    );
+
+    // Bob hears alice and not the PCMU tone.
+    let pcm = heard[1].decoded_since(Instant::now() - Duration::from_secs(2));
+    let (alice_db, legacy_db) = (tone_db(&pcm, 660.0), tone_db(&pcm, 440.0));
+    eprintln!("bob: 660 Hz (alice) {alice_db:.1} dB, 440 Hz (PCMU peer) {legacy_db:.1} dB");
+    assert!(
+        alice_db > legacy_db + 30.0,
+        "bob hears alice ({alice_db:.1} dB) and not the PCMU peer ({legacy_db:.1} dB)"
+    );
+    for c in &clients {
         c.leave();
     }
 }
