@@ -383,6 +383,8 @@ struct Setup {
     isolate: bool,
     /// The server's media address is unreachable from every site.
     media_unreachable: bool,
+    /// More `switchboard serve` options.
+    server_args: &'static [&'static str],
 }
 
 /// Starts the server in the server namespace, returns its child index.
@@ -394,10 +396,12 @@ fn start_server(net: &mut Net, setup: &Setup, logs: &Path) -> usize {
     } else {
         SERVER_IP
     };
+    let mut args = vec!["serve", "--listen", &listen, "--rtc-ip", rtc_ip];
+    args.extend_from_slice(setup.server_args);
     net.spawn(
         "s",
         &server,
-        &["serve", "--listen", &listen, "--rtc-ip", rtc_ip],
+        &args,
         &[("NO_COLOR", "1".into())],
         &logs.join("server"),
     )
@@ -521,6 +525,7 @@ fn same_lan_stays_p2p_and_the_server_forwards_nothing() {
             sites: TWO,
             isolate: false,
             media_unreachable: false,
+            server_args: &[],
         },
         true,
     );
@@ -542,6 +547,7 @@ fn isolated_peers_fall_back_to_the_server() {
                 sites: TWO,
                 isolate: true,
                 media_unreachable: false,
+                server_args: &[],
             },
             standby,
         );
@@ -562,6 +568,7 @@ fn third_participant_moves_everyone_to_the_server() {
             sites: &[ALICE, BOB, CAROL],
             isolate: false,
             media_unreachable: false,
+            server_args: &[],
         },
         true,
     );
@@ -570,6 +577,29 @@ fn third_participant_moves_everyone_to_the_server() {
             .as_object()
             .unwrap_or_else(|| panic!("no framesSfu for {name}: {r}"));
         assert_eq!(frames.len(), 2, "{name} decodes two remotes: {r}");
+    }
+}
+
+/// With `--p2p-return-ms`: a P2P call, Carol joins (everyone via the
+/// server), Carol leaves, and the room returns to p2p: Alice and Bob decode
+/// each other's video directly again.
+#[test]
+fn room_back_to_two_returns_to_p2p_with_the_option() {
+    let r = run_browsers(
+        "return",
+        &Setup {
+            sites: &[ALICE, BOB, CAROL],
+            isolate: false,
+            media_unreachable: false,
+            server_args: &["--p2p-return-ms", "1000"],
+        },
+        true,
+    );
+    for name in ["alice", "bob"] {
+        assert!(
+            r["pages"][name]["backToP2p"]["framesP2p"].as_u64() > Some(0),
+            "{r}"
+        );
     }
 }
 
@@ -584,6 +614,7 @@ fn unreachable_server_media_port_is_a_visible_warning() {
             sites: TWO,
             isolate: false,
             media_unreachable: true,
+            server_args: &[],
         },
         true,
     );
@@ -620,6 +651,7 @@ fn run_rust_clients(isolate: bool) -> Vec<(&'static str, serde_json::Value)> {
         sites: TWO,
         isolate,
         media_unreachable: false,
+        server_args: &[],
     };
     let mut net = Net::new(setup.sites);
     if isolate {

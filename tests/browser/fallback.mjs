@@ -12,6 +12,8 @@
 //   third        a P2P call, then carol joins: all three decode two videos.
 //   unreachable  alice and bob reach each other but not the server's media
 //                port: the P2P call works and both pages warn.
+//   return       as `third`, then carol leaves; the server (--p2p-return-ms)
+//                returns the room to p2p and alice and bob call directly again.
 //
 // Env: SB_BROWSER_<name> (browser executable per participant, e.g. a wrapper
 // running Chromium in that participant's namespace), SB_STANDBY (1 or 0:
@@ -92,14 +94,14 @@ async function metric(name) {
 const ms = (a, b) => (a != null && b != null ? b - a : null);
 
 async function main() {
-  if (!['lan', 'isolated', 'third', 'unreachable'].includes(scenario) || !/^https?:\/\//.test(base || '')) {
-    fail('usage: node fallback.mjs lan|isolated|third|unreachable <baseUrl>');
+  if (!['lan', 'isolated', 'third', 'unreachable', 'return'].includes(scenario) || !/^https?:\/\//.test(base || '')) {
+    fail('usage: node fallback.mjs lan|isolated|third|unreachable|return <baseUrl>');
   }
   await waitForHealth(base);
   const room = `fb-${randomBytes(6).toString('hex')}`;
-  const names = scenario === 'third' ? ['alice', 'bob', 'carol'] : ['alice', 'bob'];
   const shotDir = process.env.SB_SCREENSHOT_DIR || '';
   const contexts = [];
+  const opened = {};
   const dirs = [];
   const pages = {};
   const consoleLines = {};
@@ -110,6 +112,7 @@ async function main() {
     if (!exe) fail(`SB_BROWSER_${name} is not set`);
     const context = await launchChromium(dir, { width: 800, height: 500 }, exe);
     contexts.push(context);
+    opened[name] = context;
     const page = await context.newPage();
     consoleLines[name] = [];
     page.on('console', (m) => consoleLines[name].push(`${m.type()}: ${m.text()}`));
@@ -129,7 +132,7 @@ async function main() {
     const two = { alice: pages.alice, bob: pages.bob };
     const result = { ok: true, scenario, standby, room, pages: {} };
 
-    if (scenario === 'lan' || scenario === 'third' || scenario === 'unreachable') {
+    if (['lan', 'third', 'unreachable', 'return'].includes(scenario)) {
       // Direct call: both decode the other's video over P2P.
       await until(two, 'P2P video both ways', (n, s) => framesFrom(s, others(n, ['alice', 'bob'])[0]).p2p > 0);
     }
@@ -198,7 +201,7 @@ async function main() {
       result.serverForwardedPackets = await metric('switchboard_media_rtp_forwarded_total');
     }
 
-    if (scenario === 'third') {
+    if (scenario === 'third' || scenario === 'return') {
       const before = await until(two, 'P2P still up', () => true);
       for (const [name, s] of Object.entries(before)) {
         const pt = s.timings.peers[0];
@@ -232,6 +235,32 @@ async function main() {
             t.peers.map((p) => [p.name, ms(t.joinedAt, p.firstSfuFrameAt)]),
           );
         }
+      }
+    }
+
+    if (scenario === 'return') {
+      // Carol goes; the room returns to p2p and the two call directly again.
+      const leftAt = Date.now();
+      await opened.carol.close();
+      delete pages.carol;
+      const before = await until(two, 'carol gone', (n, s) => s.state.peers.length === 1);
+      await until(two, 'back to P2P video both ways',
+        (n, s) => s.state.mode === 'p2p' && s.state.peers[0].connectionState === 'connected'
+          && framesFrom(s, others(n, ['alice', 'bob'])[0]).p2p > 0);
+      await sleep(2000);
+      const end = await until(two, 'settled', () => true);
+      for (const name of ['alice', 'bob']) {
+        const o = others(name, ['alice', 'bob'])[0];
+        const s = end[name];
+        if (s.timings.modeReason !== 'two-participants') fail(`${name}: last mode reason ${s.timings.modeReason}`);
+        if (framesFrom(s, o).p2p <= framesFrom(before[name], o).p2p + 10) fail(`${name}: direct video from ${o} is not advancing`);
+        if (s.tiles.length !== 1) fail(`${name}: ${s.tiles.length} remote tiles, expected 1`);
+        const freezes = await pages[name].evaluate((since) => window.sb.longestFreeze(since), leftAt);
+        result.pages[name].backToP2p = {
+          leftToP2pModeMs: ms(leftAt, s.timings.modeAt),
+          longestFreezeMs: freezes[0].longestFreezeMs,
+          framesP2p: framesFrom(s, o).p2p,
+        };
       }
     }
 
