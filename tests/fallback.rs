@@ -540,7 +540,7 @@ fn same_lan_stays_p2p_and_the_server_forwards_nothing() {
 /// with the warm standby (default) and once without.
 #[test]
 fn isolated_peers_fall_back_to_the_server() {
-    for standby in [true, false] {
+    for standby in standby_variants() {
         let r = run_browsers(
             "isolated",
             &Setup {
@@ -559,25 +559,42 @@ fn isolated_peers_fall_back_to_the_server() {
 }
 
 /// A P2P call, then Carol joins: everyone moves to the server and all three
-/// decode both others' video.
+/// decode both others' video. With and without the warm standby.
 #[test]
 fn third_participant_moves_everyone_to_the_server() {
-    let r = run_browsers(
-        "third",
-        &Setup {
-            sites: &[ALICE, BOB, CAROL],
-            isolate: false,
-            media_unreachable: false,
-            server_args: &[],
-        },
-        true,
-    );
-    for name in ["alice", "bob", "carol"] {
-        let frames = r["pages"][name]["framesSfu"]
-            .as_object()
-            .unwrap_or_else(|| panic!("no framesSfu for {name}: {r}"));
-        assert_eq!(frames.len(), 2, "{name} decodes two remotes: {r}");
+    for standby in standby_variants() {
+        let r = run_browsers(
+            "third",
+            &Setup {
+                sites: &[ALICE, BOB, CAROL],
+                isolate: false,
+                media_unreachable: false,
+                server_args: &[],
+            },
+            standby,
+        );
+        for name in ["alice", "bob", "carol"] {
+            let frames = r["pages"][name]["framesSfu"]
+                .as_object()
+                .unwrap_or_else(|| panic!("no framesSfu for {name}: {r}"));
+            assert_eq!(frames.len(), 2, "{name} decodes two remotes: {r}");
+            assert!(frames.values().all(|f| f.as_u64() > Some(0)), "{r}");
+        }
     }
+}
+
+/// With and without the warm standby, each `SB_FALLBACK_RUNS` times (default
+/// once): more runs only give more figures to report.
+fn standby_variants() -> Vec<bool> {
+    let runs = std::env::var("SB_FALLBACK_RUNS")
+        .ok()
+        .and_then(|n| n.parse::<usize>().ok())
+        .unwrap_or(1)
+        .clamp(1, 10);
+    [true, false]
+        .into_iter()
+        .flat_map(|s| std::iter::repeat_n(s, runs))
+        .collect()
 }
 
 /// With `--p2p-return-ms`: a P2P call, Carol joins (everyone via the
