@@ -455,8 +455,9 @@
       connectToSfu(msg.reason);
     } else if (msg.mode === 'p2p' && before === 'sfu') {
       // Back to two people (the server's --p2p-return-ms): call the other one
-      // directly again. The server connection stays as the warm standby and
-      // its media stays on screen until the direct one delivers.
+      // directly again. The server stops forwarding at once; its connection
+      // stays as the warm standby, and the tile takes the direct media when
+      // its tracks arrive.
       clearNotice('sfu');
       notice('sfu', 'info', 'Only two of you now, so the call goes direct again.');
       for (const peer of S.peers.values()) {
@@ -699,6 +700,10 @@
       else if (peer.pc) armSwitch(peer);
     }
     if (!S.sfu) openSfu();
+    else if (S.sfu.pc.connectionState === 'failed') {
+      // The standby never got through (we warned during the P2P call).
+      notice('sfu-conn', 'error', 'The media connection to the server failed. Leave and join again to retry.');
+    }
     for (const peer of S.peers.values()) updatePeerState(peer);
   }
 
