@@ -330,8 +330,6 @@ fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
     a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
-/// Starts a drain (once): no new joins, `/readyz` 503; the shutdown follows
-/// when the last participant leaves or the drain timeout passes.
 /// `--p2p-return-ms`: checks every 100 ms for rooms whose wait is over, until
 /// shutdown or the hub is gone.
 async fn return_rooms_to_p2p(hub: std::sync::Weak<Hub>, shutdown: CancellationToken) {
@@ -347,6 +345,8 @@ async fn return_rooms_to_p2p(hub: std::sync::Weak<Hub>, shutdown: CancellationTo
     }
 }
 
+/// Starts a drain (once): no new joins, `/readyz` 503; the shutdown follows
+/// when the last participant leaves or the drain timeout passes.
 fn start_drain(hub: &Arc<Hub>, shutdown: &CancellationToken) {
     if hub.is_draining() || shutdown.is_cancelled() {
         return;

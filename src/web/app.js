@@ -726,7 +726,9 @@
           || (!video.some(mine) && audio.some((x) => mine(x) && x.packetsReceived > 0));
       }
       if (S.peers.get(peer.id) !== peer || !peer.pc || S.mode !== 'sfu') return;
-      if (delivered || peer.pc.connectionState !== 'connected' || Date.now() - started > SWITCH_MAX_WAIT_MS) {
+      const down = peer.pc.connectionState !== 'connected';
+      if (delivered || down || Date.now() - started > SWITCH_MAX_WAIT_MS) {
+        peer.switchedBy = delivered ? 'server-delivered' : down ? 'p2p-down' : 'timeout';
         closePeerPc(peer);
         if (peer.sfuStream) attachRemote(peer, peer.sfuStream);
         return;
@@ -1406,7 +1408,9 @@
   window.sb = {
     // Epoch-ms timings (needs `?timings=1`): joinedAt, p2pFailedAt (we sent
     // p2p-failed, or heard `mode` p2p-failed), modeAt/modeReason (last
-    // `mode`), and per remote: knownAt, firstP2pFrameAt, firstSfuFrameAt.
+    // `mode`), and per remote: knownAt, firstP2pFrameAt, firstSfuFrameAt,
+    // switchedBy (server-delivered | p2p-down | timeout: why make-before-break
+    // closed the direct connection).
     timings() {
       const t = S.timing;
       if (!t) return null;
@@ -1415,7 +1419,11 @@
         standby: S.standby, serverReach: S.serverReach,
         peers: [...S.peers.values()].map((p) => {
           const pt = t.peers.get(p.id) || newPeerTiming();
-          return { id: p.id, name: p.name, knownAt: pt.knownAt, firstP2pFrameAt: pt.firstP2pFrameAt, firstSfuFrameAt: pt.firstSfuFrameAt };
+          return {
+            id: p.id, name: p.name, knownAt: pt.knownAt, firstP2pFrameAt: pt.firstP2pFrameAt, firstSfuFrameAt: pt.firstSfuFrameAt,
+            // Why a working direct connection was closed on the switch to the server.
+            switchedBy: p.switchedBy || null,
+          };
         }),
       };
     },

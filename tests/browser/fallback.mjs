@@ -223,6 +223,13 @@ async function main() {
           if (framesFrom(s, o).sfu <= framesFrom(mid[name], o).sfu) fail(`${name}: video from ${o} stopped advancing`);
         }
         if (s.tiles.length !== 2) fail(`${name}: ${s.tiles.length} remote tiles, expected 2`);
+        if (name !== 'carol') {
+          // Make before break: the direct connection closed because the
+          // server had delivered the other's video, not on a timer.
+          const o = others(name, ['alice', 'bob'])[0];
+          const p = s.timings.peers.find((x) => x.name === o);
+          if (p?.switchedBy !== 'server-delivered') fail(`${name}: direct connection to ${o} closed by ${p?.switchedBy}`);
+        }
         const freezes = await pages[name].evaluate((since) => window.sb.longestFreeze(since), thirdAt);
         result.pages[name] = {
           ...result.pages[name],
