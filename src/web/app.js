@@ -712,19 +712,30 @@
   // SWITCH_MAX_WAIT_MS at the latest. Polls getStats; bounded.
   function armSwitch(peer) {
     if (peer.switchTimer) return;
+    peer.switchedBy = null;
     const started = Date.now();
+    // What the server connection has already decoded of this participant
+    // counts for nothing: after a return to p2p its old tracks still hold
+    // frames from the earlier sfu period.
+    const counts = async () => {
+      if (!S.sfu) return { video: 0, audio: 0, hasVideo: false };
+      const mine = (x) => x.peer === peer.id;
+      const video = (await inbound(S.sfu.pc, 'video', sfuOwner).catch(() => [])).filter(mine);
+      const audio = (await inbound(S.sfu.pc, 'audio', sfuOwner).catch(() => [])).filter(mine);
+      return {
+        video: video.reduce((n, x) => n + x.framesDecoded, 0),
+        audio: audio.reduce((n, x) => n + x.packetsReceived, 0),
+        hasVideo: video.length > 0,
+      };
+    };
+    const baseline = counts();
     const tick = async () => {
       peer.switchTimer = null;
       if (S.peers.get(peer.id) !== peer || !peer.pc) return;
       if (S.mode !== 'sfu') return;
-      let delivered = false;
-      if (S.sfu) {
-        const video = await inbound(S.sfu.pc, 'video', sfuOwner).catch(() => []);
-        const audio = await inbound(S.sfu.pc, 'audio', sfuOwner).catch(() => []);
-        const mine = (x) => x.peer === peer.id;
-        delivered = video.some((x) => mine(x) && x.framesDecoded > 0)
-          || (!video.some(mine) && audio.some((x) => mine(x) && x.packetsReceived > 0));
-      }
+      const base = await baseline;
+      const now = await counts();
+      const delivered = now.hasVideo ? now.video > base.video : now.audio > base.audio;
       if (S.peers.get(peer.id) !== peer || !peer.pc || S.mode !== 'sfu') return;
       const down = peer.pc.connectionState !== 'connected';
       if (delivered || down || Date.now() - started > SWITCH_MAX_WAIT_MS) {

@@ -269,6 +269,26 @@ async function main() {
           framesP2p: framesFrom(s, o).p2p,
         };
       }
+
+      // Carol comes back: everyone to the server again, over the same server
+      // connections (their old tracks resume), make-before-break again.
+      const all = ['alice', 'bob', 'carol'];
+      const mark = await until(two, 'mark', () => true);
+      const againAt = Date.now();
+      await open('carol');
+      await until(pages, 'every page decoding both others through the server again',
+        (n, s) => s.state.mode === 'sfu' && s.state.peers.every((p) => p.connectionState === 'none')
+          && others(n, all).every((o) => framesFrom(s, o).sfu > (mark[n] && o !== 'carol' ? framesFrom(mark[n], o).sfu + 10 : 0)));
+      for (const name of ['alice', 'bob']) {
+        const o = others(name, ['alice', 'bob'])[0];
+        const s = await observe(pages[name]);
+        const p = s.timings.peers.find((x) => x.name === o);
+        if (p?.switchedBy !== 'server-delivered') fail(`${name}: second switch closed the direct connection to ${o} by ${p?.switchedBy}`);
+        const freezes = await pages[name].evaluate((since) => window.sb.longestFreeze(since), againAt);
+        result.pages[name].secondSwitch = {
+          longestFreezeMs: freezes.find((f) => f.name === o)?.longestFreezeMs ?? null,
+        };
+      }
     }
 
     if (shotDir) await screenshots(pages, shotDir, log);
