@@ -113,6 +113,12 @@ pub struct ServeOptions {
     #[arg(long, env = "SWITCHBOARD_P2P_TIMEOUT_MS", value_name = "MS")]
     pub p2p_timeout_ms: Option<u64>,
 
+    /// Return an `auto` room that is back to two participants (and never had a
+    /// `p2p-failed`) to `p2p` after this many milliseconds; 0 or unset keeps it
+    /// `sfu` [default: off]
+    #[arg(long, env = "SWITCHBOARD_P2P_RETURN_MS", value_name = "MS")]
+    pub p2p_return_ms: Option<u64>,
+
     /// Audio handling of new SFU rooms whose creator does not choose: mix or forward [default: mix]
     #[arg(long, env = "SWITCHBOARD_AUDIO_MODE", value_name = "MODE", value_parser = parse_audio_mode)]
     pub audio_mode: Option<AudioMode>,
@@ -213,6 +219,7 @@ impl ServeOptions {
             turn_secret: self.turn_secret.or(other.turn_secret),
             turn_ttl_secs: self.turn_ttl_secs.or(other.turn_ttl_secs),
             p2p_timeout_ms: self.p2p_timeout_ms.or(other.p2p_timeout_ms),
+            p2p_return_ms: self.p2p_return_ms.or(other.p2p_return_ms),
             audio_mode: self.audio_mode.or(other.audio_mode),
             mix_speakers: self.mix_speakers.or(other.mix_speakers),
             allowed_origins: self.allowed_origins.or(other.allowed_origins),
@@ -314,6 +321,9 @@ pub struct Config {
     pub ws_timeout: Duration,
     pub ice: IceConfig,
     pub p2p_timeout_ms: u64,
+    /// How long an `auto` room back to two stays `sfu` before returning to
+    /// `p2p`; `None` (the default) keeps it `sfu`.
+    pub p2p_return: Option<Duration>,
     pub audio_mode: AudioMode,
     pub allowed_origins: Vec<String>,
     pub shutdown_grace: Duration,
@@ -400,6 +410,10 @@ impl Config {
                 turn_ttl: Duration::from_secs(turn_ttl),
             },
             p2p_timeout_ms: o.p2p_timeout_ms.unwrap_or(5000),
+            p2p_return: o
+                .p2p_return_ms
+                .filter(|&ms| ms > 0)
+                .map(Duration::from_millis),
             audio_mode: o.audio_mode.unwrap_or_default(),
             allowed_origins: o.allowed_origins.unwrap_or_default(),
             shutdown_grace: Duration::from_millis(o.shutdown_grace_ms.unwrap_or(5000)),
@@ -452,6 +466,7 @@ mod tests {
         assert_eq!(c.limits.max_frame_bytes, 65536);
         assert_eq!(c.limits.max_participants, 100);
         assert_eq!(c.p2p_timeout_ms, 5000);
+        assert_eq!(c.p2p_return, None, "returning to p2p is off by default");
         assert_eq!(c.audio_mode, AudioMode::Mix);
         assert!(
             c.ws_timeout <= Duration::from_secs(10),

@@ -44,6 +44,9 @@ pub enum Command {
     },
     /// `room` is now in `sfu` mode: start forwarding.
     RoomSfu { room: RoomName },
+    /// `room` is back in `p2p` mode (`--p2p-return-ms`): stop forwarding;
+    /// the server connections stay up as warm standbys.
+    RoomP2p { room: RoomName },
     /// Stop the media thread.
     Shutdown,
 }

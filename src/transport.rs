@@ -530,6 +530,13 @@ impl Engine {
                 let _ = room;
             }
             Command::RoomSfu { room } => self.room_to_sfu(&room),
+            // Back to p2p: forwarding stops (packets count as `standby`
+            // drops); subscriptions stay, so a later `sfu` resumes them.
+            Command::RoomP2p { room } => {
+                if let Some(media_room) = self.rooms.get_mut(&room) {
+                    media_room.sfu = false;
+                }
+            }
             Command::Shutdown => {}
         }
     }
