@@ -211,7 +211,7 @@ impl Mixer for Ours {
 struct Naive {
     decoders: Vec<Decoder>,
     encoders: Vec<Encoder>,
-    pcm: Vec<Box<Pcm>>,
+    pcm: Vec<Pcm>,
     has_audio: Vec<bool>,
     acc: Box<[i32; FRAME_SAMPLES]>,
     mixed: Box<Pcm>,
@@ -233,7 +233,7 @@ impl Naive {
                     Encoder::new(SAMPLE_RATE, Channels::Mono, Application::Voip).expect("encoder")
                 })
                 .collect(),
-            pcm: (0..n).map(|_| Box::new([0i16; FRAME_SAMPLES])).collect(),
+            pcm: vec![[0i16; FRAME_SAMPLES]; n],
             has_audio: vec![false; n],
             acc: Box::new([0; FRAME_SAMPLES]),
             mixed: Box::new([0; FRAME_SAMPLES]),
