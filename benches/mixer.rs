@@ -486,6 +486,9 @@ fn main() {
     let us = |d: Duration| d.as_secs_f64() * 1e6;
     let core = |d: Duration| 100.0 * d.as_secs_f64() / TICK.as_secs_f64();
     println!();
+    if !full {
+        println!("(smoke test without --bench: one tick per benchmark, not figures)");
+    }
     println!("== Audio mixer: one 20 ms tick, {TALKERS} talking (thread CPU time, median of {SAMPLE_SIZE} samples) ==");
     println!(
         "load average (1 min): {load_start} at start, {} at end",
