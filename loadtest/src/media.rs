@@ -118,9 +118,10 @@ pub const VP8_DESCRIPTOR_LEN: usize = 4;
 
 /// Splits one VP8 frame into RTP payloads (RFC 7741): each starts with a
 /// payload descriptor (S=1 and partition 0 on the first packet only, the
-/// frame's picture ID on all), then up to `max_payload - VP8_DESCRIPTOR_LEN
-/// - reserve` bytes of the frame. `reserve` bytes are left for a trailer (the
-/// caller's stamp). The caller sets the RTP marker on the last payload.
+/// frame's picture ID on all), then at most `max_payload` minus the
+/// descriptor minus `reserve` bytes of the frame; `reserve` bytes are left
+/// for a trailer (the caller's stamp). The caller sets the RTP marker on the
+/// last payload.
 pub fn vp8_packets(
     frame: &[u8],
     picture_id: u16,

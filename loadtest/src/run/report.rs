@@ -686,8 +686,8 @@ impl Report {
                             server_cpu_per_forwarded_packet_us: iv.server_cpu_per_count_us,
                             generator_cpu_percent: iv.generator_cpu_percent,
                             packets_received: n,
-                            latency_p50_ms: (n > 0).then(|| sum.p50.as_secs_f64() * 1e3),
-                            latency_p99_ms: (n > 0).then(|| sum.p99.as_secs_f64() * 1e3),
+                            latency_p50_ms: (n > 0).then_some(sum.p50.as_secs_f64() * 1e3),
+                            latency_p99_ms: (n > 0).then_some(sum.p99.as_secs_f64() * 1e3),
                         }
                     })
                     .collect()
@@ -1034,6 +1034,11 @@ impl Report {
                 stats::ms(m.first_packet_after_join.p50)
             )?;
             writeln!(t, "      ({})", m.note)?;
+        } else if c.audio && c.audio_mode_requested == "mix" {
+            writeln!(
+                t,
+                "    mixed audio: no `mix` track arrived; the server forwarded each publisher's audio (counted above, with latency)"
+            )?;
         }
         writeln!(
             t,
