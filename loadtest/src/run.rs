@@ -940,9 +940,11 @@ impl Publisher {
         let in_window = schedule.in_window(sent_ns);
         let subscribers = (shared.per_room - 1) as u64;
         // RTP timestamp: the frame's nominal capture time on the media clock.
-        let timestamp = (self.frame as f64
-            * self.period.as_secs_f64()
-            * f64::from(clock_rate(self.kind))) as u64 as u32;
+        // In integers: frame × period × clock, rounded (wraps like RTP).
+        let timestamp =
+            ((u128::from(self.frame) * self.period.as_nanos() * u128::from(clock_rate(self.kind))
+                + 500_000_000)
+                / 1_000_000_000) as u32;
         let mut packets: Vec<(Bytes, bool)> = Vec::new();
         let mut keyframe = false;
         match self.kind {
