@@ -1400,6 +1400,109 @@ mod tests {
         assert!(e.contains(&url), "{e}");
     }
 
+    fn rtp(seq: u16, ts: u32, payload: Bytes) -> switchboard_client::RtpPacket {
+        let mut p = switchboard_client::RtpPacket::default();
+        p.header.sequence_number = seq;
+        p.header.timestamp = ts;
+        p.payload = payload;
+        p
+    }
+
+    /// What a subscriber does with what arrives: stamped VP8 and Opus go to
+    /// per-publisher flows with latency; a `mix` track (no stamp) is counted
+    /// by RTP only; foreign or damaged payloads are set aside.
+    #[test]
+    fn absorb_routes_stamped_and_mixed_media() {
+        let base = Instant::now();
+        let a = args(&["--rooms", "2", "--participants", "3", "--audio"]);
+        let shared = Shared {
+            url: a.url.clone(),
+            rooms: vec!["a".into(), "b".into()],
+            per_room: 3,
+            publishers: 3,
+            total: 6,
+            base,
+            connect: Semaphore::new(1),
+            join_timeout: a.join_timeout,
+            plan: media_plan(500, true).expect("plan"),
+            audio_mode: AudioMode::Mix,
+            live: Arc::new(Live::default()),
+        };
+        let s = Schedule::new(base, base, &a);
+        let mut out = Outcome::new(0, &shared);
+        let sent_ns = ns_since(base, s.t0) + 1_000;
+        let stamp = |sender, seq| Stamp {
+            sender,
+            seq,
+            sent_ns,
+        };
+        let at = s.t0 + Duration::from_millis(5);
+        let ev = |kind, stream: &str, packet| Event::Rtp {
+            track_id: "t".into(),
+            stream_id: stream.into(),
+            kind,
+            packet,
+            at,
+        };
+        // VP8 from participant 1: one packet of a frame, stamped.
+        let mut v = media::vp8_packets(&[0x10, 2, 3, 4], 7, 1200, stamp::STAMP_LEN)
+            .pop()
+            .expect("one packet");
+        stamp::append_trailer(&mut v, stamp(1, 0));
+        out.absorb(
+            ev(Kind::Video, "p1", rtp(100, 9000, v.freeze())),
+            Some(&s),
+            &shared,
+        );
+        // Opus from participant 2.
+        let opus = shared.plan.audio.as_ref().expect("audio").frames[0].clone();
+        let o = stamp::opus_stamped(&opus, stamp(2, 0)).expect("code 0");
+        out.absorb(ev(Kind::Audio, "p2", rtp(5, 960, o)), Some(&s), &shared);
+        // Mixed audio across a sequence wrap, one lost, one duplicated.
+        for seq in [65534u16, 65535, 1, 1] {
+            out.absorb(
+                ev(
+                    Kind::Audio,
+                    MIX_STREAM_ID,
+                    rtp(seq, u32::from(seq) * 960, opus.clone()),
+                ),
+                Some(&s),
+                &shared,
+            );
+        }
+        // Someone from the other room, our own packet, an unstamped payload.
+        let mut other = media::vp8_packets(&[0x10, 1], 1, 1200, stamp::STAMP_LEN)
+            .pop()
+            .expect("one packet");
+        stamp::append_trailer(&mut other, stamp(4, 0));
+        out.absorb(
+            ev(Kind::Video, "p4", rtp(1, 0, other.freeze())),
+            Some(&s),
+            &shared,
+        );
+        let own = stamp::opus_stamped(&opus, stamp(0, 0)).expect("code 0");
+        out.absorb(ev(Kind::Audio, "p0", rtp(1, 0, own)), Some(&s), &shared);
+        out.absorb(
+            ev(Kind::Audio, "p2", rtp(6, 0, opus.clone())),
+            Some(&s),
+            &shared,
+        );
+
+        let video = &out.flows[&(1, 1)];
+        assert_eq!((video.stamp.window, video.rtp.received), (1, 1));
+        assert_eq!(video.stamp.latencies, vec![Duration::from_micros(4_999)]);
+        let audio = &out.flows[&(2, 0)];
+        assert_eq!(audio.stamp.window, 1);
+        let mix = out.mix.as_ref().expect("mix counted");
+        assert_eq!((mix.received, mix.expected(), mix.lost()), (3, 4, 1));
+        assert_eq!(mix.duplicates, 1);
+        assert_eq!(out.flows.len(), 2, "mixed audio has no per-publisher flow");
+        assert_eq!(out.timeline.len(), 2, "latency only for stamped packets");
+        assert_eq!(out.bad.get("other-room"), Some(&1));
+        assert_eq!(out.bad.get("own-packet"), Some(&1));
+        assert_eq!(out.bad.get("no-stamp"), Some(&1));
+    }
+
     #[test]
     fn schedule_window() {
         let base = Instant::now();

@@ -312,11 +312,12 @@ fn a_short_run_reports_every_figure() {
         let fps = num(m, "frames_per_s_per_publisher");
         let kbps = num(m, "sent_kbps_per_publisher");
         match kind {
-            // 20 ms Opus frames: 50/s.
-            "audio" => assert!((40.0..=51.0).contains(&fps), "audio {fps} frames/s"),
+            // 20 ms Opus frames: 50/s (fewer if the machine is so busy that
+            // the generator skips late ticks).
+            "audio" => assert!((30.0..=51.0).contains(&fps), "audio {fps} frames/s"),
             // 300 kbit/s of a ~495 kbit/s 30 fps clip: ~18 fps.
             "video" => {
-                assert!((12.0..=20.0).contains(&fps), "video {fps} frames/s");
+                assert!((9.0..=20.0).contains(&fps), "video {fps} frames/s");
                 assert!((200.0..400.0).contains(&kbps), "video {kbps} kbit/s");
                 assert!(num(m, "keyframes") >= 6.0, "a keyframe per 1.6 s each");
             }
