@@ -690,7 +690,7 @@ pub struct Sent {
 pub struct Flow {
     /// By the stamp: window accounting and latency.
     pub stamp: StampFlow,
-    /// By the RTP header, for packets arriving from the window start on.
+    /// By the RTP header, for the packets sent inside the window.
     pub rtp: RtpStats,
 }
 
@@ -861,7 +861,11 @@ impl Outcome {
                     .entry((sender, kind_index(kind)))
                     .or_insert_with(|| Flow::new(kind));
                 let fresh = flow.stamp.record(stamp.seq, at, in_window, latency);
-                if counted {
+                // Sent in the window (the stamp says when), like the stamp
+                // counts: by arrival time, a late packet from the warm-up
+                // would stretch the sequence range back to packets that
+                // arrived before the window and count them as lost.
+                if in_window {
                     flow.rtp.record(
                         packet.header.sequence_number,
                         packet.header.timestamp,

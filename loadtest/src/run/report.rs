@@ -209,8 +209,8 @@ pub struct KindTotals {
     pub loss_percent: f64,
     pub duplicates: u64,
     pub reordered: u64,
-    /// By RTP sequence numbers, from the window start to the end of the
-    /// drain (includes packets sent in the drain).
+    /// By RTP sequence numbers (as the server rewrote them) of the packets
+    /// sent in the window: the first to the last one received per flow.
     pub rtp_expected: u64,
     pub rtp_lost: u64,
     /// RFC 3550 interarrival jitter at the end of the run, over flows.
