@@ -390,8 +390,13 @@ fn a_short_run_reports_every_figure() {
     assert!(num(server_stats, "rss_steady_bytes") > 1e6);
     let forwarded = num(&r, "server_metrics.forwarded");
     let expected = num(&r, "server_metrics.expected_forwarded");
-    assert!(forwarded > 0.0);
-    assert!((forwarded - expected).abs() <= expected * 0.05 + 20.0);
+    assert!(forwarded > 0.0 && expected > 0.0);
+    // Plausible, not exact: on a very busy machine NACKed retransmissions
+    // are forwarded again (see docs/benchmarks.md).
+    assert!(
+        forwarded >= expected * 0.9 && forwarded <= expected * 1.5,
+        "forwarded {forwarded} vs {expected} expected"
+    );
     has_keys(
         &r["generator"],
         "generator",
