@@ -128,6 +128,11 @@ pub struct ServeOptions {
     #[arg(long, env = "SWITCHBOARD_MIX_SPEAKERS", value_name = "K")]
     pub mix_speakers: Option<usize>,
 
+    /// Opus encoder complexity of the mixer, 0 (cheapest) to 10 (best); the
+    /// mixer's CPU is mostly encoding [default: 5]
+    #[arg(long, env = "SWITCHBOARD_MIX_COMPLEXITY", value_name = "0-10")]
+    pub mix_complexity: Option<i32>,
+
     /// Allowed `Origin` values for /ws, comma separated (e.g. https://meet.example.org);
     /// empty allows any origin [default: any]
     #[arg(
@@ -222,6 +227,7 @@ impl ServeOptions {
             p2p_return_ms: self.p2p_return_ms.or(other.p2p_return_ms),
             audio_mode: self.audio_mode.or(other.audio_mode),
             mix_speakers: self.mix_speakers.or(other.mix_speakers),
+            mix_complexity: self.mix_complexity.or(other.mix_complexity),
             allowed_origins: self.allowed_origins.or(other.allowed_origins),
             shutdown_grace_ms: self.shutdown_grace_ms.or(other.shutdown_grace_ms),
             drain_timeout_ms: self.drain_timeout_ms.or(other.drain_timeout_ms),
@@ -273,6 +279,8 @@ pub enum ConfigError {
     PublicIpNeeded(IpAddr),
     #[error("--mix-speakers {0} is out of range (1-16)")]
     MixSpeakers(usize),
+    #[error("--mix-complexity {0} is out of range (0-10)")]
+    MixComplexity(i32),
     #[error("{url:?} is not a {kind} URL")]
     Url { kind: &'static str, url: String },
 }
@@ -369,6 +377,10 @@ impl Config {
         if !(1..=16).contains(&mix_speakers) {
             return Err(ConfigError::MixSpeakers(mix_speakers));
         }
+        let mix_complexity = o.mix_complexity.unwrap_or(5);
+        if !(0..=10).contains(&mix_complexity) {
+            return Err(ConfigError::MixComplexity(mix_complexity));
+        }
         if limits.rate_per_sec.is_nan() || limits.rate_per_sec <= 0.0 {
             return Err(ConfigError::Zero {
                 option: "--rate-limit",
@@ -424,6 +436,7 @@ impl Config {
                 public_ip: o.public_ip,
                 ice_tcp: o.ice_tcp.unwrap_or(true),
                 mix_speakers,
+                mix_complexity,
             }),
             log: LogConfig {
                 json: o.log_format.as_deref() == Some("json"),

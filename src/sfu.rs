@@ -22,6 +22,8 @@ pub struct MediaConfig {
     pub ice_tcp: bool,
     /// How many of the loudest speakers a mix room mixes (K).
     pub mix_speakers: usize,
+    /// Opus encoder complexity of the mixer (0-10).
+    pub mix_complexity: i32,
 }
 
 /// A request from the signaling side.

@@ -130,7 +130,7 @@ pub fn start(
                         Engine::new(
                             announce,
                             tcp_announce,
-                            config.mix_speakers,
+                            &config,
                             outboxes,
                             metrics,
                         )
@@ -361,6 +361,8 @@ struct Engine {
     audio_due: Option<Instant>,
     /// K of the mixer (`--mix-speakers`).
     mix_speakers: usize,
+    /// Encoder complexity of the mixer (`--mix-complexity`).
+    mix_complexity: i32,
     next_input: u32,
 }
 
@@ -368,7 +370,7 @@ impl Engine {
     fn new(
         announce: SocketAddr,
         tcp_announce: Option<SocketAddr>,
-        mix_speakers: usize,
+        config: &MediaConfig,
         outboxes: Arc<Outboxes>,
         metrics: Arc<Metrics>,
     ) -> Engine {
@@ -388,7 +390,8 @@ impl Engine {
             scratch: Vec::new(),
             forwarded_since: None,
             audio_due: None,
-            mix_speakers,
+            mix_speakers: config.mix_speakers,
+            mix_complexity: config.mix_complexity,
             next_input: 1,
         }
     }
@@ -625,6 +628,7 @@ impl Engine {
                                 k: self.mix_speakers,
                                 ..SelectConfig::default()
                             },
+                            complexity: self.mix_complexity,
                             ..MixerConfig::default()
                         };
                         match RoomMixer::new(config) {

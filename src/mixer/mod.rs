@@ -98,6 +98,10 @@ pub struct MixerConfig {
     pub bitrate: Option<i32>,
     /// `speakers_changed` is raised at most this often.
     pub speakers_interval: Duration,
+    /// libopus encoder complexity, 0–10. Most of a mixer's CPU is encoding
+    /// (SILK's noise-shaping quantizer at high complexity): see
+    /// docs/benchmarks.md for what each step costs.
+    pub complexity: i32,
 }
 
 impl Default for MixerConfig {
@@ -111,6 +115,7 @@ impl Default for MixerConfig {
             expected_loss_percent: 10,
             bitrate: None,
             speakers_interval: Duration::from_millis(200),
+            complexity: 10,
         }
     }
 }
@@ -286,6 +291,7 @@ struct Input {
 
 fn new_encoder(config: &MixerConfig) -> Result<Encoder, MixerError> {
     let mut enc = Encoder::new(SAMPLE_RATE, Channels::Mono, Application::Voip)?;
+    enc.set_complexity(config.complexity.clamp(0, 10))?;
     enc.set_inband_fec(config.fec)?;
     if config.fec {
         enc.set_packet_loss_perc(config.expected_loss_percent)?;
