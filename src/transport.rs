@@ -127,15 +127,9 @@ pub fn start(
                 };
                 match UdpSocket::from_std(socket) {
                     Ok(socket) => {
-                        Engine::new(
-                            announce,
-                            tcp_announce,
-                            &config,
-                            outboxes,
-                            metrics,
-                        )
-                        .run(socket, rx, tcp_events)
-                        .await
+                        Engine::new(announce, tcp_announce, &config, outboxes, metrics)
+                            .run(socket, rx, tcp_events)
+                            .await
                     }
                     Err(e) => tracing::error!(error = %e, "media socket failed"),
                 }
