@@ -7,6 +7,7 @@
 //!   through the SFU; reports loss, end-to-end latency, and the server's CPU
 //!   per forwarded packet, forwarding latency and RSS per participant.
 
+mod janus;
 mod proc;
 mod scrape;
 mod sfu;
@@ -35,6 +36,9 @@ enum Command {
     /// paced audio and video; report loss, end-to-end latency, and the
     /// server's CPU per forwarded packet, forwarding latency and RSS.
     Sfu(sfu::SfuArgs),
+    /// The `sfu` load against Janus VideoRoom (run it inside Janus's network
+    /// namespace: loadtest/janus/run.sh).
+    Janus(janus::JanusArgs),
 }
 
 fn main() -> ExitCode {
@@ -42,6 +46,7 @@ fn main() -> ExitCode {
     match cli.command {
         Command::Signaling(args) => signaling::main(&args),
         Command::Sfu(args) => sfu::main(&args),
+        Command::Janus(args) => janus::main(&args),
     }
 }
 
