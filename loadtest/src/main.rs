@@ -7,6 +7,7 @@
 //!   through the SFU; reports loss, end-to-end latency, and the server's CPU
 //!   per forwarded packet, forwarding latency and RSS per participant.
 
+mod compare;
 mod janus;
 mod proc;
 mod scrape;
@@ -39,6 +40,9 @@ enum Command {
     /// The `sfu` load against Janus VideoRoom (run it inside Janus's network
     /// namespace: loadtest/janus/run.sh).
     Janus(janus::JanusArgs),
+    /// Switchboard and Janus VideoRoom in turn under the same load, in a
+    /// network namespace it creates (root); prints the ratio table.
+    Compare(compare::CompareArgs),
 }
 
 fn main() -> ExitCode {
@@ -47,6 +51,7 @@ fn main() -> ExitCode {
         Command::Signaling(args) => signaling::main(&args),
         Command::Sfu(args) => sfu::main(&args),
         Command::Janus(args) => janus::main(&args),
+        Command::Compare(args) => compare::main(&args),
     }
 }
 

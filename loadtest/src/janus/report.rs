@@ -436,13 +436,6 @@ impl Report {
             && self.media.iter().all(|m| m.tracks_missing == 0)
     }
 
-    /// Packets forwarded and lost over all kinds.
-    pub fn loss_percent(&self) -> f64 {
-        let expected: u64 = self.media.iter().map(|m| m.expected).sum();
-        let received: u64 = self.media.iter().map(|m| m.received).sum();
-        percent(expected.saturating_sub(received), expected)
-    }
-
     pub fn table(&self) -> String {
         let mut t = String::new();
         self.write_table(&mut t)

@@ -1,0 +1,648 @@
+//! `loadtest compare`: Switchboard and Janus VideoRoom in turn, under the
+//! same fixed load, in one invocation; prints the ratio table and, with
+//! `--write-doc`, writes it (machine, versions, exact commands, results) into
+//! a section of `docs/benchmarks.md`.
+//!
+//! Both servers run inside one network namespace this command creates (a
+//! veth pair, both ends inside, `lt0` = 10.77.0.1/24, and `lo`): Janus offers
+//! host candidates on interface addresses only, never loopback, and the same
+//! place for both keeps the comparison fair. The load generators run there
+//! too (`ip netns exec`, this same binary: `sfu` for Switchboard, `janus` for
+//! Janus). Every process started is killed and the namespace deleted when the
+//! command ends, also on error or panic ([`Sandbox`]'s `Drop`). Needs root.
+
+use std::fmt::Write as _;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitCode, Stdio};
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+/// The namespace's address, on which both servers listen (also fixed in
+/// `loadtest/janus/*.jcfg`).
+pub const NS_ADDR: &str = "10.77.0.1";
+/// The Switchboard load. The `sfu` subcommand is becoming `run`; change this
+/// (and, if its JSON moved, [`Figures::read`]) when it does.
+const SWITCHBOARD_LOAD: &str = "sfu";
+const SWITCHBOARD_PORT: u16 = 8080;
+const JANUS_PORT: u16 = 8188;
+/// Longest wait for a server to listen.
+const START_TIMEOUT: Duration = Duration::from_secs(15);
+/// Markers around the section `--write-doc` replaces.
+const DOC_BEGIN: &str = "<!-- loadtest compare: begin (generated; rerun to update) -->";
+const DOC_END: &str = "<!-- loadtest compare: end -->";
+
+#[derive(Debug, Clone, clap::Args)]
+pub struct CompareArgs {
+    /// Rooms.
+    #[arg(long, default_value_t = 4)]
+    pub rooms: usize,
+    /// Participants per room; each publishes and subscribes to all others.
+    #[arg(long, default_value_t = 4)]
+    pub participants: usize,
+    /// Measurement window per server.
+    #[arg(long, default_value = "20s", value_parser = crate::parse_duration)]
+    pub duration: Duration,
+    /// Sending before the window.
+    #[arg(long, default_value = "2s", value_parser = crate::parse_duration)]
+    pub warmup: Duration,
+    /// Video payload bit rate per publisher, kbit/s (0 = no video).
+    #[arg(long, default_value_t = 500)]
+    pub video_kbps: u32,
+    /// Audio packets per second per publisher (0 = no audio).
+    #[arg(long, default_value_t = 50)]
+    pub audio_pps: u32,
+    /// The Switchboard binary (default: `switchboard` beside this one).
+    #[arg(long)]
+    pub switchboard: Option<PathBuf>,
+    /// The Janus binary.
+    #[arg(long, default_value = "/usr/bin/janus")]
+    pub janus: PathBuf,
+    /// Folder with `janus.jcfg` and the plugin configs.
+    #[arg(long, default_value = concat!(env!("CARGO_MANIFEST_DIR"), "/janus"))]
+    pub janus_config: PathBuf,
+    /// Where the two JSON reports and the server logs go.
+    #[arg(long, default_value = "target/loadtest-compare")]
+    pub out_dir: PathBuf,
+    /// Replace (or append) the comparison section of this Markdown file.
+    #[arg(long)]
+    pub write_doc: Option<PathBuf>,
+}
+
+/// Owns the namespace and every process started in it. Dropping it (also on
+/// panic) kills the processes and deletes the namespace.
+struct Sandbox {
+    netns: String,
+    children: Vec<Child>,
+}
+
+impl Sandbox {
+    fn new() -> Result<Sandbox, String> {
+        let netns = format!("lt-cmp-{}", std::process::id());
+        ip(&["netns", "add", &netns])?;
+        let sandbox = Sandbox {
+            netns,
+            children: Vec::new(),
+        };
+        let ns = sandbox.netns.as_str();
+        ip(&["-n", ns, "link", "set", "lo", "up"])?;
+        ip(&[
+            "-n", ns, "link", "add", "lt0", "type", "veth", "peer", "name", "lt1",
+        ])?;
+        ip(&[
+            "-n",
+            ns,
+            "addr",
+            "add",
+            &format!("{NS_ADDR}/24"),
+            "dev",
+            "lt0",
+        ])?;
+        ip(&["-n", ns, "link", "set", "lt1", "up"])?;
+        ip(&["-n", ns, "link", "set", "lt0", "up"])?;
+        Ok(sandbox)
+    }
+
+    fn command(&self, program: &Path) -> Command {
+        let mut c = Command::new("ip");
+        c.args(["netns", "exec", &self.netns]).arg(program);
+        c
+    }
+
+    /// Starts a server in the namespace, logging to `log`; `ip netns exec`
+    /// execs the program, so the child's pid is the server's.
+    fn spawn(&mut self, mut cmd: Command, log: &Path) -> Result<u32, String> {
+        let file = std::fs::File::create(log).map_err(|e| format!("{}: {e}", log.display()))?;
+        let err = file.try_clone().map_err(|e| e.to_string())?;
+        let child = cmd
+            .stdin(Stdio::null())
+            .stdout(file)
+            .stderr(err)
+            .spawn()
+            .map_err(|e| format!("cannot start {cmd:?}: {e}"))?;
+        let pid = child.id();
+        self.children.push(child);
+        Ok(pid)
+    }
+
+    /// Waits until something listens on `NS_ADDR:port` inside the namespace.
+    fn wait_listening(&mut self, port: u16, what: &str) -> Result<(), String> {
+        let deadline = Instant::now() + START_TIMEOUT;
+        let probe = format!("exec 3<>/dev/tcp/{NS_ADDR}/{port}");
+        loop {
+            let ok = Command::new("ip")
+                .args(["netns", "exec", &self.netns, "bash", "-c", &probe])
+                .stderr(Stdio::null())
+                .status()
+                .is_ok_and(|s| s.success());
+            if ok {
+                return Ok(());
+            }
+            if let Some(c) = self.children.last_mut() {
+                if let Ok(Some(status)) = c.try_wait() {
+                    return Err(format!("{what} exited at start-up ({status})"));
+                }
+            }
+            if Instant::now() > deadline {
+                return Err(format!(
+                    "{what} did not listen on port {port} within {START_TIMEOUT:?}"
+                ));
+            }
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    }
+
+    /// Stops the last server: SIGTERM, then SIGKILL after 3 s.
+    fn stop_last(&mut self) {
+        if let Some(mut c) = self.children.pop() {
+            stop(&mut c);
+        }
+    }
+}
+
+fn stop(c: &mut Child) {
+    if matches!(c.try_wait(), Ok(None)) {
+        let _ = Command::new("kill")
+            .args(["-TERM", &c.id().to_string()])
+            .status();
+        let until = Instant::now() + Duration::from_secs(3);
+        while Instant::now() < until && matches!(c.try_wait(), Ok(None)) {
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        let _ = c.kill();
+    }
+    let _ = c.wait();
+}
+
+impl Drop for Sandbox {
+    fn drop(&mut self) {
+        for c in &mut self.children {
+            stop(c);
+        }
+        if let Ok(out) = Command::new("ip")
+            .args(["netns", "pids", &self.netns])
+            .output()
+        {
+            for pid in String::from_utf8_lossy(&out.stdout).split_whitespace() {
+                let _ = Command::new("kill").args(["-KILL", pid]).status();
+            }
+        }
+        let _ = Command::new("ip")
+            .args(["netns", "delete", &self.netns])
+            .status();
+    }
+}
+
+fn ip(args: &[&str]) -> Result<(), String> {
+    let out = Command::new("ip")
+        .args(args)
+        .output()
+        .map_err(|e| format!("cannot run ip: {e}"))?;
+    if out.status.success() {
+        Ok(())
+    } else {
+        Err(format!(
+            "ip {} failed (needs root): {}",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stderr).trim()
+        ))
+    }
+}
+
+/// The figures compared, from one report.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Figures {
+    pub cpu_per_forwarded_us: Option<f64>,
+    pub cpu_percent_of_core: Option<f64>,
+    pub forwarded: Option<f64>,
+    pub p50_ms: Option<f64>,
+    pub p99_ms: Option<f64>,
+    pub loss_percent: Option<f64>,
+    pub rss_per_participant_kib: Option<f64>,
+    pub connected: Option<u64>,
+    pub version: Option<String>,
+}
+
+impl Figures {
+    /// Reads the JSON report of `loadtest sfu` or `loadtest janus`.
+    pub fn read(v: &Value) -> Figures {
+        let f = |p: &str| v.pointer(p).and_then(Value::as_f64);
+        let (expected, received) = v["media"].as_array().map_or((0.0, 0.0), |m| {
+            m.iter().fold((0.0, 0.0), |(e, r), k| {
+                (
+                    e + k["expected"].as_f64().unwrap_or(0.0),
+                    r + k["received"].as_f64().unwrap_or(0.0),
+                )
+            })
+        });
+        Figures {
+            cpu_per_forwarded_us: f("/server/cpu_per_forwarded_packet_us"),
+            cpu_percent_of_core: f("/server/cpu_percent_of_core"),
+            forwarded: f("/server_metrics/forwarded").or_else(|| f("/server/forwarded")),
+            p50_ms: f("/latency_all/p50_us").map(|u| u / 1e3),
+            p99_ms: f("/latency_all/p99_us").map(|u| u / 1e3),
+            loss_percent: (expected > 0.0).then(|| 100.0 * (expected - received) / expected),
+            rss_per_participant_kib: f("/server/rss_per_participant_bytes").map(|b| b / 1024.0),
+            connected: v.pointer("/participants/connected").and_then(Value::as_u64),
+            version: v["server_version"].as_str().map(str::to_owned),
+        }
+    }
+}
+
+/// The ratio table (Markdown): one row per figure, Switchboard / Janus.
+pub fn ratio_table(sb: &Figures, janus: &Figures) -> String {
+    let rows: [(&str, Option<f64>, Option<f64>, usize); 7] = [
+        (
+            "server CPU per forwarded packet (µs)",
+            sb.cpu_per_forwarded_us,
+            janus.cpu_per_forwarded_us,
+            2,
+        ),
+        (
+            "server CPU (% of one core)",
+            sb.cpu_percent_of_core,
+            janus.cpu_percent_of_core,
+            1,
+        ),
+        (
+            "packets forwarded in the window",
+            sb.forwarded,
+            janus.forwarded,
+            0,
+        ),
+        ("end-to-end latency p50 (ms)", sb.p50_ms, janus.p50_ms, 2),
+        ("end-to-end latency p99 (ms)", sb.p99_ms, janus.p99_ms, 2),
+        ("loss (%)", sb.loss_percent, janus.loss_percent, 3),
+        (
+            "server RSS per participant (KiB)",
+            sb.rss_per_participant_kib,
+            janus.rss_per_participant_kib,
+            1,
+        ),
+    ];
+    let mut t = String::new();
+    t.push_str("| figure | Switchboard | Janus VideoRoom | Switchboard / Janus |\n");
+    t.push_str("| --- | ---: | ---: | ---: |\n");
+    let cell = |v: Option<f64>, d: usize| v.map_or("-".to_owned(), |v| format!("{v:.d$}"));
+    for (name, a, b, d) in rows {
+        let ratio = match (a, b) {
+            (Some(a), Some(b)) if b != 0.0 => format!("{:.2}", a / b),
+            _ => "-".to_owned(),
+        };
+        let _ = writeln!(t, "| {name} | {} | {} | {ratio} |", cell(a, d), cell(b, d));
+    }
+    t
+}
+
+/// Replaces the section between the markers in `doc`, or appends it.
+pub fn splice_section(doc: &str, section: &str) -> String {
+    let block = format!("{DOC_BEGIN}\n{}{DOC_END}\n", section);
+    match (doc.find(DOC_BEGIN), doc.find(DOC_END)) {
+        (Some(a), Some(b)) if b > a => {
+            let end = b + DOC_END.len();
+            let rest = doc[end..].strip_prefix('\n').unwrap_or(&doc[end..]);
+            format!("{}{block}{rest}", &doc[..a])
+        }
+        _ => {
+            let sep = if doc.is_empty() || doc.ends_with("\n\n") {
+                ""
+            } else if doc.ends_with('\n') {
+                "\n"
+            } else {
+                "\n\n"
+            };
+            format!("{doc}{sep}{block}")
+        }
+    }
+}
+
+fn version_of(program: &Path) -> String {
+    Command::new(program)
+        .arg("--version")
+        .output()
+        .ok()
+        .map(|o| {
+            String::from_utf8_lossy(&o.stdout)
+                .lines()
+                .next()
+                .unwrap_or("")
+                .trim()
+                .to_owned()
+        })
+        .filter(|s| !s.is_empty())
+        .unwrap_or_else(|| "unknown".into())
+}
+
+fn shell_join(args: &[String]) -> String {
+    args.iter()
+        .map(|a| {
+            if a.chars()
+                .all(|c| c.is_ascii_alphanumeric() || "-_./:=".contains(c))
+            {
+                a.clone()
+            } else {
+                format!("'{a}'")
+            }
+        })
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+/// Runs one load generator in the namespace; its report must appear.
+fn run_load(sandbox: &Sandbox, me: &Path, args: &[String], json: &Path) -> Result<Value, String> {
+    let _ = std::fs::remove_file(json);
+    let status = sandbox
+        .command(me)
+        .args(args)
+        .stdin(Stdio::null())
+        .status()
+        .map_err(|e| format!("cannot run the load generator: {e}"))?;
+    let text = std::fs::read_to_string(json).map_err(|e| {
+        format!(
+            "the load generator ({status}) wrote no report {}: {e}",
+            json.display()
+        )
+    })?;
+    if !status.success() {
+        eprintln!("warning: the load generator exited with {status}; its report is used as is");
+    }
+    serde_json::from_str(&text).map_err(|e| format!("{}: {e}", json.display()))
+}
+
+pub fn main(args: &CompareArgs) -> ExitCode {
+    match run(args) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("loadtest compare: {e}");
+            ExitCode::from(2)
+        }
+    }
+}
+
+fn run(args: &CompareArgs) -> Result<(), String> {
+    let me = std::env::current_exe().map_err(|e| format!("own path: {e}"))?;
+    let switchboard = args
+        .switchboard
+        .clone()
+        .unwrap_or_else(|| me.with_file_name("switchboard"));
+    for (what, p) in [("switchboard", &switchboard), ("janus", &args.janus)] {
+        if !p.is_file() {
+            return Err(format!(
+                "{what} not found at {} (build it: cargo build --release -p switchboard; \
+                 Janus: apt-get install -y janus)",
+                p.display()
+            ));
+        }
+    }
+    let jcfg = args.janus_config.join("janus.jcfg");
+    if !jcfg.is_file() {
+        return Err(format!("no {}", jcfg.display()));
+    }
+    std::fs::create_dir_all(&args.out_dir)
+        .map_err(|e| format!("{}: {e}", args.out_dir.display()))?;
+    let out_dir = args
+        .out_dir
+        .canonicalize()
+        .map_err(|e| format!("{}: {e}", args.out_dir.display()))?;
+    let load = |extra: &[&str]| -> Vec<String> {
+        let mut v: Vec<String> = vec![
+            "--rooms".into(),
+            args.rooms.to_string(),
+            "--participants".into(),
+            args.participants.to_string(),
+            "--duration".into(),
+            format!("{}ms", args.duration.as_millis()),
+            "--warmup".into(),
+            format!("{}ms", args.warmup.as_millis()),
+            "--video-kbps".into(),
+            args.video_kbps.to_string(),
+            "--audio-pps".into(),
+            args.audio_pps.to_string(),
+        ];
+        v.extend(extra.iter().map(|s| (*s).to_owned()));
+        v
+    };
+
+    let mut sandbox = Sandbox::new()?;
+    eprintln!("namespace {} with {NS_ADDR}", sandbox.netns);
+
+    // 1. Switchboard.
+    let sb_json = out_dir.join("switchboard.json");
+    let mut sb_cmd = sandbox.command(&switchboard);
+    let sb_server_args = [
+        "serve".to_owned(),
+        "--listen".into(),
+        format!("{NS_ADDR}:{SWITCHBOARD_PORT}"),
+        "--rtc-ip".into(),
+        NS_ADDR.into(),
+    ];
+    sb_cmd.args(&sb_server_args);
+    let sb_pid = sandbox.spawn(sb_cmd, &out_dir.join("switchboard.log"))?;
+    sandbox.wait_listening(SWITCHBOARD_PORT, "switchboard")?;
+    let sb_url = format!("ws://{NS_ADDR}:{SWITCHBOARD_PORT}/ws");
+    let sb_pid_s = sb_pid.to_string();
+    let sb_json_s = sb_json.display().to_string();
+    let mut sb_load = vec![SWITCHBOARD_LOAD.to_owned()];
+    sb_load.extend(load(&[
+        "--url",
+        &sb_url,
+        "--allow-remote",
+        "--server-pid",
+        &sb_pid_s,
+        "--json",
+        &sb_json_s,
+    ]));
+    eprintln!("== Switchboard: loadtest {}", shell_join(&sb_load));
+    let sb_report = run_load(&sandbox, &me, &sb_load, &sb_json);
+    sandbox.stop_last();
+    let sb_report = sb_report?;
+
+    // 2. Janus.
+    let j_json = out_dir.join("janus.json");
+    let mut j_cmd = sandbox.command(&args.janus);
+    let cfg = args.janus_config.display().to_string();
+    let j_server_args = [
+        "-C".to_owned(),
+        jcfg.display().to_string(),
+        "-F".into(),
+        cfg,
+        "-o".into(),
+    ];
+    j_cmd.args(&j_server_args);
+    let j_pid = sandbox.spawn(j_cmd, &out_dir.join("janus.log"))?;
+    sandbox.wait_listening(JANUS_PORT, "janus")?;
+    let j_url = format!("ws://{NS_ADDR}:{JANUS_PORT}");
+    let j_pid_s = j_pid.to_string();
+    let j_json_s = j_json.display().to_string();
+    let mut j_load = vec!["janus".to_owned()];
+    j_load.extend(load(&[
+        "--url",
+        &j_url,
+        "--server-pid",
+        &j_pid_s,
+        "--json",
+        &j_json_s,
+    ]));
+    eprintln!("== Janus: loadtest {}", shell_join(&j_load));
+    let j_report = run_load(&sandbox, &me, &j_load, &j_json);
+    sandbox.stop_last();
+    let j_report = j_report?;
+    drop(sandbox);
+
+    let sb = Figures::read(&sb_report);
+    let janus = Figures::read(&j_report);
+    let table = ratio_table(&sb, &janus);
+    println!();
+    println!(
+        "Switchboard vs Janus VideoRoom: {} rooms x {} participants, Opus {} pkt/s + VP8 {} kbit/s each, {:?} window",
+        args.rooms, args.participants, args.audio_pps, args.video_kbps, args.duration
+    );
+    print!("{table}");
+
+    if let Some(doc) = &args.write_doc {
+        let machine = crate::proc::Machine::probe();
+        let mut s = String::new();
+        let _ = writeln!(
+            s,
+            "## Switchboard vs Janus VideoRoom (`loadtest compare`)\n"
+        );
+        let _ = writeln!(
+            s,
+            "Load: {} rooms × {} participants; every participant publishes Opus-shaped audio \
+             ({} packets/s of 100 B) and VP8-shaped video ({} kbit/s of payload in 1100 B \
+             packets) and subscribes to every other participant of its room. Warm-up {:?}, \
+             measurement window {:?}. Both servers and both load generators ran in turn \
+             inside one network namespace (`lt0` = {NS_ADDR}), one generator process on a \
+             single-threaded runtime.\n",
+            args.rooms,
+            args.participants,
+            args.audio_pps,
+            args.video_kbps,
+            args.warmup,
+            args.duration
+        );
+        let _ = writeln!(
+            s,
+            "- Machine: {} CPUs, {}; load average at start {:.2} (other builds were running on it)",
+            machine.nproc, machine.cpu_model, machine.loadavg[0]
+        );
+        let _ = writeln!(
+            s,
+            "- Switchboard: `{}` (release build)",
+            version_of(&switchboard)
+        );
+        let _ = writeln!(
+            s,
+            "- Janus: {} (Debian package `janus`), configs in `loadtest/janus/`",
+            janus.version.as_deref().unwrap_or("unknown")
+        );
+        let _ = writeln!(
+            s,
+            "- Participants connected: Switchboard {}, Janus {}\n",
+            sb.connected.map_or("-".into(), |n| n.to_string()),
+            janus.connected.map_or("-".into(), |n| n.to_string())
+        );
+        let _ = writeln!(s, "{table}");
+        let _ = writeln!(
+            s,
+            "Server CPU is utime+stime from `/proc/<pid>/stat` over the window (10 ms ticks). \
+             Packets forwarded: Switchboard's own counter \
+             (`switchboard_media_rtp_forwarded_total`); Janus has none, so for Janus it is the \
+             distinct in-window packets its subscribers received. RSS per participant is \
+             (RSS at the window's end − RSS before anyone joined) / participants. Latency is \
+             end to end (send time stamped in the payload, same clock), generator included.\n"
+        );
+        let _ = writeln!(s, "Commands (as root, from the repository root):\n");
+        let _ = writeln!(s, "```");
+        let _ = writeln!(s, "cargo build --release -p switchboard -p loadtest");
+        let mut cmd = vec![
+            "target/release/loadtest".to_owned(),
+            "compare".into(),
+            "--rooms".into(),
+            args.rooms.to_string(),
+            "--participants".into(),
+            args.participants.to_string(),
+            "--duration".into(),
+            format!("{}s", args.duration.as_secs_f64()),
+            "--warmup".into(),
+            format!("{}s", args.warmup.as_secs_f64()),
+            "--video-kbps".into(),
+            args.video_kbps.to_string(),
+            "--audio-pps".into(),
+            args.audio_pps.to_string(),
+        ];
+        cmd.extend(["--write-doc".into(), doc.display().to_string()]);
+        let _ = writeln!(s, "{}", shell_join(&cmd));
+        let _ = writeln!(s, "```\n");
+        let _ = writeln!(s, "which ran, inside the namespace:\n");
+        let _ = writeln!(s, "```");
+        let _ = writeln!(s, "switchboard {}", shell_join(&sb_server_args));
+        let _ = writeln!(
+            s,
+            "loadtest {}",
+            shell_join(&sb_load).replace(&out_dir.display().to_string(), "OUT")
+        );
+        let _ = writeln!(s, "janus -C loadtest/janus/janus.jcfg -F loadtest/janus -o");
+        let _ = writeln!(
+            s,
+            "loadtest {}",
+            shell_join(&j_load).replace(&out_dir.display().to_string(), "OUT")
+        );
+        let _ = writeln!(s, "```");
+        let old = std::fs::read_to_string(doc).unwrap_or_default();
+        std::fs::write(doc, splice_section(&old, &s))
+            .map_err(|e| format!("{}: {e}", doc.display()))?;
+        eprintln!("wrote the comparison into {}", doc.display());
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn figures_from_either_report() {
+        let sb = json!({
+            "server": {"cpu_per_forwarded_packet_us": 10.0, "cpu_percent_of_core": 20.0,
+                       "rss_per_participant_bytes": 2048},
+            "server_metrics": {"forwarded": 1000.0},
+            "latency_all": {"p50_us": 500, "p99_us": 2000},
+            "media": [{"expected": 600, "received": 597}, {"expected": 400, "received": 400}],
+            "participants": {"connected": 16}
+        });
+        let f = Figures::read(&sb);
+        assert_eq!(f.forwarded, Some(1000.0));
+        assert_eq!(f.p50_ms, Some(0.5));
+        assert_eq!(f.rss_per_participant_kib, Some(2.0));
+        assert!((f.loss_percent.expect("loss") - 0.3).abs() < 1e-9);
+        let janus = json!({"server": {"forwarded": 990, "cpu_per_forwarded_packet_us": 40.0},
+                           "server_version": "1.1.2", "media": []});
+        let j = Figures::read(&janus);
+        assert_eq!(j.forwarded, Some(990.0));
+        assert_eq!(j.loss_percent, None);
+        let t = ratio_table(&f, &j);
+        assert!(
+            t.contains("| server CPU per forwarded packet (µs) | 10.00 | 40.00 | 0.25 |"),
+            "{t}"
+        );
+        assert!(t.contains("| loss (%) | 0.300 | - | - |"), "{t}");
+    }
+
+    #[test]
+    fn the_section_is_replaced_not_duplicated() {
+        let doc = "# Benchmarks\n\nintro\n";
+        let once = splice_section(doc, "A\n");
+        assert!(once.starts_with("# Benchmarks\n\nintro\n\n<!--"));
+        assert!(once.contains("\nA\n"));
+        let twice = splice_section(&format!("{once}\n## later\n"), "B\n");
+        assert!(!twice.contains("\nA\n") && twice.contains("\nB\n"));
+        assert_eq!(twice.matches(DOC_BEGIN).count(), 1);
+        assert!(twice.ends_with("## later\n"));
+        assert_eq!(
+            splice_section("", "C\n"),
+            format!("{DOC_BEGIN}\nC\n{DOC_END}\n")
+        );
+    }
+}
