@@ -938,7 +938,7 @@ fn jsep_sdp(jsep: Option<Value>, want: &str, what: &str) -> Result<String, Strin
 async fn publish(
     shared: &Shared,
     out: &mut Outcome,
-    session: &Session,
+    session: &mut Session,
 ) -> Result<Option<Peer>, String> {
     if !out.publishes {
         return Ok(None);
@@ -981,7 +981,32 @@ async fn publish(
         .await
         .map_err(|e| format!("Janus's answer: {e}"))?;
     until_connected(&mut peer, deadline, "publisher PeerConnection", out).await?;
+    // Janus lets subscribers at a feed only once its own side is up
+    // (`webrtcup`); before that, a subscription gets "No such feed".
+    until_webrtcup(session, handle, deadline).await?;
     Ok(Some(peer))
+}
+
+/// Waits for Janus's `webrtcup` on `handle` (other notifications are
+/// dropped: nothing else matters while joining).
+async fn until_webrtcup(
+    session: &mut Session,
+    handle: Handle,
+    deadline: tokio::time::Instant,
+) -> Result<(), String> {
+    loop {
+        match timeout_at(deadline, session.events.recv()).await {
+            Err(_) => return Err("timed out waiting for Janus's webrtcup".into()),
+            Ok(None) => return Err("the Janus connection closed".into()),
+            Ok(Some(v)) if v["janus"] == "webrtcup" && v["sender"].as_u64() == Some(handle.0) => {
+                return Ok(())
+            }
+            Ok(Some(v)) if v["janus"] == "hangup" => {
+                return Err(format!("Janus hung up the publisher: {}", v["reason"]))
+            }
+            Ok(Some(_)) => {}
+        }
+    }
 }
 
 /// Subscriber handle joined with every other feed of the room; Janus offers,
@@ -1050,7 +1075,7 @@ async fn participant(
             Err(_) => Err("stopped".to_owned()),
             Ok(_permit) => match Session::connect(&shared.url, CONNECT_TIMEOUT).await {
                 Err(e) => Err(e.to_string()),
-                Ok(session) => match publish(&shared, &mut out, &session).await {
+                Ok(mut session) => match publish(&shared, &mut out, &mut session).await {
                     Ok(peer) => Ok((session, peer)),
                     Err(e) => {
                         session.close();
