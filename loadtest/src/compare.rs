@@ -221,6 +221,9 @@ pub struct Figures {
     pub rss_per_participant_kib: Option<f64>,
     pub connected: Option<u64>,
     pub version: Option<String>,
+    pub generator_percent_of_core: Option<f64>,
+    /// The 1-minute load average when the run started.
+    pub loadavg: Option<f64>,
 }
 
 impl Figures {
@@ -245,13 +248,15 @@ impl Figures {
             rss_per_participant_kib: f("/server/rss_per_participant_bytes").map(|b| b / 1024.0),
             connected: v.pointer("/participants/connected").and_then(Value::as_u64),
             version: v["server_version"].as_str().map(str::to_owned),
+            generator_percent_of_core: f("/generator/cpu_percent_of_core"),
+            loadavg: f("/machine/loadavg/0"),
         }
     }
 }
 
 /// The ratio table (Markdown): one row per figure, Switchboard / Janus.
 pub fn ratio_table(sb: &Figures, janus: &Figures) -> String {
-    let rows: [(&str, Option<f64>, Option<f64>, usize); 7] = [
+    let rows: [(&str, Option<f64>, Option<f64>, usize); 9] = [
         (
             "server CPU per forwarded packet (µs)",
             sb.cpu_per_forwarded_us,
@@ -278,6 +283,18 @@ pub fn ratio_table(sb: &Figures, janus: &Figures) -> String {
             sb.rss_per_participant_kib,
             janus.rss_per_participant_kib,
             1,
+        ),
+        (
+            "load generator CPU (% of one core)",
+            sb.generator_percent_of_core,
+            janus.generator_percent_of_core,
+            1,
+        ),
+        (
+            "machine load average at the run's start",
+            sb.loadavg,
+            janus.loadavg,
+            2,
         ),
     ];
     let mut t = String::new();
@@ -330,6 +347,16 @@ fn version_of(program: &Path) -> String {
                 .to_owned()
         })
         .filter(|s| !s.is_empty())
+        .unwrap_or_else(|| "unknown".into())
+}
+
+/// `date -u` (no time crate here).
+fn utc_now() -> String {
+    Command::new("date")
+        .args(["-u", "+%Y-%m-%d %H:%M"])
+        .output()
+        .ok()
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_owned())
         .unwrap_or_else(|| "unknown".into())
 }
 
@@ -523,8 +550,12 @@ fn run(args: &CompareArgs) -> Result<(), String> {
         );
         let _ = writeln!(
             s,
-            "- Machine: {} CPUs, {}; load average at start {:.2} (other builds were running on it)",
-            machine.nproc, machine.cpu_model, machine.loadavg[0]
+            "- Machine: {} CPUs, {} (Debian 12); run finished {} UTC; the load average at each \
+             run's start is in the table (this machine is shared, so other work may have run \
+             at the same time)",
+            machine.nproc,
+            machine.cpu_model,
+            utc_now()
         );
         let _ = writeln!(
             s,
@@ -550,7 +581,10 @@ fn run(args: &CompareArgs) -> Result<(), String> {
              (`switchboard_media_rtp_forwarded_total`); Janus has none, so for Janus it is the \
              distinct in-window packets its subscribers received. RSS per participant is \
              (RSS at the window's end − RSS before anyone joined) / participants. Latency is \
-             end to end (send time stamped in the payload, same clock), generator included.\n"
+             end to end (send time stamped in the payload, same clock), generator included. \
+             The Switchboard client binds its media sockets to 127.0.0.1 and the Janus \
+             generator to {NS_ADDR}: inside the namespace both paths are the kernel's local \
+             delivery. One run each, back to back; rerun for the spread.\n"
         );
         let _ = writeln!(s, "Commands (as root, from the repository root):\n");
         let _ = writeln!(s, "```");
