@@ -29,6 +29,7 @@
 //! `--url`), which must be an address of this machine (or namespace).
 
 mod api;
+mod mix;
 // The very same payload stamping as `loadtest sfu` (so both loads are byte
 // for byte alike), compiled a second time here because `sfu` keeps its module
 // private; use it from one place once it is shared.
@@ -73,7 +74,8 @@ const MAX_SEQ: u32 = 1 << 24;
 pub enum AudioMode {
     /// VideoRoom forwards every publisher's audio (the `sfu` load).
     Forward,
-    /// AudioBridge mixes (not implemented yet: exits with an error).
+    /// AudioBridge mixes: one mixed stream back per participant (audio
+    /// only: `--video-kbps 0`).
     Mix,
 }
 
@@ -245,9 +247,11 @@ fn streams(args: &JanusArgs) -> Result<Vec<StreamSpec>, String> {
 
 /// Checks the arguments; returns the address media binds to.
 fn validate(args: &JanusArgs) -> Result<IpAddr, String> {
-    if args.audio_mode == AudioMode::Mix {
+    if args.audio_mode == AudioMode::Mix && (args.video_kbps != 0 || args.audio_pps != 50) {
         return Err(
-            "--audio-mode mix (AudioBridge) is not implemented yet; use forward (VideoRoom)".into(),
+            "--audio-mode mix (AudioBridge) is audio only, in 20 ms Opus frames: \
+             pass --video-kbps 0 and keep --audio-pps 50"
+                .into(),
         );
     }
     if args.rooms == 0 || args.participants < 2 {
@@ -388,6 +392,9 @@ struct Shared {
     join_timeout: Duration,
     streams: Vec<StreamSpec>,
     run_id: String,
+    mode: AudioMode,
+    /// The Opus packets mix mode sends in a loop.
+    tone: Vec<bytes::Bytes>,
 }
 
 /// The server and the generator at one instant.
@@ -425,15 +432,26 @@ async fn create_rooms(
         .ok()
         .and_then(|i| i["version_string"].as_str().map(str::to_owned))
         .unwrap_or_else(|| "unknown".into());
-    let handle = admin
-        .attach("janus.plugin.videoroom")
-        .await
-        .map_err(|e| e.to_string())?;
+    let plugin = match args.audio_mode {
+        AudioMode::Forward => "janus.plugin.videoroom",
+        AudioMode::Mix => "janus.plugin.audiobridge",
+    };
+    let handle = admin.attach(plugin).await.map_err(|e| e.to_string())?;
     let first: u64 = rand::rng().random_range(1_000_000..1_000_000_000);
     let mut ids = Vec::with_capacity(args.rooms);
     for n in 0..args.rooms as u64 {
         let room = first + n;
-        let body = json!({
+        let body = match args.audio_mode {
+            AudioMode::Mix => json!({
+                "request": "create",
+                "room": room,
+                "permanent": false,
+                "description": format!("loadtest {}", n),
+                "sampling_rate": 48000,
+                "audiolevel_event": false,
+                "record": false,
+            }),
+            AudioMode::Forward => json!({
             "request": "create",
             "room": room,
             "permanent": false,
@@ -447,12 +465,13 @@ async fn create_rooms(
             "fir_freq": 0,
             "notify_joining": false,
             "require_pvtid": false,
-        });
+            }),
+        };
         let (data, _) = admin
             .message(handle, body, None)
             .await
             .map_err(|e| format!("creating room {room}: {e}"))?;
-        if data["videoroom"] != "created" {
+        if data["videoroom"] != "created" && data["audiobridge"] != "created" {
             return Err(format!("creating room {room}: Janus answered {data}"));
         }
         ids.push(room);
@@ -479,8 +498,13 @@ pub async fn run(args: &JanusArgs) -> Result<Report, String> {
     let baseline = Sample::take(server);
     let (admin, janus_version, room_ids) = create_rooms(args, publishers).await?;
     say(format_args!(
-        "Janus {janus_version} at {}: {} VideoRoom rooms created",
-        args.url, args.rooms
+        "Janus {janus_version} at {}: {} {} rooms created",
+        args.url,
+        args.rooms,
+        match args.audio_mode {
+            AudioMode::Forward => "VideoRoom",
+            AudioMode::Mix => "AudioBridge",
+        }
     ));
     let total = args.rooms * args.participants;
     let shared = Arc::new(Shared {
@@ -495,6 +519,11 @@ pub async fn run(args: &JanusArgs) -> Result<Report, String> {
         join_timeout: args.join_timeout,
         streams: streams.clone(),
         run_id: run_id.clone(),
+        mode: args.audio_mode,
+        tone: match args.audio_mode {
+            AudioMode::Mix => mix::tone(440.0).map_err(|e| format!("Opus encoder: {e}"))?,
+            AudioMode::Forward => Vec::new(),
+        },
     });
     let (phase_tx, phase_rx) = watch::channel(Phase::Publishing);
     let (ready_tx, mut ready_rx) = mpsc::unbounded_channel::<(usize, Ready)>();
@@ -717,6 +746,8 @@ pub struct Outcome {
     pub bad: BTreeMap<&'static str, u64>,
     /// Connection states reported after `connected`, and Janus `hangup`s.
     pub later_states: Vec<String>,
+    /// Mix mode: the mixed stream received.
+    pub mixed: mix::Mixed,
 }
 
 impl Outcome {
@@ -738,6 +769,7 @@ impl Outcome {
             tracks_added: 0,
             bad: BTreeMap::new(),
             later_states: Vec::new(),
+            mixed: mix::Mixed::default(),
         }
     }
 
@@ -987,6 +1019,18 @@ async fn publish(
     Ok(Some(peer))
 }
 
+/// Joins the room: VideoRoom publisher, or AudioBridge participant.
+async fn join_room(
+    shared: &Shared,
+    out: &mut Outcome,
+    session: &mut Session,
+) -> Result<Option<Peer>, String> {
+    match shared.mode {
+        AudioMode::Forward => publish(shared, out, session).await,
+        AudioMode::Mix => mix::join(shared, out, session).await.map(Some),
+    }
+}
+
 /// Waits for Janus's `webrtcup` on `handle` (other notifications are
 /// dropped: nothing else matters while joining).
 async fn until_webrtcup(
@@ -1075,7 +1119,7 @@ async fn participant(
             Err(_) => Err("stopped".to_owned()),
             Ok(_permit) => match Session::connect(&shared.url, CONNECT_TIMEOUT).await {
                 Err(e) => Err(e.to_string()),
-                Ok(mut session) => match publish(&shared, &mut out, &mut session).await {
+                Ok(mut session) => match join_room(&shared, &mut out, &mut session).await {
                     Ok(peer) => Ok((session, peer)),
                     Err(e) => {
                         session.close();
@@ -1102,13 +1146,19 @@ async fn participant(
             return out;
         }
     };
-    let sub = {
-        let _permit = shared.connect.acquire().await;
-        let room = out.room;
-        subscribe(&shared, &mut out, &session, &feeds[room]).await
+    let sub = match shared.mode {
+        // The AudioBridge PeerConnection also receives the mix.
+        AudioMode::Mix => Ok(None),
+        AudioMode::Forward => {
+            let _permit = shared.connect.acquire().await;
+            let room = out.room;
+            subscribe(&shared, &mut out, &session, &feeds[room])
+                .await
+                .map(Some)
+        }
     };
     let mut sub_peer = match sub {
-        Ok(p) => Some(p),
+        Ok(p) => p,
         Err(e) => {
             out.fail(e);
             let _ = ready.send((index, Ready::Failed));
@@ -1130,7 +1180,17 @@ async fn participant(
     out.published = true;
     let mut audio = None;
     let mut video = None;
-    if let Some(s) = schedule.as_ref().filter(|_| out.publishes) {
+    let mut tone_sender = None;
+    if let Some(s) = schedule
+        .as_ref()
+        .filter(|_| out.publishes && shared.mode == AudioMode::Mix)
+    {
+        tone_sender = Some(mix::Sender::start(s));
+    }
+    if let Some(s) = schedule
+        .as_ref()
+        .filter(|_| out.publishes && shared.mode == AudioMode::Forward)
+    {
         for spec in &shared.streams {
             let p = Some(Publisher::start(*spec, s));
             match spec.kind {
@@ -1144,7 +1204,7 @@ async fn participant(
         let end = schedule.map(|s| s.end);
         tokio::select! {
             ev = peer_event(&mut sub_peer) => match ev {
-                Some(PeerEvent::Rtp { kind, payload, at }) => {
+                Some(PeerEvent::Rtp { kind, payload, at, .. }) => {
                     out.absorb_rtp(kind, &payload, at, schedule.as_ref(), &shared);
                 }
                 Some(PeerEvent::Track) => out.tracks_added += 1,
@@ -1156,7 +1216,12 @@ async fn participant(
             },
             ev = peer_event(&mut pub_peer) => match ev {
                 Some(PeerEvent::State(s)) => out.later_states.push(format!("publisher {s}")),
-                Some(_) => {}
+                Some(PeerEvent::Rtp { seq, at, .. }) => {
+                    // Mix mode: the mix comes back on the publishing connection.
+                    let in_window = schedule.as_ref().is_some_and(|s| (s.t0..s.t1).contains(&at));
+                    out.mixed.record(seq, at, in_window);
+                }
+                Some(PeerEvent::Track) => out.tracks_added += 1,
                 None => {
                     out.fail("publisher PeerConnection stopped");
                     pub_peer = None;
@@ -1180,6 +1245,11 @@ async fn participant(
             () = tick(&mut audio) => {
                 if let (Some(p), Some(s), Some(peer)) = (audio.as_mut(), schedule.as_ref(), pub_peer.as_ref()) {
                     p.send(peer, &mut out, s, base);
+                }
+            }
+            () = mix::tick(&mut tone_sender) => {
+                if let (Some(t), Some(s), Some(peer)) = (tone_sender.as_mut(), schedule.as_ref(), pub_peer.as_ref()) {
+                    t.send(peer, &shared.tone, &mut out, s);
                 }
             }
             () = tick(&mut video) => {
@@ -1235,6 +1305,15 @@ mod tests {
         assert!(validate(&args(&["--url", "ws://janus:8188"])).is_err());
         assert!(validate(&args(&["--url", "ws://127.0.0.1:1", "--publishers", "5"])).is_err());
         assert!(validate(&args(&["--url", "ws://127.0.0.1:1", "--audio-mode", "mix"])).is_err());
+        let mix = args(&[
+            "--url",
+            "ws://127.0.0.1:1",
+            "--audio-mode",
+            "mix",
+            "--video-kbps",
+            "0",
+        ]);
+        assert!(validate(&mix).is_ok());
         assert!(validate(&args(&["--url", "ws://127.0.0.1:1", "--timeout", "10s"])).is_err());
     }
 

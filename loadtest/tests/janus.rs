@@ -134,6 +134,64 @@ fn a_small_videoroom_load_is_delivered() {
 }
 
 #[test]
+fn a_small_audiobridge_load_gets_the_mix_back() {
+    require_janus();
+    let dir = tempfile::tempdir().expect("temp dir");
+    let json = dir.path().join("mix.json");
+    let mut cmd = Command::new(run_sh());
+    cmd.env("JANUS_LOG", dir.path().join("janus.log")).args([
+        LOADTEST,
+        "janus",
+        "--audio-mode",
+        "mix",
+        "--video-kbps",
+        "0",
+        "--rooms",
+        "1",
+        "--participants",
+        "3",
+        "--warmup",
+        "1s",
+        "--duration",
+        "3s",
+        "--timeout",
+        "60s",
+        "--server-pid",
+        "{janus}",
+        "--json",
+    ]);
+    cmd.arg(&json);
+    let (out, overran) = run_bounded(&mut cmd, Duration::from_secs(120));
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    let log = std::fs::read_to_string(dir.path().join("janus.log")).unwrap_or_default();
+    assert!(
+        !overran && out.status.success(),
+        "loadtest janus --audio-mode mix failed ({}):\n{stdout}\n{stderr}\nJanus log:\n{log}",
+        out.status
+    );
+    let report: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&json).expect("JSON report written"))
+            .expect("JSON report parses");
+    assert_eq!(report["participants"]["connected"], 3, "{stdout}");
+    let media = report["media"].as_array().expect("media");
+    assert_eq!(media.len(), 1, "one mixed audio stream");
+    assert_eq!(media[0]["kind"], "audio-mixed");
+    // One mixed stream per participant, every 20 ms of the window.
+    assert_eq!(media[0]["tracks"], 3);
+    let (expected, received) = (
+        media[0]["expected"].as_u64().expect("expected"),
+        media[0]["received"].as_u64().expect("received"),
+    );
+    assert!(received > 0, "no mix received\n{stdout}");
+    let loss = 100.0 * expected.saturating_sub(received) as f64 / expected as f64;
+    assert!(loss < 5.0, "{loss:.2} % of the mix lost\n{stdout}");
+    for sub in report["subscribers"].as_array().expect("subscribers") {
+        assert!(sub["received"].as_u64() > Some(0), "{sub}");
+    }
+}
+
+#[test]
 fn an_unreachable_janus_is_a_clear_error() {
     // A port with nothing listening: bind one, note it, close it.
     let port = std::net::TcpListener::bind("127.0.0.1:0")

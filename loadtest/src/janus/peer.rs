@@ -54,9 +54,11 @@ pub enum PeerEvent {
     State(String),
     /// A remote track opened.
     Track,
-    /// The payload of an RTP packet on a remote track, and when it was read.
+    /// The payload of an RTP packet on a remote track, its sequence number,
+    /// and when it was read.
     Rtp {
         kind: Kind,
+        seq: u16,
         payload: Bytes,
         at: Instant,
     },
@@ -386,6 +388,7 @@ impl Task {
                 let kind = self.tracks.get(&track_id).copied().unwrap_or(Kind::Video);
                 let ev = PeerEvent::Rtp {
                     kind,
+                    seq: packet.header.sequence_number,
                     payload: packet.payload,
                     at: now,
                 };

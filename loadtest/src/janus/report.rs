@@ -15,7 +15,8 @@ use crate::stats::{self, Summary};
 
 /// How the forwarded-packet count was obtained (Janus exposes none).
 pub const FORWARDED_SOURCE: &str =
-    "derived: distinct in-window packets the subscribers received (Janus has no counter)";
+    "derived: distinct in-window packets the subscribers received (Janus has no counter; \
+     in mix mode, the mixed packets delivered)";
 
 fn ser_summary<S: Serializer>(s: &Summary, ser: S) -> Result<S::Ok, S::Error> {
     s.micros().serialize(ser)
@@ -195,6 +196,7 @@ impl Report {
         outcomes.sort_by_key(|o| o.index);
         let by_index: HashMap<usize, &Outcome> = outcomes.iter().map(|o| (o.index, o)).collect();
         let kinds: Vec<usize> = inp.streams.iter().map(|s| kind_index(s.kind)).collect();
+        let mixed = args.audio_mode == super::AudioMode::Mix;
 
         let mut p = Participants {
             requested: args.rooms * args.participants,
@@ -241,6 +243,46 @@ impl Report {
             let mut s_lat = Vec::new();
             let mut s_first_max: Option<f64> = None;
             tracks_added += sub.tracks_added;
+            if mixed {
+                // One mixed stream per subscriber, counted by RTP sequence.
+                let m = &sub.mixed;
+                let (expected, received) = (m.expected(), m.window);
+                let first_w = m
+                    .first_at
+                    .zip(inp.schedule)
+                    .map(|(at, s)| ms_between(s.warmup_start, at));
+                let first_j = m
+                    .first_at
+                    .zip(sub.join_started)
+                    .map(|(at, j)| ms_between(j, at));
+                if let Some(w) = first_w {
+                    after_warmup.push(Duration::from_secs_f64(w / 1e3));
+                }
+                if let Some(j) = first_j {
+                    after_join.push(Duration::from_secs_f64(j / 1e3));
+                }
+                tracks_expected += 1;
+                let t = &mut per_kind[0];
+                t.expected += expected;
+                t.received += received;
+                t.duplicates += m.duplicates;
+                t.tracks += 1;
+                t.missing += usize::from(received == 0);
+                let lost = expected.saturating_sub(received);
+                subscribers.push(SubscriberRow {
+                    name: sub.name.clone(),
+                    feed: sub.feed,
+                    room: sub.room,
+                    expected,
+                    received,
+                    lost,
+                    loss_percent: percent(lost, expected),
+                    latency: Summary::default(),
+                    first_packet_max_ms: first_w,
+                    error: sub.error.clone(),
+                });
+                continue;
+            }
             let members = (sub.room * args.participants)..((sub.room + 1) * args.participants);
             for pubi in members {
                 let Some(publisher) = by_index.get(&pubi).filter(|o| o.published && o.publishes)
@@ -314,7 +356,7 @@ impl Report {
             received_total += acc.received;
             let lost = acc.expected.saturating_sub(acc.received);
             media.push(KindTotals {
-                kind: KIND_NAMES[k],
+                kind: if mixed { "audio-mixed" } else { KIND_NAMES[k] },
                 sent,
                 sent_total: outcomes.iter().map(|o| o.sent[k].total).sum(),
                 send_errors: outcomes.iter().map(|o| o.sent[k].errors).sum(),
@@ -448,7 +490,14 @@ impl Report {
         let m = &self.machine;
         let p = &self.participants;
         writeln!(t)?;
-        writeln!(t, "Janus VideoRoom forwarding benchmark")?;
+        match c.audio_mode {
+            super::AudioMode::Forward => writeln!(t, "Janus VideoRoom forwarding benchmark")?,
+            super::AudioMode::Mix => writeln!(
+                t,
+                "Janus AudioBridge mixing benchmark (expected/received: the mixed stream's \
+                 RTP sequence numbers in the window; no end-to-end latency through a mixer)"
+            )?,
+        }
         writeln!(
             t,
             "  url          {} (Janus {})",
@@ -467,6 +516,13 @@ impl Report {
             if self.completed { "" } else { "; DID NOT COMPLETE" },
         )?;
         for s in &c.streams {
+            if c.audio_mode == super::AudioMode::Mix {
+                writeln!(
+                    t,
+                    "  publishing   audio per publisher: 50 packets/s of a 440 Hz Opus tone (32 kbit/s, 20 ms frames)"
+                )?;
+                continue;
+            }
             writeln!(
                 t,
                 "  publishing   {} per publisher: {:.1} packets/s x {} B = {:.0} kbit/s of payload",
