@@ -218,3 +218,24 @@ fn an_unreachable_janus_is_a_clear_error() {
         "{stderr}"
     );
 }
+
+#[test]
+fn compare_without_a_switchboard_binary_is_a_clear_error() {
+    let mut cmd = Command::new(LOADTEST);
+    cmd.args([
+        "compare",
+        "--switchboard",
+        "/nonexistent/switchboard",
+        "--out-dir",
+    ]);
+    let dir = tempfile::tempdir().expect("temp dir");
+    cmd.arg(dir.path());
+    let (out, overran) = run_bounded(&mut cmd, Duration::from_secs(60));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!overran, "did not give up by itself: {stderr}");
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    assert!(
+        stderr.contains("switchboard not found at /nonexistent/switchboard"),
+        "{stderr}"
+    );
+}
