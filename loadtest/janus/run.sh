@@ -21,9 +21,12 @@ ns="lt-janus-$$"
 addr=10.77.0.1
 log="${JANUS_LOG:-$(mktemp /tmp/janus-XXXXXX.log)}"
 janus_pid=""
+cmd_pid=""
 
 cleanup() {
   local rc=$?
+  trap - EXIT INT TERM
+  if [ -n "$cmd_pid" ]; then kill -TERM "$cmd_pid" 2>/dev/null || true; fi
   if [ -n "$janus_pid" ]; then
     kill -TERM "$janus_pid" 2>/dev/null || true
     for _ in 1 2 3 4 5 6 7 8 9 10; do
@@ -35,9 +38,13 @@ cleanup() {
   # Anything else left in the namespace goes too.
   for pid in $(ip netns pids "$ns" 2>/dev/null); do kill -KILL "$pid" 2>/dev/null || true; done
   ip netns delete "$ns" 2>/dev/null || true
-  if [ "$rc" -ne 0 ] && [ -z "${JANUS_LOG:-}" ]; then
-    echo "run.sh: exit $rc; Janus log ($log):" >&2
-    tail -n 40 "$log" >&2 || true
+  if [ -z "${JANUS_LOG:-}" ]; then
+    if [ "$rc" -ne 0 ]; then
+      echo "run.sh: exit $rc; Janus log ($log):" >&2
+      tail -n 40 "$log" >&2 || true
+    else
+      rm -f "$log"
+    fi
   fi
   exit "$rc"
 }
@@ -58,12 +65,18 @@ ip -n "$ns" link set lt0 up
 ip netns exec "$ns" janus -C "$here/janus.jcfg" -F "$here" -o >"$log" 2>&1 &
 janus_pid=$!
 # Wait (at most 10 s) for the WebSocket API to listen.
+listening=""
 for _ in $(seq 1 50); do
-  if ip netns exec "$ns" bash -c "exec 3<>/dev/tcp/$addr/8188" 2>/dev/null; then break; fi
+  if ip netns exec "$ns" bash -c "exec 3<>/dev/tcp/$addr/8188" 2>/dev/null; then listening=1; break; fi
   kill -0 "$janus_pid" 2>/dev/null || { echo "run.sh: janus exited at start-up" >&2; exit 1; }
   sleep 0.2
 done
+[ -n "$listening" ] || { echo "run.sh: janus did not listen on $addr:8188 within 10 s" >&2; exit 1; }
 
 args=()
 for a in "$@"; do args+=("${a//\{janus\}/$janus_pid}"); done
-ip netns exec "$ns" "${args[@]}"
+# In the background and waited for, so a signal reaches the trap at once
+# (bash runs traps only between foreground commands).
+ip netns exec "$ns" "${args[@]}" &
+cmd_pid=$!
+wait "$cmd_pid"

@@ -1,5 +1,7 @@
 //! `loadtest janus`: the `sfu` benchmark's fixed load, against Janus
-//! VideoRoom (Debian package `janus` 1.1.2) over its WebSocket API.
+//! VideoRoom (Debian package `janus` 1.1.2) over its WebSocket API; with
+//! `--audio-mode mix`, an audio load against AudioBridge instead (see
+//! [`mix`]). What follows is the VideoRoom run.
 //!
 //! 1. Creates `--rooms` VideoRoom rooms (Opus + VP8) on an admin session.
 //! 2. Every participant opens its own WebSocket and session, joins its room
