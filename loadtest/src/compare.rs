@@ -100,6 +100,7 @@ impl Sandbox {
         ])?;
         ip(&["-n", ns, "link", "set", "lt1", "up"])?;
         ip(&["-n", ns, "link", "set", "lt0", "up"])?;
+        watch_signals(sandbox.netns.clone());
         Ok(sandbox)
     }
 
@@ -179,18 +180,53 @@ impl Drop for Sandbox {
         for c in &mut self.children {
             stop(c);
         }
-        if let Ok(out) = Command::new("ip")
-            .args(["netns", "pids", &self.netns])
-            .output()
-        {
-            for pid in String::from_utf8_lossy(&out.stdout).split_whitespace() {
-                let _ = Command::new("kill").args(["-KILL", pid]).status();
-            }
-        }
-        let _ = Command::new("ip")
-            .args(["netns", "delete", &self.netns])
-            .status();
+        empty_and_delete(&self.netns);
     }
+}
+
+/// Kills whatever still runs in the namespace, then deletes it.
+fn empty_and_delete(netns: &str) {
+    if let Ok(out) = Command::new("ip").args(["netns", "pids", netns]).output() {
+        for pid in String::from_utf8_lossy(&out.stdout).split_whitespace() {
+            let _ = Command::new("kill").args(["-KILL", pid]).status();
+        }
+    }
+    let _ = Command::new("ip")
+        .args(["netns", "delete", netns])
+        .stderr(Stdio::null())
+        .status();
+}
+
+/// On SIGINT or SIGTERM (which would end this process without running
+/// `Drop`), empties and deletes the namespace, then exits with 130. Every
+/// process this command starts lives in the namespace, so none survives.
+fn watch_signals(netns: String) {
+    std::thread::spawn(move || {
+        let Ok(rt) = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+        else {
+            return;
+        };
+        let signalled = rt.block_on(async {
+            use tokio::signal::unix::{signal, SignalKind};
+            let (Ok(mut int), Ok(mut term)) = (
+                signal(SignalKind::interrupt()),
+                signal(SignalKind::terminate()),
+            ) else {
+                return false;
+            };
+            tokio::select! {
+                _ = int.recv() => true,
+                _ = term.recv() => true,
+            }
+        });
+        if signalled {
+            eprintln!("loadtest compare: interrupted; deleting namespace {netns}");
+            empty_and_delete(&netns);
+            std::process::exit(130);
+        }
+    });
 }
 
 fn ip(args: &[&str]) -> Result<(), String> {
