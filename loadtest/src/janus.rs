@@ -1055,14 +1055,14 @@ async fn until_webrtcup(
     }
 }
 
-/// Subscriber handle joined with every other feed of the room; Janus offers,
+/// Subscriber handle joined with every other feed of the room (none: `None`); Janus offers,
 /// we answer and `start`; subscriber PeerConnection connected.
 async fn subscribe(
     shared: &Shared,
     out: &mut Outcome,
     session: &Session,
     feeds: &[(usize, u64)],
-) -> Result<Peer, String> {
+) -> Result<Option<Peer>, String> {
     let deadline: tokio::time::Instant = (Instant::now() + shared.join_timeout).into();
     let room = shared.room_ids[out.room];
     let streams: Vec<Value> = feeds
@@ -1071,7 +1071,8 @@ async fn subscribe(
         .map(|(_, f)| json!({"feed": f}))
         .collect();
     if streams.is_empty() {
-        return Err("no other publisher in the room to subscribe to".into());
+        // The room's only publisher (`--publishers 1`) has nothing to receive.
+        return Ok(None);
     }
     let handle: Handle = session
         .attach("janus.plugin.videoroom")
@@ -1103,7 +1104,7 @@ async fn subscribe(
         .map_err(|e| format!("start: {e}"))?;
     session.trickle_completed(handle);
     until_connected(&mut peer, deadline, "subscriber PeerConnection", out).await?;
-    Ok(peer)
+    Ok(Some(peer))
 }
 
 async fn participant(
@@ -1154,9 +1155,7 @@ async fn participant(
         AudioMode::Forward => {
             let _permit = shared.connect.acquire().await;
             let room = out.room;
-            subscribe(&shared, &mut out, &session, &feeds[room])
-                .await
-                .map(Some)
+            subscribe(&shared, &mut out, &session, &feeds[room]).await
         }
     };
     let mut sub_peer = match sub {
