@@ -1055,8 +1055,9 @@ async fn until_webrtcup(
     }
 }
 
-/// Subscriber handle joined with every other feed of the room (none: `None`); Janus offers,
-/// we answer and `start`; subscriber PeerConnection connected.
+/// Subscriber handle joined with every other feed of the room; Janus
+/// offers, we answer and `start`; subscriber PeerConnection connected.
+/// `None` when the room has no other publisher.
 async fn subscribe(
     shared: &Shared,
     out: &mut Outcome,
