@@ -113,9 +113,25 @@ pub struct ServeOptions {
     #[arg(long, env = "SWITCHBOARD_P2P_TIMEOUT_MS", value_name = "MS")]
     pub p2p_timeout_ms: Option<u64>,
 
+    /// Return an `auto` room that is back to two participants (and never had a
+    /// `p2p-failed`) to `p2p` after this many milliseconds; 0 or unset keeps it
+    /// `sfu` [default: off]
+    #[arg(long, env = "SWITCHBOARD_P2P_RETURN_MS", value_name = "MS")]
+    pub p2p_return_ms: Option<u64>,
+
     /// Audio handling of new SFU rooms whose creator does not choose: mix or forward [default: mix]
     #[arg(long, env = "SWITCHBOARD_AUDIO_MODE", value_name = "MODE", value_parser = parse_audio_mode)]
     pub audio_mode: Option<AudioMode>,
+
+    /// In mix rooms, how many of the loudest speakers are mixed (1-16); the
+    /// rest of the room hears them through one shared encode [default: 3]
+    #[arg(long, env = "SWITCHBOARD_MIX_SPEAKERS", value_name = "K")]
+    pub mix_speakers: Option<usize>,
+
+    /// Opus encoder complexity of the mixer, 0 (cheapest) to 10 (best); the
+    /// mixer's CPU is mostly encoding [default: 5]
+    #[arg(long, env = "SWITCHBOARD_MIX_COMPLEXITY", value_name = "0-10")]
+    pub mix_complexity: Option<i32>,
 
     /// Allowed `Origin` values for /ws, comma separated (e.g. https://meet.example.org);
     /// empty allows any origin [default: any]
@@ -208,7 +224,10 @@ impl ServeOptions {
             turn_secret: self.turn_secret.or(other.turn_secret),
             turn_ttl_secs: self.turn_ttl_secs.or(other.turn_ttl_secs),
             p2p_timeout_ms: self.p2p_timeout_ms.or(other.p2p_timeout_ms),
+            p2p_return_ms: self.p2p_return_ms.or(other.p2p_return_ms),
             audio_mode: self.audio_mode.or(other.audio_mode),
+            mix_speakers: self.mix_speakers.or(other.mix_speakers),
+            mix_complexity: self.mix_complexity.or(other.mix_complexity),
             allowed_origins: self.allowed_origins.or(other.allowed_origins),
             shutdown_grace_ms: self.shutdown_grace_ms.or(other.shutdown_grace_ms),
             drain_timeout_ms: self.drain_timeout_ms.or(other.drain_timeout_ms),
@@ -258,6 +277,10 @@ pub enum ConfigError {
     PingTimeout { interval: u64, timeout: u64 },
     #[error("--rtc-ip {0} binds every interface, so it cannot be announced in ICE candidates: set --public-ip to the address clients reach")]
     PublicIpNeeded(IpAddr),
+    #[error("--mix-speakers {0} is out of range (1-16)")]
+    MixSpeakers(usize),
+    #[error("--mix-complexity {0} is out of range (0-10)")]
+    MixComplexity(i32),
     #[error("{url:?} is not a {kind} URL")]
     Url { kind: &'static str, url: String },
 }
@@ -306,6 +329,9 @@ pub struct Config {
     pub ws_timeout: Duration,
     pub ice: IceConfig,
     pub p2p_timeout_ms: u64,
+    /// How long an `auto` room back to two stays `sfu` before returning to
+    /// `p2p`; `None` (the default) keeps it `sfu`.
+    pub p2p_return: Option<Duration>,
     pub audio_mode: AudioMode,
     pub allowed_origins: Vec<String>,
     pub shutdown_grace: Duration,
@@ -347,6 +373,14 @@ impl Config {
             max_rooms: nonzero(o.max_rooms.unwrap_or(10_000), "--max-rooms")?,
             max_participants: nonzero(o.max_participants.unwrap_or(100), "--max-participants")?,
         };
+        let mix_speakers = o.mix_speakers.unwrap_or(3);
+        if !(1..=16).contains(&mix_speakers) {
+            return Err(ConfigError::MixSpeakers(mix_speakers));
+        }
+        let mix_complexity = o.mix_complexity.unwrap_or(5);
+        if !(0..=10).contains(&mix_complexity) {
+            return Err(ConfigError::MixComplexity(mix_complexity));
+        }
         if limits.rate_per_sec.is_nan() || limits.rate_per_sec <= 0.0 {
             return Err(ConfigError::Zero {
                 option: "--rate-limit",
@@ -388,6 +422,10 @@ impl Config {
                 turn_ttl: Duration::from_secs(turn_ttl),
             },
             p2p_timeout_ms: o.p2p_timeout_ms.unwrap_or(5000),
+            p2p_return: o
+                .p2p_return_ms
+                .filter(|&ms| ms > 0)
+                .map(Duration::from_millis),
             audio_mode: o.audio_mode.unwrap_or_default(),
             allowed_origins: o.allowed_origins.unwrap_or_default(),
             shutdown_grace: Duration::from_millis(o.shutdown_grace_ms.unwrap_or(5000)),
@@ -397,6 +435,8 @@ impl Config {
                 bind: SocketAddr::new(rtc_ip, o.rtc_port.unwrap_or(7882)),
                 public_ip: o.public_ip,
                 ice_tcp: o.ice_tcp.unwrap_or(true),
+                mix_speakers,
+                mix_complexity,
             }),
             log: LogConfig {
                 json: o.log_format.as_deref() == Some("json"),
@@ -439,6 +479,7 @@ mod tests {
         assert_eq!(c.limits.max_frame_bytes, 65536);
         assert_eq!(c.limits.max_participants, 100);
         assert_eq!(c.p2p_timeout_ms, 5000);
+        assert_eq!(c.p2p_return, None, "returning to p2p is off by default");
         assert_eq!(c.audio_mode, AudioMode::Mix);
         assert!(
             c.ws_timeout <= Duration::from_secs(10),

@@ -11,8 +11,8 @@
 //! the other way round.
 
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::Arc;
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::sync::{Arc, Mutex};
+use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
 use axum::extract::ws::Utf8Bytes;
 use dashmap::mapref::entry::Entry;
@@ -145,6 +145,10 @@ pub struct Hub {
     draining: std::sync::atomic::AtomicBool,
     config: Arc<Config>,
     metrics: Arc<Metrics>,
+    /// Rooms waiting to return to `p2p` (`--p2p-return-ms`), with when.
+    /// Plain mutex: held for a push or a drain, never across an await, and
+    /// never while a `rooms` entry is being taken.
+    returns: Mutex<Vec<(Instant, RoomName)>>,
 }
 
 impl Hub {
@@ -163,6 +167,7 @@ impl Hub {
             draining: std::sync::atomic::AtomicBool::new(false),
             config,
             metrics,
+            returns: Mutex::new(Vec::new()),
         }
     }
 
@@ -235,6 +240,7 @@ impl Hub {
                     requested: req.mode.unwrap_or(RequestedMode::Auto),
                     audio: req.audio.unwrap_or(self.config.audio_mode),
                     max_participants: self.config.limits.max_participants,
+                    p2p_return: self.config.p2p_return,
                 };
                 tracing::info!(room = %req.room, mode = ?settings.requested, audio = settings.audio.as_str(), "room created");
                 v.insert(Room::new(req.room.clone(), &settings))
@@ -259,22 +265,28 @@ impl Hub {
     /// Removes `id` from `room`, telling whom [`Departure`] says. Frees the
     /// room when it is empty.
     pub fn leave(&self, room_name: &RoomName, id: &ParticipantId, how: Departure) {
-        let now_empty = {
+        let (now_empty, return_due) = {
             let Some(mut room) = self.rooms.get_mut(room_name) else {
                 return;
             };
             if !room.contains(id) {
                 return;
             }
-            let effects = room.leave(id, how == Departure::Left);
+            let effects = room.leave(id, how == Departure::Left, Instant::now());
             self.metrics.room_resized(room.len() + 1, room.len());
             if how != Departure::ServerClosing {
                 self.deliver_with_leaver(&room, effects, id);
             }
-            room.is_empty()
+            (room.is_empty(), room.return_due())
         };
         if self.outboxes.map.remove(id).is_some() {
             self.metrics.participants.dec();
+        }
+        if let Some(at) = return_due {
+            self.returns
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .push((at, room_name.clone()));
         }
         if let Some(media) = &self.media {
             let left = Command::Left {
@@ -319,6 +331,7 @@ impl Hub {
                 room: room_name.clone(),
                 participant: from.clone(),
                 sfu: room.mode() == MediaMode::Sfu,
+                audio: room.audio(),
                 data,
             })?;
             return Ok(());
@@ -342,6 +355,28 @@ impl Hub {
         let effects = room.p2p_failed(from, peer)?;
         self.deliver(&room, effects);
         Ok(())
+    }
+
+    /// Returns to `p2p` every room whose wait (`--p2p-return-ms`) is over at
+    /// `now` and that still qualifies (see [`Room::poll`]). The server calls
+    /// this on a timer when the option is on.
+    pub fn run_due_returns(&self, now: Instant) {
+        let due: Vec<RoomName> = {
+            let mut returns = self.returns.lock().unwrap_or_else(|e| e.into_inner());
+            let (due, later): (Vec<_>, Vec<_>) = returns.drain(..).partition(|(at, _)| *at <= now);
+            *returns = later;
+            due.into_iter().map(|(_, name)| name).collect()
+        };
+        for name in due {
+            let Some(mut room) = self.rooms.get_mut(&name) else {
+                continue;
+            };
+            let effects = room.poll(now);
+            if !effects.is_empty() {
+                tracing::info!(room = %name, "room back to two returns to p2p");
+            }
+            self.deliver(&room, effects);
+        }
     }
 
     /// Sends `msg` to one connection that may not be in a room.
@@ -384,13 +419,13 @@ impl Hub {
         }
         self.count_sent(&effect.msg, count);
         if let (ServerMessage::Mode(m), Some(media)) = (&effect.msg, &self.media) {
-            if m.mode == MediaMode::Sfu {
-                let cmd = Command::RoomSfu {
-                    room: room.name().clone(),
-                };
-                if let Err(e) = media.send(cmd) {
-                    tracing::warn!(error = %e, room = %room.name(), "media plane missed a mode switch");
-                }
+            let room_name = room.name().clone();
+            let cmd = match m.mode {
+                MediaMode::Sfu => Command::RoomSfu { room: room_name },
+                MediaMode::P2p => Command::RoomP2p { room: room_name },
+            };
+            if let Err(e) = media.send(cmd) {
+                tracing::warn!(error = %e, room = %room.name(), "media plane missed a mode switch");
             }
         }
     }

@@ -114,6 +114,62 @@ pub struct Metrics {
     /// From a packet's arrival at the socket to its last copy handed to a
     /// subscriber's connection.
     pub forward_latency: Histogram,
+    /// The audio mixer of `audio: "mix"` rooms.
+    pub mixer: MixerMetrics,
+}
+
+/// Why the mixer dropped an input packet.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum MixDrop {
+    /// The publisher's audio is not Opus (payload type is not its Opus one).
+    NotOpus,
+    /// libopus could not decode it.
+    Corrupt,
+    /// Empty or larger than a packet can be.
+    Invalid,
+}
+
+impl MixDrop {
+    pub const ALL: [MixDrop; 3] = [MixDrop::NotOpus, MixDrop::Corrupt, MixDrop::Invalid];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            MixDrop::NotOpus => "not-opus",
+            MixDrop::Corrupt => "corrupt",
+            MixDrop::Invalid => "invalid",
+        }
+    }
+}
+
+/// `switchboard_mixer_*`.
+pub struct MixerMetrics {
+    /// Wall time of one mixer tick (all mixing rooms of the media thread).
+    pub tick: Histogram,
+    /// How late a tick started against its 20 ms schedule (the jitter).
+    pub tick_lateness: Histogram,
+    /// Ticks skipped because the mixer fell a whole frame or more behind.
+    pub overruns: IntCounter,
+    pub decodes: IntCounter,
+    pub encodes: IntCounter,
+    /// Frames that arrived after their playout time.
+    pub late_frames: IntCounter,
+    /// Frames missing at playout time (concealed when possible).
+    pub lost_frames: IntCounter,
+    /// Of the lost, those concealed by PLC or recovered by FEC.
+    pub concealed_frames: IntCounter,
+    dropped: Vec<IntCounter>,
+    /// Inputs being mixed now (the loudest K of each room).
+    pub active_speakers: IntGauge,
+    /// Rooms being mixed now.
+    pub rooms: IntGauge,
+}
+
+impl MixerMetrics {
+    pub fn dropped(&self, why: MixDrop, n: u64) {
+        if let Some(i) = MixDrop::ALL.iter().position(|d| *d == why) {
+            self.dropped[i].inc_by(n);
+        }
+    }
 }
 
 impl Metrics {
@@ -296,6 +352,69 @@ impl Metrics {
                 .unwrap_or_else(|e| unreachable!("{e}"));
                 register(&registry, h.clone());
                 h
+            },
+            mixer: MixerMetrics {
+                tick: {
+                    let h = Histogram::with_opts(
+                        HistogramOpts::new(
+                            "switchboard_mixer_tick_seconds",
+                            "Time one 20 ms mixer tick took (decode, mix, encode and send for every mixed room)",
+                        )
+                        .buckets(vec![
+                            50e-6, 100e-6, 200e-6, 500e-6, 1e-3, 2e-3, 5e-3, 10e-3, 20e-3, 50e-3,
+                        ]),
+                    )
+                    .unwrap_or_else(|e| unreachable!("{e}"));
+                    register(&registry, h.clone());
+                    h
+                },
+                tick_lateness: {
+                    let h = Histogram::with_opts(
+                        HistogramOpts::new(
+                            "switchboard_mixer_tick_lateness_seconds",
+                            "How late a mixer tick started against its 20 ms schedule",
+                        )
+                        .buckets(vec![100e-6, 500e-6, 1e-3, 2e-3, 5e-3, 10e-3, 20e-3, 50e-3]),
+                    )
+                    .unwrap_or_else(|e| unreachable!("{e}"));
+                    register(&registry, h.clone());
+                    h
+                },
+                overruns: counter(
+                    "switchboard_mixer_tick_overruns_total",
+                    "Mixer ticks skipped because the mixer fell a whole 20 ms frame behind",
+                ),
+                decodes: counter(
+                    "switchboard_mixer_decodes_total",
+                    "Opus packets the mixer decoded",
+                ),
+                encodes: counter(
+                    "switchboard_mixer_encodes_total",
+                    "Opus frames the mixer encoded (shared mixes plus per-speaker mixes)",
+                ),
+                late_frames: counter(
+                    "switchboard_mixer_late_frames_total",
+                    "Input frames that arrived after their playout time",
+                ),
+                lost_frames: counter(
+                    "switchboard_mixer_lost_frames_total",
+                    "Input frames missing at playout time",
+                ),
+                concealed_frames: counter(
+                    "switchboard_mixer_concealed_frames_total",
+                    "Missing input frames concealed (Opus PLC) or recovered (in-band FEC)",
+                ),
+                dropped: labelled(
+                    "switchboard_mixer_input_dropped_total",
+                    "Input packets the mixer dropped, by reason",
+                    "reason",
+                    &MixDrop::ALL.map(MixDrop::as_str),
+                ),
+                active_speakers: gauge(
+                    "switchboard_mixer_active_speakers",
+                    "Inputs being mixed now (the loudest K of each mixed room)",
+                ),
+                rooms: gauge("switchboard_mixer_rooms", "Rooms whose audio is mixed now"),
             },
             registry,
         }

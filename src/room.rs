@@ -7,7 +7,12 @@
 //! Mode machine (auto rooms): `p2p` while at most two participants; a third
 //! join or a `p2p-failed` switches to `sfu` and everyone gets `mode`. A room
 //! created `p2p` holds two and answers a third with `full`; one created `sfu`
-//! stays `sfu`.
+//! stays `sfu`. An `auto` room back to two that never had a `p2p-failed`
+//! stays `sfu` too, unless [`RoomSettings::p2p_return`] is set: then, once it
+//! has had two participants for that long, [`Room::poll`] returns it to `p2p`
+//! (`mode` with reason `two-participants`). Time is passed in, never read.
+
+use std::time::{Duration, Instant};
 
 use switchboard_proto::{
     AudioMode, Full, Joined, MediaMode, ModeChange, ModeReason, OtherJoin, ParticipantId, PeerInfo,
@@ -59,6 +64,9 @@ pub struct RoomSettings {
     pub audio: AudioMode,
     /// Capacity of `auto` and `sfu` rooms (`p2p` rooms hold two).
     pub max_participants: usize,
+    /// How long an `auto` room back to two waits before returning to `p2p`;
+    /// `None` keeps it `sfu` (the default).
+    pub p2p_return: Option<Duration>,
 }
 
 /// What every `joined` carries besides room state.
@@ -85,6 +93,10 @@ pub struct Room {
     /// In join order.
     members: Vec<Member>,
     had_p2p_failure: bool,
+    p2p_return: Option<Duration>,
+    /// When the room, in `sfu`, came back to two participants and is due to
+    /// return to `p2p` (only with `p2p_return`).
+    return_at: Option<Instant>,
 }
 
 impl Room {
@@ -102,6 +114,8 @@ impl Room {
             capacity: capacity.max(1),
             members: Vec::new(),
             had_p2p_failure: false,
+            p2p_return: settings.p2p_return,
+            return_at: None,
         }
     }
 
@@ -158,6 +172,8 @@ impl Room {
         if switch {
             self.mode = MediaMode::Sfu;
         }
+        // A third person is back: the room stays `sfu`.
+        self.return_at = None;
         let peers = self
             .members
             .iter()
@@ -200,13 +216,19 @@ impl Room {
         Ok(effects)
     }
 
-    /// Removes `id`. `leaved` goes to the leaver when it asked to leave
-    /// (`acknowledge`), `bye` to everyone else.
-    pub fn leave(&mut self, id: &ParticipantId, acknowledge: bool) -> Vec<Effect> {
+    /// Removes `id` at `now`. `leaved` goes to the leaver when it asked to
+    /// leave (`acknowledge`), `bye` to everyone else. A departure that brings
+    /// an `auto` room in `sfu` back to two starts the wait before returning
+    /// to `p2p`, when the room has one ([`Room::return_due`]).
+    pub fn leave(&mut self, id: &ParticipantId, acknowledge: bool, now: Instant) -> Vec<Effect> {
         let Some(pos) = self.members.iter().position(|m| &m.id == id) else {
             return Vec::new();
         };
         self.members.remove(pos);
+        self.return_at = match self.p2p_return {
+            Some(delay) if self.may_return_to_p2p() => Some(now + delay),
+            _ => None,
+        };
         let body = RoomParticipant {
             room: self.name.clone(),
             id: id.clone(),
@@ -255,7 +277,9 @@ impl Room {
     }
 
     /// Handles `p2p-failed` from `from` about `peer`. An `auto` room that is
-    /// still `p2p` switches to `sfu`; otherwise it is accepted silently.
+    /// still `p2p` switches to `sfu`; otherwise it is accepted silently. In
+    /// an `auto` room it also rules out any later return to `p2p`: these two
+    /// cannot reach each other directly.
     pub fn p2p_failed(
         &mut self,
         from: &ParticipantId,
@@ -265,10 +289,14 @@ impl Room {
             return Err(RoomError::NotAMember(from.clone()));
         }
         self.peer(from, peer)?;
-        if self.requested != RequestedMode::Auto || self.mode == MediaMode::Sfu {
+        if self.requested != RequestedMode::Auto {
             return Ok(Vec::new());
         }
         self.had_p2p_failure = true;
+        self.return_at = None;
+        if self.mode == MediaMode::Sfu {
+            return Ok(Vec::new());
+        }
         self.mode = MediaMode::Sfu;
         Ok(vec![self.mode_effect(ModeReason::P2pFailed)])
     }
@@ -276,6 +304,36 @@ impl Room {
     /// Whether a `p2p-failed` was ever reported in this room.
     pub fn had_p2p_failure(&self) -> bool {
         self.had_p2p_failure
+    }
+
+    /// When the room is due to return to `p2p`, if it is waiting to.
+    pub fn return_due(&self) -> Option<Instant> {
+        self.return_at
+    }
+
+    /// Returns the room to `p2p` if its wait is over at `now` and it still
+    /// qualifies (`auto`, `sfu`, two participants, never a `p2p-failed`):
+    /// `mode` `p2p` with reason `two-participants` to both. Otherwise nothing.
+    pub fn poll(&mut self, now: Instant) -> Vec<Effect> {
+        match self.return_at {
+            Some(at) if now >= at => {}
+            _ => return Vec::new(),
+        }
+        self.return_at = None;
+        if !self.may_return_to_p2p() {
+            return Vec::new();
+        }
+        self.mode = MediaMode::P2p;
+        vec![self.mode_effect(ModeReason::TwoParticipants)]
+    }
+
+    /// Two participants in an `auto` room that went `sfu` only because a
+    /// third joined: P2P worked for them before.
+    fn may_return_to_p2p(&self) -> bool {
+        self.requested == RequestedMode::Auto
+            && self.mode == MediaMode::Sfu
+            && self.members.len() == 2
+            && !self.had_p2p_failure
     }
 
     fn peer(&self, from: &ParticipantId, peer: &str) -> Result<ParticipantId, RoomError> {
@@ -317,6 +375,19 @@ mod tests {
                 requested,
                 audio: AudioMode::Mix,
                 max_participants: 4,
+                p2p_return: None,
+            },
+        )
+    }
+
+    fn returning_room(delay_ms: u64) -> Room {
+        Room::new(
+            RoomName::parse("r").unwrap(),
+            &RoomSettings {
+                requested: RequestedMode::Auto,
+                audio: AudioMode::Mix,
+                max_participants: 4,
+                p2p_return: Some(Duration::from_millis(delay_ms)),
             },
         )
     }
@@ -371,8 +442,9 @@ mod tests {
         };
         assert_eq!(m.reason, ModeReason::ThirdParticipant);
         // Back to two: stays sfu, and a new third join sends no second `mode`.
-        r.leave(&pid("c"), true);
+        r.leave(&pid("c"), true, Instant::now());
         assert_eq!(r.mode(), MediaMode::Sfu);
+        assert_eq!(r.return_due(), None, "off by default");
         let e = r.join(pid("d"), "D".into(), &ctx()).unwrap();
         assert!(!types(&e).iter().any(|(_, t)| *t == "mode"));
     }
@@ -457,17 +529,123 @@ mod tests {
         let mut r = room(RequestedMode::Auto);
         r.join(pid("a"), String::new(), &ctx()).unwrap();
         r.join(pid("b"), String::new(), &ctx()).unwrap();
-        let e = r.leave(&pid("a"), true);
+        let now = Instant::now();
+        let e = r.leave(&pid("a"), true, now);
         assert_eq!(
             types(&e),
             vec![(To::One(pid("a")), "leaved"), (To::All, "bye")]
         );
-        let e = r.leave(&pid("b"), false);
+        let e = r.leave(&pid("b"), false, now);
         assert!(e.is_empty(), "nobody left to tell");
         assert!(r.is_empty());
         assert!(
-            r.leave(&pid("b"), true).is_empty(),
+            r.leave(&pid("b"), true, now).is_empty(),
             "leaving twice is a no-op"
         );
+    }
+
+    /// Three in an `auto` room, then one leaves at `t0`.
+    fn back_to_two(r: &mut Room, t0: Instant) {
+        for p in ["a", "b", "c"] {
+            r.join(pid(p), String::new(), &ctx()).unwrap();
+        }
+        assert_eq!(r.mode(), MediaMode::Sfu);
+        r.leave(&pid("c"), false, t0);
+    }
+
+    #[test]
+    fn room_back_to_two_returns_to_p2p_after_the_delay() {
+        let mut r = returning_room(3000);
+        let t0 = Instant::now();
+        back_to_two(&mut r, t0);
+        assert_eq!(r.return_due(), Some(t0 + Duration::from_millis(3000)));
+        assert!(r.poll(t0).is_empty());
+        assert!(r.poll(t0 + Duration::from_millis(2999)).is_empty());
+        assert_eq!(r.mode(), MediaMode::Sfu);
+        let e = r.poll(t0 + Duration::from_millis(3000));
+        assert_eq!(types(&e), vec![(To::All, "mode")]);
+        let ServerMessage::Mode(m) = &e[0].msg else {
+            panic!()
+        };
+        assert_eq!(
+            (m.mode, m.reason),
+            (MediaMode::P2p, ModeReason::TwoParticipants)
+        );
+        assert_eq!(r.mode(), MediaMode::P2p);
+        assert_eq!(r.return_due(), None);
+        assert!(r.poll(t0 + Duration::from_secs(60)).is_empty(), "only once");
+        // A new third switches to sfu again, like the first time.
+        let e = r.join(pid("d"), String::new(), &ctx()).unwrap();
+        assert!(types(&e).contains(&(To::All, "mode")));
+        assert_eq!(r.mode(), MediaMode::Sfu);
+    }
+
+    #[test]
+    fn a_third_joining_during_the_wait_keeps_the_room_sfu() {
+        let mut r = returning_room(3000);
+        let t0 = Instant::now();
+        back_to_two(&mut r, t0);
+        r.join(pid("d"), String::new(), &ctx()).unwrap();
+        assert_eq!(r.return_due(), None);
+        assert!(r.poll(t0 + Duration::from_secs(10)).is_empty());
+        assert_eq!(r.mode(), MediaMode::Sfu);
+        // Back to two again: the wait starts over from that departure.
+        let t1 = t0 + Duration::from_secs(20);
+        r.leave(&pid("d"), false, t1);
+        assert!(r.poll(t1 + Duration::from_millis(2000)).is_empty());
+        assert_eq!(r.poll(t1 + Duration::from_millis(3000)).len(), 1);
+        assert_eq!(r.mode(), MediaMode::P2p);
+    }
+
+    #[test]
+    fn a_room_that_had_a_p2p_failure_never_returns() {
+        let mut r = returning_room(1000);
+        r.join(pid("a"), String::new(), &ctx()).unwrap();
+        r.join(pid("b"), String::new(), &ctx()).unwrap();
+        r.p2p_failed(&pid("a"), "b").unwrap();
+        r.join(pid("c"), String::new(), &ctx()).unwrap();
+        let t0 = Instant::now();
+        r.leave(&pid("c"), false, t0);
+        assert_eq!(r.return_due(), None);
+        assert!(r.poll(t0 + Duration::from_secs(60)).is_empty());
+        assert_eq!(r.mode(), MediaMode::Sfu);
+    }
+
+    #[test]
+    fn a_p2p_failure_during_the_wait_cancels_it() {
+        let mut r = returning_room(1000);
+        let t0 = Instant::now();
+        back_to_two(&mut r, t0);
+        // Accepted silently (the room is sfu), but it rules out a return.
+        assert_eq!(r.p2p_failed(&pid("a"), "b"), Ok(vec![]));
+        assert!(r.poll(t0 + Duration::from_secs(5)).is_empty());
+        assert_eq!(r.mode(), MediaMode::Sfu);
+    }
+
+    #[test]
+    fn only_auto_rooms_down_to_exactly_two_return() {
+        // Down to one: nobody to call.
+        let mut r = returning_room(1000);
+        let t0 = Instant::now();
+        back_to_two(&mut r, t0);
+        r.leave(&pid("b"), false, t0);
+        assert_eq!(r.return_due(), None);
+        assert!(r.poll(t0 + Duration::from_secs(5)).is_empty());
+        // A room created sfu stays sfu.
+        let mut r = Room::new(
+            RoomName::parse("s").unwrap(),
+            &RoomSettings {
+                requested: RequestedMode::Sfu,
+                audio: AudioMode::Mix,
+                max_participants: 4,
+                p2p_return: Some(Duration::from_millis(1)),
+            },
+        );
+        for p in ["a", "b", "c"] {
+            r.join(pid(p), String::new(), &ctx()).unwrap();
+        }
+        r.leave(&pid("c"), false, t0);
+        assert!(r.poll(t0 + Duration::from_secs(5)).is_empty());
+        assert_eq!(r.mode(), MediaMode::Sfu);
     }
 }

@@ -165,6 +165,9 @@ pub async fn start(config: Config) -> Result<RunningServer, ServeError> {
         media.clone(),
     ));
     let shutdown = CancellationToken::new();
+    if config.p2p_return.is_some() {
+        tokio::spawn(return_rooms_to_p2p(Arc::downgrade(&hub), shutdown.clone()));
+    }
     let sessions = TaskTracker::new();
     let state = AppState {
         hub: hub.clone(),
@@ -325,6 +328,21 @@ async fn admin_drain(State(s): State<AppState>, headers: HeaderMap) -> Response 
 
 fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
     a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+/// `--p2p-return-ms`: checks every 100 ms for rooms whose wait is over, until
+/// shutdown or the hub is gone.
+async fn return_rooms_to_p2p(hub: std::sync::Weak<Hub>, shutdown: CancellationToken) {
+    let mut tick = tokio::time::interval(std::time::Duration::from_millis(100));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            () = shutdown.cancelled() => return,
+            _ = tick.tick() => {}
+        }
+        let Some(hub) = hub.upgrade() else { return };
+        hub.run_due_returns(std::time::Instant::now());
+    }
 }
 
 /// Starts a drain (once): no new joins, `/readyz` 503; the shutdown follows

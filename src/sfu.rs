@@ -8,7 +8,7 @@
 
 use std::net::{IpAddr, SocketAddr};
 
-use switchboard_proto::{ParticipantId, RoomName, SignalData};
+use switchboard_proto::{AudioMode, ParticipantId, RoomName, SignalData};
 use tokio::sync::mpsc;
 
 /// Where the media plane listens and what it announces.
@@ -20,6 +20,10 @@ pub struct MediaConfig {
     pub public_ip: Option<IpAddr>,
     /// Also accept ICE over TCP (passive) on the same port number.
     pub ice_tcp: bool,
+    /// How many of the loudest speakers a mix room mixes (K).
+    pub mix_speakers: usize,
+    /// Opus encoder complexity of the mixer (0-10).
+    pub mix_complexity: i32,
 }
 
 /// A request from the signaling side.
@@ -31,6 +35,8 @@ pub enum Command {
         participant: ParticipantId,
         /// Whether the room is in `sfu` mode now (otherwise warm standby).
         sfu: bool,
+        /// The room's audio handling (set when the room was created).
+        audio: AudioMode,
         data: SignalData,
     },
     /// `participant` left `room` (or vanished).
@@ -40,6 +46,9 @@ pub enum Command {
     },
     /// `room` is now in `sfu` mode: start forwarding.
     RoomSfu { room: RoomName },
+    /// `room` is back in `p2p` mode (`--p2p-return-ms`): stop forwarding;
+    /// the server connections stay up as warm standbys.
+    RoomP2p { room: RoomName },
     /// Stop the media thread.
     Shutdown,
 }

@@ -16,11 +16,11 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use bytes::BytesMut;
+use bytes::{Bytes, BytesMut};
 use rtc::interceptor::{Attribute, Interceptor, Packet, Registry, Slot, StreamInfo, TaggedPacket};
 use rtc::media_stream::{MediaStreamTrack, MediaStreamTrackId};
 use rtc::peer_connection::configuration::interceptor_registry::register_default_interceptors;
-use rtc::peer_connection::configuration::media_engine::MediaEngine;
+use rtc::peer_connection::configuration::media_engine::{MediaEngine, MIME_TYPE_OPUS};
 use rtc::peer_connection::configuration::setting_engine::SettingEngineBuilder;
 use rtc::peer_connection::configuration::RTCConfigurationBuilder;
 use rtc::peer_connection::event::{RTCDataChannelEvent, RTCPeerConnectionEvent, RTCTrackEvent};
@@ -36,8 +36,8 @@ use rtc::rtcp::payload_feedbacks::full_intra_request::FullIntraRequest;
 use rtc::rtcp::payload_feedbacks::picture_loss_indication::PictureLossIndication;
 use rtc::rtcp::transport_feedbacks::transport_layer_nack::TransportLayerNack;
 use rtc::rtp_transceiver::rtp_sender::{
-    RTCRtpCodec, RTCRtpCodingParameters, RTCRtpEncodingParameters, RTCRtpRtxParameters,
-    RtpCodecKind,
+    RTCRtpCodec, RTCRtpCodingParameters, RTCRtpEncodingParameters, RTCRtpHeaderExtensionCapability,
+    RTCRtpRtxParameters, RtpCodecKind,
 };
 use rtc::rtp_transceiver::{
     RTCRtpReceiverId, RTCRtpSenderId, RTCRtpTransceiverDirection, RTCRtpTransceiverInit,
@@ -46,7 +46,10 @@ use rtc::sansio::Protocol;
 use rtc::shared::tcp_framing::frame_packet;
 use rtc::shared::{TaggedBytesMut, TransportContext, TransportProtocol};
 use serde_json::json;
-use switchboard_proto::{ErrorCode, ParticipantId, Relayed, RoomName, ServerMessage, SignalData};
+use switchboard_proto::{
+    AudioMode, ErrorCode, ParticipantId, Relayed, RoomName, ServerMessage, SignalData, Speaker,
+    Speakers, MIX_STREAM,
+};
 use tokio::net::UdpSocket;
 use tokio::sync::mpsc;
 
@@ -54,7 +57,11 @@ use crate::hub::Outboxes;
 use crate::media::demux::{Demux, Route};
 use crate::media::keyframe::KeyframeRequester;
 use crate::media::rewrite::{Rewrite, SeqRewriter};
-use crate::metrics::Metrics;
+use crate::metrics::{Metrics, MixDrop};
+use crate::mixer::{
+    AudioLevel, InputId, MixerConfig, MixerStats, Push, RoomMixer, SelectConfig, SpeakerTracker,
+    FRAME_SAMPLES,
+};
 use crate::sfu::{Command, MediaConfig, MediaPlane, COMMAND_QUEUE};
 
 /// Largest datagram we read.
@@ -65,6 +72,8 @@ const IDLE: Duration = Duration::from_secs(1);
 /// which browsers send every ~5 s) for this long is gone. As ICE-lite the
 /// server sends no checks of its own, so this is how it notices.
 const PEER_SILENCE: Duration = Duration::from_secs(8);
+/// The mixer's frame: it runs every 20 ms while any room mixes.
+const MIX_FRAME: Duration = Duration::from_millis(20);
 
 /// Starts the media thread; returns the hub's handle on it.
 pub fn start(
@@ -118,7 +127,7 @@ pub fn start(
                 };
                 match UdpSocket::from_std(socket) {
                     Ok(socket) => {
-                        Engine::new(announce, tcp_announce, outboxes, metrics)
+                        Engine::new(announce, tcp_announce, &config, outboxes, metrics)
                             .run(socket, rx, tcp_events)
                             .await
                     }
@@ -220,6 +229,31 @@ struct PeerKey(u64);
 struct MediaRoom {
     sfu: bool,
     members: Vec<PeerKey>,
+    /// The mixer of an `audio: "mix"` room (its audio is mixed, not forwarded).
+    mix: Option<Box<RoomMix>>,
+    /// Active speakers of a forward room, from publishers' audio levels.
+    speakers: Option<Box<SpeakerTracker>>,
+}
+
+/// A mix room's mixer.
+struct RoomMix {
+    mixer: RoomMixer,
+    /// Mixer counters already exported to the metrics.
+    exported: MixerStats,
+    /// Speakers currently counted in the active-speakers gauge.
+    speakers: usize,
+}
+
+/// The one mixed audio track a participant of a mix room receives.
+struct MixOut {
+    transceiver: usize,
+    sender_id: RTCRtpSenderId,
+    ssrc: u32,
+    /// Opus payload type the listener negotiated; `None` until its answer.
+    pt: Option<u8>,
+    offered: bool,
+    seq: u16,
+    ts: u32,
 }
 
 /// A track a participant publishes.
@@ -235,6 +269,10 @@ struct Published {
     /// to its own m-section of that mid, and the congestion-control fields
     /// belong to the publisher's hop.
     strip_extensions: Vec<u8>,
+    /// The payload type of Opus on this track (audio), which the mixer takes.
+    opus_pt: Option<u8>,
+    /// Id of the RFC 6464 audio-level header extension, if negotiated.
+    audio_level_ext: Option<u8>,
 }
 
 /// A track forwarded to a participant.
@@ -272,6 +310,10 @@ struct Peer {
     last_rx: Instant,
     /// The server's candidate lines, trickled after the first answer.
     candidates: Vec<String>,
+    /// This participant's input (and listener id) in its room's mixer.
+    audio_input: Option<InputId>,
+    /// The mixed audio sent to it, in a mix room.
+    mix_out: Option<MixOut>,
 }
 
 /// Something a connection's output asks the engine to do to others.
@@ -309,12 +351,20 @@ struct Engine {
     scratch: Vec<PeerKey>,
     /// Arrival of the first packet forwarded since the last flush.
     forwarded_since: Option<Instant>,
+    /// When the mixer runs next; `None` while no room mixes.
+    audio_due: Option<Instant>,
+    /// K of the mixer (`--mix-speakers`).
+    mix_speakers: usize,
+    /// Encoder complexity of the mixer (`--mix-complexity`).
+    mix_complexity: i32,
+    next_input: u32,
 }
 
 impl Engine {
     fn new(
         announce: SocketAddr,
         tcp_announce: Option<SocketAddr>,
+        config: &MediaConfig,
         outboxes: Arc<Outboxes>,
         metrics: Arc<Metrics>,
     ) -> Engine {
@@ -333,6 +383,10 @@ impl Engine {
             offers_due: Vec::new(),
             scratch: Vec::new(),
             forwarded_since: None,
+            audio_due: None,
+            mix_speakers: config.mix_speakers,
+            mix_complexity: config.mix_complexity,
+            next_input: 1,
         }
     }
 
@@ -344,6 +398,11 @@ impl Engine {
     ) {
         let mut buf = vec![0u8; MAX_DATAGRAM + 1];
         loop {
+            // The mixer runs here rather than in a select branch so a busy
+            // socket (always ready) cannot starve it.
+            if self.audio_due.is_some_and(|due| due <= Instant::now()) {
+                self.audio_tick();
+            }
             self.flush(&socket);
             if let Some(arrived) = self.forwarded_since.take() {
                 self.metrics
@@ -358,6 +417,7 @@ impl Engine {
                 .min()
                 .unwrap_or(now + IDLE)
                 .min(now + IDLE)
+                .min(self.audio_due.unwrap_or(now + IDLE))
                 .max(now);
             tokio::select! {
                 biased;
@@ -457,8 +517,9 @@ impl Engine {
                 room,
                 participant,
                 sfu,
+                audio,
                 data,
-            } => self.on_signal(room, participant, sfu, data),
+            } => self.on_signal(room, participant, sfu, audio, data),
             Command::Left { room, participant } => {
                 if let Some(key) = self.by_participant.get(&participant).copied() {
                     self.remove_peer(key);
@@ -466,6 +527,13 @@ impl Engine {
                 let _ = room;
             }
             Command::RoomSfu { room } => self.room_to_sfu(&room),
+            // Back to p2p: forwarding stops (packets count as `standby`
+            // drops); subscriptions stay, so a later `sfu` resumes them.
+            Command::RoomP2p { room } => {
+                if let Some(media_room) = self.rooms.get_mut(&room) {
+                    media_room.sfu = false;
+                }
+            }
             Command::Shutdown => {}
         }
     }
@@ -475,12 +543,13 @@ impl Engine {
         room: RoomName,
         participant: ParticipantId,
         sfu: bool,
+        audio: AudioMode,
         data: SignalData,
     ) {
         let key = match (self.by_participant.get(&participant).copied(), &data) {
             (Some(key), _) => key,
             (None, SignalData::Offer { .. }) => {
-                match self.add_peer(room.clone(), participant.clone(), sfu) {
+                match self.add_peer(room.clone(), participant.clone(), sfu, audio) {
                     Ok(key) => key,
                     Err(e) => {
                         tracing::warn!(%participant, error = %e, "cannot create a server connection");
@@ -528,6 +597,7 @@ impl Engine {
         room: RoomName,
         participant: ParticipantId,
         sfu: bool,
+        audio: AudioMode,
     ) -> Result<PeerKey, rtc::shared::error::Error> {
         let ufrag = random_token(16);
         let pwd = random_token(32);
@@ -541,12 +611,76 @@ impl Engine {
         let key = PeerKey(self.next_key);
         self.next_key += 1;
         self.demux.register(&ufrag, key);
-        let media_room = self.rooms.entry(room.clone()).or_insert(MediaRoom {
-            sfu,
-            members: Vec::new(),
-        });
+        let media_room = match self.rooms.entry(room.clone()) {
+            std::collections::hash_map::Entry::Occupied(e) => e.into_mut(),
+            std::collections::hash_map::Entry::Vacant(e) => {
+                let mix = match audio {
+                    AudioMode::Forward => None,
+                    AudioMode::Mix => {
+                        let config = MixerConfig {
+                            select: SelectConfig {
+                                k: self.mix_speakers,
+                                ..SelectConfig::default()
+                            },
+                            complexity: self.mix_complexity,
+                            ..MixerConfig::default()
+                        };
+                        match RoomMixer::new(config) {
+                            Ok(mixer) => {
+                                self.metrics.mixer.rooms.inc();
+                                Some(Box::new(RoomMix {
+                                    mixer,
+                                    exported: MixerStats::default(),
+                                    speakers: 0,
+                                }))
+                            }
+                            Err(e) => {
+                                // Audio is then forwarded: worse, but the call goes on.
+                                tracing::error!(%room, error = %e, "cannot create the room's mixer");
+                                None
+                            }
+                        }
+                    }
+                };
+                let speakers = mix.is_none().then(|| {
+                    let defaults = MixerConfig::default();
+                    Box::new(SpeakerTracker::new(
+                        self.mix_speakers,
+                        defaults.silence_threshold_dbov,
+                        defaults.speakers_interval,
+                    ))
+                });
+                e.insert(MediaRoom {
+                    sfu,
+                    members: Vec::new(),
+                    mix,
+                    speakers,
+                })
+            }
+        };
         media_room.sfu |= sfu;
         media_room.members.push(key);
+        // Every participant is an input of its room's mixer or speaker
+        // tracker, by this id.
+        let input = InputId(self.next_input);
+        self.next_input = self.next_input.wrapping_add(1).max(1);
+        let mut audio_input = None;
+        if let Some(mix) = media_room.mix.as_mut() {
+            match mix.mixer.add_input(input) {
+                Ok(()) => {
+                    audio_input = Some(input);
+                }
+                Err(e) => {
+                    tracing::error!(%room, %participant, error = %e, "cannot add a mixer input")
+                }
+            }
+        } else if let Some(tracker) = media_room.speakers.as_mut() {
+            tracker.add(input);
+            audio_input = Some(input);
+        }
+        if self.audio_due.is_none() {
+            self.audio_due = Some(Instant::now() + MIX_FRAME);
+        }
         self.by_participant.insert(participant.clone(), key);
         tracing::info!(%room, %participant, "server connection created");
         self.peers.insert(
@@ -566,6 +700,8 @@ impl Engine {
                 state: RTCPeerConnectionState::New,
                 last_rx: Instant::now(),
                 candidates,
+                audio_input,
+                mix_out: None,
             },
         );
         self.metrics.media_connections.inc();
@@ -667,6 +803,15 @@ impl Engine {
             );
             return;
         }
+        let mix_pending = p
+            .mix_out
+            .as_ref()
+            .is_some_and(|m| m.offered && m.pt.is_none());
+        let answer_sdp = if mix_pending {
+            sdp.clone()
+        } else {
+            String::new()
+        };
         let result = RTCSessionDescription::answer(sdp)
             .and_then(|answer| p.pc.set_remote_description(Instant::now(), answer));
         if let Err(e) = result {
@@ -703,6 +848,31 @@ impl Engine {
                 want_keyframes.push((publisher, track.clone()));
             }
         }
+        // The mixed track: its payload type, and whether the listener's
+        // decoder asked for in-band FEC.
+        let mut mix_fec = None;
+        if let Some(mo) = p.mix_out.as_mut().filter(|m| m.offered && m.pt.is_none()) {
+            if let Some(mut sender) = p.pc.rtp_sender(mo.sender_id) {
+                mo.pt = sender
+                    .get_parameters()
+                    .rtp_parameters
+                    .codecs
+                    .iter()
+                    .find(|c| c.rtp_codec.mime_type.eq_ignore_ascii_case(MIME_TYPE_OPUS))
+                    .map(|c| c.payload_type);
+            }
+            let mid =
+                p.pc.rtp_transceiver(mo.transceiver)
+                    .and_then(|t| t.mid().clone());
+            if let (Some(pt), Some(mid)) = (mo.pt, mid) {
+                mix_fec = Some(opus_fec_in_answer(&answer_sdp, &mid, pt));
+            }
+        }
+        if let (Some(fec), Some(input)) = (mix_fec, p.audio_input) {
+            if let Some(mix) = self.rooms.get_mut(&p.room).and_then(|r| r.mix.as_mut()) {
+                let _ = mix.mixer.set_fec(input, fec);
+            }
+        }
         for (publisher, track) in want_keyframes {
             self.actions.push(Action::KeyframeWanted(publisher, track));
         }
@@ -729,6 +899,9 @@ impl Engine {
                 p.offer_in_flight = true;
                 for down in p.down.values_mut().flat_map(HashMap::values_mut) {
                     down.offered = true;
+                }
+                if let Some(mo) = p.mix_out.as_mut() {
+                    mo.offered = true;
                 }
                 let (participant, room) = (p.participant.clone(), p.room.clone());
                 self.send_signal(
@@ -801,11 +974,24 @@ impl Engine {
                                 // hop; to a subscriber they are noise.
                                 rtc::sdp::extmap::TRANSPORT_CC_URI,
                                 rtc::sdp::extmap::ABS_SEND_TIME_URI,
+                                // Read by the server (mixer, speakers); the
+                                // subscriber did not negotiate it.
+                                rtc::sdp::extmap::AUDIO_LEVEL_URI,
                             ]
                             .contains(&e.uri.as_str())
                         })
                         .filter_map(|e| u8::try_from(e.id).ok())
                         .collect();
+                    let opus_pt = params
+                        .codecs
+                        .iter()
+                        .find(|c| c.rtp_codec.mime_type.eq_ignore_ascii_case(MIME_TYPE_OPUS))
+                        .map(|c| c.payload_type);
+                    let audio_level_ext = params
+                        .header_extensions
+                        .iter()
+                        .find(|e| e.uri == rtc::sdp::extmap::AUDIO_LEVEL_URI)
+                        .and_then(|e| u8::try_from(e.id).ok());
                     tracing::info!(participant = %p.participant, track = %init.track_id, ?kind, mime = %codec.mime_type, "track published");
                     p.published.insert(
                         init.track_id.clone(),
@@ -816,6 +1002,8 @@ impl Engine {
                             codec,
                             keyframes: KeyframeRequester::new(Duration::from_millis(500)),
                             strip_extensions,
+                            opus_pt,
+                            audio_level_ext,
                         },
                     );
                     self.actions.push(Action::TrackOpened(key, init.track_id));
@@ -918,6 +1106,10 @@ impl Engine {
             self.metrics.media_dropped("unknown-track");
             return;
         };
+        let level = published
+            .audio_level_ext
+            .and_then(|id| packet.header.get_extension(id))
+            .and_then(|data| AudioLevel::from_extension(&data).ok());
         for id in &published.strip_extensions {
             let _ = packet.header.del_extension(*id);
         }
@@ -926,12 +1118,38 @@ impl Engine {
         {
             published.keyframes.keyframe_received(arrived);
         }
-        let Some(media_room) = self.rooms.get(&publisher.room) else {
+        let Some(media_room) = self.rooms.get_mut(&publisher.room) else {
             return;
         };
         if !media_room.sfu {
             self.metrics.media_dropped("standby");
             return;
+        }
+        if published.kind == RtpCodecKind::Audio {
+            if let (Some(mix), Some(input)) = (media_room.mix.as_mut(), publisher.audio_input) {
+                // A mix room: the audio goes to the mixer, not to anyone.
+                if let Err(why) = mixable(published.opus_pt, packet.header.payload_type) {
+                    self.metrics.mixer.dropped(why, 1);
+                    return;
+                }
+                let pushed = mix.mixer.push(
+                    input,
+                    packet.header.sequence_number,
+                    packet.header.timestamp,
+                    &packet.payload,
+                    level,
+                    arrived,
+                );
+                if let Ok(Push::Invalid) = pushed {
+                    self.metrics.mixer.dropped(MixDrop::Invalid, 1);
+                }
+                return;
+            }
+            if let (Some(tracker), Some(input), Some(level)) =
+                (media_room.speakers.as_mut(), publisher.audio_input, level)
+            {
+                tracker.level(input, level);
+            }
         }
         // The subscribers, copied into a buffer reused from packet to packet
         // (no allocation once it has grown to the largest room).
@@ -1010,6 +1228,10 @@ impl Engine {
         let Some(published) = p.published.get(track) else {
             return;
         };
+        let mixed = self.rooms.get(&p.room).is_some_and(|r| r.mix.is_some());
+        if published.kind == RtpCodecKind::Audio && mixed {
+            return; // the mix carries it
+        }
         let stream_id = p.participant.to_string();
         let codec = published.codec.clone();
         let kind = published.kind;
@@ -1094,6 +1316,7 @@ impl Engine {
         if !media_room.sfu {
             return;
         }
+        let mixed = media_room.mix.is_some();
         let sources: Vec<(PeerKey, MediaStreamTrackId)> = media_room
             .members
             .iter()
@@ -1104,6 +1327,200 @@ impl Engine {
         for (publisher, track) in sources {
             self.subscribe(sub, publisher, &track);
         }
+        if mixed {
+            self.add_mix_track(sub);
+        }
+    }
+
+    /// Gives `key` its one mixed audio track (stream id `mix`), if its room
+    /// mixes, is in `sfu` mode, and it has none yet.
+    fn add_mix_track(&mut self, key: PeerKey) {
+        let Some(p) = self.peers.get_mut(&key) else {
+            return;
+        };
+        let mixing = self
+            .rooms
+            .get(&p.room)
+            .is_some_and(|r| r.sfu && r.mix.is_some());
+        if !mixing || p.mix_out.is_some() || p.audio_input.is_none() || !p.answered_first {
+            return;
+        }
+        let ssrc = rand::random::<u32>();
+        let local_id = format!("{MIX_STREAM}-{}", random_token(8));
+        let codec = RTCRtpCodec {
+            mime_type: MIME_TYPE_OPUS.to_owned(),
+            clock_rate: 48_000,
+            channels: 2,
+            sdp_fmtp_line: "minptime=10;useinbandfec=1".to_owned(),
+            rtcp_feedback: Vec::new(),
+        };
+        let encodings = vec![RTCRtpEncodingParameters {
+            rtp_coding_parameters: RTCRtpCodingParameters {
+                ssrc: Some(ssrc),
+                ..Default::default()
+            },
+            codec,
+            ..Default::default()
+        }];
+        let local = MediaStreamTrack::new(
+            MIX_STREAM.to_owned(),
+            local_id.clone(),
+            local_id,
+            RtpCodecKind::Audio,
+            encodings,
+        );
+        let init = RTCRtpTransceiverInit {
+            direction: RTCRtpTransceiverDirection::Sendonly,
+            streams: vec![],
+            send_encodings: vec![],
+        };
+        let added =
+            p.pc.add_transceiver_from_track(local, Some(init))
+                .and_then(|tid| {
+                    p.pc.rtp_transceiver(tid)
+                        .and_then(|t| t.sender())
+                        .map(|sender| (tid, sender))
+                        .ok_or(rtc::shared::error::Error::ErrRTPSenderNotExisted)
+                });
+        match added {
+            Ok((transceiver, sender_id)) => {
+                p.mix_out = Some(MixOut {
+                    transceiver,
+                    sender_id,
+                    ssrc,
+                    pt: None,
+                    offered: false,
+                    seq: rand::random::<u16>(),
+                    ts: rand::random::<u32>(),
+                });
+                p.needs_offer = true;
+                self.offers_due.push(key);
+            }
+            Err(e) => {
+                // In practice: the client negotiated audio without Opus (a
+                // PCMU-only peer), and the mix is Opus. Say so rather than
+                // leave it wondering why it hears nobody.
+                tracing::info!(participant = %p.participant, error = %e, "cannot add the mixed audio track");
+                let participant = p.participant.clone();
+                self.send_error(
+                    &participant,
+                    ErrorCode::BadRequest,
+                    "this room mixes audio as Opus, and your connection negotiated audio without \
+                     Opus: you cannot hear the room (and your audio is not mixed)",
+                );
+            }
+        }
+    }
+
+    /// One 20 ms mixer frame for every mixing room: decode, mix, encode,
+    /// and hand each listener its packet; `speakers` when they change.
+    fn audio_tick(&mut self) {
+        let Some(due) = self.audio_due else {
+            return;
+        };
+        let started = Instant::now();
+        let late = started.saturating_duration_since(due);
+        self.metrics.mixer.tick_lateness.observe(late.as_secs_f64());
+        // The schedule stays on the 20 ms grid; a tick more than a frame
+        // late skips the frames it missed rather than bunching them.
+        let missed = (late.as_nanos() / MIX_FRAME.as_nanos()) as u32;
+        if missed > 0 {
+            self.metrics.mixer.overruns.inc_by(u64::from(missed));
+        }
+        let mut any = false;
+        let mut speaker_events = Vec::new();
+        for (name, room) in &mut self.rooms {
+            any = true;
+            if !room.sfu {
+                continue;
+            }
+            if let Some(tracker) = room.speakers.as_mut() {
+                if let Some(list) = tracker.tick(started) {
+                    speaker_events.push((name.clone(), room.members.clone(), list.to_vec()));
+                }
+            }
+            let Some(mix) = room.mix.as_mut() else {
+                continue;
+            };
+            let out = mix.mixer.tick(started);
+            let shared = out.shared().map(Bytes::copy_from_slice);
+            for &member in &room.members {
+                let Some(p) = self.peers.get_mut(&member) else {
+                    continue;
+                };
+                let (Some(input), Some(mo)) = (p.audio_input, p.mix_out.as_mut()) else {
+                    continue;
+                };
+                let ts = mo.ts;
+                mo.ts = mo.ts.wrapping_add(FRAME_SAMPLES as u32 * (missed + 1));
+                let Some(pt) = mo.pt else {
+                    continue;
+                };
+                let payload = match out.own().find(|(id, _)| *id == input) {
+                    Some((_, own)) => Bytes::copy_from_slice(own),
+                    None => match &shared {
+                        Some(shared) => shared.clone(),
+                        None => continue,
+                    },
+                };
+                let packet = rtc::rtp::Packet {
+                    header: rtc::rtp::header::Header {
+                        version: 2,
+                        payload_type: pt,
+                        sequence_number: mo.seq,
+                        timestamp: ts,
+                        ssrc: mo.ssrc,
+                        ..Default::default()
+                    },
+                    payload,
+                };
+                mo.seq = mo.seq.wrapping_add(1);
+                if let Some(mut sender) = p.pc.rtp_sender(mo.sender_id) {
+                    if sender.write_rtp(started, packet).is_err() {
+                        self.metrics.media_dropped("write-failed");
+                    }
+                }
+            }
+            let active = out.speakers().len();
+            self.metrics
+                .mixer
+                .active_speakers
+                .add(active as i64 - mix.speakers as i64);
+            mix.speakers = active;
+            if out.speakers_changed() {
+                speaker_events.push((name.clone(), room.members.clone(), out.speakers().to_vec()));
+            }
+            let stats = *mix.mixer.stats();
+            export_mixer_stats(&self.metrics, &mix.exported, &stats);
+            mix.exported = stats;
+        }
+        for (room, members, list) in speaker_events {
+            // Input ids → participant ids (inputs are members of this room).
+            let speakers = list
+                .iter()
+                .filter_map(|s| {
+                    let p = members
+                        .iter()
+                        .filter_map(|k| self.peers.get(k))
+                        .find(|p| p.audio_input == Some(s.id))?;
+                    Some(Speaker {
+                        id: p.participant.clone(),
+                        level: s.level,
+                    })
+                })
+                .collect();
+            let msg = ServerMessage::Speakers(Speakers { room, speakers });
+            for key in members {
+                if let Some(p) = self.peers.get(&key) {
+                    self.outboxes.send(&p.participant, &msg, &self.metrics);
+                }
+            }
+        }
+        self.audio_due = any.then_some(due + MIX_FRAME * (missed + 1));
+        self.metrics
+            .mixer
+            .tick
+            .observe(started.elapsed().as_secs_f64());
     }
 
     /// Removes `publisher`'s `track` from everyone who receives it.
@@ -1150,6 +1567,9 @@ impl Engine {
                     }
                 }
             }
+        }
+        for &key in &members {
+            self.add_mix_track(key);
         }
     }
 
@@ -1237,8 +1657,17 @@ impl Engine {
             .move_connection_state(Some(state_label(p.state)), None);
         if let Some(room) = self.rooms.get_mut(&p.room) {
             room.members.retain(|k| *k != key);
+            if let (Some(mix), Some(input)) = (room.mix.as_mut(), p.audio_input) {
+                let _ = mix.mixer.remove_input(input);
+            }
+            if let (Some(tracker), Some(input)) = (room.speakers.as_mut(), p.audio_input) {
+                tracker.remove(input);
+            }
             if room.members.is_empty() {
-                self.rooms.remove(&p.room);
+                if let Some(mix) = self.rooms.remove(&p.room).and_then(|r| r.mix) {
+                    self.metrics.mixer.rooms.dec();
+                    self.metrics.mixer.active_speakers.sub(mix.speakers as i64);
+                }
             }
         }
         let tracks: Vec<MediaStreamTrackId> = p.published.keys().cloned().collect();
@@ -1287,6 +1716,62 @@ impl Engine {
             }
         }
     }
+}
+
+/// Whether a packet of payload type `pt` on a track whose Opus payload type
+/// is `opus_pt` can go to the mixer: only Opus can (a publisher that
+/// negotiated PCMU or G.722 only, or switches codec mid-call, is not mixed).
+fn mixable(opus_pt: Option<u8>, pt: u8) -> Result<(), MixDrop> {
+    match opus_pt {
+        Some(opus) if opus == pt => Ok(()),
+        _ => Err(MixDrop::NotOpus),
+    }
+}
+
+/// Adds what the mixer counted since `before` to the metrics.
+fn export_mixer_stats(metrics: &Metrics, before: &MixerStats, now: &MixerStats) {
+    let m = &metrics.mixer;
+    m.decodes.inc_by(now.decodes.saturating_sub(before.decodes));
+    m.encodes.inc_by(now.encodes.saturating_sub(before.encodes));
+    m.late_frames.inc_by(now.late.saturating_sub(before.late));
+    m.lost_frames.inc_by(now.lost.saturating_sub(before.lost));
+    m.concealed_frames
+        .inc_by(now.concealed.saturating_sub(before.concealed));
+    m.dropped(
+        MixDrop::Corrupt,
+        now.decode_errors.saturating_sub(before.decode_errors),
+    );
+}
+
+/// Whether the answer's m-section `mid` enables Opus in-band FEC
+/// (`useinbandfec=1` in the fmtp of payload type `pt`): the listener's
+/// decoder then uses it, so the mix carries it.
+fn opus_fec_in_answer(sdp: &str, mid: &str, pt: u8) -> bool {
+    let fmtp = format!("a=fmtp:{pt} ");
+    let mut in_section = false;
+    let mut section_lines: Vec<&str> = Vec::new();
+    let mut found = false;
+    for line in sdp.lines().chain(["m=end"]) {
+        if line.starts_with("m=") {
+            if in_section {
+                found = section_lines.iter().any(|l| {
+                    l.strip_prefix(&fmtp).is_some_and(|params| {
+                        params
+                            .split(';')
+                            .any(|kv| kv.trim().eq_ignore_ascii_case("useinbandfec=1"))
+                    })
+                });
+                break;
+            }
+            section_lines.clear();
+        } else {
+            if line.strip_prefix("a=mid:") == Some(mid) {
+                in_section = true;
+            }
+            section_lines.push(line);
+        }
+    }
+    found
 }
 
 /// Whether an answer rejects every m-section (all ports 0): the offer had
@@ -1342,6 +1827,15 @@ fn build_connection(
 ) -> Result<(RTCPeerConnection, Vec<String>), rtc::shared::error::Error> {
     let mut media_engine = MediaEngine::default();
     media_engine.register_default_codecs()?;
+    // Publishers' audio levels (RFC 6464) feed the mixer and `speakers`; the
+    // server only receives them.
+    media_engine.register_header_extension(
+        RTCRtpHeaderExtensionCapability {
+            uri: rtc::sdp::extmap::AUDIO_LEVEL_URI.to_owned(),
+        },
+        RtpCodecKind::Audio,
+        Some(RTCRtpTransceiverDirection::Recvonly),
+    )?;
     let registry = Registry::new().with(Slot::from(14_000), DeliverKeyframeRequests::new(metrics));
     let registry = register_default_interceptors(registry, &mut media_engine)?;
     let settings = SettingEngineBuilder::new()
@@ -1486,7 +1980,43 @@ impl Interceptor for DeliverKeyframeRequests {
 
 #[cfg(test)]
 mod tests {
-    use super::accepts_nothing;
+    use super::{accepts_nothing, mixable, opus_fec_in_answer};
+    use crate::metrics::MixDrop;
+
+    #[test]
+    fn only_the_tracks_opus_payload_type_is_mixed() {
+        assert_eq!(mixable(Some(111), 111), Ok(()));
+        assert_eq!(
+            mixable(Some(111), 0),
+            Err(MixDrop::NotOpus),
+            "PCMU on an Opus track"
+        );
+        assert_eq!(
+            mixable(None, 0),
+            Err(MixDrop::NotOpus),
+            "a PCMU-only publisher"
+        );
+        assert_eq!(mixable(None, 111), Err(MixDrop::NotOpus));
+    }
+
+    #[test]
+    fn fec_is_read_from_the_listeners_section_and_payload_type() {
+        let sdp = "v=0\r\n\
+            m=audio 9 UDP/TLS/RTP/SAVPF 111\r\na=mid:0\r\na=fmtp:111 minptime=10;useinbandfec=1\r\n\
+            m=audio 9 UDP/TLS/RTP/SAVPF 111\r\na=mid:3\r\na=fmtp:111 minptime=10\r\n\
+            m=audio 9 UDP/TLS/RTP/SAVPF 109\r\na=mid:4\r\na=fmtp:109 minptime=10; useinbandfec=1\r\n";
+        assert!(opus_fec_in_answer(sdp, "0", 111));
+        assert!(
+            !opus_fec_in_answer(sdp, "3", 111),
+            "that section did not ask for FEC"
+        );
+        assert!(
+            opus_fec_in_answer(sdp, "4", 109),
+            "last section, spaces after ';'"
+        );
+        assert!(!opus_fec_in_answer(sdp, "4", 111), "another payload type");
+        assert!(!opus_fec_in_answer(sdp, "9", 111), "no such section");
+    }
 
     #[test]
     fn an_answer_that_rejects_every_section_accepts_nothing() {

@@ -11,16 +11,15 @@
 mod common;
 
 use std::collections::{BTreeMap, HashMap, HashSet};
-use std::path::PathBuf;
 use std::process::Stdio;
 use std::time::{Duration, Instant};
 
+use common::aiortc::{peer_script, require_aiortc, slurp};
 use common::media::{payload, until_connected};
 use common::*;
 use serde_json::Value;
 use switchboard::config::ServeOptions;
 use switchboard_client::{Client, Event, JoinOptions, Kind};
-use tokio::io::AsyncReadExt;
 use tokio::process::Command;
 
 /// How long the aiortc peer runs once its connection is up.
@@ -38,24 +37,6 @@ const MIN_SHARE: f64 = 0.6;
 const ROOM: &str = "interop";
 const OUR_NAME: &str = "rusty";
 const PEER_NAME: &str = "aiortc";
-
-/// Fails (never skips) when python3 cannot import what peer.py needs.
-fn require_aiortc() {
-    let out = std::process::Command::new("python3")
-        .args(["-c", "import aiortc, websockets, av"])
-        .stdin(Stdio::null())
-        .output();
-    let hint = "the aiortc interop test needs Python's aiortc: run \
-                `pip install -r tests/aiortc/requirements.txt` (.ci/run installs it)";
-    match out {
-        Ok(o) if o.status.success() => {}
-        Ok(o) => panic!(
-            "{hint}\n`python3 -c 'import aiortc, websockets, av'` failed:\n{}",
-            String::from_utf8_lossy(&o.stderr)
-        ),
-        Err(e) => panic!("{hint}\ncannot run python3: {e}"),
-    }
-}
 
 /// What our client saw.
 #[derive(Default)]
@@ -95,21 +76,6 @@ impl Seen {
     }
 }
 
-/// Reads a child's pipe to the end in the background.
-fn slurp<R: AsyncReadExt + Unpin + Send + 'static>(
-    pipe: Option<R>,
-) -> tokio::task::JoinHandle<String> {
-    tokio::spawn(async move {
-        let mut text = String::new();
-        if let Some(mut p) = pipe {
-            let mut buf = Vec::new();
-            let _ = p.read_to_end(&mut buf).await;
-            text = String::from_utf8_lossy(&buf).into_owned();
-        }
-        text
-    })
-}
-
 /// `result["streams"][stream][kind][field]` as a number (0 when absent).
 fn peer_count(result: &Value, stream: &str, kind: &str, field: &str) -> u64 {
     result["streams"][stream][kind][field].as_u64().unwrap_or(0)
@@ -129,7 +95,7 @@ async fn aiortc_peer_exchanges_media_with_our_client() {
     until_connected(&mut ours).await;
     let our_id = ours.id.clone();
 
-    let script = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/aiortc/peer.py");
+    let script = peer_script();
     let mut child = Command::new("python3")
         .arg(&script)
         .args([

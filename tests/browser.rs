@@ -204,7 +204,7 @@ fn ensure_playwright(browser_dir: &Path, logs: &Path) {
 /// `node tests/browser/<script> <base url>` there, and returns the script's
 /// `{"ok":true,...}` line. Panics with the script's and the server's output
 /// when the script fails, times out (`limit`), or the server dies.
-fn run_browser_script(script: &str, limit: Duration) -> String {
+fn run_browser_script(script: &str, args: &[&str], limit: Duration) -> String {
     let _one_at_a_time = BROWSER_RUNS.lock().unwrap_or_else(|e| e.into_inner());
     let root = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
     let browser_dir = root.join("tests/browser");
@@ -247,7 +247,7 @@ fn run_browser_script(script: &str, limit: Duration) -> String {
     let node = sandbox.spawn(
         "node",
         Path::new("node"),
-        &[script_path, &base],
+        &[&[script_path, base.as_str()], args].concat(),
         &[
             ("SB_SCREENSHOT_DIR", shots.as_os_str()),
             // Browser profile and Playwright scratch files go to our own temp dir.
@@ -311,7 +311,7 @@ fn run_browser_script(script: &str, limit: Duration) -> String {
 #[test]
 fn two_chromium_pages_make_a_p2p_call() {
     // p2p_call.mjs gives up on its own after 60 s.
-    let line = run_browser_script("p2p_call.mjs", Duration::from_secs(90));
+    let line = run_browser_script("p2p_call.mjs", &[], Duration::from_secs(90));
     println!("{line}");
 }
 
@@ -321,6 +321,17 @@ fn two_chromium_pages_make_a_p2p_call() {
 #[test]
 fn three_chromium_pages_in_an_sfu_room() {
     // sfu_call.mjs gives up on its own after 90 s.
-    let line = run_browser_script("sfu_call.mjs", Duration::from_secs(120));
+    let line = run_browser_script("sfu_call.mjs", &["forward"], Duration::from_secs(120));
+    println!("{line}");
+}
+
+/// Three pages in a room created `mode=sfu&audio=mix`: each receives exactly
+/// one inbound audio stream, the server's mix, with packets flowing (and no
+/// audio per participant), decodes both others' video, and highlights the
+/// tiles the server's `speakers` names.
+#[test]
+fn three_chromium_pages_in_a_mix_room() {
+    // sfu_call.mjs gives up on its own after 90 s.
+    let line = run_browser_script("sfu_call.mjs", &["mix"], Duration::from_secs(120));
     println!("{line}");
 }

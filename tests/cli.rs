@@ -75,6 +75,7 @@ fn help_explains_every_option() {
         "--turn-secret",
         "--turn-ttl-secs",
         "--p2p-timeout-ms",
+        "--p2p-return-ms",
         "--audio-mode",
         "--allowed-origins",
         "--shutdown-grace-ms",

@@ -113,3 +113,77 @@ async fn a_room_created_sfu_is_sfu_from_the_start_and_keeps_its_settings() {
     a.expect_nothing_pending().await;
     b.expect_nothing_pending().await;
 }
+
+/// `--p2p-return-ms`: a room back to two returns to p2p after the delay,
+/// both get `mode` with reason `two-participants`, and a new third switches
+/// it to sfu again.
+#[tokio::test]
+async fn with_the_return_option_a_room_back_to_two_returns_to_p2p() {
+    let server = server(switchboard::config::ServeOptions {
+        p2p_return_ms: Some(300),
+        ..Default::default()
+    })
+    .await;
+    let mut a = Client::connect(&server, "alice").await;
+    let mut b = Client::connect(&server, "bob").await;
+    let mut c = Client::connect(&server, "carol").await;
+    a.join("back", json!({})).await;
+    b.join("back", json!({})).await;
+    a.expect("otherjoin").await;
+    c.join("back", json!({})).await;
+    c.expect("mode").await;
+    for x in [&mut a, &mut b] {
+        assert_eq!(x.expect("mode").await["mode"], "sfu");
+        x.expect("otherjoin").await;
+    }
+    c.send(json!({"type":"leave","room":"back"})).await;
+    c.expect("leaved").await;
+    let back = json!({"type":"mode","room":"back","mode":"p2p","reason":"two-participants"});
+    for x in [&mut a, &mut b] {
+        x.expect("bye").await;
+        assert_eq!(x.recv().await, back);
+        x.expect_nothing_pending().await;
+    }
+    let mut d = Client::connect(&server, "dave").await;
+    let jd = d.join("back", json!({})).await;
+    assert_eq!(jd["mode"], "sfu", "a new third switches it again");
+    assert_eq!(a.expect("mode").await["reason"], "third-participant");
+    let m = metrics(&server).await;
+    assert_eq!(
+        metric(
+            &m,
+            "switchboard_room_mode_switches_total{reason=\"two-participants\"}"
+        ),
+        1.0
+    );
+}
+
+/// With the option on, a pair that once reported `p2p-failed` stays sfu.
+#[tokio::test]
+async fn with_the_return_option_a_pair_that_failed_p2p_stays_sfu() {
+    let server = server(switchboard::config::ServeOptions {
+        p2p_return_ms: Some(100),
+        ..Default::default()
+    })
+    .await;
+    let mut a = Client::connect(&server, "alice").await;
+    let mut b = Client::connect(&server, "bob").await;
+    let mut c = Client::connect(&server, "carol").await;
+    a.join("nope", json!({})).await;
+    let idb = id_of(&b.join("nope", json!({})).await);
+    a.expect("otherjoin").await;
+    a.send(json!({"type":"p2p-failed","room":"nope","peer": idb}))
+        .await;
+    a.expect("mode").await;
+    b.expect("mode").await;
+    c.join("nope", json!({})).await;
+    c.send(json!({"type":"leave","room":"nope"})).await;
+    c.expect("leaved").await;
+    for x in [&mut a, &mut b] {
+        x.expect("otherjoin").await;
+        x.expect("bye").await;
+    }
+    tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+    a.expect_nothing_pending().await;
+    b.expect_nothing_pending().await;
+}

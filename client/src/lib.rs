@@ -4,7 +4,12 @@
 //!
 //! [`Client::join`] connects and joins; the client then runs in its own task.
 //! It connects to `"sfu"` when the room is (or becomes) `sfu`, or at once
-//! with [`JoinOptions::standby`]. It publishes one Opus and/or one VP8 track
+//! with [`JoinOptions::standby`]. With [`JoinOptions::p2p`] it first calls the
+//! other participant of a `p2p` room directly (a second connection, its own
+//! UDP socket, offer/answer/candidates relayed as `message`s), gives that
+//! `p2pTimeoutMs` from learning of the peer to connect, and otherwise sends
+//! `p2p-failed`; on `mode` `sfu` the direct connection closes and the server
+//! connection takes over. Direct media arrives as [`Event::P2pRtp`]. It publishes one Opus and/or one VP8 track
 //! whose packets the caller supplies ([`Client::send_rtp`]), opens the `chat`
 //! data channel, answers every server offer, and reports what arrives as
 //! [`Event`]s. It binds its UDP socket to [`JoinOptions::bind_ip`] and offers
@@ -26,7 +31,10 @@ use rtc::peer_connection::configuration::RTCConfigurationBuilder;
 use rtc::peer_connection::event::{RTCDataChannelEvent, RTCPeerConnectionEvent, RTCTrackEvent};
 use rtc::peer_connection::message::{RTCMessage, TaggedRTCMessage};
 use rtc::peer_connection::sdp::RTCSessionDescription;
-use rtc::peer_connection::transport::{CandidateConfig, CandidateHostConfig, RTCIceCandidate};
+use rtc::peer_connection::state::RTCPeerConnectionState;
+use rtc::peer_connection::transport::{
+    CandidateConfig, CandidateHostConfig, RTCIceCandidate, RTCIceCandidateInit,
+};
 use rtc::peer_connection::{RTCPeerConnection, RTCPeerConnectionBuilder};
 use rtc::rtp_transceiver::rtp_sender::{
     RTCRtpCodec, RTCRtpCodingParameters, RTCRtpEncodingParameters, RtpCodecKind,
@@ -36,8 +44,8 @@ use rtc::sansio::Protocol;
 use rtc::shared::{TaggedBytesMut, TransportContext, TransportProtocol};
 use serde_json::json;
 use switchboard_proto::{
-    AudioMode, ClientMessage, Join, Joined, MediaMode, RelayRequest, RequestedMode, RoomName,
-    ServerMessage, SignalData, SFU_PEER,
+    AudioMode, ClientMessage, Join, Joined, MediaMode, P2pFailed, RelayRequest, RequestedMode,
+    RoomName, ServerMessage, SignalData, SFU_PEER,
 };
 use tokio::net::UdpSocket;
 use tokio::sync::mpsc;
@@ -73,6 +81,9 @@ pub struct JoinOptions {
     /// Use ICE over TCP only (an active candidate connecting to the
     /// server's passive one), as a client behind a UDP-blocking firewall would.
     pub ice_tcp: bool,
+    /// In a `p2p` room, call the other participant directly first (see the
+    /// crate docs). Off: the client only ever talks to `"sfu"`.
+    pub p2p: bool,
 }
 
 impl JoinOptions {
@@ -90,6 +101,17 @@ impl JoinOptions {
             bind_ip: IpAddr::from([127, 0, 0, 1]),
             drop_incoming_rtp_every: None,
             ice_tcp: false,
+            p2p: false,
+        }
+    }
+
+    /// Options for an `auto` room that tries P2P first, publishing audio and
+    /// video, on 127.0.0.1.
+    pub fn auto(url: &str, room: &str, name: &str) -> JoinOptions {
+        JoinOptions {
+            mode: Some(RequestedMode::Auto),
+            p2p: true,
+            ..JoinOptions::sfu(url, room, name)
         }
     }
 }
@@ -121,6 +143,17 @@ pub enum Event {
     Chat(String),
     /// An offer/answer exchange with the server completed.
     Negotiated,
+    /// The direct connection to `peer` ([`JoinOptions::p2p`]): `connected`,
+    /// `failed` (we sent `p2p-failed`: deadline or ICE failure), or `closed`
+    /// (the room went `sfu`, or the peer left).
+    P2p { peer: String, state: String },
+    /// An RTP packet from `peer` over the direct connection.
+    P2pRtp {
+        peer: String,
+        kind: Kind,
+        packet: RtpPacket,
+        at: Instant,
+    },
     /// The task ended (signaling closed, or left).
     Closed,
 }
@@ -201,6 +234,11 @@ impl Client {
         let (ev_tx, ev_rx) = mpsc::unbounded_channel();
         let id = joined.id.to_string();
         let sfu_now = opts.standby || joined.mode == MediaMode::Sfu;
+        // A newcomer to a p2p room waits for the offer of the one already
+        // there; its deadline runs from now (it learnt of the peer in `joined`).
+        let await_offer_from = (opts.p2p && joined.mode == MediaMode::P2p)
+            .then(|| joined.peers.first().map(|p| p.id.to_string()))
+            .flatten();
         let task = Task {
             room,
             opts,
@@ -216,8 +254,11 @@ impl Client {
             frozen: false,
             rtp_seen: 0,
             tcp: None,
+            mode: joined.mode,
+            p2p_timeout: Duration::from_millis(joined.p2p_timeout_ms),
+            p2p: None,
         };
-        tokio::spawn(task.run(ws, cmd_rx, sfu_now));
+        tokio::spawn(task.run(ws, cmd_rx, sfu_now, await_offer_from));
         Ok(Client {
             id,
             joined,
@@ -309,6 +350,39 @@ struct Task {
     rtp_seen: u32,
     /// The ICE-TCP connection, when `opts.ice_tcp`.
     tcp: Option<TcpLink>,
+    /// The room's media mode as last heard.
+    mode: MediaMode,
+    /// `p2pTimeoutMs` from `joined`.
+    p2p_timeout: Duration,
+    /// The direct connection, when `opts.p2p` and the room is `p2p`.
+    p2p: Option<P2pLink>,
+}
+
+/// The direct connection to the other participant of a `p2p` room.
+struct P2pLink {
+    peer: String,
+    pc: RTCPeerConnection,
+    socket: UdpSocket,
+    local: SocketAddr,
+    /// `p2pTimeoutMs` after we learnt of the peer: connected by then, or
+    /// `p2p-failed`.
+    deadline: Instant,
+    connected: bool,
+    /// `p2p-failed` was sent (once).
+    reported: bool,
+    /// Remote candidates that came before the remote description.
+    pending: Vec<RTCIceCandidateInit>,
+    senders: HashMap<Kind, Sender>,
+    /// Remote track id → kind.
+    tracks: HashMap<String, Kind>,
+}
+
+/// Reads from the direct connection's socket; never resolves without one.
+async fn read_p2p(socket: Option<&UdpSocket>, buf: &mut [u8]) -> Option<(usize, SocketAddr)> {
+    match socket {
+        Some(socket) => socket.recv_from(buf).await.ok(),
+        None => std::future::pending().await,
+    }
 }
 
 struct TcpLink {
@@ -336,13 +410,23 @@ type Ws =
     tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
 
 impl Task {
-    async fn run(mut self, ws: Ws, mut cmds: mpsc::UnboundedReceiver<Cmd>, sfu_now: bool) {
+    async fn run(
+        mut self,
+        ws: Ws,
+        mut cmds: mpsc::UnboundedReceiver<Cmd>,
+        sfu_now: bool,
+        await_offer_from: Option<String>,
+    ) {
         let (mut sink, mut stream) = ws.split();
         let mut outgoing: Vec<ClientMessage> = Vec::new();
         if sfu_now {
             self.connect_sfu(&mut outgoing);
         }
+        if let Some(peer) = await_offer_from {
+            self.open_p2p(peer, false, &mut outgoing);
+        }
         let mut buf = vec![0u8; 2048];
+        let mut p2p_buf = vec![0u8; 2048];
         let mut tcp_buf = vec![0u8; 4096];
         let local = self.socket.local_addr().ok();
         loop {
@@ -370,22 +454,47 @@ impl Task {
                         .try_send_to(&out.message, out.transport.peer_addr);
                 }
             }
+            if let Some(link) = self.p2p.as_mut() {
+                while let Some(out) = link.pc.poll_write() {
+                    if !self.frozen {
+                        let _ = link
+                            .socket
+                            .try_send_to(&out.message, out.transport.peer_addr);
+                    }
+                }
+            }
             if self.opts.ice_tcp && self.tcp.is_none() {
                 self.connect_tcp().await;
             }
             self.drain_pc();
+            self.drain_p2p(&mut outgoing);
+            if !outgoing.is_empty() {
+                continue; // send what the direct connection asked for first
+            }
             let now = Instant::now();
-            let deadline = self
+            let mut deadline = self
                 .pc
                 .as_mut()
                 .and_then(|pc| pc.poll_timeout())
-                .unwrap_or(now + Duration::from_secs(1))
-                .max(now);
+                .unwrap_or(now + Duration::from_secs(1));
+            if let Some(link) = self.p2p.as_mut() {
+                if let Some(t) = link.pc.poll_timeout() {
+                    deadline = deadline.min(t);
+                }
+                if !link.connected && !link.reported {
+                    deadline = deadline.min(link.deadline);
+                }
+            }
+            let deadline = deadline.max(now);
             tokio::select! {
                 frame = stream.next() => match frame {
                     Some(Ok(Message::Text(text))) => {
                         if let Ok(msg) = serde_json::from_str::<ServerMessage>(&text) {
-                            self.on_signal(msg, &mut outgoing);
+                            if self.opts.p2p {
+                                self.on_p2p_signal(msg, &mut outgoing);
+                            } else {
+                                self.on_signal(msg, &mut outgoing);
+                            }
                         }
                     }
                     Some(Ok(Message::Close(_))) | None | Some(Err(_)) => break,
@@ -428,15 +537,36 @@ impl Task {
                     }
                 }
                 n = read_tcp(&mut self.tcp, &mut tcp_buf) => self.on_tcp_read(n, &tcp_buf),
+                res = read_p2p(self.p2p.as_ref().map(|l| &l.socket), &mut p2p_buf) => {
+                    if let (Some((n, from)), Some(link), false) = (res, self.p2p.as_mut(), self.frozen) {
+                        let _ = link.pc.handle_read(TaggedBytesMut {
+                            now: Instant::now(),
+                            transport: TransportContext {
+                                local_addr: link.local,
+                                peer_addr: from,
+                                ecn: None,
+                                transport_protocol: TransportProtocol::UDP,
+                            },
+                            message: BytesMut::from(&p2p_buf[..n]),
+                        });
+                    }
+                }
                 () = tokio::time::sleep_until(deadline.into()) => {
+                    let now = Instant::now();
                     if let Some(pc) = self.pc.as_mut() {
-                        let _ = pc.handle_timeout(Instant::now());
+                        let _ = pc.handle_timeout(now);
+                    }
+                    if let Some(link) = self.p2p.as_mut() {
+                        let _ = link.pc.handle_timeout(now);
                     }
                 }
             }
         }
         if let Some(pc) = self.pc.as_mut() {
             let _ = pc.close();
+        }
+        if let Some(mut link) = self.p2p.take() {
+            let _ = link.pc.close();
         }
         let _ = self.events.send(Event::Closed);
     }
@@ -575,6 +705,252 @@ impl Task {
         }
     }
 
+    // -- the direct connection (JoinOptions::p2p) ----------------------------
+
+    /// Handles a signaling message when P2P is on: what concerns the direct
+    /// connection here, everything else as without P2P.
+    fn on_p2p_signal(&mut self, msg: ServerMessage, outgoing: &mut Vec<ClientMessage>) {
+        match &msg {
+            ServerMessage::Mode(m) => {
+                self.mode = m.mode;
+                if m.mode == MediaMode::Sfu {
+                    self.close_p2p();
+                }
+            }
+            // The participant already in the room offers, never in an sfu room.
+            ServerMessage::Otherjoin(o) if self.mode == MediaMode::P2p && self.p2p.is_none() => {
+                self.open_p2p(o.id.to_string(), true, outgoing);
+            }
+            ServerMessage::Bye(b) if self.p2p.as_ref().is_some_and(|l| l.peer == b.id.as_str()) => {
+                self.close_p2p();
+            }
+            ServerMessage::Message(m) if m.from != SFU_PEER => {
+                if let Ok(data) = serde_json::from_value::<SignalData>(m.data.clone()) {
+                    let from = m.from.clone();
+                    self.on_peer_data(from, data, outgoing);
+                    return;
+                }
+            }
+            _ => {}
+        }
+        self.on_signal(msg, outgoing);
+    }
+
+    /// Opens the direct connection to `peer` (and offers, if `offer`); its
+    /// deadline starts now. A connection that cannot even be built counts as
+    /// failed at once.
+    fn open_p2p(&mut self, peer: String, offer: bool, outgoing: &mut Vec<ClientMessage>) {
+        match self.build_p2p(&peer, offer) {
+            Ok((link, sdp)) => {
+                self.p2p = Some(link);
+                if let Some(sdp) = sdp {
+                    outgoing.push(self.to_peer(&peer, json!({"type":"offer","sdp": sdp})));
+                }
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, %peer, "cannot build the direct connection");
+                self.send_p2p_failed(&peer, outgoing);
+            }
+        }
+    }
+
+    fn build_p2p(&self, peer: &str, offer: bool) -> Result<(P2pLink, Option<String>), ClientError> {
+        // Bound synchronously: this runs inside the client task, where an
+        // await holding `&self` would make the task's future not `Send`.
+        let std_socket = std::net::UdpSocket::bind(SocketAddr::new(self.opts.bind_ip, 0))?;
+        std_socket.set_nonblocking(true)?;
+        let socket = UdpSocket::from_std(std_socket)?;
+        let local = socket.local_addr()?;
+        let mut media_engine = MediaEngine::default();
+        media_engine.register_default_codecs()?;
+        let registry =
+            register_default_interceptors(rtc::interceptor::Registry::new(), &mut media_engine)?;
+        let mut pc = RTCPeerConnectionBuilder::new()
+            .with_configuration(RTCConfigurationBuilder::new().build())
+            .with_setting_engine(SettingEngineBuilder::new().build())
+            .with_media_engine(media_engine)
+            .with_interceptor_registry(registry)
+            .build(Instant::now())?;
+        let candidate = CandidateHostConfig {
+            base_config: CandidateConfig {
+                network: "udp".to_owned(),
+                address: local.ip().to_string(),
+                port: local.port(),
+                component: 1,
+                ..Default::default()
+            },
+            ..Default::default()
+        }
+        .new_candidate_host()?;
+        pc.add_local_candidate(RTCIceCandidate::from(&candidate).to_json()?)?;
+        let senders = add_tracks(&self.opts, &mut pc)?;
+        let sdp = if offer {
+            let o = pc.create_offer(None)?;
+            pc.set_local_description(Instant::now(), o.clone())?;
+            Some(o.sdp)
+        } else {
+            None
+        };
+        let link = P2pLink {
+            peer: peer.to_owned(),
+            pc,
+            socket,
+            local,
+            deadline: Instant::now() + self.p2p_timeout,
+            connected: false,
+            reported: false,
+            pending: Vec::new(),
+            senders,
+            tracks: HashMap::new(),
+        };
+        Ok((link, sdp))
+    }
+
+    /// Offer, answer or candidate from another participant.
+    fn on_peer_data(&mut self, from: String, data: SignalData, outgoing: &mut Vec<ClientMessage>) {
+        if self.p2p.is_none() {
+            // An offer from someone we were not told about yet: take it.
+            if !matches!(data, SignalData::Offer { .. }) || self.mode != MediaMode::P2p {
+                return;
+            }
+            self.open_p2p(from.clone(), false, outgoing);
+        }
+        let Some(link) = self.p2p.as_mut().filter(|l| l.peer == from) else {
+            return;
+        };
+        let now = Instant::now();
+        let reply = match data {
+            SignalData::Offer { sdp } => RTCSessionDescription::offer(sdp)
+                .and_then(|o| link.pc.set_remote_description(now, o))
+                .and_then(|()| link.pc.create_answer(None))
+                .and_then(|a| {
+                    link.pc
+                        .set_local_description(now, a.clone())
+                        .map(|()| Some(a.sdp))
+                }),
+            SignalData::Answer { sdp } => RTCSessionDescription::answer(sdp)
+                .and_then(|a| link.pc.set_remote_description(now, a))
+                .map(|()| None),
+            SignalData::Candidate {
+                label,
+                id,
+                candidate,
+            } => {
+                if !candidate.is_empty() {
+                    link.pending.push(RTCIceCandidateInit {
+                        candidate,
+                        sdp_mid: id,
+                        sdp_mline_index: label.and_then(|l| u16::try_from(l).ok()),
+                        ..Default::default()
+                    });
+                }
+                Ok(None)
+            }
+        };
+        if link.pc.remote_description().is_some() {
+            for c in link.pending.drain(..) {
+                // Candidates we cannot use are ignored, as the server does.
+                let _ = link.pc.add_remote_candidate(c);
+            }
+            learn_payload_types(&mut link.pc, &mut link.senders);
+        }
+        match reply {
+            Ok(Some(answer)) => {
+                outgoing.push(self.to_peer(&from, json!({"type":"answer","sdp": answer})));
+            }
+            Ok(None) => {}
+            Err(e) => {
+                tracing::warn!(error = %e, peer = %from, "direct connection signaling failed")
+            }
+        }
+    }
+
+    /// Events and media of the direct connection; reports `p2p-failed` on
+    /// ICE failure or when the deadline passes unconnected.
+    fn drain_p2p(&mut self, outgoing: &mut Vec<ClientMessage>) {
+        let Some(link) = self.p2p.as_mut() else {
+            return;
+        };
+        let mut failed = false;
+        while let Some(event) = link.pc.poll_event() {
+            match event {
+                RTCPeerConnectionEvent::OnConnectionStateChangeEvent(state) => match state {
+                    RTCPeerConnectionState::Connected => {
+                        link.connected = true;
+                        let _ = self.events.send(Event::P2p {
+                            peer: link.peer.clone(),
+                            state: "connected".to_owned(),
+                        });
+                    }
+                    RTCPeerConnectionState::Failed => failed = true,
+                    _ => {}
+                },
+                RTCPeerConnectionEvent::OnTrack(RTCTrackEvent::OnOpen(init)) => {
+                    let kind = match link
+                        .pc
+                        .rtp_receiver(init.receiver_id)
+                        .map(|r| r.track().kind())
+                    {
+                        Some(RtpCodecKind::Audio) => Kind::Audio,
+                        _ => Kind::Video,
+                    };
+                    link.tracks.insert(init.track_id, kind);
+                }
+                _ => {}
+            }
+        }
+        while let Some(TaggedRTCMessage { now, message }) = link.pc.poll_read() {
+            if let RTCMessage::RtpPacket(track_id, packet) = message {
+                let kind = link.tracks.get(&track_id).copied().unwrap_or(Kind::Video);
+                let _ = self.events.send(Event::P2pRtp {
+                    peer: link.peer.clone(),
+                    kind,
+                    packet,
+                    at: now,
+                });
+            }
+        }
+        let late = !link.connected && Instant::now() >= link.deadline;
+        if (failed || late) && !link.reported {
+            link.reported = true;
+            let peer = link.peer.clone();
+            self.send_p2p_failed(&peer, outgoing);
+        }
+    }
+
+    /// Tells the server (once per connection) that `peer` cannot be reached
+    /// directly; only while the room is `p2p`, as the protocol asks.
+    fn send_p2p_failed(&mut self, peer: &str, outgoing: &mut Vec<ClientMessage>) {
+        if self.mode == MediaMode::P2p {
+            outgoing.push(ClientMessage::P2pFailed(P2pFailed {
+                room: self.room.clone(),
+                peer: peer.to_owned(),
+            }));
+        }
+        let _ = self.events.send(Event::P2p {
+            peer: peer.to_owned(),
+            state: "failed".to_owned(),
+        });
+    }
+
+    fn close_p2p(&mut self) {
+        if let Some(mut link) = self.p2p.take() {
+            let _ = link.pc.close();
+            let _ = self.events.send(Event::P2p {
+                peer: link.peer,
+                state: "closed".to_owned(),
+            });
+        }
+    }
+
+    fn to_peer(&self, peer: &str, data: serde_json::Value) -> ClientMessage {
+        ClientMessage::Message(RelayRequest {
+            room: self.room.clone(),
+            to: Some(peer.to_owned()),
+            data,
+        })
+    }
+
     fn to_sfu(&self, data: serde_json::Value) -> ClientMessage {
         ClientMessage::Message(RelayRequest {
             room: self.room.clone(),
@@ -644,64 +1020,7 @@ impl Task {
         } else {
             pc.add_local_candidate(RTCIceCandidate::from(&candidate).to_json()?)?;
         }
-        let stream_id = format!("{}-stream", self.opts.name);
-        let publish = [
-            (
-                self.opts.publish_audio,
-                Kind::Audio,
-                RtpCodecKind::Audio,
-                MIME_TYPE_OPUS,
-                48000,
-                2,
-                "minptime=10;useinbandfec=1",
-            ),
-            (
-                self.opts.publish_video,
-                Kind::Video,
-                RtpCodecKind::Video,
-                MIME_TYPE_VP8,
-                90000,
-                0,
-                "",
-            ),
-        ];
-        for (on, kind, codec_kind, mime, clock_rate, channels, fmtp) in publish {
-            if !on {
-                continue;
-            }
-            let ssrc = rand::random::<u32>();
-            let track_id = format!("{}-{kind:?}", self.opts.name).to_lowercase();
-            let track = MediaStreamTrack::new(
-                stream_id.clone(),
-                track_id.clone(),
-                track_id,
-                codec_kind,
-                vec![RTCRtpEncodingParameters {
-                    rtp_coding_parameters: RTCRtpCodingParameters {
-                        ssrc: Some(ssrc),
-                        ..Default::default()
-                    },
-                    codec: RTCRtpCodec {
-                        mime_type: mime.to_owned(),
-                        clock_rate,
-                        channels,
-                        sdp_fmtp_line: fmtp.to_owned(),
-                        rtcp_feedback: vec![],
-                    },
-                    ..Default::default()
-                }],
-            );
-            let id = pc.add_track(track)?;
-            self.senders.insert(
-                kind,
-                Sender {
-                    id,
-                    ssrc,
-                    pt: None,
-                    seq: rand::random::<u16>(),
-                },
-            );
-        }
+        self.senders = add_tracks(&self.opts, &mut pc)?;
         self.chat = Some(pc.create_data_channel("chat", None)?.id());
         let offer = pc.create_offer(None)?;
         pc.set_local_description(Instant::now(), offer.clone())?;
@@ -740,39 +1059,19 @@ impl Task {
 
     fn learn_payload_types(&mut self) {
         let Some(pc) = self.pc.as_mut() else { return };
-        for sender in self.senders.values_mut() {
-            if let Some(mut s) = pc.rtp_sender(sender.id) {
-                sender.pt = s
-                    .get_parameters()
-                    .rtp_parameters
-                    .codecs
-                    .first()
-                    .map(|c| c.payload_type);
-            }
-        }
+        learn_payload_types(pc, &mut self.senders);
     }
 
     fn send_rtp(&mut self, kind: Kind, payload: Bytes, marker: bool, timestamp: u32) {
+        if let Some(link) = self.p2p.as_mut().filter(|l| l.connected) {
+            if let Some(sender) = link.senders.get_mut(&kind) {
+                write_rtp(&mut link.pc, sender, payload.clone(), marker, timestamp);
+            }
+        }
         let (Some(pc), Some(sender)) = (self.pc.as_mut(), self.senders.get_mut(&kind)) else {
             return;
         };
-        let Some(pt) = sender.pt else { return };
-        sender.seq = sender.seq.wrapping_add(1);
-        let packet = RtpPacket {
-            header: rtc::rtp::header::Header {
-                version: 2,
-                marker,
-                payload_type: pt,
-                sequence_number: sender.seq,
-                timestamp,
-                ssrc: sender.ssrc,
-                ..Default::default()
-            },
-            payload,
-        };
-        if let Some(mut s) = pc.rtp_sender(sender.id) {
-            let _ = s.write_rtp(Instant::now(), packet);
-        }
+        write_rtp(pc, sender, payload, marker, timestamp);
     }
 
     fn drain_pc(&mut self) {
@@ -833,6 +1132,115 @@ impl Task {
                 }
                 _ => {}
             }
+        }
+    }
+}
+
+/// Adds the tracks `opts` publishes to `pc`: one Opus and/or one VP8 track,
+/// each with its own SSRC.
+fn add_tracks(
+    opts: &JoinOptions,
+    pc: &mut RTCPeerConnection,
+) -> Result<HashMap<Kind, Sender>, ClientError> {
+    let mut senders = HashMap::new();
+    let stream_id = format!("{}-stream", opts.name);
+    let publish = [
+        (
+            opts.publish_audio,
+            Kind::Audio,
+            RtpCodecKind::Audio,
+            MIME_TYPE_OPUS,
+            48000,
+            2,
+            "minptime=10;useinbandfec=1",
+        ),
+        (
+            opts.publish_video,
+            Kind::Video,
+            RtpCodecKind::Video,
+            MIME_TYPE_VP8,
+            90000,
+            0,
+            "",
+        ),
+    ];
+    for (on, kind, codec_kind, mime, clock_rate, channels, fmtp) in publish {
+        if !on {
+            continue;
+        }
+        let ssrc = rand::random::<u32>();
+        let track_id = format!("{}-{kind:?}", opts.name).to_lowercase();
+        let track = MediaStreamTrack::new(
+            stream_id.clone(),
+            track_id.clone(),
+            track_id,
+            codec_kind,
+            vec![RTCRtpEncodingParameters {
+                rtp_coding_parameters: RTCRtpCodingParameters {
+                    ssrc: Some(ssrc),
+                    ..Default::default()
+                },
+                codec: RTCRtpCodec {
+                    mime_type: mime.to_owned(),
+                    clock_rate,
+                    channels,
+                    sdp_fmtp_line: fmtp.to_owned(),
+                    rtcp_feedback: vec![],
+                },
+                ..Default::default()
+            }],
+        );
+        let id = pc.add_track(track)?;
+        senders.insert(
+            kind,
+            Sender {
+                id,
+                ssrc,
+                pt: None,
+                seq: rand::random::<u16>(),
+            },
+        );
+    }
+    Ok(senders)
+}
+
+/// Writes one RTP packet on `sender` (dropped until its payload type is known).
+fn write_rtp(
+    pc: &mut RTCPeerConnection,
+    sender: &mut Sender,
+    payload: Bytes,
+    marker: bool,
+    timestamp: u32,
+) {
+    let Some(pt) = sender.pt else { return };
+    sender.seq = sender.seq.wrapping_add(1);
+    let packet = RtpPacket {
+        header: rtc::rtp::header::Header {
+            version: 2,
+            marker,
+            payload_type: pt,
+            sequence_number: sender.seq,
+            timestamp,
+            ssrc: sender.ssrc,
+            ..Default::default()
+        },
+        payload,
+    };
+    if let Some(mut s) = pc.rtp_sender(sender.id) {
+        let _ = s.write_rtp(Instant::now(), packet);
+    }
+}
+
+/// Learns each sender's negotiated payload type.
+fn learn_payload_types(pc: &mut RTCPeerConnection, senders: &mut HashMap<Kind, Sender>) {
+    for sender in senders.values_mut() {
+        if let Some(mut s) = pc.rtp_sender(sender.id) {
+            sender.pt = s
+                .get_parameters()
+                .rtp_parameters
+                .codecs
+                .first()
+                .map(|c| c.payload_type);
         }
     }
 }

@@ -1,13 +1,23 @@
-//! `loadtest compare`: Switchboard and Janus VideoRoom in turn, under the
-//! same fixed load, in one invocation; prints the ratio table and, with
-//! `--write-doc`, writes it (machine, versions, exact commands, results) into
-//! a section of `docs/benchmarks.md`.
+//! `loadtest compare`: Switchboard and Janus in turn, under the same fixed
+//! load, in one invocation; prints the ratio table and, with `--write-doc`,
+//! writes it (machine, versions, exact commands, results) into a section of
+//! `docs/benchmarks.md` (one section per `--audio-mode`).
+//!
+//! - `--audio-mode forward` (default): Switchboard's SFU (`run --audio`)
+//!   against Janus VideoRoom (`janus --audio`), Opus + VP8 per participant.
+//! - `--audio-mode mix`: Switchboard's mixer (`run --audio-mode mix --audio
+//!   --video-kbps 0`) against Janus AudioBridge (`janus --audio-mode mix
+//!   --audio --video-kbps 0`): every participant sends Opus and gets one
+//!   mixed stream back; compared per delivered mixed packet and per
+//!   participant.
+//!
+//! Both generators send byte for byte the same media ([`crate::publish`]).
 //!
 //! Both servers run inside one network namespace this command creates (a
 //! veth pair, both ends inside, `lt0` = 10.77.0.1/24, and `lo`): Janus offers
 //! host candidates on interface addresses only, never loopback, and the same
 //! place for both keeps the comparison fair. The load generators run there
-//! too (`ip netns exec`, this same binary: `sfu` for Switchboard, `janus` for
+//! too (`ip netns exec`, this same binary: `run` for Switchboard, `janus` for
 //! Janus). Every process started is killed and the namespace deleted when the
 //! command ends, also on error or panic ([`Sandbox`]'s `Drop`). Needs root.
 
@@ -18,19 +28,24 @@ use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
+use crate::janus::AudioMode;
+
 /// The namespace's address, on which both servers listen (also fixed in
 /// `loadtest/janus/*.jcfg`).
 pub const NS_ADDR: &str = "10.77.0.1";
-/// The Switchboard load. The `sfu` subcommand is becoming `run`; change this
-/// (and, if its JSON moved, [`Figures::read`]) when it does.
-const SWITCHBOARD_LOAD: &str = "sfu";
+/// The Switchboard load: `loadtest run` (its JSON is what [`Figures::read`]
+/// reads).
+const SWITCHBOARD_LOAD: &str = "run";
 const SWITCHBOARD_PORT: u16 = 8080;
 const JANUS_PORT: u16 = 8188;
 /// Longest wait for a server to listen.
 const START_TIMEOUT: Duration = Duration::from_secs(15);
-/// Markers around the section `--write-doc` replaces.
+/// Markers around the section `--write-doc` replaces, per audio mode.
 const DOC_BEGIN: &str = "<!-- loadtest compare: begin (generated; rerun to update) -->";
 const DOC_END: &str = "<!-- loadtest compare: end -->";
+const DOC_MIX_BEGIN: &str =
+    "<!-- loadtest compare --audio-mode mix: begin (generated; rerun to update) -->";
+const DOC_MIX_END: &str = "<!-- loadtest compare --audio-mode mix: end -->";
 
 #[derive(Debug, Clone, clap::Args)]
 pub struct CompareArgs {
@@ -46,12 +61,14 @@ pub struct CompareArgs {
     /// Sending before the window.
     #[arg(long, default_value = "2s", value_parser = crate::parse_duration)]
     pub warmup: Duration,
-    /// Video payload bit rate per publisher, kbit/s (0 = no video).
-    #[arg(long, default_value_t = 500)]
-    pub video_kbps: u32,
-    /// Audio packets per second per publisher (0 = no audio).
-    #[arg(long, default_value_t = 50)]
-    pub audio_pps: u32,
+    /// `forward`: Switchboard's SFU vs Janus VideoRoom; `mix`: Switchboard's
+    /// mixer vs Janus AudioBridge (audio only).
+    #[arg(long, value_enum, default_value_t = AudioMode::Forward)]
+    pub audio_mode: AudioMode,
+    /// VP8 bit rate per publisher, kbit/s (default 500 in forward mode; mix
+    /// mode is audio only). Every publisher also sends the Opus tone.
+    #[arg(long)]
+    pub video_kbps: Option<u32>,
     /// The Switchboard binary (default: `switchboard` beside this one).
     #[arg(long)]
     pub switchboard: Option<PathBuf>,
@@ -260,27 +277,65 @@ pub struct Figures {
     pub generator_percent_of_core: Option<f64>,
     /// The 1-minute load average when the run started.
     pub loadavg: Option<f64>,
+    /// Mix mode: mixed packets the subscribers received (window start to
+    /// drain end), the server's CPU per such packet and per participant.
+    pub mixed_received: Option<f64>,
+    pub cpu_per_mixed_packet_us: Option<f64>,
+    pub cpu_percent_per_participant: Option<f64>,
+    pub jitter_ms_mean: Option<f64>,
 }
 
 impl Figures {
-    /// Reads the JSON report of `loadtest sfu` or `loadtest janus`.
+    /// Reads the JSON report of `loadtest run` or `loadtest janus`. In mix
+    /// mode the media is the mixed stream: `mixed_audio` in `run`'s report,
+    /// `media` (kind `audio-mixed`) in `janus`'s.
     pub fn read(v: &Value) -> Figures {
         let f = |p: &str| v.pointer(p).and_then(Value::as_f64);
-        let (expected, received) = v["media"].as_array().map_or((0.0, 0.0), |m| {
-            m.iter().fold((0.0, 0.0), |(e, r), k| {
-                (
-                    e + k["expected"].as_f64().unwrap_or(0.0),
-                    r + k["received"].as_f64().unwrap_or(0.0),
-                )
+        let sum = |field: &str| {
+            v["media"].as_array().map_or(0.0, |m| {
+                m.iter().map(|k| k[field].as_f64().unwrap_or(0.0)).sum()
             })
-        });
+        };
+        let run_mix = v.get("mixed_audio").filter(|m| m.is_object());
+        let mix = run_mix.is_some() || v.pointer("/config/audio_mode") == Some(&"mix".into());
+        let (expected, received) = match run_mix {
+            Some(m) => (
+                m["rtp_expected"].as_f64().unwrap_or(0.0),
+                m["received"].as_f64().unwrap_or(0.0),
+            ),
+            None => (sum("expected"), sum("received")),
+        };
+        let jitters: Vec<f64> = match run_mix {
+            Some(m) => m["jitter_ms_mean"].as_f64().into_iter().collect(),
+            None => v["media"].as_array().map_or(Vec::new(), |m| {
+                m.iter()
+                    .filter_map(|k| k["jitter_ms_mean"].as_f64())
+                    .collect()
+            }),
+        };
+        let cpu_s = f("/server/cpu_window_s");
+        let participants = v
+            .pointer("/participants/connected")
+            .and_then(Value::as_f64)
+            .filter(|n| *n > 0.0);
         Figures {
+            mixed_received: mix.then_some(received),
+            cpu_per_mixed_packet_us: cpu_s
+                .filter(|_| mix && received > 0.0)
+                .map(|c| c * 1e6 / received),
+            cpu_percent_per_participant: f("/server/cpu_percent_of_core")
+                .filter(|_| mix)
+                .zip(participants)
+                .map(|(c, n)| c / n),
+            jitter_ms_mean: (!jitters.is_empty())
+                .then(|| jitters.iter().sum::<f64>() / jitters.len() as f64),
             cpu_per_forwarded_us: f("/server/cpu_per_forwarded_packet_us"),
             cpu_percent_of_core: f("/server/cpu_percent_of_core"),
             forwarded: f("/server_metrics/forwarded").or_else(|| f("/server/forwarded")),
             p50_ms: f("/latency_all/p50_us").map(|u| u / 1e3),
             p99_ms: f("/latency_all/p99_us").map(|u| u / 1e3),
-            loss_percent: (expected > 0.0).then(|| 100.0 * (expected - received) / expected),
+            loss_percent: (expected > 0.0)
+                .then(|| 100.0 * (expected - received).max(0.0) / expected),
             rss_per_participant_kib: f("/server/rss_per_participant_bytes").map(|b| b / 1024.0),
             connected: v.pointer("/participants/connected").and_then(Value::as_u64),
             version: v["server_version"].as_str().map(str::to_owned),
@@ -290,30 +345,11 @@ impl Figures {
     }
 }
 
-/// The ratio table (Markdown): one row per figure, Switchboard / Janus.
-pub fn ratio_table(sb: &Figures, janus: &Figures) -> String {
-    let rows: [(&str, Option<f64>, Option<f64>, usize); 9] = [
-        (
-            "server CPU per forwarded packet (µs)",
-            sb.cpu_per_forwarded_us,
-            janus.cpu_per_forwarded_us,
-            2,
-        ),
-        (
-            "server CPU (% of one core)",
-            sb.cpu_percent_of_core,
-            janus.cpu_percent_of_core,
-            1,
-        ),
-        (
-            "packets forwarded in the window",
-            sb.forwarded,
-            janus.forwarded,
-            0,
-        ),
-        ("end-to-end latency p50 (ms)", sb.p50_ms, janus.p50_ms, 2),
-        ("end-to-end latency p99 (ms)", sb.p99_ms, janus.p99_ms, 2),
-        ("loss (%)", sb.loss_percent, janus.loss_percent, 3),
+/// The ratio table (Markdown) of `mode`: one row per figure, Switchboard /
+/// Janus.
+pub fn ratio_table(mode: AudioMode, sb: &Figures, janus: &Figures) -> String {
+    type Row<'a> = (&'a str, Option<f64>, Option<f64>, usize);
+    let common: [Row<'_>; 4] = [
         (
             "server RSS per participant (KiB)",
             sb.rss_per_participant_kib,
@@ -332,12 +368,96 @@ pub fn ratio_table(sb: &Figures, janus: &Figures) -> String {
             janus.loadavg,
             2,
         ),
+        (
+            "participants connected",
+            sb.connected.map(|n| n as f64),
+            janus.connected.map(|n| n as f64),
+            0,
+        ),
     ];
+    let (other, rows): (&str, Vec<Row<'_>>) = match mode {
+        AudioMode::Forward => (
+            "Janus VideoRoom",
+            vec![
+                (
+                    "server CPU per forwarded packet (µs)",
+                    sb.cpu_per_forwarded_us,
+                    janus.cpu_per_forwarded_us,
+                    2,
+                ),
+                (
+                    "server CPU (% of one core)",
+                    sb.cpu_percent_of_core,
+                    janus.cpu_percent_of_core,
+                    1,
+                ),
+                (
+                    "packets forwarded in the window",
+                    sb.forwarded,
+                    janus.forwarded,
+                    0,
+                ),
+                ("end-to-end latency p50 (ms)", sb.p50_ms, janus.p50_ms, 2),
+                ("end-to-end latency p99 (ms)", sb.p99_ms, janus.p99_ms, 2),
+                ("loss (%)", sb.loss_percent, janus.loss_percent, 3),
+                (
+                    "RTP jitter, mean (ms)",
+                    sb.jitter_ms_mean,
+                    janus.jitter_ms_mean,
+                    3,
+                ),
+            ],
+        ),
+        AudioMode::Mix => (
+            "Janus AudioBridge",
+            vec![
+                (
+                    "server CPU per delivered mixed packet (µs)",
+                    sb.cpu_per_mixed_packet_us,
+                    janus.cpu_per_mixed_packet_us,
+                    1,
+                ),
+                (
+                    "server CPU (% of one core)",
+                    sb.cpu_percent_of_core,
+                    janus.cpu_percent_of_core,
+                    1,
+                ),
+                (
+                    "server CPU per participant (% of one core)",
+                    sb.cpu_percent_per_participant,
+                    janus.cpu_percent_per_participant,
+                    3,
+                ),
+                (
+                    "mixed packets delivered",
+                    sb.mixed_received,
+                    janus.mixed_received,
+                    0,
+                ),
+                (
+                    "loss of the mixed stream (%)",
+                    sb.loss_percent,
+                    janus.loss_percent,
+                    3,
+                ),
+                (
+                    "RTP jitter of the mixed stream, mean (ms)",
+                    sb.jitter_ms_mean,
+                    janus.jitter_ms_mean,
+                    3,
+                ),
+            ],
+        ),
+    };
     let mut t = String::new();
-    t.push_str("| figure | Switchboard | Janus VideoRoom | Switchboard / Janus |\n");
+    let _ = writeln!(
+        t,
+        "| figure | Switchboard | {other} | Switchboard / Janus |"
+    );
     t.push_str("| --- | ---: | ---: | ---: |\n");
     let cell = |v: Option<f64>, d: usize| v.map_or("-".to_owned(), |v| format!("{v:.d$}"));
-    for (name, a, b, d) in rows {
+    for (name, a, b, d) in rows.into_iter().chain(common) {
         let ratio = match (a, b) {
             (Some(a), Some(b)) if b != 0.0 => format!("{:.2}", a / b),
             _ => "-".to_owned(),
@@ -347,12 +467,22 @@ pub fn ratio_table(sb: &Figures, janus: &Figures) -> String {
     t
 }
 
-/// Replaces the section between the markers in `doc`, or appends it.
-pub fn splice_section(doc: &str, section: &str) -> String {
-    let block = format!("{DOC_BEGIN}\n{}{DOC_END}\n", section);
-    match (doc.find(DOC_BEGIN), doc.find(DOC_END)) {
+/// The markers of `mode`'s section.
+fn markers(mode: AudioMode) -> (&'static str, &'static str) {
+    match mode {
+        AudioMode::Forward => (DOC_BEGIN, DOC_END),
+        AudioMode::Mix => (DOC_MIX_BEGIN, DOC_MIX_END),
+    }
+}
+
+/// Replaces the section of `mode` between its markers in `doc`, or appends
+/// it.
+pub fn splice_section(doc: &str, mode: AudioMode, section: &str) -> String {
+    let (begin, end_marker) = markers(mode);
+    let block = format!("{begin}\n{section}{end_marker}\n");
+    match (doc.find(begin), doc.find(end_marker)) {
         (Some(a), Some(b)) if b > a => {
-            let end = b + DOC_END.len();
+            let end = b + end_marker.len();
             let rest = doc[end..].strip_prefix('\n').unwrap_or(&doc[end..]);
             format!("{}{block}{rest}", &doc[..a])
         }
@@ -442,6 +572,17 @@ pub fn main(args: &CompareArgs) -> ExitCode {
     }
 }
 
+/// `--video-kbps`: 500 by default in forward mode; mix mode is audio only.
+fn video_kbps(args: &CompareArgs) -> Result<u32, String> {
+    match (args.audio_mode, args.video_kbps) {
+        (AudioMode::Forward, v) => Ok(v.unwrap_or(500)),
+        (AudioMode::Mix, None | Some(0)) => Ok(0),
+        (AudioMode::Mix, Some(v)) => Err(format!(
+            "--video-kbps {v}: --audio-mode mix compares audio mixing only"
+        )),
+    }
+}
+
 fn run(args: &CompareArgs) -> Result<(), String> {
     let me = std::env::current_exe().map_err(|e| format!("own path: {e}"))?;
     let switchboard = args
@@ -467,6 +608,9 @@ fn run(args: &CompareArgs) -> Result<(), String> {
         .out_dir
         .canonicalize()
         .map_err(|e| format!("{}: {e}", args.out_dir.display()))?;
+    let mode = args.audio_mode;
+    let video_kbps = video_kbps(args)?;
+    // The same load for both generators (the same flags, the same media).
     let load = |extra: &[&str]| -> Vec<String> {
         let mut v: Vec<String> = vec![
             "--rooms".into(),
@@ -478,10 +622,12 @@ fn run(args: &CompareArgs) -> Result<(), String> {
             "--warmup".into(),
             format!("{}ms", args.warmup.as_millis()),
             "--video-kbps".into(),
-            args.video_kbps.to_string(),
-            "--audio-pps".into(),
-            args.audio_pps.to_string(),
+            video_kbps.to_string(),
+            "--audio".into(),
         ];
+        if mode == AudioMode::Mix {
+            v.extend(["--audio-mode".into(), "mix".into()]);
+        }
         v.extend(extra.iter().map(|s| (*s).to_owned()));
         v
     };
@@ -554,35 +700,57 @@ fn run(args: &CompareArgs) -> Result<(), String> {
 
     let sb = Figures::read(&sb_report);
     let janus = Figures::read(&j_report);
-    let table = ratio_table(&sb, &janus);
+    let table = ratio_table(mode, &sb, &janus);
+    let what = match mode {
+        AudioMode::Forward => format!(
+            "Switchboard vs Janus VideoRoom: {} rooms x {} participants, Opus + VP8 {video_kbps} kbit/s each, {:?} window",
+            args.rooms, args.participants, args.duration
+        ),
+        AudioMode::Mix => format!(
+            "Switchboard mixer vs Janus AudioBridge: {} rooms x {} participants, Opus each, one mix back each, {:?} window",
+            args.rooms, args.participants, args.duration
+        ),
+    };
     println!();
-    println!(
-        "Switchboard vs Janus VideoRoom: {} rooms x {} participants, Opus {} pkt/s + VP8 {} kbit/s each, {:?} window",
-        args.rooms, args.participants, args.audio_pps, args.video_kbps, args.duration
-    );
+    println!("{what}");
     print!("{table}");
 
     if let Some(doc) = &args.write_doc {
         let machine = crate::proc::Machine::probe();
         let mut s = String::new();
+        let media = match mode {
+            AudioMode::Forward => format!(
+                "publishes real media, the same for both servers (`loadtest/src/publish.rs`): \
+                 the committed VP8 clip (`loadtest/media/clip.ivf`, RFC 7741 packetized) at \
+                 the frame rate that gives {video_kbps} kbit/s, and a 440 Hz Opus tone \
+                 (20 ms frames, 32 kbit/s), every packet stamped with sender, sequence and \
+                 send time; and subscribes to every other participant of its room"
+            ),
+            AudioMode::Mix => "sends the 440 Hz Opus tone (20 ms frames, 32 kbit/s, stamped \
+                 in the Opus padding; the same packets for both servers) and receives one \
+                 mixed stream: Switchboard `--audio-mode mix` rooms, Janus AudioBridge rooms"
+                .to_owned(),
+        };
         let _ = writeln!(
             s,
-            "## Switchboard vs Janus VideoRoom (`loadtest compare`)\n"
+            "## {} (`loadtest compare{}`)\n",
+            match mode {
+                AudioMode::Forward => "Switchboard vs Janus VideoRoom",
+                AudioMode::Mix => "Switchboard's mixer vs Janus AudioBridge",
+            },
+            if mode == AudioMode::Mix {
+                " --audio-mode mix"
+            } else {
+                ""
+            }
         );
         let _ = writeln!(
             s,
-            "Load: {} rooms × {} participants; every participant publishes Opus-shaped audio \
-             ({} packets/s of 100 B) and VP8-shaped video ({} kbit/s of payload in 1100 B \
-             packets) and subscribes to every other participant of its room. Warm-up {:?}, \
+            "Load: {} rooms × {} participants; every participant {media}. Warm-up {:?}, \
              measurement window {:?}. Both servers and both load generators ran in turn \
              inside one network namespace (`lt0` = {NS_ADDR}), one generator process on a \
              single-threaded runtime.\n",
-            args.rooms,
-            args.participants,
-            args.audio_pps,
-            args.video_kbps,
-            args.warmup,
-            args.duration
+            args.rooms, args.participants, args.warmup, args.duration
         );
         let _ = writeln!(
             s,
@@ -610,6 +778,17 @@ fn run(args: &CompareArgs) -> Result<(), String> {
             janus.connected.map_or("-".into(), |n| n.to_string())
         );
         let _ = writeln!(s, "{table}");
+        if mode == AudioMode::Mix {
+            let _ = writeln!(
+                s,
+                "Mix mode: a mix carries no stamp, so there is no end-to-end latency; each \
+                 subscriber counts its mixed stream by RTP sequence numbers and timestamps \
+                 from the window start to the end of the drain (the same code for both, \
+                 `loadtest/src/rxstats.rs`). CPU per delivered mixed packet is the window's \
+                 server CPU over those packets; CPU per participant is the server's CPU \
+                 (% of one core) over the participants connected.\n"
+            );
+        }
         let _ = writeln!(
             s,
             "Server CPU is utime+stime from `/proc/<pid>/stat` over the window (10 ms ticks). \
@@ -636,11 +815,13 @@ fn run(args: &CompareArgs) -> Result<(), String> {
             format!("{}s", args.duration.as_secs_f64()),
             "--warmup".into(),
             format!("{}s", args.warmup.as_secs_f64()),
-            "--video-kbps".into(),
-            args.video_kbps.to_string(),
-            "--audio-pps".into(),
-            args.audio_pps.to_string(),
         ];
+        match mode {
+            AudioMode::Forward => {
+                cmd.extend(["--video-kbps".into(), video_kbps.to_string()]);
+            }
+            AudioMode::Mix => cmd.extend(["--audio-mode".into(), "mix".into()]),
+        }
         cmd.extend(["--write-doc".into(), doc.display().to_string()]);
         let _ = writeln!(s, "{}", shell_join(&cmd));
         let _ = writeln!(s, "```\n");
@@ -660,7 +841,7 @@ fn run(args: &CompareArgs) -> Result<(), String> {
         );
         let _ = writeln!(s, "```");
         let old = std::fs::read_to_string(doc).unwrap_or_default();
-        std::fs::write(doc, splice_section(&old, &s))
+        std::fs::write(doc, splice_section(&old, mode, &s))
             .map_err(|e| format!("{}: {e}", doc.display()))?;
         eprintln!("wrote the comparison into {}", doc.display());
     }
@@ -679,20 +860,25 @@ mod tests {
                        "rss_per_participant_bytes": 2048},
             "server_metrics": {"forwarded": 1000.0},
             "latency_all": {"p50_us": 500, "p99_us": 2000},
-            "media": [{"expected": 600, "received": 597}, {"expected": 400, "received": 400}],
+            "media": [{"expected": 600, "received": 597, "jitter_ms_mean": 1.0},
+                      {"expected": 400, "received": 400, "jitter_ms_mean": 3.0}],
+            "mixed_audio": null,
             "participants": {"connected": 16}
         });
         let f = Figures::read(&sb);
         assert_eq!(f.forwarded, Some(1000.0));
         assert_eq!(f.p50_ms, Some(0.5));
         assert_eq!(f.rss_per_participant_kib, Some(2.0));
+        assert_eq!(f.jitter_ms_mean, Some(2.0));
+        assert_eq!(f.mixed_received, None);
         assert!((f.loss_percent.expect("loss") - 0.3).abs() < 1e-9);
         let janus = json!({"server": {"forwarded": 990, "cpu_per_forwarded_packet_us": 40.0},
                            "server_version": "1.1.2", "media": []});
         let j = Figures::read(&janus);
         assert_eq!(j.forwarded, Some(990.0));
         assert_eq!(j.loss_percent, None);
-        let t = ratio_table(&f, &j);
+        let t = ratio_table(AudioMode::Forward, &f, &j);
+        assert!(t.contains("| Switchboard | Janus VideoRoom |"), "{t}");
         assert!(
             t.contains("| server CPU per forwarded packet (µs) | 10.00 | 40.00 | 0.25 |"),
             "{t}"
@@ -701,18 +887,78 @@ mod tests {
     }
 
     #[test]
+    fn mix_figures_from_either_report() {
+        // `run --audio-mode mix`: the mix is in `mixed_audio`; `media` holds
+        // the stamped audio that no one receives in a mix room.
+        let sb = json!({
+            "server": {"cpu_window_s": 0.5, "cpu_percent_of_core": 10.0},
+            "media": [{"expected": 1000, "received": 0}],
+            "mixed_audio": {"received": 5000, "rtp_expected": 5010, "jitter_ms_mean": 0.5},
+            "participants": {"connected": 10}
+        });
+        let f = Figures::read(&sb);
+        assert_eq!(f.mixed_received, Some(5000.0));
+        assert_eq!(f.cpu_per_mixed_packet_us, Some(100.0));
+        assert_eq!(f.cpu_percent_per_participant, Some(1.0));
+        assert!((f.loss_percent.expect("loss") - 10.0 / 50.1).abs() < 1e-9);
+        // `janus --audio-mode mix`: the mix is `media` (kind audio-mixed).
+        let janus = json!({
+            "config": {"audio_mode": "mix"},
+            "server": {"cpu_window_s": 2.0, "cpu_percent_of_core": 40.0},
+            "media": [{"kind": "audio-mixed", "expected": 4000, "received": 4000}],
+            "participants": {"connected": 10}
+        });
+        let j = Figures::read(&janus);
+        assert_eq!(j.mixed_received, Some(4000.0));
+        assert_eq!(j.cpu_per_mixed_packet_us, Some(500.0));
+        assert_eq!(j.cpu_percent_per_participant, Some(4.0));
+        assert_eq!(j.loss_percent, Some(0.0));
+        let t = ratio_table(AudioMode::Mix, &f, &j);
+        assert!(t.contains("| Switchboard | Janus AudioBridge |"), "{t}");
+        assert!(
+            t.contains("| server CPU per delivered mixed packet (µs) | 100.0 | 500.0 | 0.20 |"),
+            "{t}"
+        );
+        assert!(!t.contains("forwarded"), "{t}");
+    }
+
+    #[test]
+    fn video_kbps_by_mode() {
+        use clap::Parser;
+        #[derive(Parser)]
+        struct Wrap {
+            #[command(flatten)]
+            args: CompareArgs,
+        }
+        let parse = |a: &[&str]| {
+            let mut v = vec!["x"];
+            v.extend_from_slice(a);
+            Wrap::try_parse_from(v).expect("parses").args
+        };
+        assert_eq!(video_kbps(&parse(&[])), Ok(500));
+        assert_eq!(video_kbps(&parse(&["--audio-mode", "mix"])), Ok(0));
+        assert!(video_kbps(&parse(&["--audio-mode", "mix", "--video-kbps", "300"])).is_err());
+    }
+
+    #[test]
     fn the_section_is_replaced_not_duplicated() {
         let doc = "# Benchmarks\n\nintro\n";
-        let once = splice_section(doc, "A\n");
+        let once = splice_section(doc, AudioMode::Forward, "A\n");
         assert!(once.starts_with("# Benchmarks\n\nintro\n\n<!--"));
         assert!(once.contains("\nA\n"));
-        let twice = splice_section(&format!("{once}\n## later\n"), "B\n");
+        let twice = splice_section(&format!("{once}\n## later\n"), AudioMode::Forward, "B\n");
         assert!(!twice.contains("\nA\n") && twice.contains("\nB\n"));
         assert_eq!(twice.matches(DOC_BEGIN).count(), 1);
         assert!(twice.ends_with("## later\n"));
         assert_eq!(
-            splice_section("", "C\n"),
+            splice_section("", AudioMode::Forward, "C\n"),
             format!("{DOC_BEGIN}\nC\n{DOC_END}\n")
         );
+        // The mix section is its own: both stay.
+        let both = splice_section(&twice, AudioMode::Mix, "M\n");
+        assert!(both.contains("\nB\n") && both.contains("\nM\n"));
+        let again = splice_section(&both, AudioMode::Mix, "N\n");
+        assert!(again.contains("\nB\n") && again.contains("\nN\n") && !again.contains("\nM\n"));
+        assert_eq!(again.matches(DOC_MIX_BEGIN).count(), 1);
     }
 }

@@ -1,4 +1,4 @@
-//! `loadtest janus`: the `sfu` benchmark's fixed load, against Janus
+//! `loadtest janus`: the `run` benchmark's fixed load, against Janus
 //! VideoRoom (Debian package `janus` 1.1.2) over its WebSocket API; with
 //! `--audio-mode mix`, an audio load against AudioBridge instead (see
 //! [`mix`]). What follows is the VideoRoom run.
@@ -10,10 +10,13 @@
 //!    attaches a subscriber handle and joins it with every *other* feed of
 //!    its room (one multistream subscription, as `janus.js` 1.x does): Janus
 //!    offers, we answer, `start`.
-//! 3. Media is exactly the `sfu` load: the same stamped payloads (sender,
-//!    sequence number, send time; `sfu/payload.rs`), the same rates and
-//!    sizes, paced the same way, with the same warm-up / window / drain.
-//! 4. Each subscriber counts what it got per (publisher, kind): loss,
+//! 3. Media is exactly the `run` load ([`crate::publish`], shared with it):
+//!    the committed VP8 clip, RFC 7741 packetized, at the frame rate of
+//!    `--video-kbps`, and with `--audio` the Opus tone, every packet stamped
+//!    with sender, sequence number and send time ([`crate::stamp`]); paced
+//!    the same way, with the same warm-up / window / drain.
+//! 4. Each subscriber counts what it got per (publisher, kind): loss (by
+//!    stamp and by RTP sequence), RTP jitter ([`crate::rxstats`]),
 //!    end-to-end latency, join → first packet. With `--server-pid` (Janus's
 //!    pid) the server's CPU and RSS are read from `/proc`.
 //!
@@ -32,12 +35,6 @@
 
 mod api;
 mod mix;
-// The very same payload stamping as `loadtest sfu` (so both loads are byte
-// for byte alike), compiled a second time here because `sfu` keeps its module
-// private; use it from one place once it is shared.
-#[path = "sfu/payload.rs"]
-#[allow(dead_code, clippy::duplicate_mod)]
-mod payload;
 mod peer;
 mod report;
 
@@ -52,9 +49,12 @@ use rand::Rng;
 use serde_json::{json, Value};
 use switchboard_client::Kind;
 use tokio::sync::{mpsc, watch, Semaphore};
-use tokio::time::{timeout_at, MissedTickBehavior};
+use tokio::time::timeout_at;
 
 use crate::proc::{self, Machine, Pid};
+use crate::publish::{check_sender, read_stamp, tick, Publisher};
+pub use crate::publish::{kind_index, media_plan, Flow, MediaPlan, Sent, KIND_NAMES};
+use crate::rxstats::RtpStats;
 use api::{Handle, Session};
 use peer::{Peer, PeerEvent};
 pub use report::Report;
@@ -67,8 +67,6 @@ const LEAVE_WAIT: Duration = Duration::from_millis(500);
 const MEDIA_LEAD: Duration = Duration::from_millis(50);
 /// Longest wait for the WebSocket to Janus to open.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
-/// Sequence numbers above this are treated as damage.
-const MAX_SEQ: u32 = 1 << 24;
 
 /// What the participants send their audio to.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, serde::Serialize)]
@@ -112,18 +110,14 @@ pub struct JanusArgs {
     /// Reading after the window for packets still in flight.
     #[arg(long, default_value = "1s", value_parser = crate::parse_duration)]
     pub drain: Duration,
-    /// Video payload bit rate per publisher, kbit/s (0 = no video).
+    /// VP8 bit rate per publisher, kbit/s of frame data (0 = no video): the
+    /// clip's frames at the frame rate that gives this rate, as `run`.
     #[arg(long, default_value_t = 500)]
     pub video_kbps: u32,
-    /// Bytes of RTP payload per video packet.
-    #[arg(long, default_value_t = 1100)]
-    pub video_payload: usize,
-    /// Audio packets per second per publisher (0 = no audio).
-    #[arg(long, default_value_t = 50)]
-    pub audio_pps: u32,
-    /// Bytes of RTP payload per audio packet.
-    #[arg(long, default_value_t = 100)]
-    pub audio_payload: usize,
+    /// Also publish Opus audio (a 440 Hz tone, 20 ms frames, 32 kbit/s),
+    /// as `run --audio`.
+    #[arg(long)]
+    pub audio: bool,
     /// Per participant: session, publisher PeerConnection connected; then
     /// again for the subscriber PeerConnection.
     #[arg(long, default_value = "20s", value_parser = crate::parse_duration)]
@@ -193,67 +187,11 @@ pub fn main(args: &JanusArgs) -> ExitCode {
 // Set-up
 // ---------------------------------------------------------------------------
 
-/// One published stream: its kind, packet interval and payload size.
-#[derive(Debug, Clone, Copy, PartialEq)]
-pub struct StreamSpec {
-    pub kind: Kind,
-    pub period: Duration,
-    pub payload: usize,
-}
-
-impl StreamSpec {
-    pub fn packets_per_second(&self) -> f64 {
-        1.0 / self.period.as_secs_f64()
-    }
-}
-
-/// The streams every publisher sends: the `sfu` subcommand's rules.
-fn streams(args: &JanusArgs) -> Result<Vec<StreamSpec>, String> {
-    let mut out = Vec::new();
-    if args.audio_pps > 0 {
-        if args.audio_pps > 1000 {
-            return Err("--audio-pps above 1000 is not audio".into());
-        }
-        out.push(StreamSpec {
-            kind: Kind::Audio,
-            period: Duration::from_secs(1) / args.audio_pps,
-            payload: args.audio_payload.max(payload::header_len(Kind::Audio)),
-        });
-    }
-    if args.video_kbps > 0 {
-        let size = args.video_payload.max(payload::header_len(Kind::Video));
-        if size > 1200 {
-            return Err(format!(
-                "--video-payload {size}: keep packets within a 1200-byte RTP payload"
-            ));
-        }
-        let pps = f64::from(args.video_kbps) * 1000.0 / 8.0 / size as f64;
-        if !(0.5..=5000.0).contains(&pps) {
-            return Err(format!(
-                "--video-kbps {} with {size}-byte packets is {pps:.1} packets/s; \
-                 keep it between 0.5 and 5000",
-                args.video_kbps
-            ));
-        }
-        out.push(StreamSpec {
-            kind: Kind::Video,
-            period: Duration::from_secs_f64(1.0 / pps),
-            payload: size,
-        });
-    }
-    if out.is_empty() {
-        return Err("nothing to publish: --audio-pps and --video-kbps are both 0".into());
-    }
-    Ok(out)
-}
-
 /// Checks the arguments; returns the address media binds to.
 fn validate(args: &JanusArgs) -> Result<IpAddr, String> {
-    if args.audio_mode == AudioMode::Mix && (args.video_kbps != 0 || args.audio_pps != 50) {
+    if args.audio_mode == AudioMode::Mix && (args.video_kbps != 0 || !args.audio) {
         return Err(
-            "--audio-mode mix (AudioBridge) is audio only, in 20 ms Opus frames: \
-             pass --video-kbps 0 and keep --audio-pps 50"
-                .into(),
+            "--audio-mode mix (AudioBridge) is audio only: pass --audio --video-kbps 0".into(),
         );
     }
     if args.rooms == 0 || args.participants < 2 {
@@ -392,11 +330,9 @@ struct Shared {
     base: Instant,
     connect: Semaphore,
     join_timeout: Duration,
-    streams: Vec<StreamSpec>,
+    plan: MediaPlan,
     run_id: String,
     mode: AudioMode,
-    /// The Opus packets mix mode sends in a loop.
-    tone: Vec<bytes::Bytes>,
 }
 
 /// The server and the generator at one instant.
@@ -483,7 +419,7 @@ async fn create_rooms(
 
 pub async fn run(args: &JanusArgs) -> Result<Report, String> {
     let bind = validate(args)?;
-    let streams = streams(args)?;
+    let plan = media_plan(args.video_kbps, args.audio)?;
     let run_id = args
         .run_id
         .clone()
@@ -519,13 +455,9 @@ pub async fn run(args: &JanusArgs) -> Result<Report, String> {
         base,
         connect: Semaphore::new(args.connect_concurrency),
         join_timeout: args.join_timeout,
-        streams: streams.clone(),
+        plan: plan.clone(),
         run_id: run_id.clone(),
         mode: args.audio_mode,
-        tone: match args.audio_mode {
-            AudioMode::Mix => mix::tone(440.0).map_err(|e| format!("Opus encoder: {e}"))?,
-            AudioMode::Forward => Vec::new(),
-        },
     });
     let (phase_tx, phase_rx) = watch::channel(Phase::Publishing);
     let (ready_tx, mut ready_rx) = mpsc::unbounded_channel::<(usize, Ready)>();
@@ -655,7 +587,7 @@ pub async fn run(args: &JanusArgs) -> Result<Report, String> {
         run_id: &run_id,
         janus_version,
         machine,
-        streams: &streams,
+        plan: &plan,
         publishers,
         outcomes,
         tasks_lost,
@@ -671,61 +603,6 @@ pub async fn run(args: &JanusArgs) -> Result<Report, String> {
 // ---------------------------------------------------------------------------
 // One participant
 // ---------------------------------------------------------------------------
-
-/// Packets a participant sent on one stream.
-#[derive(Debug, Clone, Copy, Default)]
-pub struct Sent {
-    pub total: u64,
-    pub window: u64,
-    pub errors: u64,
-}
-
-/// What one subscriber got from one (publisher, kind).
-#[derive(Debug, Default)]
-pub struct Flow {
-    pub first_at: Option<Instant>,
-    pub total: u64,
-    /// Distinct packets sent inside the window.
-    pub window: u64,
-    pub duplicates: u64,
-    pub reordered: u64,
-    max_seq: Option<u32>,
-    seen: Vec<u64>,
-    pub latencies: Vec<Duration>,
-}
-
-impl Flow {
-    fn record(&mut self, seq: u32, at: Instant, in_window: bool, latency: Duration) {
-        self.first_at.get_or_insert(at);
-        self.total += 1;
-        let (word, bit) = ((seq / 64) as usize, seq % 64);
-        if self.seen.len() <= word {
-            self.seen.resize(word + 1, 0);
-        }
-        if self.seen[word] & (1 << bit) != 0 {
-            self.duplicates += 1;
-            return;
-        }
-        self.seen[word] |= 1 << bit;
-        if self.max_seq.is_some_and(|m| seq < m) {
-            self.reordered += 1;
-        }
-        self.max_seq = Some(self.max_seq.map_or(seq, |m| m.max(seq)));
-        if in_window {
-            self.window += 1;
-            self.latencies.push(latency);
-        }
-    }
-}
-
-pub fn kind_index(kind: Kind) -> usize {
-    match kind {
-        Kind::Audio => 0,
-        Kind::Video => 1,
-    }
-}
-
-pub const KIND_NAMES: [&str; 2] = ["audio", "video"];
 
 /// Everything one participant saw and did.
 #[derive(Debug)]
@@ -748,8 +625,10 @@ pub struct Outcome {
     pub bad: BTreeMap<&'static str, u64>,
     /// Connection states reported after `connected`, and Janus `hangup`s.
     pub later_states: Vec<String>,
-    /// Mix mode: the mixed stream received.
-    pub mixed: mix::Mixed,
+    /// Mix mode: the mixed stream received, by RTP header, from the window
+    /// start on (as `run` counts Switchboard's mix); and its first packet.
+    pub mixed: Option<RtpStats>,
+    pub mixed_first_at: Option<Instant>,
 }
 
 impl Outcome {
@@ -771,7 +650,8 @@ impl Outcome {
             tracks_added: 0,
             bad: BTreeMap::new(),
             later_states: Vec::new(),
-            mixed: mix::Mixed::default(),
+            mixed: None,
+            mixed_first_at: None,
         }
     }
 
@@ -781,118 +661,80 @@ impl Outcome {
         }
     }
 
+    #[allow(clippy::too_many_arguments)]
     fn absorb_rtp(
         &mut self,
         kind: Kind,
+        seq: u16,
+        timestamp: u32,
         data: &[u8],
         at: Instant,
         schedule: Option<&Schedule>,
         shared: &Shared,
     ) {
-        let stamp = match payload::parse(kind, data) {
+        let stamp = match read_stamp(kind, data) {
             Ok(s) => s,
             Err(bad) => {
-                let reason = match bad {
-                    payload::Bad::Short => "short",
-                    payload::Bad::Kind => "wrong-kind",
-                    payload::Bad::Filler => "damaged",
-                };
-                *self.bad.entry(reason).or_default() += 1;
+                *self.bad.entry(bad.as_str()).or_default() += 1;
                 return;
             }
         };
-        let sender = stamp.sender as usize;
-        let reason = if sender >= shared.total || stamp.seq > MAX_SEQ {
-            Some("unknown-sender")
-        } else if sender == self.index {
-            Some("own-packet")
-        } else if sender / shared.per_room != self.room {
-            Some("other-room")
-        } else {
-            None
-        };
-        if let Some(reason) = reason {
+        if let Some(reason) = check_sender(&stamp, self.index, shared.per_room, shared.total) {
             *self.bad.entry(reason).or_default() += 1;
             return;
         }
+        let sender = stamp.sender as usize;
         let sent_at = shared.base + Duration::from_nanos(stamp.sent_ns);
         let in_window = schedule.is_some_and(|s| s.in_window(stamp.sent_ns));
-        self.flows
+        let flow = self
+            .flows
             .entry((sender, kind_index(kind)))
-            .or_default()
-            .record(
-                stamp.seq,
-                at,
-                in_window,
-                at.saturating_duration_since(sent_at),
-            );
-    }
-}
-
-/// One stream a participant publishes.
-struct Publisher {
-    spec: StreamSpec,
-    seq: u32,
-    interval: Option<tokio::time::Interval>,
-}
-
-impl Publisher {
-    fn start(spec: StreamSpec, schedule: &Schedule) -> Publisher {
-        let phase = spec.period.mul_f64(rand::rng().random::<f64>());
-        let mut interval =
-            tokio::time::interval_at((schedule.warmup_start + phase).into(), spec.period);
-        interval.set_missed_tick_behavior(MissedTickBehavior::Skip);
-        Publisher {
-            spec,
-            seq: 0,
-            interval: Some(interval),
+            .or_insert_with(|| Flow::new(kind));
+        flow.stamp.record(
+            stamp.seq,
+            at,
+            in_window,
+            at.saturating_duration_since(sent_at),
+        );
+        // By the stamp's send time, as `run` does.
+        if in_window {
+            flow.rtp.record(seq, timestamp, data.len(), at);
         }
     }
 
-    fn send(&mut self, peer: &Peer, out: &mut Outcome, schedule: &Schedule, base: Instant) {
-        let now = Instant::now();
-        if now >= schedule.t1 {
-            self.interval = None;
-            return;
-        }
-        let kind = self.spec.kind;
-        let stamp = payload::Stamp {
-            sender: out.index as u32,
-            seq: self.seq,
-            sent_ns: ns_since(base, now),
-        };
-        let data = payload::build(kind, stamp, self.spec.payload);
-        let (marker, timestamp) = match kind {
-            Kind::Audio => (false, self.seq.wrapping_mul(960)),
-            Kind::Video => {
-                let ticks = now
-                    .saturating_duration_since(schedule.warmup_start)
-                    .as_micros()
-                    * 9
-                    / 100;
-                (true, ticks as u32)
-            }
-        };
-        self.seq += 1;
-        let sent = &mut out.sent[kind_index(kind)];
-        match peer.send_rtp(kind, data, marker, timestamp) {
-            Ok(()) => {
-                sent.total += 1;
-                if schedule.in_window(stamp.sent_ns) {
-                    sent.window += 1;
-                }
-            }
-            Err(_) => sent.errors += 1,
+    /// Mix mode: a packet of the mixed stream (no stamp survives mixing).
+    fn absorb_mixed(
+        &mut self,
+        seq: u16,
+        timestamp: u32,
+        len: usize,
+        at: Instant,
+        schedule: Option<&Schedule>,
+    ) {
+        self.mixed_first_at.get_or_insert(at);
+        if schedule.is_some_and(|s| at >= s.t0) {
+            self.mixed
+                .get_or_insert_with(|| RtpStats::new(crate::media::OPUS_CLOCK))
+                .record(seq, timestamp, len, at);
         }
     }
 }
 
-async fn tick(p: &mut Option<Publisher>) {
-    match p.as_mut().and_then(|p| p.interval.as_mut()) {
-        Some(iv) => {
-            iv.tick().await;
-        }
-        None => std::future::pending().await,
+/// Sends the next frame of `p` (or stops it at the end of the window).
+fn send(p: &mut Publisher, peer: &Peer, out: &mut Outcome, schedule: &Schedule, shared: &Shared) {
+    let Some(frame) = p.next_frame(&shared.plan, out.index, shared.base, schedule.t1) else {
+        return;
+    };
+    let in_window = schedule.in_window(frame.sent_ns);
+    let sent = &mut out.sent[kind_index(p.kind)];
+    sent.errors += frame.errors;
+    sent.frame(in_window, frame.keyframe);
+    for (payload, marker) in frame.packets {
+        let len = payload.len();
+        let ok = peer
+            .send_rtp(p.kind, payload, marker, frame.timestamp)
+            .is_ok();
+        sent.packet(ok, in_window, len);
     }
 }
 
@@ -996,7 +838,7 @@ async fn publish(
     if out.feed.is_none() {
         return Err(format!("join: no feed id in {joined}"));
     }
-    let kinds: Vec<Kind> = shared.streams.iter().map(|s| s.kind).collect();
+    let kinds: Vec<Kind> = shared.plan.kinds();
     let mut peer = Peer::start(shared.bind, &kinds, &out.name)
         .await
         .map_err(|e| format!("publisher PeerConnection: {e}"))?;
@@ -1180,34 +1022,17 @@ async fn participant(
         }
     };
     out.published = true;
-    let mut audio = None;
-    let mut video = None;
-    let mut tone_sender = None;
-    if let Some(s) = schedule
-        .as_ref()
-        .filter(|_| out.publishes && shared.mode == AudioMode::Mix)
-    {
-        tone_sender = Some(mix::Sender::start(s));
-    }
-    if let Some(s) = schedule
-        .as_ref()
-        .filter(|_| out.publishes && shared.mode == AudioMode::Forward)
-    {
-        for spec in &shared.streams {
-            let p = Some(Publisher::start(*spec, s));
-            match spec.kind {
-                Kind::Audio => audio = p,
-                Kind::Video => video = p,
-            }
-        }
-    }
-    let base = shared.base;
+    // The same publishers in both modes (mix mode: audio only).
+    let [mut audio, mut video] = match schedule.as_ref().filter(|_| out.publishes) {
+        Some(s) => Publisher::all(&shared.plan, s.warmup_start),
+        None => [None, None],
+    };
     loop {
         let end = schedule.map(|s| s.end);
         tokio::select! {
             ev = peer_event(&mut sub_peer) => match ev {
-                Some(PeerEvent::Rtp { kind, payload, at, .. }) => {
-                    out.absorb_rtp(kind, &payload, at, schedule.as_ref(), &shared);
+                Some(PeerEvent::Rtp { kind, seq, timestamp, payload, at }) => {
+                    out.absorb_rtp(kind, seq, timestamp, &payload, at, schedule.as_ref(), &shared);
                 }
                 Some(PeerEvent::Track) => out.tracks_added += 1,
                 Some(PeerEvent::State(s)) => out.later_states.push(format!("subscriber {s}")),
@@ -1218,10 +1043,9 @@ async fn participant(
             },
             ev = peer_event(&mut pub_peer) => match ev {
                 Some(PeerEvent::State(s)) => out.later_states.push(format!("publisher {s}")),
-                Some(PeerEvent::Rtp { seq, at, .. }) => {
+                Some(PeerEvent::Rtp { seq, timestamp, payload, at, .. }) => {
                     // Mix mode: the mix comes back on the publishing connection.
-                    let in_window = schedule.as_ref().is_some_and(|s| (s.t0..s.t1).contains(&at));
-                    out.mixed.record(seq, at, in_window);
+                    out.absorb_mixed(seq, timestamp, payload.len(), at, schedule.as_ref());
                 }
                 Some(PeerEvent::Track) => out.tracks_added += 1,
                 None => {
@@ -1246,17 +1070,12 @@ async fn participant(
             }
             () = tick(&mut audio) => {
                 if let (Some(p), Some(s), Some(peer)) = (audio.as_mut(), schedule.as_ref(), pub_peer.as_ref()) {
-                    p.send(peer, &mut out, s, base);
-                }
-            }
-            () = mix::tick(&mut tone_sender) => {
-                if let (Some(t), Some(s), Some(peer)) = (tone_sender.as_mut(), schedule.as_ref(), pub_peer.as_ref()) {
-                    t.send(peer, &shared.tone, &mut out, s);
+                    send(p, peer, &mut out, s, &shared);
                 }
             }
             () = tick(&mut video) => {
                 if let (Some(p), Some(s), Some(peer)) = (video.as_mut(), schedule.as_ref(), pub_peer.as_ref()) {
-                    p.send(peer, &mut out, s, base);
+                    send(p, peer, &mut out, s, &shared);
                 }
             }
             () = sleep_until_opt(end) => break,
@@ -1288,11 +1107,22 @@ mod tests {
     }
 
     #[test]
-    fn same_streams_as_the_sfu_load() {
-        let s = streams(&args(&[])).expect("streams");
-        assert_eq!(s.len(), 2);
-        assert_eq!(s[0].period, Duration::from_millis(20));
-        assert!((s[1].packets_per_second() - 500_000.0 / 8800.0).abs() < 0.01);
+    fn same_load_as_run() {
+        // The defaults that shape the load are `run`'s.
+        #[derive(Parser)]
+        struct RunWrap {
+            #[command(flatten)]
+            args: crate::run::RunArgs,
+        }
+        let r = RunWrap::try_parse_from(["x", "--audio"])
+            .expect("parses")
+            .args;
+        let j = args(&["--audio"]);
+        assert_eq!(
+            (j.video_kbps, j.audio, j.duration, j.warmup, j.drain),
+            (r.video_kbps, r.audio, r.duration, r.warmup, r.drain)
+        );
+        assert_eq!((j.rooms, j.participants), (r.rooms, r.participants));
     }
 
     #[test]
@@ -1315,21 +1145,18 @@ mod tests {
             "--video-kbps",
             "0",
         ]);
+        assert!(validate(&mix).is_err(), "mix without --audio");
+        let mix = args(&[
+            "--url",
+            "ws://127.0.0.1:1",
+            "--audio-mode",
+            "mix",
+            "--audio",
+            "--video-kbps",
+            "0",
+        ]);
         assert!(validate(&mix).is_ok());
         assert!(validate(&args(&["--url", "ws://127.0.0.1:1", "--timeout", "10s"])).is_err());
-    }
-
-    #[test]
-    fn flow_counts_duplicates_reorders_and_window() {
-        let mut f = Flow::default();
-        let t = Instant::now();
-        let ms = Duration::from_millis;
-        f.record(0, t, false, ms(1));
-        f.record(2, t, true, ms(2));
-        f.record(1, t, true, ms(3));
-        f.record(2, t, true, ms(4));
-        assert_eq!((f.total, f.window, f.duplicates, f.reordered), (4, 2, 1, 1));
-        assert_eq!(f.latencies, vec![ms(2), ms(3)]);
     }
 
     #[tokio::test]

@@ -3,16 +3,31 @@
 //! Subcommands:
 //! - `signaling`: many WebSocket clients join rooms and ping; reports
 //!   join and ping latency and what the connections cost the server.
-//! - `sfu`: rooms of real WebRTC clients publish paced audio and video
-//!   through the SFU; reports loss, end-to-end latency, and the server's CPU
-//!   per forwarded packet, forwarding latency and RSS per participant.
+//! - `run` (alias `sfu`): rooms of real WebRTC clients publish real VP8 and
+//!   Opus through the SFU and subscribe to each other; reports per
+//!   subscriber packets, bytes, loss, jitter, end-to-end latency and
+//!   join → first packet, and the server's CPU per forwarded packet and RSS
+//!   per participant, with a live progress bar, JSON and an SVG plot.
+//!
+//! The building blocks are plain modules an adapter for another server can
+//! reuse: [`media`] (VP8 clip, RFC 7741 packetizer, Opus tone), [`stamp`]
+//! (sender/sequence/send time inside the payload), [`rxstats`] (RTP loss,
+//! jitter, latency per track), [`sampler`] (server CPU/RSS and a `/metrics`
+//! counter once a second), [`plot`] and [`progress`].
 
 mod compare;
 mod janus;
+mod media;
+mod plot;
 mod proc;
+mod progress;
+mod publish;
+mod run;
+mod rxstats;
+mod sampler;
 mod scrape;
-mod sfu;
 mod signaling;
+mod stamp;
 mod stats;
 
 use std::process::ExitCode;
@@ -33,14 +48,17 @@ enum Command {
     /// join (mode sfu), ping, leave; report latency percentiles and the
     /// server's RSS and CPU.
     Signaling(signaling::SignalingArgs),
-    /// SFU forwarding benchmark: rooms x participants WebRTC clients publish
-    /// paced audio and video; report loss, end-to-end latency, and the
-    /// server's CPU per forwarded packet, forwarding latency and RSS.
-    Sfu(sfu::SfuArgs),
-    /// The `sfu` load against Janus VideoRoom (run it inside Janus's network
-    /// namespace: loadtest/janus/run.sh).
+    /// Media load: rooms x participants WebRTC clients publish real VP8 (and
+    /// Opus with --audio) through the SFU and subscribe to each other; report
+    /// loss, jitter, end-to-end latency, and the server's CPU per forwarded
+    /// packet and RSS per participant.
+    #[command(alias = "sfu")]
+    Run(run::RunArgs),
+    /// The `run` load against Janus VideoRoom, or AudioBridge with
+    /// `--audio-mode mix` (run it inside Janus's network namespace:
+    /// loadtest/janus/run.sh).
     Janus(janus::JanusArgs),
-    /// Switchboard and Janus VideoRoom in turn under the same load, in a
+    /// Switchboard (`run`) and Janus in turn under the same load, in a
     /// network namespace it creates (root); prints the ratio table.
     Compare(compare::CompareArgs),
 }
@@ -49,7 +67,7 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
         Command::Signaling(args) => signaling::main(&args),
-        Command::Sfu(args) => sfu::main(&args),
+        Command::Run(args) => run::main(&args),
         Command::Janus(args) => janus::main(&args),
         Command::Compare(args) => compare::main(&args),
     }
@@ -70,9 +88,13 @@ pub fn runtime(threads: usize) -> std::io::Result<tokio::runtime::Runtime> {
     }
 }
 
-/// Parses a duration with a unit: `250us`, `100ms`, `1.5s`, `2m`.
+/// Parses a duration: humantime (`30s`, `1m 30s`, `500ms`, `2min`), or a
+/// decimal number with one unit (`1.5s`, `250us`, `2m`).
 pub fn parse_duration(s: &str) -> Result<Duration, String> {
     let s = s.trim();
+    if let Ok(d) = humantime::parse_duration(s) {
+        return Ok(d);
+    }
     let split = s
         .find(|c: char| !(c.is_ascii_digit() || c == '.'))
         .ok_or_else(|| format!("{s:?} has no unit (use us, ms, s or m)"))?;
@@ -103,8 +125,11 @@ mod tests {
         assert_eq!(parse_duration("0s"), Ok(Duration::ZERO));
         assert!(parse_duration("100").is_err());
         assert!(parse_duration("ms").is_err());
-        assert!(parse_duration("5h").is_err());
+        assert_eq!(parse_duration("5h"), Ok(Duration::from_secs(5 * 3600)));
+        assert!(parse_duration("5 parsecs").is_err());
         assert!(parse_duration("-1s").is_err());
+        assert_eq!(parse_duration("1m 30s"), Ok(Duration::from_secs(90)));
+        assert_eq!(parse_duration("30sec"), Ok(Duration::from_secs(30)));
     }
 
     #[test]
@@ -133,7 +158,7 @@ mod tests {
         assert_eq!(a.timeout, Duration::from_secs(120));
         let cli = Cli::try_parse_from([
             "loadtest",
-            "sfu",
+            "run",
             "--rooms",
             "2",
             "--participants",
@@ -144,12 +169,35 @@ mod tests {
             "1",
         ])
         .expect("parses");
-        let Command::Sfu(a) = cli.command else {
-            panic!("not sfu");
+        let Command::Run(a) = cli.command else {
+            panic!("not run");
         };
         assert_eq!((a.rooms, a.participants), (2, 3));
         assert_eq!(a.duration, Duration::from_secs(5));
         assert_eq!(a.video_kbps, 500);
         assert_eq!(a.server_pid, Some(1));
+        assert!(!a.audio);
+        assert_eq!(a.audio_mode, run::AudioModeArg::Forward);
+        assert_eq!(a.publishers(), 3);
+        // The old name still works, with the new options.
+        let cli = Cli::try_parse_from([
+            "loadtest",
+            "sfu",
+            "--audio",
+            "--audio-mode",
+            "mix",
+            "--publishers",
+            "2",
+            "--duration",
+            "1m 30s",
+        ])
+        .expect("parses");
+        let Command::Run(a) = cli.command else {
+            panic!("alias");
+        };
+        assert!(a.audio);
+        assert_eq!(a.audio_mode, run::AudioModeArg::Mix);
+        assert_eq!(a.publishers(), 2);
+        assert_eq!(a.duration, Duration::from_secs(90));
     }
 }

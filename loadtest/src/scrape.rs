@@ -131,6 +131,21 @@ pub fn delta(earlier: &Samples, later: &Samples, series: &str) -> Option<f64> {
     Some(b - earlier.get(series).copied().unwrap_or(0.0))
 }
 
+/// The sum of every series of metric `name` (any labels); `None` if the
+/// scrape has none.
+pub fn sum(samples: &Samples, name: &str) -> Option<f64> {
+    let mut found = false;
+    let total = samples
+        .iter()
+        .filter(|(k, _)| k.split('{').next() == Some(name))
+        .map(|(_, v)| {
+            found = true;
+            *v
+        })
+        .sum();
+    found.then_some(total)
+}
+
 /// Deltas of every series starting with `prefix` and ending in `_total`
 /// that changed between the scrapes.
 pub fn counter_deltas(earlier: &Samples, later: &Samples, prefix: &str) -> BTreeMap<String, f64> {

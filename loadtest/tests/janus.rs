@@ -83,6 +83,7 @@ fn a_small_videoroom_load_is_delivered() {
         "janus",
         "--url",
         "ws://10.77.0.1:8188",
+        "--audio",
         "--rooms",
         "1",
         "--participants",
@@ -112,6 +113,13 @@ fn a_small_videoroom_load_is_delivered() {
             .expect("JSON report parses");
     assert_eq!(report["participants"]["connected"], 3, "{stdout}");
     assert_eq!(report["server_version"], "1.1.2");
+    // The media of `loadtest run`: the committed VP8 clip and the Opus tone.
+    assert_eq!(
+        report["media_source"]["video"]["clip"],
+        "loadtest/media/clip.ivf"
+    );
+    assert!(report["media_source"]["audio"].is_object());
+    assert_eq!(report["bad_payloads"], serde_json::json!({}), "{stdout}");
     let media = report["media"].as_array().expect("media");
     assert_eq!(media.len(), 2, "audio and video");
     for m in media {
@@ -125,6 +133,7 @@ fn a_small_videoroom_load_is_delivered() {
         let loss = 100.0 * expected.saturating_sub(received) as f64 / expected as f64;
         assert!(loss < 5.0, "{}: {loss:.2} % lost\n{stdout}", m["kind"]);
         assert!(m["latency"]["count"].as_u64() > Some(0));
+        assert!(m["jitter_ms_mean"].is_number(), "{m}");
     }
     let server = &report["server"];
     assert_eq!(server["name"], "janus");
@@ -144,6 +153,7 @@ fn a_small_audiobridge_load_gets_the_mix_back() {
         "janus",
         "--audio-mode",
         "mix",
+        "--audio",
         "--video-kbps",
         "0",
         "--rooms",
@@ -186,6 +196,7 @@ fn a_small_audiobridge_load_gets_the_mix_back() {
     assert!(received > 0, "no mix received\n{stdout}");
     let loss = 100.0 * expected.saturating_sub(received) as f64 / expected as f64;
     assert!(loss < 5.0, "{loss:.2} % of the mix lost\n{stdout}");
+    assert!(media[0]["jitter_ms_mean"].is_number(), "{}", media[0]);
     for sub in report["subscribers"].as_array().expect("subscribers") {
         assert!(sub["received"].as_u64() > Some(0), "{sub}");
     }

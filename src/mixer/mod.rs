@@ -42,11 +42,13 @@ pub mod jitter;
 pub mod level;
 pub mod mix;
 pub mod select;
+pub mod speakers;
 
 pub use jitter::{Frame, JitterBuffer, JitterStats, Push};
 pub use level::{AudioLevel, LevelError, LevelMeter};
 pub use mix::{Accumulator, Pcm, FRAME_SAMPLES, SAMPLE_RATE};
 pub use select::{Plan, SelectConfig, Selector};
+pub use speakers::SpeakerTracker;
 
 /// The largest encoded packet the mixer produces.
 pub const MAX_PACKET: usize = 1500;
@@ -96,6 +98,10 @@ pub struct MixerConfig {
     pub bitrate: Option<i32>,
     /// `speakers_changed` is raised at most this often.
     pub speakers_interval: Duration,
+    /// libopus encoder complexity, 0–10. Most of a mixer's CPU is encoding
+    /// (SILK's noise-shaping quantizer at high complexity): see
+    /// docs/benchmarks.md for what each step costs.
+    pub complexity: i32,
 }
 
 impl Default for MixerConfig {
@@ -109,6 +115,7 @@ impl Default for MixerConfig {
             expected_loss_percent: 10,
             bitrate: None,
             speakers_interval: Duration::from_millis(200),
+            complexity: 10,
         }
     }
 }
@@ -246,7 +253,8 @@ impl SpeakerNotifier {
         }
     }
 
-    /// `current` must be sorted. True when a change is to be reported now.
+    /// `current` is the list as it would be reported (loudest first). True
+    /// when a change is to be reported now.
     pub fn update(&mut self, current: &[InputId], now: Instant) -> bool {
         if current == self.reported.as_slice() {
             return false;
@@ -277,10 +285,13 @@ struct Input {
     started: bool,
     muted: bool,
     was_selected: bool,
+    /// This listener negotiated Opus in-band FEC (`useinbandfec=1`).
+    fec: bool,
 }
 
 fn new_encoder(config: &MixerConfig) -> Result<Encoder, MixerError> {
     let mut enc = Encoder::new(SAMPLE_RATE, Channels::Mono, Application::Voip)?;
+    enc.set_complexity(config.complexity.clamp(0, 10))?;
     enc.set_inband_fec(config.fec)?;
     if config.fec {
         enc.set_packet_loss_perc(config.expected_loss_percent)?;
@@ -289,6 +300,12 @@ fn new_encoder(config: &MixerConfig) -> Result<Encoder, MixerError> {
         enc.set_bitrate(Bitrate::Bits(bits))?;
     }
     Ok(enc)
+}
+
+fn configure_fec(enc: &mut Encoder, fec: bool, loss_percent: i32) -> Result<(), MixerError> {
+    enc.set_inband_fec(fec)?;
+    enc.set_packet_loss_perc(if fec { loss_percent } else { 0 })?;
+    Ok(())
 }
 
 fn encode(enc: &mut Encoder, pcm: &Pcm, out: &mut Encoded, stats: &mut MixerStats) -> bool {
@@ -383,6 +400,7 @@ impl RoomMixer {
             started: false,
             muted: false,
             was_selected: false,
+            fec: self.config.fec,
         };
         let slot = match self.slots.iter().position(Option::is_none) {
             Some(free) => {
@@ -416,6 +434,21 @@ impl RoomMixer {
         if muted {
             input.meter.reset();
         }
+        Ok(())
+    }
+
+    /// Turns Opus in-band FEC on or off in what `id` hears: its own
+    /// encoder, and the shared encoder, which carries FEC while any
+    /// listener asked for it (decoders that did not ask ignore it).
+    pub fn set_fec(&mut self, id: InputId, fec: bool) -> Result<(), MixerError> {
+        let loss = self.config.expected_loss_percent;
+        let input = self.input_mut(id)?;
+        if input.fec != fec {
+            input.fec = fec;
+            configure_fec(&mut input.encoder, fec, loss)?;
+        }
+        let any = self.slots.iter().flatten().any(|i| i.fec);
+        configure_fec(&mut self.shared_encoder, any, loss)?;
         Ok(())
     }
 
@@ -586,8 +619,8 @@ impl RoomMixer {
             }
         }
 
-        // 6. Speaker events, rate-limited.
-        self.speaker_ids.sort_unstable();
+        // 6. Speaker events, rate-limited. The protocol reports the ordered
+        // list (loudest first), so a new order is a change too.
         out.speakers_changed = self.notifier.update(&self.speaker_ids, now);
         &self.out
     }
@@ -956,5 +989,36 @@ mod tests {
         assert_eq!(out.encodes(), 1);
         assert!(out.shared().is_some_and(|p| !p.is_empty()));
         assert!(format!("{mixer:?}").contains("RoomMixer"));
+    }
+
+    #[test]
+    fn fec_follows_what_listeners_negotiated() {
+        let mut mixer = RoomMixer::new(MixerConfig::default()).unwrap();
+        let (a, b) = (InputId(1), InputId(2));
+        mixer.add_input(a).unwrap();
+        mixer.add_input(b).unwrap();
+        assert!(!mixer.shared_encoder.get_inband_fec().unwrap());
+        mixer.set_fec(a, true).unwrap();
+        let slot = mixer.by_id[&a];
+        assert!(mixer.slots[slot]
+            .as_mut()
+            .unwrap()
+            .encoder
+            .get_inband_fec()
+            .unwrap());
+        assert!(
+            mixer.shared_encoder.get_inband_fec().unwrap(),
+            "a listener on the shared mix asked for FEC"
+        );
+        mixer.remove_input(a).unwrap();
+        mixer.set_fec(b, false).unwrap();
+        assert!(
+            !mixer.shared_encoder.get_inband_fec().unwrap(),
+            "nobody asks for FEC any more"
+        );
+        assert!(matches!(
+            mixer.set_fec(a, true),
+            Err(MixerError::UnknownInput(_))
+        ));
     }
 }

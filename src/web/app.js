@@ -28,6 +28,12 @@
   const CHAT_MAX_MESSAGES = 500;
   const SFU = 'sfu'; // the server's reserved participant id
   const MIX = 'mix'; // stream id of the mixed audio in `audio: "mix"` rooms
+  // Make-before-break: how long P2P media stays on screen at most while the
+  // server connection has not delivered a frame of that participant yet.
+  const SWITCH_MAX_WAIT_MS = 10000;
+  const SWITCH_POLL_MS = 100;
+  const TIMING_SAMPLE_MS = 50; // frame sampling for window.sb timings (?timings=1)
+  const TIMING_MAX_FRAMES = 4000; // frame-advance timestamps kept per remote
 
   // Everything the client knows. `phase`: lobby | joining | in-room | reconnecting | leaving.
   const S = {
@@ -41,11 +47,21 @@
     names: new Map(), // id -> display name of everyone seen, for chat history
     sfu: null, // the server connection (see openSfu)
     mixAudio: null, // <audio> playing the server's mix
+    speakers: [], // the last `speakers`: [{ id, level }], loudest first
+    speakerEvents: 0,
     chatUnread: 0, chatOpen: null,
     localStream: null,
     pingTimer: null, pingSeq: 0, lastPong: 0,
     reconnectAttempts: 0, reconnectTimer: null,
     leavedWaiter: null,
+    // Warm standby: open the server connection during P2P calls too (carries
+    // no media until the room goes sfu; makes the switch near-instant and
+    // tells us whether the server's media port is reachable). `?standby=0` turns it off.
+    standby: true,
+    serverReach: 'unknown', // unknown | checking | reachable | unreachable
+    reachTimer: null,
+    // Timings for tests (`?timings=1`): epoch ms.
+    timing: null,
   };
 
   // ---------------------------------------------------------------- notices
@@ -114,6 +130,10 @@
       delete b.dataset.state;
       b.textContent = mode === 'p2p' ? 'P2P' : '';
       b.title = 'Media flows directly between participants';
+      if (mode === 'p2p' && S.serverReach === 'unreachable') {
+        b.dataset.state = 'failed';
+        b.title += ' (the server is unreachable: a switch to it would fail)';
+      }
     }
   }
 
@@ -372,9 +392,25 @@
       case 'mode': return onModeChange(msg);
       case 'error': return onError(msg);
       case 'pong': S.lastPong = Date.now(); return undefined;
-      case 'speakers': return undefined; // SFU rooms; used by a later version
+      case 'speakers': return onSpeakers(msg);
       default: return undefined; // unknown types are ignored
     }
+  }
+
+  // Highlights the tiles of whoever the server says is speaking now.
+  function onSpeakers(msg) {
+    const list = Array.isArray(msg.speakers) ? msg.speakers : [];
+    S.speakers = list
+      .filter((x) => x && typeof x.id === 'string')
+      .map((x) => ({ id: x.id, level: Math.min(1, Math.max(0, Number(x.level) || 0)) }));
+    S.speakerEvents += 1;
+    const loudness = new Map(S.speakers.map((x) => [x.id, x.level]));
+    const mark = (tile, id) => {
+      tile.classList.toggle('speaking', loudness.has(id));
+      tile.classList.toggle('loudest', S.speakers.length > 0 && S.speakers[0].id === id);
+    };
+    for (const peer of S.peers.values()) mark(peer.tile, peer.id);
+    mark(ui.localTile, S.id);
   }
 
   function onJoined(msg) {
@@ -399,7 +435,9 @@
     for (const p of Array.isArray(msg.peers) ? msg.peers : []) {
       if (p && typeof p.id === 'string') addPeer(p.id, p.name, { polite: true });
     }
+    if (S.timing) { S.timing.joinedAt = Date.now(); S.timing.p2pFailedAt = null; S.timing.modeAt = null; }
     if (S.mode === 'sfu') connectToSfu();
+    else if (S.standby && !S.sfu) openSfu();
     updateLayout();
   }
 
@@ -426,12 +464,27 @@
   function onModeChange(msg) {
     const before = S.mode;
     setMode(msg.mode);
+    if (S.timing) {
+      S.timing.modeAt = Date.now();
+      S.timing.modeReason = msg.reason || null;
+      if (msg.reason === 'p2p-failed' && !S.timing.p2pFailedAt) S.timing.p2pFailedAt = S.timing.modeAt;
+    }
     if (msg.mode === 'sfu' && before !== 'sfu') {
       connectToSfu(msg.reason);
     } else if (msg.mode === 'p2p' && before === 'sfu') {
-      // Back to two people. Switching back to P2P media is not done yet: the
-      // server connection stays up.
+      // Back to two people (the server's --p2p-return-ms): call the other one
+      // directly again. The server stops forwarding at once; its connection
+      // stays as the warm standby, and the tile takes the direct media when
+      // its tracks arrive.
       clearNotice('sfu');
+      notice('sfu', 'info', 'Only two of you now, so the call goes direct again.');
+      for (const peer of S.peers.values()) {
+        if (peer.pc) continue;
+        startP2p(peer);
+        // The lower id offers: both sides agree without knowing who came first.
+        if (S.id < peer.id) startCall(peer);
+      }
+      watchServerReach();
     }
     updateLayout();
   }
@@ -477,21 +530,28 @@
     };
     if (name || !S.names.has(id)) S.names.set(id, name);
     S.peers.set(id, peer);
-    if (S.mode !== 'sfu') {
-      peer.pc = createPc(peer);
-      peer.p2pTimer = setTimeout(() => {
-        if (peer.pc && peer.pc.connectionState !== 'connected') reportP2pFailed(peer);
-      }, S.p2pTimeoutMs);
-    }
+    if (S.timing) S.timing.peers.set(id, newPeerTiming());
+    if (S.mode !== 'sfu') startP2p(peer);
     updatePeerState(peer);
     updateLayout();
     return peer;
+  }
+
+  // The direct connection, with its deadline: `p2pTimeoutMs` from now to
+  // reach `connected`, else `p2p-failed` (browsers alone take 20-30 s).
+  function startP2p(peer) {
+    peer.reportedFailed = false;
+    peer.pc = createPc(peer);
+    peer.p2pTimer = setTimeout(() => {
+      if (peer.pc && peer.pc.connectionState !== 'connected') reportP2pFailed(peer);
+    }, S.p2pTimeoutMs);
   }
 
   function removePeer(id) {
     const peer = S.peers.get(id);
     if (!peer) return;
     S.peers.delete(id);
+    clearTimeout(peer.switchTimer);
     closePeerPc(peer);
     peer.sfuStream = null;
     peer.tile.remove();
@@ -635,22 +695,115 @@
     if (S.mode !== 'p2p' || peer.reportedFailed || !S.room) return;
     peer.reportedFailed = true;
     send({ type: 'p2p-failed', room: S.room, peer: peer.id });
+    if (S.timing && !S.timing.p2pFailedAt) S.timing.p2pFailedAt = Date.now();
     notice(`peer-${peer.id}`, 'info', `The direct connection to ${peer.name || 'a participant'} did not work out; asking the server to carry the call.`);
   }
 
   // ---------------------------------------------------------------- server connection (SFU)
 
-  // The room now goes via the server: drop the direct connections and open
-  // the one connection to the server's peer "sfu".
+  // The room now goes via the server: open the one connection to the
+  // server's peer "sfu" (or use the warm standby, already open). Make before
+  // break: a direct connection that works keeps its media on screen until the
+  // server delivers that participant (see setPeerMedia); one that does not
+  // goes at once.
   function connectToSfu(reason) {
     const why = reason === 'third-participant' ? 'A third person joined, so the call now goes via the server.'
       : reason === 'p2p-failed' ? 'A direct connection failed, so the call now goes via the server.'
         : '';
     if (why) notice('sfu', 'info', why);
-    // A later version switches make-before-break; for now: close, then connect.
-    for (const peer of S.peers.values()) closePeerPc(peer);
+    stopServerReachWatch();
+    clearNotice('server-reach');
+    for (const peer of S.peers.values()) {
+      if (peer.pc && peer.pc.connectionState !== 'connected') closePeerPc(peer);
+      else if (peer.pc) armSwitch(peer);
+    }
     if (!S.sfu) openSfu();
+    else if (S.sfu.pc.connectionState === 'failed') {
+      // The standby never got through (we warned during the P2P call).
+      notice('sfu-conn', 'error', 'The media connection to the server failed. Leave and join again to retry.');
+    }
     for (const peer of S.peers.values()) updatePeerState(peer);
+  }
+
+  // Closes `peer`'s direct connection once the server has delivered a video
+  // frame of it (audio packets when it sends no video), or after
+  // SWITCH_MAX_WAIT_MS at the latest. Polls getStats; bounded.
+  function armSwitch(peer) {
+    if (peer.switchTimer) return;
+    peer.switchedBy = null;
+    const started = Date.now();
+    // What the server connection has already decoded of this participant
+    // counts for nothing: after a return to p2p its old tracks still hold
+    // frames from the earlier sfu period.
+    const counts = async () => {
+      if (!S.sfu) return { video: 0, audio: 0, hasVideo: false };
+      const mine = (x) => x.peer === peer.id;
+      const video = (await inbound(S.sfu.pc, 'video', sfuOwner).catch(() => [])).filter(mine);
+      const audio = (await inbound(S.sfu.pc, 'audio', sfuOwner).catch(() => [])).filter(mine);
+      return {
+        video: video.reduce((n, x) => n + x.framesDecoded, 0),
+        audio: audio.reduce((n, x) => n + x.packetsReceived, 0),
+        hasVideo: video.length > 0,
+      };
+    };
+    const baseline = counts();
+    const tick = async () => {
+      peer.switchTimer = null;
+      if (S.peers.get(peer.id) !== peer || !peer.pc) return;
+      if (S.mode !== 'sfu') return;
+      const base = await baseline;
+      const now = await counts();
+      const delivered = now.hasVideo ? now.video > base.video : now.audio > base.audio;
+      if (S.peers.get(peer.id) !== peer || !peer.pc || S.mode !== 'sfu') return;
+      const down = peer.pc.connectionState !== 'connected';
+      if (delivered || down || Date.now() - started > SWITCH_MAX_WAIT_MS) {
+        peer.switchedBy = delivered ? 'server-delivered' : down ? 'p2p-down' : 'timeout';
+        closePeerPc(peer);
+        if (peer.sfuStream) attachRemote(peer, peer.sfuStream);
+        return;
+      }
+      peer.switchTimer = setTimeout(tick, SWITCH_POLL_MS);
+    };
+    peer.switchTimer = setTimeout(tick, SWITCH_POLL_MS);
+  }
+
+  // ---------------------------------------------------------------- server reachability (P2P)
+
+  // During a P2P call the warm standby connection tells whether the server's
+  // media port is reachable: it must reach `connected` within p2pTimeoutMs.
+  // If it does not, a third person joining (or the direct connection failing)
+  // would break the call, so say so now instead of silently breaking later.
+  function watchServerReach() {
+    stopServerReachWatch();
+    if (!S.sfu || S.mode !== 'p2p') { setServerReach('unknown'); return; }
+    const state = S.sfu.pc.connectionState;
+    if (state === 'connected') { setServerReach('reachable'); return; }
+    if (state === 'failed') { setServerReach('unreachable'); return; }
+    setServerReach('checking');
+    S.reachTimer = setTimeout(() => {
+      S.reachTimer = null;
+      if (S.mode === 'p2p' && S.serverReach === 'checking') setServerReach('unreachable');
+    }, Math.max(S.p2pTimeoutMs, 3000));
+  }
+
+  function stopServerReachWatch() {
+    if (S.reachTimer) clearTimeout(S.reachTimer);
+    S.reachTimer = null;
+  }
+
+  function setServerReach(state) {
+    const before = S.serverReach;
+    S.serverReach = state;
+    ui.modeBadge.dataset.serverReach = state;
+    if (state === 'unreachable' && S.mode === 'p2p') {
+      if (before !== 'unreachable') {
+        notice('server-reach', 'error', 'Warning: the server\'s media port cannot be reached from this network. '
+          + 'This direct call works, but it will break if a third person joins or the direct connection drops.', { sticky: true });
+      }
+    } else {
+      clearNotice('server-reach');
+    }
+    updateModeBadge();
   }
 
   function openSfu() {
@@ -704,6 +857,12 @@
       updateModeBadge();
       updateChatState();
       for (const peer of S.peers.values()) updatePeerState(peer);
+      if (S.mode === 'p2p') {
+        // Warm standby: its state is only the server's reachability.
+        if (state === 'connected') { stopServerReachWatch(); setServerReach('reachable'); }
+        else if (state === 'failed') { stopServerReachWatch(); setServerReach('unreachable'); }
+        return;
+      }
       if (state === 'connected') clearNotice('sfu-conn');
       else if (state === 'failed') {
         notice('sfu-conn', 'error', 'The media connection to the server failed. Leave and join again to retry.');
@@ -714,6 +873,7 @@
     updateModeBadge();
     updateChatState();
     updateChatVisibility();
+    if (S.mode === 'p2p') watchServerReach();
     // The client always offers first, even with nothing to send but `chat`.
     sfuStep(sfu, () => sfuOffer(sfu));
   }
@@ -842,14 +1002,17 @@
   function setPeerMedia(peer, tracks) {
     const current = peer.sfuStream ? peer.sfuStream.getTracks() : [];
     const same = current.length === tracks.length && tracks.every((t) => current.includes(t));
+    // While a direct connection still carries this participant (the switch
+    // to the server is under way, see armSwitch), its media stays on screen.
+    const direct = !!peer.pc && peer.pc.connectionState === 'connected';
     if (!same) {
       if (tracks.length) {
         // A fresh stream per change: every browser picks that up, not all notice addtrack.
         peer.sfuStream = new MediaStream(tracks);
-        attachRemote(peer, peer.sfuStream);
+        if (!direct) attachRemote(peer, peer.sfuStream);
       } else {
         peer.sfuStream = null;
-        peer.tile.querySelector('video').srcObject = null;
+        if (!direct) peer.tile.querySelector('video').srcObject = null;
       }
     }
     refreshTile(peer);
@@ -887,6 +1050,7 @@
     sfu.pc.onconnectionstatechange = null;
     if (sfu.chat) { sfu.chat.onopen = null; sfu.chat.onclose = null; sfu.chat.onmessage = null; }
     sfu.pc.close();
+    stopServerReachWatch();
     setMixAudio([]);
     for (const peer of S.peers.values()) {
       if (peer.sfuStream) setPeerMedia(peer, []);
@@ -1089,7 +1253,9 @@
       const tracks = peer.sfuStream ? peer.sfuStream.getTracks() : [];
       const has = (kind) => tracks.some((t) => t.kind === kind && t.readyState === 'live');
       state = tracks.length ? 'via-server' : 'no-media';
-      text = !tracks.length ? 'no media' : !has('audio') ? 'no audio' : !has('video') ? 'audio only' : '';
+      // In a mix room everyone's audio arrives in the one mixed track.
+      const noAudio = !has('audio') && S.audio !== MIX;
+      text = !tracks.length ? 'no media' : noAudio ? 'no audio' : !has('video') ? 'audio only' : '';
     } else {
       state = 'via-server';
       text = 'via server';
@@ -1148,6 +1314,8 @@
     stopLocalMedia();
     clearNotice('sfu');
     clearNotice('autoplay');
+    clearNotice('server-reach');
+    S.serverReach = 'unknown';
     S.id = null;
     S.gone.clear();
     S.names.clear();
@@ -1227,12 +1395,97 @@
     return out;
   }
 
+  // ---------------------------------------------------------------- timings (tests)
+
+  function newPeerTiming() {
+    return {
+      knownAt: Date.now(), firstP2pFrameAt: null, firstSfuFrameAt: null,
+      counts: { p2p: 0, sfu: 0 }, // framesDecoded at the last sample, per path
+      shown: [], // epoch ms of each sample where the frames on screen advanced
+    };
+  }
+
+  // Every TIMING_SAMPLE_MS: which path's frames are on each tile, and whether
+  // they advanced. Resolution is the sampling period.
+  async function sampleTimings() {
+    const t = S.timing;
+    if (!t || S.phase !== 'in-room') return;
+    const stats = await mediaStats('video').catch(() => []);
+    const now = Date.now();
+    for (const peer of S.peers.values()) {
+      let pt = t.peers.get(peer.id);
+      if (!pt) { pt = newPeerTiming(); t.peers.set(peer.id, pt); }
+      const sum = (via) => stats.filter((x) => x.peer === peer.id && x.via === via).reduce((n, x) => n + x.framesDecoded, 0);
+      const counts = { p2p: sum('p2p'), sfu: sum('sfu') };
+      if (counts.p2p > 0 && !pt.firstP2pFrameAt) pt.firstP2pFrameAt = now;
+      if (counts.sfu > 0 && !pt.firstSfuFrameAt) pt.firstSfuFrameAt = now;
+      const video = peer.tile.querySelector('video');
+      const via = peer.sfuStream && video.srcObject === peer.sfuStream ? 'sfu' : 'p2p';
+      if (video.srcObject && counts[via] > pt.counts[via]) {
+        pt.shown.push(now);
+        if (pt.shown.length > TIMING_MAX_FRAMES) pt.shown.shift();
+      }
+      pt.counts = counts;
+    }
+  }
+
+  function startTimings() {
+    if (S.timing) return;
+    S.timing = { joinedAt: null, p2pFailedAt: null, modeAt: null, modeReason: null, peers: new Map() };
+    const loop = () => sampleTimings().finally(() => setTimeout(loop, TIMING_SAMPLE_MS));
+    loop();
+  }
+
   window.sb = {
+    // Epoch-ms timings (needs `?timings=1`): joinedAt, p2pFailedAt (we sent
+    // p2p-failed, or heard `mode` p2p-failed), modeAt/modeReason (last
+    // `mode`), and per remote: knownAt, firstP2pFrameAt, firstSfuFrameAt,
+    // switchedBy (server-delivered | p2p-down | timeout: why make-before-break
+    // closed the direct connection).
+    timings() {
+      const t = S.timing;
+      if (!t) return null;
+      return {
+        joinedAt: t.joinedAt, p2pFailedAt: t.p2pFailedAt, modeAt: t.modeAt, modeReason: t.modeReason,
+        standby: S.standby, serverReach: S.serverReach,
+        peers: [...S.peers.values()].map((p) => {
+          const pt = t.peers.get(p.id) || newPeerTiming();
+          return {
+            id: p.id, name: p.name, knownAt: pt.knownAt, firstP2pFrameAt: pt.firstP2pFrameAt, firstSfuFrameAt: pt.firstSfuFrameAt,
+            // Why a working direct connection was closed on the switch to the server.
+            switchedBy: p.switchedBy || null,
+          };
+        }),
+      };
+    },
+    // Per remote: the longest time between two advances of the frames on its
+    // tile from `since` (epoch ms) until now, counting the wait after the last one.
+    longestFreeze(since) {
+      const t = S.timing;
+      if (!t) return null;
+      const now = Date.now();
+      return [...S.peers.values()].map((p) => {
+        const shown = (t.peers.get(p.id) || { shown: [] }).shown;
+        let prev = null;
+        let longest = 0;
+        let frames = 0;
+        for (const at of shown) {
+          if (at < since) { prev = at; continue; }
+          frames++;
+          if (prev !== null) longest = Math.max(longest, at - prev);
+          prev = at;
+        }
+        if (prev !== null) longest = Math.max(longest, now - prev);
+        return { id: p.id, name: p.name, longestFreezeMs: prev === null ? null : longest, frames };
+      });
+    },
     state() {
       const ws = S.ws ? ['connecting', 'open', 'closing', 'closed'][S.ws.readyState] : 'closed';
       const sfu = S.sfu;
       return {
         id: S.id, room: S.room, mode: S.mode, audio: S.audio, ws,
+        speakers: S.speakers.map((x) => x.id), speakerEvents: S.speakerEvents,
+        speaking: [...document.querySelectorAll('.tile.speaking')].map((t) => (t === ui.localTile ? S.id : t.dataset.peer)),
         peers: [...S.peers.values()].map((p) => ({
           id: p.id, name: p.name, connectionState: p.pc ? p.pc.connectionState : 'none',
           sfuTracks: p.sfuStream ? p.sfuStream.getTracks().map((t) => t.kind) : [],
@@ -1242,6 +1495,7 @@
           iceConnectionState: sfu.pc.iceConnectionState,
           signalingState: sfu.pc.signalingState,
           chat: sfu.chat ? sfu.chat.readyState : 'none',
+          serverReach: S.serverReach,
           remote: [...sfu.remote.entries()].map(([mid, r]) => ({
             mid, owner: r.owner, kind: r.kind, muted: r.track.muted,
           })),
@@ -1263,6 +1517,8 @@
   const urlAudio = params.get('audio');
   if (['auto', 'p2p', 'sfu'].includes(urlMode)) S.joinMode = urlMode;
   if (['mix', 'forward'].includes(urlAudio)) S.joinAudio = urlAudio;
+  if (params.get('standby') === '0') S.standby = false;
+  if (params.get('timings') === '1') startTimings();
   let savedName = '';
   try { savedName = localStorage.getItem('switchboard.name') || ''; } catch (_) { /* private mode */ }
   ui.room.value = urlRoom;

@@ -50,6 +50,7 @@ try:
     )
     from aiortc.mediastreams import MediaStreamError
     from aiortc.rtcrtpreceiver import RTCRtpReceiver
+    from aiortc.rtcrtpsender import RTCRtpSender
     from aiortc.sdp import candidate_from_sdp
     from websockets.asyncio.client import connect
 except ImportError as e:  # pragma: no cover - reported to the Rust test
@@ -235,7 +236,7 @@ class Peer:
         async with connect(args.url, open_timeout=10, close_timeout=2, max_size=None) as ws:
             self.ws = ws
             await self.send(
-                {"type": "join", "room": args.room, "name": args.name, "mode": "sfu", "audio": "forward"}
+                {"type": "join", "room": args.room, "name": args.name, "mode": "sfu", "audio": args.audio}
             )
             joined = json.loads(await asyncio.wait_for(ws.recv(), 10))
             if joined.get("type") != "joined":
@@ -250,8 +251,20 @@ class Peer:
             self.pc = RTCPeerConnection(RTCConfiguration(iceServers=[]))
             self.pc.on("track", self.on_track)
             self.pc.on("connectionstatechange", self.on_state)
-            self.pc.addTrack(SineTrack())
-            self.pc.addTrack(BarTrack())
+            self.pc.addTrack(SineTrack(args.freq))
+            if not args.no_video:
+                self.pc.addTrack(BarTrack())
+            if args.audio_codec != "opus":
+                # Publish with that codec only (a legacy or misconfigured peer).
+                want = f"audio/{args.audio_codec}".lower()
+                codecs = [
+                    c for c in RTCRtpSender.getCapabilities("audio").codecs if c.mimeType.lower() == want
+                ]
+                if not codecs:
+                    raise RuntimeError(f"aiortc has no {args.audio_codec} codec")
+                for t in self.pc.getTransceivers():
+                    if t.kind == "audio":
+                        t.setCodecPreferences(codecs)
             self.chat = self.pc.createDataChannel("chat")
             self.chat.on("open", self.chat_open.set)
             self.chat.on("message", self.on_chat)
@@ -422,6 +435,10 @@ async def main() -> int:
     ap.add_argument("--connect-timeout", type=float, default=20.0)
     ap.add_argument("--timeout", type=float, default=60.0, help="hard limit for the whole run")
     ap.add_argument("--chat", default="hello from aiortc")
+    ap.add_argument("--audio", choices=["forward", "mix"], default="forward", help="the room's audio, if this join creates it")
+    ap.add_argument("--audio-codec", choices=["opus", "PCMU", "PCMA"], default="opus", help="publish audio with only this codec")
+    ap.add_argument("--freq", type=float, default=440.0, help="frequency of the published tone, Hz")
+    ap.add_argument("--no-video", action="store_true", help="publish audio only")
     ap.add_argument("--verbose", action="store_true", help="aiortc/aioice debug logs")
     args = ap.parse_args()
 

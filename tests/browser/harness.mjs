@@ -41,9 +41,11 @@ export async function waitForHealth(base) {
 
 /// Debian's Chromium with exactly our flags: Playwright's own defaults are
 /// ignored; it only needs its debugging pipe and the profile directory.
-export function launchChromium(userDataDir, viewport) {
+/// `executable` replaces the browser binary (e.g. a wrapper that runs it in
+/// another network namespace).
+export function launchChromium(userDataDir, viewport, executable = CHROMIUM) {
   return chromium.launchPersistentContext(userDataDir, {
-    executablePath: CHROMIUM,
+    executablePath: executable,
     headless: true,
     ignoreDefaultArgs: true,
     args: [...FLAGS, `--user-data-dir=${userDataDir}`, '--remote-debugging-pipe', 'about:blank'],

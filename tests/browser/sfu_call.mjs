@@ -4,7 +4,12 @@
 // per participant labelled with the right name; a chat message from alice
 // must show up at bob and carol (and once at alice).
 //
-//   node sfu_call.mjs <baseUrl>        e.g. node sfu_call.mjs http://127.0.0.1:8080
+//   node sfu_call.mjs <baseUrl> [forward|mix]    e.g. node sfu_call.mjs http://127.0.0.1:8080 mix
+//
+// `forward` (default): each page gets one audio stream per other participant.
+// `mix`: the room mixes audio, so each page gets exactly ONE inbound audio
+// stream (stream id "mix") with packets flowing, and none per participant.
+// Both: tiles highlighted as speaking match the server's last `speakers`.
 //
 // Uses Debian's /usr/bin/chromium (no browser download). Prints one JSON line
 // and exits 0 on success; exits 1 with a reason on failure. Env:
@@ -25,6 +30,8 @@ const CHAT_TIMEOUT_MS = 10_000;
 const HARD_TIMEOUT_MS = 90_000;
 
 const NAMES = ['alice', 'bob', 'carol'];
+const AUDIO = process.argv[3] || 'forward';
+if (!['forward', 'mix'].includes(AUDIO)) fail(`audio mode must be forward or mix, not ${AUDIO}`);
 const CHAT_TEXT = `hello from alice <b>${randomBytes(3).toString('hex')}</b>`;
 
 const log = makeLog('sfu_call');
@@ -84,9 +91,19 @@ function received(name, s) {
   return out;
 }
 
-function mediaOk(r) {
-  return Object.values(r).every((x) => x.id && x.framesDecoded > 0 && x.videoStreams === 1
-    && x.audioPackets > 0 && x.audioStreams === 1);
+// The mixed audio a page receives: { streams, packets }.
+function mixed(s) {
+  const mix = s.audio.filter((x) => x.peer === 'mix' && x.via === 'sfu');
+  return { streams: mix.length, packets: mix.reduce((n, x) => n + x.packetsReceived, 0) };
+}
+
+function mediaOk(r, s) {
+  const videoOk = Object.values(r).every((x) => x.id && x.framesDecoded > 0 && x.videoStreams === 1);
+  if (AUDIO === 'mix') {
+    const m = mixed(s);
+    return videoOk && m.streams === 1 && m.packets > 0 && s.audio.length === 1;
+  }
+  return videoOk && Object.values(r).every((x) => x.audioPackets > 0 && x.audioStreams === 1);
 }
 
 async function main() {
@@ -94,7 +111,7 @@ async function main() {
   if (!base || !/^https?:\/\//.test(base)) fail('usage: node sfu_call.mjs <baseUrl> (http://host:port)');
   await waitForHealth(base);
 
-  const room = `sfu-${randomBytes(6).toString('hex')}`;
+  const room = `${AUDIO === 'mix' ? 'mix' : 'sfu'}-${randomBytes(6).toString('hex')}`;
   const userDataDir = mkdtempSync(join(tmpdir(), 'sb-chromium-'));
   const shotDir = process.env.SB_SCREENSHOT_DIR || '';
   let context;
@@ -109,8 +126,9 @@ async function main() {
       const page = await context.newPage();
       page.on('console', (m) => consoleLines[name].push(`${m.type()}: ${m.text()}`));
       page.on('pageerror', (e) => consoleLines[name].push(`pageerror: ${e.message}`));
-      // Alice creates the room, in SFU mode, with audio forwarded per participant.
-      await page.goto(`${base}/?room=${room}&name=${name}&mode=sfu&audio=forward`, { timeout: 10_000 });
+      // Alice creates the room, in SFU mode, with audio forwarded per
+      // participant or mixed.
+      await page.goto(`${base}/?room=${room}&name=${name}&mode=sfu&audio=${AUDIO}`, { timeout: 10_000 });
       pages[name] = page;
       // One at a time, so the room exists (and is SFU) before the next arrives.
       await page.waitForFunction(() => window.sb && window.sb.state().id, null, { timeout: JOIN_TIMEOUT_MS })
@@ -123,7 +141,7 @@ async function main() {
     for (;;) {
       for (const name of NAMES) {
         snap[name] = await observe(pages[name]);
-        if (readyMs[name] === undefined && mediaOk(received(name, snap[name]))) readyMs[name] = Date.now() - started;
+        if (readyMs[name] === undefined && mediaOk(received(name, snap[name]), snap[name])) readyMs[name] = Date.now() - started;
       }
       if (NAMES.every((n) => readyMs[n] !== undefined)) break;
       if (Date.now() > deadline) {
@@ -174,7 +192,24 @@ async function main() {
         if (x.tile.name !== other) fail(`${name}: the tile of ${x.id} is labelled "${x.tile.name}", expected "${other}"`);
         if (!x.tile.showsVideo) fail(`${name}: the tile of ${other} shows no video`);
         if (x.videoStreams !== 1 || x.framesDecoded <= 0) fail(`${name}: video from ${other}: ${JSON.stringify(x)}`);
-        if (x.audioStreams !== 1 || x.audioPackets <= 0) fail(`${name}: audio from ${other}: ${JSON.stringify(x)}`);
+        if (AUDIO === 'forward' && (x.audioStreams !== 1 || x.audioPackets <= 0)) fail(`${name}: audio from ${other}: ${JSON.stringify(x)}`);
+        if (AUDIO === 'mix' && x.audioStreams !== 0) fail(`${name}: audio forwarded from ${other} in a mix room: ${JSON.stringify(x)}`);
+      }
+      if (AUDIO === 'mix') {
+        const m = mixed(s);
+        if (m.streams !== 1 || m.packets <= 0 || s.audio.length !== 1) {
+          fail(`${name}: expected exactly one inbound audio stream, the mix, with packets: ${JSON.stringify(s.audio)}`);
+        }
+        if (s.state.audio !== 'mix') fail(`${name}: room audio is ${s.state.audio}, expected mix`);
+      }
+      // Chromium's fake microphone beeps, so the server names speakers (from
+      // the mixer's levels, or the audio-level header extension when
+      // forwarding) and the page highlights exactly those tiles.
+      if (s.state.speakerEvents === 0) fail(`${name}: no speakers event in a room of beeping microphones`);
+      const said = [...s.state.speakers].sort();
+      const shown = [...s.state.speaking].sort();
+      if (JSON.stringify(said) !== JSON.stringify(shown)) {
+        fail(`${name}: tiles highlighted ${JSON.stringify(shown)} but the last speakers event named ${JSON.stringify(said)}`);
       }
       const chatHere = s.chat.filter((m) => m.text === CHAT_TEXT);
       if (chatHere.length !== 1) fail(`${name}: shows the chat message ${chatHere.length} times: ${JSON.stringify(s.chat)}`);
@@ -190,6 +225,9 @@ async function main() {
           framesDecoded: x.framesDecoded, videoPackets: x.videoPackets, audioPackets: x.audioPackets, tile: x.tile.name,
         }])),
         chat: chatHere[0].name,
+        mixPackets: AUDIO === 'mix' ? mixed(s).packets : undefined,
+        speakerEvents: s.state.speakerEvents,
+        speakers: s.state.speakers,
       };
     }
     if (shotDir) await screenshots(pages, shotDir, log);

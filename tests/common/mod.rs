@@ -3,6 +3,7 @@
 //! validated against the protocol's JSON Schema before the test sees it.
 #![allow(dead_code)]
 
+pub mod aiortc;
 pub mod media;
 
 use std::sync::OnceLock;

@@ -54,11 +54,12 @@ pub enum PeerEvent {
     State(String),
     /// A remote track opened.
     Track,
-    /// The payload of an RTP packet on a remote track, its sequence number,
-    /// and when it was read.
+    /// The payload of an RTP packet on a remote track, its sequence number
+    /// and timestamp, and when it was read.
     Rtp {
         kind: Kind,
         seq: u16,
+        timestamp: u32,
         payload: Bytes,
         at: Instant,
     },
@@ -389,6 +390,7 @@ impl Task {
                 let ev = PeerEvent::Rtp {
                     kind,
                     seq: packet.header.sequence_number,
+                    timestamp: packet.header.timestamp,
                     payload: packet.payload,
                     at: now,
                 };

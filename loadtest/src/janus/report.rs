@@ -1,4 +1,4 @@
-//! The Janus benchmark's report. Field names match the `sfu` report's
+//! The Janus benchmark's report. Field names match the `run` report's
 //! where the figure is the same (`media[].loss_percent`, `latency_all`,
 //! `server.cpu_per_forwarded_packet_us`, `server.rss_per_participant_bytes`,
 //! ...), so `loadtest compare` reads both the same way.
@@ -9,8 +9,10 @@ use std::time::{Duration, Instant};
 
 use serde::{Serialize, Serializer};
 
-use super::{kind_index, JanusArgs, Outcome, Sample, Schedule, StreamSpec, KIND_NAMES};
+use super::{kind_index, JanusArgs, MediaPlan, Outcome, Sample, Schedule, KIND_NAMES};
 use crate::proc::{self, Machine};
+use crate::publish::MediaSource;
+use crate::rxstats::RtpStats;
 use crate::stats::{self, Summary};
 
 /// How the forwarded-packet count was obtained (Janus exposes none).
@@ -31,6 +33,8 @@ pub struct Report {
     pub server_version: String,
     pub completed: bool,
     pub config: Config,
+    /// The media every publisher sent (the same as `loadtest run`'s).
+    pub media_source: MediaSource,
     pub machine: Machine,
     pub participants: Participants,
     /// Join start → publisher and subscriber PeerConnections connected.
@@ -63,19 +67,13 @@ pub struct Config {
     pub duration_s: f64,
     pub warmup_s: f64,
     pub drain_s: f64,
-    pub streams: Vec<StreamConfig>,
+    /// `--video-kbps`, and whether Opus audio was published (`--audio`).
+    pub video_kbps_target: u32,
+    pub audio: bool,
     pub join_timeout_s: f64,
     pub connect_concurrency: usize,
     pub timeout_s: f64,
     pub threads: usize,
-}
-
-#[derive(Debug, Serialize)]
-pub struct StreamConfig {
-    pub kind: &'static str,
-    pub packets_per_second: f64,
-    pub payload_bytes: usize,
-    pub payload_kbps: f64,
 }
 
 #[derive(Debug, Default, Serialize)]
@@ -104,6 +102,9 @@ pub struct KindTotals {
     pub tracks_missing: usize,
     #[serde(serialize_with = "ser_summary")]
     pub latency: Summary,
+    /// RFC 3550 interarrival jitter at the end of the run, over tracks.
+    pub jitter_ms_mean: Option<f64>,
+    pub jitter_ms_max: Option<f64>,
 }
 
 #[derive(Debug, Serialize)]
@@ -118,6 +119,8 @@ pub struct SubscriberRow {
     #[serde(serialize_with = "ser_summary")]
     pub latency: Summary,
     pub first_packet_max_ms: Option<f64>,
+    /// Highest RFC 3550 jitter over this subscriber's tracks.
+    pub jitter_ms_max: Option<f64>,
     pub error: Option<String>,
 }
 
@@ -154,7 +157,7 @@ pub(super) struct Inputs<'a> {
     pub run_id: &'a str,
     pub janus_version: String,
     pub machine: Machine,
-    pub streams: &'a [StreamSpec],
+    pub plan: &'a MediaPlan,
     pub publishers: usize,
     pub outcomes: Vec<Outcome>,
     pub tasks_lost: usize,
@@ -175,6 +178,15 @@ struct KindAcc {
     tracks: usize,
     missing: usize,
     latencies: Vec<Duration>,
+    jitters: Vec<f64>,
+}
+
+fn mean(v: &[f64]) -> Option<f64> {
+    (!v.is_empty()).then(|| v.iter().sum::<f64>() / v.len() as f64)
+}
+
+fn max(v: &[f64]) -> Option<f64> {
+    v.iter().copied().reduce(f64::max)
 }
 
 fn ms_between(a: Instant, b: Instant) -> f64 {
@@ -195,7 +207,7 @@ impl Report {
         let mut outcomes = inp.outcomes;
         outcomes.sort_by_key(|o| o.index);
         let by_index: HashMap<usize, &Outcome> = outcomes.iter().map(|o| (o.index, o)).collect();
-        let kinds: Vec<usize> = inp.streams.iter().map(|s| kind_index(s.kind)).collect();
+        let kinds: Vec<usize> = inp.plan.kinds().into_iter().map(kind_index).collect();
         let mixed = args.audio_mode == super::AudioMode::Mix;
 
         let mut p = Participants {
@@ -242,17 +254,19 @@ impl Report {
             let (mut s_expected, mut s_received) = (0u64, 0u64);
             let mut s_lat = Vec::new();
             let mut s_first_max: Option<f64> = None;
+            let mut s_jitter: Vec<f64> = Vec::new();
             tracks_added += sub.tracks_added;
             if mixed {
                 // One mixed stream per subscriber, counted by RTP sequence.
-                let m = &sub.mixed;
-                let (expected, received) = (m.expected(), m.window);
-                let first_w = m
-                    .first_at
+                let m = sub.mixed.as_ref();
+                let (expected, received) = m.map_or((0, 0), |m| (m.expected(), m.received));
+                let jitter = m.map(RtpStats::jitter_ms);
+                let first_w = sub
+                    .mixed_first_at
                     .zip(inp.schedule)
                     .map(|(at, s)| ms_between(s.warmup_start, at));
-                let first_j = m
-                    .first_at
+                let first_j = sub
+                    .mixed_first_at
                     .zip(sub.join_started)
                     .map(|(at, j)| ms_between(j, at));
                 if let Some(w) = first_w {
@@ -265,7 +279,9 @@ impl Report {
                 let t = &mut per_kind[0];
                 t.expected += expected;
                 t.received += received;
-                t.duplicates += m.duplicates;
+                t.duplicates += m.map_or(0, |m| m.duplicates);
+                t.reordered += m.map_or(0, |m| m.reordered);
+                t.jitters.extend(jitter);
                 t.tracks += 1;
                 t.missing += usize::from(received == 0);
                 let lost = expected.saturating_sub(received);
@@ -279,6 +295,7 @@ impl Report {
                     loss_percent: percent(lost, expected),
                     latency: Summary::default(),
                     first_packet_max_ms: first_w,
+                    jitter_ms_max: jitter,
                     error: sub.error.clone(),
                 });
                 continue;
@@ -296,13 +313,14 @@ impl Report {
                     tracks_expected += 1;
                     let sent = publisher.sent[k].window;
                     let flow = sub.flows.get(&(pubi, k));
-                    let received = flow.map_or(0, |f| f.window);
+                    let received = flow.map_or(0, |f| f.stamp.window);
+                    let jitter = flow.map(|f| f.rtp.jitter_ms());
                     let first_w = flow
-                        .and_then(|f| f.first_at)
+                        .and_then(|f| f.stamp.first_at)
                         .zip(inp.schedule)
                         .map(|(at, s)| ms_between(s.warmup_start, at));
                     let first_j = flow
-                        .and_then(|f| f.first_at)
+                        .and_then(|f| f.stamp.first_at)
                         .zip(sub.join_started)
                         .map(|(at, j)| ms_between(j, at));
                     if let Some(w) = first_w {
@@ -312,12 +330,14 @@ impl Report {
                     if let Some(j) = first_j {
                         after_join.push(Duration::from_secs_f64(j / 1e3));
                     }
-                    let lat = flow.map(|f| f.latencies.clone()).unwrap_or_default();
+                    let lat = flow.map(|f| f.stamp.latencies.clone()).unwrap_or_default();
                     let t = &mut per_kind[k];
                     t.expected += sent;
                     t.received += received;
-                    t.duplicates += flow.map_or(0, |f| f.duplicates);
-                    t.reordered += flow.map_or(0, |f| f.reordered);
+                    t.duplicates += flow.map_or(0, |f| f.stamp.duplicates);
+                    t.reordered += flow.map_or(0, |f| f.stamp.reordered);
+                    t.jitters.extend(jitter);
+                    s_jitter.extend(jitter);
                     t.tracks += 1;
                     t.missing += usize::from(sent > 0 && received == 0);
                     t.latencies.extend_from_slice(&lat);
@@ -337,6 +357,7 @@ impl Report {
                 loss_percent: percent(lost, s_expected),
                 latency: Summary::of(&mut s_lat),
                 first_packet_max_ms: s_first_max,
+                jitter_ms_max: max(&s_jitter),
                 error: sub.error.clone(),
             });
         }
@@ -369,6 +390,8 @@ impl Report {
                 tracks: acc.tracks,
                 tracks_missing: acc.missing,
                 latency: Summary::of(&mut acc.latencies),
+                jitter_ms_mean: mean(&acc.jitters),
+                jitter_ms_max: max(&acc.jitters),
             });
         }
 
@@ -433,21 +456,14 @@ impl Report {
                 duration_s: args.duration.as_secs_f64(),
                 warmup_s: args.warmup.as_secs_f64(),
                 drain_s: args.drain.as_secs_f64(),
-                streams: inp
-                    .streams
-                    .iter()
-                    .map(|s| StreamConfig {
-                        kind: KIND_NAMES[kind_index(s.kind)],
-                        packets_per_second: s.packets_per_second(),
-                        payload_bytes: s.payload,
-                        payload_kbps: s.packets_per_second() * s.payload as f64 * 8.0 / 1e3,
-                    })
-                    .collect(),
+                video_kbps_target: args.video_kbps,
+                audio: args.audio,
                 join_timeout_s: args.join_timeout.as_secs_f64(),
                 connect_concurrency: args.connect_concurrency,
                 timeout_s: args.timeout.as_secs_f64(),
                 threads: args.threads.max(1),
             },
+            media_source: inp.plan.source(),
             machine: inp.machine,
             participants: p,
             join_latency: Summary::of(&mut joins),
@@ -515,20 +531,7 @@ impl Report {
             c.drain_s,
             if self.completed { "" } else { "; DID NOT COMPLETE" },
         )?;
-        for s in &c.streams {
-            if c.audio_mode == super::AudioMode::Mix {
-                writeln!(
-                    t,
-                    "  publishing   audio per publisher: 50 packets/s of a 440 Hz Opus tone (32 kbit/s, 20 ms frames)"
-                )?;
-                continue;
-            }
-            writeln!(
-                t,
-                "  publishing   {} per publisher: {:.1} packets/s x {} B = {:.0} kbit/s of payload",
-                s.kind, s.packets_per_second, s.payload_bytes, s.payload_kbps
-            )?;
-        }
+        self.media_source.write_lines(t, c.video_kbps_target)?;
         writeln!(
             t,
             "  machine      {} CPUs ({} online), {}; load avg {:.2} {:.2} {:.2} at start",

@@ -1,29 +1,31 @@
-//! `loadtest sfu`: the SFU forwarding benchmark.
+//! `loadtest run` (alias `sfu`): real media through the SFU.
 //!
 //! 1. Joins `--rooms` × `--participants` real WebRTC clients
 //!    ([`switchboard_client::Client`], all in this process, many per runtime
-//!    thread) to rooms created `mode:"sfu"`, at most `--connect-concurrency`
-//!    at a time, and waits until each is connected and negotiated.
-//! 2. Every participant publishes Opus-shaped audio (`--audio-pps` packets/s
-//!    of `--audio-payload` bytes) and VP8-shaped video (`--video-payload`-byte
-//!    packets at the rate `--video-kbps` needs), each paced by its own timer
-//!    with a random phase. The first `--warmup` opens the tracks (the server
-//!    announces a track to the others on its first packet); the next
-//!    `--duration` is the measurement window; then receivers keep reading
-//!    for `--drain` and everyone leaves.
-//! 3. Every payload carries its sender, a sequence number and its send time
-//!    (nanoseconds since a base `Instant` of this process), so each
-//!    subscriber counts what it got from each (publisher, kind) and computes
-//!    end-to-end latency on one clock. Packets *sent* inside the window are
-//!    the ones counted.
-//! 4. With `--server-pid`, the server's CPU time and RSS are read from
-//!    `/proc` and its `/metrics` are scraped at both ends of the window:
-//!    CPU per forwarded packet, its forwarding-latency histogram, RSS per
-//!    participant.
+//!    thread as tokio tasks) to rooms created `mode:"sfu"` with the
+//!    `--audio-mode` of the join, at most `--connect-concurrency` at a time,
+//!    and waits until each is connected and negotiated.
+//! 2. The first `--publishers` participants of each room publish real media
+//!    ([`crate::media`]): VP8 frames of the committed clip, RFC 7741
+//!    packetized, at the frame rate that gives `--video-kbps`, and with
+//!    `--audio` Opus frames of a tone encoded at start-up, one per 20 ms.
+//!    Everyone subscribes to everyone. The first `--warmup` opens the tracks
+//!    (the server announces a track to the others on its first packet); the
+//!    next `--duration` is the measurement window; then receivers keep
+//!    reading for `--drain` and everyone leaves.
+//! 3. Every packet carries its sender, a sequence number and its send time
+//!    ([`crate::stamp`], inside the payload), so each subscriber counts what
+//!    it got from each (publisher, kind) and computes end-to-end latency on
+//!    one clock; RTP-level loss and jitter come from [`crate::rxstats`].
+//!    Mixed audio (a track with stream id `mix`, re-encoded by the server)
+//!    carries no stamp: it is counted by RTP sequence numbers and timestamps
+//!    only.
+//! 4. The server's CPU time and RSS (`--server-pid`) and `/metrics` are
+//!    sampled at both ends of the window and once a second
+//!    ([`crate::sampler`]) for the time series and the plot.
 //!
 //! The whole run is bounded by `--timeout`.
 
-mod payload;
 mod report;
 
 use std::collections::{BTreeMap, HashMap};
@@ -32,14 +34,18 @@ use std::process::ExitCode;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use rand::Rng;
-use switchboard_client::{Client, Event, JoinOptions, Kind};
-use switchboard_proto::{MediaMode, RoomName, ServerMessage};
+use switchboard_client::{Client, ClientError, Event, JoinOptions, Kind};
+use switchboard_proto::{AudioMode, MediaMode, RoomName, ServerMessage};
 use tokio::sync::{mpsc, watch, Semaphore};
-use tokio::time::{timeout_at, MissedTickBehavior};
+use tokio::time::timeout_at;
 
+use crate::media;
 use crate::proc::{self, Machine, Pid};
-use crate::scrape;
+use crate::progress::{Live, Progress};
+use crate::publish::{check_sender, read_stamp, tick, Publisher};
+pub use crate::publish::{kind_index, media_plan, Flow, MediaPlan, Sent, KIND_NAMES};
+use crate::rxstats::RtpStats;
+use crate::{sampler, scrape};
 pub use report::Report;
 
 /// How long after the last packet of the window a participant waits for
@@ -52,13 +58,35 @@ const COLLECT_GRACE: Duration = Duration::from_secs(4);
 const MEDIA_LEAD: Duration = Duration::from_millis(50);
 /// Longest wait for one `/metrics` scrape.
 const SCRAPE_TIMEOUT: Duration = Duration::from_secs(2);
-/// Sequence numbers above this are treated as damage (a run sends far fewer).
-const MAX_SEQ: u32 = 1 << 24;
+/// Longest wait for the TCP connection of the reachability check.
+const REACH_TIMEOUT: Duration = Duration::from_secs(3);
 /// The server's default room capacity.
 const DEFAULT_ROOM_CAPACITY: usize = 100;
+/// The stream id of the server's mixed-audio track.
+pub const MIX_STREAM_ID: &str = "mix";
+/// Sampling period of the time series.
+const SAMPLE_EVERY: Duration = Duration::from_secs(1);
+
+/// `--audio-mode`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum AudioModeArg {
+    /// Every audio track forwarded like video.
+    Forward,
+    /// One mixed track per listener (re-encoded by the server).
+    Mix,
+}
+
+impl AudioModeArg {
+    pub fn proto(self) -> AudioMode {
+        match self {
+            AudioModeArg::Forward => AudioMode::Forward,
+            AudioModeArg::Mix => AudioMode::Mix,
+        }
+    }
+}
 
 #[derive(Debug, Clone, clap::Args)]
-pub struct SfuArgs {
+pub struct RunArgs {
     /// WebSocket URL of the server's signaling endpoint (`ws://` only). The
     /// tool connects to this host only: signaling there, `/metrics` on the
     /// same host and port, media to the addresses the server offers.
@@ -70,9 +98,12 @@ pub struct SfuArgs {
     /// Rooms, each created `mode:"sfu"`.
     #[arg(long, default_value_t = 5)]
     pub rooms: usize,
-    /// Participants per room; each publishes and subscribes to all others.
+    /// Participants per room; each subscribes to every publisher.
     #[arg(long, default_value_t = 4)]
     pub participants: usize,
+    /// Publishers per room (the first N participants); default: all.
+    #[arg(long)]
+    pub publishers: Option<usize>,
     /// Measurement window (steady state), after the warm-up.
     #[arg(long, default_value = "20s", value_parser = crate::parse_duration)]
     pub duration: Duration,
@@ -82,18 +113,16 @@ pub struct SfuArgs {
     /// Reading after the window for packets still in flight.
     #[arg(long, default_value = "1s", value_parser = crate::parse_duration)]
     pub drain: Duration,
-    /// Video payload bit rate per publisher, kbit/s (0 = no video).
+    /// VP8 bit rate per publisher, kbit/s of frame data (0 = no video): the
+    /// clip's frames are sent at the frame rate that gives this rate.
     #[arg(long, default_value_t = 500)]
     pub video_kbps: u32,
-    /// Bytes of RTP payload per video packet.
-    #[arg(long, default_value_t = 1100)]
-    pub video_payload: usize,
-    /// Audio packets per second per publisher (0 = no audio).
-    #[arg(long, default_value_t = 50)]
-    pub audio_pps: u32,
-    /// Bytes of RTP payload per audio packet.
-    #[arg(long, default_value_t = 100)]
-    pub audio_payload: usize,
+    /// Also publish Opus audio (a 440 Hz tone, 20 ms frames, 32 kbit/s).
+    #[arg(long)]
+    pub audio: bool,
+    /// The `audio` field of the join: how the room treats audio.
+    #[arg(long, value_enum, default_value = "forward")]
+    pub audio_mode: AudioModeArg,
     /// Per participant: WebSocket + join + ICE/DTLS connected + negotiated.
     #[arg(long, default_value = "20s", value_parser = crate::parse_duration)]
     pub join_timeout: Duration,
@@ -106,10 +135,13 @@ pub struct SfuArgs {
     /// Pid of the server, to sample its CPU time and RSS from /proc.
     #[arg(long)]
     pub server_pid: Option<u32>,
-    /// Also write the report as JSON to this file.
+    /// Also write the report (every figure) as JSON to this file.
     #[arg(long)]
     pub json: Option<PathBuf>,
-    /// Run id used in room names (`sfu-<run>-<n>`); random by default.
+    /// Also plot latency and CPU over time to this SVG file.
+    #[arg(long)]
+    pub plot: Option<PathBuf>,
+    /// Run id used in room names (`lt-<run>-<n>`); random by default.
     #[arg(long)]
     pub run_id: Option<String>,
     /// Tokio worker threads of the generator (1 = current-thread runtime,
@@ -118,15 +150,23 @@ pub struct SfuArgs {
     pub threads: usize,
 }
 
+impl RunArgs {
+    /// Publishers per room.
+    pub fn publishers(&self) -> usize {
+        self.publishers.unwrap_or(self.participants)
+    }
+}
+
 /// Entry point of the subcommand. Exit status 0 when every participant
 /// connected, received every expected track in the window and stayed
 /// connected, and the run finished before `--timeout` (loss and latency are
-/// reported, not judged); 1 otherwise; 2 when it could not run.
-pub fn main(args: &SfuArgs) -> ExitCode {
+/// reported, not judged); 1 otherwise; 2 when it could not run (bad
+/// arguments, server unreachable, join refused, nobody connected).
+pub fn main(args: &RunArgs) -> ExitCode {
     let rt = match crate::runtime(args.threads) {
         Ok(rt) => rt,
         Err(e) => {
-            eprintln!("loadtest: cannot start the tokio runtime: {e}");
+            eprintln!("loadtest run: cannot start the tokio runtime: {e}");
             return ExitCode::from(2);
         }
     };
@@ -136,7 +176,7 @@ pub fn main(args: &SfuArgs) -> ExitCode {
     let report = match result {
         Ok(r) => r,
         Err(e) => {
-            eprintln!("loadtest sfu: {e}");
+            eprintln!("loadtest run: error: {e}");
             return ExitCode::from(2);
         }
     };
@@ -148,10 +188,30 @@ pub fn main(args: &SfuArgs) -> ExitCode {
         match written {
             Ok(()) => eprintln!("report written to {}", path.display()),
             Err(e) => {
-                eprintln!("loadtest sfu: cannot write {}: {e}", path.display());
+                eprintln!("loadtest run: cannot write {}: {e}", path.display());
                 return ExitCode::from(2);
             }
         }
+    }
+    if let Some(path) = &args.plot {
+        match crate::plot::write_svg(path, &report.plot_title(), &report.plot_points()) {
+            Ok(()) => eprintln!("plot written to {}", path.display()),
+            Err(e) => {
+                eprintln!("loadtest run: {e}");
+                return ExitCode::from(2);
+            }
+        }
+    }
+    if report.participants.connected == 0 {
+        eprintln!(
+            "loadtest run: error: no participant connected; {}",
+            report
+                .errors
+                .iter()
+                .max_by_key(|(_, n)| **n)
+                .map_or("no error recorded".to_owned(), |(e, n)| format!("{n}x {e}"))
+        );
+        return ExitCode::from(2);
     }
     if report.all_ok() {
         ExitCode::SUCCESS
@@ -164,65 +224,18 @@ pub fn main(args: &SfuArgs) -> ExitCode {
 // Set-up
 // ---------------------------------------------------------------------------
 
-/// One published stream: its kind, packet interval and payload size.
-#[derive(Debug, Clone, Copy, PartialEq)]
-pub struct StreamSpec {
-    pub kind: Kind,
-    pub period: Duration,
-    pub payload: usize,
-}
-
-impl StreamSpec {
-    pub fn packets_per_second(&self) -> f64 {
-        1.0 / self.period.as_secs_f64()
-    }
-}
-
-/// The streams every participant publishes.
-fn streams(args: &SfuArgs) -> Result<Vec<StreamSpec>, String> {
-    let mut out = Vec::new();
-    if args.audio_pps > 0 {
-        if args.audio_pps > 1000 {
-            return Err("--audio-pps above 1000 is not audio".into());
-        }
-        out.push(StreamSpec {
-            kind: Kind::Audio,
-            period: Duration::from_secs(1) / args.audio_pps,
-            payload: args.audio_payload.max(payload::header_len(Kind::Audio)),
-        });
-    }
-    if args.video_kbps > 0 {
-        let size = args.video_payload.max(payload::header_len(Kind::Video));
-        if size > 1200 {
-            return Err(format!(
-                "--video-payload {size}: keep packets within a 1200-byte RTP payload"
-            ));
-        }
-        let pps = f64::from(args.video_kbps) * 1000.0 / 8.0 / size as f64;
-        if !(0.5..=5000.0).contains(&pps) {
-            return Err(format!(
-                "--video-kbps {} with {size}-byte packets is {pps:.1} packets/s; \
-                 keep it between 0.5 and 5000",
-                args.video_kbps
-            ));
-        }
-        out.push(StreamSpec {
-            kind: Kind::Video,
-            period: Duration::from_secs_f64(1.0 / pps),
-            payload: size,
-        });
-    }
-    if out.is_empty() {
-        return Err("nothing to publish: --audio-pps and --video-kbps are both 0".into());
-    }
-    Ok(out)
-}
-
 /// Checks the arguments; returns the host and port for `/metrics` and the
 /// room names.
-fn validate(args: &SfuArgs, run_id: &str) -> Result<(String, u16, Vec<String>), String> {
+fn validate(args: &RunArgs, run_id: &str) -> Result<(String, u16, Vec<String>), String> {
     if args.rooms == 0 || args.participants < 2 {
         return Err("--rooms must be at least 1 and --participants at least 2".into());
+    }
+    if args.publishers() == 0 || args.publishers() > args.participants {
+        return Err(format!(
+            "--publishers {} must be between 1 and --participants {}",
+            args.publishers(),
+            args.participants
+        ));
     }
     if args.participants > DEFAULT_ROOM_CAPACITY {
         eprintln!(
@@ -264,12 +277,23 @@ fn validate(args: &SfuArgs, run_id: &str) -> Result<(String, u16, Vec<String>), 
     }
     let rooms = (0..args.rooms)
         .map(|n| {
-            let name = format!("sfu-{run_id}-{n}");
+            let name = format!("lt-{run_id}-{n}");
             RoomName::parse(&name).map(|_| name)
         })
         .collect::<Result<Vec<_>, _>>()
         .map_err(|e| format!("--run-id {run_id:?}: {e}"))?;
     Ok((host, port, rooms))
+}
+
+/// Fails fast, with the reason, when nothing accepts TCP at `host:port`.
+async fn reachable(url: &str, host: &str, port: u16) -> Result<(), String> {
+    match tokio::time::timeout(REACH_TIMEOUT, tokio::net::TcpStream::connect((host, port))).await {
+        Ok(Ok(_)) => Ok(()),
+        Ok(Err(e)) => Err(format!("cannot reach the server at {url}: {e}")),
+        Err(_) => Err(format!(
+            "cannot reach the server at {url}: no TCP connection within {REACH_TIMEOUT:?}"
+        )),
+    }
 }
 
 // ---------------------------------------------------------------------------
@@ -291,7 +315,7 @@ pub struct Schedule {
 }
 
 impl Schedule {
-    fn new(base: Instant, warmup_start: Instant, args: &SfuArgs) -> Schedule {
+    fn new(base: Instant, warmup_start: Instant, args: &RunArgs) -> Schedule {
         let t0 = warmup_start + args.warmup;
         let t1 = t0 + args.duration;
         Schedule {
@@ -327,11 +351,21 @@ struct Shared {
     url: String,
     rooms: Vec<String>,
     per_room: usize,
+    publishers: usize,
     total: usize,
     base: Instant,
     connect: Semaphore,
     join_timeout: Duration,
-    streams: Vec<StreamSpec>,
+    plan: MediaPlan,
+    audio_mode: AudioMode,
+    live: Arc<Live>,
+}
+
+impl Shared {
+    /// Whether participant `index` publishes.
+    fn publishes(&self, index: usize) -> bool {
+        index % self.per_room < self.publishers
+    }
 }
 
 /// The server and the generator at one instant.
@@ -365,44 +399,62 @@ impl Sample {
     }
 }
 
-pub async fn run(args: &SfuArgs) -> Result<Report, String> {
+/// How a participant's join ended, as told to the coordinator.
+enum Ready {
+    Connected,
+    Failed,
+    /// The server said no (`full`, `error`, ...): a configuration problem,
+    /// not a load result; the run stops.
+    Refused(String),
+}
+
+pub async fn run(args: &RunArgs) -> Result<Report, String> {
     let run_id = args
         .run_id
         .clone()
         .unwrap_or_else(crate::signaling::default_run_id);
     let (host, port, rooms) = validate(args, &run_id)?;
-    let streams = streams(args)?;
+    let plan = media_plan(args.video_kbps, args.audio)?;
+    reachable(&args.url, &host, port).await?;
     let machine = Machine::probe();
     let server = args.server_pid.map(Pid::Other);
     let base = Instant::now();
     let hard = base + args.timeout;
-    let say = |what: std::fmt::Arguments<'_>| {
-        crate::signaling::progress(tokio::time::Instant::from_std(base), what)
-    };
+    let total = args.rooms * args.participants;
+    let progress = Progress::new(total as u64, base);
+    let say = |what: std::fmt::Arguments<'_>| progress.say(what);
 
     let baseline = Sample::take(server, &host, port).await;
     if let Err(e) = &baseline.metrics {
-        eprintln!(
+        say(format_args!(
             "warning: cannot read the server's /metrics ({e}); server counters will be missing"
-        );
+        ));
     }
-    let total = args.rooms * args.participants;
     say(format_args!(
-        "joining {total} participants ({} rooms x {}) to {}, {} at a time",
-        args.rooms, args.participants, args.url, args.connect_concurrency
+        "joining {total} participants ({} rooms x {}, {} publishing per room) to {}, {} at a time",
+        args.rooms,
+        args.participants,
+        args.publishers(),
+        args.url,
+        args.connect_concurrency
     ));
+    let live = Arc::new(Live::default());
+    let follower = progress.follow(live.clone());
     let shared = Arc::new(Shared {
         url: args.url.clone(),
         rooms,
         per_room: args.participants,
+        publishers: args.publishers(),
         total,
         base,
         connect: Semaphore::new(args.connect_concurrency),
         join_timeout: args.join_timeout,
-        streams: streams.clone(),
+        plan: plan.clone(),
+        audio_mode: args.audio_mode.proto(),
+        live: live.clone(),
     });
     let (phase_tx, phase_rx) = watch::channel(Phase::Joining);
-    let (ready_tx, mut ready_rx) = mpsc::unbounded_channel::<bool>();
+    let (ready_tx, mut ready_rx) = mpsc::unbounded_channel::<Ready>();
     let tasks: Vec<_> = (0..total)
         .map(|i| {
             tokio::spawn(participant(
@@ -421,16 +473,36 @@ pub async fn run(args: &SfuArgs) -> Result<Report, String> {
     let join_deadline = hard - media_time;
     let (mut ready, mut failed) = (0usize, 0usize);
     let mut join_phase_complete = true;
+    let mut refused = None;
     while ready + failed < total {
         match timeout_at(join_deadline.into(), ready_rx.recv()).await {
-            Ok(Some(true)) => ready += 1,
-            Ok(Some(false)) => failed += 1,
+            Ok(Some(Ready::Connected)) => ready += 1,
+            Ok(Some(Ready::Failed)) => failed += 1,
+            Ok(Some(Ready::Refused(why))) => {
+                refused = Some(why);
+                break;
+            }
             Ok(None) => break,
             Err(_) => {
                 join_phase_complete = false;
                 break;
             }
         }
+    }
+    if let Some(why) = refused {
+        // Nothing useful can be measured: stop everyone, briefly, and say why.
+        let _ = phase_tx.send(Phase::Stop);
+        let until = Instant::now() + Duration::from_secs(3);
+        for task in tasks {
+            if timeout_at(until.into(), task).await.is_err() {
+                break;
+            }
+        }
+        if let Some(f) = follower {
+            f.abort();
+        }
+        progress.finish();
+        return Err(format!("the server refused a join: {why}"));
     }
     let joined_at = Instant::now();
     let after_join = Sample::take(server, &host, port).await;
@@ -443,12 +515,23 @@ pub async fn run(args: &SfuArgs) -> Result<Report, String> {
         }
     ));
 
-    // Phase 2: warm-up, window, drain.
+    // Phase 2: warm-up, window, drain; the sampler runs throughout.
     let mut window = None;
     let mut schedule = None;
+    let mut ticks = Vec::new();
     if ready > 0 {
         let s = Schedule::new(base, Instant::now() + MEDIA_LEAD, args);
         schedule = Some(s);
+        let (stop_tx, stop_rx) = watch::channel(false);
+        let target = sampler::Target {
+            pid: args.server_pid,
+            metrics: Some((host.clone(), port)),
+            counter: report::FORWARDED.to_owned(),
+        };
+        let sampling = tokio::spawn(async move {
+            tokio::time::sleep_until(s.warmup_start.into()).await;
+            sampler::sample_until(target, SAMPLE_EVERY, stop_rx).await
+        });
         let _ = phase_tx.send(Phase::Media(s));
         say(format_args!(
             "publishing; warm-up {:?}, then a {:?} window",
@@ -461,6 +544,14 @@ pub async fn run(args: &SfuArgs) -> Result<Report, String> {
         let stop = Sample::take(server, &host, port).await;
         say(format_args!("window closed; draining and leaving"));
         window = Some((start, stop));
+        tokio::time::sleep_until(s.end.into()).await;
+        let _ = stop_tx.send(true);
+        let limit = Instant::now() + Duration::from_secs(3);
+        ticks = timeout_at(limit.into(), sampling)
+            .await
+            .ok()
+            .and_then(Result::ok)
+            .unwrap_or_default();
     }
 
     // Phase 3: collect the tasks (they leave by themselves at `end`).
@@ -494,14 +585,18 @@ pub async fn run(args: &SfuArgs) -> Result<Report, String> {
         }
     }
     let completed = join_phase_complete && Instant::now() <= hard && tasks_lost == 0;
+    if let Some(f) = follower {
+        f.abort();
+    }
     say(format_args!("all participants done"));
+    progress.finish();
     let finished = Sample::take(server, &host, port).await;
 
     Ok(Report::assemble(report::Inputs {
         args,
         run_id: &run_id,
         machine,
-        streams: &streams,
+        plan: &plan,
         base,
         outcomes,
         tasks_lost,
@@ -512,62 +607,13 @@ pub async fn run(args: &SfuArgs) -> Result<Report, String> {
         joined_at,
         window,
         finished,
+        ticks,
     }))
 }
 
 // ---------------------------------------------------------------------------
 // One participant
 // ---------------------------------------------------------------------------
-
-/// Packets a participant sent on one stream.
-#[derive(Debug, Clone, Copy, Default)]
-pub struct Sent {
-    pub total: u64,
-    /// Sent inside the measurement window.
-    pub window: u64,
-    /// `send_rtp` refused (the client task had stopped).
-    pub errors: u64,
-}
-
-/// What one subscriber got from one (publisher, kind).
-#[derive(Debug, Default)]
-pub struct Flow {
-    pub first_at: Option<Instant>,
-    pub total: u64,
-    /// Distinct packets sent inside the window.
-    pub window: u64,
-    pub duplicates: u64,
-    /// Arrived after a higher sequence number.
-    pub reordered: u64,
-    max_seq: Option<u32>,
-    seen: Vec<u64>,
-    /// End-to-end latency of each distinct in-window packet.
-    pub latencies: Vec<Duration>,
-}
-
-impl Flow {
-    fn record(&mut self, seq: u32, at: Instant, in_window: bool, latency: Duration) {
-        self.first_at.get_or_insert(at);
-        self.total += 1;
-        let (word, bit) = ((seq / 64) as usize, seq % 64);
-        if self.seen.len() <= word {
-            self.seen.resize(word + 1, 0);
-        }
-        if self.seen[word] & (1 << bit) != 0 {
-            self.duplicates += 1;
-            return;
-        }
-        self.seen[word] |= 1 << bit;
-        if self.max_seq.is_some_and(|m| seq < m) {
-            self.reordered += 1;
-        }
-        self.max_seq = Some(self.max_seq.map_or(seq, |m| m.max(seq)));
-        if in_window {
-            self.window += 1;
-            self.latencies.push(latency);
-        }
-    }
-}
 
 /// Everything one participant saw and did.
 #[derive(Debug)]
@@ -577,10 +623,14 @@ pub struct Outcome {
     pub name: String,
     /// Participant id the server gave us.
     pub id: Option<String>,
+    /// The audio mode in our `joined`.
+    pub audio_mode: Option<AudioMode>,
     pub join_started: Option<Instant>,
     /// Connected and negotiated.
     pub ready_at: Option<Instant>,
-    /// Published during the media phase (was ready before it began).
+    /// Publishes (one of the room's first `--publishers`).
+    pub publisher: bool,
+    /// Took part in the media phase (was ready before it began).
     pub published: bool,
     /// The first thing that went wrong.
     pub error: Option<String>,
@@ -588,11 +638,18 @@ pub struct Outcome {
     pub sent: [Sent; 2],
     /// Keyed by (publisher index, kind index).
     pub flows: HashMap<(usize, usize), Flow>,
+    /// The server's mixed-audio track (stream id `mix`), by RTP header only,
+    /// from the window start on; and when its first packet came.
+    pub mix: Option<RtpStats>,
+    pub mix_first_at: Option<Instant>,
     /// `TrackAdded` by (stream id = publisher's participant id, kind index).
     pub tracks_added: HashMap<(String, usize), Instant>,
     pub tracks_removed: u64,
     /// Payloads that could not be counted, by reason.
     pub bad: BTreeMap<&'static str, u64>,
+    /// (arrival in ms since publishing began, latency in µs) of every
+    /// in-window stamped packet, for the time series.
+    pub timeline: Vec<(u32, u32)>,
     /// Connection states reported after `connected` (e.g. `disconnected`).
     pub later_states: Vec<String>,
     /// Server `error` codes received.
@@ -601,32 +658,29 @@ pub struct Outcome {
     pub closed_early: bool,
 }
 
-pub fn kind_index(kind: Kind) -> usize {
-    match kind {
-        Kind::Audio => 0,
-        Kind::Video => 1,
-    }
-}
-
-pub const KIND_NAMES: [&str; 2] = ["audio", "video"];
-
 impl Outcome {
-    fn new(index: usize, per_room: usize) -> Outcome {
+    fn new(index: usize, shared: &Shared) -> Outcome {
+        let per_room = shared.per_room;
         let room = index / per_room;
         Outcome {
             index,
             room,
             name: format!("r{room}-p{}", index % per_room),
             id: None,
+            audio_mode: None,
             join_started: None,
             ready_at: None,
+            publisher: shared.publishes(index),
             published: false,
             error: None,
             sent: [Sent::default(); 2],
             flows: HashMap::new(),
+            mix: None,
+            mix_first_at: None,
             tracks_added: HashMap::new(),
             tracks_removed: 0,
             bad: BTreeMap::new(),
+            timeline: Vec::new(),
             later_states: Vec::new(),
             server_errors: BTreeMap::new(),
             closed_early: false,
@@ -642,45 +696,72 @@ impl Outcome {
     fn absorb(&mut self, ev: Event, schedule: Option<&Schedule>, shared: &Shared) {
         match ev {
             Event::Rtp {
-                kind, packet, at, ..
+                kind,
+                packet,
+                at,
+                stream_id,
+                ..
             } => {
-                let stamp = match payload::parse(kind, &packet.payload) {
+                let counted = schedule.is_some_and(|s| at >= s.t0);
+                if kind == Kind::Audio && stream_id == MIX_STREAM_ID {
+                    // Re-encoded by the server: no stamp survives; RTP only.
+                    self.mix_first_at.get_or_insert(at);
+                    if counted {
+                        self.mix
+                            .get_or_insert_with(|| RtpStats::new(media::OPUS_CLOCK))
+                            .record(
+                                packet.header.sequence_number,
+                                packet.header.timestamp,
+                                packet.payload.len(),
+                                at,
+                            );
+                    }
+                    Live::add(&shared.live.received, 1);
+                    return;
+                }
+                let stamp = match read_stamp(kind, &packet.payload) {
                     Ok(s) => s,
                     Err(bad) => {
-                        let reason = match bad {
-                            payload::Bad::Short => "short",
-                            payload::Bad::Kind => "wrong-kind",
-                            payload::Bad::Filler => "damaged",
-                        };
-                        *self.bad.entry(reason).or_default() += 1;
+                        *self.bad.entry(bad.as_str()).or_default() += 1;
                         return;
                     }
                 };
-                let sender = stamp.sender as usize;
-                let reason = if sender >= shared.total || stamp.seq > MAX_SEQ {
-                    Some("unknown-sender")
-                } else if sender == self.index {
-                    Some("own-packet")
-                } else if sender / shared.per_room != self.room {
-                    Some("other-room")
-                } else {
-                    None
-                };
-                if let Some(reason) = reason {
+                if let Some(reason) =
+                    check_sender(&stamp, self.index, shared.per_room, shared.total)
+                {
                     *self.bad.entry(reason).or_default() += 1;
                     return;
                 }
+                let sender = stamp.sender as usize;
+                Live::add(&shared.live.received, 1);
                 let sent_at = shared.base + Duration::from_nanos(stamp.sent_ns);
                 let in_window = schedule.is_some_and(|s| s.in_window(stamp.sent_ns));
-                self.flows
+                let latency = at.saturating_duration_since(sent_at);
+                let flow = self
+                    .flows
                     .entry((sender, kind_index(kind)))
-                    .or_default()
-                    .record(
-                        stamp.seq,
+                    .or_insert_with(|| Flow::new(kind));
+                let fresh = flow.stamp.record(stamp.seq, at, in_window, latency);
+                // Sent in the window (the stamp says when), like the stamp
+                // counts: by arrival time, a late packet from the warm-up
+                // would stretch the sequence range back to packets that
+                // arrived before the window and count them as lost.
+                if in_window {
+                    flow.rtp.record(
+                        packet.header.sequence_number,
+                        packet.header.timestamp,
+                        packet.payload.len(),
                         at,
-                        in_window,
-                        at.saturating_duration_since(sent_at),
                     );
+                }
+                if let (true, true, Some(s)) = (fresh, in_window, schedule) {
+                    let t_ms = at.saturating_duration_since(s.warmup_start).as_millis();
+                    let lat_us = latency.as_micros();
+                    self.timeline.push((
+                        u32::try_from(t_ms).unwrap_or(u32::MAX),
+                        u32::try_from(lat_us).unwrap_or(u32::MAX),
+                    ));
+                }
             }
             Event::TrackAdded {
                 stream_id, kind, ..
@@ -702,74 +783,31 @@ impl Outcome {
     }
 }
 
-/// One stream a participant publishes.
-struct Publisher {
-    spec: StreamSpec,
-    seq: u32,
-    interval: Option<tokio::time::Interval>,
-}
-
-impl Publisher {
-    fn start(spec: StreamSpec, schedule: &Schedule) -> Publisher {
-        let phase = spec.period.mul_f64(rand::rng().random::<f64>());
-        let mut interval =
-            tokio::time::interval_at((schedule.warmup_start + phase).into(), spec.period);
-        // Late ticks are skipped, not sent in a burst: the rate may fall under
-        // load (the report shows what was sent), the pacing stays.
-        interval.set_missed_tick_behavior(MissedTickBehavior::Skip);
-        Publisher {
-            spec,
-            seq: 0,
-            interval: Some(interval),
+/// Sends the next frame of `p` (or stops it at the end of the window).
+fn send(
+    p: &mut Publisher,
+    client: &Client,
+    out: &mut Outcome,
+    schedule: &Schedule,
+    shared: &Shared,
+) {
+    let Some(frame) = p.next_frame(&shared.plan, out.index, shared.base, schedule.t1) else {
+        return;
+    };
+    let in_window = schedule.in_window(frame.sent_ns);
+    let subscribers = (shared.per_room - 1) as u64;
+    let sent = &mut out.sent[kind_index(p.kind)];
+    sent.errors += frame.errors;
+    sent.frame(in_window, frame.keyframe);
+    for (payload, marker) in frame.packets {
+        let len = payload.len();
+        let ok = client
+            .send_rtp(p.kind, payload, marker, frame.timestamp)
+            .is_ok();
+        sent.packet(ok, in_window, len);
+        if ok {
+            Live::add(&shared.live.expected, subscribers);
         }
-    }
-
-    /// Sends the next packet, or stops the stream at the end of the window.
-    fn send(&mut self, client: &Client, out: &mut Outcome, schedule: &Schedule, base: Instant) {
-        let now = Instant::now();
-        if now >= schedule.t1 {
-            self.interval = None;
-            return;
-        }
-        let kind = self.spec.kind;
-        let stamp = payload::Stamp {
-            sender: out.index as u32,
-            seq: self.seq,
-            sent_ns: ns_since(base, now),
-        };
-        let data = payload::build(kind, stamp, self.spec.payload);
-        let (marker, timestamp) = match kind {
-            Kind::Audio => (false, self.seq.wrapping_mul(960)),
-            Kind::Video => {
-                let ticks = now
-                    .saturating_duration_since(schedule.warmup_start)
-                    .as_micros()
-                    * 9
-                    / 100;
-                (true, ticks as u32)
-            }
-        };
-        self.seq += 1;
-        let sent = &mut out.sent[kind_index(kind)];
-        match client.send_rtp(kind, data, marker, timestamp) {
-            Ok(()) => {
-                sent.total += 1;
-                if schedule.in_window(stamp.sent_ns) {
-                    sent.window += 1;
-                }
-            }
-            Err(_) => sent.errors += 1,
-        }
-    }
-}
-
-/// Waits for the next tick of `p`; never resolves for a stopped stream.
-async fn tick(p: &mut Option<Publisher>) {
-    match p.as_mut().and_then(|p| p.interval.as_mut()) {
-        Some(iv) => {
-            iv.tick().await;
-        }
-        None => std::future::pending().await,
     }
 }
 
@@ -789,17 +827,28 @@ async fn participant(
     index: usize,
     shared: Arc<Shared>,
     mut phase: watch::Receiver<Phase>,
-    ready: mpsc::UnboundedSender<bool>,
+    ready: mpsc::UnboundedSender<Ready>,
 ) -> Outcome {
-    let mut out = Outcome::new(index, shared.per_room);
+    let mut out = Outcome::new(index, &shared);
+    let mut refused = None;
     let client = tokio::select! {
-        c = join(&shared, &mut out) => c,
+        c = join(&shared, &mut out, &mut refused) => c,
         () = until_stop(&mut phase) => {
             out.fail("stopped while joining");
             None
         }
     };
-    let _ = ready.send(client.is_some());
+    let _ = ready.send(match (&client, refused) {
+        (Some(_), _) => {
+            Live::add(&shared.live.connected, 1);
+            Ready::Connected
+        }
+        (None, Some(why)) => Ready::Refused(format!("{}: {why}", out.name)),
+        (None, None) => {
+            Live::add(&shared.live.failed, 1);
+            Ready::Failed
+        }
+    });
     drop(ready);
     let Some(mut client) = client else {
         return out;
@@ -817,7 +866,6 @@ async fn participant(
         }
     };
     let mut streams: [Option<Publisher>; 2] = [None, None];
-    let base = shared.base;
     loop {
         let end = schedule.map(|s: Schedule| s.end);
         let [audio, video] = &mut streams;
@@ -838,9 +886,8 @@ async fn participant(
                     Phase::Media(s) => {
                         schedule = Some(s);
                         out.published = true;
-                        for spec in &shared.streams {
-                            let slot = if spec.kind == Kind::Audio { &mut *audio } else { &mut *video };
-                            *slot = Some(Publisher::start(*spec, &s));
+                        if out.publisher {
+                            [*audio, *video] = Publisher::all(&shared.plan, s.warmup_start);
                         }
                     }
                     Phase::Stop => break,
@@ -849,12 +896,12 @@ async fn participant(
             }
             () = tick(audio) => {
                 if let (Some(p), Some(s)) = (audio.as_mut(), schedule.as_ref()) {
-                    p.send(&client, &mut out, s, base);
+                    send(p, &client, &mut out, s, &shared);
                 }
             }
             () = tick(video) => {
                 if let (Some(p), Some(s)) = (video.as_mut(), schedule.as_ref()) {
-                    p.send(&client, &mut out, s, base);
+                    send(p, &client, &mut out, s, &shared);
                 }
             }
             () = sleep_until_opt(end) => break,
@@ -879,18 +926,25 @@ async fn sleep_until_opt(t: Option<Instant>) {
 }
 
 /// Joins and waits until connected and negotiated; `None` (with
-/// `out.error` set) on failure.
-async fn join(shared: &Shared, out: &mut Outcome) -> Option<Client> {
+/// `out.error` set) on failure, and `refused` set when the server said no.
+async fn join(shared: &Shared, out: &mut Outcome, refused: &mut Option<String>) -> Option<Client> {
     let _permit = shared.connect.acquire().await.ok()?;
     let started = Instant::now();
     out.join_started = Some(started);
     let deadline: tokio::time::Instant = (started + shared.join_timeout).into();
     let mut opts = JoinOptions::sfu(&shared.url, &shared.rooms[out.room], &out.name);
-    opts.publish_audio = shared.streams.iter().any(|s| s.kind == Kind::Audio);
-    opts.publish_video = shared.streams.iter().any(|s| s.kind == Kind::Video);
+    opts.audio = Some(shared.audio_mode);
+    opts.publish_audio = out.publisher && shared.plan.audio.is_some();
+    opts.publish_video = out.publisher && shared.plan.video.is_some();
     let mut client = match timeout_at(deadline, Client::join(opts)).await {
         Err(_) => {
             out.fail("join: timed out");
+            return None;
+        }
+        Ok(Err(ClientError::Refused(msg))) => {
+            let why = refusal(&msg);
+            out.fail(format!("join refused: {why}"));
+            *refused = Some(why);
             return None;
         }
         Ok(Err(e)) => {
@@ -900,6 +954,7 @@ async fn join(shared: &Shared, out: &mut Outcome) -> Option<Client> {
         Ok(Ok(c)) => c,
     };
     out.id = Some(client.id.clone());
+    out.audio_mode = Some(client.joined.audio);
     if client.joined.mode != MediaMode::Sfu {
         out.fail(format!(
             "joined a room in mode {:?}, not sfu",
@@ -942,37 +997,43 @@ async fn join(shared: &Shared, out: &mut Outcome) -> Option<Client> {
     Some(client)
 }
 
+/// The server's answer to a refused join, shortened to what a person needs:
+/// `room lt-x-0 is full ...`, `error <code>: <message>`, or the message as is.
+fn refusal(msg: &str) -> String {
+    match serde_json::from_str::<serde_json::Value>(msg) {
+        Ok(v) => {
+            let ty = v["type"].as_str().unwrap_or("?");
+            match (ty, v["code"].as_str(), v["message"].as_str()) {
+                ("full", _, _) => format!(
+                    "room {} is full (the server's --max-participants)",
+                    v["room"].as_str().unwrap_or("?")
+                ),
+                (_, Some(c), Some(t)) => format!("{ty} {c}: {t}"),
+                (_, Some(c), None) => format!("{ty} {c}"),
+                _ => msg.to_owned(),
+            }
+        }
+        Err(_) => msg.to_owned(),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::stamp::{self, Stamp};
+    use bytes::Bytes;
     use clap::Parser;
 
     #[derive(Parser)]
     struct Wrap {
         #[command(flatten)]
-        args: SfuArgs,
+        args: RunArgs,
     }
 
-    fn args(extra: &[&str]) -> SfuArgs {
+    fn args(extra: &[&str]) -> RunArgs {
         let mut v = vec!["x"];
         v.extend_from_slice(extra);
         Wrap::try_parse_from(v).expect("parses").args
-    }
-
-    #[test]
-    fn stream_rates() {
-        let s = streams(&args(&[])).expect("streams");
-        assert_eq!(s.len(), 2);
-        assert_eq!(s[0].kind, Kind::Audio);
-        assert_eq!(s[0].period, Duration::from_millis(20));
-        assert_eq!(s[0].payload, 100);
-        assert_eq!(s[1].kind, Kind::Video);
-        // 500 kbit/s of 1100-byte payloads: 56.8 packets/s.
-        assert!((s[1].packets_per_second() - 500_000.0 / 8800.0).abs() < 0.01);
-        let only_audio = streams(&args(&["--video-kbps", "0"])).expect("audio only");
-        assert_eq!(only_audio.len(), 1);
-        assert!(streams(&args(&["--video-kbps", "0", "--audio-pps", "0"])).is_err());
-        assert!(streams(&args(&["--video-payload", "1500"])).is_err());
     }
 
     #[test]
@@ -980,30 +1041,27 @@ mod tests {
         let ok = validate(&args(&["--run-id", "t"]), "t").expect("valid");
         assert_eq!((ok.0.as_str(), ok.1), ("127.0.0.1", 8080));
         assert_eq!(ok.2.len(), 5);
-        assert_eq!(ok.2[4], "sfu-t-4");
+        assert_eq!(ok.2[4], "lt-t-4");
         assert!(validate(&args(&["--url", "ws://10.1.2.3:8080/ws"]), "t").is_err());
         assert!(validate(&args(&["--participants", "1"]), "t").is_err());
+        assert!(validate(&args(&["--publishers", "5"]), "t").is_err());
+        assert!(validate(&args(&["--publishers", "0"]), "t").is_err());
         assert!(validate(&args(&["--timeout", "20s"]), "t").is_err());
         let remote = args(&["--url", "ws://10.1.2.3:9/ws", "--allow-remote"]);
         assert_eq!(validate(&remote, "t").expect("remote").1, 9);
     }
 
     #[test]
-    fn flow_counts_duplicates_reorders_and_window() {
-        let mut f = Flow::default();
-        let t = Instant::now();
-        let ms = Duration::from_millis;
-        f.record(0, t, false, ms(1));
-        f.record(2, t, true, ms(2));
-        f.record(1, t, true, ms(3));
-        f.record(2, t, true, ms(4));
-        f.record(200, t, true, ms(5));
-        assert_eq!(f.total, 5);
-        assert_eq!(f.window, 3);
-        assert_eq!(f.duplicates, 1);
-        assert_eq!(f.reordered, 1);
-        assert_eq!(f.latencies, vec![ms(2), ms(3), ms(5)]);
-        assert_eq!(f.first_at, Some(t));
+    fn refusals_read_well() {
+        assert_eq!(
+            refusal(r#"{"type":"full","room":"lt-a-0"}"#),
+            "room lt-a-0 is full (the server's --max-participants)"
+        );
+        assert_eq!(
+            refusal(r#"{"type":"error","code":"bad-room","message":"nope"}"#),
+            "error bad-room: nope"
+        );
+        assert_eq!(refusal("garbage"), "garbage");
     }
 
     /// The real server in-process on 127.0.0.1 (ports picked by the kernel).
@@ -1031,6 +1089,7 @@ mod tests {
             "2",
             "--participants",
             "3",
+            "--audio",
             "--warmup",
             "1s",
             "--duration",
@@ -1049,15 +1108,29 @@ mod tests {
         assert_eq!(r.participants.connected, 6);
         assert_eq!(r.tracks_expected, 6 * 2 * 2);
         for m in &r.media {
-            // ~2 s at 50 (audio) or 56.8 (video) packets/s from 6 publishers.
-            assert!(m.sent > 500, "{}: {} sent", m.kind, m.sent);
+            // ~2 s of 50 audio packets/s, or of ~30 VP8 frames/s of 1-5
+            // packets each, from 6 publishers.
+            assert!(m.sent > 400, "{}: {} sent", m.kind, m.sent);
             assert_eq!(m.expected, m.sent * 2, "{}: two subscribers each", m.kind);
             assert_eq!(m.tracks_missing, 0);
             // Loopback within one process: allow a stray late packet, no more.
             assert!(m.loss_percent < 1.0, "{}", r.table());
             assert!(m.latency.count > 0 && m.latency.p50 < Duration::from_millis(200));
+            assert!(m.jitter_ms_max.is_some());
+            assert!(m.received_bytes > 0);
         }
+        let video = &r.media[1];
+        assert!(
+            (300.0..700.0).contains(&video.sent_kbps_per_publisher),
+            "{}",
+            video.sent_kbps_per_publisher
+        );
+        assert!(
+            video.keyframes >= 6,
+            "a keyframe a second from each publisher"
+        );
         assert!(r.bad_payloads.is_empty(), "{:?}", r.bad_payloads);
+        assert!(r.mixed_audio.is_none());
         let sm = r.server_metrics.as_ref().expect("/metrics scraped");
         assert!(sm.forwarded > 0.0);
         let fwd = sm.expected_forwarded as f64;
@@ -1067,18 +1140,18 @@ mod tests {
             sm.forwarded,
             fwd
         );
-        let h = sm.forward_latency.as_ref().expect("histogram");
-        assert!(h.observations > 0.0);
         let s = r.server.as_ref().expect("server stats");
         assert!(s.cpu_window_s.is_some() && s.rss_steady_bytes.is_some());
         assert_eq!(r.first_packet_after_warmup.count, 24);
+        assert!(r.timeline.len() >= 3, "{} points", r.timeline.len());
+        assert!(r.timeline.iter().any(|t| t.latency_p50_ms.is_some()));
         let table = r.table();
         assert!(table.contains("CPU per packet"), "{table}");
         serde_json::to_string(&r).expect("serializes");
     }
 
     #[tokio::test]
-    async fn nothing_listening_fails_fast_and_reports() {
+    async fn nothing_listening_is_an_error_at_once() {
         // A port with no listener: bind one, note it, close it.
         let port = std::net::TcpListener::bind("127.0.0.1:0")
             .and_then(|l| l.local_addr())
@@ -1087,17 +1160,113 @@ mod tests {
         let url = format!("ws://127.0.0.1:{port}/ws");
         let a = args(&["--url", &url, "--rooms", "1", "--participants", "2"]);
         let started = Instant::now();
-        let r = run(&a).await.expect("runs");
+        let e = run(&a).await.expect_err("nothing to run against");
         assert!(started.elapsed() < Duration::from_secs(10));
-        assert!(!r.all_ok());
-        assert_eq!(r.participants.failed, 2);
-        assert!(r.server_metrics.is_none());
-        assert!(
-            r.errors.keys().all(|e| e.starts_with("join:")),
-            "{:?}",
-            r.errors
+        assert!(e.contains("cannot reach the server"), "{e}");
+        assert!(e.contains(&url), "{e}");
+    }
+
+    fn rtp(seq: u16, ts: u32, payload: Bytes) -> switchboard_client::RtpPacket {
+        let mut p = switchboard_client::RtpPacket::default();
+        p.header.sequence_number = seq;
+        p.header.timestamp = ts;
+        p.payload = payload;
+        p
+    }
+
+    /// What a subscriber does with what arrives: stamped VP8 and Opus go to
+    /// per-publisher flows with latency; a `mix` track (no stamp) is counted
+    /// by RTP only; foreign or damaged payloads are set aside.
+    #[test]
+    fn absorb_routes_stamped_and_mixed_media() {
+        let base = Instant::now();
+        let a = args(&["--rooms", "2", "--participants", "3", "--audio"]);
+        let shared = Shared {
+            url: a.url.clone(),
+            rooms: vec!["a".into(), "b".into()],
+            per_room: 3,
+            publishers: 3,
+            total: 6,
+            base,
+            connect: Semaphore::new(1),
+            join_timeout: a.join_timeout,
+            plan: media_plan(500, true).expect("plan"),
+            audio_mode: AudioMode::Mix,
+            live: Arc::new(Live::default()),
+        };
+        let s = Schedule::new(base, base, &a);
+        let mut out = Outcome::new(0, &shared);
+        let sent_ns = ns_since(base, s.t0) + 1_000;
+        let stamp = |sender, seq| Stamp {
+            sender,
+            seq,
+            sent_ns,
+        };
+        let at = s.t0 + Duration::from_millis(5);
+        let ev = |kind, stream: &str, packet| Event::Rtp {
+            track_id: "t".into(),
+            stream_id: stream.into(),
+            kind,
+            packet,
+            at,
+        };
+        // VP8 from participant 1: one packet of a frame, stamped.
+        let mut v = media::vp8_packets(&[0x10, 2, 3, 4], 7, 1200, stamp::STAMP_LEN)
+            .pop()
+            .expect("one packet");
+        stamp::append_trailer(&mut v, stamp(1, 0));
+        out.absorb(
+            ev(Kind::Video, "p1", rtp(100, 9000, v.freeze())),
+            Some(&s),
+            &shared,
         );
-        assert!(r.table().contains("participant errors"));
+        // Opus from participant 2.
+        let opus = shared.plan.audio.as_ref().expect("audio").frames[0].clone();
+        let o = stamp::opus_stamped(&opus, stamp(2, 0)).expect("code 0");
+        out.absorb(ev(Kind::Audio, "p2", rtp(5, 960, o)), Some(&s), &shared);
+        // Mixed audio across a sequence wrap, one lost, one duplicated.
+        for seq in [65534u16, 65535, 1, 1] {
+            out.absorb(
+                ev(
+                    Kind::Audio,
+                    MIX_STREAM_ID,
+                    rtp(seq, u32::from(seq) * 960, opus.clone()),
+                ),
+                Some(&s),
+                &shared,
+            );
+        }
+        // Someone from the other room, our own packet, an unstamped payload.
+        let mut other = media::vp8_packets(&[0x10, 1], 1, 1200, stamp::STAMP_LEN)
+            .pop()
+            .expect("one packet");
+        stamp::append_trailer(&mut other, stamp(4, 0));
+        out.absorb(
+            ev(Kind::Video, "p4", rtp(1, 0, other.freeze())),
+            Some(&s),
+            &shared,
+        );
+        let own = stamp::opus_stamped(&opus, stamp(0, 0)).expect("code 0");
+        out.absorb(ev(Kind::Audio, "p0", rtp(1, 0, own)), Some(&s), &shared);
+        out.absorb(
+            ev(Kind::Audio, "p2", rtp(6, 0, opus.clone())),
+            Some(&s),
+            &shared,
+        );
+
+        let video = &out.flows[&(1, 1)];
+        assert_eq!((video.stamp.window, video.rtp.received), (1, 1));
+        assert_eq!(video.stamp.latencies, vec![Duration::from_micros(4_999)]);
+        let audio = &out.flows[&(2, 0)];
+        assert_eq!(audio.stamp.window, 1);
+        let mix = out.mix.as_ref().expect("mix counted");
+        assert_eq!((mix.received, mix.expected(), mix.lost()), (3, 4, 1));
+        assert_eq!(mix.duplicates, 1);
+        assert_eq!(out.flows.len(), 2, "mixed audio has no per-publisher flow");
+        assert_eq!(out.timeline.len(), 2, "latency only for stamped packets");
+        assert_eq!(out.bad.get("other-room"), Some(&1));
+        assert_eq!(out.bad.get("own-packet"), Some(&1));
+        assert_eq!(out.bad.get("no-stamp"), Some(&1));
     }
 
     #[test]

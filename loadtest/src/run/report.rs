@@ -1,4 +1,4 @@
-//! The SFU benchmark's report: the figures, the table and the JSON.
+//! `loadtest run`'s report: the figures, the table and the JSON.
 
 use std::collections::{BTreeMap, HashMap};
 use std::fmt::Write as _;
@@ -6,8 +6,12 @@ use std::time::{Duration, Instant};
 
 use serde::{Serialize, Serializer};
 
-use super::{kind_index, Outcome, Sample, Schedule, SfuArgs, StreamSpec, KIND_NAMES};
+use super::{kind_index, MediaPlan, Outcome, RunArgs, Sample, Schedule, KIND_NAMES};
+use crate::plot::Point;
 use crate::proc::{self, Machine};
+use crate::publish::MediaSource;
+use crate::rxstats::{percent, RtpStats};
+use crate::sampler::{self, Tick};
 use crate::scrape::{self, Estimate, Histogram};
 use crate::stats::{self, Summary};
 
@@ -30,6 +34,10 @@ pub struct Report {
     /// False when the run hit `--timeout` or lost a task.
     pub completed: bool,
     pub config: Config,
+    /// What is published, and how it is paced and stamped.
+    pub media_source: MediaSource,
+    /// The `audio` mode each participant's `joined` reported, by mode.
+    pub audio_mode_granted: BTreeMap<String, u64>,
     pub machine: Machine,
     pub participants: Participants,
     /// Join start → connected and negotiated.
@@ -55,8 +63,13 @@ pub struct Report {
     pub tracks_removed: u64,
     /// Payloads that could not be counted, by reason.
     pub bad_payloads: BTreeMap<String, u64>,
+    /// The server's mixed-audio tracks (stream id `mix`), when it sent any.
+    pub mixed_audio: Option<MixedAudio>,
     pub subscribers: Vec<SubscriberRow>,
     pub flows: Vec<FlowRow>,
+    /// One point per sampling interval (about a second) from the start of
+    /// publishing to the end of the drain.
+    pub timeline: Vec<TimePoint>,
     pub server: Option<ServerStats>,
     pub server_metrics: Option<ServerMetrics>,
     pub generator: GeneratorStats,
@@ -75,19 +88,56 @@ pub struct Config {
     pub duration_s: f64,
     pub warmup_s: f64,
     pub drain_s: f64,
-    pub streams: Vec<StreamConfig>,
+    pub publishers_per_room: usize,
+    pub video_kbps_target: u32,
+    pub audio: bool,
+    pub audio_mode_requested: &'static str,
     pub join_timeout_s: f64,
     pub connect_concurrency: usize,
     pub timeout_s: f64,
     pub threads: usize,
 }
 
+/// Mixed audio: re-encoded by the server, so no stamp survives; counted by
+/// RTP sequence numbers and timestamps only, from the window start to the
+/// end of the drain. No end-to-end latency.
 #[derive(Debug, Serialize)]
-pub struct StreamConfig {
-    pub kind: &'static str,
-    pub packets_per_second: f64,
-    pub payload_bytes: usize,
-    pub payload_kbps: f64,
+pub struct MixedAudio {
+    pub note: &'static str,
+    /// Subscribers that received a `mix` track, of those that took part.
+    pub subscribers: usize,
+    pub subscribers_expected: usize,
+    pub received: u64,
+    pub received_bytes: u64,
+    /// From RTP sequence numbers (first to last seen, per track).
+    pub rtp_expected: u64,
+    pub rtp_lost: u64,
+    pub loss_percent: f64,
+    pub duplicates: u64,
+    pub reordered: u64,
+    pub jitter_ms_mean: Option<f64>,
+    pub jitter_ms_max: Option<f64>,
+    /// Subscriber's join start → first mixed packet.
+    #[serde(serialize_with = "ser_summary")]
+    pub first_packet_after_join: Summary,
+}
+
+/// One sampling interval.
+#[derive(Debug, Serialize)]
+pub struct TimePoint {
+    /// End of the interval, seconds since publishing began.
+    pub t_s: f64,
+    pub seconds: f64,
+    pub server_cpu_percent: Option<f64>,
+    pub server_rss_bytes: Option<u64>,
+    pub forwarded_per_s: Option<f64>,
+    pub server_cpu_per_forwarded_packet_us: Option<f64>,
+    pub generator_cpu_percent: Option<f64>,
+    /// Stamped in-window packets that arrived in the interval, and their
+    /// end-to-end latency.
+    pub packets_received: usize,
+    pub latency_p50_ms: Option<f64>,
+    pub latency_p99_ms: Option<f64>,
 }
 
 #[derive(Debug, Default, Serialize)]
@@ -109,16 +159,31 @@ pub struct KindTotals {
     pub kind: &'static str,
     /// Packets published in the window, all publishers.
     pub sent: u64,
+    /// RTP payload bytes published in the window (media, descriptor, stamp).
+    pub sent_bytes: u64,
+    /// Achieved payload rate per publisher over the window, kbit/s.
+    pub sent_kbps_per_publisher: f64,
+    /// Frames per second per publisher, and keyframes, in the window.
+    pub frames_per_s_per_publisher: f64,
+    pub keyframes: u64,
     /// Packets published over the whole media phase (warm-up included).
     pub sent_total: u64,
     pub send_errors: u64,
     /// In-window packets every subscriber should get: Σ sent × subscribers.
     pub expected: u64,
     pub received: u64,
+    pub received_bytes: u64,
     pub lost: u64,
     pub loss_percent: f64,
     pub duplicates: u64,
     pub reordered: u64,
+    /// By RTP sequence numbers (as the server rewrote them) of the packets
+    /// sent in the window: the first to the last one received per flow.
+    pub rtp_expected: u64,
+    pub rtp_lost: u64,
+    /// RFC 3550 interarrival jitter at the end of the run, over flows.
+    pub jitter_ms_mean: Option<f64>,
+    pub jitter_ms_max: Option<f64>,
     /// (subscriber, publisher) pairs expected, and those with no packet in the window.
     pub tracks: usize,
     pub tracks_missing: usize,
@@ -133,10 +198,17 @@ pub struct SubscriberRow {
     pub room: usize,
     pub expected: u64,
     pub received: u64,
+    pub received_bytes: u64,
     pub lost: u64,
     pub loss_percent: f64,
+    /// Highest RFC 3550 jitter over this subscriber's tracks.
+    pub jitter_ms_max: Option<f64>,
     #[serde(serialize_with = "ser_summary")]
     pub latency: Summary,
+    /// The mixed-audio track, if any: packets, RTP loss, jitter.
+    pub mix_received: Option<u64>,
+    pub mix_lost: Option<u64>,
+    pub mix_jitter_ms: Option<f64>,
     /// Slowest remote track: warm-up start → first packet, ms.
     pub first_packet_max_ms: Option<f64>,
     pub error: Option<String>,
@@ -149,9 +221,13 @@ pub struct FlowRow {
     pub kind: &'static str,
     pub sent: u64,
     pub received: u64,
+    pub received_bytes: u64,
     pub lost: u64,
     pub duplicates: u64,
     pub reordered: u64,
+    pub rtp_expected: u64,
+    pub rtp_lost: u64,
+    pub jitter_ms: Option<f64>,
     pub first_packet_after_warmup_ms: Option<f64>,
     pub first_packet_after_join_ms: Option<f64>,
     #[serde(serialize_with = "ser_summary")]
@@ -231,10 +307,10 @@ pub struct GeneratorStats {
 
 /// What [`Report::assemble`] is built from.
 pub(super) struct Inputs<'a> {
-    pub args: &'a SfuArgs,
+    pub args: &'a RunArgs,
     pub run_id: &'a str,
     pub machine: Machine,
-    pub streams: &'a [StreamSpec],
+    pub plan: &'a MediaPlan,
     pub base: Instant,
     pub outcomes: Vec<Outcome>,
     pub tasks_lost: usize,
@@ -245,6 +321,7 @@ pub(super) struct Inputs<'a> {
     pub joined_at: Instant,
     pub window: Option<(Sample, Sample)>,
     pub finished: Sample,
+    pub ticks: Vec<Tick>,
 }
 
 /// Totals of one kind over every (subscriber, publisher) pair.
@@ -252,23 +329,27 @@ pub(super) struct Inputs<'a> {
 struct KindAcc {
     expected: u64,
     received: u64,
+    bytes: u64,
     duplicates: u64,
     reordered: u64,
+    rtp_expected: u64,
+    rtp_lost: u64,
+    jitters: Vec<f64>,
     tracks: usize,
     missing: usize,
     latencies: Vec<Duration>,
 }
 
-fn ms_between(a: Instant, b: Instant) -> f64 {
-    b.saturating_duration_since(a).as_secs_f64() * 1e3
+fn mean(v: &[f64]) -> Option<f64> {
+    (!v.is_empty()).then(|| v.iter().sum::<f64>() / v.len() as f64)
 }
 
-fn percent(part: u64, whole: u64) -> f64 {
-    if whole == 0 {
-        0.0
-    } else {
-        100.0 * part as f64 / whole as f64
-    }
+fn max(v: &[f64]) -> Option<f64> {
+    v.iter().copied().reduce(f64::max)
+}
+
+fn ms_between(a: Instant, b: Instant) -> f64 {
+    b.saturating_duration_since(a).as_secs_f64() * 1e3
 }
 
 impl Report {
@@ -281,7 +362,7 @@ impl Report {
             .iter()
             .filter_map(|o| Some((o.id.as_deref()?, o.index)))
             .collect();
-        let kinds: Vec<usize> = inp.streams.iter().map(|s| kind_index(s.kind)).collect();
+        let kinds: Vec<usize> = inp.plan.kinds().into_iter().map(kind_index).collect();
 
         let mut p = Participants {
             requested: args.rooms * args.participants,
@@ -321,7 +402,9 @@ impl Report {
             }
         }
 
-        // Per flow: every published stream of every other publisher in the room.
+        // Per flow: every published stream of every other publisher in the
+        // room; mixed audio replaces the audio flows of a subscriber that
+        // got a `mix` track.
         let mut flows = Vec::new();
         let mut subscribers = Vec::new();
         let mut per_kind: [KindAcc; 2] = Default::default();
@@ -329,36 +412,76 @@ impl Report {
         let mut tracks_expected = 0usize;
         let mut tracks_added = 0usize;
         let mut tracks_removed = 0u64;
+        let mut mix_stats: Vec<&RtpStats> = Vec::new();
+        let mut mix_first = Vec::new();
+        let mut mix_missing = 0usize;
+        let mut audio_mode_granted = BTreeMap::new();
+        let mix_requested = args.audio_mode == super::AudioModeArg::Mix;
+        for o in &outcomes {
+            if let Some(m) = o.audio_mode {
+                *audio_mode_granted
+                    .entry(m.as_str().to_owned())
+                    .or_insert(0u64) += 1;
+            }
+        }
+        let publishers_per_room = args.publishers();
         for sub in outcomes.iter().filter(|o| o.published) {
-            let (mut s_expected, mut s_received) = (0u64, 0u64);
+            let (mut s_expected, mut s_received, mut s_bytes) = (0u64, 0u64, 0u64);
             let mut s_lat = Vec::new();
+            let mut s_jitter: Vec<f64> = Vec::new();
             let mut s_first_max: Option<f64> = None;
             tracks_removed += sub.tracks_removed;
             tracks_added += sub
                 .tracks_added
                 .keys()
-                .filter(|(id, _)| id_to_index.contains_key(id.as_str()))
+                .filter(|(id, _)| {
+                    id_to_index.contains_key(id.as_str()) || id == super::MIX_STREAM_ID
+                })
                 .count();
+            // Mixed audio expected when asked for and the server sent it.
+            let has_mix = sub.mix_first_at.is_some();
+            if kinds.contains(&0) && (has_mix || mix_requested) {
+                let others = (0..publishers_per_room)
+                    .filter(|j| sub.room * args.participants + j != sub.index)
+                    .count();
+                if has_mix && others > 0 {
+                    tracks_expected += 1;
+                    match &sub.mix {
+                        Some(m) => {
+                            mix_stats.push(m);
+                            s_jitter.push(m.jitter_ms());
+                        }
+                        None => mix_missing += 1,
+                    }
+                    if let (Some(at), Some(j)) = (sub.mix_first_at, sub.join_started) {
+                        mix_first.push(at.saturating_duration_since(j));
+                    }
+                }
+            }
             let room_members = (sub.room * args.participants)..((sub.room + 1) * args.participants);
             for pubi in room_members {
-                let Some(publisher) = by_index.get(&pubi).filter(|o| o.published) else {
+                let Some(publisher) = by_index.get(&pubi).filter(|o| o.published && o.publisher)
+                else {
                     continue;
                 };
                 if pubi == sub.index {
                     continue;
                 }
                 for &k in &kinds {
+                    if k == 0 && has_mix {
+                        continue;
+                    }
                     tracks_expected += 1;
                     let sent = publisher.sent[k].window;
                     let flow = sub.flows.get(&(pubi, k));
-                    let received = flow.map_or(0, |f| f.window);
+                    let received = flow.map_or(0, |f| f.stamp.window);
                     let lost = sent.saturating_sub(received);
                     let first_w = flow
-                        .and_then(|f| f.first_at)
+                        .and_then(|f| f.stamp.first_at)
                         .zip(inp.schedule)
                         .map(|(at, s)| ms_between(s.warmup_start, at));
                     let first_j = flow
-                        .and_then(|f| f.first_at)
+                        .and_then(|f| f.stamp.first_at)
                         .zip(sub.join_started)
                         .map(|(at, j)| ms_between(j, at));
                     if let Some(w) = first_w {
@@ -368,27 +491,40 @@ impl Report {
                     if let Some(j) = first_j {
                         after_join.push(Duration::from_secs_f64(j / 1e3));
                     }
-                    let mut lat = flow.map(|f| f.latencies.clone()).unwrap_or_default();
+                    let mut lat = flow.map(|f| f.stamp.latencies.clone()).unwrap_or_default();
+                    let rtp = flow.map(|f| &f.rtp).filter(|r| r.received > 0);
+                    let jitter = rtp.map(RtpStats::jitter_ms);
+                    let bytes = rtp.map_or(0, |r| r.bytes);
                     let t = &mut per_kind[k];
                     t.expected += sent;
                     t.received += received;
-                    t.duplicates += flow.map_or(0, |f| f.duplicates);
-                    t.reordered += flow.map_or(0, |f| f.reordered);
+                    t.bytes += bytes;
+                    t.duplicates += flow.map_or(0, |f| f.stamp.duplicates);
+                    t.reordered += flow.map_or(0, |f| f.stamp.reordered);
+                    t.rtp_expected += rtp.map_or(0, RtpStats::expected);
+                    t.rtp_lost += rtp.map_or(0, RtpStats::lost);
+                    t.jitters.extend(jitter);
+                    s_jitter.extend(jitter);
                     t.tracks += 1;
                     t.missing += usize::from(sent > 0 && received == 0);
                     t.latencies.extend_from_slice(&lat);
                     s_lat.extend_from_slice(&lat);
                     s_expected += sent;
                     s_received += received;
+                    s_bytes += bytes;
                     flows.push(FlowRow {
                         subscriber: sub.name.clone(),
                         publisher: publisher.name.clone(),
                         kind: KIND_NAMES[k],
                         sent,
                         received,
+                        received_bytes: bytes,
                         lost,
-                        duplicates: flow.map_or(0, |f| f.duplicates),
-                        reordered: flow.map_or(0, |f| f.reordered),
+                        duplicates: flow.map_or(0, |f| f.stamp.duplicates),
+                        reordered: flow.map_or(0, |f| f.stamp.reordered),
+                        rtp_expected: rtp.map_or(0, RtpStats::expected),
+                        rtp_lost: rtp.map_or(0, RtpStats::lost),
+                        jitter_ms: jitter,
                         first_packet_after_warmup_ms: first_w,
                         first_packet_after_join_ms: first_j,
                         latency: Summary::of(&mut lat),
@@ -402,44 +538,130 @@ impl Report {
                 room: sub.room,
                 expected: s_expected,
                 received: s_received,
+                received_bytes: s_bytes,
                 lost,
                 loss_percent: percent(lost, s_expected),
+                jitter_ms_max: max(&s_jitter),
                 latency: Summary::of(&mut s_lat),
+                mix_received: sub.mix.as_ref().map(|m| m.received),
+                mix_lost: sub.mix.as_ref().map(RtpStats::lost),
+                mix_jitter_ms: sub.mix.as_ref().map(RtpStats::jitter_ms),
                 first_packet_max_ms: s_first_max,
                 error: sub.error.clone(),
             });
         }
+        let mixed_audio = (!mix_stats.is_empty() || mix_missing > 0).then(|| {
+            let jit: Vec<f64> = mix_stats.iter().map(|m| m.jitter_ms()).collect();
+            let expected: u64 = mix_stats.iter().map(|m| m.expected()).sum();
+            let lost: u64 = mix_stats.iter().map(|m| m.lost()).sum();
+            MixedAudio {
+                note: "re-encoded by the server: counted by RTP sequence numbers and \
+                       timestamps only (packets, loss, jitter); no end-to-end latency",
+                subscribers: mix_stats.len(),
+                subscribers_expected: mix_stats.len() + mix_missing,
+                received: mix_stats.iter().map(|m| m.received).sum(),
+                received_bytes: mix_stats.iter().map(|m| m.bytes).sum(),
+                rtp_expected: expected,
+                rtp_lost: lost,
+                loss_percent: percent(lost, expected),
+                duplicates: mix_stats.iter().map(|m| m.duplicates).sum(),
+                reordered: mix_stats.iter().map(|m| m.reordered).sum(),
+                jitter_ms_mean: mean(&jit),
+                jitter_ms_max: max(&jit),
+                first_packet_after_join: Summary::of(&mut mix_first),
+            }
+        });
+        let publishing = outcomes
+            .iter()
+            .filter(|o| o.published && o.publisher)
+            .count();
         let mut all_lat = Vec::new();
         let mut media = Vec::new();
         let mut sent_window_total = 0u64;
         let mut received_total = 0u64;
+        let window_len = args.duration.as_secs_f64();
         for &k in &kinds {
             let acc = &mut per_kind[k];
             all_lat.extend_from_slice(&acc.latencies);
-            let sent: u64 = outcomes
-                .iter()
-                .filter(|o| o.published)
-                .map(|o| o.sent[k].window)
-                .sum();
+            let publishers = || outcomes.iter().filter(|o| o.published && o.publisher);
+            let sent: u64 = publishers().map(|o| o.sent[k].window).sum();
+            let sent_bytes: u64 = publishers().map(|o| o.sent[k].window_bytes).sum();
+            let frames: u64 = publishers().map(|o| o.sent[k].window_frames).sum();
+            let per_pub = |x: f64| {
+                if publishing > 0 && window_len > 0.0 {
+                    x / publishing as f64 / window_len
+                } else {
+                    0.0
+                }
+            };
             sent_window_total += sent;
             received_total += acc.received;
             let lost = acc.expected.saturating_sub(acc.received);
             media.push(KindTotals {
                 kind: KIND_NAMES[k],
                 sent,
+                sent_bytes,
+                sent_kbps_per_publisher: per_pub(sent_bytes as f64 * 8.0 / 1e3),
+                frames_per_s_per_publisher: per_pub(frames as f64),
+                keyframes: publishers().map(|o| o.sent[k].window_keyframes).sum(),
                 sent_total: outcomes.iter().map(|o| o.sent[k].total).sum(),
                 send_errors: outcomes.iter().map(|o| o.sent[k].errors).sum(),
                 expected: acc.expected,
                 received: acc.received,
+                received_bytes: acc.bytes,
                 lost,
                 loss_percent: percent(lost, acc.expected),
                 duplicates: acc.duplicates,
                 reordered: acc.reordered,
+                rtp_expected: acc.rtp_expected,
+                rtp_lost: acc.rtp_lost,
+                jitter_ms_mean: mean(&acc.jitters),
+                jitter_ms_max: max(&acc.jitters),
                 tracks: acc.tracks,
                 tracks_missing: acc.missing,
                 latency: Summary::of(&mut acc.latencies),
             });
         }
+        // The time series: the sampler's intervals, with the latency of the
+        // stamped packets that arrived in each.
+        let timeline = match inp.schedule {
+            Some(s) => {
+                let mut arrivals: Vec<(u32, u32)> = outcomes
+                    .iter()
+                    .flat_map(|o| o.timeline.iter().copied())
+                    .collect();
+                arrivals.sort_unstable();
+                let mut from_ms = 0u32;
+                sampler::intervals(&inp.ticks, s.warmup_start)
+                    .into_iter()
+                    .map(|iv| {
+                        let to_ms = (iv.t_s * 1e3) as u32;
+                        let lo = arrivals.partition_point(|(t, _)| *t < from_ms);
+                        let hi = arrivals.partition_point(|(t, _)| *t < to_ms);
+                        from_ms = to_ms;
+                        let mut lat: Vec<Duration> = arrivals[lo..hi]
+                            .iter()
+                            .map(|(_, us)| Duration::from_micros(u64::from(*us)))
+                            .collect();
+                        let n = lat.len();
+                        let sum = Summary::of(&mut lat);
+                        TimePoint {
+                            t_s: iv.t_s,
+                            seconds: iv.seconds,
+                            server_cpu_percent: iv.server_cpu_percent,
+                            server_rss_bytes: iv.server_rss_bytes,
+                            forwarded_per_s: iv.counter_per_s,
+                            server_cpu_per_forwarded_packet_us: iv.server_cpu_per_count_us,
+                            generator_cpu_percent: iv.generator_cpu_percent,
+                            packets_received: n,
+                            latency_p50_ms: (n > 0).then_some(sum.p50.as_secs_f64() * 1e3),
+                            latency_p99_ms: (n > 0).then_some(sum.p99.as_secs_f64() * 1e3),
+                        }
+                    })
+                    .collect()
+            }
+            None => Vec::new(),
+        };
         let expected_forwarded: u64 = media.iter().map(|m| m.expected).sum();
 
         // Server and generator over the window.
@@ -553,7 +775,7 @@ impl Report {
         let _ = (inp.base, inp.joined_at);
 
         Report {
-            tool: "loadtest sfu",
+            tool: "loadtest run",
             url: args.url.clone(),
             run_id: inp.run_id.to_owned(),
             completed: inp.completed,
@@ -563,21 +785,17 @@ impl Report {
                 duration_s: args.duration.as_secs_f64(),
                 warmup_s: args.warmup.as_secs_f64(),
                 drain_s: args.drain.as_secs_f64(),
-                streams: inp
-                    .streams
-                    .iter()
-                    .map(|s| StreamConfig {
-                        kind: KIND_NAMES[kind_index(s.kind)],
-                        packets_per_second: s.packets_per_second(),
-                        payload_bytes: s.payload,
-                        payload_kbps: s.packets_per_second() * s.payload as f64 * 8.0 / 1e3,
-                    })
-                    .collect(),
+                publishers_per_room,
+                video_kbps_target: args.video_kbps,
+                audio: args.audio,
+                audio_mode_requested: args.audio_mode.proto().as_str(),
                 join_timeout_s: args.join_timeout.as_secs_f64(),
                 connect_concurrency: args.connect_concurrency,
                 timeout_s: args.timeout.as_secs_f64(),
                 threads: args.threads.max(1),
             },
+            media_source: inp.plan.source(),
+            audio_mode_granted,
             machine: inp.machine,
             participants: p,
             join_latency: Summary::of(&mut joins),
@@ -590,8 +808,10 @@ impl Report {
             tracks_expected,
             tracks_removed,
             bad_payloads: bad,
+            mixed_audio,
             subscribers,
             flows,
+            timeline,
             server,
             server_metrics: metrics,
             generator,
@@ -611,6 +831,39 @@ impl Report {
             && p.dropped == 0
             && p.tasks_lost == 0
             && self.media.iter().all(|m| m.tracks_missing == 0)
+            && self
+                .mixed_audio
+                .as_ref()
+                .is_none_or(|m| m.subscribers == m.subscribers_expected)
+    }
+
+    /// The title of `--plot`.
+    pub fn plot_title(&self) -> String {
+        let c = &self.config;
+        format!(
+            "loadtest run {}: {} rooms x {} participants ({} publishing), video {} kbit/s{}, audio {}",
+            self.run_id,
+            c.rooms,
+            c.participants_per_room,
+            c.publishers_per_room,
+            c.video_kbps_target,
+            if c.audio { " + Opus" } else { "" },
+            c.audio_mode_requested
+        )
+    }
+
+    /// The points of `--plot`.
+    pub fn plot_points(&self) -> Vec<Point> {
+        self.timeline
+            .iter()
+            .map(|t| Point {
+                t_s: t.t_s,
+                latency_p50_ms: t.latency_p50_ms,
+                latency_p99_ms: t.latency_p99_ms,
+                server_cpu_percent: t.server_cpu_percent,
+                generator_cpu_percent: t.generator_cpu_percent,
+            })
+            .collect()
     }
 
     /// The human-readable report.
@@ -626,14 +879,16 @@ impl Report {
         let m = &self.machine;
         let p = &self.participants;
         writeln!(t)?;
-        writeln!(t, "Switchboard SFU forwarding benchmark")?;
+        writeln!(t, "Switchboard load test (loadtest run)")?;
         writeln!(t, "  url          {}", self.url)?;
         writeln!(
             t,
-            "  run          {}  ({} rooms x {} participants, warm-up {} s, window {} s, drain {} s{})",
+            "  run          {}  ({} rooms x {} participants, {} publishing per room, audio mode {}, warm-up {} s, window {} s, drain {} s{})",
             self.run_id,
             c.rooms,
             c.participants_per_room,
+            c.publishers_per_room,
+            c.audio_mode_requested,
             c.warmup_s,
             c.duration_s,
             c.drain_s,
@@ -643,11 +898,12 @@ impl Report {
                 "; DID NOT COMPLETE"
             },
         )?;
-        for s in &c.streams {
+        self.media_source.write_lines(t, c.video_kbps_target)?;
+        if !self.audio_mode_granted.is_empty() {
             writeln!(
                 t,
-                "  publishing   {} per participant: {:.1} packets/s x {} B = {:.0} kbit/s of payload",
-                s.kind, s.packets_per_second, s.payload_bytes, s.payload_kbps
+                "  audio mode   joined with {}",
+                join_map(&self.audio_mode_granted)
             )?;
         }
         writeln!(
@@ -700,6 +956,42 @@ impl Report {
                 k.tracks_missing
             )?;
         }
+        for k in &self.media {
+            writeln!(
+                t,
+                "    {:<6} sent {:.0} kbit/s and {:.1} frames/s per publisher ({} keyframes); received {:.2} MB; jitter mean {} max {}; RTP-seq loss {}/{}",
+                k.kind,
+                k.sent_kbps_per_publisher,
+                k.frames_per_s_per_publisher,
+                k.keyframes,
+                k.received_bytes as f64 / 1e6,
+                opt(k.jitter_ms_mean, |v| format!("{v:.2} ms")),
+                opt(k.jitter_ms_max, |v| format!("{v:.2} ms")),
+                k.rtp_lost,
+                k.rtp_expected
+            )?;
+        }
+        if let Some(m) = &self.mixed_audio {
+            writeln!(
+                t,
+                "    mixed audio: {} of {} subscribers got a mix track; {} packets, RTP-seq loss {}/{} ({:.3} %), jitter mean {} max {}, join -> first packet p50 {}",
+                m.subscribers,
+                m.subscribers_expected,
+                m.received,
+                m.rtp_lost,
+                m.rtp_expected,
+                m.loss_percent,
+                opt(m.jitter_ms_mean, |v| format!("{v:.2} ms")),
+                opt(m.jitter_ms_max, |v| format!("{v:.2} ms")),
+                stats::ms(m.first_packet_after_join.p50)
+            )?;
+            writeln!(t, "      ({})", m.note)?;
+        } else if c.audio && c.audio_mode_requested == "mix" {
+            writeln!(
+                t,
+                "    mixed audio: no `mix` track arrived; the server forwarded each publisher's audio (counted above, with latency)"
+            )?;
+        }
         writeln!(
             t,
             "    tracks announced {} of {} expected, {} removed{}",
@@ -748,21 +1040,27 @@ impl Report {
         writeln!(t)?;
         writeln!(
             t,
-            "  per subscriber      received/expected   loss %   e2e p50    p99    max (ms)  first pkt (ms, slowest track)"
+            "  per subscriber      received/expected   loss %      MB  jitter   e2e p50    p99    max (ms)  first pkt (ms, slowest track)"
         )?;
         for s in &self.subscribers {
             writeln!(
                 t,
-                "    {:<16} {:>9}/{:<9} {:>7.3}  {:>7} {:>7} {:>7}   {}{}",
+                "    {:<16} {:>9}/{:<9} {:>7.3} {:>7.2} {:>7}  {:>7} {:>7} {:>7}   {}{}{}",
                 s.name,
                 s.received,
                 s.expected,
                 s.loss_percent,
+                s.received_bytes as f64 / 1e6,
+                opt(s.jitter_ms_max, |v| format!("{v:.2}")),
                 stats::ms(s.latency.p50),
                 stats::ms(s.latency.p99),
                 stats::ms(s.latency.max),
                 s.first_packet_max_ms
                     .map_or("-".into(), |v| format!("{v:.0}")),
+                s.mix_received.map_or(String::new(), |n| format!(
+                    "  mix {n} pkts, {} lost",
+                    s.mix_lost.unwrap_or(0)
+                )),
                 s.error
                     .as_ref()
                     .map_or(String::new(), |e| format!("  ({e})"))

@@ -1,0 +1,897 @@
+//! P2P first, automatic fallback to the server, upgrade when a third joins —
+//! on a real network of namespaces: real server binary, real Chromium (one
+//! per participant, each in its own namespace), our Rust client.
+//!
+//! Topology, built fresh per test and always removed ([`Net`]'s Drop):
+//!
+//! ```text
+//!   server ns 10.77.0.2 (HTTP :8080, media --rtc-ip; 10.77.0.3 for media in `unreachable`)
+//!        |
+//!   router ns  .0.1 | .1.1 | .2.1 | .3.1   (ip_forward; `ip rule … prohibit` per test)
+//!        |          |      |
+//!   alice 10.77.1.2  bob 10.77.2.2  carol 10.77.3.2
+//! ```
+//!
+//! Chromium runs in each participant's namespace through a wrapper script
+//! (`ip netns exec <ns> chromium "$@"`) that one node process (in alice's
+//! namespace) launches; pages load from `http://10.77.0.2:8080`. There is no
+//! STUN or TURN: the only ICE candidates are the namespace host addresses.
+//! Timings are printed (`FIGURES ...`), never asserted.
+//!
+//! Needs root, Node.js 20+, Debian's Chromium (as tests/browser.rs).
+
+mod common;
+
+use std::ffi::OsString;
+use std::fs::{self, File};
+use std::os::unix::fs::PermissionsExt;
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::Mutex;
+use std::thread::sleep;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+const CHROMIUM: &str = "/usr/bin/chromium";
+const SERVER_IP: &str = "10.77.0.2";
+/// The server's second address, for media only in the `unreachable` case.
+const MEDIA_ONLY_IP: &str = "10.77.0.3";
+const HTTP_PORT: u16 = 8080;
+const NPM_TIMEOUT: Duration = Duration::from_secs(300);
+
+/// One network at a time: the address plan is fixed, and the browsers share
+/// two cores with everything else.
+static NETWORK: Mutex<()> = Mutex::new(());
+
+/// A participant's subnet: its namespace gets `10.77.<n>.2`, the router `.1`.
+#[derive(Debug, Clone, Copy)]
+struct Site {
+    name: &'static str,
+    subnet: u8,
+}
+
+const ALICE: Site = Site {
+    name: "alice",
+    subnet: 1,
+};
+const BOB: Site = Site {
+    name: "bob",
+    subnet: 2,
+};
+const CAROL: Site = Site {
+    name: "carol",
+    subnet: 3,
+};
+
+impl Site {
+    fn net(self) -> String {
+        format!("10.77.{}.0/24", self.subnet)
+    }
+}
+
+/// Every namespace and process of one test. Dropping it (also on panic)
+/// kills the processes (their groups, then anything left in the
+/// namespaces) and deletes the namespaces.
+struct Net {
+    prefix: String,
+    namespaces: Vec<String>,
+    children: Vec<(String, Child)>,
+}
+
+impl Net {
+    /// Router, server and one namespace per site, wired as in the module doc.
+    fn new(sites: &[Site]) -> Net {
+        let nanos = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map(|d| d.subsec_nanos())
+            .unwrap_or(0);
+        let mut net = Net {
+            // Short: interface names derived from it must fit 15 bytes.
+            prefix: format!("fb{:04x}", (std::process::id() ^ nanos) & 0xffff),
+            namespaces: Vec::new(),
+            children: Vec::new(),
+        };
+        let router = net.add_ns("r");
+        sh(&[
+            "ip",
+            "netns",
+            "exec",
+            &router,
+            "sysctl",
+            "-qw",
+            "net.ipv4.ip_forward=1",
+        ]);
+        let server = net.add_ns("s");
+        net.link(&router, &server, "s", 0);
+        sh(&[
+            "ip",
+            "-n",
+            &server,
+            "addr",
+            "add",
+            &format!("{MEDIA_ONLY_IP}/24"),
+            "dev",
+            "eth0",
+        ]);
+        for site in sites {
+            let ns = net.add_ns(site.name);
+            net.link(&router, &ns, &site.name[..1], site.subnet);
+        }
+        net
+    }
+
+    fn ns(&self, short: &str) -> String {
+        format!("{}-{short}", self.prefix)
+    }
+
+    fn add_ns(&mut self, short: &str) -> String {
+        let ns = self.ns(short);
+        sh(&["ip", "netns", "add", &ns]);
+        self.namespaces.push(ns.clone());
+        sh(&["ip", "-n", &ns, "link", "set", "lo", "up"]);
+        ns
+    }
+
+    /// A veth from the router (`10.77.<subnet>.1`) to `ns` (`eth0`, `.2`,
+    /// default route via the router).
+    fn link(&self, router: &str, ns: &str, tag: &str, subnet: u8) {
+        let outer = format!("{}{tag}", self.prefix);
+        sh(&[
+            "ip",
+            "link",
+            "add",
+            &outer,
+            "type",
+            "veth",
+            "peer",
+            "name",
+            &format!("{outer}x"),
+        ]);
+        sh(&["ip", "link", "set", &outer, "netns", router]);
+        sh(&["ip", "link", "set", &format!("{outer}x"), "netns", ns]);
+        sh(&[
+            "ip",
+            "-n",
+            ns,
+            "link",
+            "set",
+            &format!("{outer}x"),
+            "name",
+            "eth0",
+        ]);
+        sh(&[
+            "ip",
+            "-n",
+            router,
+            "addr",
+            "add",
+            &format!("10.77.{subnet}.1/24"),
+            "dev",
+            &outer,
+        ]);
+        sh(&[
+            "ip",
+            "-n",
+            ns,
+            "addr",
+            "add",
+            &format!("10.77.{subnet}.2/24"),
+            "dev",
+            "eth0",
+        ]);
+        sh(&["ip", "-n", router, "link", "set", &outer, "up"]);
+        sh(&["ip", "-n", ns, "link", "set", "eth0", "up"]);
+        sh(&[
+            "ip",
+            "-n",
+            ns,
+            "route",
+            "add",
+            "default",
+            "via",
+            &format!("10.77.{subnet}.1"),
+        ]);
+    }
+
+    /// The router refuses traffic between the two sites (both ways).
+    fn isolate(&self, a: Site, b: Site) {
+        let router = self.ns("r");
+        for (from, to) in [(a, b), (b, a)] {
+            sh(&[
+                "ip",
+                "-n",
+                &router,
+                "rule",
+                "add",
+                "from",
+                &from.net(),
+                "to",
+                &to.net(),
+                "prohibit",
+            ]);
+        }
+    }
+
+    /// The router refuses traffic from every site to `ip`.
+    fn block_to(&self, ip: &str) {
+        let router = self.ns("r");
+        sh(&["ip", "-n", &router, "rule", "add", "to", ip, "prohibit"]);
+    }
+
+    /// Starts `program args` in namespace `short`, in its own process group,
+    /// output to `<log>.stdout` / `<log>.stderr`. Returns its index.
+    fn spawn(
+        &mut self,
+        short: &str,
+        program: &Path,
+        args: &[&str],
+        envs: &[(&str, OsString)],
+        log: &Path,
+    ) -> usize {
+        let ns = self.ns(short);
+        let child = Command::new("ip")
+            .args(["netns", "exec", &ns])
+            .arg(program)
+            .args(args)
+            .envs(envs.iter().map(|(k, v)| (k, v)))
+            .stdin(Stdio::null())
+            .stdout(create(&log.with_extension("stdout")))
+            .stderr(create(&log.with_extension("stderr")))
+            .process_group(0)
+            .spawn()
+            .unwrap_or_else(|e| panic!("start {} in {ns}: {e}", program.display()));
+        self.children.push((program.display().to_string(), child));
+        self.children.len() - 1
+    }
+
+    fn exited(&mut self, index: usize) -> Option<std::process::ExitStatus> {
+        let (what, child) = &mut self.children[index];
+        child
+            .try_wait()
+            .unwrap_or_else(|e| panic!("wait for {what}: {e}"))
+    }
+
+    /// Waits for child `index` to exit, at most `limit`; kills it then.
+    /// `Err` also when the child `watch` (the server) exits first.
+    fn wait(&mut self, index: usize, watch: usize, limit: Duration) -> Result<bool, String> {
+        let deadline = Instant::now() + limit;
+        loop {
+            if let Some(status) = self.exited(index) {
+                return Ok(status.success());
+            }
+            if let Some(status) = self.exited(watch) {
+                kill_group(&mut self.children[index].1);
+                return Err(format!("the server exited early with {status}"));
+            }
+            if Instant::now() > deadline {
+                kill_group(&mut self.children[index].1);
+                return Err(format!(
+                    "{} did not finish within {limit:?}",
+                    self.children[index].0
+                ));
+            }
+            sleep(Duration::from_millis(100));
+        }
+    }
+}
+
+impl Drop for Net {
+    fn drop(&mut self) {
+        for (_, child) in &mut self.children {
+            kill_group(child);
+        }
+        for ns in &self.namespaces {
+            // Whatever still lives in the namespace (a browser that left its
+            // process group), or the namespace would outlive us.
+            if let Ok(out) = Command::new("ip").args(["netns", "pids", ns]).output() {
+                for pid in String::from_utf8_lossy(&out.stdout).split_whitespace() {
+                    let _ = Command::new("kill").args(["-KILL", pid]).status();
+                }
+            }
+        }
+        for ns in &self.namespaces {
+            // Deleting a namespace also deletes its end of each veth, and so the pair.
+            let _ = Command::new("ip").args(["netns", "delete", ns]).status();
+        }
+    }
+}
+
+/// SIGKILL to the child's whole process group (it leads its own), then reap it.
+fn kill_group(child: &mut Child) {
+    if matches!(child.try_wait(), Ok(None)) {
+        let _ = Command::new("kill")
+            .args(["-KILL", "--", &format!("-{}", child.id())])
+            .stderr(Stdio::null())
+            .status();
+        let _ = child.kill();
+    }
+    let _ = child.wait();
+}
+
+/// Runs a setup command; panics with its output when it fails.
+fn sh(args: &[&str]) {
+    let out = Command::new(args[0])
+        .args(&args[1..])
+        .output()
+        .unwrap_or_else(|e| panic!("{args:?}: {e} (needs root and iproute2)"));
+    assert!(
+        out.status.success(),
+        "{args:?} exited with {}: {}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+fn create(path: &Path) -> File {
+    File::create(path).unwrap_or_else(|e| panic!("create {}: {e}", path.display()))
+}
+
+fn read(path: &Path) -> String {
+    fs::read_to_string(path).unwrap_or_else(|e| format!("(cannot read {}: {e})", path.display()))
+}
+
+fn logs_dir(what: &str) -> PathBuf {
+    let nanos = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.subsec_nanos())
+        .unwrap_or(0);
+    let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR"))
+        .join(format!("fallback-{what}-{}-{nanos}", std::process::id()));
+    fs::create_dir_all(&dir).unwrap_or_else(|e| panic!("create {}: {e}", dir.display()));
+    dir
+}
+
+/// Makes sure `tests/browser/node_modules` has playwright-core (`npm ci` if not).
+fn ensure_playwright(browser_dir: &Path, logs: &Path) {
+    if browser_dir
+        .join("node_modules/playwright-core/package.json")
+        .is_file()
+    {
+        return;
+    }
+    let log = logs.join("npm-ci.log");
+    let out = create(&log);
+    let err = out.try_clone().expect("clone a file handle");
+    let mut child = Command::new("npm")
+        .args(["ci", "--no-audit", "--no-fund", "--prefix"])
+        .arg(browser_dir)
+        .env("PLAYWRIGHT_SKIP_BROWSER_DOWNLOAD", "1")
+        .stdin(Stdio::null())
+        .stdout(out)
+        .stderr(err)
+        .process_group(0)
+        .spawn()
+        .unwrap_or_else(|e| panic!("npm: {e} (needs Node.js 20+ and npm)"));
+    let deadline = Instant::now() + NPM_TIMEOUT;
+    loop {
+        match child.try_wait() {
+            Ok(Some(s)) if s.success() => return,
+            Ok(Some(s)) => panic!("npm ci exited with {s}:\n{}", read(&log)),
+            Ok(None) if Instant::now() > deadline => {
+                kill_group(&mut child);
+                panic!("npm ci timed out:\n{}", read(&log));
+            }
+            Ok(None) => sleep(Duration::from_millis(200)),
+            Err(e) => panic!("npm ci: {e}"),
+        }
+    }
+}
+
+/// What one scenario's network and server look like.
+struct Setup {
+    sites: &'static [Site],
+    isolate: bool,
+    /// The server's media address is unreachable from every site.
+    media_unreachable: bool,
+    /// More `switchboard serve` options.
+    server_args: &'static [&'static str],
+}
+
+/// Starts the server in the server namespace, returns its child index.
+fn start_server(net: &mut Net, setup: &Setup, logs: &Path) -> usize {
+    let server = PathBuf::from(env!("CARGO_BIN_EXE_switchboard"));
+    let listen = format!("{SERVER_IP}:{HTTP_PORT}");
+    let rtc_ip = if setup.media_unreachable {
+        MEDIA_ONLY_IP
+    } else {
+        SERVER_IP
+    };
+    let mut args = vec!["serve", "--listen", &listen, "--rtc-ip", rtc_ip];
+    args.extend_from_slice(setup.server_args);
+    net.spawn(
+        "s",
+        &server,
+        &args,
+        &[("NO_COLOR", "1".into())],
+        &logs.join("server"),
+    )
+}
+
+/// Builds the network of `setup`, starts the server and runs
+/// `node tests/browser/fallback.mjs <scenario>` with one Chromium per site
+/// in the site's namespace. Returns the script's `{"ok":true,...}` JSON.
+fn run_browsers(scenario: &str, setup: &Setup, standby: bool) -> serde_json::Value {
+    let _one = NETWORK.lock().unwrap_or_else(|e| e.into_inner());
+    assert!(
+        Path::new(CHROMIUM).exists(),
+        "{CHROMIUM} is missing: run `apt-get install -y chromium` (.ci/run installs it). \
+         This test needs a real browser and does not skip."
+    );
+    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
+    let browser_dir = root.join("tests/browser");
+    let logs = logs_dir(scenario);
+    ensure_playwright(&browser_dir, &logs);
+
+    let mut net = Net::new(setup.sites);
+    if setup.isolate {
+        net.isolate(ALICE, BOB);
+    }
+    if setup.media_unreachable {
+        net.block_to(MEDIA_ONLY_IP);
+    }
+    let srv = start_server(&mut net, setup, &logs);
+
+    // Chromium's singleton socket lives under TMPDIR and must stay under the
+    // 108-byte unix socket limit: a short directory in /tmp, removed on return.
+    let tmp = tempfile::Builder::new()
+        .prefix("sbf-")
+        .tempdir_in("/tmp")
+        .unwrap_or_else(|e| panic!("create a temp dir in /tmp: {e}"));
+    let mut envs: Vec<(&str, OsString)> = vec![
+        ("TMPDIR", tmp.path().into()),
+        ("SB_STANDBY", if standby { "1" } else { "0" }.into()),
+        (
+            "SB_SCREENSHOT_DIR",
+            std::env::var_os("SB_SCREENSHOT_DIR").unwrap_or_else(|| logs.clone().into()),
+        ),
+    ];
+    let base = format!("http://{SERVER_IP}:{HTTP_PORT}");
+    let keys = setup
+        .sites
+        .iter()
+        .map(|s| format!("SB_BROWSER_{}", s.name))
+        .collect::<Vec<_>>();
+    for (site, key) in setup.sites.iter().zip(&keys) {
+        let wrapper = tmp.path().join(format!("chromium-{}", site.name));
+        // Two flags on top of the harness's: the page is plain http on a
+        // namespace address, which is not a secure context (no camera) unless
+        // we say it is; and host candidates must be addresses, not mDNS
+        // names that nothing across the router resolves.
+        fs::write(
+            &wrapper,
+            format!(
+                "#!/bin/sh\nexec ip netns exec {} {CHROMIUM} \
+                 --unsafely-treat-insecure-origin-as-secure={base} \
+                 --disable-features=WebRtcHideLocalIpsWithMdns \"$@\"\n",
+                net.ns(site.name)
+            ),
+        )
+        .unwrap_or_else(|e| panic!("write {}: {e}", wrapper.display()));
+        fs::set_permissions(&wrapper, fs::Permissions::from_mode(0o755))
+            .unwrap_or_else(|e| panic!("chmod {}: {e}", wrapper.display()));
+        envs.push((key.as_str(), wrapper.into()));
+    }
+    let script = browser_dir.join("fallback.mjs");
+    let node_log = logs.join("node");
+    let node = net.spawn(
+        ALICE.name,
+        Path::new("node"),
+        &[script.to_str().expect("utf-8 path"), scenario, &base],
+        &envs,
+        &node_log,
+    );
+    // fallback.mjs gives up on its own after 150 s.
+    let outcome = net.wait(node, srv, Duration::from_secs(180));
+    let server_alive = net.exited(srv).is_none();
+    drop(net); // kills everything, deletes the namespaces
+    let stdout = read(&node_log.with_extension("stdout"));
+    let report = format!(
+        "--- node stdout ---\n{stdout}\n--- node stderr ---\n{}\n--- server stderr ---\n{}\n\
+         --- server stdout ---\n{}\n(logs in {})",
+        read(&node_log.with_extension("stderr")),
+        read(&logs.join("server").with_extension("stderr")),
+        read(&logs.join("server").with_extension("stdout")),
+        logs.display()
+    );
+    match outcome {
+        Ok(true) => {}
+        Ok(false) => panic!("the browser scenario {scenario} failed\n{report}"),
+        Err(why) => panic!("{why}\n{report}"),
+    }
+    assert!(server_alive, "the server died during the call\n{report}");
+    let line = stdout
+        .lines()
+        .find(|l| l.starts_with("{\"ok\":true"))
+        .unwrap_or_else(|| panic!("node exited 0 without a success line\n{report}"));
+    let value: serde_json::Value =
+        serde_json::from_str(line).unwrap_or_else(|e| panic!("bad JSON ({e}): {line}"));
+    if std::env::var_os("SB_SCREENSHOT_DIR").is_none() {
+        let _ = fs::remove_dir_all(&logs); // keep the logs of failed runs only
+    }
+    println!("FIGURES {scenario} standby={standby}: {value}");
+    value
+}
+
+const TWO: &[Site] = &[ALICE, BOB];
+
+/// Alice and Bob reach each other: the call stays P2P, both decode video,
+/// the warm standby says the server is reachable, and the server forwards
+/// not one media packet.
+#[test]
+fn same_lan_stays_p2p_and_the_server_forwards_nothing() {
+    let r = run_browsers(
+        "lan",
+        &Setup {
+            sites: TWO,
+            isolate: false,
+            media_unreachable: false,
+            server_args: &[],
+        },
+        true,
+    );
+    assert_eq!(r["serverForwardedPackets"], 0, "{r}");
+    for name in ["alice", "bob"] {
+        assert!(r["pages"][name]["framesP2p"].as_u64() > Some(30), "{r}");
+    }
+}
+
+/// Alice and Bob reach the server but not each other: P2P fails within the
+/// deadline, and both decode each other's video through the server. Once
+/// with the warm standby (default) and once without.
+#[test]
+fn isolated_peers_fall_back_to_the_server() {
+    for standby in standby_variants() {
+        let r = run_browsers(
+            "isolated",
+            &Setup {
+                sites: TWO,
+                isolate: true,
+                media_unreachable: false,
+                server_args: &[],
+            },
+            standby,
+        );
+        assert!(r["serverForwardedPackets"].as_u64() > Some(0), "{r}");
+        for name in ["alice", "bob"] {
+            assert!(r["pages"][name]["framesSfu"].as_u64() > Some(0), "{r}");
+        }
+    }
+}
+
+/// A P2P call, then Carol joins: everyone moves to the server and all three
+/// decode both others' video. With and without the warm standby.
+#[test]
+fn third_participant_moves_everyone_to_the_server() {
+    for standby in standby_variants() {
+        let r = run_browsers(
+            "third",
+            &Setup {
+                sites: &[ALICE, BOB, CAROL],
+                isolate: false,
+                media_unreachable: false,
+                server_args: &[],
+            },
+            standby,
+        );
+        for name in ["alice", "bob", "carol"] {
+            let frames = r["pages"][name]["framesSfu"]
+                .as_object()
+                .unwrap_or_else(|| panic!("no framesSfu for {name}: {r}"));
+            assert_eq!(frames.len(), 2, "{name} decodes two remotes: {r}");
+            assert!(frames.values().all(|f| f.as_u64() > Some(0)), "{r}");
+        }
+    }
+}
+
+/// With and without the warm standby, each `SB_FALLBACK_RUNS` times (default
+/// once): more runs only give more figures to report.
+fn standby_variants() -> Vec<bool> {
+    let runs = std::env::var("SB_FALLBACK_RUNS")
+        .ok()
+        .and_then(|n| n.parse::<usize>().ok())
+        .unwrap_or(1)
+        .clamp(1, 10);
+    [true, false]
+        .into_iter()
+        .flat_map(|s| std::iter::repeat_n(s, runs))
+        .collect()
+}
+
+/// With `--p2p-return-ms`: a P2P call, Carol joins (everyone via the
+/// server), Carol leaves, and the room returns to p2p: Alice and Bob decode
+/// each other's video directly again.
+#[test]
+fn room_back_to_two_returns_to_p2p_with_the_option() {
+    let r = run_browsers(
+        "return",
+        &Setup {
+            sites: &[ALICE, BOB, CAROL],
+            isolate: false,
+            media_unreachable: false,
+            server_args: &["--p2p-return-ms", "1000"],
+        },
+        true,
+    );
+    for name in ["alice", "bob"] {
+        assert!(
+            r["pages"][name]["backToP2p"]["framesP2p"].as_u64() > Some(0),
+            "{r}"
+        );
+    }
+}
+
+/// Alice and Bob reach each other but not the server's media port: the P2P
+/// call works, and both pages show a warning instead of breaking silently
+/// later.
+#[test]
+fn unreachable_server_media_port_is_a_visible_warning() {
+    let r = run_browsers(
+        "unreachable",
+        &Setup {
+            sites: TWO,
+            isolate: false,
+            media_unreachable: true,
+            server_args: &[],
+        },
+        true,
+    );
+    for name in ["alice", "bob"] {
+        assert_eq!(r["pages"][name]["serverReach"], "unreachable", "{r}");
+        assert!(r["pages"][name]["warning"].is_string(), "{r}");
+    }
+}
+
+// ---------------------------------------------------------------- our Rust client
+
+/// Env of [`rust_client_in_namespace`].
+const CHILD_ENV: [&str; 6] = [
+    "SB_FB_URL",
+    "SB_FB_ROOM",
+    "SB_FB_NAME",
+    "SB_FB_OTHER",
+    "SB_FB_IP",
+    "SB_FB_EXPECT",
+];
+
+/// Packets of the other a Rust client waits for.
+const RUST_PACKETS: u64 = 50;
+
+/// Runs Alice and Bob with our Rust client, each in its own namespace as a
+/// child process (this test binary again, running [`rust_client_in_namespace`]),
+/// and returns each one's `RESULT` JSON. `isolate`: they cannot reach each
+/// other and each waits for the other's packets through the server; else
+/// over the direct connection.
+fn run_rust_clients(isolate: bool) -> Vec<(&'static str, serde_json::Value)> {
+    let _one = NETWORK.lock().unwrap_or_else(|e| e.into_inner());
+    let logs = logs_dir("rust");
+    let setup = Setup {
+        sites: TWO,
+        isolate,
+        media_unreachable: false,
+        server_args: &[],
+    };
+    let mut net = Net::new(setup.sites);
+    if isolate {
+        net.isolate(ALICE, BOB);
+    }
+    let srv = start_server(&mut net, &setup, &logs);
+    let me = std::env::current_exe().expect("the test binary's path");
+    let room = format!("rust-{}", std::process::id());
+    let mut kids = Vec::new();
+    for (site, other) in [(ALICE, BOB), (BOB, ALICE)] {
+        let values = [
+            format!("ws://{SERVER_IP}:{HTTP_PORT}/ws"),
+            room.clone(),
+            site.name.to_owned(),
+            other.name.to_owned(),
+            format!("10.77.{}.2", site.subnet),
+            if isolate { "server" } else { "p2p" }.to_owned(),
+        ];
+        let envs: Vec<(&str, OsString)> = CHILD_ENV
+            .iter()
+            .zip(values)
+            .map(|(k, v)| (*k, v.into()))
+            .collect();
+        let log = logs.join(site.name);
+        let i = net.spawn(
+            site.name,
+            &me,
+            &[
+                "rust_client_in_namespace",
+                "--exact",
+                "--ignored",
+                "--nocapture",
+            ],
+            &envs,
+            &log,
+        );
+        kids.push((site.name, i, log));
+    }
+    let mut results = Vec::new();
+    let mut failures = Vec::new();
+    for (name, i, log) in &kids {
+        // The child gives up on its own after 45 s.
+        let outcome = net.wait(*i, srv, Duration::from_secs(60));
+        let stdout = read(&log.with_extension("stdout"));
+        let line = stdout.lines().find_map(|l| l.strip_prefix("RESULT "));
+        match (outcome, line) {
+            (Ok(true), Some(line)) => results.push((
+                *name,
+                serde_json::from_str::<serde_json::Value>(line)
+                    .unwrap_or_else(|e| panic!("bad JSON ({e}): {line}")),
+            )),
+            (outcome, _) => failures.push(format!(
+                "{name}: {outcome:?}\n--- stdout ---\n{stdout}\n--- stderr ---\n{}",
+                read(&log.with_extension("stderr"))
+            )),
+        }
+    }
+    drop(net);
+    assert!(
+        failures.is_empty(),
+        "{}\n--- server ---\n{}\n(logs in {})",
+        failures.join("\n"),
+        read(&logs.join("server").with_extension("stdout")),
+        logs.display()
+    );
+    let _ = fs::remove_dir_all(&logs);
+    results
+}
+
+/// Alice and Bob with our Rust client, isolated from each other as above:
+/// each tries P2P, reports `p2p-failed` at the deadline, and then receives
+/// the other's packets through the server.
+#[test]
+fn isolated_rust_clients_fall_back_to_the_server() {
+    let results = run_rust_clients(true);
+    assert!(
+        results.iter().any(|(_, r)| r["reportedP2pFailed"] == true),
+        "someone reports p2p-failed: {results:?}"
+    );
+    for (name, r) in results {
+        assert_eq!(r["modeReason"], "p2p-failed", "{name}: {r}");
+        assert_eq!(r["p2pFailed"], true, "{name}: {r}");
+        assert_eq!(
+            r["p2pPackets"], 0,
+            "{name}: nothing direct across the router: {r}"
+        );
+        assert!(
+            r["serverPackets"].as_u64() >= Some(RUST_PACKETS),
+            "{name}: {r}"
+        );
+        println!("FIGURES rust-isolated {name}: {r}");
+    }
+}
+
+/// The same two Rust clients when they can reach each other: the direct
+/// connection connects and carries the other's packets; the room stays p2p.
+#[test]
+fn rust_clients_that_reach_each_other_call_directly() {
+    for (name, r) in run_rust_clients(false) {
+        assert_eq!(
+            r["modeReason"],
+            serde_json::Value::Null,
+            "{name}: no mode change: {r}"
+        );
+        assert_eq!(r["p2pFailed"], false, "{name}: {r}");
+        assert_eq!(r["reportedP2pFailed"], false, "{name}: {r}");
+        assert!(
+            r["p2pPackets"].as_u64() >= Some(RUST_PACKETS),
+            "{name}: {r}"
+        );
+        assert_eq!(r["serverPackets"], 0, "{name}: {r}");
+        println!("FIGURES rust-p2p {name}: {r}");
+    }
+}
+
+/// One participant of [`run_rust_clients`]: joins `auto` with P2P on, sends
+/// audio and video, and prints `RESULT {json}` once [`RUST_PACKETS`] of the
+/// other's packets came the expected way (`SB_FB_EXPECT`: `server` or `p2p`)
+/// and a little more time passed (so the other gets its packets too), or
+/// fails after 45 s.
+#[test]
+#[ignore = "not a test alone: the entry point of the child processes that \
+            run_rust_clients starts in namespaces (needs SB_FB_*)"]
+fn rust_client_in_namespace() {
+    use switchboard_client::{Client, Event, JoinOptions, Kind};
+    use switchboard_proto::ServerMessage;
+
+    let [url, room, name, other, ip, expect] = CHILD_ENV.map(|k| {
+        std::env::var(k).unwrap_or_else(|_| panic!("{k} is not set: run by the parent test"))
+    });
+    let via_server = expect == "server";
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("a tokio runtime");
+    runtime.block_on(async move {
+        let mut opts = JoinOptions::auto(&url, &room, &name);
+        opts.bind_ip = ip.parse().expect("an IP address");
+        // The server may still be starting: retry the join for a while.
+        let started = Instant::now();
+        let mut client = loop {
+            match Client::join(opts.clone()).await {
+                Ok(c) => break c,
+                Err(e) if started.elapsed() < Duration::from_secs(15) => {
+                    eprintln!("join: {e}; retrying");
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                }
+                Err(e) => panic!("join: {e}"),
+            }
+        };
+        let joined_at = Instant::now();
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(45);
+        let mut tick = tokio::time::interval(Duration::from_millis(20));
+        let (mut seq, mut p2p_packets, mut server_packets) = (0u32, 0u64, 0u64);
+        // When P2P was declared failed: by us, or by the other (`mode`).
+        let (mut failed_at, mut mode_reason, mut reported) = (None, None, false);
+        let (mut first_server_at, mut first_p2p_at) = (None, None);
+        // Keep sending for 2 s after we have ours, so the other gets its own.
+        let mut done_at: Option<tokio::time::Instant> = None;
+        while done_at.is_none_or(|t| tokio::time::Instant::now() < t) {
+            let got = if via_server { server_packets } else { p2p_packets };
+            if got >= RUST_PACKETS && done_at.is_none() {
+                done_at = Some(tokio::time::Instant::now() + Duration::from_secs(2));
+            }
+            tokio::select! {
+                () = tokio::time::sleep_until(deadline) => panic!(
+                    "{name}: after 45 s, {server_packets} packets of {other} through the server \
+                     and {p2p_packets} direct (expected {RUST_PACKETS} via {expect}; \
+                     p2p-failed {failed_at:?}, mode {mode_reason:?})"
+                ),
+                _ = tick.tick() => {
+                    seq += 1;
+                    for kind in [Kind::Audio, Kind::Video] {
+                        let payload = common::media::payload(kind, &name, seq);
+                        let _ = client.send_rtp(kind, payload, true, seq * 960);
+                    }
+                }
+                ev = client.next_event() => match ev {
+                    Some(Event::P2p { state, .. }) if state == "failed" => {
+                        reported = true;
+                        failed_at.get_or_insert_with(Instant::now);
+                    }
+                    Some(Event::P2pRtp { kind, packet, .. }) => {
+                        if common::media::parse(kind, &packet.payload).is_some_and(|(from, _)| from == other) {
+                            p2p_packets += 1;
+                            first_p2p_at.get_or_insert_with(Instant::now);
+                        }
+                    }
+                    Some(Event::Signal(ServerMessage::Mode(m))) => {
+                        mode_reason = Some(m.reason.as_str());
+                        if m.reason == switchboard_proto::ModeReason::P2pFailed {
+                            failed_at.get_or_insert_with(Instant::now);
+                        }
+                    }
+                    Some(Event::Rtp { kind, packet, .. }) => {
+                        if common::media::parse(kind, &packet.payload).is_some_and(|(from, _)| from == other) {
+                            server_packets += 1;
+                            first_server_at.get_or_insert_with(Instant::now);
+                        }
+                    }
+                    Some(Event::Closed) | None => panic!("{name}: the client stopped"),
+                    Some(_) => {}
+                },
+            }
+        }
+        client.leave();
+        let ms = |a: Option<Instant>, b: Option<Instant>| match (a, b) {
+            (Some(a), Some(b)) => {
+                serde_json::json!(b.saturating_duration_since(a).as_millis() as u64)
+            }
+            _ => serde_json::Value::Null,
+        };
+        let result = serde_json::json!({
+            "name": name,
+            "modeReason": mode_reason,
+            "p2pFailed": failed_at.is_some(),
+            "reportedP2pFailed": reported,
+            "p2pPackets": p2p_packets,
+            "serverPackets": server_packets,
+            "joinToFirstServerPacketMs": ms(Some(joined_at), first_server_at),
+            "joinToFirstP2pPacketMs": ms(Some(joined_at), first_p2p_at),
+            "p2pFailedToFirstServerPacketMs": ms(failed_at, first_server_at),
+        });
+        println!("RESULT {result}");
+    });
+}
