@@ -746,7 +746,7 @@ fn run(args: &CompareArgs) -> Result<(), String> {
         );
         let _ = writeln!(
             s,
-            "Load: {} rooms × {} participants; every participant {media}. Warm-up {:?}, \
+            "Load: {} room(s) × {} participants; every participant {media}. Warm-up {:?}, \
              measurement window {:?}. Both servers and both load generators ran in turn \
              inside one network namespace (`lt0` = {NS_ADDR}), one generator process on a \
              single-threaded runtime.\n",
@@ -789,17 +789,27 @@ fn run(args: &CompareArgs) -> Result<(), String> {
                  (% of one core) over the participants connected.\n"
             );
         }
+        let counted = match mode {
+            AudioMode::Forward => {
+                "Packets forwarded: Switchboard's own counter \
+                 (`switchboard_media_rtp_forwarded_total`); Janus has none, so for Janus it \
+                 is the distinct in-window packets its subscribers received. Latency is end \
+                 to end (send time stamped in the payload, same clock), generator included. "
+            }
+            AudioMode::Mix => {
+                "Mixed packets are counted over the window and the drain after it, CPU over \
+                 the window only: the same for both servers, so the ratio holds, the absolute \
+                 µs per packet are a little low. "
+            }
+        };
         let _ = writeln!(
             s,
             "Server CPU is utime+stime from `/proc/<pid>/stat` over the window (10 ms ticks). \
-             Packets forwarded: Switchboard's own counter \
-             (`switchboard_media_rtp_forwarded_total`); Janus has none, so for Janus it is the \
-             distinct in-window packets its subscribers received. RSS per participant is \
-             (RSS at the window's end − RSS before anyone joined) / participants. Latency is \
-             end to end (send time stamped in the payload, same clock), generator included. \
-             The Switchboard client binds its media sockets to 127.0.0.1 and the Janus \
-             generator to {NS_ADDR}: inside the namespace both paths are the kernel's local \
-             delivery. One run each, back to back; rerun for the spread.\n"
+             {counted}RSS per participant is (RSS at the window's end − RSS before anyone \
+             joined) / participants. The Switchboard client binds its media sockets to \
+             127.0.0.1 and the Janus generator to {NS_ADDR}: inside the namespace both paths \
+             are the kernel's local delivery. One run each, back to back; rerun for the \
+             spread.\n"
         );
         let _ = writeln!(s, "Commands (as root, from the repository root):\n");
         let _ = writeln!(s, "```");
