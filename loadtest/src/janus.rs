@@ -52,7 +52,8 @@ use tokio::sync::{mpsc, watch, Semaphore};
 use tokio::time::timeout_at;
 
 use crate::proc::{self, Machine, Pid};
-use crate::publish::{check_sender, read_stamp, tick, Publisher};
+pub use crate::publish::Schedule;
+use crate::publish::{check_sender, read_stamp, send_next, tick, Publisher};
 pub use crate::publish::{kind_index, media_plan, Flow, MediaPlan, Sent, KIND_NAMES};
 use crate::rxstats::RtpStats;
 use api::{Handle, Session};
@@ -262,40 +263,6 @@ fn validate(args: &JanusArgs) -> Result<IpAddr, String> {
 // ---------------------------------------------------------------------------
 // The run
 // ---------------------------------------------------------------------------
-
-/// When the media phase happens, on the generator's clock.
-#[derive(Debug, Clone, Copy)]
-pub struct Schedule {
-    pub warmup_start: Instant,
-    pub t0: Instant,
-    pub t1: Instant,
-    pub end: Instant,
-    t0_ns: u64,
-    t1_ns: u64,
-}
-
-impl Schedule {
-    fn new(base: Instant, warmup_start: Instant, args: &JanusArgs) -> Schedule {
-        let t0 = warmup_start + args.warmup;
-        let t1 = t0 + args.duration;
-        Schedule {
-            warmup_start,
-            t0,
-            t1,
-            end: t1 + args.drain,
-            t0_ns: ns_since(base, t0),
-            t1_ns: ns_since(base, t1),
-        }
-    }
-
-    fn in_window(&self, sent_ns: u64) -> bool {
-        (self.t0_ns..self.t1_ns).contains(&sent_ns)
-    }
-}
-
-fn ns_since(base: Instant, t: Instant) -> u64 {
-    u64::try_from(t.saturating_duration_since(base).as_nanos()).unwrap_or(u64::MAX)
-}
 
 /// Every room's publishers: (participant index, Janus feed id).
 type Feeds = Arc<Vec<Vec<(usize, u64)>>>;
@@ -531,7 +498,13 @@ pub async fn run(args: &JanusArgs) -> Result<Report, String> {
     let mut window = None;
     let mut schedule = None;
     if ready > 0 {
-        let s = Schedule::new(base, Instant::now() + MEDIA_LEAD, args);
+        let s = Schedule::new(
+            base,
+            Instant::now() + MEDIA_LEAD,
+            args.warmup,
+            args.duration,
+            args.drain,
+        );
         schedule = Some(s);
         let _ = phase_tx.send(Phase::Media(s));
         say(format_args!(
@@ -722,20 +695,15 @@ impl Outcome {
 
 /// Sends the next frame of `p` (or stops it at the end of the window).
 fn send(p: &mut Publisher, peer: &Peer, out: &mut Outcome, schedule: &Schedule, shared: &Shared) {
-    let Some(frame) = p.next_frame(&shared.plan, out.index, shared.base, schedule.t1) else {
-        return;
-    };
-    let in_window = schedule.in_window(frame.sent_ns);
-    let sent = &mut out.sent[kind_index(p.kind)];
-    sent.errors += frame.errors;
-    sent.frame(in_window, frame.keyframe);
-    for (payload, marker) in frame.packets {
-        let len = payload.len();
-        let ok = peer
-            .send_rtp(p.kind, payload, marker, frame.timestamp)
-            .is_ok();
-        sent.packet(ok, in_window, len);
-    }
+    send_next(
+        p,
+        &shared.plan,
+        out.index,
+        shared.base,
+        schedule,
+        &mut out.sent,
+        |kind, payload, marker, ts| peer.send_rtp(kind, payload, marker, ts).is_ok(),
+    );
 }
 
 async fn sleep_until_opt(t: Option<Instant>) {

@@ -2,9 +2,9 @@
 //! against Switchboard, `janus` against Janus) so that both send byte for
 //! byte the same media: what a publisher sends ([`MediaPlan`]: the VP8 clip
 //! at the frame rate of `--video-kbps`, the Opus tone), one paced stream of
-//! it ([`Publisher`]: frames in a loop, RFC 7741 packetized, every packet
-//! stamped with sender, sequence and send time), what a participant sent
-//! ([`Sent`]), and on the receiving side the stamp check ([`read_stamp`],
+//! it ([`Publisher`], [`send_next`], on the run's [`Schedule`]: frames in a
+//! loop, RFC 7741 packetized, every packet stamped with sender, sequence and
+//! send time), what a participant sent ([`Sent`]), and on the receiving side the stamp check ([`read_stamp`],
 //! [`check_sender`]) and the per-(publisher, kind) accounting ([`Flow`]).
 
 use std::sync::Arc;
@@ -25,6 +25,53 @@ use crate::stamp::{self, Stamp};
 pub const MAX_SEQ: u32 = 1 << 24;
 /// Opus frame interval of the published audio.
 pub const AUDIO_FRAME: Duration = Duration::from_millis(20);
+
+/// When the media phase happens, on the generator's clock.
+#[derive(Debug, Clone, Copy)]
+pub struct Schedule {
+    /// Publishing starts (each stream at a random phase within its period).
+    pub warmup_start: Instant,
+    /// The measurement window `[t0, t1)`; publishing stops at `t1`.
+    pub t0: Instant,
+    pub t1: Instant,
+    /// Receivers stop reading and leave.
+    pub end: Instant,
+    t0_ns: u64,
+    t1_ns: u64,
+}
+
+impl Schedule {
+    /// Warm-up from `warmup_start`, then the window, then the drain; `base`
+    /// is the run's origin, on which stamps carry their send time.
+    pub fn new(
+        base: Instant,
+        warmup_start: Instant,
+        warmup: Duration,
+        duration: Duration,
+        drain: Duration,
+    ) -> Schedule {
+        let t0 = warmup_start + warmup;
+        let t1 = t0 + duration;
+        Schedule {
+            warmup_start,
+            t0,
+            t1,
+            end: t1 + drain,
+            t0_ns: ns_since(base, t0),
+            t1_ns: ns_since(base, t1),
+        }
+    }
+
+    /// Whether a packet sent at `sent_ns` belongs to the window.
+    pub fn in_window(&self, sent_ns: u64) -> bool {
+        (self.t0_ns..self.t1_ns).contains(&sent_ns)
+    }
+}
+
+/// Nanoseconds from `base` to `t` (0 before it).
+pub fn ns_since(base: Instant, t: Instant) -> u64 {
+    u64::try_from(t.saturating_duration_since(base).as_nanos()).unwrap_or(u64::MAX)
+}
 
 /// What every publisher sends.
 #[derive(Debug, Clone)]
@@ -308,8 +355,7 @@ impl Publisher {
             self.interval = None;
             return None;
         }
-        let sent_ns =
-            u64::try_from(now.saturating_duration_since(base).as_nanos()).unwrap_or(u64::MAX);
+        let sent_ns = ns_since(base, now);
         // RTP timestamp: the frame's nominal capture time on the media clock.
         // In integers: frame × period × clock, rounded (wraps like RTP).
         let timestamp =
@@ -367,6 +413,36 @@ impl Publisher {
         self.frame += 1;
         Some(out)
     }
+}
+
+/// Sends the next frame of `p` from participant `sender` through `send_rtp`
+/// (kind, payload, marker, RTP timestamp → handed over), counting it in
+/// `sent`; stops the stream at the end of the window. Returns the packets
+/// handed over.
+pub fn send_next(
+    p: &mut Publisher,
+    plan: &MediaPlan,
+    sender: usize,
+    base: Instant,
+    schedule: &Schedule,
+    sent: &mut [Sent; 2],
+    mut send_rtp: impl FnMut(Kind, Bytes, bool, u32) -> bool,
+) -> u64 {
+    let Some(frame) = p.next_frame(plan, sender, base, schedule.t1) else {
+        return 0;
+    };
+    let in_window = schedule.in_window(frame.sent_ns);
+    let sent = &mut sent[kind_index(p.kind)];
+    sent.errors += frame.errors;
+    sent.frame(in_window, frame.keyframe);
+    let mut handed = 0;
+    for (payload, marker) in frame.packets {
+        let len = payload.len();
+        let ok = send_rtp(p.kind, payload, marker, frame.timestamp);
+        sent.packet(ok, in_window, len);
+        handed += u64::from(ok);
+    }
+    handed
 }
 
 /// Waits for the next tick of `p`; never resolves for a stopped stream.
@@ -435,5 +511,101 @@ mod tests {
         );
         assert!(media_plan(0, false).is_err());
         assert!(media_plan(100_000, false).is_err(), "beyond 120 fps");
+    }
+
+    #[tokio::test]
+    async fn frames_are_stamped_packetized_and_counted() {
+        let plan = media_plan(500, true).expect("plan");
+        let base = Instant::now();
+        // The window is open from now on for a minute.
+        let s = Schedule::new(
+            base,
+            base,
+            Duration::ZERO,
+            Duration::from_secs(60),
+            Duration::ZERO,
+        );
+        let [audio, video] = Publisher::all(&plan, s.warmup_start);
+        let (mut audio, mut video) = (audio.expect("audio"), video.expect("video"));
+        let mut sent = [Sent::default(); 2];
+        let mut got: Vec<(Kind, Bytes, bool, u32)> = Vec::new();
+        for _ in 0..3 {
+            send_next(&mut audio, &plan, 7, base, &s, &mut sent, |k, p, m, t| {
+                got.push((k, p, m, t));
+                true
+            });
+        }
+        let audio_pkts = std::mem::take(&mut got);
+        assert_eq!(audio_pkts.len(), 3);
+        for (i, (k, p, _, ts)) in audio_pkts.iter().enumerate() {
+            assert_eq!(*k, Kind::Audio);
+            // 20 ms frames on the 48 kHz clock.
+            assert_eq!(*ts, 960 * i as u32);
+            let st = read_stamp(Kind::Audio, p).expect("stamped Opus");
+            assert_eq!((st.sender, st.seq), (7, i as u32));
+        }
+        // A refused packet is an error, not a sent packet.
+        let handed = send_next(&mut video, &plan, 7, base, &s, &mut sent, |k, p, m, t| {
+            got.push((k, p, m, t));
+            false
+        });
+        assert_eq!(handed, 0);
+        let refused = got.len() as u64;
+        assert!(refused > 0);
+        got.clear();
+        let handed = send_next(&mut video, &plan, 7, base, &s, &mut sent, |k, p, m, t| {
+            got.push((k, p, m, t));
+            true
+        });
+        assert_eq!(handed, got.len() as u64);
+        // One frame: every packet but the last without the marker, one
+        // timestamp, stamps numbered on from the refused frame's.
+        let last = got.len() - 1;
+        for (i, (k, p, m, ts)) in got.iter().enumerate() {
+            assert_eq!(*k, Kind::Video);
+            assert_eq!(*m, i == last);
+            assert_eq!(*ts, got[0].3);
+            assert!(p.len() <= media::MAX_RTP_PAYLOAD);
+            let st = read_stamp(Kind::Video, p).expect("stamped VP8");
+            assert_eq!(st.seq as u64, refused + i as u64);
+        }
+        assert_eq!(sent[0].window, 3);
+        assert_eq!(sent[1].errors, refused);
+        assert_eq!(sent[1].window, got.len() as u64);
+        assert_eq!(sent[1].window_frames, 2);
+        // The clip starts with a keyframe.
+        assert_eq!(sent[1].window_keyframes, 1);
+        // Nothing after the window.
+        let over = Schedule::new(base, base, Duration::ZERO, Duration::ZERO, Duration::ZERO);
+        assert_eq!(
+            send_next(
+                &mut audio,
+                &plan,
+                7,
+                base,
+                &over,
+                &mut sent,
+                |_, _, _, _| true
+            ),
+            0
+        );
+    }
+
+    #[test]
+    fn stamps_are_checked_against_the_rooms() {
+        let st = |sender, seq| Stamp {
+            sender,
+            seq,
+            sent_ns: 0,
+        };
+        // 2 rooms of 3: participant 4 is in room 1 with 3 and 5.
+        assert_eq!(check_sender(&st(3, 0), 4, 3, 6), None);
+        assert_eq!(check_sender(&st(4, 0), 4, 3, 6), Some("own-packet"));
+        assert_eq!(check_sender(&st(1, 0), 4, 3, 6), Some("other-room"));
+        assert_eq!(check_sender(&st(6, 0), 4, 3, 6), Some("unknown-sender"));
+        assert_eq!(
+            check_sender(&st(3, MAX_SEQ + 1), 4, 3, 6),
+            Some("unknown-sender")
+        );
     }
 }

@@ -42,7 +42,8 @@ use tokio::time::timeout_at;
 use crate::media;
 use crate::proc::{self, Machine, Pid};
 use crate::progress::{Live, Progress};
-use crate::publish::{check_sender, read_stamp, tick, Publisher};
+pub use crate::publish::Schedule;
+use crate::publish::{check_sender, read_stamp, send_next, tick, Publisher};
 pub use crate::publish::{kind_index, media_plan, Flow, MediaPlan, Sent, KIND_NAMES};
 use crate::rxstats::RtpStats;
 use crate::{sampler, scrape};
@@ -300,44 +301,6 @@ async fn reachable(url: &str, host: &str, port: u16) -> Result<(), String> {
 // The run
 // ---------------------------------------------------------------------------
 
-/// When the media phase happens, on the generator's clock.
-#[derive(Debug, Clone, Copy)]
-pub struct Schedule {
-    /// Publishing starts (each stream at a random phase within its period).
-    pub warmup_start: Instant,
-    /// The measurement window `[t0, t1)`; publishing stops at `t1`.
-    pub t0: Instant,
-    pub t1: Instant,
-    /// Receivers stop reading and leave.
-    pub end: Instant,
-    t0_ns: u64,
-    t1_ns: u64,
-}
-
-impl Schedule {
-    fn new(base: Instant, warmup_start: Instant, args: &RunArgs) -> Schedule {
-        let t0 = warmup_start + args.warmup;
-        let t1 = t0 + args.duration;
-        Schedule {
-            warmup_start,
-            t0,
-            t1,
-            end: t1 + args.drain,
-            t0_ns: ns_since(base, t0),
-            t1_ns: ns_since(base, t1),
-        }
-    }
-
-    /// Whether a packet sent at `sent_ns` belongs to the window.
-    fn in_window(&self, sent_ns: u64) -> bool {
-        (self.t0_ns..self.t1_ns).contains(&sent_ns)
-    }
-}
-
-fn ns_since(base: Instant, t: Instant) -> u64 {
-    u64::try_from(t.saturating_duration_since(base).as_nanos()).unwrap_or(u64::MAX)
-}
-
 /// What the coordinator tells the participant tasks.
 #[derive(Debug, Clone, Copy)]
 enum Phase {
@@ -520,7 +483,13 @@ pub async fn run(args: &RunArgs) -> Result<Report, String> {
     let mut schedule = None;
     let mut ticks = Vec::new();
     if ready > 0 {
-        let s = Schedule::new(base, Instant::now() + MEDIA_LEAD, args);
+        let s = Schedule::new(
+            base,
+            Instant::now() + MEDIA_LEAD,
+            args.warmup,
+            args.duration,
+            args.drain,
+        );
         schedule = Some(s);
         let (stop_tx, stop_rx) = watch::channel(false);
         let target = sampler::Target {
@@ -791,24 +760,16 @@ fn send(
     schedule: &Schedule,
     shared: &Shared,
 ) {
-    let Some(frame) = p.next_frame(&shared.plan, out.index, shared.base, schedule.t1) else {
-        return;
-    };
-    let in_window = schedule.in_window(frame.sent_ns);
-    let subscribers = (shared.per_room - 1) as u64;
-    let sent = &mut out.sent[kind_index(p.kind)];
-    sent.errors += frame.errors;
-    sent.frame(in_window, frame.keyframe);
-    for (payload, marker) in frame.packets {
-        let len = payload.len();
-        let ok = client
-            .send_rtp(p.kind, payload, marker, frame.timestamp)
-            .is_ok();
-        sent.packet(ok, in_window, len);
-        if ok {
-            Live::add(&shared.live.expected, subscribers);
-        }
-    }
+    let handed = send_next(
+        p,
+        &shared.plan,
+        out.index,
+        shared.base,
+        schedule,
+        &mut out.sent,
+        |kind, payload, marker, ts| client.send_rtp(kind, payload, marker, ts).is_ok(),
+    );
+    Live::add(&shared.live.expected, handed * (shared.per_room - 1) as u64);
 }
 
 /// Resolves when the coordinator says `Stop` (or is gone).
@@ -1194,9 +1155,9 @@ mod tests {
             audio_mode: AudioMode::Mix,
             live: Arc::new(Live::default()),
         };
-        let s = Schedule::new(base, base, &a);
+        let s = Schedule::new(base, base, a.warmup, a.duration, a.drain);
         let mut out = Outcome::new(0, &shared);
-        let sent_ns = ns_since(base, s.t0) + 1_000;
+        let sent_ns = crate::publish::ns_since(base, s.t0) + 1_000;
         let stamp = |sender, seq| Stamp {
             sender,
             seq,
@@ -1273,7 +1234,13 @@ mod tests {
     fn schedule_window() {
         let base = Instant::now();
         let a = args(&["--warmup", "1s", "--duration", "2s", "--drain", "500ms"]);
-        let s = Schedule::new(base, base + Duration::from_secs(1), &a);
+        let s = Schedule::new(
+            base,
+            base + Duration::from_secs(1),
+            a.warmup,
+            a.duration,
+            a.drain,
+        );
         assert!(!s.in_window(1_999_999_999));
         assert!(s.in_window(2_000_000_000));
         assert!(s.in_window(3_999_999_999));
