@@ -8,17 +8,26 @@
 //!   subscriber packets, bytes, loss, jitter, end-to-end latency and
 //!   join → first packet, and the server's CPU per forwarded packet and RSS
 //!   per participant, with a live progress bar, JSON and an SVG plot.
+//! - `janus`: the same load (the same media) against Janus VideoRoom, or
+//!   AudioBridge with `--audio-mode mix`, inside a network namespace.
+//! - `compare`: `run` against Switchboard and `janus` against Janus in turn
+//!   under one load; the ratio table, optionally written into a document.
 //!
 //! The building blocks are plain modules an adapter for another server can
-//! reuse: [`media`] (VP8 clip, RFC 7741 packetizer, Opus tone), [`stamp`]
+//! reuse: [`publish`] (what a publisher sends, paced and stamped, and the
+//! per-flow accounting of what arrives; `run` and `janus` both use it),
+//! [`media`] (VP8 clip, RFC 7741 packetizer, Opus tone), [`stamp`]
 //! (sender/sequence/send time inside the payload), [`rxstats`] (RTP loss,
 //! jitter, latency per track), [`sampler`] (server CPU/RSS and a `/metrics`
 //! counter once a second), [`plot`] and [`progress`].
 
+mod compare;
+mod janus;
 mod media;
 mod plot;
 mod proc;
 mod progress;
+mod publish;
 mod run;
 mod rxstats;
 mod sampler;
@@ -51,6 +60,13 @@ enum Command {
     /// packet and RSS per participant.
     #[command(alias = "sfu")]
     Run(run::RunArgs),
+    /// The `run` load against Janus VideoRoom, or AudioBridge with
+    /// `--audio-mode mix` (run it inside Janus's network namespace:
+    /// loadtest/janus/run.sh).
+    Janus(janus::JanusArgs),
+    /// Switchboard (`run`) and Janus in turn under the same load, in a
+    /// network namespace it creates (root); prints the ratio table.
+    Compare(compare::CompareArgs),
 }
 
 fn main() -> ExitCode {
@@ -58,6 +74,8 @@ fn main() -> ExitCode {
     match cli.command {
         Command::Signaling(args) => signaling::main(&args),
         Command::Run(args) => run::main(&args),
+        Command::Janus(args) => janus::main(&args),
+        Command::Compare(args) => compare::main(&args),
     }
 }
 

@@ -34,18 +34,18 @@ use std::process::ExitCode;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use bytes::Bytes;
-use rand::Rng;
 use switchboard_client::{Client, ClientError, Event, JoinOptions, Kind};
 use switchboard_proto::{AudioMode, MediaMode, RoomName, ServerMessage};
 use tokio::sync::{mpsc, watch, Semaphore};
-use tokio::time::{timeout_at, MissedTickBehavior};
+use tokio::time::timeout_at;
 
-use crate::media::{self, OpusClip, Vp8Clip};
+use crate::media;
 use crate::proc::{self, Machine, Pid};
 use crate::progress::{Live, Progress};
-use crate::rxstats::{RtpStats, StampFlow};
-use crate::stamp::{self, Stamp};
+pub use crate::publish::Schedule;
+use crate::publish::{check_sender, read_stamp, send_next, tick, Publisher};
+pub use crate::publish::{kind_index, media_plan, Flow, MediaPlan, Sent, KIND_NAMES};
+use crate::rxstats::RtpStats;
 use crate::{sampler, scrape};
 pub use report::Report;
 
@@ -61,8 +61,6 @@ const MEDIA_LEAD: Duration = Duration::from_millis(50);
 const SCRAPE_TIMEOUT: Duration = Duration::from_secs(2);
 /// Longest wait for the TCP connection of the reachability check.
 const REACH_TIMEOUT: Duration = Duration::from_secs(3);
-/// Sequence numbers above this are treated as damage (a run sends far fewer).
-const MAX_SEQ: u32 = 1 << 24;
 /// The server's default room capacity.
 const DEFAULT_ROOM_CAPACITY: usize = 100;
 /// The stream id of the server's mixed-audio track.
@@ -227,57 +225,6 @@ pub fn main(args: &RunArgs) -> ExitCode {
 // Set-up
 // ---------------------------------------------------------------------------
 
-/// What every publisher sends.
-#[derive(Debug, Clone)]
-pub struct MediaPlan {
-    pub audio: Option<Arc<OpusClip>>,
-    /// The clip and the interval between its frames.
-    pub video: Option<(Arc<Vp8Clip>, Duration)>,
-}
-
-impl MediaPlan {
-    pub fn kinds(&self) -> Vec<Kind> {
-        let mut k = Vec::new();
-        if self.audio.is_some() {
-            k.push(Kind::Audio);
-        }
-        if self.video.is_some() {
-            k.push(Kind::Video);
-        }
-        k
-    }
-}
-
-/// Loads and encodes the media every publisher sends.
-pub fn media_plan(video_kbps: u32, audio: bool) -> Result<MediaPlan, String> {
-    let audio = if audio {
-        Some(Arc::new(OpusClip::default_tone()?))
-    } else {
-        None
-    };
-    let video = if video_kbps > 0 {
-        let clip = Vp8Clip::builtin()?;
-        let fps = clip.fps_for(f64::from(video_kbps));
-        if !(1.0..=120.0).contains(&fps) {
-            return Err(format!(
-                "--video-kbps {video_kbps} needs {fps:.1} frames/s of a {:.0} kbit/s clip at \
-                 {} fps; keep it within 1-120 frames/s ({:.0}-{:.0} kbit/s)",
-                clip.natural_kbps(),
-                clip.fps,
-                clip.natural_kbps() / clip.fps,
-                clip.natural_kbps() * 120.0 / clip.fps
-            ));
-        }
-        Some((Arc::new(clip), Duration::from_secs_f64(1.0 / fps)))
-    } else {
-        None
-    };
-    if audio.is_none() && video.is_none() {
-        return Err("nothing to publish: --video-kbps is 0 and no --audio".into());
-    }
-    Ok(MediaPlan { audio, video })
-}
-
 /// Checks the arguments; returns the host and port for `/metrics` and the
 /// room names.
 fn validate(args: &RunArgs, run_id: &str) -> Result<(String, u16, Vec<String>), String> {
@@ -353,44 +300,6 @@ async fn reachable(url: &str, host: &str, port: u16) -> Result<(), String> {
 // ---------------------------------------------------------------------------
 // The run
 // ---------------------------------------------------------------------------
-
-/// When the media phase happens, on the generator's clock.
-#[derive(Debug, Clone, Copy)]
-pub struct Schedule {
-    /// Publishing starts (each stream at a random phase within its period).
-    pub warmup_start: Instant,
-    /// The measurement window `[t0, t1)`; publishing stops at `t1`.
-    pub t0: Instant,
-    pub t1: Instant,
-    /// Receivers stop reading and leave.
-    pub end: Instant,
-    t0_ns: u64,
-    t1_ns: u64,
-}
-
-impl Schedule {
-    fn new(base: Instant, warmup_start: Instant, args: &RunArgs) -> Schedule {
-        let t0 = warmup_start + args.warmup;
-        let t1 = t0 + args.duration;
-        Schedule {
-            warmup_start,
-            t0,
-            t1,
-            end: t1 + args.drain,
-            t0_ns: ns_since(base, t0),
-            t1_ns: ns_since(base, t1),
-        }
-    }
-
-    /// Whether a packet sent at `sent_ns` belongs to the window.
-    fn in_window(&self, sent_ns: u64) -> bool {
-        (self.t0_ns..self.t1_ns).contains(&sent_ns)
-    }
-}
-
-fn ns_since(base: Instant, t: Instant) -> u64 {
-    u64::try_from(t.saturating_duration_since(base).as_nanos()).unwrap_or(u64::MAX)
-}
 
 /// What the coordinator tells the participant tasks.
 #[derive(Debug, Clone, Copy)]
@@ -574,7 +483,13 @@ pub async fn run(args: &RunArgs) -> Result<Report, String> {
     let mut schedule = None;
     let mut ticks = Vec::new();
     if ready > 0 {
-        let s = Schedule::new(base, Instant::now() + MEDIA_LEAD, args);
+        let s = Schedule::new(
+            base,
+            Instant::now() + MEDIA_LEAD,
+            args.warmup,
+            args.duration,
+            args.drain,
+        );
         schedule = Some(s);
         let (stop_tx, stop_rx) = watch::channel(false);
         let target = sampler::Target {
@@ -669,47 +584,6 @@ pub async fn run(args: &RunArgs) -> Result<Report, String> {
 // One participant
 // ---------------------------------------------------------------------------
 
-/// What a participant sent on one stream.
-#[derive(Debug, Clone, Copy, Default)]
-pub struct Sent {
-    /// RTP packets over the whole media phase.
-    pub total: u64,
-    /// RTP packets sent inside the measurement window.
-    pub window: u64,
-    /// RTP payload bytes (media + descriptor + stamp) inside the window.
-    pub window_bytes: u64,
-    /// Media frames (VP8 frames, Opus frames) inside the window, and keyframes.
-    pub window_frames: u64,
-    pub window_keyframes: u64,
-    /// `send_rtp` refused (the client task had stopped).
-    pub errors: u64,
-}
-
-/// What one subscriber got from one (publisher, kind).
-#[derive(Debug)]
-pub struct Flow {
-    /// By the stamp: window accounting and latency.
-    pub stamp: StampFlow,
-    /// By the RTP header, for the packets sent inside the window.
-    pub rtp: RtpStats,
-}
-
-impl Flow {
-    fn new(kind: Kind) -> Flow {
-        Flow {
-            stamp: StampFlow::default(),
-            rtp: RtpStats::new(clock_rate(kind)),
-        }
-    }
-}
-
-pub fn clock_rate(kind: Kind) -> u32 {
-    match kind {
-        Kind::Audio => media::OPUS_CLOCK,
-        Kind::Video => media::VP8_CLOCK,
-    }
-}
-
 /// Everything one participant saw and did.
 #[derive(Debug)]
 pub struct Outcome {
@@ -752,15 +626,6 @@ pub struct Outcome {
     /// The client task ended before we left.
     pub closed_early: bool,
 }
-
-pub fn kind_index(kind: Kind) -> usize {
-    match kind {
-        Kind::Audio => 0,
-        Kind::Video => 1,
-    }
-}
-
-pub const KIND_NAMES: [&str; 2] = ["audio", "video"];
 
 impl Outcome {
     fn new(index: usize, shared: &Shared) -> Outcome {
@@ -823,35 +688,20 @@ impl Outcome {
                     Live::add(&shared.live.received, 1);
                     return;
                 }
-                let parsed = match kind {
-                    Kind::Audio => stamp::opus_split(&packet.payload).map(|(_, s)| s),
-                    Kind::Video => stamp::split_trailer(&packet.payload).and_then(|(m, s)| {
-                        media::vp8_descriptor(m)
-                            .map(|_| s)
-                            .ok_or(stamp::Bad::Framing)
-                    }),
-                };
-                let stamp = match parsed {
+                let stamp = match read_stamp(kind, &packet.payload) {
                     Ok(s) => s,
                     Err(bad) => {
                         *self.bad.entry(bad.as_str()).or_default() += 1;
                         return;
                     }
                 };
-                let sender = stamp.sender as usize;
-                let reason = if sender >= shared.total || stamp.seq > MAX_SEQ {
-                    Some("unknown-sender")
-                } else if sender == self.index {
-                    Some("own-packet")
-                } else if sender / shared.per_room != self.room {
-                    Some("other-room")
-                } else {
-                    None
-                };
-                if let Some(reason) = reason {
+                if let Some(reason) =
+                    check_sender(&stamp, self.index, shared.per_room, shared.total)
+                {
                     *self.bad.entry(reason).or_default() += 1;
                     return;
                 }
+                let sender = stamp.sender as usize;
                 Live::add(&shared.live.received, 1);
                 let sent_at = shared.base + Duration::from_nanos(stamp.sent_ns);
                 let in_window = schedule.is_some_and(|s| s.in_window(stamp.sent_ns));
@@ -902,127 +752,24 @@ impl Outcome {
     }
 }
 
-/// One stream a participant publishes: frames of a clip in a loop, paced by
-/// its own timer.
-struct Publisher {
-    kind: Kind,
-    /// Stamp sequence: packets sent on this stream so far.
-    seq: u32,
-    /// Frames sent so far (index into the looping clip).
-    frame: u64,
-    period: Duration,
-    interval: Option<tokio::time::Interval>,
-}
-
-impl Publisher {
-    fn start(kind: Kind, period: Duration, schedule: &Schedule) -> Publisher {
-        let phase = period.mul_f64(rand::rng().random::<f64>());
-        let mut interval = tokio::time::interval_at((schedule.warmup_start + phase).into(), period);
-        // Late ticks are skipped, not sent in a burst: the rate may fall under
-        // load (the report shows what was sent), the pacing stays.
-        interval.set_missed_tick_behavior(MissedTickBehavior::Skip);
-        Publisher {
-            kind,
-            seq: 0,
-            frame: 0,
-            period,
-            interval: Some(interval),
-        }
-    }
-
-    /// Sends the next frame (one Opus packet, or the RTP packets of one VP8
-    /// frame, back to back as an encoder would), or stops the stream at the
-    /// end of the window.
-    fn send(&mut self, client: &Client, out: &mut Outcome, schedule: &Schedule, shared: &Shared) {
-        let now = Instant::now();
-        if now >= schedule.t1 {
-            self.interval = None;
-            return;
-        }
-        let base = shared.base;
-        let sent_ns = ns_since(base, now);
-        let in_window = schedule.in_window(sent_ns);
-        let subscribers = (shared.per_room - 1) as u64;
-        // RTP timestamp: the frame's nominal capture time on the media clock.
-        // In integers: frame × period × clock, rounded (wraps like RTP).
-        let timestamp =
-            ((u128::from(self.frame) * self.period.as_nanos() * u128::from(clock_rate(self.kind))
-                + 500_000_000)
-                / 1_000_000_000) as u32;
-        let mut packets: Vec<(Bytes, bool)> = Vec::new();
-        let mut keyframe = false;
-        match self.kind {
-            Kind::Audio => {
-                let Some(clip) = shared.plan.audio.as_ref() else {
-                    return;
-                };
-                let frame = &clip.frames[(self.frame % clip.frames.len() as u64) as usize];
-                let stamp = Stamp {
-                    sender: out.index as u32,
-                    seq: self.seq,
-                    sent_ns,
-                };
-                match stamp::opus_stamped(frame, stamp) {
-                    Some(p) => packets.push((p, self.frame == 0)),
-                    None => out.sent[0].errors += 1,
-                }
-            }
-            Kind::Video => {
-                let Some((clip, _)) = shared.plan.video.as_ref() else {
-                    return;
-                };
-                let f = &clip.frames[(self.frame % clip.frames.len() as u64) as usize];
-                keyframe = f.keyframe;
-                let parts = media::vp8_packets(
-                    &f.data,
-                    (self.frame & 0x7fff) as u16,
-                    media::MAX_RTP_PAYLOAD,
-                    stamp::STAMP_LEN,
-                );
-                let n = parts.len();
-                for (i, mut p) in parts.into_iter().enumerate() {
-                    let stamp = Stamp {
-                        sender: out.index as u32,
-                        seq: self.seq + i as u32,
-                        sent_ns,
-                    };
-                    stamp::append_trailer(&mut p, stamp);
-                    packets.push((p.freeze(), i + 1 == n));
-                }
-            }
-        }
-        self.frame += 1;
-        let sent = &mut out.sent[kind_index(self.kind)];
-        if in_window {
-            sent.window_frames += 1;
-            sent.window_keyframes += u64::from(keyframe);
-        }
-        for (payload, marker) in packets {
-            self.seq += 1;
-            let len = payload.len() as u64;
-            match client.send_rtp(self.kind, payload, marker, timestamp) {
-                Ok(()) => {
-                    sent.total += 1;
-                    Live::add(&shared.live.expected, subscribers);
-                    if in_window {
-                        sent.window += 1;
-                        sent.window_bytes += len;
-                    }
-                }
-                Err(_) => sent.errors += 1,
-            }
-        }
-    }
-}
-
-/// Waits for the next tick of `p`; never resolves for a stopped stream.
-async fn tick(p: &mut Option<Publisher>) {
-    match p.as_mut().and_then(|p| p.interval.as_mut()) {
-        Some(iv) => {
-            iv.tick().await;
-        }
-        None => std::future::pending().await,
-    }
+/// Sends the next frame of `p` (or stops it at the end of the window).
+fn send(
+    p: &mut Publisher,
+    client: &Client,
+    out: &mut Outcome,
+    schedule: &Schedule,
+    shared: &Shared,
+) {
+    let handed = send_next(
+        p,
+        &shared.plan,
+        out.index,
+        shared.base,
+        schedule,
+        &mut out.sent,
+        |kind, payload, marker, ts| client.send_rtp(kind, payload, marker, ts).is_ok(),
+    );
+    Live::add(&shared.live.expected, handed * (shared.per_room - 1) as u64);
 }
 
 /// Resolves when the coordinator says `Stop` (or is gone).
@@ -1101,12 +848,7 @@ async fn participant(
                         schedule = Some(s);
                         out.published = true;
                         if out.publisher {
-                            if shared.plan.audio.is_some() {
-                                *audio = Some(Publisher::start(Kind::Audio, Duration::from_millis(20), &s));
-                            }
-                            if let Some((_, period)) = &shared.plan.video {
-                                *video = Some(Publisher::start(Kind::Video, *period, &s));
-                            }
+                            [*audio, *video] = Publisher::all(&shared.plan, s.warmup_start);
                         }
                     }
                     Phase::Stop => break,
@@ -1115,12 +857,12 @@ async fn participant(
             }
             () = tick(audio) => {
                 if let (Some(p), Some(s)) = (audio.as_mut(), schedule.as_ref()) {
-                    p.send(&client, &mut out, s, &shared);
+                    send(p, &client, &mut out, s, &shared);
                 }
             }
             () = tick(video) => {
                 if let (Some(p), Some(s)) = (video.as_mut(), schedule.as_ref()) {
-                    p.send(&client, &mut out, s, &shared);
+                    send(p, &client, &mut out, s, &shared);
                 }
             }
             () = sleep_until_opt(end) => break,
@@ -1239,6 +981,8 @@ fn refusal(msg: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::stamp::{self, Stamp};
+    use bytes::Bytes;
     use clap::Parser;
 
     #[derive(Parser)]
@@ -1251,27 +995,6 @@ mod tests {
         let mut v = vec!["x"];
         v.extend_from_slice(extra);
         Wrap::try_parse_from(v).expect("parses").args
-    }
-
-    #[test]
-    fn media_plans() {
-        let p = media_plan(500, true).expect("plan");
-        assert_eq!(p.kinds(), vec![Kind::Audio, Kind::Video]);
-        let (clip, period) = p.video.as_ref().expect("video");
-        // The frame interval that makes the clip's frame data 500 kbit/s.
-        let kbps =
-            clip.bytes() as f64 * 8.0 / 1e3 / clip.frames.len() as f64 / period.as_secs_f64();
-        assert!((kbps - 500.0).abs() < 1.0, "{kbps}");
-        assert_eq!(
-            media_plan(0, true).expect("audio only").kinds(),
-            vec![Kind::Audio]
-        );
-        assert_eq!(
-            media_plan(300, false).expect("video only").kinds(),
-            vec![Kind::Video]
-        );
-        assert!(media_plan(0, false).is_err());
-        assert!(media_plan(100_000, false).is_err(), "beyond 120 fps");
     }
 
     #[test]
@@ -1432,9 +1155,9 @@ mod tests {
             audio_mode: AudioMode::Mix,
             live: Arc::new(Live::default()),
         };
-        let s = Schedule::new(base, base, &a);
+        let s = Schedule::new(base, base, a.warmup, a.duration, a.drain);
         let mut out = Outcome::new(0, &shared);
-        let sent_ns = ns_since(base, s.t0) + 1_000;
+        let sent_ns = crate::publish::ns_since(base, s.t0) + 1_000;
         let stamp = |sender, seq| Stamp {
             sender,
             seq,
@@ -1511,7 +1234,13 @@ mod tests {
     fn schedule_window() {
         let base = Instant::now();
         let a = args(&["--warmup", "1s", "--duration", "2s", "--drain", "500ms"]);
-        let s = Schedule::new(base, base + Duration::from_secs(1), &a);
+        let s = Schedule::new(
+            base,
+            base + Duration::from_secs(1),
+            a.warmup,
+            a.duration,
+            a.drain,
+        );
         assert!(!s.in_window(1_999_999_999));
         assert!(s.in_window(2_000_000_000));
         assert!(s.in_window(3_999_999_999));

@@ -9,6 +9,7 @@ use serde::{Serialize, Serializer};
 use super::{kind_index, MediaPlan, Outcome, RunArgs, Sample, Schedule, KIND_NAMES};
 use crate::plot::Point;
 use crate::proc::{self, Machine};
+use crate::publish::MediaSource;
 use crate::rxstats::{percent, RtpStats};
 use crate::sampler::{self, Tick};
 use crate::scrape::{self, Estimate, Histogram};
@@ -95,39 +96,6 @@ pub struct Config {
     pub connect_concurrency: usize,
     pub timeout_s: f64,
     pub threads: usize,
-}
-
-#[derive(Debug, Serialize)]
-pub struct MediaSource {
-    pub video: Option<VideoSource>,
-    pub audio: Option<AudioSource>,
-    /// Where the sender/sequence/send-time stamp travels.
-    pub stamp: &'static str,
-}
-
-#[derive(Debug, Serialize)]
-pub struct VideoSource {
-    pub codec: &'static str,
-    pub clip: &'static str,
-    pub width: u16,
-    pub height: u16,
-    pub clip_fps: f64,
-    pub clip_frames: usize,
-    pub clip_keyframes: usize,
-    /// The clip's frame data rate at its own frame rate.
-    pub clip_kbps: f64,
-    /// Frames per second sent: the clip's rate scaled to `--video-kbps`.
-    pub sent_fps: f64,
-    pub pacing: &'static str,
-}
-
-#[derive(Debug, Serialize)]
-pub struct AudioSource {
-    pub codec: &'static str,
-    pub source: &'static str,
-    pub frame_ms: u32,
-    pub encoder_bitrate_bps: i32,
-    pub loop_frames: usize,
 }
 
 /// Mixed audio: re-encoded by the server, so no stamp survives; counted by
@@ -826,7 +794,7 @@ impl Report {
                 timeout_s: args.timeout.as_secs_f64(),
                 threads: args.threads.max(1),
             },
-            media_source: media_source(inp.plan),
+            media_source: inp.plan.source(),
             audio_mode_granted,
             machine: inp.machine,
             participants: p,
@@ -930,23 +898,7 @@ impl Report {
                 "; DID NOT COMPLETE"
             },
         )?;
-        if let Some(v) = &self.media_source.video {
-            writeln!(
-                t,
-                "  video        VP8 {}x{} clip ({} frames, {} keyframes, {:.0} kbit/s at {} fps) looped at {:.1} fps for {} kbit/s",
-                v.width, v.height, v.clip_frames, v.clip_keyframes, v.clip_kbps, v.clip_fps, v.sent_fps, c.video_kbps_target
-            )?;
-        }
-        if let Some(a) = &self.media_source.audio {
-            writeln!(
-                t,
-                "  audio        {}, {} ms frames, {} kbit/s encoder ({})",
-                a.codec,
-                a.frame_ms,
-                a.encoder_bitrate_bps / 1000,
-                a.source
-            )?;
-        }
+        self.media_source.write_lines(t, c.video_kbps_target)?;
         if !self.audio_mode_granted.is_empty() {
             writeln!(
                 t,
@@ -1249,33 +1201,6 @@ impl Report {
             }
         }
         writeln!(t)
-    }
-}
-
-fn media_source(plan: &MediaPlan) -> MediaSource {
-    MediaSource {
-        video: plan.video.as_ref().map(|(clip, period)| VideoSource {
-            codec: "VP8 (RFC 7741, 15-bit picture ID, <= 1200-byte payloads)",
-            clip: "loadtest/media/clip.ivf",
-            width: clip.width,
-            height: clip.height,
-            clip_fps: clip.fps,
-            clip_frames: clip.frames.len(),
-            clip_keyframes: clip.keyframes(),
-            clip_kbps: clip.natural_kbps(),
-            sent_fps: 1.0 / period.as_secs_f64(),
-            pacing: "the clip in a loop, frames as encoded, at its frame rate scaled to \
-                     --video-kbps; a frame's packets back to back",
-        }),
-        audio: plan.audio.as_ref().map(|clip| AudioSource {
-            codec: "Opus 48 kHz mono",
-            source: "440 Hz tone encoded with libopus at start-up",
-            frame_ms: 20,
-            encoder_bitrate_bps: clip.bitrate,
-            loop_frames: clip.frames.len(),
-        }),
-        stamp: "VP8: an 18-byte trailer after the frame data of every packet; \
-                Opus: the padding of a code 3 packet (decodes unchanged)",
     }
 }
 
