@@ -643,24 +643,25 @@ fn unreachable_server_media_port_is_a_visible_warning() {
 
 // ---------------------------------------------------------------- our Rust client
 
-/// Env of [`rust_client_in_namespace`].
-const CHILD_ENV: [&str; 6] = [
-    "SB_FB_URL",
-    "SB_FB_ROOM",
-    "SB_FB_NAME",
-    "SB_FB_OTHER",
-    "SB_FB_IP",
-    "SB_FB_EXPECT",
-];
-
 /// Packets of the other a Rust client waits for.
 const RUST_PACKETS: u64 = 50;
 
-/// Runs Alice and Bob with our Rust client, each in its own namespace as a
-/// child process (this test binary again, running [`rust_client_in_namespace`]),
-/// and returns each one's `RESULT` JSON. `isolate`: they cannot reach each
-/// other and each waits for the other's packets through the server; else
-/// over the direct connection.
+/// What one Rust client is told.
+struct RustClientPlan {
+    url: String,
+    room: String,
+    name: &'static str,
+    other: &'static str,
+    ip: std::net::IpAddr,
+    /// The other's packets must come through the server (else directly).
+    via_server: bool,
+}
+
+/// Runs Alice and Bob with our Rust client, each on a thread of its own
+/// that has entered its site's network namespace (`setns`) before opening
+/// any socket, and returns each one's result JSON. `isolate`: they cannot
+/// reach each other and each waits for the other's packets through the
+/// server; else over the direct connection.
 fn run_rust_clients(isolate: bool) -> Vec<(&'static str, serde_json::Value)> {
     let _one = NETWORK.lock().unwrap_or_else(|e| e.into_inner());
     let logs = logs_dir("rust");
@@ -675,63 +676,62 @@ fn run_rust_clients(isolate: bool) -> Vec<(&'static str, serde_json::Value)> {
         net.isolate(ALICE, BOB);
     }
     let srv = start_server(&mut net, &setup, &logs);
-    let me = std::env::current_exe().expect("the test binary's path");
     let room = format!("rust-{}", std::process::id());
-    let mut kids = Vec::new();
+    let mut threads = Vec::new();
     for (site, other) in [(ALICE, BOB), (BOB, ALICE)] {
-        let values = [
-            format!("ws://{SERVER_IP}:{HTTP_PORT}/ws"),
-            room.clone(),
-            site.name.to_owned(),
-            other.name.to_owned(),
-            format!("10.77.{}.2", site.subnet),
-            if isolate { "server" } else { "p2p" }.to_owned(),
-        ];
-        let envs: Vec<(&str, OsString)> = CHILD_ENV
-            .iter()
-            .zip(values)
-            .map(|(k, v)| (*k, v.into()))
-            .collect();
-        let log = logs.join(site.name);
-        let i = net.spawn(
-            site.name,
-            &me,
-            &[
-                "rust_client_in_namespace",
-                "--exact",
-                "--ignored",
-                "--nocapture",
-            ],
-            &envs,
-            &log,
-        );
-        kids.push((site.name, i, log));
+        let ns = PathBuf::from("/run/netns").join(net.ns(site.name));
+        let plan = RustClientPlan {
+            url: format!("ws://{SERVER_IP}:{HTTP_PORT}/ws"),
+            room: room.clone(),
+            name: site.name,
+            other: other.name,
+            ip: format!("10.77.{}.2", site.subnet)
+                .parse()
+                .expect("an IP address"),
+            via_server: isolate,
+        };
+        let thread = std::thread::Builder::new()
+            .name(format!("client-{}", site.name))
+            .spawn(move || -> Result<serde_json::Value, String> {
+                // Only this thread moves: every socket the client opens from
+                // here on (its runtime is this thread) is in the namespace.
+                let handle = File::open(&ns).map_err(|e| format!("open {}: {e}", ns.display()))?;
+                nix::sched::setns(&handle, nix::sched::CloneFlags::CLONE_NEWNET)
+                    .map_err(|e| format!("setns {}: {e}", ns.display()))?;
+                let runtime = tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                    .map_err(|e| format!("a tokio runtime: {e}"))?;
+                runtime.block_on(rust_client(plan))
+            })
+            .expect("spawn a client thread");
+        threads.push((site.name, thread));
     }
     let mut results = Vec::new();
     let mut failures = Vec::new();
-    for (name, i, log) in &kids {
-        // The child gives up on its own after 45 s.
-        let outcome = net.wait(*i, srv, Duration::from_secs(60));
-        let stdout = read(&log.with_extension("stdout"));
-        let line = stdout.lines().find_map(|l| l.strip_prefix("RESULT "));
-        match (outcome, line) {
-            (Ok(true), Some(line)) => results.push((
-                *name,
-                serde_json::from_str::<serde_json::Value>(line)
-                    .unwrap_or_else(|e| panic!("bad JSON ({e}): {line}")),
-            )),
-            (outcome, _) => failures.push(format!(
-                "{name}: {outcome:?}\n--- stdout ---\n{stdout}\n--- stderr ---\n{}",
-                read(&log.with_extension("stderr"))
+    for (name, thread) in threads {
+        // The client gives up on its own after 45 s.
+        match thread.join() {
+            Ok(Ok(r)) => results.push((name, r)),
+            Ok(Err(e)) => failures.push(format!("{name}: {e}")),
+            Err(panic) => failures.push(format!(
+                "{name} panicked: {}",
+                panic
+                    .downcast_ref::<String>()
+                    .map(String::as_str)
+                    .or_else(|| panic.downcast_ref::<&str>().copied())
+                    .unwrap_or("?")
             )),
         }
     }
+    let server_alive = net.exited(srv).is_none();
     drop(net);
     assert!(
-        failures.is_empty(),
-        "{}\n--- server ---\n{}\n(logs in {})",
+        failures.is_empty() && server_alive,
+        "{} (server alive: {server_alive})\n--- server ---\n{}\n{}\n(logs in {})",
         failures.join("\n"),
         read(&logs.join("server").with_extension("stdout")),
+        read(&logs.join("server").with_extension("stderr")),
         logs.display()
     );
     let _ = fs::remove_dir_all(&logs);
@@ -785,113 +785,112 @@ fn rust_clients_that_reach_each_other_call_directly() {
 }
 
 /// One participant of [`run_rust_clients`]: joins `auto` with P2P on, sends
-/// audio and video, and prints `RESULT {json}` once [`RUST_PACKETS`] of the
-/// other's packets came the expected way (`SB_FB_EXPECT`: `server` or `p2p`)
-/// and a little more time passed (so the other gets its packets too), or
-/// fails after 45 s.
-#[test]
-#[ignore = "not a test alone: the entry point of the child processes that \
-            run_rust_clients starts in namespaces (needs SB_FB_*)"]
-fn rust_client_in_namespace() {
+/// audio and video, and returns its result once [`RUST_PACKETS`] of the
+/// other's packets came the expected way and a little more time passed (so
+/// the other gets its packets too); an error after 45 s.
+async fn rust_client(plan: RustClientPlan) -> Result<serde_json::Value, String> {
     use switchboard_client::{Client, Event, JoinOptions, Kind};
     use switchboard_proto::ServerMessage;
 
-    let [url, room, name, other, ip, expect] = CHILD_ENV.map(|k| {
-        std::env::var(k).unwrap_or_else(|_| panic!("{k} is not set: run by the parent test"))
-    });
-    let via_server = expect == "server";
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .expect("a tokio runtime");
-    runtime.block_on(async move {
-        let mut opts = JoinOptions::auto(&url, &room, &name);
-        opts.bind_ip = ip.parse().expect("an IP address");
-        // The server may still be starting: retry the join for a while.
-        let started = Instant::now();
-        let mut client = loop {
-            match Client::join(opts.clone()).await {
-                Ok(c) => break c,
-                Err(e) if started.elapsed() < Duration::from_secs(15) => {
-                    eprintln!("join: {e}; retrying");
-                    tokio::time::sleep(Duration::from_millis(200)).await;
-                }
-                Err(e) => panic!("join: {e}"),
+    let RustClientPlan {
+        url,
+        room,
+        name,
+        other,
+        ip,
+        via_server,
+    } = plan;
+    let expect = if via_server { "server" } else { "p2p" };
+    let mut opts = JoinOptions::auto(&url, &room, name);
+    opts.bind_ip = ip;
+    // The server may still be starting: retry the join for a while.
+    let started = Instant::now();
+    let mut client = loop {
+        match Client::join(opts.clone()).await {
+            Ok(c) => break c,
+            Err(e) if started.elapsed() < Duration::from_secs(15) => {
+                eprintln!("join: {e}; retrying");
+                tokio::time::sleep(Duration::from_millis(200)).await;
             }
+            Err(e) => return Err(format!("join: {e}")),
+        }
+    };
+    let joined_at = Instant::now();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(45);
+    let mut tick = tokio::time::interval(Duration::from_millis(20));
+    let (mut seq, mut p2p_packets, mut server_packets) = (0u32, 0u64, 0u64);
+    // When P2P was declared failed: by us, or by the other (`mode`).
+    let (mut failed_at, mut mode_reason, mut reported) = (None, None, false);
+    let (mut first_server_at, mut first_p2p_at) = (None, None);
+    // Keep sending for 2 s after we have ours, so the other gets its own.
+    let mut done_at: Option<tokio::time::Instant> = None;
+    while done_at.is_none_or(|t| tokio::time::Instant::now() < t) {
+        let got = if via_server {
+            server_packets
+        } else {
+            p2p_packets
         };
-        let joined_at = Instant::now();
-        let deadline = tokio::time::Instant::now() + Duration::from_secs(45);
-        let mut tick = tokio::time::interval(Duration::from_millis(20));
-        let (mut seq, mut p2p_packets, mut server_packets) = (0u32, 0u64, 0u64);
-        // When P2P was declared failed: by us, or by the other (`mode`).
-        let (mut failed_at, mut mode_reason, mut reported) = (None, None, false);
-        let (mut first_server_at, mut first_p2p_at) = (None, None);
-        // Keep sending for 2 s after we have ours, so the other gets its own.
-        let mut done_at: Option<tokio::time::Instant> = None;
-        while done_at.is_none_or(|t| tokio::time::Instant::now() < t) {
-            let got = if via_server { server_packets } else { p2p_packets };
-            if got >= RUST_PACKETS && done_at.is_none() {
-                done_at = Some(tokio::time::Instant::now() + Duration::from_secs(2));
+        if got >= RUST_PACKETS && done_at.is_none() {
+            done_at = Some(tokio::time::Instant::now() + Duration::from_secs(2));
+        }
+        tokio::select! {
+            () = tokio::time::sleep_until(deadline) => return Err(format!(
+                "{name}: after 45 s, {server_packets} packets of {other} through the server \
+                 and {p2p_packets} direct (expected {RUST_PACKETS} via {expect}; \
+                 p2p-failed {failed_at:?}, mode {mode_reason:?})"
+            )),
+            _ = tick.tick() => {
+                seq += 1;
+                for kind in [Kind::Audio, Kind::Video] {
+                    let payload = common::media::payload(kind, name, seq);
+                    let _ = client.send_rtp(kind, payload, true, seq * 960);
+                }
             }
-            tokio::select! {
-                () = tokio::time::sleep_until(deadline) => panic!(
-                    "{name}: after 45 s, {server_packets} packets of {other} through the server \
-                     and {p2p_packets} direct (expected {RUST_PACKETS} via {expect}; \
-                     p2p-failed {failed_at:?}, mode {mode_reason:?})"
-                ),
-                _ = tick.tick() => {
-                    seq += 1;
-                    for kind in [Kind::Audio, Kind::Video] {
-                        let payload = common::media::payload(kind, &name, seq);
-                        let _ = client.send_rtp(kind, payload, true, seq * 960);
+            ev = client.next_event() => match ev {
+                Some(Event::P2p { state, .. }) if state == "failed" => {
+                    reported = true;
+                    failed_at.get_or_insert_with(Instant::now);
+                }
+                Some(Event::P2pRtp { kind, packet, .. }) => {
+                    if common::media::parse(kind, &packet.payload).is_some_and(|(from, _)| from == other) {
+                        p2p_packets += 1;
+                        first_p2p_at.get_or_insert_with(Instant::now);
                     }
                 }
-                ev = client.next_event() => match ev {
-                    Some(Event::P2p { state, .. }) if state == "failed" => {
-                        reported = true;
+                Some(Event::Signal(ServerMessage::Mode(m))) => {
+                    mode_reason = Some(m.reason.as_str());
+                    if m.reason == switchboard_proto::ModeReason::P2pFailed {
                         failed_at.get_or_insert_with(Instant::now);
                     }
-                    Some(Event::P2pRtp { kind, packet, .. }) => {
-                        if common::media::parse(kind, &packet.payload).is_some_and(|(from, _)| from == other) {
-                            p2p_packets += 1;
-                            first_p2p_at.get_or_insert_with(Instant::now);
-                        }
+                }
+                Some(Event::Rtp { kind, packet, .. }) => {
+                    if common::media::parse(kind, &packet.payload).is_some_and(|(from, _)| from == other) {
+                        server_packets += 1;
+                        first_server_at.get_or_insert_with(Instant::now);
                     }
-                    Some(Event::Signal(ServerMessage::Mode(m))) => {
-                        mode_reason = Some(m.reason.as_str());
-                        if m.reason == switchboard_proto::ModeReason::P2pFailed {
-                            failed_at.get_or_insert_with(Instant::now);
-                        }
-                    }
-                    Some(Event::Rtp { kind, packet, .. }) => {
-                        if common::media::parse(kind, &packet.payload).is_some_and(|(from, _)| from == other) {
-                            server_packets += 1;
-                            first_server_at.get_or_insert_with(Instant::now);
-                        }
-                    }
-                    Some(Event::Closed) | None => panic!("{name}: the client stopped"),
-                    Some(_) => {}
-                },
-            }
+                }
+                Some(Event::Closed) | None => return Err(format!("{name}: the client stopped")),
+                Some(_) => {}
+            },
         }
-        client.leave();
-        let ms = |a: Option<Instant>, b: Option<Instant>| match (a, b) {
-            (Some(a), Some(b)) => {
-                serde_json::json!(b.saturating_duration_since(a).as_millis() as u64)
-            }
-            _ => serde_json::Value::Null,
-        };
-        let result = serde_json::json!({
-            "name": name,
-            "modeReason": mode_reason,
-            "p2pFailed": failed_at.is_some(),
-            "reportedP2pFailed": reported,
-            "p2pPackets": p2p_packets,
-            "serverPackets": server_packets,
-            "joinToFirstServerPacketMs": ms(Some(joined_at), first_server_at),
-            "joinToFirstP2pPacketMs": ms(Some(joined_at), first_p2p_at),
-            "p2pFailedToFirstServerPacketMs": ms(failed_at, first_server_at),
-        });
-        println!("RESULT {result}");
+    }
+    client.leave();
+    let ms = |a: Option<Instant>, b: Option<Instant>| match (a, b) {
+        (Some(a), Some(b)) => {
+            serde_json::json!(b.saturating_duration_since(a).as_millis() as u64)
+        }
+        _ => serde_json::Value::Null,
+    };
+    let result = serde_json::json!({
+        "name": name,
+        "modeReason": mode_reason,
+        "p2pFailed": failed_at.is_some(),
+        "reportedP2pFailed": reported,
+        "p2pPackets": p2p_packets,
+        "serverPackets": server_packets,
+        "joinToFirstServerPacketMs": ms(Some(joined_at), first_server_at),
+        "joinToFirstP2pPacketMs": ms(Some(joined_at), first_p2p_at),
+        "p2pFailedToFirstServerPacketMs": ms(failed_at, first_server_at),
     });
+    Ok(result)
 }
