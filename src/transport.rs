@@ -36,8 +36,8 @@ use rtc::rtcp::payload_feedbacks::full_intra_request::FullIntraRequest;
 use rtc::rtcp::payload_feedbacks::picture_loss_indication::PictureLossIndication;
 use rtc::rtcp::transport_feedbacks::transport_layer_nack::TransportLayerNack;
 use rtc::rtp_transceiver::rtp_sender::{
-    RTCRtpCodec, RTCRtpCodingParameters, RTCRtpEncodingParameters, RTCRtpHeaderExtensionCapability,
-    RTCRtpRtxParameters, RtpCodecKind,
+    RTCRtpCodec, RTCRtpCodecParameters, RTCRtpCodingParameters, RTCRtpEncodingParameters,
+    RTCRtpHeaderExtensionCapability, RTCRtpRtxParameters, RtpCodecKind,
 };
 use rtc::rtp_transceiver::{
     RTCRtpReceiverId, RTCRtpSenderId, RTCRtpTransceiverDirection, RTCRtpTransceiverInit,
@@ -835,15 +835,7 @@ impl Engine {
             if down.pt.is_some() || !down.offered {
                 continue;
             }
-            if let Some(mut sender) = p.pc.rtp_sender(down.sender_id) {
-                down.pt = sender
-                    .get_parameters()
-                    .rtp_parameters
-                    .codecs
-                    .iter()
-                    .find(|c| c.rtp_codec.mime_type.eq_ignore_ascii_case(&down.mime))
-                    .map(|c| c.payload_type);
-            }
+            down.pt = negotiated_pt(&mut p.pc, down.sender_id, &down.mime);
             if down.pt.is_some() && down.kind == RtpCodecKind::Video {
                 want_keyframes.push((publisher, track.clone()));
             }
@@ -852,15 +844,7 @@ impl Engine {
         // decoder asked for in-band FEC.
         let mut mix_fec = None;
         if let Some(mo) = p.mix_out.as_mut().filter(|m| m.offered && m.pt.is_none()) {
-            if let Some(mut sender) = p.pc.rtp_sender(mo.sender_id) {
-                mo.pt = sender
-                    .get_parameters()
-                    .rtp_parameters
-                    .codecs
-                    .iter()
-                    .find(|c| c.rtp_codec.mime_type.eq_ignore_ascii_case(MIME_TYPE_OPUS))
-                    .map(|c| c.payload_type);
-            }
+            mo.pt = negotiated_pt(&mut p.pc, mo.sender_id, MIME_TYPE_OPUS);
             let mid =
                 p.pc.rtp_transceiver(mo.transceiver)
                     .and_then(|t| t.mid().clone());
@@ -982,11 +966,7 @@ impl Engine {
                         })
                         .filter_map(|e| u8::try_from(e.id).ok())
                         .collect();
-                    let opus_pt = params
-                        .codecs
-                        .iter()
-                        .find(|c| c.rtp_codec.mime_type.eq_ignore_ascii_case(MIME_TYPE_OPUS))
-                        .map(|c| c.payload_type);
+                    let opus_pt = pt_of(&params.codecs, MIME_TYPE_OPUS);
                     let audio_level_ext = params
                         .header_extensions
                         .iter()
@@ -1244,49 +1224,13 @@ impl Engine {
         {
             return;
         }
-        let ssrc = rand::random::<u32>();
-        let local_id = format!("{stream_id}-{}", random_token(8));
-        let encodings = vec![RTCRtpEncodingParameters {
-            rtp_coding_parameters: RTCRtpCodingParameters {
-                ssrc: Some(ssrc),
-                // Retransmissions go on an RTX stream where the subscriber
-                // negotiated one (RFC 4588); audio is not retransmitted.
-                rtx: (kind == RtpCodecKind::Video).then(|| RTCRtpRtxParameters {
-                    ssrc: rand::random::<u32>(),
-                }),
-                ..Default::default()
-            },
-            codec: codec.clone(),
-            ..Default::default()
-        }];
-        let local = MediaStreamTrack::new(
-            stream_id,
-            local_id.clone(),
-            local_id.clone(),
-            kind,
-            encodings,
-        );
-        // A transceiver of its own, sendonly: one server-added m-section per
-        // forwarded track, never one of the client's own m-sections.
-        let init = RTCRtpTransceiverInit {
-            direction: RTCRtpTransceiverDirection::Sendonly,
-            streams: vec![],
-            send_encodings: vec![],
-        };
-        let added =
-            s.pc.add_transceiver_from_track(local, Some(init))
-                .and_then(|tid| {
-                    s.pc.rtp_transceiver(tid)
-                        .and_then(|t| t.sender())
-                        .ok_or(rtc::shared::error::Error::ErrRTPSenderNotExisted)
-                });
-        match added {
-            Ok(sender_id) => {
+        match add_send_track(&mut s.pc, stream_id, kind, codec.clone()) {
+            Ok(added) => {
                 s.down.entry(publisher).or_default().insert(
                     track.clone(),
                     Down {
-                        sender_id,
-                        ssrc,
+                        sender_id: added.sender_id,
+                        ssrc: added.ssrc,
                         kind,
                         mime: codec.mime_type.clone(),
                         pt: None,
@@ -1294,7 +1238,8 @@ impl Engine {
                         rewriter: SeqRewriter::new(codec.clock_rate),
                     },
                 );
-                s.down_by_local.insert(local_id, (publisher, track.clone()));
+                s.down_by_local
+                    .insert(added.local_id, (publisher, track.clone()));
                 s.needs_offer = true;
                 self.offers_due.push(sub);
             }
@@ -1345,8 +1290,6 @@ impl Engine {
         if !mixing || p.mix_out.is_some() || p.audio_input.is_none() || !p.answered_first {
             return;
         }
-        let ssrc = rand::random::<u32>();
-        let local_id = format!("{MIX_STREAM}-{}", random_token(8));
         let codec = RTCRtpCodec {
             mime_type: MIME_TYPE_OPUS.to_owned(),
             clock_rate: 48_000,
@@ -1354,40 +1297,12 @@ impl Engine {
             sdp_fmtp_line: "minptime=10;useinbandfec=1".to_owned(),
             rtcp_feedback: Vec::new(),
         };
-        let encodings = vec![RTCRtpEncodingParameters {
-            rtp_coding_parameters: RTCRtpCodingParameters {
-                ssrc: Some(ssrc),
-                ..Default::default()
-            },
-            codec,
-            ..Default::default()
-        }];
-        let local = MediaStreamTrack::new(
-            MIX_STREAM.to_owned(),
-            local_id.clone(),
-            local_id,
-            RtpCodecKind::Audio,
-            encodings,
-        );
-        let init = RTCRtpTransceiverInit {
-            direction: RTCRtpTransceiverDirection::Sendonly,
-            streams: vec![],
-            send_encodings: vec![],
-        };
-        let added =
-            p.pc.add_transceiver_from_track(local, Some(init))
-                .and_then(|tid| {
-                    p.pc.rtp_transceiver(tid)
-                        .and_then(|t| t.sender())
-                        .map(|sender| (tid, sender))
-                        .ok_or(rtc::shared::error::Error::ErrRTPSenderNotExisted)
-                });
-        match added {
-            Ok((transceiver, sender_id)) => {
+        match add_send_track(&mut p.pc, MIX_STREAM.to_owned(), RtpCodecKind::Audio, codec) {
+            Ok(added) => {
                 p.mix_out = Some(MixOut {
-                    transceiver,
-                    sender_id,
-                    ssrc,
+                    transceiver: added.transceiver,
+                    sender_id: added.sender_id,
+                    ssrc: added.ssrc,
                     pt: None,
                     offered: false,
                     seq: rand::random::<u16>(),
@@ -1726,6 +1641,76 @@ fn mixable(opus_pt: Option<u8>, pt: u8) -> Result<(), MixDrop> {
         Some(opus) if opus == pt => Ok(()),
         _ => Err(MixDrop::NotOpus),
     }
+}
+
+/// A track the server sends, on a transceiver of its own.
+struct SendTrack {
+    transceiver: usize,
+    sender_id: RTCRtpSenderId,
+    ssrc: u32,
+    local_id: MediaStreamTrackId,
+}
+
+/// Adds a sendonly transceiver for one server-sent track in stream
+/// `stream_id`: one server-added m-section per track, never one of the
+/// client's own m-sections. Video gets an RTX stream for retransmissions
+/// where the client negotiates one (RFC 4588); audio is not retransmitted.
+fn add_send_track(
+    pc: &mut RTCPeerConnection,
+    stream_id: String,
+    kind: RtpCodecKind,
+    codec: RTCRtpCodec,
+) -> Result<SendTrack, rtc::shared::error::Error> {
+    let ssrc = rand::random::<u32>();
+    let local_id = format!("{stream_id}-{}", random_token(8));
+    let encodings = vec![RTCRtpEncodingParameters {
+        rtp_coding_parameters: RTCRtpCodingParameters {
+            ssrc: Some(ssrc),
+            rtx: (kind == RtpCodecKind::Video).then(|| RTCRtpRtxParameters {
+                ssrc: rand::random::<u32>(),
+            }),
+            ..Default::default()
+        },
+        codec,
+        ..Default::default()
+    }];
+    let local = MediaStreamTrack::new(
+        stream_id,
+        local_id.clone(),
+        local_id.clone(),
+        kind,
+        encodings,
+    );
+    let init = RTCRtpTransceiverInit {
+        direction: RTCRtpTransceiverDirection::Sendonly,
+        streams: vec![],
+        send_encodings: vec![],
+    };
+    let transceiver = pc.add_transceiver_from_track(local, Some(init))?;
+    let sender_id = pc
+        .rtp_transceiver(transceiver)
+        .and_then(|t| t.sender())
+        .ok_or(rtc::shared::error::Error::ErrRTPSenderNotExisted)?;
+    Ok(SendTrack {
+        transceiver,
+        sender_id,
+        ssrc,
+        local_id,
+    })
+}
+
+/// The payload type of `mime` among `codecs`.
+fn pt_of(codecs: &[RTCRtpCodecParameters], mime: &str) -> Option<u8> {
+    codecs
+        .iter()
+        .find(|c| c.rtp_codec.mime_type.eq_ignore_ascii_case(mime))
+        .map(|c| c.payload_type)
+}
+
+/// The payload type of `mime` that a sender's negotiation settled on.
+fn negotiated_pt(pc: &mut RTCPeerConnection, sender: RTCRtpSenderId, mime: &str) -> Option<u8> {
+    let mut sender = pc.rtp_sender(sender)?;
+    pt_of(&sender.get_parameters().rtp_parameters.codecs, mime)
 }
 
 /// Adds what the mixer counted since `before` to the metrics.

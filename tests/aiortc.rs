@@ -11,16 +11,14 @@
 mod common;
 
 use std::collections::{BTreeMap, HashMap, HashSet};
-use std::process::Stdio;
 use std::time::{Duration, Instant};
 
-use common::aiortc::{peer_script, require_aiortc, slurp};
+use common::aiortc::{require_aiortc, spawn_peer, Peer};
 use common::media::{payload, until_connected};
 use common::*;
 use serde_json::Value;
 use switchboard::config::ServeOptions;
 use switchboard_client::{Client, Event, JoinOptions, Kind};
-use tokio::process::Command;
 
 /// How long the aiortc peer runs once its connection is up.
 const PEER_SECONDS: u64 = 6;
@@ -95,28 +93,24 @@ async fn aiortc_peer_exchanges_media_with_our_client() {
     until_connected(&mut ours).await;
     let our_id = ours.id.clone();
 
-    let script = peer_script();
-    let mut child = Command::new("python3")
-        .arg(&script)
-        .args([
-            "--url",
-            &server.ws_url(),
-            "--room",
-            ROOM,
-            "--name",
-            PEER_NAME,
-        ])
-        .args(["--duration", &PEER_SECONDS.to_string()])
-        .args(["--timeout", &PEER_TIMEOUT.as_secs().to_string()])
-        .args(["--chat", "hello from aiortc"])
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .kill_on_drop(true)
-        .spawn()
-        .unwrap_or_else(|e| panic!("start python3 {}: {e}", script.display()));
-    let stdout = slurp(child.stdout.take());
-    let stderr = slurp(child.stderr.take());
+    let Peer {
+        mut child,
+        stdout,
+        stderr,
+    } = spawn_peer(&[
+        "--url",
+        &server.ws_url(),
+        "--room",
+        ROOM,
+        "--name",
+        PEER_NAME,
+        "--duration",
+        &PEER_SECONDS.to_string(),
+        "--timeout",
+        &PEER_TIMEOUT.as_secs().to_string(),
+        "--chat",
+        "hello from aiortc",
+    ]);
 
     // Publish paced like real media and chat every 0.5 s while the peer runs.
     let started = Instant::now();

@@ -13,10 +13,8 @@ mod common;
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
-use std::process::Stdio;
-
 use bytes::Bytes;
-use common::aiortc::{peer_script, require_aiortc, slurp};
+use common::aiortc::{require_aiortc, spawn_peer, Peer};
 use common::media::until_connected;
 use common::*;
 use opus::{Application, Channels, Decoder, Encoder};
@@ -464,35 +462,29 @@ async fn a_publisher_that_is_not_opus_is_not_mixed_and_is_counted() {
         join(&server, &room, "bob", false).await,
     ];
     let mut heard = vec![Heard::default(), Heard::default()];
-    let script = peer_script();
-    let mut child = tokio::process::Command::new("python3")
-        .arg(&script)
-        .args([
-            "--url",
-            &server.ws_url(),
-            "--room",
-            &room,
-            "--name",
-            "legacy",
-        ])
-        .args([
-            "--audio",
-            "mix",
-            "--audio-codec",
-            "PCMU",
-            "--freq",
-            "440",
-            "--no-video",
-        ])
-        .args(["--duration", "5", "--timeout", "45"])
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .kill_on_drop(true)
-        .spawn()
-        .unwrap_or_else(|e| panic!("start python3 {}: {e}", script.display()));
-    let stdout = slurp(child.stdout.take());
-    let stderr = slurp(child.stderr.take());
+    let Peer {
+        mut child,
+        stdout,
+        stderr,
+    } = spawn_peer(&[
+        "--url",
+        &server.ws_url(),
+        "--room",
+        &room,
+        "--name",
+        "legacy",
+        "--audio",
+        "mix",
+        "--audio-codec",
+        "PCMU",
+        "--freq",
+        "440",
+        "--no-video",
+        "--duration",
+        "5",
+        "--timeout",
+        "45",
+    ]);
 
     // Alice talks (660 Hz) until the aiortc peer has run its course.
     let mut alice = Tone::new(660.0, 5000.0);

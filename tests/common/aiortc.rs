@@ -4,6 +4,8 @@ use std::path::PathBuf;
 use std::process::Stdio;
 
 use tokio::io::AsyncReadExt;
+use tokio::process::{Child, Command};
+use tokio::task::JoinHandle;
 
 /// The peer script.
 pub fn peer_script() -> PathBuf {
@@ -41,4 +43,32 @@ pub fn slurp<R: AsyncReadExt + Unpin + Send + 'static>(
         }
         text
     })
+}
+
+/// A running peer.py and its output, read in the background.
+pub struct Peer {
+    pub child: Child,
+    pub stdout: JoinHandle<String>,
+    pub stderr: JoinHandle<String>,
+}
+
+/// Starts `python3 tests/aiortc/peer.py ARGS` (killed when dropped).
+pub fn spawn_peer(args: &[&str]) -> Peer {
+    let script = peer_script();
+    let mut child = Command::new("python3")
+        .arg(&script)
+        .args(args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap_or_else(|e| panic!("start python3 {}: {e}", script.display()));
+    let stdout = slurp(child.stdout.take());
+    let stderr = slurp(child.stderr.take());
+    Peer {
+        child,
+        stdout,
+        stderr,
+    }
 }
