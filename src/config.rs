@@ -160,6 +160,44 @@ pub struct ServeOptions {
     )]
     pub admin_token: Option<String>,
 
+    /// API key naming the secret that signs access tokens (JWT `iss`); with a
+    /// key, every join needs a token; needs --api-secret
+    #[arg(long, env = "SWITCHBOARD_API_KEY", value_name = "KEY")]
+    pub api_key: Option<String>,
+
+    /// Secret of --api-key (at least 32 bytes)
+    #[arg(
+        long,
+        env = "SWITCHBOARD_API_SECRET",
+        value_name = "SECRET",
+        hide_env_values = true
+    )]
+    pub api_secret: Option<String>,
+
+    /// File of API keys, one `key: secret` per line (several keys)
+    #[arg(long, env = "SWITCHBOARD_KEYS_FILE", value_name = "FILE")]
+    pub keys_file: Option<PathBuf>,
+
+    /// Run without access tokens although listening on a non-loopback
+    /// address (anyone who can reach the server may join any room)
+    #[arg(long, env = "SWITCHBOARD_NO_AUTH", num_args = 0..=1, default_missing_value = "true", value_name = "BOOL")]
+    pub no_auth: Option<bool>,
+
+    /// Serve /metrics and /admin/* on this address only (the public port
+    /// then answers 404 for them) [default: on the public port]
+    #[arg(long, env = "SWITCHBOARD_METRICS_LISTEN", value_name = "ADDR:PORT")]
+    pub metrics_listen: Option<SocketAddr>,
+
+    /// POST room and participant events to this URL (repeatable or comma
+    /// separated; http:// only; signed with the API key)
+    #[arg(
+        long,
+        env = "SWITCHBOARD_WEBHOOK_URL",
+        value_delimiter = ',',
+        value_name = "URL"
+    )]
+    pub webhook_url: Option<Vec<String>>,
+
     /// On SIGINT/SIGTERM, how long to wait for connections to close, in milliseconds [default: 5000]
     #[arg(long, env = "SWITCHBOARD_SHUTDOWN_GRACE_MS", value_name = "MS")]
     pub shutdown_grace_ms: Option<u64>,
@@ -232,6 +270,12 @@ impl ServeOptions {
             shutdown_grace_ms: self.shutdown_grace_ms.or(other.shutdown_grace_ms),
             drain_timeout_ms: self.drain_timeout_ms.or(other.drain_timeout_ms),
             admin_token: self.admin_token.or(other.admin_token),
+            api_key: self.api_key.or(other.api_key),
+            api_secret: self.api_secret.or(other.api_secret),
+            keys_file: self.keys_file.or(other.keys_file),
+            no_auth: self.no_auth.or(other.no_auth),
+            metrics_listen: self.metrics_listen.or(other.metrics_listen),
+            webhook_url: self.webhook_url.or(other.webhook_url),
             media: self.media.or(other.media),
             rtc_ip: self.rtc_ip.or(other.rtc_ip),
             rtc_port: self.rtc_port.or(other.rtc_port),
@@ -281,6 +325,16 @@ pub enum ConfigError {
     MixSpeakers(usize),
     #[error("--mix-complexity {0} is out of range (0-10)")]
     MixComplexity(i32),
+    #[error("{0}")]
+    Keys(#[from] crate::auth::KeysError),
+    #[error(
+        "listening on {0}, which is not a loopback address, with no API key: anyone could \
+             join any room. Configure a key (--api-key/--api-secret or --keys-file) or pass \
+             --no-auth to run open on purpose"
+    )]
+    Unprotected(SocketAddr),
+    #[error("--webhook-url needs an API key to sign the events (--api-key or --keys-file)")]
+    WebhookKey,
     #[error("{url:?} is not a {kind} URL")]
     Url { kind: &'static str, url: String },
 }
@@ -339,6 +393,12 @@ pub struct Config {
     pub drain_timeout: Duration,
     /// Bearer token of `POST /admin/drain`; `None` turns the endpoint off.
     pub admin_token: Option<String>,
+    /// API keys; empty means auth is off.
+    pub keys: crate::auth::Keys,
+    /// Separate listener for `/metrics` and `/admin/*`.
+    pub metrics_listen: Option<SocketAddr>,
+    /// Where webhooks go.
+    pub webhook_urls: Vec<String>,
     /// The SFU media plane, unless turned off.
     pub media: Option<crate::sfu::MediaConfig>,
     pub log: LogConfig,
@@ -407,10 +467,24 @@ impl Config {
         if o.media != Some(false) && rtc_ip.is_unspecified() && o.public_ip.is_none() {
             return Err(ConfigError::PublicIpNeeded(rtc_ip));
         }
+        let keys = crate::auth::Keys::load(
+            o.api_key.as_deref(),
+            o.api_secret.as_deref(),
+            o.keys_file.as_deref(),
+        )?;
+        let listen = o
+            .listen
+            .unwrap_or_else(|| SocketAddr::from(([127, 0, 0, 1], 8080)));
+        if keys.is_empty() && !listen.ip().is_loopback() && o.no_auth != Some(true) {
+            return Err(ConfigError::Unprotected(listen));
+        }
+        let webhook_urls = o.webhook_url.unwrap_or_default();
+        check_urls(&webhook_urls, "webhook (http://)", &["http://"])?;
+        if !webhook_urls.is_empty() && keys.is_empty() {
+            return Err(ConfigError::WebhookKey);
+        }
         Ok(Config {
-            listen: o
-                .listen
-                .unwrap_or_else(|| SocketAddr::from(([127, 0, 0, 1], 8080))),
+            listen,
             tls,
             limits,
             ws_ping_interval: Duration::from_millis(interval),
@@ -431,6 +505,9 @@ impl Config {
             shutdown_grace: Duration::from_millis(o.shutdown_grace_ms.unwrap_or(5000)),
             drain_timeout: Duration::from_millis(o.drain_timeout_ms.unwrap_or(30_000)),
             admin_token: o.admin_token.filter(|t| !t.is_empty()),
+            keys,
+            metrics_listen: o.metrics_listen,
+            webhook_urls,
             media: o.media.unwrap_or(true).then(|| crate::sfu::MediaConfig {
                 bind: SocketAddr::new(rtc_ip, o.rtc_port.unwrap_or(7882)),
                 public_ip: o.public_ip,
@@ -548,5 +625,42 @@ mod tests {
             ..Default::default()
         })
         .contains("longer than"));
+    }
+
+    #[test]
+    fn protected_mode_needs_a_key_or_no_auth() {
+        let public = || ServeOptions {
+            listen: Some("0.0.0.0:8080".parse().unwrap()),
+            ..Default::default()
+        };
+        let e = Config::resolve(public()).unwrap_err().to_string();
+        assert!(e.contains("--api-key") && e.contains("--no-auth"), "{e}");
+        assert!(Config::resolve(ServeOptions {
+            no_auth: Some(true),
+            ..public()
+        })
+        .is_ok());
+        let c = Config::resolve(ServeOptions {
+            api_key: Some("k".into()),
+            api_secret: Some("s".repeat(32)),
+            ..public()
+        })
+        .unwrap();
+        assert!(!c.keys.is_empty());
+        let e = Config::resolve(ServeOptions {
+            api_key: Some("k".into()),
+            api_secret: Some("short".into()),
+            ..Default::default()
+        })
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("shorter than 32"), "{e}");
+        let e = Config::resolve(ServeOptions {
+            webhook_url: Some(vec!["http://127.0.0.1:9/hook".into()]),
+            ..Default::default()
+        })
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("API key"), "{e}");
     }
 }

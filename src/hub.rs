@@ -12,7 +12,7 @@
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::{Instant, SystemTime, UNIX_EPOCH};
+use std::time::Instant;
 
 use axum::extract::ws::Utf8Bytes;
 use dashmap::mapref::entry::Entry;
@@ -25,11 +25,13 @@ use switchboard_proto::{
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
+use crate::auth::{unix_now, AuthError, Grants};
 use crate::config::Config;
 use crate::ice::ice_servers;
 use crate::metrics::{Metrics, Refusal};
-use crate::room::{Effect, JoinContext, Room, RoomError, RoomSettings, To};
-use crate::sfu::{Command, MediaError, MediaPlane};
+use crate::room::{Effect, JoinContext, Joiner, Room, RoomError, RoomSettings, To};
+use crate::sfu::{Command, MediaError, MediaKind, MediaPlane, Publishing};
+use crate::webhook::{Event, ParticipantRef, RoomRef, Webhooks};
 
 /// Messages a connection has yet to write, in order.
 pub const OUTBOX_CAPACITY: usize = 512;
@@ -110,6 +112,7 @@ impl HubError {
             HubError::Room(
                 RoomError::NoSuchPeer(_) | RoomError::SelfAddressed | RoomError::SfuUnavailable,
             ) => ErrorCode::NoSuchPeer,
+            HubError::Room(RoomError::Forbidden(_)) => ErrorCode::Forbidden,
             HubError::BadSignal(_) => ErrorCode::BadRequest,
             HubError::Media(_) => ErrorCode::Internal,
         }
@@ -127,6 +130,73 @@ pub enum Departure {
     ServerClosing,
 }
 
+/// Admin API requests the hub refuses.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum AdminError {
+    #[error("no room {0}")]
+    NoRoom(String),
+    #[error("no participant {0} in this room")]
+    NoParticipant(String),
+    #[error("room {0} exists")]
+    Exists(String),
+    #[error("the server has as many rooms as it may hold")]
+    TooManyRooms,
+    #[error("the server is draining")]
+    Draining,
+    #[error("the media plane cannot take this now: {0}")]
+    Media(#[from] MediaError),
+}
+
+/// A room as the admin API lists it.
+#[derive(Debug, Clone, serde::Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct RoomView {
+    pub name: String,
+    pub mode: MediaMode,
+    pub audio: switchboard_proto::AudioMode,
+    /// Visible members.
+    pub participants: usize,
+    pub created_at: u64,
+}
+
+/// What a participant publishes, for the admin API.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct PublishingView {
+    pub audio: bool,
+    pub video: bool,
+}
+
+/// A member as the admin API shows it.
+#[derive(Debug, Clone, serde::Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct MemberView {
+    pub id: String,
+    pub identity: Option<String>,
+    pub name: String,
+    pub joined_at: u64,
+    pub publishing: PublishingView,
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub hidden: bool,
+}
+
+/// Settings of a room created through the admin API.
+#[derive(Debug, Clone, serde::Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct CreateRoom {
+    pub name: RoomName,
+    #[serde(default)]
+    pub mode: Option<RequestedMode>,
+    #[serde(default)]
+    pub audio: Option<switchboard_proto::AudioMode>,
+    #[serde(default)]
+    pub max_participants: Option<usize>,
+    #[serde(default)]
+    pub empty_timeout_s: Option<u64>,
+}
+
+/// How long a room made through the admin API may stay empty, by default.
+pub const DEFAULT_EMPTY_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(300);
+
 /// The result of a join.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum JoinOutcome {
@@ -140,6 +210,10 @@ pub struct Hub {
     rooms: DashMap<RoomName, Room>,
     outboxes: Arc<Outboxes>,
     media: Option<MediaPlane>,
+    publishing: Arc<Publishing>,
+    webhooks: Arc<Webhooks>,
+    /// Empty rooms that wait out an empty timeout, with when.
+    frees: Mutex<Vec<(Instant, RoomName)>>,
     room_count: AtomicUsize,
     /// Set when the server drains: no new joins.
     draining: std::sync::atomic::AtomicBool,
@@ -158,11 +232,16 @@ impl Hub {
         metrics: Arc<Metrics>,
         outboxes: Arc<Outboxes>,
         media: Option<MediaPlane>,
+        publishing: Arc<Publishing>,
+        webhooks: Arc<Webhooks>,
     ) -> Hub {
         Hub {
             rooms: DashMap::new(),
             outboxes,
             media,
+            publishing,
+            webhooks,
+            frees: Mutex::new(Vec::new()),
             room_count: AtomicUsize::new(0),
             draining: std::sync::atomic::AtomicBool::new(false),
             config,
@@ -199,7 +278,9 @@ impl Hub {
     }
 
     /// Admits the connection behind `outbox` to `req.room`, creating the room
-    /// if needed (with the mode and audio `req` asks for).
+    /// if needed (with the mode and audio `req` asks for). With auth on, the
+    /// join's token decides who it is and what it may do; a member with the
+    /// same identity is replaced.
     pub fn join(&self, outbox: &Outbox, req: Join) -> JoinOutcome {
         if self.is_draining() {
             self.reply(
@@ -212,13 +293,113 @@ impl Hub {
             );
             return JoinOutcome::Refused;
         }
+        let (identity, name, grants) = match self.admit(&req) {
+            Ok(who) => who,
+            Err(e) => {
+                self.metrics.auth_refused(e.label());
+                tracing::info!(room = %req.room, reason = e.label(), "join refused: {e}");
+                self.reply(
+                    outbox,
+                    &ServerMessage::error(ErrorCode::Unauthorized, e.to_string(), Some("join")),
+                );
+                return JoinOutcome::Refused;
+            }
+        };
         let id = self.new_participant_id();
         let ctx = JoinContext {
             ice_servers: ice_servers(&self.config.ice, &id, unix_now()),
             p2p_timeout_ms: self.config.p2p_timeout_ms,
+            features: self.features(),
         };
-        let mut room = match self.rooms.entry(req.room.clone()) {
-            Entry::Occupied(e) => e.into_ref(),
+        let settings = RoomSettings {
+            requested: req.mode.unwrap_or(RequestedMode::Auto),
+            audio: req.audio.unwrap_or(self.config.audio_mode),
+            max_participants: self.config.limits.max_participants,
+            p2p_return: self.config.p2p_return,
+            created_at: unix_now(),
+            empty_timeout: None,
+        };
+        let Some(mut room) = self.room_or_create(&req.room, settings) else {
+            self.metrics.refused(Refusal::TooManyRooms);
+            self.reply(
+                outbox,
+                &ServerMessage::Full(switchboard_proto::Full { room: req.room }),
+            );
+            return JoinOutcome::Refused;
+        };
+        // The same identity again: the newer connection wins.
+        if let Some(old) = identity.as_deref().and_then(|i| room.find_identity(i)) {
+            self.metrics.auth_replaced.inc();
+            tracing::info!(room = %req.room, participant = %old, "replaced by a newer join with the same identity");
+            let notice = ServerMessage::error(
+                ErrorCode::Replaced,
+                "another connection joined this room with your identity",
+                None,
+            );
+            self.remove_member(&mut room, &old, Departure::Vanished, Some(&notice));
+        }
+        let joiner = Joiner {
+            id: id.clone(),
+            name,
+            identity,
+            grants,
+            joined_at: unix_now(),
+        };
+        match room.join(joiner, &ctx) {
+            Ok(effects) => {
+                self.metrics.room_resized(room.len() - 1, room.len());
+                self.outboxes.map.insert(id.clone(), outbox.clone());
+                self.metrics.participants.inc();
+                self.deliver(&room, effects);
+                self.participant_event("participant_joined", &room, &id);
+                JoinOutcome::Joined(id)
+            }
+            Err(refused) => {
+                self.metrics.refused(Refusal::RoomFull);
+                self.reply(outbox, &refused.reply);
+                let due = room.free_due();
+                let name = room.name().clone();
+                drop(room);
+                self.free_if_empty(&name, due);
+                JoinOutcome::Refused
+            }
+        }
+    }
+
+    /// Who the join is and what it may do: from its token when auth is on.
+    fn admit(&self, req: &Join) -> Result<(Option<String>, String, Grants), AuthError> {
+        let keys = &self.config.keys;
+        if keys.is_empty() {
+            return Ok((None, req.name.clone(), Grants::ALL));
+        }
+        let token = req.token.as_deref().ok_or(AuthError::Missing)?;
+        let claims = keys.verify_join(token, req.room.as_str(), unix_now())?;
+        let name = claims
+            .name
+            .filter(|n| !n.is_empty())
+            .map(|n| n.chars().take(256).collect())
+            .unwrap_or_else(|| req.name.clone());
+        Ok((Some(claims.sub), name, Grants::from_video(&claims.video)))
+    }
+
+    /// `joined.features`.
+    fn features(&self) -> Vec<String> {
+        let mut f = Vec::new();
+        if !self.config.keys.is_empty() {
+            f.push("auth".to_owned());
+        }
+        f
+    }
+
+    /// The room `name`, created with `settings` if it does not exist (unless
+    /// the server holds `--max-rooms` already).
+    fn room_or_create(
+        &self,
+        name: &RoomName,
+        settings: RoomSettings,
+    ) -> Option<dashmap::mapref::one::RefMut<'_, RoomName, Room>> {
+        match self.rooms.entry(name.clone()) {
+            Entry::Occupied(e) => Some(e.into_ref()),
             Entry::Vacant(v) => {
                 let max = self.config.limits.max_rooms;
                 let admitted = self
@@ -228,36 +409,55 @@ impl Hub {
                     })
                     .is_ok();
                 if !admitted {
-                    self.metrics.refused(Refusal::TooManyRooms);
-                    self.reply(
-                        outbox,
-                        &ServerMessage::Full(switchboard_proto::Full { room: req.room }),
-                    );
-                    return JoinOutcome::Refused;
+                    return None;
                 }
                 self.metrics.rooms.inc();
-                let settings = RoomSettings {
-                    requested: req.mode.unwrap_or(RequestedMode::Auto),
-                    audio: req.audio.unwrap_or(self.config.audio_mode),
-                    max_participants: self.config.limits.max_participants,
-                    p2p_return: self.config.p2p_return,
-                };
-                tracing::info!(room = %req.room, mode = ?settings.requested, audio = settings.audio.as_str(), "room created");
-                v.insert(Room::new(req.room.clone(), &settings))
+                tracing::info!(room = %name, mode = ?settings.requested, audio = settings.audio.as_str(), "room created");
+                let room = v.insert(Room::new(name.clone(), &settings, Instant::now()));
+                self.room_event("room_started", &room);
+                Some(room)
             }
-        };
-        match room.join(id.clone(), req.name, &ctx) {
-            Ok(effects) => {
-                self.metrics.room_resized(room.len() - 1, room.len());
-                self.outboxes.map.insert(id.clone(), outbox.clone());
-                self.metrics.participants.inc();
-                self.deliver(&room, effects);
-                JoinOutcome::Joined(id)
-            }
-            Err(refused) => {
-                self.metrics.refused(Refusal::RoomFull);
-                self.reply(outbox, &refused.reply);
-                JoinOutcome::Refused
+        }
+    }
+
+    /// Takes `id` out of `room` (whose lock the caller holds): `notice` to it
+    /// first, the room's effects per `how`, its outbox and media connection
+    /// gone. The caller frees the room if it is now empty.
+    fn remove_member(
+        &self,
+        room: &mut Room,
+        id: &ParticipantId,
+        how: Departure,
+        notice: Option<&ServerMessage>,
+    ) {
+        if !room.contains(id) {
+            return;
+        }
+        if let Some(msg) = notice {
+            self.outboxes.send(id, msg, &self.metrics);
+        }
+        self.participant_event("participant_left", room, id);
+        let effects = room.leave(id, how == Departure::Left, Instant::now());
+        self.metrics.room_resized(room.len() + 1, room.len());
+        if how != Departure::ServerClosing {
+            self.deliver_with_leaver(room, effects, id);
+        }
+        if self.outboxes.map.remove(id).is_some() {
+            self.metrics.participants.dec();
+        }
+        if let Some(at) = room.return_due() {
+            self.returns
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .push((at, room.name().clone()));
+        }
+        if let Some(media) = &self.media {
+            let left = Command::Left {
+                room: room.name().clone(),
+                participant: id.clone(),
+            };
+            if let Err(e) = media.send(left) {
+                tracing::warn!(error = %e, participant = %id, "media plane missed a departure");
             }
         }
     }
@@ -265,48 +465,248 @@ impl Hub {
     /// Removes `id` from `room`, telling whom [`Departure`] says. Frees the
     /// room when it is empty.
     pub fn leave(&self, room_name: &RoomName, id: &ParticipantId, how: Departure) {
-        let (now_empty, return_due) = {
+        let due = {
             let Some(mut room) = self.rooms.get_mut(room_name) else {
                 return;
             };
             if !room.contains(id) {
                 return;
             }
-            let effects = room.leave(id, how == Departure::Left, Instant::now());
-            self.metrics.room_resized(room.len() + 1, room.len());
-            if how != Departure::ServerClosing {
-                self.deliver_with_leaver(&room, effects, id);
-            }
-            (room.is_empty(), room.return_due())
+            self.remove_member(&mut room, id, how, None);
+            room.free_due()
         };
-        if self.outboxes.map.remove(id).is_some() {
-            self.metrics.participants.dec();
-        }
-        if let Some(at) = return_due {
-            self.returns
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .push((at, room_name.clone()));
-        }
-        if let Some(media) = &self.media {
-            let left = Command::Left {
-                room: room_name.clone(),
-                participant: id.clone(),
-            };
-            if let Err(e) = media.send(left) {
-                tracing::warn!(error = %e, participant = %id, "media plane missed a departure");
-            }
-        }
-        if now_empty
-            && self
-                .rooms
-                .remove_if(room_name, |_, r| r.is_empty())
-                .is_some()
-        {
+        self.free_if_empty(room_name, due);
+    }
+
+    /// Whether `id` is (still) a member of `room`: a participant replaced or
+    /// removed is not, though its connection lives on.
+    pub fn is_member(&self, room: &RoomName, id: &ParticipantId) -> bool {
+        self.rooms.get(room).is_some_and(|r| r.contains(id))
+    }
+
+    /// Frees `name` if it is empty and may be freed now; an empty room with
+    /// an empty timeout (`due`) is freed by [`Hub::run_housekeeping`] later.
+    fn free_if_empty(&self, name: &RoomName, due: Option<Instant>) {
+        let now = Instant::now();
+        let removed = self.rooms.remove_if(name, |_, r| r.can_free(now));
+        if let Some((_, room)) = removed {
             self.room_count.fetch_sub(1, Ordering::AcqRel);
             self.metrics.rooms.dec();
-            tracing::info!(room = %room_name, "room freed");
+            self.room_event("room_finished", &room);
+            tracing::info!(room = %name, "room freed");
+        } else if let Some(at) = due {
+            self.frees
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .push((at, name.clone()));
         }
+    }
+
+    // -- admin API ------------------------------------------------------------
+
+    /// Every room.
+    pub fn list_rooms(&self) -> Vec<RoomView> {
+        let mut rooms: Vec<RoomView> = self.rooms.iter().map(|r| room_view(&r)).collect();
+        rooms.sort_by(|a, b| a.name.cmp(&b.name));
+        rooms
+    }
+
+    /// Creates a room that waits `emptyTimeoutS` (default 300 s) for members.
+    pub fn create_room(&self, req: CreateRoom) -> Result<RoomView, AdminError> {
+        if self.is_draining() {
+            return Err(AdminError::Draining);
+        }
+        if self.rooms.contains_key(&req.name) {
+            return Err(AdminError::Exists(req.name.to_string()));
+        }
+        let timeout = req
+            .empty_timeout_s
+            .map(std::time::Duration::from_secs)
+            .unwrap_or(DEFAULT_EMPTY_TIMEOUT);
+        let settings = RoomSettings {
+            requested: req.mode.unwrap_or(RequestedMode::Auto),
+            audio: req.audio.unwrap_or(self.config.audio_mode),
+            max_participants: req
+                .max_participants
+                .filter(|&n| n > 0)
+                .unwrap_or(self.config.limits.max_participants)
+                .min(self.config.limits.max_participants),
+            p2p_return: self.config.p2p_return,
+            created_at: unix_now(),
+            empty_timeout: Some(timeout),
+        };
+        let name = req.name.clone();
+        // Another request may create it between the check and here: then it
+        // exists, and this one says so.
+        let created_at = settings.created_at;
+        let room = self
+            .room_or_create(&name, settings)
+            .ok_or(AdminError::TooManyRooms)?;
+        if room.created_at() != created_at || !room.is_empty() {
+            return Err(AdminError::Exists(name.to_string()));
+        }
+        let view = room_view(&room);
+        let due = room.free_due();
+        drop(room);
+        self.free_if_empty(&name, due);
+        Ok(view)
+    }
+
+    /// One room and its members (hidden ones marked).
+    pub fn room_info(&self, name: &str) -> Result<(RoomView, Vec<MemberView>), AdminError> {
+        let room = self.room_ref(name)?;
+        let members = room
+            .members()
+            .iter()
+            .map(|m| {
+                let (audio, video) = self.publishing.get(&m.id);
+                MemberView {
+                    id: m.id.to_string(),
+                    identity: m.identity.clone(),
+                    name: m.name.clone(),
+                    joined_at: m.joined_at,
+                    publishing: PublishingView { audio, video },
+                    hidden: m.grants.hidden,
+                }
+            })
+            .collect();
+        Ok((room_view(&room), members))
+    }
+
+    /// Closes a room: every member gets `error` `room-closed` and is out.
+    pub fn close_room(&self, name: &str) -> Result<(), AdminError> {
+        let room_name = parse_room(name)?;
+        {
+            let mut room = self
+                .rooms
+                .get_mut(&room_name)
+                .ok_or_else(|| AdminError::NoRoom(name.to_owned()))?;
+            let notice = ServerMessage::error(
+                ErrorCode::RoomClosed,
+                "an administrator closed this room",
+                None,
+            );
+            let ids: Vec<ParticipantId> = room.member_ids().cloned().collect();
+            for id in ids {
+                self.remove_member(&mut room, &id, Departure::ServerClosing, Some(&notice));
+            }
+        }
+        if let Some((_, room)) = self.rooms.remove_if(&room_name, |_, r| r.is_empty()) {
+            self.room_count.fetch_sub(1, Ordering::AcqRel);
+            self.metrics.rooms.dec();
+            self.room_event("room_finished", &room);
+            tracing::info!(room = %room_name, "room closed by an administrator");
+        }
+        Ok(())
+    }
+
+    /// Removes one participant: it gets `error` `removed`, the others `bye`.
+    pub fn remove_participant(&self, room: &str, id: &str) -> Result<(), AdminError> {
+        let room_name = parse_room(room)?;
+        let due = {
+            let mut r = self
+                .rooms
+                .get_mut(&room_name)
+                .ok_or_else(|| AdminError::NoRoom(room.to_owned()))?;
+            let pid = member_id(&r, id)?;
+            let notice = ServerMessage::error(
+                ErrorCode::Removed,
+                "an administrator removed you from this room",
+                None,
+            );
+            self.remove_member(&mut r, &pid, Departure::Vanished, Some(&notice));
+            tracing::info!(room = %room_name, participant = %pid, "removed by an administrator");
+            r.free_due()
+        };
+        self.free_if_empty(&room_name, due);
+        Ok(())
+    }
+
+    /// Stops (or resumes) forwarding and mixing one participant's `kind`.
+    pub fn mute(
+        &self,
+        room: &str,
+        id: &str,
+        kind: MediaKind,
+        muted: bool,
+    ) -> Result<(), AdminError> {
+        let r = self.room_ref(room)?;
+        let participant = member_id(&r, id)?;
+        if let Some(media) = &self.media {
+            media.send(Command::Mute {
+                room: r.name().clone(),
+                participant,
+                kind,
+                muted,
+            })?;
+        }
+        Ok(())
+    }
+
+    /// Sends `data` as `message` from `"server"` to every member, or to `to`.
+    pub fn send_data(
+        &self,
+        room: &str,
+        data: serde_json::Value,
+        to: Option<Vec<String>>,
+    ) -> Result<(), AdminError> {
+        let r = self.room_ref(room)?;
+        let targets: Vec<ParticipantId> = match to {
+            None => r.member_ids().cloned().collect(),
+            Some(ids) => ids
+                .iter()
+                .map(|id| member_id(&r, id))
+                .collect::<Result<_, _>>()?,
+        };
+        let msg = ServerMessage::Message(switchboard_proto::Relayed {
+            room: r.name().clone(),
+            from: "server".to_owned(),
+            data,
+        });
+        for id in &targets {
+            self.outboxes.send(id, &msg, &self.metrics);
+        }
+        Ok(())
+    }
+
+    fn room_ref(
+        &self,
+        name: &str,
+    ) -> Result<dashmap::mapref::one::Ref<'_, RoomName, Room>, AdminError> {
+        let room_name = parse_room(name)?;
+        self.rooms
+            .get(&room_name)
+            .ok_or_else(|| AdminError::NoRoom(name.to_owned()))
+    }
+
+    // -- webhooks -------------------------------------------------------------
+
+    fn room_event(&self, event: &'static str, room: &Room) {
+        if self.webhooks.is_on() {
+            self.webhooks.emit(Event {
+                event,
+                room: room_ref(room),
+                participant: None,
+                track: None,
+            });
+        }
+    }
+
+    fn participant_event(&self, event: &'static str, room: &Room, id: &ParticipantId) {
+        if !self.webhooks.is_on() {
+            return;
+        }
+        let Some(m) = room.member(id) else { return };
+        self.webhooks.emit(Event {
+            event,
+            room: room_ref(room),
+            participant: Some(ParticipantRef {
+                id: m.id.to_string(),
+                identity: m.identity.clone(),
+                name: m.name.clone(),
+            }),
+            track: None,
+        });
     }
 
     /// Relays `data` from `from` per `message`.
@@ -325,6 +725,7 @@ impl Hub {
             if !room.contains(from) {
                 return Err(RoomError::NotAMember(from.clone()).into());
             }
+            let grants = room.member(from).map(|m| m.grants).unwrap_or(Grants::ALL);
             let data: SignalData =
                 serde_json::from_value(data).map_err(|e| HubError::BadSignal(e.to_string()))?;
             media.send(Command::Signal {
@@ -332,6 +733,7 @@ impl Hub {
                 participant: from.clone(),
                 sfu: room.mode() == MediaMode::Sfu,
                 audio: room.audio(),
+                grants,
                 data,
             })?;
             return Ok(());
@@ -379,6 +781,22 @@ impl Hub {
         }
     }
 
+    /// Frees the empty rooms whose empty timeout is over at `now`.
+    pub fn run_due_frees(&self, now: Instant) {
+        let due: Vec<RoomName> = {
+            let mut frees = self.frees.lock().unwrap_or_else(|e| e.into_inner());
+            let (due, later): (Vec<_>, Vec<_>) = frees.drain(..).partition(|(at, _)| *at <= now);
+            *frees = later;
+            due.into_iter().map(|(_, name)| name).collect()
+        };
+        for name in due {
+            // Still waiting (someone came and went since): `free_if_empty`
+            // queues it again with its new time.
+            let due = self.rooms.get(&name).and_then(|r| r.free_due());
+            self.free_if_empty(&name, due.filter(|&at| at > now));
+        }
+    }
+
     /// Sends `msg` to one connection that may not be in a room.
     pub fn reply(&self, outbox: &Outbox, msg: &ServerMessage) {
         self.count_sent(msg, 1);
@@ -418,6 +836,9 @@ impl Hub {
             To::All => room.member_ids().for_each(send),
         }
         self.count_sent(&effect.msg, count);
+        if let ServerMessage::Mode(_) = &effect.msg {
+            self.room_event("room_mode_changed", room);
+        }
         if let (ServerMessage::Mode(m), Some(media)) = (&effect.msg, &self.media) {
             let room_name = room.name().clone();
             let cmd = match m.mode {
@@ -452,9 +873,31 @@ impl Hub {
     }
 }
 
-fn unix_now() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or(0)
+fn room_view(room: &Room) -> RoomView {
+    RoomView {
+        name: room.name().to_string(),
+        mode: room.mode(),
+        audio: room.audio(),
+        participants: room.visible_len(),
+        created_at: room.created_at(),
+    }
+}
+
+fn room_ref(room: &Room) -> RoomRef {
+    RoomRef {
+        name: room.name().to_string(),
+        mode: room.mode(),
+        audio: room.audio(),
+    }
+}
+
+fn parse_room(name: &str) -> Result<RoomName, AdminError> {
+    RoomName::parse(name).map_err(|_| AdminError::NoRoom(name.chars().take(128).collect()))
+}
+
+fn member_id(room: &Room, id: &str) -> Result<ParticipantId, AdminError> {
+    room.member_ids()
+        .find(|m| m.as_str() == id)
+        .cloned()
+        .ok_or_else(|| AdminError::NoParticipant(id.chars().take(64).collect()))
 }

@@ -23,6 +23,10 @@
 //! - [`mixer`]: the audio mixer's pure core (jitter buffers, Opus decode and
 //!   encode, top-K selection, soft limiter, levels); not wired to the
 //!   transport yet.
+//! - [`auth`]: access tokens (LiveKit-compatible JWTs), API keys, grants.
+//! - [`admin`]: the admin API (`/api/v1`), authorized by tokens.
+//! - [`webhook`]: signed room/participant events POSTed to `--webhook-url`s
+//!   through bounded per-URL queues.
 //! - [`ratelimit`], [`ice`] (STUN/TURN credentials), [`metrics`].
 //! - `web/`: the browser client, embedded in the binary.
 //! - The wire types live in the `switchboard-proto` crate (`proto/`).
@@ -30,6 +34,8 @@
 //! Data flows one way: socket → session (parse, limit) → hub → room (decide)
 //! → hub (deliver) → outboxes → each session's socket.
 
+pub mod admin;
+pub mod auth;
 pub mod config;
 pub mod hub;
 pub mod ice;
@@ -42,3 +48,4 @@ pub mod server;
 pub mod session;
 pub mod sfu;
 pub mod transport;
+pub mod webhook;

@@ -2,6 +2,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
+use switchboard::auth::{Claims, Keys, VideoGrant};
 use switchboard::config::{Config, ServeOptions};
 use tracing_subscriber::EnvFilter;
 
@@ -28,11 +29,128 @@ enum Command {
         #[command(flatten)]
         options: ServeOptions,
     },
+    /// Print an access token for joining a room (signed with the same keys
+    /// `serve` uses: --api-key/--api-secret, --keys-file, their
+    /// SWITCHBOARD_* variables, or the --config file).
+    Token(TokenArgs),
+}
+
+#[derive(clap::Args)]
+struct TokenArgs {
+    /// TOML file with options (its api_key/api_secret/keys_file are used)
+    #[arg(long, env = "SWITCHBOARD_CONFIG", value_name = "FILE")]
+    config: Option<PathBuf>,
+    #[arg(long, env = "SWITCHBOARD_API_KEY", value_name = "KEY")]
+    api_key: Option<String>,
+    #[arg(
+        long,
+        env = "SWITCHBOARD_API_SECRET",
+        value_name = "SECRET",
+        hide_env_values = true
+    )]
+    api_secret: Option<String>,
+    #[arg(long, env = "SWITCHBOARD_KEYS_FILE", value_name = "FILE")]
+    keys_file: Option<PathBuf>,
+    /// Room the token admits to (empty with --admin: every room)
+    #[arg(long, default_value = "")]
+    room: String,
+    /// Identity of the participant (the JWT `sub`)
+    #[arg(long)]
+    identity: String,
+    /// Display name (overrides the join's name)
+    #[arg(long)]
+    name: Option<String>,
+    /// Lifetime, e.g. 90s, 30m, 6h, 2d
+    #[arg(long, default_value = "6h", value_parser = parse_ttl)]
+    ttl: u64,
+    #[arg(long, value_name = "BOOL")]
+    can_publish: Option<bool>,
+    #[arg(long, value_name = "BOOL")]
+    can_subscribe: Option<bool>,
+    #[arg(long, value_name = "BOOL")]
+    can_publish_data: Option<bool>,
+    /// Invisible to the others; cannot publish
+    #[arg(long)]
+    hidden: bool,
+    /// Also grant roomAdmin, roomCreate and roomList
+    #[arg(long)]
+    admin: bool,
+}
+
+/// `90s`, `30m`, `6h`, `2d` or plain seconds.
+fn parse_ttl(s: &str) -> Result<u64, String> {
+    let (num, unit) = match s.find(|c: char| !c.is_ascii_digit()) {
+        Some(i) => s.split_at(i),
+        None => (s, "s"),
+    };
+    let n: u64 = num.parse().map_err(|_| format!("bad duration {s:?}"))?;
+    let mult = match unit {
+        "s" => 1,
+        "m" => 60,
+        "h" => 3600,
+        "d" => 86_400,
+        _ => return Err(format!("bad duration unit in {s:?} (s, m, h or d)")),
+    };
+    n.checked_mul(mult)
+        .filter(|&t| t > 0)
+        .ok_or_else(|| format!("bad duration {s:?}"))
+}
+
+fn token(args: TokenArgs) -> Result<String, String> {
+    let file = match &args.config {
+        Some(path) => ServeOptions::from_file(path).map_err(|e| e.to_string())?,
+        None => ServeOptions::default(),
+    };
+    let api_key = args.api_key.or(file.api_key);
+    let api_secret = args.api_secret.or(file.api_secret);
+    let keys_file = args.keys_file.or(file.keys_file);
+    let keys = Keys::load(
+        api_key.as_deref(),
+        api_secret.as_deref(),
+        keys_file.as_deref(),
+    )
+    .map_err(|e| e.to_string())?;
+    if keys.is_empty() {
+        return Err("no API key: give --api-key and --api-secret, or --keys-file".to_owned());
+    }
+    if args.identity.is_empty() || args.identity.chars().count() > 128 {
+        return Err("--identity must be 1-128 characters".to_owned());
+    }
+    if args.room.is_empty() && !args.admin {
+        return Err("--room is required (or --admin for a token over every room)".to_owned());
+    }
+    let now = switchboard::auth::unix_now();
+    let claims = Claims {
+        sub: args.identity,
+        name: args.name,
+        nbf: Some(now),
+        exp: now + args.ttl,
+        video: VideoGrant {
+            room: (!args.room.is_empty()).then_some(args.room),
+            room_join: true,
+            can_publish: args.can_publish,
+            can_subscribe: args.can_subscribe,
+            can_publish_data: args.can_publish_data,
+            hidden: args.hidden,
+            room_admin: args.admin,
+            room_create: args.admin,
+            room_list: args.admin,
+        },
+        ..Default::default()
+    };
+    keys.sign(claims).map_err(|e| e.to_string())
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
+        Command::Token(args) => match token(args) {
+            Ok(t) => {
+                println!("{t}");
+                ExitCode::SUCCESS
+            }
+            Err(e) => fail(&e),
+        },
         Command::Serve { config, options } => {
             let options = match config {
                 Some(path) => match ServeOptions::from_file(&path) {

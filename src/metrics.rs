@@ -116,6 +116,51 @@ pub struct Metrics {
     pub forward_latency: Histogram,
     /// The audio mixer of `audio: "mix"` rooms.
     pub mixer: MixerMetrics,
+    /// Joins refused for their token, by reason.
+    auth_refused: Vec<IntCounter>,
+    /// Participants replaced by a newer join with the same identity.
+    pub auth_replaced: IntCounter,
+    /// Webhook delivery.
+    pub webhooks: WebhookMetrics,
+    /// Admin API requests, by outcome class.
+    admin_requests: Vec<IntCounter>,
+}
+
+/// Reasons a join's token is refused (labels of `switchboard_auth_refused_total`).
+pub const AUTH_REFUSALS: [&str; 10] = [
+    "missing",
+    "malformed",
+    "unknown-key",
+    "bad-signature",
+    "expired",
+    "not-yet-valid",
+    "no-room-join",
+    "wrong-room",
+    "bad-identity",
+    "not-granted",
+];
+
+/// Admin API outcomes (labels of `switchboard_admin_requests_total`).
+pub const ADMIN_OUTCOMES: [&str; 3] = ["ok", "client-error", "unauthorized"];
+
+/// Webhook delivery counters.
+pub struct WebhookMetrics {
+    /// Events delivered (a 2xx answer).
+    pub delivered: IntCounter,
+    /// Attempts that failed (error, timeout or non-2xx) and were retried or given up.
+    pub failed_attempts: IntCounter,
+    /// Events dropped: `queue-full` (the URL's queue was full) or `gave-up`
+    /// (every attempt failed).
+    dropped: [IntCounter; 2],
+}
+
+impl WebhookMetrics {
+    pub fn dropped_queue_full(&self) {
+        self.dropped[0].inc();
+    }
+    pub fn dropped_gave_up(&self) {
+        self.dropped[1].inc();
+    }
 }
 
 /// Why the mixer dropped an input packet.
@@ -416,6 +461,41 @@ impl Metrics {
                 ),
                 rooms: gauge("switchboard_mixer_rooms", "Rooms whose audio is mixed now"),
             },
+            auth_refused: labelled(
+                "switchboard_auth_refused_total",
+                "Joins refused for their access token, by reason",
+                "reason",
+                &AUTH_REFUSALS,
+            ),
+            auth_replaced: counter(
+                "switchboard_auth_replaced_total",
+                "Participants replaced by a newer join with the same identity",
+            ),
+            webhooks: {
+                let dropped = labelled(
+                    "switchboard_webhook_dropped_total",
+                    "Webhook events dropped: queue-full (the URL's bounded queue was full) or gave-up (every retry failed)",
+                    "reason",
+                    &["queue-full", "gave-up"],
+                );
+                WebhookMetrics {
+                    delivered: counter(
+                        "switchboard_webhook_delivered_total",
+                        "Webhook events delivered (2xx answer)",
+                    ),
+                    failed_attempts: counter(
+                        "switchboard_webhook_failed_attempts_total",
+                        "Webhook POSTs that failed (error, timeout, non-2xx)",
+                    ),
+                    dropped: [dropped[0].clone(), dropped[1].clone()],
+                }
+            },
+            admin_requests: labelled(
+                "switchboard_admin_requests_total",
+                "Admin API requests, by outcome",
+                "outcome",
+                &ADMIN_OUTCOMES,
+            ),
             registry,
         }
     }
@@ -450,6 +530,20 @@ impl Metrics {
     pub fn disconnect(&self, why: Disconnect) {
         if let Some(i) = Disconnect::ALL.iter().position(|c| *c == why) {
             self.disconnects[i].inc();
+        }
+    }
+
+    /// A join refused for its token; `reason` is one of [`AUTH_REFUSALS`].
+    pub fn auth_refused(&self, reason: &str) {
+        if let Some(i) = AUTH_REFUSALS.iter().position(|r| *r == reason) {
+            self.auth_refused[i].inc();
+        }
+    }
+
+    /// An admin API request with `outcome` one of [`ADMIN_OUTCOMES`].
+    pub fn admin_request(&self, outcome: &str) {
+        if let Some(i) = ADMIN_OUTCOMES.iter().position(|r| *r == outcome) {
+            self.admin_requests[i].inc();
         }
     }
 

@@ -14,6 +14,7 @@
 
 use std::time::{Duration, Instant};
 
+use crate::auth::Grants;
 use switchboard_proto::{
     AudioMode, Full, Joined, MediaMode, ModeChange, ModeReason, OtherJoin, ParticipantId, PeerInfo,
     Relayed, RequestedMode, RoomName, RoomParticipant, ServerMessage, SFU_PEER,
@@ -48,6 +49,8 @@ pub enum RoomError {
     SelfAddressed,
     #[error("the server media peer is not available on this server yet")]
     SfuUnavailable,
+    #[error("your token does not allow {0}")]
+    Forbidden(&'static str),
 }
 
 /// The outcome of a join that was refused.
@@ -67,6 +70,12 @@ pub struct RoomSettings {
     /// How long an `auto` room back to two waits before returning to `p2p`;
     /// `None` keeps it `sfu` (the default).
     pub p2p_return: Option<Duration>,
+    /// Unix seconds.
+    pub created_at: u64,
+    /// How long the room may stay empty before it is freed; `None` frees it
+    /// as soon as it empties (rooms made by a join). Rooms made through the
+    /// admin API have one.
+    pub empty_timeout: Option<Duration>,
 }
 
 /// What every `joined` carries besides room state.
@@ -74,12 +83,30 @@ pub struct RoomSettings {
 pub struct JoinContext {
     pub ice_servers: Vec<switchboard_proto::IceServer>,
     pub p2p_timeout_ms: u64,
+    /// `joined.features`.
+    pub features: Vec<String>,
 }
 
+/// Who is joining, as the hub admitted them.
 #[derive(Debug, Clone)]
-struct Member {
-    id: ParticipantId,
-    name: String,
+pub struct Joiner {
+    pub id: ParticipantId,
+    pub name: String,
+    /// The token's identity; `None` when auth is off.
+    pub identity: Option<String>,
+    pub grants: Grants,
+    /// Unix seconds.
+    pub joined_at: u64,
+}
+
+/// A member as the admin API shows it.
+#[derive(Debug, Clone)]
+pub struct Member {
+    pub id: ParticipantId,
+    pub name: String,
+    pub identity: Option<String>,
+    pub grants: Grants,
+    pub joined_at: u64,
 }
 
 /// One room.
@@ -97,10 +124,15 @@ pub struct Room {
     /// When the room, in `sfu`, came back to two participants and is due to
     /// return to `p2p` (only with `p2p_return`).
     return_at: Option<Instant>,
+    created_at: u64,
+    empty_timeout: Option<Duration>,
+    /// Since when the room has been empty (created empty, or emptied).
+    empty_since: Option<Instant>,
 }
 
 impl Room {
-    pub fn new(name: RoomName, settings: &RoomSettings) -> Self {
+    /// A room; `now` starts its empty timeout, if it has one.
+    pub fn new(name: RoomName, settings: &RoomSettings, now: Instant) -> Self {
         let (mode, capacity) = match settings.requested {
             RequestedMode::Auto => (MediaMode::P2p, settings.max_participants),
             RequestedMode::P2p => (MediaMode::P2p, 2.min(settings.max_participants)),
@@ -116,6 +148,41 @@ impl Room {
             had_p2p_failure: false,
             p2p_return: settings.p2p_return,
             return_at: None,
+            created_at: settings.created_at,
+            empty_timeout: settings.empty_timeout,
+            empty_since: Some(now),
+        }
+    }
+
+    /// Unix seconds.
+    pub fn created_at(&self) -> u64 {
+        self.created_at
+    }
+
+    /// Whether the room is empty and may be freed at `now`; with an empty
+    /// timeout, when it is over.
+    pub fn can_free(&self, now: Instant) -> bool {
+        match (
+            self.members.is_empty(),
+            self.empty_timeout,
+            self.empty_since,
+        ) {
+            (false, _, _) => false,
+            (true, None, _) => true,
+            (true, Some(t), Some(since)) => now >= since + t,
+            (true, Some(_), None) => true,
+        }
+    }
+
+    /// When an empty room with a timeout becomes freeable.
+    pub fn free_due(&self) -> Option<Instant> {
+        match (
+            self.members.is_empty(),
+            self.empty_timeout,
+            self.empty_since,
+        ) {
+            (true, Some(t), Some(since)) => Some(since + t),
+            _ => None,
         }
     }
 
@@ -153,12 +220,14 @@ impl Room {
     /// Effects, in order: `joined` to the joiner; if the join switches the
     /// room to `sfu`, `mode` to everyone (so the joiner gets it right after
     /// `joined`, the others before `otherjoin`); `otherjoin` to the others.
-    pub fn join(
-        &mut self,
-        id: ParticipantId,
-        name: String,
-        ctx: &JoinContext,
-    ) -> Result<Vec<Effect>, Refused> {
+    pub fn join(&mut self, joiner: Joiner, ctx: &JoinContext) -> Result<Vec<Effect>, Refused> {
+        let Joiner {
+            id,
+            name,
+            identity,
+            grants,
+            joined_at,
+        } = joiner;
         if self.members.len() >= self.capacity {
             return Err(Refused {
                 reply: ServerMessage::Full(Full {
@@ -166,25 +235,34 @@ impl Room {
                 }),
             });
         }
+        // A third person, or a member who may not use P2P (no publish
+        // grant, or hidden), takes an `auto` room to the server.
+        let third = self.members.len() >= 2;
         let switch = self.requested == RequestedMode::Auto
             && self.mode == MediaMode::P2p
-            && self.members.len() >= 2;
+            && (third || grants.needs_sfu());
         if switch {
             self.mode = MediaMode::Sfu;
         }
         // A third person is back: the room stays `sfu`.
         self.return_at = None;
+        self.empty_since = None;
         let peers = self
             .members
             .iter()
+            .filter(|m| !m.grants.hidden)
             .map(|m| PeerInfo {
                 id: m.id.clone(),
                 name: m.name.clone(),
+                identity: m.identity.clone(),
             })
             .collect();
         self.members.push(Member {
             id: id.clone(),
             name: name.clone(),
+            identity: identity.clone(),
+            grants,
+            joined_at,
         });
         let mut effects = Vec::with_capacity(3);
         effects.push(Effect {
@@ -198,18 +276,25 @@ impl Room {
                 ice_servers: ctx.ice_servers.clone(),
                 p2p_timeout_ms: ctx.p2p_timeout_ms,
                 protocol: switchboard_proto::PROTOCOL_VERSION,
+                features: ctx.features.clone(),
             }),
         });
         if switch {
-            effects.push(self.mode_effect(ModeReason::ThirdParticipant));
+            let reason = if third {
+                ModeReason::ThirdParticipant
+            } else {
+                ModeReason::Policy
+            };
+            effects.push(self.mode_effect(reason));
         }
-        if self.members.len() > 1 {
+        if self.members.len() > 1 && !grants.hidden {
             effects.push(Effect {
                 to: To::AllExcept(id.clone()),
                 msg: ServerMessage::Otherjoin(OtherJoin {
                     room: self.name.clone(),
                     id,
                     name,
+                    identity,
                 }),
             });
         }
@@ -224,7 +309,10 @@ impl Room {
         let Some(pos) = self.members.iter().position(|m| &m.id == id) else {
             return Vec::new();
         };
-        self.members.remove(pos);
+        let gone = self.members.remove(pos);
+        if self.members.is_empty() {
+            self.empty_since = Some(now);
+        }
         self.return_at = match self.p2p_return {
             Some(delay) if self.may_return_to_p2p() => Some(now + delay),
             _ => None,
@@ -240,7 +328,7 @@ impl Room {
                 msg: ServerMessage::Leaved(body.clone()),
             });
         }
-        if !self.members.is_empty() {
+        if !self.members.is_empty() && !gone.grants.hidden {
             effects.push(Effect {
                 to: To::All,
                 msg: ServerMessage::Bye(body),
@@ -258,8 +346,15 @@ impl Room {
         to: Option<&str>,
         data: serde_json::Value,
     ) -> Result<Effect, RoomError> {
-        if !self.contains(from) {
-            return Err(RoomError::NotAMember(from.clone()));
+        let sender = self
+            .member(from)
+            .ok_or_else(|| RoomError::NotAMember(from.clone()))?;
+        let is_p2p_signal = data
+            .get("type")
+            .and_then(serde_json::Value::as_str)
+            .is_some_and(|t| matches!(t, "offer" | "answer" | "candidate"));
+        if is_p2p_signal && !sender.grants.publish {
+            return Err(RoomError::Forbidden("P2P media (canPublish is false)"));
         }
         let to = match to {
             None => To::AllExcept(from.clone()),
@@ -334,6 +429,35 @@ impl Room {
             && self.mode == MediaMode::Sfu
             && self.members.len() == 2
             && !self.had_p2p_failure
+            && !self.members.iter().any(|m| m.grants.needs_sfu())
+    }
+
+    /// The member `id`, if it is one.
+    pub fn member(&self, id: &ParticipantId) -> Option<&Member> {
+        self.members.iter().find(|m| &m.id == id)
+    }
+
+    /// Every member, in join order.
+    pub fn members(&self) -> &[Member] {
+        &self.members
+    }
+
+    /// Members other people can see (not hidden).
+    pub fn visible_len(&self) -> usize {
+        self.members.iter().filter(|m| !m.grants.hidden).count()
+    }
+
+    /// The member whose token identity is `identity`.
+    pub fn find_identity(&self, identity: &str) -> Option<ParticipantId> {
+        self.members
+            .iter()
+            .find(|m| m.identity.as_deref() == Some(identity))
+            .map(|m| m.id.clone())
+    }
+
+    /// The room's settings as created.
+    pub fn requested(&self) -> RequestedMode {
+        self.requested
     }
 
     fn peer(&self, from: &ParticipantId, peer: &str) -> Result<ParticipantId, RoomError> {
@@ -376,7 +500,10 @@ mod tests {
                 audio: AudioMode::Mix,
                 max_participants: 4,
                 p2p_return: None,
+                created_at: 0,
+                empty_timeout: None,
             },
+            Instant::now(),
         )
     }
 
@@ -388,7 +515,10 @@ mod tests {
                 audio: AudioMode::Mix,
                 max_participants: 4,
                 p2p_return: Some(Duration::from_millis(delay_ms)),
+                created_at: 0,
+                empty_timeout: None,
             },
+            Instant::now(),
         )
     }
 
@@ -396,7 +526,99 @@ mod tests {
         JoinContext {
             ice_servers: vec![],
             p2p_timeout_ms: 5000,
+            features: vec![],
         }
+    }
+
+    fn joiner(id: &str, name: impl Into<String>) -> Joiner {
+        Joiner {
+            id: pid(id),
+            name: name.into(),
+            identity: None,
+            grants: Grants::ALL,
+            joined_at: 0,
+        }
+    }
+
+    #[test]
+    fn a_hidden_member_is_invisible_and_takes_the_room_to_sfu() {
+        let mut r = room(RequestedMode::Auto);
+        r.join(joiner("a", "A"), &ctx()).unwrap();
+        let mut h = joiner("h", "H");
+        h.grants = Grants {
+            hidden: true,
+            publish: false,
+            publish_data: false,
+            subscribe: true,
+        };
+        let e = r.join(h, &ctx()).unwrap();
+        // joined to h, then mode (policy) to all; no otherjoin for a.
+        assert_eq!(
+            types(&e),
+            vec![(To::One(pid("h")), "joined"), (To::All, "mode")]
+        );
+        assert!(matches!(&e[1].msg, ServerMessage::Mode(m) if m.reason == ModeReason::Policy));
+        let e = r.join(joiner("b", "B"), &ctx()).unwrap();
+        let ServerMessage::Joined(j) = &e[0].msg else {
+            panic!("joined first")
+        };
+        assert_eq!(
+            j.peers.iter().map(|p| p.id.as_str()).collect::<Vec<_>>(),
+            ["a"],
+            "h is not listed"
+        );
+        assert_eq!(r.visible_len(), 2);
+        let e = r.leave(&pid("h"), false, Instant::now());
+        assert!(e.is_empty(), "no bye for a hidden member: {e:?}");
+    }
+
+    #[test]
+    fn an_admin_room_waits_out_its_empty_timeout() {
+        let t0 = Instant::now();
+        let mut r = Room::new(
+            RoomName::parse("a").unwrap(),
+            &RoomSettings {
+                requested: RequestedMode::Auto,
+                audio: AudioMode::Mix,
+                max_participants: 4,
+                p2p_return: None,
+                created_at: 0,
+                empty_timeout: Some(Duration::from_secs(10)),
+            },
+            t0,
+        );
+        assert!(!r.can_free(t0 + Duration::from_secs(9)));
+        assert!(r.can_free(t0 + Duration::from_secs(10)));
+        r.join(joiner("a", ""), &ctx()).unwrap();
+        assert!(
+            !r.can_free(t0 + Duration::from_secs(60)),
+            "not while occupied"
+        );
+        let t1 = t0 + Duration::from_secs(100);
+        r.leave(&pid("a"), false, t1);
+        assert_eq!(r.free_due(), Some(t1 + Duration::from_secs(10)));
+        assert!(!r.can_free(t1 + Duration::from_secs(1)));
+        assert!(
+            room(RequestedMode::Auto).can_free(t0),
+            "join rooms free at once"
+        );
+    }
+
+    #[test]
+    fn a_member_without_publish_cannot_relay_p2p_signaling() {
+        let mut r = room(RequestedMode::Auto);
+        r.join(joiner("a", "A"), &ctx()).unwrap();
+        let mut v = joiner("v", "V");
+        v.grants.publish = false;
+        let e = r.join(v, &ctx()).unwrap();
+        assert!(e
+            .iter()
+            .any(|e| matches!(&e.msg, ServerMessage::Mode(m) if m.reason == ModeReason::Policy)));
+        assert_eq!(
+            r.relay(&pid("v"), Some("a"), json!({"type":"offer","sdp":"v=0"})),
+            Err(RoomError::Forbidden("P2P media (canPublish is false)"))
+        );
+        assert!(r.relay(&pid("v"), Some("a"), json!({"hello": 1})).is_ok());
     }
 
     fn types(effects: &[Effect]) -> Vec<(To, &'static str)> {
@@ -409,9 +631,9 @@ mod tests {
     #[test]
     fn auto_room_switches_on_third_join_with_mode_before_otherjoin() {
         let mut r = room(RequestedMode::Auto);
-        let e = r.join(pid("a"), "A".into(), &ctx()).unwrap();
+        let e = r.join(joiner("a", "A".into()), &ctx()).unwrap();
         assert_eq!(types(&e), vec![(To::One(pid("a")), "joined")]);
-        let e = r.join(pid("b"), "B".into(), &ctx()).unwrap();
+        let e = r.join(joiner("b", "B".into()), &ctx()).unwrap();
         assert_eq!(
             types(&e),
             vec![
@@ -424,7 +646,7 @@ mod tests {
         };
         assert_eq!(j.mode, MediaMode::P2p);
         assert_eq!(j.peers.len(), 1);
-        let e = r.join(pid("c"), "C".into(), &ctx()).unwrap();
+        let e = r.join(joiner("c", "C".into()), &ctx()).unwrap();
         assert_eq!(
             types(&e),
             vec![
@@ -445,16 +667,16 @@ mod tests {
         r.leave(&pid("c"), true, Instant::now());
         assert_eq!(r.mode(), MediaMode::Sfu);
         assert_eq!(r.return_due(), None, "off by default");
-        let e = r.join(pid("d"), "D".into(), &ctx()).unwrap();
+        let e = r.join(joiner("d", "D".into()), &ctx()).unwrap();
         assert!(!types(&e).iter().any(|(_, t)| *t == "mode"));
     }
 
     #[test]
     fn p2p_room_holds_two() {
         let mut r = room(RequestedMode::P2p);
-        r.join(pid("a"), String::new(), &ctx()).unwrap();
-        r.join(pid("b"), String::new(), &ctx()).unwrap();
-        let refused = r.join(pid("c"), String::new(), &ctx()).unwrap_err();
+        r.join(joiner("a", String::new()), &ctx()).unwrap();
+        r.join(joiner("b", String::new()), &ctx()).unwrap();
+        let refused = r.join(joiner("c", String::new()), &ctx()).unwrap_err();
         assert_eq!(refused.reply.type_name(), "full");
         assert_eq!(r.len(), 2);
         assert_eq!(r.mode(), MediaMode::P2p);
@@ -467,10 +689,9 @@ mod tests {
         for mode in [RequestedMode::Auto, RequestedMode::Sfu] {
             let mut r = room(mode);
             for i in 0..4 {
-                r.join(pid(&format!("p{i}")), String::new(), &ctx())
-                    .unwrap();
+                r.join(joiner(&format!("p{i}"), ""), &ctx()).unwrap();
             }
-            assert!(r.join(pid("p9"), String::new(), &ctx()).is_err());
+            assert!(r.join(joiner("p9", String::new()), &ctx()).is_err());
             assert_eq!(r.mode(), MediaMode::Sfu);
         }
     }
@@ -478,8 +699,8 @@ mod tests {
     #[test]
     fn p2p_failed_switches_once() {
         let mut r = room(RequestedMode::Auto);
-        r.join(pid("a"), String::new(), &ctx()).unwrap();
-        r.join(pid("b"), String::new(), &ctx()).unwrap();
+        r.join(joiner("a", String::new()), &ctx()).unwrap();
+        r.join(joiner("b", String::new()), &ctx()).unwrap();
         assert_eq!(
             r.p2p_failed(&pid("a"), "zz"),
             Err(RoomError::NoSuchPeer("zz".into()))
@@ -495,8 +716,8 @@ mod tests {
     #[test]
     fn relay_sets_from_and_checks_the_target() {
         let mut r = room(RequestedMode::Auto);
-        r.join(pid("a"), String::new(), &ctx()).unwrap();
-        r.join(pid("b"), String::new(), &ctx()).unwrap();
+        r.join(joiner("a", String::new()), &ctx()).unwrap();
+        r.join(joiner("b", String::new()), &ctx()).unwrap();
         let e = r.relay(&pid("a"), None, json!({"x":1})).unwrap();
         assert_eq!(e.to, To::AllExcept(pid("a")));
         let ServerMessage::Message(m) = &e.msg else {
@@ -527,8 +748,8 @@ mod tests {
     #[test]
     fn leave_acknowledges_and_says_bye() {
         let mut r = room(RequestedMode::Auto);
-        r.join(pid("a"), String::new(), &ctx()).unwrap();
-        r.join(pid("b"), String::new(), &ctx()).unwrap();
+        r.join(joiner("a", String::new()), &ctx()).unwrap();
+        r.join(joiner("b", String::new()), &ctx()).unwrap();
         let now = Instant::now();
         let e = r.leave(&pid("a"), true, now);
         assert_eq!(
@@ -547,7 +768,7 @@ mod tests {
     /// Three in an `auto` room, then one leaves at `t0`.
     fn back_to_two(r: &mut Room, t0: Instant) {
         for p in ["a", "b", "c"] {
-            r.join(pid(p), String::new(), &ctx()).unwrap();
+            r.join(joiner(p, ""), &ctx()).unwrap();
         }
         assert_eq!(r.mode(), MediaMode::Sfu);
         r.leave(&pid("c"), false, t0);
@@ -575,7 +796,7 @@ mod tests {
         assert_eq!(r.return_due(), None);
         assert!(r.poll(t0 + Duration::from_secs(60)).is_empty(), "only once");
         // A new third switches to sfu again, like the first time.
-        let e = r.join(pid("d"), String::new(), &ctx()).unwrap();
+        let e = r.join(joiner("d", String::new()), &ctx()).unwrap();
         assert!(types(&e).contains(&(To::All, "mode")));
         assert_eq!(r.mode(), MediaMode::Sfu);
     }
@@ -585,7 +806,7 @@ mod tests {
         let mut r = returning_room(3000);
         let t0 = Instant::now();
         back_to_two(&mut r, t0);
-        r.join(pid("d"), String::new(), &ctx()).unwrap();
+        r.join(joiner("d", String::new()), &ctx()).unwrap();
         assert_eq!(r.return_due(), None);
         assert!(r.poll(t0 + Duration::from_secs(10)).is_empty());
         assert_eq!(r.mode(), MediaMode::Sfu);
@@ -600,10 +821,10 @@ mod tests {
     #[test]
     fn a_room_that_had_a_p2p_failure_never_returns() {
         let mut r = returning_room(1000);
-        r.join(pid("a"), String::new(), &ctx()).unwrap();
-        r.join(pid("b"), String::new(), &ctx()).unwrap();
+        r.join(joiner("a", String::new()), &ctx()).unwrap();
+        r.join(joiner("b", String::new()), &ctx()).unwrap();
         r.p2p_failed(&pid("a"), "b").unwrap();
-        r.join(pid("c"), String::new(), &ctx()).unwrap();
+        r.join(joiner("c", String::new()), &ctx()).unwrap();
         let t0 = Instant::now();
         r.leave(&pid("c"), false, t0);
         assert_eq!(r.return_due(), None);
@@ -639,10 +860,13 @@ mod tests {
                 audio: AudioMode::Mix,
                 max_participants: 4,
                 p2p_return: Some(Duration::from_millis(1)),
+                created_at: 0,
+                empty_timeout: None,
             },
+            t0,
         );
         for p in ["a", "b", "c"] {
-            r.join(pid(p), String::new(), &ctx()).unwrap();
+            r.join(joiner(p, ""), &ctx()).unwrap();
         }
         r.leave(&pid("c"), false, t0);
         assert!(r.poll(t0 + Duration::from_secs(5)).is_empty());

@@ -1,7 +1,9 @@
 //! The HTTP edge: routes, TLS, and graceful shutdown.
 //!
 //! Routes: `/` (the browser client, embedded), `/app.js`, `/style.css`,
-//! `/ws` (signaling), `/healthz`, `/metrics`.
+//! `/ws` (signaling), `/healthz`, `/readyz`, `/api/v1` (the admin API), and
+//! `/metrics` and `/admin/drain` — on the public listener, or with
+//! `--metrics-listen` on that one only.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -21,7 +23,8 @@ use tokio_util::task::TaskTracker;
 use crate::config::{Config, Tls};
 use crate::hub::{Hub, Outboxes};
 use crate::metrics::Metrics;
-use crate::sfu::{Command, MediaPlane};
+use crate::sfu::{Command, MediaPlane, Publishing};
+use crate::webhook::Webhooks;
 
 /// Failures starting or running the server.
 #[derive(Debug, thiserror::Error)]
@@ -53,9 +56,15 @@ pub struct RunningServer {
     task: JoinHandle<Result<(), ServeError>>,
     hub: Arc<Hub>,
     media: Option<MediaPlane>,
+    metrics_addr: Option<SocketAddr>,
 }
 
 impl RunningServer {
+    /// The address of the `--metrics-listen` listener, if there is one.
+    pub fn metrics_addr(&self) -> Option<SocketAddr> {
+        self.metrics_addr
+    }
+
     /// The address it listens on (the real port when the config said `:0`).
     pub fn local_addr(&self) -> SocketAddr {
         self.addr
@@ -147,14 +156,25 @@ pub async fn start(config: Config) -> Result<RunningServer, ServeError> {
     let config = Arc::new(config);
     let metrics = Arc::new(Metrics::new());
     let outboxes = Arc::new(Outboxes::default());
+    let publishing = Arc::new(Publishing::default());
+    let webhooks = Arc::new(Webhooks::start(
+        &config.webhook_urls,
+        &config.keys,
+        metrics.clone(),
+    ));
     let media = match &config.media {
         Some(media) => Some(
-            crate::transport::start(media.clone(), outboxes.clone(), metrics.clone()).map_err(
-                |source| ServeError::Bind {
-                    addr: media.bind,
-                    source,
-                },
-            )?,
+            crate::transport::start(
+                media.clone(),
+                outboxes.clone(),
+                metrics.clone(),
+                publishing.clone(),
+                webhooks.clone(),
+            )
+            .map_err(|source| ServeError::Bind {
+                addr: media.bind,
+                source,
+            })?,
         ),
         None => None,
     };
@@ -163,11 +183,11 @@ pub async fn start(config: Config) -> Result<RunningServer, ServeError> {
         metrics.clone(),
         outboxes,
         media.clone(),
+        publishing,
+        webhooks,
     ));
     let shutdown = CancellationToken::new();
-    if config.p2p_return.is_some() {
-        tokio::spawn(return_rooms_to_p2p(Arc::downgrade(&hub), shutdown.clone()));
-    }
+    tokio::spawn(housekeeping(Arc::downgrade(&hub), shutdown.clone()));
     let sessions = TaskTracker::new();
     let state = AppState {
         hub: hub.clone(),
@@ -175,7 +195,28 @@ pub async fn start(config: Config) -> Result<RunningServer, ServeError> {
         sessions: sessions.clone(),
         shutdown: shutdown.clone(),
     };
-    let app = router(state).into_make_service_with_connect_info::<SocketAddr>();
+    let (metrics_addr, metrics_server) = match config.metrics_listen {
+        Some(addr) => {
+            let listener = tokio::net::TcpListener::bind(addr)
+                .await
+                .map_err(|source| ServeError::Bind { addr, source })?;
+            let local = listener
+                .local_addr()
+                .map_err(|source| ServeError::Bind { addr, source })?;
+            let app = ops_router(state.clone());
+            let stop = shutdown.clone();
+            let task = tokio::spawn(async move {
+                let _ = axum::serve(listener, app)
+                    .with_graceful_shutdown(async move { stop.cancelled().await })
+                    .await;
+            });
+            tracing::info!(addr = %local, "metrics and admin listening");
+            (Some(local), Some(task))
+        }
+        None => (None, None),
+    };
+    let app =
+        router(state, metrics_addr.is_none()).into_make_service_with_connect_info::<SocketAddr>();
 
     let listener =
         std::net::TcpListener::bind(config.listen).map_err(|source| ServeError::Bind {
@@ -189,6 +230,7 @@ pub async fn start(config: Config) -> Result<RunningServer, ServeError> {
     listener.set_nonblocking(true).map_err(bind_err)?;
     let addr = listener.local_addr().map_err(bind_err)?;
     let handle = axum_server::Handle::new();
+    let _ = metrics_server;
     let rustls = tls_config(&config).await?;
     let tls = rustls.is_some();
 
@@ -248,11 +290,25 @@ pub async fn start(config: Config) -> Result<RunningServer, ServeError> {
         task,
         hub,
         media,
+        metrics_addr,
     })
 }
 
-fn router(state: AppState) -> Router {
+/// The routes of `--metrics-listen`: metrics, admin, health.
+fn ops_router(state: AppState) -> Router {
     Router::new()
+        .route("/healthz", get(healthz))
+        .route("/readyz", get(readyz))
+        .route("/admin/drain", axum::routing::post(admin_drain))
+        .route("/metrics", get(metrics))
+        .with_state(state)
+}
+
+/// The public routes; `with_ops` adds `/metrics` and `/admin/*` (when there
+/// is no separate listener for them).
+fn router(state: AppState, with_ops: bool) -> Router {
+    let api = crate::admin::router(state.hub.clone());
+    let public = Router::new()
         .route(
             "/",
             get(|| async { asset("text/html; charset=utf-8", INDEX_HTML) }),
@@ -267,10 +323,15 @@ fn router(state: AppState) -> Router {
         )
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
-        .route("/admin/drain", axum::routing::post(admin_drain))
-        .route("/metrics", get(metrics))
-        .route("/ws", get(ws))
-        .with_state(state)
+        .route("/ws", get(ws));
+    let public = if with_ops {
+        public
+            .route("/admin/drain", axum::routing::post(admin_drain))
+            .route("/metrics", get(metrics))
+    } else {
+        public
+    };
+    public.with_state(state).merge(api)
 }
 
 const INDEX_HTML: &str = include_str!("web/index.html");
@@ -330,9 +391,10 @@ fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
     a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
-/// `--p2p-return-ms`: checks every 100 ms for rooms whose wait is over, until
-/// shutdown or the hub is gone.
-async fn return_rooms_to_p2p(hub: std::sync::Weak<Hub>, shutdown: CancellationToken) {
+/// Every 100 ms until shutdown or the hub is gone: rooms whose wait to
+/// return to `p2p` is over (`--p2p-return-ms`), and empty rooms whose empty
+/// timeout is over.
+async fn housekeeping(hub: std::sync::Weak<Hub>, shutdown: CancellationToken) {
     let mut tick = tokio::time::interval(std::time::Duration::from_millis(100));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
@@ -341,7 +403,9 @@ async fn return_rooms_to_p2p(hub: std::sync::Weak<Hub>, shutdown: CancellationTo
             _ = tick.tick() => {}
         }
         let Some(hub) = hub.upgrade() else { return };
-        hub.run_due_returns(std::time::Instant::now());
+        let now = std::time::Instant::now();
+        hub.run_due_returns(now);
+        hub.run_due_frees(now);
     }
 }
 

@@ -220,6 +220,7 @@ impl Session {
         match msg {
             ClientMessage::Ping(p) => self.hub.reply(outbox, &ServerMessage::Pong(p)),
             ClientMessage::Join(join) => {
+                self.forget_if_gone();
                 if let Some((room, _)) = &self.joined {
                     let text = format!("already in room {room}; leave it first");
                     self.error(outbox, ErrorCode::AlreadyInRoom, &text, Some(ty));
@@ -263,11 +264,12 @@ impl Session {
     /// The connection's room and id when `named` is that room; otherwise
     /// answers `not-in-room`.
     fn my_room(
-        &self,
+        &mut self,
         outbox: &Outbox,
         named: &RoomName,
         ty: &str,
     ) -> Option<(RoomName, ParticipantId)> {
+        self.forget_if_gone();
         match &self.joined {
             Some((room, id)) if room == named => Some((room.clone(), id.clone())),
             Some((room, _)) => {
@@ -278,6 +280,17 @@ impl Session {
             None => {
                 self.error(outbox, ErrorCode::NotInRoom, "join a room first", Some(ty));
                 None
+            }
+        }
+    }
+
+    /// Forgets the room when this participant is no longer in it (replaced
+    /// by a newer join with its identity, or removed by an administrator;
+    /// it was told so with an `error`).
+    fn forget_if_gone(&mut self) {
+        if let Some((room, id)) = &self.joined {
+            if !self.hub.is_member(room, id) {
+                self.joined = None;
             }
         }
     }

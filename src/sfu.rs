@@ -11,6 +11,58 @@ use std::net::{IpAddr, SocketAddr};
 use switchboard_proto::{AudioMode, ParticipantId, RoomName, SignalData};
 use tokio::sync::mpsc;
 
+use crate::auth::Grants;
+
+/// Audio or video, as the admin API names them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Deserialize, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum MediaKind {
+    Audio,
+    Video,
+}
+
+impl MediaKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            MediaKind::Audio => "audio",
+            MediaKind::Video => "video",
+        }
+    }
+}
+
+/// What each participant publishes now, kept by the media plane for the
+/// admin API.
+#[derive(Debug, Default)]
+pub struct Publishing {
+    map: dashmap::DashMap<ParticipantId, [u32; 2]>,
+}
+
+impl Publishing {
+    /// `participant` opened (`+1`) or closed (`-1`) a track of `kind`.
+    pub fn track(&self, participant: &ParticipantId, kind: MediaKind, opened: bool) {
+        let mut e = self.map.entry(participant.clone()).or_default();
+        let n = &mut e[kind as usize];
+        *n = if opened {
+            n.saturating_add(1)
+        } else {
+            n.saturating_sub(1)
+        };
+    }
+
+    /// `participant`'s connection is gone.
+    pub fn forget(&self, participant: &ParticipantId) {
+        self.map.remove(participant);
+    }
+
+    /// Whether `participant` publishes audio, video.
+    pub fn get(&self, participant: &ParticipantId) -> (bool, bool) {
+        self.map
+            .get(participant)
+            .map(|e| (e[0] > 0, e[1] > 0))
+            .unwrap_or((false, false))
+    }
+}
+
 /// Where the media plane listens and what it announces.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct MediaConfig {
@@ -37,7 +89,17 @@ pub enum Command {
         sfu: bool,
         /// The room's audio handling (set when the room was created).
         audio: AudioMode,
+        /// What the participant's token allows.
+        grants: Grants,
         data: SignalData,
+    },
+    /// An administrator muted (or unmuted) `participant`'s track of `kind`:
+    /// it is not forwarded or mixed while muted.
+    Mute {
+        room: RoomName,
+        participant: ParticipantId,
+        kind: MediaKind,
+        muted: bool,
     },
     /// `participant` left `room` (or vanished).
     Left {

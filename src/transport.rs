@@ -53,6 +53,7 @@ use switchboard_proto::{
 use tokio::net::UdpSocket;
 use tokio::sync::mpsc;
 
+use crate::auth::Grants;
 use crate::hub::Outboxes;
 use crate::media::demux::{Demux, Route};
 use crate::media::keyframe::KeyframeRequester;
@@ -62,7 +63,8 @@ use crate::mixer::{
     AudioLevel, InputId, MixerConfig, MixerStats, Push, RoomMixer, SelectConfig, SpeakerTracker,
     FRAME_SAMPLES,
 };
-use crate::sfu::{Command, MediaConfig, MediaPlane, COMMAND_QUEUE};
+use crate::sfu::{Command, MediaConfig, MediaKind, MediaPlane, Publishing, COMMAND_QUEUE};
+use crate::webhook::{Event, ParticipantRef, RoomRef, TrackRef, Webhooks};
 
 /// Largest datagram we read.
 const MAX_DATAGRAM: usize = 1500;
@@ -80,6 +82,8 @@ pub fn start(
     config: MediaConfig,
     outboxes: Arc<Outboxes>,
     metrics: Arc<Metrics>,
+    publishing: Arc<Publishing>,
+    webhooks: Arc<Webhooks>,
 ) -> io::Result<MediaPlane> {
     let socket = std::net::UdpSocket::bind(config.bind)?;
     socket.set_nonblocking(true)?;
@@ -127,9 +131,11 @@ pub fn start(
                 };
                 match UdpSocket::from_std(socket) {
                     Ok(socket) => {
-                        Engine::new(announce, tcp_announce, &config, outboxes, metrics)
-                            .run(socket, rx, tcp_events)
-                            .await
+                        let mut engine =
+                            Engine::new(announce, tcp_announce, &config, outboxes, metrics);
+                        engine.publishing = publishing;
+                        engine.webhooks = Some(webhooks);
+                        engine.run(socket, rx, tcp_events).await
                     }
                     Err(e) => tracing::error!(error = %e, "media socket failed"),
                 }
@@ -314,6 +320,12 @@ struct Peer {
     audio_input: Option<InputId>,
     /// The mixed audio sent to it, in a mix room.
     mix_out: Option<MixOut>,
+    /// What its token allows.
+    grants: Grants,
+    /// Muted by an administrator: audio, video.
+    muted: [bool; 2],
+    /// Whether it was told once that its chat is not relayed.
+    told_no_data: bool,
 }
 
 /// Something a connection's output asks the engine to do to others.
@@ -343,6 +355,10 @@ struct Engine {
     demux: Demux<PeerKey>,
     outboxes: Arc<Outboxes>,
     metrics: Arc<Metrics>,
+    /// What each participant publishes, for the admin API.
+    publishing: Arc<Publishing>,
+    /// `track_published`/`track_unpublished` events.
+    webhooks: Option<Arc<Webhooks>>,
     next_key: u64,
     actions: Vec<Action>,
     /// Connections whose forwarded tracks changed since the last offer round.
@@ -378,6 +394,8 @@ impl Engine {
             demux: Demux::new(),
             outboxes,
             metrics,
+            publishing: Arc::default(),
+            webhooks: None,
             next_key: 1,
             actions: Vec::new(),
             offers_due: Vec::new(),
@@ -518,8 +536,24 @@ impl Engine {
                 participant,
                 sfu,
                 audio,
+                grants,
                 data,
-            } => self.on_signal(room, participant, sfu, audio, data),
+            } => self.on_signal(room, participant, sfu, audio, grants, data),
+            Command::Mute {
+                participant,
+                kind,
+                muted,
+                ..
+            } => {
+                if let Some(p) = self
+                    .by_participant
+                    .get(&participant)
+                    .and_then(|k| self.peers.get_mut(k))
+                {
+                    p.muted[kind as usize] = muted;
+                    tracing::info!(%participant, kind = kind.as_str(), muted, "muted by an administrator");
+                }
+            }
             Command::Left { room, participant } => {
                 if let Some(key) = self.by_participant.get(&participant).copied() {
                     self.remove_peer(key);
@@ -544,6 +578,7 @@ impl Engine {
         participant: ParticipantId,
         sfu: bool,
         audio: AudioMode,
+        grants: Grants,
         data: SignalData,
     ) {
         let key = match (self.by_participant.get(&participant).copied(), &data) {
@@ -565,6 +600,9 @@ impl Engine {
             // Candidates or answers before any offer: nothing to apply them to.
             (None, _) => return,
         };
+        if let Some(p) = self.peers.get_mut(&key) {
+            p.grants = grants;
+        }
         match data {
             SignalData::Offer { sdp } => self.on_client_offer(key, sdp),
             SignalData::Answer { sdp } => self.on_client_answer(key, sdp),
@@ -702,6 +740,9 @@ impl Engine {
                 candidates,
                 audio_input,
                 mix_out: None,
+                grants: Grants::ALL,
+                muted: [false; 2],
+                told_no_data: false,
             },
         );
         self.metrics.media_connections.inc();
@@ -719,6 +760,14 @@ impl Engine {
             return;
         }
         let now = Instant::now();
+        // Without the publish grant nothing the client would send is
+        // accepted: its sending sections become receive-only before the
+        // answer is made, so the answer accepts none of them.
+        let sdp = if p.grants.publish {
+            sdp
+        } else {
+            receive_only(&sdp)
+        };
         let result = RTCSessionDescription::offer(sdp)
             .and_then(|offer| p.pc.set_remote_description(now, offer))
             .and_then(|()| p.pc.create_answer(None))
@@ -935,6 +984,9 @@ impl Engine {
                         published.receiver_id = init.receiver_id;
                     }
                 }
+                RTCPeerConnectionEvent::OnTrack(RTCTrackEvent::OnOpen(_)) if !p.grants.publish => {
+                    self.metrics.media_dropped("forbidden");
+                }
                 RTCPeerConnectionEvent::OnTrack(RTCTrackEvent::OnOpen(init)) => {
                     let Some(mut receiver) = p.pc.rtp_receiver(init.receiver_id) else {
                         continue;
@@ -973,6 +1025,18 @@ impl Engine {
                         .find(|e| e.uri == rtc::sdp::extmap::AUDIO_LEVEL_URI)
                         .and_then(|e| u8::try_from(e.id).ok());
                     tracing::info!(participant = %p.participant, track = %init.track_id, ?kind, mime = %codec.mime_type, "track published");
+                    let media_kind = media_kind(kind);
+                    self.publishing.track(&p.participant, media_kind, true);
+                    if let Some(w) = &self.webhooks {
+                        let mid = receiver_mid(&mut p.pc, init.receiver_id);
+                        w.emit(track_event(
+                            "track_published",
+                            p,
+                            &self.rooms,
+                            media_kind,
+                            mid,
+                        ));
+                    }
                     p.published.insert(
                         init.track_id.clone(),
                         Published {
@@ -991,7 +1055,20 @@ impl Engine {
                 RTCPeerConnectionEvent::OnTrack(RTCTrackEvent::OnClose(track_id))
                     if p.published.contains_key(&track_id) =>
                 {
-                    p.published.remove(&track_id);
+                    if let Some(gone) = p.published.remove(&track_id) {
+                        let media_kind = media_kind(gone.kind);
+                        self.publishing.track(&p.participant, media_kind, false);
+                        if let Some(w) = &self.webhooks {
+                            let mid = receiver_mid(&mut p.pc, gone.receiver_id);
+                            w.emit(track_event(
+                                "track_unpublished",
+                                p,
+                                &self.rooms,
+                                media_kind,
+                                mid,
+                            ));
+                        }
+                    }
                     self.actions.push(Action::TrackClosed(key, track_id));
                 }
                 RTCPeerConnectionEvent::OnDataChannel(RTCDataChannelEvent::OnOpen(id))
@@ -1086,6 +1163,10 @@ impl Engine {
             self.metrics.media_dropped("unknown-track");
             return;
         };
+        if publisher.muted[media_kind(published.kind) as usize] {
+            self.metrics.media_dropped("muted");
+            return;
+        }
         let level = published
             .audio_level_ext
             .and_then(|id| packet.header.get_extension(id))
@@ -1218,6 +1299,9 @@ impl Engine {
         let Some(s) = self.peers.get_mut(&sub) else {
             return;
         };
+        if !s.grants.subscribe {
+            return;
+        }
         if s.down
             .get(&publisher)
             .is_some_and(|t| t.contains_key(track))
@@ -1287,7 +1371,12 @@ impl Engine {
             .rooms
             .get(&p.room)
             .is_some_and(|r| r.sfu && r.mix.is_some());
-        if !mixing || p.mix_out.is_some() || p.audio_input.is_none() || !p.answered_first {
+        if !mixing
+            || p.mix_out.is_some()
+            || p.audio_input.is_none()
+            || !p.answered_first
+            || !p.grants.subscribe
+        {
             return;
         }
         let codec = RTCRtpCodec {
@@ -1535,6 +1624,23 @@ impl Engine {
     }
 
     fn relay_chat(&mut self, from: PeerKey, text: &str) {
+        let Some(p) = self.peers.get_mut(&from) else {
+            return;
+        };
+        if !p.grants.publish_data {
+            self.metrics.media_dropped("chat-forbidden");
+            if !std::mem::replace(&mut p.told_no_data, true) {
+                let participant = p.participant.clone();
+                let msg = ServerMessage::error(
+                    ErrorCode::Forbidden,
+                    "your token does not allow sending data (canPublishData is false): your \
+                     chat messages are not relayed",
+                    None,
+                );
+                self.outboxes.send(&participant, &msg, &self.metrics);
+            }
+            return;
+        }
         let Some(p) = self.peers.get(&from) else {
             return;
         };
@@ -1564,6 +1670,7 @@ impl Engine {
             return;
         };
         tracing::info!(participant = %p.participant, room = %p.room, "server connection removed");
+        self.publishing.forget(&p.participant);
         self.demux.unregister(key);
         self.by_participant.remove(&p.participant);
         let _ = p.pc.close();
@@ -1757,6 +1864,86 @@ fn opus_fec_in_answer(sdp: &str, mid: &str, pt: u8) -> bool {
         }
     }
     found
+}
+
+/// `sdp` with every audio/video section that would send to the server made
+/// receive-only (`sendrecv` → `recvonly`, `sendonly` → `inactive`).
+fn receive_only(sdp: &str) -> String {
+    let mut out = String::with_capacity(sdp.len());
+    let mut media = false;
+    for line in sdp.split_inclusive('\n') {
+        let bare = line.trim_end_matches(['\r', '\n']);
+        let eol = &line[bare.len()..];
+        if let Some(m) = bare.strip_prefix("m=") {
+            media = m.starts_with("audio") || m.starts_with("video");
+        }
+        match bare {
+            "a=sendrecv" if media => {
+                out.push_str("a=recvonly");
+                out.push_str(eol);
+            }
+            "a=sendonly" if media => {
+                out.push_str("a=inactive");
+                out.push_str(eol);
+            }
+            _ => out.push_str(line),
+        }
+    }
+    out
+}
+
+fn media_kind(kind: RtpCodecKind) -> MediaKind {
+    if kind == RtpCodecKind::Audio {
+        MediaKind::Audio
+    } else {
+        MediaKind::Video
+    }
+}
+
+/// The mid of the m-section a receiver belongs to.
+fn receiver_mid(pc: &mut RTCPeerConnection, receiver: RTCRtpReceiverId) -> String {
+    let ids: Vec<_> = pc.get_transceivers().collect();
+    ids.into_iter()
+        .find_map(|id| {
+            let t = pc.rtp_transceiver(id)?;
+            (t.receiver() == Some(receiver)).then(|| t.mid().clone().unwrap_or_default())
+        })
+        .unwrap_or_default()
+}
+
+fn track_event(
+    event: &'static str,
+    p: &Peer,
+    rooms: &HashMap<RoomName, MediaRoom>,
+    kind: MediaKind,
+    mid: String,
+) -> Event {
+    let room = rooms.get(&p.room);
+    Event {
+        event,
+        room: RoomRef {
+            name: p.room.to_string(),
+            mode: if room.is_some_and(|r| r.sfu) {
+                switchboard_proto::MediaMode::Sfu
+            } else {
+                switchboard_proto::MediaMode::P2p
+            },
+            audio: if room.is_some_and(|r| r.mix.is_some()) {
+                AudioMode::Mix
+            } else {
+                AudioMode::Forward
+            },
+        },
+        participant: Some(ParticipantRef {
+            id: p.participant.to_string(),
+            identity: None,
+            name: String::new(),
+        }),
+        track: Some(TrackRef {
+            kind: kind.as_str(),
+            mid,
+        }),
+    }
 }
 
 /// Whether an answer rejects every m-section (all ports 0): the offer had
@@ -2001,6 +2188,20 @@ mod tests {
         );
         assert!(!opus_fec_in_answer(sdp, "4", 111), "another payload type");
         assert!(!opus_fec_in_answer(sdp, "9", 111), "no such section");
+    }
+
+    #[test]
+    fn receive_only_turns_every_sending_media_section_off() {
+        let offer = "v=0\r\nm=audio 9 UDP/TLS/RTP/SAVPF 111\r\na=sendrecv\r\n\
+                     m=video 9 UDP/TLS/RTP/SAVPF 96\r\na=sendonly\r\n\
+                     m=application 9 UDP/DTLS/SCTP webrtc-datachannel\r\na=sendrecv\r\n";
+        let out = receive_only(offer);
+        assert_eq!(
+            out,
+            "v=0\r\nm=audio 9 UDP/TLS/RTP/SAVPF 111\r\na=recvonly\r\n\
+             m=video 9 UDP/TLS/RTP/SAVPF 96\r\na=inactive\r\n\
+             m=application 9 UDP/DTLS/SCTP webrtc-datachannel\r\na=sendrecv\r\n"
+        );
     }
 
     #[test]

@@ -177,13 +177,16 @@ pub enum ModeReason {
     ThirdParticipant,
     P2pFailed,
     TwoParticipants,
+    /// A member may not use P2P (no publish grant, or hidden).
+    Policy,
 }
 
 impl ModeReason {
-    pub const ALL: [ModeReason; 3] = [
+    pub const ALL: [ModeReason; 4] = [
         ModeReason::ThirdParticipant,
         ModeReason::P2pFailed,
         ModeReason::TwoParticipants,
+        ModeReason::Policy,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -191,6 +194,7 @@ impl ModeReason {
             ModeReason::ThirdParticipant => "third-participant",
             ModeReason::P2pFailed => "p2p-failed",
             ModeReason::TwoParticipants => "two-participants",
+            ModeReason::Policy => "policy",
         }
     }
 }
@@ -209,10 +213,15 @@ pub enum ErrorCode {
     RateLimited,
     RoomClosed,
     Internal,
+    Forbidden,
+    Replaced,
+    Removed,
+    ResumeFailed,
+    Unavailable,
 }
 
 impl ErrorCode {
-    pub const ALL: [ErrorCode; 10] = [
+    pub const ALL: [ErrorCode; 15] = [
         ErrorCode::TooLarge,
         ErrorCode::BadRequest,
         ErrorCode::UnknownType,
@@ -223,6 +232,11 @@ impl ErrorCode {
         ErrorCode::RateLimited,
         ErrorCode::RoomClosed,
         ErrorCode::Internal,
+        ErrorCode::Forbidden,
+        ErrorCode::Replaced,
+        ErrorCode::Removed,
+        ErrorCode::ResumeFailed,
+        ErrorCode::Unavailable,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -237,6 +251,11 @@ impl ErrorCode {
             ErrorCode::RateLimited => "rate-limited",
             ErrorCode::RoomClosed => "room-closed",
             ErrorCode::Internal => "internal",
+            ErrorCode::Forbidden => "forbidden",
+            ErrorCode::Replaced => "replaced",
+            ErrorCode::Removed => "removed",
+            ErrorCode::ResumeFailed => "resume-failed",
+            ErrorCode::Unavailable => "unavailable",
         }
     }
 }
@@ -344,6 +363,9 @@ pub const CLIENT_TYPES: [&str; 5] = ["join", "leave", "message", "p2p-failed", "
 pub struct PeerInfo {
     pub id: ParticipantId,
     pub name: String,
+    /// The token's identity (`sub`); null when auth is off.
+    #[serde(default)]
+    pub identity: Option<String>,
 }
 
 /// An RTCIceServer as the browser API takes it.
@@ -367,6 +389,9 @@ pub struct Joined {
     pub ice_servers: Vec<IceServer>,
     pub p2p_timeout_ms: u64,
     pub protocol: u32,
+    /// Protocol 1.1 features this server speaks (e.g. `auth`).
+    #[serde(default)]
+    pub features: Vec<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -374,6 +399,9 @@ pub struct OtherJoin {
     pub room: RoomName,
     pub id: ParticipantId,
     pub name: String,
+    /// The token's identity (`sub`); null when auth is off.
+    #[serde(default)]
+    pub identity: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -755,6 +783,7 @@ mod tests {
                 peers: vec![PeerInfo {
                     id: ParticipantId::parse("p2").unwrap(),
                     name: "bob".into(),
+                    identity: Some("bob@example".into()),
                 }],
                 mode: MediaMode::P2p,
                 audio: AudioMode::Mix,
@@ -765,11 +794,13 @@ mod tests {
                 }],
                 p2p_timeout_ms: 5000,
                 protocol: PROTOCOL_VERSION,
+                features: vec!["auth".into()],
             }),
             ServerMessage::Otherjoin(OtherJoin {
                 room: room.clone(),
                 id: p1.clone(),
                 name: String::new(),
+                identity: None,
             }),
             ServerMessage::Full(Full { room: room.clone() }),
             ServerMessage::Leaved(RoomParticipant {
