@@ -631,9 +631,9 @@ mod tests {
     #[test]
     fn auto_room_switches_on_third_join_with_mode_before_otherjoin() {
         let mut r = room(RequestedMode::Auto);
-        let e = r.join(joiner("a", "A".into()), &ctx()).unwrap();
+        let e = r.join(joiner("a", "A"), &ctx()).unwrap();
         assert_eq!(types(&e), vec![(To::One(pid("a")), "joined")]);
-        let e = r.join(joiner("b", "B".into()), &ctx()).unwrap();
+        let e = r.join(joiner("b", "B"), &ctx()).unwrap();
         assert_eq!(
             types(&e),
             vec![
@@ -646,7 +646,7 @@ mod tests {
         };
         assert_eq!(j.mode, MediaMode::P2p);
         assert_eq!(j.peers.len(), 1);
-        let e = r.join(joiner("c", "C".into()), &ctx()).unwrap();
+        let e = r.join(joiner("c", "C"), &ctx()).unwrap();
         assert_eq!(
             types(&e),
             vec![
@@ -667,7 +667,7 @@ mod tests {
         r.leave(&pid("c"), true, Instant::now());
         assert_eq!(r.mode(), MediaMode::Sfu);
         assert_eq!(r.return_due(), None, "off by default");
-        let e = r.join(joiner("d", "D".into()), &ctx()).unwrap();
+        let e = r.join(joiner("d", "D"), &ctx()).unwrap();
         assert!(!types(&e).iter().any(|(_, t)| *t == "mode"));
     }
 

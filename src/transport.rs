@@ -2195,7 +2195,7 @@ mod tests {
         let offer = "v=0\r\nm=audio 9 UDP/TLS/RTP/SAVPF 111\r\na=sendrecv\r\n\
                      m=video 9 UDP/TLS/RTP/SAVPF 96\r\na=sendonly\r\n\
                      m=application 9 UDP/DTLS/SCTP webrtc-datachannel\r\na=sendrecv\r\n";
-        let out = receive_only(offer);
+        let out = super::receive_only(offer);
         assert_eq!(
             out,
             "v=0\r\nm=audio 9 UDP/TLS/RTP/SAVPF 111\r\na=recvonly\r\n\

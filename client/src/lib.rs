@@ -84,6 +84,8 @@ pub struct JoinOptions {
     /// In a `p2p` room, call the other participant directly first (see the
     /// crate docs). Off: the client only ever talks to `"sfu"`.
     pub p2p: bool,
+    /// Access token, for a server with auth on.
+    pub token: Option<String>,
 }
 
 impl JoinOptions {
@@ -102,6 +104,7 @@ impl JoinOptions {
             drop_incoming_rtp_every: None,
             ice_tcp: false,
             p2p: false,
+            token: None,
         }
     }
 
@@ -208,7 +211,7 @@ impl Client {
         let join = ClientMessage::Join(Join {
             room: room.clone(),
             name: opts.name.clone(),
-            token: None,
+            token: opts.token.clone(),
             mode: opts.mode,
             audio: opts.audio,
         });
