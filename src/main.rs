@@ -27,7 +27,7 @@ enum Command {
         #[arg(long, env = "SWITCHBOARD_CONFIG", value_name = "FILE")]
         config: Option<PathBuf>,
         #[command(flatten)]
-        options: ServeOptions,
+        options: Box<ServeOptions>,
     },
     /// Print an access token for joining a room (signed with the same keys
     /// `serve` uses: --api-key/--api-secret, --keys-file, their
@@ -152,6 +152,7 @@ fn main() -> ExitCode {
             Err(e) => fail(&e),
         },
         Command::Serve { config, options } => {
+            let options = *options;
             let options = match config {
                 Some(path) => match ServeOptions::from_file(&path) {
                     Ok(file) => options.or(file),

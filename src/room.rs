@@ -57,7 +57,7 @@ pub enum RoomError {
 #[derive(Debug, Clone, PartialEq)]
 pub struct Refused {
     /// What to send to the one who asked (a `full`).
-    pub reply: ServerMessage,
+    pub reply: Box<ServerMessage>,
 }
 
 /// Settings a room is created with.
@@ -230,9 +230,9 @@ impl Room {
         } = joiner;
         if self.members.len() >= self.capacity {
             return Err(Refused {
-                reply: ServerMessage::Full(Full {
+                reply: Box::new(ServerMessage::Full(Full {
                     room: self.name.clone(),
-                }),
+                })),
             });
         }
         // A third person, or a member who may not use P2P (no publish

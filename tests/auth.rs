@@ -99,7 +99,11 @@ async fn tokens_from_switchboard_token_and_livekits_sdk_are_accepted() {
         ])
         .output()
         .expect("runs switchboard token");
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let cli_token = String::from_utf8(out.stdout).expect("utf-8");
     let mut a = Client::connect(&server, "ignored").await;
     let ja = a.join("lobby", json!({"token": cli_token.trim()})).await;
@@ -148,7 +152,9 @@ fn livekit_token(room: &str, identity: &str, name: &str, extra: &[&str]) -> Stri
 async fn bad_tokens_get_unauthorized_naming_the_reason_and_the_room_is_unharmed() {
     let server = server(keyed()).await;
     let mut a = Client::connect(&server, "alice").await;
-    let ja = a.join("r", json!({"token": join_token("r", "alice")})).await;
+    let ja = a
+        .join("r", json!({"token": join_token("r", "alice")}))
+        .await;
     let mut x = Client::connect(&server, "mallory").await;
 
     let now = unix_now();
@@ -166,7 +172,11 @@ async fn bad_tokens_get_unauthorized_naming_the_reason_and_the_room_is_unharmed(
         (Some("garbage".into()), "not a valid JWT", "malformed"),
         (Some(token(&expired)), "expired", "expired"),
         (Some(token(&early)), "not valid yet", "not-yet-valid"),
-        (Some(join_token("other", "m")), "is for room \"other\"", "wrong-room"),
+        (
+            Some(join_token("other", "m")),
+            "is for room \"other\"",
+            "wrong-room",
+        ),
         (Some(token(&unknown_key)), "does not know", "unknown-key"),
         (Some(forged), "signature does not verify", "bad-signature"),
         (Some(token(&no_join)), "roomJoin", "no-room-join"),
@@ -180,7 +190,10 @@ async fn bad_tokens_get_unauthorized_naming_the_reason_and_the_room_is_unharmed(
     let m = metrics(&server).await;
     for (_, _, label) in &cases {
         assert_eq!(
-            metric(&m, &format!("switchboard_auth_refused_total{{reason=\"{label}\"}}")),
+            metric(
+                &m,
+                &format!("switchboard_auth_refused_total{{reason=\"{label}\"}}")
+            ),
             1.0,
             "{label}"
         );
@@ -195,13 +208,21 @@ async fn bad_tokens_get_unauthorized_naming_the_reason_and_the_room_is_unharmed(
 async fn a_second_join_with_the_same_identity_replaces_the_first() {
     let server = server(keyed()).await;
     let mut a1 = Client::connect(&server, "alice-laptop").await;
-    let j1 = a1.join("r", json!({"token": join_token("r", "alice")})).await;
+    let j1 = a1
+        .join("r", json!({"token": join_token("r", "alice")}))
+        .await;
     let mut b = Client::connect(&server, "bob").await;
     b.join("r", json!({"token": join_token("r", "bob")})).await;
     a1.expect("otherjoin").await;
     let mut a2 = Client::connect(&server, "alice-phone").await;
-    let j2 = a2.join("r", json!({"token": join_token("r", "alice")})).await;
-    assert_eq!(j2["peers"].as_array().map(Vec::len), Some(1), "only bob: {j2}");
+    let j2 = a2
+        .join("r", json!({"token": join_token("r", "alice")}))
+        .await;
+    assert_eq!(
+        j2["peers"].as_array().map(Vec::len),
+        Some(1),
+        "only bob: {j2}"
+    );
     a1.expect_error("replaced").await;
     let bye = b.expect("bye").await;
     assert_eq!(bye["id"], j1["id"]);
@@ -224,13 +245,19 @@ async fn a_hidden_participant_is_invisible() {
     let server = server(keyed()).await;
     let mut a = Client::connect(&server, "alice").await;
     let ja = a
-        .join("r", json!({"token": join_token("r", "alice"), "mode": "sfu"}))
+        .join(
+            "r",
+            json!({"token": join_token("r", "alice"), "mode": "sfu"}),
+        )
         .await;
     let mut hidden = claims("r", "recorder");
     hidden.video.hidden = true;
     let mut h = Client::connect(&server, "recorder").await;
     let jh = h.join("r", json!({"token": token(&hidden)})).await;
-    assert_eq!(jh["peers"][0]["id"], ja["id"], "the hidden one sees the room");
+    assert_eq!(
+        jh["peers"][0]["id"], ja["id"],
+        "the hidden one sees the room"
+    );
     let mut b = Client::connect(&server, "bob").await;
     let jb = b.join("r", json!({"token": join_token("r", "bob")})).await;
     assert_eq!(
@@ -241,6 +268,8 @@ async fn a_hidden_participant_is_invisible() {
     // Alice hears of bob and of nobody else; the recorder leaving is silent.
     let other = a.expect("otherjoin").await;
     assert_eq!(other["id"], jb["id"]);
+    // The hidden one is told of bob like any member.
+    assert_eq!(h.expect("otherjoin").await["id"], jb["id"]);
     h.send(json!({"type":"leave","room":"r"})).await;
     h.expect("leaved").await;
     a.expect_nothing_pending().await;
@@ -251,21 +280,29 @@ async fn a_hidden_participant_is_invisible() {
 async fn an_auto_room_with_a_member_who_may_not_publish_runs_through_the_server() {
     let server = server(keyed()).await;
     let mut a = Client::connect(&server, "alice").await;
-    let ja = a.join("r", json!({"token": join_token("r", "alice")})).await;
+    let ja = a
+        .join("r", json!({"token": join_token("r", "alice")}))
+        .await;
     assert_eq!(ja["mode"], "p2p");
     let mut viewer = claims("r", "viewer");
     viewer.video.can_publish = Some(false);
     let mut v = Client::connect(&server, "viewer").await;
     v.join("r", json!({"token": token(&viewer)})).await;
     let mode = v.expect("mode").await;
-    assert_eq!((mode["mode"].as_str(), mode["reason"].as_str()), (Some("sfu"), Some("policy")));
+    assert_eq!(
+        (mode["mode"].as_str(), mode["reason"].as_str()),
+        (Some("sfu"), Some("policy"))
+    );
     assert_eq!(a.expect("mode").await["reason"], "policy");
     a.expect("otherjoin").await;
     // Its P2P offers are refused.
     v.send(json!({"type":"message","room":"r","to": ja["id"],"data":{"type":"offer","sdp":"v=0"}}))
         .await;
     let e = v.expect_error("forbidden").await;
-    assert!(e["message"].as_str().unwrap_or_default().contains("canPublish"));
+    assert!(e["message"]
+        .as_str()
+        .unwrap_or_default()
+        .contains("canPublish"));
     a.expect_nothing_pending().await;
 }
 
@@ -334,7 +371,12 @@ async fn publish(
         for &(who, name) in senders {
             for &kind in kinds {
                 let step = if kind == Kind::Audio { 960 } else { 3000 };
-                let _ = peers[who].send_rtp(kind, payload(kind, name, i), kind == Kind::Video, i * step);
+                let _ = peers[who].send_rtp(
+                    kind,
+                    payload(kind, name, i),
+                    kind == Kind::Video,
+                    i * step,
+                );
             }
         }
         let due = start + Duration::from_millis(20 * u64::from(i + 1));
@@ -387,14 +429,29 @@ async fn grants_decide_who_sends_and_who_receives_media_and_chat() {
     }
     let [alice, viewer_seen, deaf_seen] = [&seen[0], &seen[1], &seen[2]];
     // canPublish:false: its media reaches nobody.
-    assert_eq!(alice.got("viewer", Kind::Audio) + alice.got("viewer", Kind::Video), 0);
-    assert_eq!(deaf_seen.got("viewer", Kind::Audio) + deaf_seen.got("viewer", Kind::Video), 0);
+    assert_eq!(
+        alice.got("viewer", Kind::Audio) + alice.got("viewer", Kind::Video),
+        0
+    );
+    assert_eq!(
+        deaf_seen.got("viewer", Kind::Audio) + deaf_seen.got("viewer", Kind::Video),
+        0
+    );
     // canSubscribe:false: it receives nothing, while its own media flows.
-    assert!(warmup[2].tracks.is_empty() && seen[2].tracks.is_empty(), "deaf got tracks");
+    assert!(
+        warmup[2].tracks.is_empty() && seen[2].tracks.is_empty(),
+        "deaf got tracks"
+    );
     assert_eq!(deaf_seen.packets.values().sum::<usize>(), 0);
     assert!(alice.got("deaf", Kind::Audio) >= 90, "alice hears deaf");
-    assert!(viewer_seen.got("deaf", Kind::Video) >= 90, "viewer sees deaf");
-    assert!(viewer_seen.got("alice", Kind::Audio) >= 90, "viewer hears alice");
+    assert!(
+        viewer_seen.got("deaf", Kind::Video) >= 90,
+        "viewer sees deaf"
+    );
+    assert!(
+        viewer_seen.got("alice", Kind::Audio) >= 90,
+        "viewer hears alice"
+    );
     assert!(alice.got("viewer", Kind::Audio) == 0 && deaf_seen.got("alice", Kind::Audio) == 0);
     // Chat: the viewer's token says canPublishData false (it defaults to
     // canPublish): dropped, and it is told once.
@@ -403,7 +460,11 @@ async fn grants_decide_who_sends_and_who_receives_media_and_chat() {
     peers[0].send_chat("from alice").expect("chat");
     drain(&mut peers, &mut seen, Duration::from_millis(800)).await;
     assert_eq!(seen[0].chat.len(), 0, "{:?}", seen[0].chat);
-    assert!(seen[1].chat.iter().any(|c| c.contains("from alice")), "{:?}", seen[1].chat);
+    assert!(
+        seen[1].chat.iter().any(|c| c.contains("from alice")),
+        "{:?}",
+        seen[1].chat
+    );
     assert_eq!(seen[1].errors, ["forbidden"], "told once");
 }
 
@@ -449,7 +510,10 @@ async fn the_admin_api_is_off_without_auth() {
     let (status, body) = api(server.local_addr(), "GET", "/api/v1/rooms", None, None).await;
     assert_eq!(status, 403);
     assert_eq!(body["error"], "forbidden");
-    assert!(body["message"].as_str().unwrap_or_default().contains("--api-key"));
+    assert!(body["message"]
+        .as_str()
+        .unwrap_or_default()
+        .contains("--api-key"));
 }
 
 #[tokio::test]
@@ -459,12 +523,25 @@ async fn admin_api_endpoints_and_their_refusals() {
     let admin = admin_token(None);
     // 401s and 403s.
     assert_eq!(api(addr, "GET", "/api/v1/rooms", None, None).await.0, 401);
-    assert_eq!(api(addr, "GET", "/api/v1/rooms", Some("nope"), None).await.0, 401);
+    assert_eq!(
+        api(addr, "GET", "/api/v1/rooms", Some("nope"), None)
+            .await
+            .0,
+        401
+    );
     let plain = join_token("a", "joe");
     let (status, body) = api(addr, "GET", "/api/v1/rooms", Some(&plain), None).await;
     assert_eq!((status, body["error"].as_str()), (403, Some("forbidden")));
     assert_eq!(
-        api(addr, "POST", "/api/v1/rooms", Some(&plain), Some(json!({"name":"x"}))).await.0,
+        api(
+            addr,
+            "POST",
+            "/api/v1/rooms",
+            Some(&plain),
+            Some(json!({"name":"x"}))
+        )
+        .await
+        .0,
         403
     );
     // Create, conflict, bad body.
@@ -477,19 +554,47 @@ async fn admin_api_endpoints_and_their_refusals() {
     )
     .await;
     assert_eq!(status, 201, "{room}");
-    assert_eq!((room["name"].as_str(), room["mode"].as_str(), room["participants"].as_u64()), (Some("board"), Some("sfu"), Some(0)));
+    assert_eq!(
+        (
+            room["name"].as_str(),
+            room["mode"].as_str(),
+            room["participants"].as_u64()
+        ),
+        (Some("board"), Some("sfu"), Some(0))
+    );
     assert!(room["createdAt"].as_u64().unwrap_or(0) >= unix_now() - 60);
-    let again = api(addr, "POST", "/api/v1/rooms", Some(&admin), Some(json!({"name":"board"}))).await;
+    let again = api(
+        addr,
+        "POST",
+        "/api/v1/rooms",
+        Some(&admin),
+        Some(json!({"name":"board"})),
+    )
+    .await;
     assert_eq!((again.0, again.1["error"].as_str()), (409, Some("exists")));
-    let bad = api(addr, "POST", "/api/v1/rooms", Some(&admin), Some(json!({"nom":"x"}))).await;
+    let bad = api(
+        addr,
+        "POST",
+        "/api/v1/rooms",
+        Some(&admin),
+        Some(json!({"nom":"x"})),
+    )
+    .await;
     assert_eq!((bad.0, bad.1["error"].as_str()), (400, Some("bad-request")));
     // The created room waits for its members (it was not freed while empty).
     let mut a = Client::connect(&server, "alice").await;
-    let ja = a.join("board", json!({"token": join_token("board", "alice")})).await;
-    assert_eq!(ja["mode"], "sfu", "the room keeps the mode it was created with");
+    let ja = a
+        .join("board", json!({"token": join_token("board", "alice")}))
+        .await;
+    assert_eq!(
+        ja["mode"], "sfu",
+        "the room keeps the mode it was created with"
+    );
     assert_eq!(ja["audio"], "forward");
     let mut b = Client::connect(&server, "bob").await;
-    let jb = b.join("board", json!({"token": join_token("board", "bob")})).await;
+    let jb = b
+        .join("board", json!({"token": join_token("board", "bob")}))
+        .await;
     a.expect("otherjoin").await;
     // List and one room.
     let (status, list) = api(addr, "GET", "/api/v1/rooms", Some(&admin), None).await;
@@ -504,34 +609,126 @@ async fn admin_api_endpoints_and_their_refusals() {
         .map(|a| a.iter().filter_map(|p| p["identity"].as_str()).collect())
         .unwrap_or_default();
     assert_eq!(ids, ["alice", "bob"]);
-    assert_eq!(info["participants"][0]["publishing"], json!({"audio": false, "video": false}));
-    assert_eq!(api(addr, "GET", "/api/v1/rooms/nowhere", Some(&admin), None).await.0, 404);
+    assert_eq!(
+        info["participants"][0]["publishing"],
+        json!({"audio": false, "video": false})
+    );
+    assert_eq!(
+        api(addr, "GET", "/api/v1/rooms/nowhere", Some(&admin), None)
+            .await
+            .0,
+        404
+    );
     // A roomAdmin scoped to another room may not touch this one.
     let elsewhere = admin_token(Some("other"));
     let mut no_list = claims("", "ops");
-    no_list.video = VideoGrant { room: Some("other".into()), room_admin: true, ..Default::default() };
-    assert_eq!(api(addr, "GET", "/api/v1/rooms/board", Some(&token(&no_list)), None).await.0, 403);
-    assert_eq!(api(addr, "DELETE", "/api/v1/rooms/board", Some(&elsewhere), None).await.0, 403);
+    no_list.video = VideoGrant {
+        room: Some("other".into()),
+        room_admin: true,
+        ..Default::default()
+    };
+    assert_eq!(
+        api(
+            addr,
+            "GET",
+            "/api/v1/rooms/board",
+            Some(&token(&no_list)),
+            None
+        )
+        .await
+        .0,
+        403
+    );
+    assert_eq!(
+        api(
+            addr,
+            "DELETE",
+            "/api/v1/rooms/board",
+            Some(&elsewhere),
+            None
+        )
+        .await
+        .0,
+        403
+    );
     // Send: to everyone, then to one.
-    let (status, _) = api(addr, "POST", "/api/v1/rooms/board/send", Some(&admin), Some(json!({"data":{"notice":"hello"}}))).await;
+    let (status, _) = api(
+        addr,
+        "POST",
+        "/api/v1/rooms/board/send",
+        Some(&admin),
+        Some(json!({"data":{"notice":"hello"}})),
+    )
+    .await;
     assert_eq!(status, 200);
     for c in [&mut a, &mut b] {
         let m = c.expect("message").await;
-        assert_eq!((m["from"].as_str(), &m["data"]), (Some("server"), &json!({"notice":"hello"})));
+        assert_eq!(
+            (m["from"].as_str(), &m["data"]),
+            (Some("server"), &json!({"notice":"hello"}))
+        );
     }
-    let (status, _) = api(addr, "POST", "/api/v1/rooms/board/send", Some(&admin), Some(json!({"data":1,"to":[jb["id"]]}))).await;
+    let (status, _) = api(
+        addr,
+        "POST",
+        "/api/v1/rooms/board/send",
+        Some(&admin),
+        Some(json!({"data":1,"to":[jb["id"]]})),
+    )
+    .await;
     assert_eq!(status, 200);
     assert_eq!(b.expect("message").await["data"], 1);
     a.expect_nothing_pending().await;
     assert_eq!(
-        api(addr, "POST", "/api/v1/rooms/board/send", Some(&admin), Some(json!({"data":1,"to":["ghost"]}))).await.0,
+        api(
+            addr,
+            "POST",
+            "/api/v1/rooms/board/send",
+            Some(&admin),
+            Some(json!({"data":1,"to":["ghost"]}))
+        )
+        .await
+        .0,
         404
     );
     // Mute: bad kind is a 400, a missing participant a 404.
     let path = format!("/api/v1/rooms/board/participants/{}/mute", id_of(&jb));
-    assert_eq!(api(addr, "POST", &path, Some(&admin), Some(json!({"kind":"smell","muted":true}))).await.0, 400);
-    assert_eq!(api(addr, "POST", "/api/v1/rooms/board/participants/ghost/mute", Some(&admin), Some(json!({"kind":"audio","muted":true}))).await.0, 404);
-    assert_eq!(api(addr, "POST", &path, Some(&admin), Some(json!({"kind":"audio","muted":true}))).await.0, 200);
+    assert_eq!(
+        api(
+            addr,
+            "POST",
+            &path,
+            Some(&admin),
+            Some(json!({"kind":"smell","muted":true}))
+        )
+        .await
+        .0,
+        400
+    );
+    assert_eq!(
+        api(
+            addr,
+            "POST",
+            "/api/v1/rooms/board/participants/ghost/mute",
+            Some(&admin),
+            Some(json!({"kind":"audio","muted":true}))
+        )
+        .await
+        .0,
+        404
+    );
+    assert_eq!(
+        api(
+            addr,
+            "POST",
+            &path,
+            Some(&admin),
+            Some(json!({"kind":"audio","muted":true}))
+        )
+        .await
+        .0,
+        200
+    );
     // Remove bob: he is told, alice gets bye.
     let path = format!("/api/v1/rooms/board/participants/{}", id_of(&jb));
     assert_eq!(api(addr, "DELETE", &path, Some(&admin), None).await.0, 204);
@@ -539,10 +736,20 @@ async fn admin_api_endpoints_and_their_refusals() {
     assert_eq!(a.expect("bye").await["id"], jb["id"]);
     assert_eq!(api(addr, "DELETE", &path, Some(&admin), None).await.0, 404);
     // Close the room: alice gets room-closed and nothing else.
-    assert_eq!(api(addr, "DELETE", "/api/v1/rooms/board", Some(&scoped), None).await.0, 204);
+    assert_eq!(
+        api(addr, "DELETE", "/api/v1/rooms/board", Some(&scoped), None)
+            .await
+            .0,
+        204
+    );
     a.expect_error("room-closed").await;
     a.expect_nothing_pending().await;
-    assert_eq!(api(addr, "GET", "/api/v1/rooms/board", Some(&admin), None).await.0, 404);
+    assert_eq!(
+        api(addr, "GET", "/api/v1/rooms/board", Some(&admin), None)
+            .await
+            .0,
+        404
+    );
     let m = metrics(&server).await;
     assert_eq!(metric(&m, "switchboard_rooms"), 0.0);
     assert_eq!(metric(&m, "switchboard_participants"), 0.0);
@@ -562,11 +769,26 @@ async fn admin_mute_and_removal_really_stop_media() {
     let mut seen: Vec<Seen> = (0..2).map(|_| Seen::default()).collect();
     publish(&mut peers, &mut seen, &senders, &both, 50).await;
     let (_, info) = api(addr, "GET", "/api/v1/rooms/m", Some(&admin), None).await;
-    assert_eq!(info["participants"][0]["publishing"], json!({"audio": true, "video": true}), "{info}");
+    assert_eq!(
+        info["participants"][0]["publishing"],
+        json!({"audio": true, "video": true}),
+        "{info}"
+    );
     let bob_id = peers[1].id.clone();
     // Mute bob's video: alice still hears him but sees nothing of him.
     let path = format!("/api/v1/rooms/m/participants/{bob_id}/mute");
-    assert_eq!(api(addr, "POST", &path, Some(&admin), Some(json!({"kind":"video","muted":true}))).await.0, 200);
+    assert_eq!(
+        api(
+            addr,
+            "POST",
+            &path,
+            Some(&admin),
+            Some(json!({"kind":"video","muted":true}))
+        )
+        .await
+        .0,
+        200
+    );
     drain(&mut peers, &mut seen, Duration::from_millis(300)).await;
     let mut muted: Vec<Seen> = (0..2).map(|_| Seen::default()).collect();
     publish(&mut peers, &mut muted, &senders, &both, 100).await;
@@ -577,9 +799,23 @@ async fn admin_mute_and_removal_really_stop_media() {
     );
     assert_eq!(muted[0].got("bob", Kind::Video), 0);
     assert!(muted[0].got("bob", Kind::Audio) >= 90);
-    assert!(muted[1].got("alice", Kind::Video) >= 90, "alice's video is untouched");
+    assert!(
+        muted[1].got("alice", Kind::Video) >= 90,
+        "alice's video is untouched"
+    );
     // Unmute: it flows again.
-    assert_eq!(api(addr, "POST", &path, Some(&admin), Some(json!({"kind":"video","muted":false}))).await.0, 200);
+    assert_eq!(
+        api(
+            addr,
+            "POST",
+            &path,
+            Some(&admin),
+            Some(json!({"kind":"video","muted":false}))
+        )
+        .await
+        .0,
+        200
+    );
     drain(&mut peers, &mut seen, Duration::from_millis(300)).await;
     let mut unmuted: Vec<Seen> = (0..2).map(|_| Seen::default()).collect();
     publish(&mut peers, &mut unmuted, &senders, &both, 100).await;
@@ -590,8 +826,14 @@ async fn admin_mute_and_removal_really_stop_media() {
     drain(&mut peers, &mut seen, Duration::from_millis(500)).await;
     let mut after: Vec<Seen> = (0..2).map(|_| Seen::default()).collect();
     publish(&mut peers, &mut after, &senders, &both, 100).await;
-    assert_eq!(after[0].got("bob", Kind::Audio) + after[0].got("bob", Kind::Video), 0);
-    assert!(seen[0].removed + after[0].removed >= 2, "bob's two tracks ended at alice");
+    assert_eq!(
+        after[0].got("bob", Kind::Audio) + after[0].got("bob", Kind::Video),
+        0
+    );
+    assert!(
+        seen[0].removed + after[0].removed >= 2,
+        "bob's two tracks ended at alice"
+    );
     let m = metrics(&server).await;
     assert_eq!(metric(&m, "switchboard_media_connections"), 1.0);
 }
@@ -609,7 +851,14 @@ async fn metrics_and_admin_move_to_the_metrics_listener() {
     let ops = server.metrics_addr().expect("a metrics listener");
     assert_eq!(http_get(&server, "/metrics").await.0, 404);
     assert_eq!(
-        http_request(&server, "POST", "/admin/drain", &["Authorization: Bearer drain-token"]).await.0,
+        http_request(
+            &server,
+            "POST",
+            "/admin/drain",
+            &["Authorization: Bearer drain-token"]
+        )
+        .await
+        .0,
         404
     );
     assert_eq!(http_get(&server, "/healthz").await.0, 200);
@@ -622,10 +871,24 @@ async fn metrics_and_admin_move_to_the_metrics_listener() {
         .expect("write");
     let mut text = String::new();
     s.read_to_string(&mut text).await.expect("read");
-    assert!(text.contains("switchboard_rooms 0"), "the metrics are there");
+    assert!(
+        text.contains("switchboard_rooms 0"),
+        "the metrics are there"
+    );
     assert_eq!(api(ops, "GET", "/readyz", None, None).await.0, 200);
     // The admin API stays on the public port.
-    assert_eq!(api(server.local_addr(), "GET", "/api/v1/rooms", Some(&admin_token(None)), None).await.0, 200);
+    assert_eq!(
+        api(
+            server.local_addr(),
+            "GET",
+            "/api/v1/rooms",
+            Some(&admin_token(None)),
+            None
+        )
+        .await
+        .0,
+        200
+    );
 }
 
 #[test]
@@ -638,5 +901,8 @@ fn serve_refuses_a_public_address_without_a_key() {
         .expect("runs");
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
-    assert!(err.contains("--api-key") && err.contains("--no-auth"), "{err}");
+    assert!(
+        err.contains("--api-key") && err.contains("--no-auth"),
+        "{err}"
+    );
 }

@@ -354,7 +354,10 @@ async fn sustained_flooding_closes_the_connection_and_nobody_else_is_hurt() {
     // The room lives on with bob in it.
     let mut c = Client::connect(&r.server, "carol").await;
     let jc = c.join("r", json!({})).await;
-    assert_eq!(jc["peers"], json!([{"id": r.idb, "name": "bob", "identity": null}]));
+    assert_eq!(
+        jc["peers"],
+        json!([{"id": r.idb, "name": "bob", "identity": null}])
+    );
 }
 
 #[tokio::test]

@@ -28,7 +28,10 @@ async fn the_classic_p2p_room_flow() {
     let jb = b.join("demo", json!({})).await;
     let idb = id_of(&jb);
     assert_ne!(ida, idb);
-    assert_eq!(jb["peers"], json!([{"id": ida, "name": "alice", "identity": null}]));
+    assert_eq!(
+        jb["peers"],
+        json!([{"id": ida, "name": "alice", "identity": null}])
+    );
     assert_eq!(jb["mode"], "p2p");
     let other = a.expect("otherjoin").await;
     assert_eq!(
@@ -81,7 +84,10 @@ async fn the_classic_p2p_room_flow() {
     // The same connection may join again and gets a new id.
     let again = a.join("demo", json!({})).await;
     assert_ne!(id_of(&again), ida);
-    assert_eq!(again["peers"], json!([{"id": idb, "name": "bob", "identity": null}]));
+    assert_eq!(
+        again["peers"],
+        json!([{"id": idb, "name": "bob", "identity": null}])
+    );
     b.expect("otherjoin").await;
 
     // Carol, refused before, can still use her connection.
