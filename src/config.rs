@@ -75,6 +75,31 @@ pub struct ServeOptions {
     #[arg(long, env = "SWITCHBOARD_WS_TIMEOUT_MS", value_name = "MS")]
     pub ws_timeout_ms: Option<u64>,
 
+    /// Every WebSocket write must finish within this many milliseconds; a
+    /// client that does not read is dropped (the room gets `bye`) [default: 5000]
+    #[arg(long, env = "SWITCHBOARD_WS_WRITE_TIMEOUT_MS", value_name = "MS")]
+    pub ws_write_timeout_ms: Option<u64>,
+
+    /// A client must send its HTTP request headers within this many
+    /// milliseconds of connecting, or the connection is closed [default: 10000]
+    #[arg(long, env = "SWITCHBOARD_HTTP_HEADER_TIMEOUT_MS", value_name = "MS")]
+    pub http_header_timeout_ms: Option<u64>,
+
+    /// Most WebSocket connections, and most ICE-TCP connections, open at
+    /// once from one IP address [default: 64]
+    #[arg(long, env = "SWITCHBOARD_MAX_CONNS_PER_IP", value_name = "N")]
+    pub max_conns_per_ip: Option<usize>,
+
+    /// Most rooms that connections from one IP address may have created
+    /// and that still exist; joins that would create more get `full` [default: 32]
+    #[arg(long, env = "SWITCHBOARD_MAX_ROOMS_PER_IP", value_name = "N")]
+    pub max_rooms_per_ip: Option<usize>,
+
+    /// Most media tracks one participant may publish to the server; further
+    /// sending m-sections in its offers are rejected [default: 4]
+    #[arg(long, env = "SWITCHBOARD_MAX_TRACKS", value_name = "N")]
+    pub max_tracks: Option<usize>,
+
     /// STUN server URLs handed to clients in `joined`, comma separated
     /// (e.g. stun:stun.example.org:3478) [default: none]
     #[arg(
@@ -228,7 +253,8 @@ pub struct ServeOptions {
     #[arg(long, env = "SWITCHBOARD_LOG_FORMAT", value_name = "FORMAT", value_parser = ["text", "json"])]
     pub log_format: Option<String>,
 
-    /// Log filter, e.g. info or switchboard=debug (RUST_LOG also works) [default: info]
+    /// Log filter, e.g. info or switchboard=debug (RUST_LOG also works)
+    /// [default: info, with the WebRTC crates (rtc*) at error]
     #[arg(long, env = "SWITCHBOARD_LOG", value_name = "FILTER")]
     pub log: Option<String>,
 }
@@ -257,6 +283,11 @@ impl ServeOptions {
             max_participants: self.max_participants.or(other.max_participants),
             ws_ping_interval_ms: self.ws_ping_interval_ms.or(other.ws_ping_interval_ms),
             ws_timeout_ms: self.ws_timeout_ms.or(other.ws_timeout_ms),
+            ws_write_timeout_ms: self.ws_write_timeout_ms.or(other.ws_write_timeout_ms),
+            http_header_timeout_ms: self.http_header_timeout_ms.or(other.http_header_timeout_ms),
+            max_conns_per_ip: self.max_conns_per_ip.or(other.max_conns_per_ip),
+            max_rooms_per_ip: self.max_rooms_per_ip.or(other.max_rooms_per_ip),
+            max_tracks: self.max_tracks.or(other.max_tracks),
             stun_urls: self.stun_urls.or(other.stun_urls),
             turn_urls: self.turn_urls.or(other.turn_urls),
             turn_secret: self.turn_secret.or(other.turn_secret),
@@ -355,7 +386,21 @@ pub struct Limits {
     pub rate_burst: u32,
     pub max_rooms: usize,
     pub max_participants: usize,
+    /// WebSocket and ICE-TCP connections open at once per IP address.
+    pub max_conns_per_ip: usize,
+    /// Live rooms created from one IP address.
+    pub max_rooms_per_ip: usize,
+    /// Tracks one participant may publish.
+    pub max_tracks: usize,
 }
+
+/// The log filter when `--log` is not given: `info`, except the WebRTC
+/// crates, which log a warning per bad packet (a hostile peer could fill the
+/// disk with them: 196 MB in 10 s measured); their errors still show.
+pub const DEFAULT_LOG_FILTER: &str = "info,rtc=error,rtc_ice=error,rtc_dtls=error,\
+rtc_srtp=error,rtc_sctp=error,rtc_rtp=error,rtc_rtcp=error,rtc_interceptor=error,\
+rtc_datachannel=error,rtc_stun=error,rtc_turn=error,rtc_mdns=error,rtc_sdp=error,\
+rtc_media=error,rtc_shared=error";
 
 /// STUN/TURN servers for `joined.iceServers`.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -381,6 +426,8 @@ pub struct Config {
     pub limits: Limits,
     pub ws_ping_interval: Duration,
     pub ws_timeout: Duration,
+    pub ws_write_timeout: Duration,
+    pub http_header_timeout: Duration,
     pub ice: IceConfig,
     pub p2p_timeout_ms: u64,
     /// How long an `auto` room back to two stays `sfu` before returning to
@@ -432,6 +479,9 @@ impl Config {
             rate_burst: nonzero(o.rate_burst.unwrap_or(200), "--rate-burst")?,
             max_rooms: nonzero(o.max_rooms.unwrap_or(10_000), "--max-rooms")?,
             max_participants: nonzero(o.max_participants.unwrap_or(100), "--max-participants")?,
+            max_conns_per_ip: nonzero(o.max_conns_per_ip.unwrap_or(64), "--max-conns-per-ip")?,
+            max_rooms_per_ip: nonzero(o.max_rooms_per_ip.unwrap_or(32), "--max-rooms-per-ip")?,
+            max_tracks: nonzero(o.max_tracks.unwrap_or(4), "--max-tracks")?,
         };
         let mix_speakers = o.mix_speakers.unwrap_or(3);
         if !(1..=16).contains(&mix_speakers) {
@@ -483,12 +533,21 @@ impl Config {
         if !webhook_urls.is_empty() && keys.is_empty() {
             return Err(ConfigError::WebhookKey);
         }
+        let (max_tracks, max_tcp_per_ip) = (limits.max_tracks, limits.max_conns_per_ip);
         Ok(Config {
             listen,
             tls,
             limits,
             ws_ping_interval: Duration::from_millis(interval),
             ws_timeout: Duration::from_millis(timeout),
+            ws_write_timeout: Duration::from_millis(nonzero(
+                o.ws_write_timeout_ms.unwrap_or(5000),
+                "--ws-write-timeout-ms",
+            )?),
+            http_header_timeout: Duration::from_millis(nonzero(
+                o.http_header_timeout_ms.unwrap_or(10_000),
+                "--http-header-timeout-ms",
+            )?),
             ice: IceConfig {
                 stun_urls,
                 turn_urls,
@@ -514,10 +573,12 @@ impl Config {
                 ice_tcp: o.ice_tcp.unwrap_or(true),
                 mix_speakers,
                 mix_complexity,
+                max_tracks,
+                max_tcp_per_ip,
             }),
             log: LogConfig {
                 json: o.log_format.as_deref() == Some("json"),
-                filter: o.log.unwrap_or_else(|| "info".to_owned()),
+                filter: o.log.unwrap_or_else(|| DEFAULT_LOG_FILTER.to_owned()),
             },
         })
     }

@@ -10,6 +10,7 @@
 //! Lock order: a `rooms` entry may be held while touching `outboxes`; never
 //! the other way round.
 
+use std::net::IpAddr;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
@@ -28,7 +29,8 @@ use tokio_util::sync::CancellationToken;
 use crate::auth::{unix_now, AuthError, Grants};
 use crate::config::Config;
 use crate::ice::ice_servers;
-use crate::metrics::{Metrics, Refusal};
+use crate::metrics::{Limit, Metrics, Refusal};
+use crate::perip::{PerIp, Slot};
 use crate::room::{Effect, JoinContext, Joiner, Room, RoomError, RoomSettings, To};
 use crate::sfu::{Command, MediaError, MediaKind, MediaPlane, Publishing};
 use crate::webhook::{Event, ParticipantRef, RoomRef, Webhooks};
@@ -206,6 +208,15 @@ pub enum JoinOutcome {
     Refused,
 }
 
+/// Why a room was not created.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum NotCreated {
+    /// The server holds `--max-rooms`.
+    TooMany,
+    /// The creator's address holds `--max-rooms-per-ip`.
+    PerAddress,
+}
+
 pub struct Hub {
     rooms: DashMap<RoomName, Room>,
     outboxes: Arc<Outboxes>,
@@ -223,6 +234,10 @@ pub struct Hub {
     /// Plain mutex: held for a push or a drain, never across an await, and
     /// never while a `rooms` entry is being taken.
     returns: Mutex<Vec<(Instant, RoomName)>>,
+    /// Rooms created per client address (`--max-rooms-per-ip`), and the
+    /// slot each such room holds until it is freed.
+    rooms_per_ip: PerIp,
+    room_slots: DashMap<RoomName, Slot>,
 }
 
 impl Hub {
@@ -244,9 +259,11 @@ impl Hub {
             frees: Mutex::new(Vec::new()),
             room_count: AtomicUsize::new(0),
             draining: std::sync::atomic::AtomicBool::new(false),
-            config,
             metrics,
             returns: Mutex::new(Vec::new()),
+            rooms_per_ip: PerIp::new(config.limits.max_rooms_per_ip, "rooms"),
+            room_slots: DashMap::new(),
+            config,
         }
     }
 
@@ -281,7 +298,9 @@ impl Hub {
     /// if needed (with the mode and audio `req` asks for). With auth on, the
     /// join's token decides who it is and what it may do; a member with the
     /// same identity is replaced.
-    pub fn join(&self, outbox: &Outbox, req: Join) -> JoinOutcome {
+    /// `from` is the client's address (rooms it creates count against
+    /// `--max-rooms-per-ip`).
+    pub fn join(&self, outbox: &Outbox, req: Join, from: IpAddr) -> JoinOutcome {
         if self.is_draining() {
             self.reply(
                 outbox,
@@ -319,13 +338,19 @@ impl Hub {
             created_at: unix_now(),
             empty_timeout: None,
         };
-        let Some(mut room) = self.room_or_create(&req.room, settings) else {
-            self.metrics.refused(Refusal::TooManyRooms);
-            self.reply(
-                outbox,
-                &ServerMessage::Full(switchboard_proto::Full { room: req.room }),
-            );
-            return JoinOutcome::Refused;
+        let mut room = match self.room_or_create(&req.room, settings, Some(from)) {
+            Ok(room) => room,
+            Err(why) => {
+                match why {
+                    NotCreated::TooMany => self.metrics.refused(Refusal::TooManyRooms),
+                    NotCreated::PerAddress => self.metrics.limited(Limit::RoomsPerIp),
+                }
+                self.reply(
+                    outbox,
+                    &ServerMessage::Full(switchboard_proto::Full { room: req.room }),
+                );
+                return JoinOutcome::Refused;
+            }
         };
         // The same identity again: the newer connection wins.
         if let Some(old) = identity.as_deref().and_then(|i| room.find_identity(i)) {
@@ -397,10 +422,19 @@ impl Hub {
         &self,
         name: &RoomName,
         settings: RoomSettings,
-    ) -> Option<dashmap::mapref::one::RefMut<'_, RoomName, Room>> {
+        creator: Option<IpAddr>,
+    ) -> Result<dashmap::mapref::one::RefMut<'_, RoomName, Room>, NotCreated> {
         match self.rooms.entry(name.clone()) {
-            Entry::Occupied(e) => Some(e.into_ref()),
+            Entry::Occupied(e) => Ok(e.into_ref()),
             Entry::Vacant(v) => {
+                let slot = match creator {
+                    Some(ip) => Some(
+                        self.rooms_per_ip
+                            .acquire(ip)
+                            .ok_or(NotCreated::PerAddress)?,
+                    ),
+                    None => None,
+                };
                 let max = self.config.limits.max_rooms;
                 let admitted = self
                     .room_count
@@ -409,13 +443,16 @@ impl Hub {
                     })
                     .is_ok();
                 if !admitted {
-                    return None;
+                    return Err(NotCreated::TooMany);
+                }
+                if let Some(slot) = slot {
+                    self.room_slots.insert(name.clone(), slot);
                 }
                 self.metrics.rooms.inc();
                 tracing::info!(room = %name, mode = ?settings.requested, audio = settings.audio.as_str(), "room created");
                 let room = v.insert(Room::new(name.clone(), &settings, Instant::now()));
                 self.room_event("room_started", &room);
-                Some(room)
+                Ok(room)
             }
         }
     }
@@ -490,6 +527,7 @@ impl Hub {
         let now = Instant::now();
         let removed = self.rooms.remove_if(name, |_, r| r.can_free(now));
         if let Some((_, room)) = removed {
+            self.room_slots.remove(name);
             self.room_count.fetch_sub(1, Ordering::AcqRel);
             self.metrics.rooms.dec();
             self.room_event("room_finished", &room);
@@ -540,8 +578,8 @@ impl Hub {
         // exists, and this one says so.
         let created_at = settings.created_at;
         let room = self
-            .room_or_create(&name, settings)
-            .ok_or(AdminError::TooManyRooms)?;
+            .room_or_create(&name, settings, None)
+            .map_err(|_| AdminError::TooManyRooms)?;
         if room.created_at() != created_at || !room.is_empty() {
             return Err(AdminError::Exists(name.to_string()));
         }
@@ -592,6 +630,7 @@ impl Hub {
             }
         }
         if let Some((_, room)) = self.rooms.remove_if(&room_name, |_, r| r.is_empty()) {
+            self.room_slots.remove(&room_name);
             self.room_count.fetch_sub(1, Ordering::AcqRel);
             self.metrics.rooms.dec();
             self.room_event("room_finished", &room);

@@ -42,6 +42,7 @@ pub mod ice;
 pub mod media;
 pub mod metrics;
 pub mod mixer;
+pub mod perip;
 pub mod ratelimit;
 pub mod room;
 pub mod server;

@@ -124,6 +124,64 @@ pub struct Metrics {
     pub webhooks: WebhookMetrics,
     /// Admin API requests, by outcome class.
     admin_requests: Vec<IntCounter>,
+    /// What the hardening limits stopped, by limit.
+    limited: Vec<IntCounter>,
+}
+
+/// Limits that stopped something a client tried (labels of
+/// `switchboard_limited_total`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Limit {
+    /// A WebSocket refused: its address holds `--max-conns-per-ip`.
+    ConnsPerIp,
+    /// An ICE-TCP connection refused: its address holds `--max-conns-per-ip`.
+    IceTcpPerIp,
+    /// A room not created: its creator's address holds `--max-rooms-per-ip`.
+    RoomsPerIp,
+    /// A chat message over the size cap, dropped.
+    ChatSize,
+    /// A chat message over its sender's rate, dropped.
+    ChatRate,
+    /// A chat copy not sent to a subscriber whose data channel is backed up.
+    ChatBacklog,
+    /// An SDP offer over the connection's offer budget, refused.
+    OfferRate,
+    /// An SDP offer with too many m-sections, refused.
+    MediaSections,
+    /// An SDP offer with too many candidates, refused.
+    Candidates,
+    /// Sending m-sections over `--max-tracks`, rejected in the answer.
+    Tracks,
+}
+
+impl Limit {
+    pub const ALL: [Limit; 10] = [
+        Limit::ConnsPerIp,
+        Limit::IceTcpPerIp,
+        Limit::RoomsPerIp,
+        Limit::ChatSize,
+        Limit::ChatRate,
+        Limit::ChatBacklog,
+        Limit::OfferRate,
+        Limit::MediaSections,
+        Limit::Candidates,
+        Limit::Tracks,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Limit::ConnsPerIp => "conns-per-ip",
+            Limit::IceTcpPerIp => "ice-tcp-per-ip",
+            Limit::RoomsPerIp => "rooms-per-ip",
+            Limit::ChatSize => "chat-size",
+            Limit::ChatRate => "chat-rate",
+            Limit::ChatBacklog => "chat-backlog",
+            Limit::OfferRate => "offer-rate",
+            Limit::MediaSections => "media-sections",
+            Limit::Candidates => "candidates",
+            Limit::Tracks => "tracks",
+        }
+    }
 }
 
 /// Reasons a join's token is refused (labels of `switchboard_auth_refused_total`).
@@ -461,6 +519,12 @@ impl Metrics {
                 ),
                 rooms: gauge("switchboard_mixer_rooms", "Rooms whose audio is mixed now"),
             },
+            limited: labelled(
+                "switchboard_limited_total",
+                "Client actions stopped by a limit (per-address caps, chat and offer limits), by limit",
+                "limit",
+                &Limit::ALL.map(Limit::as_str),
+            ),
             auth_refused: labelled(
                 "switchboard_auth_refused_total",
                 "Joins refused for their access token, by reason",
@@ -545,6 +609,11 @@ impl Metrics {
         if let Some(i) = ADMIN_OUTCOMES.iter().position(|r| *r == outcome) {
             self.admin_requests[i].inc();
         }
+    }
+
+    /// A limit stopped something.
+    pub fn limited(&self, limit: Limit) {
+        self.limited[limit as usize].inc();
     }
 
     pub fn refused(&self, why: Refusal) {

@@ -6,6 +6,7 @@
 //! outbox overflowed. Every reply goes through the outbox, so what one
 //! connection sees is always in the order the hub produced it.
 
+use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -27,7 +28,7 @@ const CLOSE_GOING_AWAY: u16 = 1001;
 const CLOSE_POLICY: u16 = 1008;
 
 /// Runs one connection to its end.
-pub async fn run(socket: WebSocket, hub: Arc<Hub>, peer: String, shutdown: CancellationToken) {
+pub async fn run(socket: WebSocket, hub: Arc<Hub>, peer: SocketAddr, shutdown: CancellationToken) {
     let span = tracing::info_span!(
         "conn",
         %peer,
@@ -37,7 +38,7 @@ pub async fn run(socket: WebSocket, hub: Arc<Hub>, peer: String, shutdown: Cance
     let metrics_hub = hub.clone();
     metrics_hub.metrics().connections.inc();
     metrics_hub.metrics().connections_opened.inc();
-    let why = Session::new(hub, span.clone())
+    let why = Session::new(hub, span.clone(), peer.ip())
         .serve(socket, shutdown)
         .instrument(span)
         .await;
@@ -51,6 +52,8 @@ struct Session {
     /// The room this connection is in, and its id there.
     joined: Option<(RoomName, ParticipantId)>,
     limiter: RateLimiter,
+    /// The client's address.
+    ip: IpAddr,
 }
 
 /// What handling one frame asks the loop to do next.
@@ -60,7 +63,7 @@ enum Next {
 }
 
 impl Session {
-    fn new(hub: Arc<Hub>, span: tracing::Span) -> Session {
+    fn new(hub: Arc<Hub>, span: tracing::Span, ip: IpAddr) -> Session {
         let limits = &hub.config().limits;
         let limiter = RateLimiter::new(
             limits.rate_per_sec,
@@ -72,6 +75,7 @@ impl Session {
             span,
             joined: None,
             limiter,
+            ip,
         }
     }
 
@@ -80,6 +84,7 @@ impl Session {
         let (mut sink, mut stream) = socket.split();
         let ping_every = self.hub.config().ws_ping_interval;
         let timeout = self.hub.config().ws_timeout;
+        let write_timeout = self.hub.config().ws_write_timeout;
         let mut last_rx = Instant::now();
         let mut next_ping = last_rx + ping_every;
         tracing::debug!("connected");
@@ -101,8 +106,9 @@ impl Session {
                     break Disconnect::SlowConsumer;
                 }
                 Some(text) = rx.recv() => {
-                    if sink.send(Message::Text(text)).await.is_err() {
-                        break Disconnect::Closed;
+                    match write(&mut sink, Message::Text(text), write_timeout).await {
+                        Ok(()) => {}
+                        Err(why) => break why,
                     }
                 }
                 frame = stream.next() => {
@@ -115,7 +121,10 @@ impl Session {
                     let next = match frame {
                         Message::Text(text) => self.on_text(&outbox, &text),
                         Message::Binary(_) => self.on_binary(&outbox),
-                        Message::Ping(_) | Message::Pong(_) => Next::Continue,
+                        // Control frames count against the same limit: the
+                        // library answers each ping with a pong, so an
+                        // unlimited ping flood is an unlimited write.
+                        Message::Ping(_) | Message::Pong(_) => self.rate_limit_control(),
                         Message::Close(_) => {
                             // Answer the close handshake instead of resetting.
                             let _ = sink.close().await;
@@ -135,8 +144,8 @@ impl Session {
                         break Disconnect::Timeout;
                     }
                     next_ping = now + ping_every;
-                    if sink.send(Message::Ping(Default::default())).await.is_err() {
-                        break Disconnect::Closed;
+                    if let Err(why) = write(&mut sink, Message::Ping(Default::default()), write_timeout).await {
+                        break why;
                     }
                 }
             }
@@ -215,6 +224,19 @@ impl Session {
         }
     }
 
+    /// The rate limit for a ping or pong: over the limit it is ignored
+    /// (answering with an `error` would be one more write to a client that
+    /// may not read); flooding on closes the connection.
+    fn rate_limit_control(&mut self) -> Next {
+        match self.limiter.check(std::time::Instant::now()) {
+            Verdict::Allow | Verdict::Reject => Next::Continue,
+            Verdict::Close => {
+                tracing::warn!("closing a connection that keeps flooding control frames");
+                Next::Close(Disconnect::RateLimit, CLOSE_POLICY, "rate limit")
+            }
+        }
+    }
+
     fn on_message(&mut self, outbox: &Outbox, msg: ClientMessage) {
         let ty = msg.type_name();
         match msg {
@@ -227,7 +249,7 @@ impl Session {
                     return;
                 }
                 let room = join.room.clone();
-                if let JoinOutcome::Joined(id) = self.hub.join(outbox, join) {
+                if let JoinOutcome::Joined(id) = self.hub.join(outbox, join, self.ip) {
                     self.span.record("room", room.as_str());
                     self.span.record("participant", id.as_str());
                     tracing::info!("joined");
@@ -298,6 +320,26 @@ impl Session {
     fn error(&self, outbox: &Outbox, code: ErrorCode, message: &str, request: Option<&str>) {
         self.hub
             .reply(outbox, &ServerMessage::error(code, message, request));
+    }
+}
+
+/// One write to the socket, bounded by `limit`: a client that does not read
+/// (its TCP window full) cannot hold the connection's task. A write error
+/// is the socket closing, or the write buffer over its cap.
+async fn write<S>(sink: &mut S, msg: Message, limit: Duration) -> Result<(), Disconnect>
+where
+    S: SinkExt<Message> + Unpin,
+{
+    match tokio::time::timeout(limit, sink.send(msg)).await {
+        Ok(Ok(())) => Ok(()),
+        Ok(Err(_)) => Err(Disconnect::Closed),
+        Err(_) => {
+            tracing::warn!(
+                ?limit,
+                "closing a connection that does not read its messages"
+            );
+            Err(Disconnect::SlowConsumer)
+        }
     }
 }
 

@@ -76,6 +76,10 @@ pub struct MediaConfig {
     pub mix_speakers: usize,
     /// Opus encoder complexity of the mixer (0-10).
     pub mix_complexity: i32,
+    /// Tracks one participant may publish (`--max-tracks`).
+    pub max_tracks: usize,
+    /// ICE-TCP connections open at once per address (`--max-conns-per-ip`).
+    pub max_tcp_per_ip: usize,
 }
 
 /// A request from the signaling side.
@@ -150,5 +154,39 @@ impl MediaPlane {
             mpsc::error::TrySendError::Full(_) => MediaError::Busy,
             mpsc::error::TrySendError::Closed(_) => MediaError::Stopped,
         })
+    }
+}
+
+/// Exit status of a process whose media thread panicked (EX_SOFTWARE).
+pub const PANIC_EXIT_CODE: i32 = 70;
+
+/// Runs `f` (a thread's whole body); if it panics, logs it and calls
+/// `exit(PANIC_EXIT_CODE)`. Every room's media lives on that thread: a
+/// process that lost it would answer `/healthz` and signaling while no
+/// packet moves, so it ends instead and its supervisor restarts it.
+pub fn exit_on_panic<F: FnOnce()>(thread: &str, exit: impl FnOnce(i32), f: F) {
+    if let Err(payload) = std::panic::catch_unwind(std::panic::AssertUnwindSafe(f)) {
+        let what = payload
+            .downcast_ref::<&str>()
+            .map(|s| (*s).to_owned())
+            .or_else(|| payload.downcast_ref::<String>().cloned())
+            .unwrap_or_else(|| "a non-string panic".to_owned());
+        tracing::error!(thread, panic = %what, "the media thread panicked; exiting so the supervisor restarts the server");
+        exit(PANIC_EXIT_CODE);
+    }
+}
+
+#[cfg(test)]
+mod panic_tests {
+    use super::*;
+
+    #[test]
+    fn a_panic_exits_with_the_panic_code_and_a_clean_end_does_not() {
+        let mut code = None;
+        exit_on_panic("t", |c| code = Some(c), || panic!("boom"));
+        assert_eq!(code, Some(PANIC_EXIT_CODE));
+        let mut code = None;
+        exit_on_panic("t", |c| code = Some(c), || {});
+        assert_eq!(code, None);
     }
 }

@@ -57,12 +57,15 @@ use crate::auth::Grants;
 use crate::hub::Outboxes;
 use crate::media::demux::{Demux, Route};
 use crate::media::keyframe::KeyframeRequester;
+use crate::media::offer::{self, OfferError, OfferLimits};
 use crate::media::rewrite::{Rewrite, SeqRewriter};
-use crate::metrics::{Metrics, MixDrop};
+use crate::metrics::{Limit, Metrics, MixDrop};
 use crate::mixer::{
     AudioLevel, InputId, MixerConfig, MixerStats, Push, RoomMixer, SelectConfig, SpeakerTracker,
     FRAME_SAMPLES,
 };
+use crate::perip::PerIp;
+use crate::ratelimit::{RateLimiter, Verdict};
 use crate::sfu::{Command, MediaConfig, MediaKind, MediaPlane, Publishing, COMMAND_QUEUE};
 use crate::webhook::{Event, ParticipantRef, RoomRef, TrackRef, Webhooks};
 
@@ -76,6 +79,25 @@ const IDLE: Duration = Duration::from_secs(1);
 const PEER_SILENCE: Duration = Duration::from_secs(8);
 /// The mixer's frame: it runs every 20 ms while any room mixes.
 const MIX_FRAME: Duration = Duration::from_millis(20);
+/// Offers a client may send: a burst of this many, then one per
+/// [`OFFER_EVERY`] (each costs the media thread a parse and an answer).
+const OFFER_BURST: u32 = 8;
+const OFFER_EVERY: Duration = Duration::from_secs(2);
+/// Media sections an offer may hold beyond those the server has put in the
+/// connection (its own `--max-tracks` sending sections, a data channel, and
+/// this slack for receive-only sections a client adds).
+const OFFER_SECTION_SLACK: usize = 4;
+/// Candidates in one offer, and trickled per connection.
+const MAX_REMOTE_CANDIDATES: usize = 64;
+/// Largest chat message relayed, in bytes.
+pub const CHAT_MAX_BYTES: usize = 4096;
+/// Chat messages per second per sender (sustained, and the burst).
+const CHAT_RATE: f64 = 20.0;
+const CHAT_BURST: u32 = 40;
+/// A subscriber whose chat channel holds more than this many unacknowledged
+/// bytes gets no more chat until it is back under [`CHAT_BACKLOG_LOW`].
+pub const CHAT_BACKLOG_HIGH: u32 = 256 * 1024;
+const CHAT_BACKLOG_LOW: u32 = 64 * 1024;
 
 /// Starts the media thread; returns the hub's handle on it.
 pub fn start(
@@ -106,40 +128,47 @@ pub fn start(
     std::thread::Builder::new()
         .name("sfu-media".into())
         .spawn(move || {
-            let runtime = match tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-            {
-                Ok(r) => r,
-                Err(e) => {
-                    tracing::error!(error = %e, "media runtime failed to start");
-                    return;
-                }
-            };
-            runtime.block_on(async move {
-                let tcp_events = match tcp.map(tokio::net::TcpListener::from_std) {
-                    Some(Ok(listener)) => {
-                        let (ev_tx, ev_rx) = mpsc::channel(TCP_EVENT_QUEUE);
-                        tokio::spawn(accept_tcp(listener, ev_tx));
-                        Some(ev_rx)
-                    }
-                    Some(Err(e)) => {
-                        tracing::warn!(error = %e, "ICE-TCP disabled");
-                        None
-                    }
-                    None => None,
-                };
-                match UdpSocket::from_std(socket) {
-                    Ok(socket) => {
-                        let mut engine =
-                            Engine::new(announce, tcp_announce, &config, outboxes, metrics);
-                        engine.publishing = publishing;
-                        engine.webhooks = Some(webhooks);
-                        engine.run(socket, rx, tcp_events).await
-                    }
-                    Err(e) => tracing::error!(error = %e, "media socket failed"),
-                }
-            });
+            crate::sfu::exit_on_panic(
+                "sfu-media",
+                |code| std::process::exit(code),
+                move || {
+                    let runtime = match tokio::runtime::Builder::new_current_thread()
+                        .enable_all()
+                        .build()
+                    {
+                        Ok(r) => r,
+                        Err(e) => {
+                            tracing::error!(error = %e, "media runtime failed to start");
+                            return;
+                        }
+                    };
+                    runtime.block_on(async move {
+                        let tcp_events = match tcp.map(tokio::net::TcpListener::from_std) {
+                            Some(Ok(listener)) => {
+                                let (ev_tx, ev_rx) = mpsc::channel(TCP_EVENT_QUEUE);
+                                let per_ip = PerIp::new(config.max_tcp_per_ip, "ice-tcp");
+                                tokio::spawn(accept_tcp(listener, ev_tx, per_ip, metrics.clone()));
+                                Some(ev_rx)
+                            }
+                            Some(Err(e)) => {
+                                tracing::warn!(error = %e, "ICE-TCP disabled");
+                                None
+                            }
+                            None => None,
+                        };
+                        match UdpSocket::from_std(socket) {
+                            Ok(socket) => {
+                                let mut engine =
+                                    Engine::new(announce, tcp_announce, &config, outboxes, metrics);
+                                engine.publishing = publishing;
+                                engine.webhooks = Some(webhooks);
+                                engine.run(socket, rx, tcp_events).await
+                            }
+                            Err(e) => tracing::error!(error = %e, "media socket failed"),
+                        }
+                    });
+                },
+            )
         })?;
     tracing::info!(%local, %announce, ice_tcp = tcp_announce.is_some(), "media listening");
     Ok(MediaPlane::new(tx, local))
@@ -171,7 +200,12 @@ const TCP_IDLE: Duration = Duration::from_secs(30);
 
 /// Accepts ICE-TCP connections; each gets a reader (RFC 4571 framing) and a
 /// writer task. The engine routes their packets like datagrams.
-async fn accept_tcp(listener: tokio::net::TcpListener, events: mpsc::Sender<TcpEvent>) {
+async fn accept_tcp(
+    listener: tokio::net::TcpListener,
+    events: mpsc::Sender<TcpEvent>,
+    per_ip: PerIp,
+    metrics: Arc<Metrics>,
+) {
     let open = Arc::new(std::sync::atomic::AtomicUsize::new(0));
     loop {
         let (stream, from) = match listener.accept().await {
@@ -185,6 +219,10 @@ async fn accept_tcp(listener: tokio::net::TcpListener, events: mpsc::Sender<TcpE
         if open.load(std::sync::atomic::Ordering::Relaxed) >= MAX_TCP_CONNECTIONS {
             continue; // dropping `stream` refuses it
         }
+        let Some(slot) = per_ip.acquire(from.ip()) else {
+            metrics.limited(Limit::IceTcpPerIp);
+            continue;
+        };
         open.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let _ = stream.set_nodelay(true);
         let (mut reader, mut writer) = stream.into_split();
@@ -208,6 +246,7 @@ async fn accept_tcp(listener: tokio::net::TcpListener, events: mpsc::Sender<TcpE
         let open = open.clone();
         tokio::spawn(async move {
             use tokio::io::AsyncReadExt;
+            let _slot = slot;
             let mut decoder = rtc::shared::tcp_framing::TcpFrameDecoder::new();
             let mut buf = vec![0u8; 4096];
             'conn: loop {
@@ -326,6 +365,16 @@ struct Peer {
     muted: [bool; 2],
     /// Whether it was told once that its chat is not relayed.
     told_no_data: bool,
+    /// Its offer budget.
+    offers: RateLimiter,
+    /// Media sections the server's side of the connection has (from the
+    /// last description it made).
+    sections: usize,
+    /// Candidates it trickled.
+    remote_candidates: usize,
+    /// Its chat rate, and whether its chat channel is backed up.
+    chat_rate: RateLimiter,
+    chat_backlogged: bool,
 }
 
 /// Something a connection's output asks the engine to do to others.
@@ -374,6 +423,8 @@ struct Engine {
     /// Encoder complexity of the mixer (`--mix-complexity`).
     mix_complexity: i32,
     next_input: u32,
+    /// `--max-tracks`.
+    max_tracks: usize,
 }
 
 impl Engine {
@@ -405,6 +456,7 @@ impl Engine {
             mix_speakers: config.mix_speakers,
             mix_complexity: config.mix_complexity,
             next_input: 1,
+            max_tracks: config.max_tracks,
         }
     }
 
@@ -615,6 +667,11 @@ impl Engine {
                     return; // end of candidates
                 }
                 if let Some(p) = self.peers.get_mut(&key) {
+                    p.remote_candidates += 1;
+                    if p.remote_candidates > MAX_REMOTE_CANDIDATES {
+                        self.metrics.limited(Limit::Candidates);
+                        return;
+                    }
                     let init = RTCIceCandidateInit {
                         candidate,
                         sdp_mid: id,
@@ -648,7 +705,7 @@ impl Engine {
         )?;
         let key = PeerKey(self.next_key);
         self.next_key += 1;
-        self.demux.register(&ufrag, key);
+        self.demux.register(&ufrag, &pwd, key);
         let media_room = match self.rooms.entry(room.clone()) {
             std::collections::hash_map::Entry::Occupied(e) => e.into_mut(),
             std::collections::hash_map::Entry::Vacant(e) => {
@@ -743,6 +800,15 @@ impl Engine {
                 grants: Grants::ALL,
                 muted: [false; 2],
                 told_no_data: false,
+                offers: RateLimiter::new(
+                    1.0 / OFFER_EVERY.as_secs_f64(),
+                    OFFER_BURST,
+                    Instant::now(),
+                ),
+                sections: 0,
+                remote_candidates: 0,
+                chat_rate: RateLimiter::new(CHAT_RATE, CHAT_BURST, Instant::now()),
+                chat_backlogged: false,
             },
         );
         self.metrics.media_connections.inc();
@@ -760,13 +826,57 @@ impl Engine {
             return;
         }
         let now = Instant::now();
+        // Every offer costs a parse and an answer on this thread, which all
+        // rooms' media share: a budget per connection, and caps checked on
+        // the text before any parse.
+        if p.offers.check(now) != Verdict::Allow {
+            self.metrics.limited(Limit::OfferRate);
+            let participant = p.participant.clone();
+            self.send_error(
+                &participant,
+                ErrorCode::RateLimited,
+                "too many offers; renegotiate less often",
+            );
+            return;
+        }
+        let limits = OfferLimits {
+            max_sections: p.sections + self.max_tracks + OFFER_SECTION_SLACK,
+            max_candidates: MAX_REMOTE_CANDIDATES,
+            max_sending: self.max_tracks,
+        };
+        let shape = match offer::check(&sdp, &limits) {
+            Ok(shape) => shape,
+            Err(e) => {
+                self.metrics.limited(match e {
+                    OfferError::TooManySections { .. } => Limit::MediaSections,
+                    OfferError::TooManyCandidates { .. } => Limit::Candidates,
+                });
+                let participant = p.participant.clone();
+                let never_answered = !p.answered_first;
+                tracing::info!(%participant, error = %e, "refused an offer");
+                if never_answered {
+                    self.remove_peer(key);
+                }
+                self.send_error(
+                    &participant,
+                    ErrorCode::BadRequest,
+                    &format!("offer refused: {e}"),
+                );
+                return;
+            }
+        };
         // Without the publish grant nothing the client would send is
         // accepted: its sending sections become receive-only before the
-        // answer is made, so the answer accepts none of them.
-        let sdp = if p.grants.publish {
-            sdp
+        // answer is made, so the answer accepts none of them. With it, only
+        // the first `--max-tracks` are.
+        let keep = if p.grants.publish { self.max_tracks } else { 0 };
+        if p.grants.publish && shape.sending > keep {
+            self.metrics.limited(Limit::Tracks);
+        }
+        let sdp = if shape.sending > keep {
+            offer::limit_sending(&sdp, keep)
         } else {
-            receive_only(&sdp)
+            sdp
         };
         let result = RTCSessionDescription::offer(sdp)
             .and_then(|offer| p.pc.set_remote_description(now, offer))
@@ -791,6 +901,7 @@ impl Engine {
             Ok(answer) => {
                 let first = !p.answered_first;
                 p.answered_first = true;
+                p.sections = offer::inspect(&answer.sdp).sections;
                 let (participant, room) = (p.participant.clone(), p.room.clone());
                 // Candidates also trickle, for clients that read them only
                 // from `candidate` messages; they are in the SDP too.
@@ -930,6 +1041,7 @@ impl Engine {
             Ok(offer) => {
                 p.needs_offer = false;
                 p.offer_in_flight = true;
+                p.sections = offer::inspect(&offer.sdp).sections;
                 for down in p.down.values_mut().flat_map(HashMap::values_mut) {
                     down.offered = true;
                 }
@@ -1075,6 +1187,21 @@ impl Engine {
                     if p.pc.data_channel(id).is_some_and(|dc| dc.label() == "chat") =>
                 {
                     p.chat = Some(id);
+                    p.chat_backlogged = false;
+                    if let Some(mut dc) = p.pc.data_channel(id) {
+                        dc.set_buffered_amount_high_threshold(CHAT_BACKLOG_HIGH);
+                        dc.set_buffered_amount_low_threshold(CHAT_BACKLOG_LOW);
+                    }
+                }
+                RTCPeerConnectionEvent::OnDataChannel(
+                    RTCDataChannelEvent::OnBufferedAmountHigh(id),
+                ) if p.chat == Some(id) => {
+                    p.chat_backlogged = true;
+                }
+                RTCPeerConnectionEvent::OnDataChannel(
+                    RTCDataChannelEvent::OnBufferedAmountLow(id),
+                ) if p.chat == Some(id) => {
+                    p.chat_backlogged = false;
                 }
                 RTCPeerConnectionEvent::OnDataChannel(RTCDataChannelEvent::OnClose(id))
                     if p.chat == Some(id) =>
@@ -1641,6 +1768,22 @@ impl Engine {
             }
             return;
         }
+        let now = Instant::now();
+        if p.chat_rate.check(now) != Verdict::Allow {
+            self.metrics.limited(Limit::ChatRate);
+            return;
+        }
+        if text.len() > CHAT_MAX_BYTES {
+            self.metrics.limited(Limit::ChatSize);
+            let participant = p.participant.clone();
+            let msg = ServerMessage::error(
+                ErrorCode::TooLarge,
+                format!("chat messages over {CHAT_MAX_BYTES} bytes are not relayed"),
+                None,
+            );
+            self.outboxes.send(&participant, &msg, &self.metrics);
+            return;
+        }
         let Some(p) = self.peers.get(&from) else {
             return;
         };
@@ -1649,7 +1792,6 @@ impl Engine {
         };
         let body = json!({"from": p.participant.as_str(), "data": text}).to_string();
         let members = media_room.members.clone();
-        let now = Instant::now();
         for sub in members {
             if sub == from {
                 continue;
@@ -1657,6 +1799,12 @@ impl Engine {
             let Some(s) = self.peers.get_mut(&sub) else {
                 continue;
             };
+            if s.chat_backlogged {
+                // It does not take what it was sent: queueing more for it
+                // would only grow the server's memory.
+                self.metrics.limited(Limit::ChatBacklog);
+                continue;
+            }
             if let Some(id) = s.chat {
                 if let Some(mut dc) = s.pc.data_channel(id) {
                     let _ = dc.send_text(now, body.clone());
@@ -1864,32 +2012,6 @@ fn opus_fec_in_answer(sdp: &str, mid: &str, pt: u8) -> bool {
         }
     }
     found
-}
-
-/// `sdp` with every audio/video section that would send to the server made
-/// receive-only (`sendrecv` → `recvonly`, `sendonly` → `inactive`).
-fn receive_only(sdp: &str) -> String {
-    let mut out = String::with_capacity(sdp.len());
-    let mut media = false;
-    for line in sdp.split_inclusive('\n') {
-        let bare = line.trim_end_matches(['\r', '\n']);
-        let eol = &line[bare.len()..];
-        if let Some(m) = bare.strip_prefix("m=") {
-            media = m.starts_with("audio") || m.starts_with("video");
-        }
-        match bare {
-            "a=sendrecv" if media => {
-                out.push_str("a=recvonly");
-                out.push_str(eol);
-            }
-            "a=sendonly" if media => {
-                out.push_str("a=inactive");
-                out.push_str(eol);
-            }
-            _ => out.push_str(line),
-        }
-    }
-    out
 }
 
 fn media_kind(kind: RtpCodecKind) -> MediaKind {
@@ -2195,7 +2317,7 @@ mod tests {
         let offer = "v=0\r\nm=audio 9 UDP/TLS/RTP/SAVPF 111\r\na=sendrecv\r\n\
                      m=video 9 UDP/TLS/RTP/SAVPF 96\r\na=sendonly\r\n\
                      m=application 9 UDP/DTLS/SCTP webrtc-datachannel\r\na=sendrecv\r\n";
-        let out = super::receive_only(offer);
+        let out = crate::media::offer::limit_sending(offer, 0);
         assert_eq!(
             out,
             "v=0\r\nm=audio 9 UDP/TLS/RTP/SAVPF 111\r\na=recvonly\r\n\

@@ -13,10 +13,12 @@
 //! 3. Everything else (and STUN without USERNAME) goes by the sender's
 //!    address, which only a STUN check can introduce.
 //!
-//! The demux does not authenticate: the engine checks MESSAGE-INTEGRITY
-//! and decides which candidate pair is used; an address remembered here
-//! only decides which connection gets to look at a datagram. Addresses per
-//! connection are capped ([`MAX_ADDRS_PER_KEY`], oldest forgotten first).
+//! A STUN check is routed, and its sender's address remembered, only when
+//! its MESSAGE-INTEGRITY verifies with the connection's ICE password (RFC
+//! 8445 section 7.2.2): otherwise anyone who saw a ufrag could send checks
+//! with it from many ports and push the real client's address out of the
+//! capped list ([`MAX_ADDRS_PER_KEY`], oldest forgotten first), cutting its
+//! media. The engine still checks everything again and picks the pair.
 
 use std::collections::HashMap;
 use std::hash::Hash;
@@ -81,6 +83,9 @@ pub enum DropReason {
     StunBadUsername,
     /// No connection has the local ufrag of this STUN message.
     UnknownUfrag,
+    /// A STUN check whose MESSAGE-INTEGRITY is missing or does not verify
+    /// with the connection's password.
+    StunBadIntegrity,
     /// Not STUN, and no STUN check came from this address for any
     /// connection.
     UnknownAddress,
@@ -96,6 +101,7 @@ impl DropReason {
             DropReason::StunMalformed(_) => "stun-malformed",
             DropReason::StunBadUsername => "stun-bad-username",
             DropReason::UnknownUfrag => "unknown-ufrag",
+            DropReason::StunBadIntegrity => "stun-bad-integrity",
             DropReason::UnknownAddress => "unknown-address",
         }
     }
@@ -173,12 +179,67 @@ pub fn parse_stun_username(buf: &[u8]) -> Result<&str, StunError> {
     Err(StunError::NoUsername)
 }
 
+/// Whether the STUN message in `buf` (whose header and attribute bounds
+/// [`parse_stun_username`] checked) carries a MESSAGE-INTEGRITY (HMAC-SHA1)
+/// or MESSAGE-INTEGRITY-SHA256 that verifies with the short-term `key`
+/// (RFC 8489 sections 14.5 and 14.6). The HMAC covers the message up to the
+/// attribute, with the header's length set as if the message ended with it.
+pub fn integrity_ok(buf: &[u8], key: &[u8]) -> bool {
+    use hmac::{Hmac, Mac};
+    let len = buf.len();
+    let mut at = STUN_HEADER_LEN;
+    while at + 4 <= len {
+        let kind = be16(buf, at);
+        let value_len = usize::from(be16(buf, at + 2));
+        let value = at + 4;
+        if value_len > len - value {
+            return false;
+        }
+        let sha256 = match kind {
+            ATTR_MESSAGE_INTEGRITY if value_len == 20 => false,
+            // Truncation to 16..32 bytes (multiples of 4) is allowed.
+            ATTR_MESSAGE_INTEGRITY_SHA256
+                if (16..=32).contains(&value_len) && value_len % 4 == 0 =>
+            {
+                true
+            }
+            ATTR_MESSAGE_INTEGRITY | ATTR_MESSAGE_INTEGRITY_SHA256 => return false,
+            _ => {
+                at = value + value_len.next_multiple_of(4);
+                continue;
+            }
+        };
+        let covered_len = (value + value_len - STUN_HEADER_LEN) as u16;
+        let mut header = [0u8; STUN_HEADER_LEN];
+        header.copy_from_slice(&buf[..STUN_HEADER_LEN]);
+        header[2..4].copy_from_slice(&covered_len.to_be_bytes());
+        let expected = &buf[value..value + value_len];
+        return if sha256 {
+            let Ok(mut mac) = Hmac::<sha2::Sha256>::new_from_slice(key) else {
+                return false;
+            };
+            mac.update(&header);
+            mac.update(&buf[STUN_HEADER_LEN..at]);
+            mac.verify_truncated_left(expected).is_ok()
+        } else {
+            let Ok(mut mac) = Hmac::<sha1::Sha1>::new_from_slice(key) else {
+                return false;
+            };
+            mac.update(&header);
+            mac.update(&buf[STUN_HEADER_LEN..at]);
+            mac.verify_slice(expected).is_ok()
+        };
+    }
+    false
+}
+
 /// Routes datagrams to connection keys `K`: by ICE ufrag for STUN, by
 /// remembered remote address for the rest.
 #[derive(Debug, Clone)]
 pub struct Demux<K> {
     max_datagram: usize,
-    ufrags: HashMap<String, K>,
+    /// Local ufrag → connection and its ICE password.
+    ufrags: HashMap<String, (K, String)>,
     addrs: HashMap<SocketAddr, K>,
     /// Each key's addresses, oldest first.
     by_key: HashMap<K, Vec<SocketAddr>>,
@@ -206,21 +267,24 @@ impl<K: Copy + Eq + Hash> Demux<K> {
         self
     }
 
-    /// STUN messages whose USERNAME starts with `ufrag:` go to `key`.
-    /// Returns the key that had this ufrag before, if any. A key may have
-    /// several ufrags (ICE restart).
-    pub fn register(&mut self, ufrag: &str, key: K) -> Option<K> {
-        self.ufrags.insert(ufrag.to_owned(), key)
+    /// STUN messages whose USERNAME starts with `ufrag:` and whose
+    /// MESSAGE-INTEGRITY verifies with `pwd` go to `key`. Returns the key
+    /// that had this ufrag before, if any. A key may have several ufrags
+    /// (ICE restart).
+    pub fn register(&mut self, ufrag: &str, pwd: &str, key: K) -> Option<K> {
+        self.ufrags
+            .insert(ufrag.to_owned(), (key, pwd.to_owned()))
+            .map(|(k, _)| k)
     }
 
     /// Retires one ufrag; the key's addresses stay.
     pub fn unregister_ufrag(&mut self, ufrag: &str) -> Option<K> {
-        self.ufrags.remove(ufrag)
+        self.ufrags.remove(ufrag).map(|(k, _)| k)
     }
 
     /// Forgets `key`: its ufrags and its addresses.
     pub fn unregister(&mut self, key: K) {
-        self.ufrags.retain(|_, k| *k != key);
+        self.ufrags.retain(|_, (k, _)| *k != key);
         for addr in self.by_key.remove(&key).unwrap_or_default() {
             self.addrs.remove(&addr);
         }
@@ -257,7 +321,7 @@ impl<K: Copy + Eq + Hash> Demux<K> {
         };
         if kind == PacketKind::Stun {
             match parse_stun_username(buf) {
-                Ok(username) => return self.route_username(username, from),
+                Ok(username) => return self.route_username(buf, username, from),
                 Err(StunError::NoUsername) => {} // indications, responses
                 Err(e) => return Route::Drop(DropReason::StunMalformed(e)),
             }
@@ -268,13 +332,17 @@ impl<K: Copy + Eq + Hash> Demux<K> {
         }
     }
 
-    fn route_username(&mut self, username: &str, from: SocketAddr) -> Route<K> {
+    fn route_username(&mut self, buf: &[u8], username: &str, from: SocketAddr) -> Route<K> {
         let Some((local, _remote)) = username.split_once(':') else {
             return Route::Drop(DropReason::StunBadUsername);
         };
-        let Some(&key) = self.ufrags.get(local) else {
+        let Some((key, pwd)) = self.ufrags.get(local) else {
             return Route::Drop(DropReason::UnknownUfrag);
         };
+        let key = *key;
+        if !integrity_ok(buf, pwd.as_bytes()) {
+            return Route::Drop(DropReason::StunBadIntegrity);
+        }
         self.remember(from, key);
         Route::To(key)
     }
@@ -328,17 +396,43 @@ mod tests {
         m
     }
 
+    /// The ICE password every test connection is registered with.
+    const PWD: &str = "the-servers-ice-password-1234";
+
+    /// A binding request from a client that knows [`PWD`].
     fn binding(username: &str) -> Vec<u8> {
-        stun(&[
+        signed(username, PWD)
+    }
+
+    /// A binding request with USERNAME and a MESSAGE-INTEGRITY made with
+    /// `pwd`, then a FINGERPRINT (not checked here).
+    fn signed(username: &str, pwd: &str) -> Vec<u8> {
+        use hmac::{Hmac, Mac};
+        let mut m = stun(&[
             (0x0024, &[0x6e, 0, 1, 0xff]), // PRIORITY
             (ATTR_USERNAME, username.as_bytes()),
-            (ATTR_MESSAGE_INTEGRITY, &[0; 20]),
-            (ATTR_FINGERPRINT, &[0; 4]),
-        ])
+        ]);
+        let covered = (m.len() - 20 + 24) as u16;
+        m[2..4].copy_from_slice(&covered.to_be_bytes());
+        let mut mac = Hmac::<sha1::Sha1>::new_from_slice(pwd.as_bytes()).unwrap();
+        mac.update(&m);
+        let tag = mac.finalize().into_bytes();
+        m.extend_from_slice(&ATTR_MESSAGE_INTEGRITY.to_be_bytes());
+        m.extend_from_slice(&20u16.to_be_bytes());
+        m.extend_from_slice(&tag);
+        m.extend_from_slice(&ATTR_FINGERPRINT.to_be_bytes());
+        m.extend_from_slice(&4u16.to_be_bytes());
+        m.extend_from_slice(&[0; 4]);
+        let len = (m.len() - 20) as u16;
+        m[2..4].copy_from_slice(&len.to_be_bytes());
+        m
     }
 
     const RTP: [u8; 12] = [0x80, 0x60, 0, 1, 0, 0, 0, 0, 0, 0, 0, 1];
     const DTLS: [u8; 13] = [22, 0xfe, 0xfd, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0];
+
+    /// RFC 5769 section 2.1: the sample request's password.
+    const RFC5769_PASSWORD: &str = "VOkJxbRl1RmTxUk/WvJxBt";
 
     /// RFC 5769 section 2.1, sample request (USERNAME "evtj:h6vY").
     const RFC5769_REQUEST: [u8; 108] = [
@@ -451,8 +545,8 @@ mod tests {
     #[test]
     fn routes_by_ufrag_then_by_address() {
         let mut d: Demux<u32> = Demux::new();
-        assert_eq!(d.register("abcd", 1), None);
-        d.register("wxyz", 2);
+        assert_eq!(d.register("abcd", PWD, 1), None);
+        d.register("wxyz", PWD, 2);
         // Media before any STUN: unknown address.
         assert_eq!(
             d.route(&RTP, addr(5000)),
@@ -470,14 +564,14 @@ mod tests {
         assert_eq!(d.key_for_addr(addr(5000)), Some(1));
         assert_eq!(d.addrs_of(1), &[addr(5000)]);
         // The RFC 5769 message is for ufrag "evtj".
-        d.register("evtj", 3);
+        d.register("evtj", RFC5769_PASSWORD, 3);
         assert_eq!(d.route(&RFC5769_REQUEST, addr(7000)), Route::To(3));
     }
 
     #[test]
     fn stun_drops_and_indications() {
         let mut d: Demux<u32> = Demux::new();
-        d.register("abcd", 1);
+        d.register("abcd", PWD, 1);
         assert_eq!(
             d.route(&binding("nope:rem"), addr(1)),
             Route::Drop(DropReason::UnknownUfrag)
@@ -518,7 +612,7 @@ mod tests {
     #[test]
     fn garbage_empty_and_oversize() {
         let mut d: Demux<u32> = Demux::new().with_max_datagram(1200);
-        d.register("abcd", 1);
+        d.register("abcd", PWD, 1);
         d.route(&binding("abcd:r"), addr(1));
         assert_eq!(d.route(&[], addr(1)), Route::Drop(DropReason::Empty));
         assert_eq!(
@@ -543,9 +637,9 @@ mod tests {
     #[test]
     fn unregister_removes_ufrags_and_addresses() {
         let mut d: Demux<u32> = Demux::new();
-        d.register("abcd", 1);
-        d.register("abcd2", 1); // ICE restart: second ufrag
-        d.register("wxyz", 2);
+        d.register("abcd", PWD, 1);
+        d.register("abcd2", PWD, 1); // ICE restart: second ufrag
+        d.register("wxyz", PWD, 2);
         d.route(&binding("abcd:r"), addr(1));
         d.route(&binding("abcd2:r"), addr(2));
         d.route(&binding("wxyz:r"), addr(3));
@@ -572,8 +666,8 @@ mod tests {
     #[test]
     fn address_moves_between_keys_and_is_capped() {
         let mut d: Demux<u32> = Demux::new();
-        d.register("aaaa", 1);
-        d.register("bbbb", 2);
+        d.register("aaaa", PWD, 1);
+        d.register("bbbb", PWD, 2);
         d.route(&binding("aaaa:r"), addr(1));
         // Same address now checks for connection 2 (client reconnected).
         assert_eq!(d.route(&binding("bbbb:r"), addr(1)), Route::To(2));
@@ -600,10 +694,47 @@ mod tests {
     }
 
     #[test]
+    fn integrity_verifies_the_rfc5769_vector_and_nothing_else() {
+        assert!(integrity_ok(&RFC5769_REQUEST, RFC5769_PASSWORD.as_bytes()));
+        assert!(!integrity_ok(&RFC5769_REQUEST, b"VOkJxbRl1RmTxUk/WvJxBu"));
+        // One flipped bit anywhere before the tag breaks it.
+        for at in [1, 9, 30, 70] {
+            let mut m = RFC5769_REQUEST;
+            m[at] ^= 1;
+            assert!(!integrity_ok(&m, RFC5769_PASSWORD.as_bytes()), "byte {at}");
+        }
+        // No MESSAGE-INTEGRITY at all.
+        let bare = stun(&[(ATTR_USERNAME, b"evtj:h6vY")]);
+        assert!(!integrity_ok(&bare, RFC5769_PASSWORD.as_bytes()));
+    }
+
+    /// The attack: checks with a known ufrag but a wrong password, from
+    /// more ports than the per-connection address cap, must not push the
+    /// real client's address out.
+    #[test]
+    fn checks_with_a_wrong_password_are_dropped_and_evict_nothing() {
+        let mut d: Demux<u32> = Demux::new();
+        d.register("vict", PWD, 1);
+        assert_eq!(d.route(&binding("vict:c"), addr(1)), Route::To(1));
+        for p in 0..4 * MAX_ADDRS_PER_KEY as u16 {
+            assert_eq!(
+                d.route(&signed("vict:c", "guessed"), addr(2000 + p)),
+                Route::Drop(DropReason::StunBadIntegrity)
+            );
+        }
+        assert_eq!(d.addrs_of(1), &[addr(1)]);
+        assert_eq!(d.route(&RTP, addr(1)), Route::To(1));
+        assert_eq!(
+            d.route(&RTP, addr(2000)),
+            Route::Drop(DropReason::UnknownAddress)
+        );
+    }
+
+    #[test]
     fn ufrag_reregistered_to_another_key() {
         let mut d: Demux<u32> = Demux::new();
-        d.register("abcd", 1);
-        assert_eq!(d.register("abcd", 2), Some(1));
+        d.register("abcd", PWD, 1);
+        assert_eq!(d.register("abcd", PWD, 2), Some(1));
         assert_eq!(d.route(&binding("abcd:r"), addr(9)), Route::To(2));
     }
 
@@ -613,7 +744,7 @@ mod tests {
     fn property_random_datagrams() {
         let mut rng = crate::media::XorShift::new(5);
         let mut d: Demux<u32> = Demux::new();
-        d.register("abcd", 1);
+        d.register("abcd", PWD, 1);
         let template = binding("abcd:r");
         let mut buf = [0u8; 200];
         for i in 0..50_000u32 {

@@ -25,6 +25,8 @@
 //!   NACK to the publisher, and when; packs them into RTCP generic NACK
 //!   pairs.
 //! - [`keyframe`]: throttles keyframe requests (PLI) towards a publisher.
+//! - [`offer`]: caps on a client's SDP offer (sections, candidates,
+//!   sending tracks) checked on its text before the engine parses it.
 //! - [`codec`]: codec names and clock rates, keyframe detection for VP8,
 //!   VP9 and H.264 payloads.
 //!
@@ -50,6 +52,7 @@ pub mod demux;
 pub mod keyframe;
 pub mod nack_cache;
 pub mod nack_gen;
+pub mod offer;
 pub mod rewrite;
 pub mod rtp;
 pub mod seqno;
@@ -198,7 +201,7 @@ mod tests {
         let now = Instant::now();
         let ufrag = String::from("abcd");
         let mut demux: Demux<u64> = Demux::new();
-        demux.register(&ufrag, 7);
+        demux.register(&ufrag, &ufrag, 7);
         let from: SocketAddr = ([127, 0, 0, 1], 9).into();
         match demux.route(&[0x80; 12], from) {
             Route::To(key) => panic!("routed to {key}"),
