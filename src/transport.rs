@@ -94,10 +94,9 @@ pub const CHAT_MAX_BYTES: usize = 4096;
 /// Chat messages per second per sender (sustained, and the burst).
 const CHAT_RATE: f64 = 20.0;
 const CHAT_BURST: u32 = 40;
-/// A subscriber whose chat channel holds more than this many unacknowledged
-/// bytes gets no more chat until it is back under [`CHAT_BACKLOG_LOW`].
-pub const CHAT_BACKLOG_HIGH: u32 = 256 * 1024;
-const CHAT_BACKLOG_LOW: u32 = 64 * 1024;
+/// A subscriber whose chat channel holds more than this many bytes not yet
+/// acknowledged gets no more chat until it has taken what it was sent.
+pub const CHAT_BACKLOG: usize = 256 * 1024;
 
 /// Starts the media thread; returns the hub's handle on it.
 pub fn start(
@@ -372,9 +371,8 @@ struct Peer {
     sections: usize,
     /// Candidates it trickled.
     remote_candidates: usize,
-    /// Its chat rate, and whether its chat channel is backed up.
+    /// Its chat rate.
     chat_rate: RateLimiter,
-    chat_backlogged: bool,
 }
 
 /// Something a connection's output asks the engine to do to others.
@@ -808,7 +806,6 @@ impl Engine {
                 sections: 0,
                 remote_candidates: 0,
                 chat_rate: RateLimiter::new(CHAT_RATE, CHAT_BURST, Instant::now()),
-                chat_backlogged: false,
             },
         );
         self.metrics.media_connections.inc();
@@ -1065,6 +1062,7 @@ impl Engine {
 
     /// Drains one connection's events and messages into `self.actions`.
     fn drain(&mut self, key: PeerKey) {
+        let max_tracks = self.max_tracks;
         let Some(p) = self.peers.get_mut(&key) else {
             return;
         };
@@ -1098,6 +1096,14 @@ impl Engine {
                 }
                 RTCPeerConnectionEvent::OnTrack(RTCTrackEvent::OnOpen(_)) if !p.grants.publish => {
                     self.metrics.media_dropped("forbidden");
+                }
+                // Past --max-tracks: not published (rtc 0.21 answers every
+                // offered section `recvonly`, whatever direction the offer
+                // munging gave it, so the cap holds here).
+                RTCPeerConnectionEvent::OnTrack(RTCTrackEvent::OnOpen(_))
+                    if p.published.len() >= max_tracks =>
+                {
+                    self.metrics.limited(Limit::Tracks);
                 }
                 RTCPeerConnectionEvent::OnTrack(RTCTrackEvent::OnOpen(init)) => {
                     let Some(mut receiver) = p.pc.rtp_receiver(init.receiver_id) else {
@@ -1187,21 +1193,6 @@ impl Engine {
                     if p.pc.data_channel(id).is_some_and(|dc| dc.label() == "chat") =>
                 {
                     p.chat = Some(id);
-                    p.chat_backlogged = false;
-                    if let Some(mut dc) = p.pc.data_channel(id) {
-                        dc.set_buffered_amount_high_threshold(CHAT_BACKLOG_HIGH);
-                        dc.set_buffered_amount_low_threshold(CHAT_BACKLOG_LOW);
-                    }
-                }
-                RTCPeerConnectionEvent::OnDataChannel(
-                    RTCDataChannelEvent::OnBufferedAmountHigh(id),
-                ) if p.chat == Some(id) => {
-                    p.chat_backlogged = true;
-                }
-                RTCPeerConnectionEvent::OnDataChannel(
-                    RTCDataChannelEvent::OnBufferedAmountLow(id),
-                ) if p.chat == Some(id) => {
-                    p.chat_backlogged = false;
                 }
                 RTCPeerConnectionEvent::OnDataChannel(RTCDataChannelEvent::OnClose(id))
                     if p.chat == Some(id) =>
@@ -1799,14 +1790,14 @@ impl Engine {
             let Some(s) = self.peers.get_mut(&sub) else {
                 continue;
             };
-            if s.chat_backlogged {
-                // It does not take what it was sent: queueing more for it
-                // would only grow the server's memory.
-                self.metrics.limited(Limit::ChatBacklog);
-                continue;
-            }
             if let Some(id) = s.chat {
                 if let Some(mut dc) = s.pc.data_channel(id) {
+                    if dc.outstanding_bytes() > CHAT_BACKLOG {
+                        // It does not take what it was sent: queueing more
+                        // for it would only grow the server's memory.
+                        self.metrics.limited(Limit::ChatBacklog);
+                        continue;
+                    }
                     let _ = dc.send_text(now, body.clone());
                 }
             }

@@ -17,6 +17,7 @@
 
 use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use bytes::{Bytes, BytesMut};
@@ -201,6 +202,8 @@ pub struct Client {
     pub joined: Joined,
     cmd: mpsc::UnboundedSender<Cmd>,
     events: mpsc::UnboundedReceiver<Event>,
+    /// The server connection's ICE ufrag, from its answer.
+    server_ufrag: Arc<Mutex<Option<String>>>,
 }
 
 impl Client {
@@ -260,13 +263,16 @@ impl Client {
             mode: joined.mode,
             p2p_timeout: Duration::from_millis(joined.p2p_timeout_ms),
             p2p: None,
+            server_ufrag: Arc::default(),
         };
+        let server_ufrag = task.server_ufrag.clone();
         tokio::spawn(task.run(ws, cmd_rx, sfu_now, await_offer_from));
         Ok(Client {
             id,
             joined,
             cmd: cmd_tx,
             events: ev_rx,
+            server_ufrag,
         })
     }
 
@@ -316,6 +322,16 @@ impl Client {
             .map_err(|_| ClientError::Stopped)
     }
 
+    /// The ICE username fragment of the server's side of our connection
+    /// (from its answer), once negotiated: what an on-path observer of our
+    /// STUN checks would learn (tests of the server's STUN handling use it).
+    pub fn server_ufrag(&self) -> Option<String> {
+        self.server_ufrag
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
     /// Test hook: from now on, send and receive no media datagrams (as if the
     /// network vanished) while signaling stays up.
     pub fn freeze_media(&self) {
@@ -359,6 +375,8 @@ struct Task {
     p2p_timeout: Duration,
     /// The direct connection, when `opts.p2p` and the room is `p2p`.
     p2p: Option<P2pLink>,
+    /// See [`Client::server_ufrag`].
+    server_ufrag: Arc<Mutex<Option<String>>>,
 }
 
 /// The direct connection to the other participant of a `p2p` room.
@@ -669,6 +687,12 @@ impl Task {
             ServerMessage::Message(m) if m.from == SFU_PEER => {
                 match serde_json::from_value::<SignalData>(m.data) {
                     Ok(SignalData::Answer { sdp }) => {
+                        if let Some(ufrag) =
+                            sdp.lines().find_map(|l| l.strip_prefix("a=ice-ufrag:"))
+                        {
+                            *self.server_ufrag.lock().unwrap_or_else(|e| e.into_inner()) =
+                                Some(ufrag.trim().to_owned());
+                        }
                         if let Some(pc) = self.pc.as_mut() {
                             let r = RTCSessionDescription::answer(sdp)
                                 .and_then(|a| pc.set_remote_description(Instant::now(), a));

@@ -82,6 +82,8 @@ pub fn check(sdp: &str, limits: &OfferLimits) -> Result<OfferShape, OfferError> 
 /// sending: in the others `sendrecv` becomes `recvonly` and `sendonly`
 /// becomes `inactive` (a section with no direction, which means sendrecv,
 /// gets `a=recvonly`). `keep = 0` makes the whole offer receive-only.
+/// (The engine decides what it accepts from its own state too; the
+/// transport enforces the same caps on the tracks that open.)
 pub fn limit_sending(sdp: &str, keep: usize) -> String {
     let mut out = String::with_capacity(sdp.len() + 16);
     let mut kept = 0;
