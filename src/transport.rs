@@ -321,6 +321,7 @@ struct Published {
 
 /// A track forwarded to a participant.
 struct Down {
+    transceiver: usize,
     sender_id: RTCRtpSenderId,
     ssrc: u32,
     kind: RtpCodecKind,
@@ -373,6 +374,28 @@ struct Peer {
     remote_candidates: usize,
     /// Its chat rate.
     chat_rate: RateLimiter,
+    /// Server-sent m-sections whose track went away, for reuse.
+    spare: Vec<Spare>,
+}
+
+/// A server-sent m-section whose track went away: inactive in the next
+/// server offer, reusable for a track of the same kind and codec once that
+/// offer's exchange has completed (protocol: "the server may reuse an
+/// m-section that has been inactive for at least one completed exchange").
+struct Spare {
+    kind: RtpCodecKind,
+    mime: String,
+    transceiver: usize,
+    sender_id: RTCRtpSenderId,
+    ssrc: u32,
+    /// The outgoing stream's rewriter: a later track on this SSRC continues
+    /// its sequence numbers and timestamps (the subscriber's SRTP replay
+    /// window would drop a restart).
+    rewriter: SeqRewriter,
+    /// A server offer marking it inactive has gone out.
+    offered: bool,
+    /// That offer was answered.
+    ready: bool,
 }
 
 /// Something a connection's output asks the engine to do to others.
@@ -806,6 +829,7 @@ impl Engine {
                 sections: 0,
                 remote_candidates: 0,
                 chat_rate: RateLimiter::new(CHAT_RATE, CHAT_BURST, Instant::now()),
+                spare: Vec::new(),
             },
         );
         self.metrics.media_connections.inc();
@@ -982,6 +1006,9 @@ impl Engine {
             return;
         }
         p.offer_in_flight = false;
+        for spare in &mut p.spare {
+            spare.ready |= spare.offered;
+        }
         // Learn the payload types the subscriber accepted; new video
         // downtracks need a keyframe.
         let mut want_keyframes = Vec::new();
@@ -1038,6 +1065,9 @@ impl Engine {
             Ok(offer) => {
                 p.needs_offer = false;
                 p.offer_in_flight = true;
+                for spare in &mut p.spare {
+                    spare.offered = true;
+                }
                 p.sections = offer::inspect(&offer.sdp).sections;
                 for down in p.down.values_mut().flat_map(HashMap::values_mut) {
                     down.offered = true;
@@ -1426,18 +1456,21 @@ impl Engine {
         {
             return;
         }
-        match add_send_track(&mut s.pc, stream_id, kind, codec.clone()) {
+        match add_send_track(&mut s.pc, &mut s.spare, stream_id, kind, codec.clone()) {
             Ok(added) => {
                 s.down.entry(publisher).or_default().insert(
                     track.clone(),
                     Down {
+                        transceiver: added.transceiver,
                         sender_id: added.sender_id,
                         ssrc: added.ssrc,
                         kind,
                         mime: codec.mime_type.clone(),
                         pt: None,
                         offered: false,
-                        rewriter: SeqRewriter::new(codec.clock_rate),
+                        rewriter: added
+                            .rewriter
+                            .unwrap_or_else(|| SeqRewriter::new(codec.clock_rate)),
                     },
                 );
                 s.down_by_local
@@ -1504,7 +1537,13 @@ impl Engine {
             sdp_fmtp_line: "minptime=10;useinbandfec=1".to_owned(),
             rtcp_feedback: Vec::new(),
         };
-        match add_send_track(&mut p.pc, MIX_STREAM.to_owned(), RtpCodecKind::Audio, codec) {
+        match add_send_track(
+            &mut p.pc,
+            &mut p.spare,
+            MIX_STREAM.to_owned(),
+            RtpCodecKind::Audio,
+            codec,
+        ) {
             Ok(added) => {
                 p.mix_out = Some(MixOut {
                     transceiver: added.transceiver,
@@ -1659,7 +1698,22 @@ impl Engine {
             if let Some(down) = removed {
                 s.down_by_local
                     .retain(|_, (p, t)| !(*p == publisher && t == track));
-                let _ = s.pc.remove_track(down.sender_id);
+                // The m-section goes inactive in the next offer and is kept
+                // for a later track of the same kind and codec, so a
+                // subscriber's SDP does not grow with every join and leave.
+                if let Some(mut t) = s.pc.rtp_transceiver(down.transceiver) {
+                    t.set_direction(RTCRtpTransceiverDirection::Inactive);
+                }
+                s.spare.push(Spare {
+                    kind: down.kind,
+                    mime: down.mime,
+                    transceiver: down.transceiver,
+                    sender_id: down.sender_id,
+                    ssrc: down.ssrc,
+                    rewriter: down.rewriter,
+                    offered: false,
+                    ready: false,
+                });
                 s.needs_offer = true;
                 self.offers_due.push(sub);
             }
@@ -1895,6 +1949,8 @@ struct SendTrack {
     sender_id: RTCRtpSenderId,
     ssrc: u32,
     local_id: MediaStreamTrackId,
+    /// The rewriter of a reused m-section's stream.
+    rewriter: Option<SeqRewriter>,
 }
 
 /// Adds a sendonly transceiver for one server-sent track in stream
@@ -1903,10 +1959,48 @@ struct SendTrack {
 /// where the client negotiates one (RFC 4588); audio is not retransmitted.
 fn add_send_track(
     pc: &mut RTCPeerConnection,
+    spare: &mut Vec<Spare>,
     stream_id: String,
     kind: RtpCodecKind,
     codec: RTCRtpCodec,
 ) -> Result<SendTrack, rtc::shared::error::Error> {
+    let reusable = spare
+        .iter()
+        .position(|s| s.ready && s.kind == kind && s.mime.eq_ignore_ascii_case(&codec.mime_type));
+    if let Some(i) = reusable {
+        let old = spare.swap_remove(i);
+        let local_id = format!("{stream_id}-{}", random_token(8));
+        // Same sender, same SSRC (the m-section's), a new track and stream.
+        let encodings = vec![RTCRtpEncodingParameters {
+            rtp_coding_parameters: RTCRtpCodingParameters {
+                ssrc: Some(old.ssrc),
+                ..Default::default()
+            },
+            codec,
+            ..Default::default()
+        }];
+        let local = MediaStreamTrack::new(
+            stream_id,
+            local_id.clone(),
+            local_id.clone(),
+            kind,
+            encodings,
+        );
+        // (The sender is reachable again once its transceiver sends.)
+        if let Some(mut t) = pc.rtp_transceiver(old.transceiver) {
+            t.set_direction(RTCRtpTransceiverDirection::Sendonly);
+        }
+        pc.rtp_sender(old.sender_id)
+            .ok_or(rtc::shared::error::Error::ErrRTPSenderNotExisted)?
+            .replace_track(local)?;
+        return Ok(SendTrack {
+            transceiver: old.transceiver,
+            sender_id: old.sender_id,
+            ssrc: old.ssrc,
+            local_id,
+            rewriter: Some(old.rewriter),
+        });
+    }
     let ssrc = rand::random::<u32>();
     let local_id = format!("{stream_id}-{}", random_token(8));
     let encodings = vec![RTCRtpEncodingParameters {
@@ -1942,6 +2036,7 @@ fn add_send_track(
         sender_id,
         ssrc,
         local_id,
+        rewriter: None,
     })
 }
 

@@ -600,3 +600,85 @@ async fn ice_tcp_carries_media_for_a_client_that_cannot_use_udp() {
         "alice's media came over TCP: {tcp}"
     );
 }
+
+/// Publishers come and go while one subscriber stays: each newcomer's
+/// tracks reuse the m-sections of the ones who left (after the exchange
+/// that made them inactive), so the subscriber's SDP stops growing, and it
+/// still receives every newcomer's audio and video.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_subscribers_media_sections_are_reused_as_publishers_come_and_go() {
+    let server = media_server().await;
+    let room = "churn";
+    let audio_forward = |o: &mut JoinOptions| {
+        o.audio = Some(switchboard_proto::AudioMode::Forward);
+    };
+    let mut opts = JoinOptions::sfu(&server.ws_url(), room, "carol");
+    audio_forward(&mut opts);
+    opts.publish_audio = false;
+    opts.publish_video = false;
+    let mut carol = Client::join(opts).await.expect("carol joins");
+    until_connected(&mut carol).await;
+    let mut sections = Vec::new();
+    for round in 0..4u32 {
+        let name = ["p0", "p1", "p2", "p3"][round as usize];
+        let mut opts = JoinOptions::sfu(&server.ws_url(), room, name);
+        audio_forward(&mut opts);
+        let mut p = Client::join(opts).await.expect("publisher joins");
+        until_connected(&mut p).await;
+        // Carol gets both of this publisher's tracks.
+        let mut got = HashSet::new();
+        let end = Instant::now() + WAIT;
+        let mut seq = round * 10_000;
+        while got.len() < 2 && Instant::now() < end {
+            let _ = p.send_rtp(
+                Kind::Audio,
+                payload(Kind::Audio, name, seq),
+                false,
+                seq * 960,
+            );
+            let _ = p.send_rtp(
+                Kind::Video,
+                payload(Kind::Video, name, seq),
+                true,
+                seq * 3000,
+            );
+            seq += 1;
+            while let Some(ev) = carol.next_event_within(Duration::from_millis(20)).await {
+                if let Event::Rtp { kind, packet, .. } = &ev {
+                    if parse(*kind, &packet.payload).is_some_and(|(n, _)| n == name) {
+                        got.insert(*kind);
+                    }
+                }
+            }
+            while p
+                .next_event_within(Duration::from_millis(1))
+                .await
+                .is_some()
+            {}
+        }
+        assert_eq!(
+            got.len(),
+            2,
+            "round {round}: carol receives {name}'s audio and video"
+        );
+        sections.push(carol.server_sections());
+        // It leaves; carol's two tracks of it end.
+        p.leave();
+        let mut removed = 0;
+        let end = Instant::now() + WAIT;
+        while removed < 2 && Instant::now() < end {
+            if let Some(Event::TrackRemoved { .. }) =
+                carol.next_event_within(Duration::from_millis(50)).await
+            {
+                removed += 1;
+            }
+        }
+        assert_eq!(removed, 2, "round {round}: {name}'s tracks end at carol");
+    }
+    eprintln!("media sections in carol's server offers per round: {sections:?}");
+    assert!(sections[0] >= 2, "{sections:?}");
+    assert!(
+        sections.iter().all(|n| *n == sections[0]),
+        "later publishers reuse the sections of earlier ones: {sections:?}"
+    );
+}

@@ -194,6 +194,25 @@ enum Cmd {
     Leave,
 }
 
+/// The mids of the media sections in `offer` that the offerer does not
+/// send on (`recvonly` or `inactive`).
+fn not_sending_mids(offer: &str) -> Vec<String> {
+    let mut out = Vec::new();
+    let mut mid: Option<&str> = None;
+    for line in offer.lines() {
+        if line.starts_with("m=") {
+            mid = None;
+        } else if let Some(m) = line.strip_prefix("a=mid:") {
+            mid = Some(m.trim());
+        } else if line == "a=inactive" || line == "a=recvonly" {
+            if let Some(m) = mid {
+                out.push(m.to_owned());
+            }
+        }
+    }
+    out
+}
+
 /// A joined participant.
 pub struct Client {
     /// Our participant id.
@@ -204,6 +223,8 @@ pub struct Client {
     events: mpsc::UnboundedReceiver<Event>,
     /// The server connection's ICE ufrag, from its answer.
     server_ufrag: Arc<Mutex<Option<String>>>,
+    /// Media sections in the server's last offer.
+    server_sections: Arc<Mutex<usize>>,
 }
 
 impl Client {
@@ -264,8 +285,10 @@ impl Client {
             p2p_timeout: Duration::from_millis(joined.p2p_timeout_ms),
             p2p: None,
             server_ufrag: Arc::default(),
+            server_sections: Arc::default(),
         };
         let server_ufrag = task.server_ufrag.clone();
+        let server_sections = task.server_sections.clone();
         tokio::spawn(task.run(ws, cmd_rx, sfu_now, await_offer_from));
         Ok(Client {
             id,
@@ -273,6 +296,7 @@ impl Client {
             cmd: cmd_tx,
             events: ev_rx,
             server_ufrag,
+            server_sections,
         })
     }
 
@@ -332,6 +356,15 @@ impl Client {
             .clone()
     }
 
+    /// How many media sections (`m=` lines) the server's last offer had:
+    /// what this connection's SDP has grown to.
+    pub fn server_sections(&self) -> usize {
+        *self
+            .server_sections
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+    }
+
     /// Test hook: from now on, send and receive no media datagrams (as if the
     /// network vanished) while signaling stays up.
     pub fn freeze_media(&self) {
@@ -377,6 +410,8 @@ struct Task {
     p2p: Option<P2pLink>,
     /// See [`Client::server_ufrag`].
     server_ufrag: Arc<Mutex<Option<String>>>,
+    /// See [`Client::server_sections`].
+    server_sections: Arc<Mutex<usize>>,
 }
 
 /// The direct connection to the other participant of a `p2p` room.
@@ -703,6 +738,12 @@ impl Task {
                         }
                     }
                     Ok(SignalData::Offer { sdp }) => {
+                        *self
+                            .server_sections
+                            .lock()
+                            .unwrap_or_else(|e| e.into_inner()) =
+                            sdp.lines().filter(|l| l.starts_with("m=")).count();
+                        let silent = not_sending_mids(&sdp);
                         if let Some(pc) = self.pc.as_mut() {
                             let now = Instant::now();
                             let r = RTCSessionDescription::offer(sdp)
@@ -712,7 +753,7 @@ impl Task {
                             if let Ok(answer) = r {
                                 outgoing
                                     .push(self.to_sfu(json!({"type":"answer","sdp": answer.sdp})));
-                                self.detect_ended_tracks();
+                                self.detect_ended_tracks(&silent);
                                 let _ = self.events.send(Event::Negotiated);
                             }
                         }
@@ -1057,21 +1098,24 @@ impl Task {
 
     /// A forwarded track ends when the server marks its m-section inactive:
     /// rtc 0.21 raises no track event for that, so after each exchange every
-    /// transceiver that no longer receives ends its track here.
-    fn detect_ended_tracks(&mut self) {
+    /// transceiver that no longer receives ends its track here. `silent` are
+    /// the mids the server's offer does not send on (rtc 0.21 leaves the
+    /// current direction of a reused m-section at `recvonly` when it goes
+    /// inactive again, so the offer is read too).
+    fn detect_ended_tracks(&mut self, silent: &[String]) {
         let Some(pc) = self.pc.as_mut() else { return };
         let transceivers: Vec<_> = pc.get_transceivers().collect();
         for id in transceivers {
-            let Some((direction, receiver)) = pc
+            let Some((direction, receiver, mid)) = pc
                 .rtp_transceiver(id)
-                .map(|t| (t.current_direction(), t.receiver()))
+                .map(|t| (t.current_direction(), t.receiver(), t.mid().clone()))
             else {
                 continue;
             };
             let receiving = matches!(
                 direction,
                 RTCRtpTransceiverDirection::Sendrecv | RTCRtpTransceiverDirection::Recvonly
-            );
+            ) && !mid.is_some_and(|m| silent.contains(&m));
             let Some(receiver) = receiver.filter(|_| !receiving) else {
                 continue;
             };
