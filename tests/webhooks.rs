@@ -630,3 +630,77 @@ fn webhook_urls_must_be_plain_http() {
     }
     assert!(Config::resolve(keyed(vec!["http://127.0.0.1:1/hook".into()])).is_ok());
 }
+
+/// Participants joining and leaving one room from several connections at
+/// once, on several threads: the room is freed and made again and again, and
+/// its events must still tell one consistent story — `room_finished` never
+/// overtaken by the next incarnation's `room_started` or joins.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_room_freed_and_made_again_concurrently_keeps_its_story_straight() {
+    const CLIENTS: usize = 4;
+    const ROUNDS: usize = 60;
+    let mut rx = Receiver::start(|_| Answer::Status(200)).await;
+    let server = server(keyed(vec![rx.url.clone()])).await;
+    let names = ["c0", "c1", "c2", "c3"];
+    let mut tasks = Vec::new();
+    for name in names.into_iter().take(CLIENTS) {
+        let url = server.ws_url();
+        tasks.push(tokio::spawn(async move {
+            let mut c = Client::connect_url(&url, name).await;
+            for _ in 0..ROUNDS {
+                c.send(json!({"type":"join","room":"churn","name":name,
+                              "token": join_token("churn", name)}))
+                    .await;
+                // Others' comings and goings may arrive first.
+                loop {
+                    if c.recv().await["type"] == "joined" {
+                        break;
+                    }
+                }
+                c.send(json!({"type":"leave","room":"churn"})).await;
+                loop {
+                    if c.recv().await["type"] == "leaved" {
+                        break;
+                    }
+                }
+            }
+        }));
+    }
+    for t in tasks {
+        t.await.expect("client task");
+    }
+    let joins = CLIENTS * ROUNDS;
+    let mut open = false;
+    let mut members = HashSet::new();
+    let (mut participant_events, mut incarnations) = (0, 0);
+    let mut story = Vec::new();
+    while participant_events < 2 * joins || open {
+        assert!(story.len() < 4 * joins + 2, "too many events");
+        let b = rx.next().await.json();
+        let event = b["event"].as_str().unwrap_or_default().to_owned();
+        let who = b["participant"]["identity"].as_str().map(str::to_owned);
+        story.push(format!("{event} {}", who.as_deref().unwrap_or("")));
+        let ok = match (event.as_str(), who) {
+            ("room_started", None) => {
+                incarnations += 1;
+                !std::mem::replace(&mut open, true)
+            }
+            ("room_finished", None) => members.is_empty() && std::mem::replace(&mut open, false),
+            // Auto rooms of three or more move to the SFU (and back).
+            ("room_mode_changed", None) => open,
+            ("participant_joined", Some(w)) => open && members.insert(w),
+            ("participant_left", Some(w)) => open && members.remove(&w),
+            _ => false,
+        };
+        if event.starts_with("participant_") {
+            participant_events += 1;
+        }
+        assert!(
+            ok,
+            "inconsistent event order, ending: {:#?}",
+            &story[story.len().saturating_sub(12)..]
+        );
+    }
+    println!("{joins} joins over {incarnations} incarnations of the room");
+    expect_nothing_pending(&server, &mut rx).await;
+}
