@@ -525,12 +525,17 @@ impl Hub {
     /// an empty timeout (`due`) is freed by [`Hub::run_housekeeping`] later.
     fn free_if_empty(&self, name: &RoomName, due: Option<Instant>) {
         let now = Instant::now();
-        let removed = self.rooms.remove_if(name, |_, r| r.can_free(now));
-        if let Some((_, room)) = removed {
+        let removed = self.rooms.remove_if(name, |_, r| {
+            let free = r.can_free(now);
+            if free {
+                self.room_finished(r);
+            }
+            free
+        });
+        if removed.is_some() {
             self.room_slots.remove(name);
             self.room_count.fetch_sub(1, Ordering::AcqRel);
             self.metrics.rooms.dec();
-            self.room_event("room_finished", &room);
             tracing::info!(room = %name, "room freed");
         } else if let Some(at) = due {
             self.frees
@@ -629,11 +634,17 @@ impl Hub {
                 self.remove_member(&mut room, &id, Departure::ServerClosing, Some(&notice));
             }
         }
-        if let Some((_, room)) = self.rooms.remove_if(&room_name, |_, r| r.is_empty()) {
+        let removed = self.rooms.remove_if(&room_name, |_, r| {
+            let empty = r.is_empty();
+            if empty {
+                self.room_finished(r);
+            }
+            empty
+        });
+        if removed.is_some() {
             self.room_slots.remove(&room_name);
             self.room_count.fetch_sub(1, Ordering::AcqRel);
             self.metrics.rooms.dec();
-            self.room_event("room_finished", &room);
             tracing::info!(room = %room_name, "room closed by an administrator");
         }
         Ok(())
@@ -729,6 +740,14 @@ impl Hub {
                 track: None,
             });
         }
+    }
+
+    /// `room_finished` for a room being removed. Called from the removal's
+    /// predicate, under the map entry's lock: a join that makes the room
+    /// again right after waits for that lock, so its `room_started` cannot
+    /// overtake this on the way to the webhook queues.
+    fn room_finished(&self, room: &Room) {
+        self.room_event("room_finished", room);
     }
 
     fn participant_event(&self, event: &'static str, room: &Room, id: &ParticipantId) {

@@ -254,4 +254,67 @@ mod tests {
         let want = base64::engine::general_purpose::STANDARD.encode(Sha256::digest(body));
         assert_eq!(data.claims["sha256"], want.as_str());
     }
+
+    fn event(n: usize) -> Event {
+        Event {
+            event: "participant_joined",
+            room: RoomRef {
+                name: format!("r{n}"),
+                mode: MediaMode::P2p,
+                audio: AudioMode::Mix,
+            },
+            participant: None,
+            track: None,
+        }
+    }
+
+    fn sample(metrics: &Metrics, name: &str) -> f64 {
+        let text = metrics.render();
+        text.lines()
+            .find_map(|l| l.strip_prefix(name)?.strip_prefix(' '))
+            .unwrap_or_else(|| panic!("no {name} in {text}"))
+            .trim()
+            .parse()
+            .unwrap()
+    }
+
+    /// The queue is bounded: `emit` drops (and counts) what does not fit
+    /// instead of waiting or growing.
+    #[tokio::test(flavor = "current_thread")]
+    async fn a_full_queue_drops_and_counts_instead_of_waiting() {
+        let keys = Keys::load(Some("k"), Some(&"s".repeat(32)), None).unwrap();
+        let metrics = Arc::new(Metrics::new());
+        // Two URLs, two queues. On this single-threaded runtime the delivery
+        // tasks cannot run (and take anything out) before this test yields,
+        // which it never does: nothing is sent anywhere.
+        let urls = [
+            "http://127.0.0.1:9/a".to_owned(),
+            "http://127.0.0.1:9/b".to_owned(),
+        ];
+        let hooks = Webhooks::start(&urls, &keys, metrics.clone());
+        assert!(hooks.is_on());
+        for n in 0..QUEUE_CAPACITY {
+            hooks.emit(event(n));
+        }
+        let full = r#"switchboard_webhook_dropped_total{reason="queue-full"}"#;
+        assert_eq!(sample(&metrics, full), 0.0);
+        for n in 0..5 {
+            hooks.emit(event(n));
+        }
+        assert_eq!(
+            sample(&metrics, full),
+            10.0,
+            "5 events dropped for each URL"
+        );
+        assert_eq!(hooks.queues.iter().map(|q| q.capacity()).sum::<usize>(), 0);
+    }
+
+    /// Without a key there is nothing to sign with: no queue, no task.
+    #[tokio::test(flavor = "current_thread")]
+    async fn without_a_key_nothing_is_queued() {
+        let metrics = Arc::new(Metrics::new());
+        let hooks = Webhooks::start(&["http://127.0.0.1:9/".into()], &Keys::default(), metrics);
+        assert!(!hooks.is_on());
+        hooks.emit(event(0));
+    }
 }
