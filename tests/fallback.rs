@@ -396,7 +396,15 @@ fn start_server(net: &mut Net, setup: &Setup, logs: &Path) -> usize {
     } else {
         SERVER_IP
     };
-    let mut args = vec!["serve", "--listen", &listen, "--rtc-ip", rtc_ip];
+    // The test's own namespaces, no key: open on purpose.
+    let mut args = vec![
+        "serve",
+        "--listen",
+        &listen,
+        "--no-auth",
+        "--rtc-ip",
+        rtc_ip,
+    ];
     args.extend_from_slice(setup.server_args);
     net.spawn(
         "s",

@@ -247,15 +247,20 @@ async fn a_joined_client_that_stops_reading_is_dropped_and_the_room_gets_bye() {
         start.elapsed()
     );
     assert_eq!(bye["id"], slow_id.as_str());
+    // Dropped for not reading: its writes time out (slow-consumer), or,
+    // since it does not read the server's pings either, its silence does
+    // (timeout) — whichever comes first on a loaded machine.
     let m = metrics(&server).await;
-    assert_eq!(
-        metric(
-            &m,
-            "switchboard_signaling_disconnects_total{reason=\"slow-consumer\"}"
-        ),
-        1.0,
-        "{m}"
+    let slow = metric(
+        &m,
+        "switchboard_signaling_disconnects_total{reason=\"slow-consumer\"}",
     );
+    let silent = metric(
+        &m,
+        "switchboard_signaling_disconnects_total{reason=\"timeout\"}",
+    );
+    println!("slow reader: slow-consumer {slow}, timeout {silent}");
+    assert_eq!(slow + silent, 1.0, "{m}");
     // Alice is unharmed (what she sent the gone one meanwhile is answered
     // `no-such-peer`).
     alice.send(json!({"type":"ping","id":"still-here"})).await;

@@ -642,6 +642,8 @@ fn run(args: &CompareArgs) -> Result<(), String> {
         "serve".to_owned(),
         "--listen".into(),
         format!("{NS_ADDR}:{SWITCHBOARD_PORT}"),
+        // The benchmark's own namespace and its load clients: no key.
+        "--no-auth".into(),
         "--rtc-ip".into(),
         NS_ADDR.into(),
     ];
