@@ -355,6 +355,7 @@ const SCRIPTS: &[(&str, &str)] = &[
     ("/chat.js", include_str!("web/chat.js")),
     ("/stats.js", include_str!("web/stats.js")),
     ("/testhooks.js", include_str!("web/testhooks.js")),
+    ("/token.js", include_str!("web/token.js")),
 ];
 const STYLE_CSS: &str = include_str!("web/style.css");
 

@@ -11,6 +11,7 @@ import { toggleTrack, updateLocalControls } from './media.js';
 import { sendChat, setChatOpen, updateChatState } from './chat.js';
 import { join, leave } from './session.js';
 import { installTestHooks, startTimings } from './testhooks.js';
+import { tokenClaims, tokenName, tokenRoom } from './token.js';
 
 ui.form.addEventListener('submit', (ev) => {
   ev.preventDefault();
@@ -34,10 +35,12 @@ ui.chatForm.addEventListener('submit', (ev) => {
   sendChat();
 });
 ui.copyLink.addEventListener('click', async () => {
+  // Never our token: it is who we are. Others need their own.
   const link = `${location.origin}/?room=${encodeURIComponent(S.room || '')}`;
+  const own = S.token ? ' Each person needs their own access token (?token=) to join.' : '';
   try {
     await navigator.clipboard.writeText(link);
-    notice('copy', 'info', 'Invite link copied.');
+    notice('copy', 'info', `Invite link copied.${own}`);
   } catch (_) {
     notice('copy', 'info', `Invite link: ${link}`, { sticky: true });
   }
@@ -47,9 +50,12 @@ if (window.ResizeObserver) new ResizeObserver(() => layoutTiles()).observe(ui.ti
 installTestHooks();
 
 // Start: room (and name) from the URL; both present means join right away.
+// With `?token=` (auth on) the token's room and name are the defaults.
 const params = new URLSearchParams(location.search);
-const urlRoom = params.get('room') || '';
-const urlName = params.get('name') || '';
+S.token = params.get('token') || null;
+const claims = tokenClaims(S.token);
+const urlRoom = params.get('room') || tokenRoom(claims);
+const urlName = params.get('name') || tokenName(claims);
 // Optional settings for the join that creates the room (ignored otherwise).
 const urlMode = params.get('mode');
 const urlAudio = params.get('audio');

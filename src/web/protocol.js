@@ -58,7 +58,8 @@ export function onJoined(msg) {
   clearNotice('room');
   if (rejoined) notice('ws', 'info', 'Reconnected.');
   const url = new URL(location.href);
-  url.search = `?room=${encodeURIComponent(S.room)}`;
+  // The token stays in the URL so that a reload joins again.
+  url.search = `?room=${encodeURIComponent(S.room)}${S.token ? `&token=${encodeURIComponent(S.token)}` : ''}`;
   history.replaceState(null, '', url);
   showCall();
   // The newcomer waits for the offers of those already here.
@@ -119,11 +120,30 @@ export function onModeChange(msg) {
   updateLayout();
 }
 
+// Errors of access control, said in words: `unauthorized` (the join was
+// refused), `replaced` (the same identity joined elsewhere), `removed` (by an
+// administrator) end our membership, and joining again by ourselves would
+// only fail again or push the other connection out, so the page goes back to
+// the lobby and stays there. `forbidden` (a grant does not allow something)
+// leaves us in the call.
+const ACCESS_ERRORS = {
+  unauthorized: (why) => `Access denied: the server did not accept your access token (${why}). `
+    + 'Ask whoever sent you the link for a new one.',
+  replaced: () => 'You joined this room from another tab or device, so this one left the call.',
+  removed: () => 'An administrator removed you from the call.',
+  forbidden: (why) => `Not allowed: ${why}`,
+};
+export const OUT_FOR_GOOD = ['unauthorized', 'replaced', 'removed'];
+
 export function onError(msg) {
   const code = msg.code || 'error';
-  notice(`error-${code}`, 'error', `Error ${code}: ${msg.message || 'no details'}`);
+  const why = msg.message || 'no details';
+  const text = ACCESS_ERRORS[code] ? ACCESS_ERRORS[code](why) : `Error ${code}: ${why}`;
+  notice(`error-${code}`, 'error', text);
   // A failed join leaves us outside any room; a closed room puts us outside it.
-  if ((msg.request === 'join' && S.phase !== 'in-room') || code === 'room-closed') backToLobby();
+  if (OUT_FOR_GOOD.includes(code) || (msg.request === 'join' && S.phase !== 'in-room') || code === 'room-closed') {
+    backToLobby();
+  }
 }
 
 export function onRelayed(msg) {

@@ -5,6 +5,7 @@ import { clearNotice, notice } from './notices.js';
 import { setMode, showCall, showLobby } from './view.js';
 import { startLocalMedia, stopLocalMedia } from './media.js';
 import { closeSocket, openSocket, send } from './socket.js';
+import { OUT_FOR_GOOD } from './protocol.js';
 import { closeAllPeers } from './p2p.js';
 import { closeSfu } from './sfu.js';
 import { clearChat } from './chat.js';
@@ -22,6 +23,7 @@ export async function join(room, name) {
   }
   clearNotice('room');
   clearNotice('ws');
+  for (const code of OUT_FOR_GOOD) clearNotice(`error-${code}`);
   S.phase = 'joining';
   S.room = room;
   S.name = name;

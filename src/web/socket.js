@@ -1,5 +1,5 @@
-// The signaling WebSocket: open (and send `join`), keep alive with pings,
-// reconnect with backoff when it drops.
+// The signaling WebSocket: open (and send `join`, with the access token if
+// there is one), keep alive with pings, reconnect with backoff when it drops.
 
 import { S } from './state.js';
 import { notice } from './notices.js';
@@ -43,6 +43,7 @@ export function openSocket() {
     const msg = { type: 'join', room: S.room, name: S.name };
     if (S.joinMode) msg.mode = S.joinMode;
     if (S.joinAudio) msg.audio = S.joinAudio;
+    if (S.token) msg.token = S.token;
     send(msg);
   };
   ws.onmessage = (ev) => {

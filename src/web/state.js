@@ -25,6 +25,7 @@ export const S = {
   ws: null, wsGen: 0, wsLabel: 'offline',
   id: null, room: null, name: '', mode: null, audio: null,
   joinMode: null, joinAudio: null, // optional `mode` / `audio` for the join that creates the room
+  token: null, // access token from the page URL, sent in every join (auth on)
   iceServers: [], p2pTimeoutMs: 5000,
   peers: new Map(), // id -> peer (see addPeer)
   gone: new Set(), // ids that said bye: media still arriving for them is ignored
