@@ -1,6 +1,7 @@
 //! The HTTP edge: routes, TLS, and graceful shutdown.
 //!
-//! Routes: `/` (the browser client, embedded), `/app.js`, `/style.css`,
+//! Routes: `/` (the browser client, embedded: `index.html`, its ES modules
+//! `/app.js`... listed in [`SCRIPTS`], `/style.css`),
 //! `/ws` (signaling), `/healthz`, `/readyz`, `/api/v1` (the admin API), and
 //! `/metrics` and `/admin/drain` — on the public listener, or with
 //! `--metrics-listen` on that one only.
@@ -326,16 +327,18 @@ fn router(state: AppState, with_ops: bool) -> Router {
             get(|| async { asset("text/html; charset=utf-8", INDEX_HTML) }),
         )
         .route(
-            "/app.js",
-            get(|| async { asset("text/javascript; charset=utf-8", APP_JS) }),
-        )
-        .route(
             "/style.css",
             get(|| async { asset("text/css; charset=utf-8", STYLE_CSS) }),
         )
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
         .route("/ws", get(ws));
+    let public = SCRIPTS.iter().fold(public, |router, &(path, body)| {
+        router.route(
+            path,
+            get(move || async move { asset("text/javascript; charset=utf-8", body) }),
+        )
+    });
     let public = if with_ops {
         public
             .route("/admin/drain", axum::routing::post(admin_drain))
@@ -347,7 +350,25 @@ fn router(state: AppState, with_ops: bool) -> Router {
 }
 
 const INDEX_HTML: &str = include_str!("web/index.html");
-const APP_JS: &str = include_str!("web/app.js");
+/// The browser client's ES modules, served as they are (no bundler): `/app.js`
+/// is the entry point `index.html` loads; it imports the others by relative path.
+const SCRIPTS: &[(&str, &str)] = &[
+    ("/app.js", include_str!("web/app.js")),
+    ("/state.js", include_str!("web/state.js")),
+    ("/notices.js", include_str!("web/notices.js")),
+    ("/view.js", include_str!("web/view.js")),
+    ("/media.js", include_str!("web/media.js")),
+    ("/socket.js", include_str!("web/socket.js")),
+    ("/protocol.js", include_str!("web/protocol.js")),
+    ("/session.js", include_str!("web/session.js")),
+    ("/p2p.js", include_str!("web/p2p.js")),
+    ("/switch.js", include_str!("web/switch.js")),
+    ("/sfu.js", include_str!("web/sfu.js")),
+    ("/chat.js", include_str!("web/chat.js")),
+    ("/stats.js", include_str!("web/stats.js")),
+    ("/testhooks.js", include_str!("web/testhooks.js")),
+    ("/token.js", include_str!("web/token.js")),
+];
 const STYLE_CSS: &str = include_str!("web/style.css");
 
 fn asset(content_type: &'static str, body: &'static str) -> Response {

@@ -2,14 +2,16 @@
 //! the server's own web client and must decode each other's video — two pages
 //! over a direct (P2P) WebRTC connection, and three pages through the server's
 //! SFU (one connection each to the server, which forwards every track), with
-//! the SFU chat channel.
+//! the SFU chat channel; and, with access tokens on, pages opened with
+//! `?token=`.
 //!
 //! Everything runs inside a fresh network namespace that has only `lo`, so every
 //! ICE candidate is 127.0.0.1 and nothing leaves the machine (the server's
 //! media port, 127.0.0.1:7882 by default, is private to the namespace too).
 //! Needs root (for `ip netns`), Node.js 20+, and Debian's Chromium
 //! (`apt-get install -y chromium`; `.ci/run` installs it). The browser drivers
-//! are `tests/browser/p2p_call.mjs` and `tests/browser/sfu_call.mjs`.
+//! are `tests/browser/p2p_call.mjs`, `tests/browser/sfu_call.mjs` and
+//! `tests/browser/token_call.mjs`.
 
 use std::ffi::OsStr;
 use std::fs::{self, File};
@@ -200,11 +202,17 @@ fn ensure_playwright(browser_dir: &Path, logs: &Path) {
     }
 }
 
-/// Starts the server (defaults, HTTP on [`LISTEN`]) in a fresh namespace, runs
-/// `node tests/browser/<script> <base url>` there, and returns the script's
-/// `{"ok":true,...}` line. Panics with the script's and the server's output
-/// when the script fails, times out (`limit`), or the server dies.
-fn run_browser_script(script: &str, args: &[&str], limit: Duration) -> String {
+/// Starts the server (defaults, HTTP on [`LISTEN`], plus `server_env`) in a
+/// fresh namespace, runs `node tests/browser/<script> <base url> <args>`
+/// there, and returns the script's `{"ok":true,...}` line. Panics with the
+/// script's and the server's output when the script fails, times out
+/// (`limit`), or the server dies.
+fn run_browser_script(
+    script: &str,
+    server_env: &[(&str, &str)],
+    args: &[&str],
+    limit: Duration,
+) -> String {
     let _one_at_a_time = BROWSER_RUNS.lock().unwrap_or_else(|e| e.into_inner());
     let root = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
     let browser_dir = root.join("tests/browser");
@@ -224,11 +232,14 @@ fn run_browser_script(script: &str, args: &[&str], limit: Duration) -> String {
     let mut sandbox = Sandbox::new(format!("sbt-{suffix}"));
     let server_log = logs.join("server");
     let node_log = logs.join("node");
+    // Plain logs in the failure report.
+    let mut env = vec![("NO_COLOR", OsStr::new("1"))];
+    env.extend(server_env.iter().map(|&(k, v)| (k, OsStr::new(v))));
     let srv = sandbox.spawn(
         "switchboard",
         &server,
         &["serve", "--listen", LISTEN],
-        &[("NO_COLOR", OsStr::new("1"))], // plain logs in the failure report
+        &env,
         &server_log,
     );
     let script_path = browser_dir.join(script);
@@ -311,7 +322,7 @@ fn run_browser_script(script: &str, args: &[&str], limit: Duration) -> String {
 #[test]
 fn two_chromium_pages_make_a_p2p_call() {
     // p2p_call.mjs gives up on its own after 60 s.
-    let line = run_browser_script("p2p_call.mjs", &[], Duration::from_secs(90));
+    let line = run_browser_script("p2p_call.mjs", &[], &[], Duration::from_secs(90));
     println!("{line}");
 }
 
@@ -321,7 +332,7 @@ fn two_chromium_pages_make_a_p2p_call() {
 #[test]
 fn three_chromium_pages_in_an_sfu_room() {
     // sfu_call.mjs gives up on its own after 90 s.
-    let line = run_browser_script("sfu_call.mjs", &["forward"], Duration::from_secs(120));
+    let line = run_browser_script("sfu_call.mjs", &[], &["forward"], Duration::from_secs(120));
     println!("{line}");
 }
 
@@ -332,6 +343,62 @@ fn three_chromium_pages_in_an_sfu_room() {
 #[test]
 fn three_chromium_pages_in_a_mix_room() {
     // sfu_call.mjs gives up on its own after 90 s.
-    let line = run_browser_script("sfu_call.mjs", &["mix"], Duration::from_secs(120));
+    let line = run_browser_script("sfu_call.mjs", &[], &["mix"], Duration::from_secs(120));
+    println!("{line}");
+}
+
+const API_KEY: &str = "browser-test-key";
+const API_SECRET: &str = "browser-test-secret-0123456789abcdef";
+
+/// `switchboard token --identity ID --name NAME` plus `extra`, signed with
+/// `secret` under [`API_KEY`]: the token on stdout.
+fn mint(secret: &str, identity: &str, name: &str, extra: &[&str]) -> String {
+    let out = Command::new(env!("CARGO_BIN_EXE_switchboard"))
+        .args(["token", "--api-key", API_KEY, "--api-secret", secret])
+        .args(["--identity", identity, "--name", name])
+        .args(extra)
+        .output()
+        .unwrap_or_else(|e| panic!("run switchboard token: {e}"));
+    assert!(
+        out.status.success(),
+        "switchboard token failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let token = String::from_utf8(out.stdout).expect("utf-8 token");
+    token.trim().to_owned()
+}
+
+/// Auth on (key from SWITCHBOARD_API_KEY/SWITCHBOARD_API_SECRET), tokens from
+/// `switchboard token`. Pages opened with only `?token=` join the token's room
+/// under its names (room label, URL, the `join` they sent, the admin API's
+/// member list) and decode each other's video. A forged token and a
+/// non-token each show "Access denied", leave the page in the lobby, send
+/// one join and no more, and add nobody to the room (admin API). alice's
+/// token in a new page replaces the first page ("another tab or device"; it
+/// stays out; bob decodes the new alice), and an admin removal puts bob out
+/// ("removed"; he stays out; the room lists only the new alice).
+#[test]
+fn chromium_pages_join_with_access_tokens() {
+    let room = format!("tok-{}", unique_suffix());
+    let for_room = ["--room", room.as_str()];
+    let alice = mint(API_SECRET, "alice", "Alice", &for_room);
+    let bob = mint(API_SECRET, "bob", "Bob", &for_room);
+    let forged = mint(
+        "not-the-server-secret-0123456789abcdef",
+        "mallory",
+        "Mallory",
+        &for_room,
+    );
+    let admin = mint(API_SECRET, "admin", "Admin", &["--admin"]);
+    // token_call.mjs gives up on its own after 120 s.
+    let line = run_browser_script(
+        "token_call.mjs",
+        &[
+            ("SWITCHBOARD_API_KEY", API_KEY),
+            ("SWITCHBOARD_API_SECRET", API_SECRET),
+        ],
+        &[&room, &alice, &bob, &forged, &admin],
+        Duration::from_secs(150),
+    );
     println!("{line}");
 }

@@ -1,14 +1,17 @@
 //! The deployment files in `deploy/` against the real server: every metric
 //! the Grafana dashboard and the Prometheus alerts (and their unit tests)
 //! name is one the server exposes, the shipped TOML configs load with the
-//! server's own config loader, the probed HTTP paths answer, and the stop
-//! timeouts outlast the drain. (`.ci/run` runs the external validators:
+//! server's own config loader, the probed HTTP paths answer, the stop
+//! timeouts outlast the drain, metrics are scraped from the
+//! `--metrics-listen` port (not the public one), and API keys come from the
+//! environment or a Secret. (`.ci/run` runs the external validators:
 //! promtool, hadolint, docker compose config, kubernetes-validate,
 //! systemd-analyze.)
 
 mod common;
 
 use std::collections::{BTreeMap, BTreeSet};
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -294,13 +297,46 @@ fn configmap_toml(yaml: &str) -> String {
     toml
 }
 
-/// Loads a TOML config the way `switchboard serve --config` does.
+/// Loads a TOML config the way `switchboard serve --config` does, with an
+/// API key in the environment (`SWITCHBOARD_API_KEY`/`_SECRET`, which beat
+/// the file) as every shipped setup provides.
 fn load_config(toml: &str) -> Config {
+    let keys = ServeOptions {
+        api_key: Some("switchboard".into()),
+        api_secret: Some("0123456789abcdef0123456789abcdef".into()),
+        ..ServeOptions::default()
+    };
+    Config::resolve(keys.or(file_options(toml)))
+        .unwrap_or_else(|e| panic!("config does not resolve: {e}"))
+}
+
+/// The options of a TOML config file, as `--config` reads them.
+fn file_options(toml: &str) -> ServeOptions {
     let dir = tempfile::tempdir().expect("temp dir");
     let path = dir.path().join("switchboard.toml");
     std::fs::write(&path, toml).expect("write the config");
-    let options = ServeOptions::from_file(&path).unwrap_or_else(|e| panic!("{e}"));
-    Config::resolve(options).unwrap_or_else(|e| panic!("config does not resolve: {e}"))
+    ServeOptions::from_file(&path).unwrap_or_else(|e| panic!("{e}"))
+}
+
+/// The `value:` of the container env var `name` in a Deployment.
+fn k8s_env(yaml: &str, name: &str) -> String {
+    let mut lines = yaml
+        .lines()
+        .skip_while(|l| l.trim() != format!("- name: {name}"));
+    assert!(lines.next().is_some(), "no env {name}");
+    let value = lines.next().map(str::trim).unwrap_or_default();
+    value
+        .strip_prefix("value: ")
+        .unwrap_or_else(|| panic!("env {name}: {value:?} is not a plain value"))
+        .to_owned()
+}
+
+/// The port of an `ADDR:PORT`.
+fn port_of(addr: &str) -> u16 {
+    addr.trim_matches('"')
+        .parse::<SocketAddr>()
+        .unwrap_or_else(|e| panic!("{addr:?}: {e}"))
+        .port()
 }
 
 /// The number in `key: N`, `key: "N"` or `Key=Ns` of a text file.
@@ -336,7 +372,14 @@ fn shipped_configs_load_and_stop_timeouts_outlast_the_drain() {
     );
 
     // systemd: the example /etc/switchboard/switchboard.toml, and TimeoutStopSec.
-    let systemd = load_config(&read("systemd/switchboard.toml"));
+    // It holds no secret: alone (without switchboard.env) it listens on
+    // 0.0.0.0 with no key, which the server refuses.
+    let systemd_toml = read("systemd/switchboard.toml");
+    assert!(
+        Config::resolve(file_options(&systemd_toml)).is_err(),
+        "systemd/switchboard.toml without a key must be refused (the key is in switchboard.env)"
+    );
+    let systemd = load_config(&systemd_toml);
     assert_eq!(
         systemd.limits.max_rooms, 10_000,
         "alerts.yml assumes max_rooms 10000"
@@ -364,7 +407,12 @@ fn shipped_configs_load_and_stop_timeouts_outlast_the_drain() {
 
 #[tokio::test]
 async fn probed_paths_answer() {
-    let server = common::server(ServeOptions::default()).await;
+    // As deployed: metrics on their own listener.
+    let server = common::server(ServeOptions {
+        metrics_listen: Some("127.0.0.1:0".parse().expect("addr")),
+        ..ServeOptions::default()
+    })
+    .await;
     let deployment = read("k8s/deployment.yaml");
     let paths: Vec<String> = yaml_values(&deployment, "path");
     assert_eq!(paths, ["/healthz", "/readyz"], "liveness, readiness");
@@ -374,6 +422,138 @@ async fn probed_paths_answer() {
     assert!(read("Dockerfile").contains("GET /healthz HTTP/1.0"));
     let monitor = yaml_values(&read("k8s/servicemonitor.yaml"), "path");
     assert_eq!(monitor, ["/metrics"]);
-    assert_eq!(common::http_get(&server, "/metrics").await.0, 200);
+    assert_eq!(common::http_get(&server, "/metrics").await.0, 404, "public");
+    let ops = server.metrics_addr().expect("a metrics listener");
+    assert!(
+        raw_get(ops, "/metrics")
+            .await
+            .contains("switchboard_rooms 0"),
+        "/metrics on the metrics listener"
+    );
     // /readyz turning 503 on a drain while /healthz holds: tests/drain.rs.
+}
+
+/// `GET path` on `addr`; the whole response.
+async fn raw_get(addr: SocketAddr, path: &str) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(addr).await.expect("connect");
+    let req = format!("GET {path} HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n");
+    s.write_all(req.as_bytes()).await.expect("write");
+    let mut text = String::new();
+    s.read_to_string(&mut text).await.expect("read");
+    text
+}
+
+/// Every setup serves /metrics on a separate listener, port 9091, and
+/// scrapes that port; the public Service has no metrics port.
+#[test]
+fn metrics_are_scraped_from_the_metrics_listener() {
+    // compose: Switchboard and Prometheus on the host network.
+    let compose = read("compose.yaml");
+    let listen = yaml_values(&compose, "SWITCHBOARD_METRICS_LISTEN");
+    assert_eq!(listen, ["127.0.0.1:9091"], "compose, local to the host");
+    let prometheus = read("prometheus/prometheus.yml");
+    let job = prometheus
+        .split("- job_name: ")
+        .find(|j| j.starts_with("switchboard\n"))
+        .expect("a switchboard job");
+    assert!(
+        job.contains(r#"targets: ["127.0.0.1:9091"]"#),
+        "prometheus scrapes the metrics listener:\n{job}"
+    );
+
+    // The image's default.
+    let dockerfile = read("Dockerfile");
+    assert!(dockerfile.contains("SWITCHBOARD_METRICS_LISTEN=0.0.0.0:9091"));
+    assert!(dockerfile.contains("EXPOSE 8080/tcp 7882/udp 7882/tcp 9091/tcp"));
+
+    // Kubernetes: the env, the container port named `metrics`, the metrics
+    // Service, and the ServiceMonitor on that port only.
+    let deployment = read("k8s/deployment.yaml");
+    let port = port_of(&k8s_env(&deployment, "SWITCHBOARD_METRICS_LISTEN"));
+    assert_eq!(port, 9091);
+    assert!(
+        deployment.contains(&format!(
+            "- name: metrics\n              containerPort: {port}\n"
+        )),
+        "the container port `metrics` is {port}"
+    );
+    let services = read("k8s/service.yaml");
+    let (public, metrics) = services.split_once("\n---\n").expect("two Services");
+    assert!(public.contains("name: switchboard\n") && !public.contains("9091"));
+    assert!(!public.contains("component: metrics"));
+    assert!(metrics.contains("name: switchboard-metrics\n"));
+    assert!(metrics.contains("app.kubernetes.io/component: metrics"));
+    assert!(metrics.contains("targetPort: metrics"));
+    let monitor = read("k8s/servicemonitor.yaml");
+    assert_eq!(yaml_values(&monitor, "port"), ["metrics"]);
+    assert_eq!(
+        yaml_values(&monitor, "app.kubernetes.io/component"),
+        ["metrics"]
+    );
+    // The job label stays "switchboard" (alerts.yml): from the Service's name label.
+    assert_eq!(
+        yaml_values(&monitor, "jobLabel"),
+        ["app.kubernetes.io/name"]
+    );
+
+    // systemd: the shipped TOML.
+    let systemd = load_config(&read("systemd/switchboard.toml"));
+    assert_eq!(
+        systemd.metrics_listen,
+        Some("127.0.0.1:9091".parse().expect("addr"))
+    );
+}
+
+/// API keys come from the environment: compose from .env (whose example
+/// holds a placeholder the server refuses), Kubernetes from a Secret, systemd
+/// from switchboard.env; none is written into a shipped file.
+#[test]
+fn api_keys_come_from_secrets() {
+    let compose = read("compose.yaml");
+    for var in ["SWITCHBOARD_API_KEY", "SWITCHBOARD_API_SECRET"] {
+        assert_eq!(
+            yaml_values(&compose, var),
+            [format!("${{{var}:?set {var} in deploy/.env}}")],
+            "compose takes {var} from deploy/.env"
+        );
+    }
+    let env = read(".env.example");
+    let secret = env
+        .lines()
+        .find_map(|l| l.strip_prefix("SWITCHBOARD_API_SECRET="))
+        .expect("SWITCHBOARD_API_SECRET in .env.example");
+    assert!(
+        secret.len() < switchboard::auth::MIN_SECRET_BYTES,
+        "the example secret {secret:?} must be a placeholder the server refuses"
+    );
+    assert!(env.lines().any(|l| l.starts_with("SWITCHBOARD_API_KEY=")));
+
+    let deployment = read("k8s/deployment.yaml");
+    for (var, key) in [
+        ("SWITCHBOARD_API_KEY", "api-key"),
+        ("SWITCHBOARD_API_SECRET", "api-secret"),
+    ] {
+        let from = deployment
+            .split(&format!("- name: {var}\n"))
+            .nth(1)
+            .unwrap_or_else(|| panic!("no env {var} in the Deployment"));
+        let from: String = from.lines().take(4).collect::<Vec<_>>().join("\n");
+        assert!(
+            from.contains("secretKeyRef:")
+                && from.contains("name: switchboard-keys")
+                && from.contains(&format!("key: {key}")),
+            "{var} from the switchboard-keys Secret:\n{from}"
+        );
+    }
+
+    for file in ["systemd/switchboard.toml", "k8s/configmap.yaml"] {
+        let text = read(file);
+        assert!(
+            !text
+                .lines()
+                .any(|l| l.trim_start().starts_with("api_secret")),
+            "{file} must not hold api_secret"
+        );
+    }
 }

@@ -15,12 +15,48 @@ async fn serves_the_browser_client_health_and_metrics() {
     let (status, body) = http_get(&server, "/").await;
     assert_eq!(status, 200);
     assert!(
-        body.contains("<html") && body.contains("/app.js"),
-        "index.html is served"
+        body.contains("<html") && body.contains(r#"<script type="module" src="/app.js">"#),
+        "index.html is served and loads the entry module"
     );
-    let (status, body) = http_get(&server, "/app.js").await;
-    assert_eq!(status, 200);
-    assert!(body.contains("WebSocket"), "the client script is served");
+    // Every module the entry imports, transitively, is served as JavaScript
+    // (browsers refuse modules of another type), and so is every module in
+    // src/web: one added there but not served would fail here.
+    let mut served = std::collections::BTreeSet::new();
+    let mut todo = vec!["app.js".to_owned()];
+    let mut all_text = String::new();
+    while let Some(name) = todo.pop() {
+        if !served.insert(name.clone()) {
+            continue;
+        }
+        let (status, content_type, body) =
+            http_get_header(&server, &format!("/{name}"), "content-type").await;
+        assert_eq!(status, 200, "/{name}");
+        assert_eq!(
+            content_type.as_deref(),
+            Some("text/javascript; charset=utf-8"),
+            "/{name}"
+        );
+        for part in body.split("from './").skip(1) {
+            let import = part.split('\'').next().unwrap_or_default();
+            assert!(import.ends_with(".js"), "{name} imports {import}");
+            todo.push(import.to_owned());
+        }
+        all_text.push_str(&body);
+    }
+    let on_disk: std::collections::BTreeSet<String> =
+        std::fs::read_dir(concat!(env!("CARGO_MANIFEST_DIR"), "/src/web"))
+            .expect("src/web")
+            .filter_map(|e| e.ok()?.file_name().into_string().ok())
+            .filter(|n| n.ends_with(".js"))
+            .collect();
+    assert_eq!(
+        served, on_disk,
+        "the modules reached from /app.js are src/web/*.js"
+    );
+    assert!(
+        all_text.contains("new WebSocket("),
+        "the client scripts are served"
+    );
     assert_eq!(http_get(&server, "/style.css").await.0, 200);
     assert_eq!(
         http_get(&server, "/healthz").await,

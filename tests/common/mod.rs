@@ -200,6 +200,34 @@ pub async fn http_request(
     path: &str,
     headers: &[&str],
 ) -> (u16, String) {
+    let (status, _, body) = http_exchange(server, method, path, headers).await;
+    (status, body)
+}
+
+/// The value of response header `name` (case-insensitive) of `GET path`, with
+/// the status and body.
+pub async fn http_get_header(
+    server: &RunningServer,
+    path: &str,
+    name: &str,
+) -> (u16, Option<String>, String) {
+    let (status, head, body) = http_exchange(server, "GET", path, &[]).await;
+    let value = head.lines().skip(1).find_map(|l| {
+        let (k, v) = l.split_once(':')?;
+        k.trim()
+            .eq_ignore_ascii_case(name)
+            .then(|| v.trim().to_owned())
+    });
+    (status, value, body)
+}
+
+/// One HTTP/1.1 request; returns (status, head, body).
+async fn http_exchange(
+    server: &RunningServer,
+    method: &str,
+    path: &str,
+    headers: &[&str],
+) -> (u16, String, String) {
     let mut s = TcpStream::connect(server.local_addr())
         .await
         .expect("connect");
@@ -219,11 +247,8 @@ pub async fn http_request(
         .nth(1)
         .and_then(|s| s.parse().ok())
         .expect("status line");
-    let body = text
-        .split_once("\r\n\r\n")
-        .map(|(_, b)| b.to_owned())
-        .unwrap_or_default();
-    (status, body)
+    let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
+    (status, head.to_owned(), body.to_owned())
 }
 
 /// The value of one sample in the `/metrics` text, e.g.

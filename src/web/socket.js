@@ -1,0 +1,117 @@
+// The signaling WebSocket: open (and send `join`, with the access token if
+// there is one), keep alive with pings, reconnect with backoff when it drops.
+
+import { S } from './state.js';
+import { notice } from './notices.js';
+import { setWsLabel, updateLayout } from './view.js';
+import { onServerMessage } from './protocol.js';
+import { closeAllPeers } from './p2p.js';
+import { closeSfu } from './sfu.js';
+import { backToLobby } from './session.js';
+
+const PING_INTERVAL_MS = 20000;
+const RECONNECT_MAX_ATTEMPTS = 6;
+
+export function wsUrl() {
+  return `${location.protocol === 'https:' ? 'wss:' : 'ws:'}//${location.host}/ws`;
+}
+
+export function send(msg) {
+  const ws = S.ws;
+  if (!ws || ws.readyState !== WebSocket.OPEN) return false;
+  ws.send(JSON.stringify(msg));
+  return true;
+}
+
+export function openSocket() {
+  const gen = ++S.wsGen;
+  setWsLabel(S.phase === 'reconnecting' ? 'reconnecting' : 'connecting');
+  let ws;
+  try {
+    ws = new WebSocket(wsUrl());
+  } catch (e) {
+    notice('ws', 'error', `Cannot open a connection to the server: ${e.message}`);
+    backToLobby();
+    return;
+  }
+  S.ws = ws;
+  ws.onopen = () => {
+    if (gen !== S.wsGen) return;
+    setWsLabel('connected');
+    S.lastPong = Date.now();
+    startPing();
+    const msg = { type: 'join', room: S.room, name: S.name };
+    if (S.joinMode) msg.mode = S.joinMode;
+    if (S.joinAudio) msg.audio = S.joinAudio;
+    if (S.token) msg.token = S.token;
+    send(msg);
+  };
+  ws.onmessage = (ev) => {
+    if (gen !== S.wsGen) return;
+    let msg;
+    try { msg = JSON.parse(ev.data); } catch (_) { return; }
+    if (msg && typeof msg === 'object') onServerMessage(msg);
+  };
+  ws.onerror = () => { /* followed by close */ };
+  ws.onclose = (ev) => { if (gen === S.wsGen) onSocketLost(ev); };
+}
+
+// Drops the current socket without triggering the lost-connection path.
+export function closeSocket() {
+  stopPing();
+  S.wsGen++;
+  const ws = S.ws;
+  S.ws = null;
+  if (ws && ws.readyState <= WebSocket.OPEN) ws.close(1000, 'bye');
+  setWsLabel('offline');
+}
+
+export function onSocketLost(ev) {
+  stopPing();
+  S.ws = null;
+  setWsLabel('closed');
+  if (S.leavedWaiter) S.leavedWaiter();
+  const wasIn = S.phase === 'in-room' || S.phase === 'reconnecting';
+  if (S.phase === 'leaving' || S.phase === 'lobby') return;
+  closeAllPeers();
+  closeSfu();
+  S.id = null;
+  if (!wasIn) {
+    notice('ws', 'error', `Could not connect to the server${ev && ev.code && ev.code !== 1006 ? ` (code ${ev.code})` : ''}. Please try again.`);
+    backToLobby();
+    return;
+  }
+  if (S.reconnectAttempts >= RECONNECT_MAX_ATTEMPTS) {
+    notice('ws', 'error', 'The server is gone and did not come back. Please try again later.');
+    backToLobby();
+    return;
+  }
+  S.phase = 'reconnecting';
+  const delay = Math.min(15000, 1000 * 2 ** S.reconnectAttempts) + Math.floor(Math.random() * 500);
+  S.reconnectAttempts++;
+  notice('ws', 'error', `Lost the connection to the server. Reconnecting in ${Math.round(delay / 1000)} s\u2026`);
+  setWsLabel('reconnecting');
+  updateLayout();
+  S.reconnectTimer = setTimeout(() => { S.reconnectTimer = null; if (S.phase === 'reconnecting') openSocket(); }, delay);
+}
+
+export function startPing() {
+  stopPing();
+  S.pingTimer = setInterval(() => {
+    if (!S.ws) return;
+    if (Date.now() - S.lastPong > 2.5 * PING_INTERVAL_MS) {
+      // No pong for too long: the connection is dead even if the browser has not noticed.
+      const ev = { code: 4000 };
+      S.wsGen++;
+      try { S.ws.close(); } catch (_) { /* ignore */ }
+      onSocketLost(ev);
+      return;
+    }
+    send({ type: 'ping', id: ++S.pingSeq });
+  }, PING_INTERVAL_MS);
+}
+
+export function stopPing() {
+  if (S.pingTimer) clearInterval(S.pingTimer);
+  S.pingTimer = null;
+}
