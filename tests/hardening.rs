@@ -651,14 +651,19 @@ async fn chat_over_its_caps_is_dropped_and_a_stalled_subscriber_gets_no_backlog(
     }
     assert!(refused, "the sender is told its message is too large");
     // The third subscriber stops acknowledging anything; the talker floods
-    // 4 KiB messages for 4 s, faster than its chat rate.
+    // 4 KiB messages, faster than its chat rate.
     peers[2].freeze_media();
     let before = rss_mib();
     let text = "z".repeat(4000);
     let mut sent = 0u32;
     let mut read = 0u32;
     let start = Instant::now();
-    while start.elapsed() < Duration::from_secs(4) && sent < 4000 {
+    // Until the server skips the stalled one (256 KiB queued for it: about
+    // 3.3 s at the sender's capped rate), bounded by 7 s — before the
+    // stalled connection's 8 s of silence removes it.
+    let mut next_check = start + Duration::from_secs(2);
+    let mut skipped = 0.0;
+    while start.elapsed() < Duration::from_secs(7) && sent < 7000 && skipped == 0.0 {
         let _ = peers[0].send_chat(&text);
         sent += 1;
         while let Some(ev) = peers[1].next_event_within(Duration::from_millis(1)).await {
@@ -667,10 +672,16 @@ async fn chat_over_its_caps_is_dropped_and_a_stalled_subscriber_gets_no_backlog(
                 read += 1;
             }
         }
+        if Instant::now() >= next_check {
+            next_check += Duration::from_millis(250);
+            let m = metrics(&server).await;
+            skipped = metric(&m, "switchboard_limited_total{limit=\"chat-backlog\"}");
+        }
     }
+    let flood_for = start.elapsed();
     let grown = rss_mib() - before;
     println!(
-        "chat flood: {sent} sent in 4 s, {read} relayed to the reader; RSS growth {grown:.1} MiB"
+        "chat flood: {sent} sent in {flood_for:?}, {read} relayed to the reader; RSS growth {grown:.1} MiB"
     );
     assert!(read > 0, "the reader keeps getting chat");
     assert!(read < sent, "the sender's rate is capped");
