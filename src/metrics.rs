@@ -184,6 +184,38 @@ impl Limit {
     }
 }
 
+/// The reasons `switchboard_media_dropped_total` is labelled with: the
+/// demux's (`DropReason::as_str`), the rewriter's (`RewriteDrop::as_str`)
+/// and the transport's own.
+pub const MEDIA_DROP_REASONS: [&str; 23] = [
+    // demux
+    "empty",
+    "oversize",
+    "unclassified",
+    "stun-malformed",
+    "stun-bad-username",
+    "unknown-ufrag",
+    "stun-bad-integrity",
+    "unknown-address",
+    // rewriter
+    "before-switch",
+    "too-old",
+    "stale-source",
+    // transport
+    "chat-forbidden",
+    "chat-not-utf8",
+    "forbidden",
+    "muted",
+    "not-negotiated",
+    "rejected",
+    "send-failed",
+    "standby",
+    "tcp-send-failed",
+    "unknown-peer",
+    "unknown-track",
+    "write-failed",
+];
+
 /// Reasons a join's token is refused (labels of `switchboard_auth_refused_total`).
 pub const AUTH_REFUSALS: [&str; 10] = [
     "missing",
@@ -383,6 +415,11 @@ impl Metrics {
                 )
                 .unwrap_or_else(|e| unreachable!("{e}"));
                 register(&registry, v.clone());
+                // Every known reason exists from the first scrape, so
+                // dashboards and alerts see 0 rather than "No data".
+                for reason in MEDIA_DROP_REASONS {
+                    v.with_label_values(&[reason]);
+                }
                 v
             },
             keyframe_requests_in: counter(
@@ -687,6 +724,40 @@ fn register<C: prometheus::core::Collector + 'static>(registry: &Registry, c: C)
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn every_media_drop_reason_is_listed_and_exists_before_any_drop() {
+        use crate::media::demux::{DropReason, StunError};
+        use crate::media::rewrite::RewriteDrop;
+        let demux = [
+            DropReason::Empty,
+            DropReason::Oversize,
+            DropReason::Unclassified,
+            DropReason::StunMalformed(StunError::NotStun),
+            DropReason::StunBadUsername,
+            DropReason::UnknownUfrag,
+            DropReason::StunBadIntegrity,
+            DropReason::UnknownAddress,
+        ]
+        .map(DropReason::as_str);
+        let rewrite = [
+            RewriteDrop::BeforeSwitch,
+            RewriteDrop::TooOld,
+            RewriteDrop::StaleSource,
+        ]
+        .map(RewriteDrop::as_str);
+        for reason in demux.iter().chain(&rewrite) {
+            assert!(
+                MEDIA_DROP_REASONS.contains(reason),
+                "{reason} is not listed"
+            );
+        }
+        let text = Metrics::new().render();
+        for reason in MEDIA_DROP_REASONS {
+            let sample = format!("switchboard_media_dropped_total{{reason=\"{reason}\"}} 0");
+            assert!(text.contains(&sample), "no {sample}");
+        }
+    }
 
     #[test]
     fn renders_every_family_with_zeroes() {
