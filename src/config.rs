@@ -90,6 +90,13 @@ pub struct ServeOptions {
     #[arg(long, env = "SWITCHBOARD_MAX_CONNS_PER_IP", value_name = "N")]
     pub max_conns_per_ip: Option<usize>,
 
+    /// Count a WebSocket client by the last address in its X-Forwarded-For
+    /// header (the one the nearest proxy saw) for the per-address caps and
+    /// logs; set it only behind a reverse proxy that sets that header, or
+    /// every client counts as the proxy [default: false]
+    #[arg(long, env = "SWITCHBOARD_TRUST_FORWARDED_FOR", num_args = 0..=1, default_missing_value = "true", value_name = "BOOL")]
+    pub trust_forwarded_for: Option<bool>,
+
     /// Most rooms that connections from one IP address may have created
     /// and that still exist; joins that would create more get `full` [default: 32]
     #[arg(long, env = "SWITCHBOARD_MAX_ROOMS_PER_IP", value_name = "N")]
@@ -286,6 +293,7 @@ impl ServeOptions {
             ws_write_timeout_ms: self.ws_write_timeout_ms.or(other.ws_write_timeout_ms),
             http_header_timeout_ms: self.http_header_timeout_ms.or(other.http_header_timeout_ms),
             max_conns_per_ip: self.max_conns_per_ip.or(other.max_conns_per_ip),
+            trust_forwarded_for: self.trust_forwarded_for.or(other.trust_forwarded_for),
             max_rooms_per_ip: self.max_rooms_per_ip.or(other.max_rooms_per_ip),
             max_tracks: self.max_tracks.or(other.max_tracks),
             stun_urls: self.stun_urls.or(other.stun_urls),
@@ -435,6 +443,8 @@ pub struct Config {
     pub p2p_return: Option<Duration>,
     pub audio_mode: AudioMode,
     pub allowed_origins: Vec<String>,
+    /// `--trust-forwarded-for`.
+    pub trust_forwarded_for: bool,
     pub shutdown_grace: Duration,
     /// How long a drain lets running rooms go on.
     pub drain_timeout: Duration,
@@ -561,6 +571,7 @@ impl Config {
                 .map(Duration::from_millis),
             audio_mode: o.audio_mode.unwrap_or_default(),
             allowed_origins: o.allowed_origins.unwrap_or_default(),
+            trust_forwarded_for: o.trust_forwarded_for.unwrap_or(false),
             shutdown_grace: Duration::from_millis(o.shutdown_grace_ms.unwrap_or(5000)),
             drain_timeout: Duration::from_millis(o.drain_timeout_ms.unwrap_or(30_000)),
             admin_token: o.admin_token.filter(|t| !t.is_empty()),

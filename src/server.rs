@@ -486,6 +486,20 @@ async fn metrics(State(s): State<AppState>) -> Response {
         .into_response()
 }
 
+/// The last address in `X-Forwarded-For` (the one the nearest proxy added),
+/// if it parses.
+fn forwarded_for(headers: &HeaderMap) -> Option<std::net::IpAddr> {
+    let last = headers
+        .get_all("x-forwarded-for")
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .map(str::trim)
+        .filter(|v| !v.is_empty())
+        .last()?;
+    last.parse().ok()
+}
+
 /// Most bytes a WebSocket may have written but not yet accepted by the
 /// client's TCP window before the connection is failed.
 const WRITE_BUFFER_CAP: usize = 512 * 1024;
@@ -510,6 +524,13 @@ async fn ws(
     if s.shutdown.is_cancelled() {
         return (StatusCode::SERVICE_UNAVAILABLE, "shutting down\n").into_response();
     }
+    // Behind a reverse proxy every TCP peer is the proxy: count the client
+    // it names, when told to trust it.
+    let peer = if s.hub.config().trust_forwarded_for {
+        forwarded_for(&headers).map_or(peer, |ip| SocketAddr::new(ip, peer.port()))
+    } else {
+        peer
+    };
     let Some(slot) = s.ws_per_ip.acquire(peer.ip()) else {
         s.metrics.limited(crate::metrics::Limit::ConnsPerIp);
         return (

@@ -697,3 +697,60 @@ async fn chat_over_its_caps_is_dropped_and_a_stalled_subscriber_gets_no_backlog(
         "copies for the stalled subscriber are skipped:\n{m}"
     );
 }
+
+/// A WebSocket whose upgrade request says `X-Forwarded-For: xff`; true
+/// when it was accepted.
+async fn ws_forwarded_for(server: &RunningServer, xff: &str) -> Option<impl Sized> {
+    use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+    let mut req = server.ws_url().into_client_request().expect("request");
+    req.headers_mut()
+        .insert("x-forwarded-for", xff.parse().expect("header value"));
+    tokio_tungstenite::connect_async(req)
+        .await
+        .ok()
+        .map(|(ws, _)| ws)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn behind_a_proxy_the_forwarded_address_is_counted_only_when_trusted() {
+    // Trusted: each forwarded client has its own cap of 2.
+    let trusting = server(ServeOptions {
+        max_conns_per_ip: Some(2),
+        trust_forwarded_for: Some(true),
+        ..Default::default()
+    })
+    .await;
+    let mut held = Vec::new();
+    for xff in ["198.51.100.1", "203.0.113.9, 198.51.100.1"] {
+        held.push(ws_forwarded_for(&trusting, xff).await.expect("first two"));
+    }
+    assert!(
+        ws_forwarded_for(&trusting, "198.51.100.1").await.is_none(),
+        "a third from 198.51.100.1 (the last address) is refused"
+    );
+    for _ in 0..2 {
+        held.push(
+            ws_forwarded_for(&trusting, "198.51.100.2")
+                .await
+                .expect("another client"),
+        );
+    }
+    // Not trusted (the default): the header is ignored, so it cannot be
+    // used to dodge the cap; everyone here is 127.0.0.1.
+    let plain = server(ServeOptions {
+        max_conns_per_ip: Some(2),
+        ..Default::default()
+    })
+    .await;
+    let a = ws_forwarded_for(&plain, "198.51.100.1")
+        .await
+        .expect("first");
+    let b = ws_forwarded_for(&plain, "198.51.100.2")
+        .await
+        .expect("second");
+    assert!(
+        ws_forwarded_for(&plain, "198.51.100.3").await.is_none(),
+        "a forged header does not buy a third"
+    );
+    drop((a, b, held));
+}
