@@ -496,7 +496,7 @@ fn forwarded_for(headers: &HeaderMap) -> Option<std::net::IpAddr> {
         .flat_map(|v| v.split(','))
         .map(str::trim)
         .filter(|v| !v.is_empty())
-        .last()?;
+        .next_back()?;
     last.parse().ok()
 }
 
