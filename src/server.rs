@@ -495,8 +495,7 @@ fn forwarded_for(headers: &HeaderMap) -> Option<std::net::IpAddr> {
         .filter_map(|v| v.to_str().ok())
         .flat_map(|v| v.split(','))
         .map(str::trim)
-        .filter(|v| !v.is_empty())
-        .next_back()?;
+        .rfind(|v| !v.is_empty())?;
     last.parse().ok()
 }
 
