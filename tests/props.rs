@@ -184,8 +184,9 @@ fn random_offer(rng: &mut Rng) -> String {
         sdp.push_str(header);
     }
     for _ in 0..rng.below(12) {
-        sdp.push_str(*rng.pick(&lines));
-        sdp.push_str(*rng.pick(&ends));
+        let (line, end): (&&str, &&str) = (rng.pick(&lines), rng.pick(&ends));
+        sdp.push_str(line);
+        sdp.push_str(end);
     }
     sdp
 }
