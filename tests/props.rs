@@ -272,9 +272,9 @@ fn rtp_rewrite_keeps_streams_continuous() {
 
 #[test]
 fn codec_descriptors_are_exact() {
-    seeds_and_mutations("vp8", 51, 20_000, checks::codecs);
+    seeds_and_mutations("vp8", 51, 10_000, checks::codecs);
     let mut rng = Rng::new(52);
-    for _ in 0..20_000 {
+    for _ in 0..10_000 {
         let p: Vec<u8> = (0..rng.below(40)).map(|_| rng.byte()).collect();
         checks::codecs(&p);
     }
