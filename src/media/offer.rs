@@ -41,23 +41,46 @@ pub enum OfferError {
 pub fn inspect(sdp: &str) -> OfferShape {
     let mut shape = OfferShape::default();
     let mut section: Option<Section> = None;
-    for line in sdp.lines() {
-        if let Some(m) = line.strip_prefix("m=") {
-            if section.take().is_some_and(|s| s.sends()) {
-                shape.sending += 1;
+    for line in sdp.split('\n') {
+        match sdp_line(line) {
+            Some(('m', value)) => {
+                if section.take().is_some_and(|s| s.sends()) {
+                    shape.sending += 1;
+                }
+                shape.sections += 1;
+                section = Some(Section::new(value));
             }
-            shape.sections += 1;
-            section = Some(Section::new(m));
-        } else if line.starts_with("a=candidate:") {
-            shape.candidates += 1;
-        } else if let Some(s) = section.as_mut() {
-            s.see(line);
+            Some(('a', value)) if attribute_key(value) == "candidate" => shape.candidates += 1,
+            Some(('a', value)) => {
+                if let Some(s) = section.as_mut() {
+                    s.see(value);
+                }
+            }
+            _ => {}
         }
     }
     if section.is_some_and(|s| s.sends()) {
         shape.sending += 1;
     }
     shape
+}
+
+/// One SDP line (without its `\n`) as the engine's parser reads it: `\r`s
+/// before the type are skipped, the type is the one character before the
+/// first `=`, and the value is trimmed. `None` for lines the engine would
+/// refuse.
+fn sdp_line(line: &str) -> Option<(char, &str)> {
+    let (ty, value) = line.trim_start_matches('\r').split_once('=')?;
+    let mut chars = ty.chars();
+    match (chars.next(), chars.next()) {
+        (Some(ty), None) => Some((ty, value.trim())),
+        _ => None,
+    }
+}
+
+/// The name of an attribute (`a=` value): the part before the first `:`.
+fn attribute_key(value: &str) -> &str {
+    value.split_once(':').map_or(value, |(key, _)| key)
 }
 
 /// Checks `sdp` against `limits`.
@@ -79,11 +102,14 @@ pub fn check(sdp: &str, limits: &OfferLimits) -> Result<OfferShape, OfferError> 
 }
 
 /// `sdp` with only its first `keep` sending audio/video sections left
-/// sending: in the others `sendrecv` becomes `recvonly` and `sendonly`
-/// becomes `inactive` (a section with no direction, which means sendrecv,
-/// gets `a=recvonly`). `keep = 0` makes the whole offer receive-only.
-/// (The engine decides what it accepts from its own state too; the
-/// transport enforces the same caps on the tracks that open.)
+/// sending: in the others every `sendrecv` becomes `recvonly` and every
+/// `sendonly` becomes `inactive` (a section with no direction, which means
+/// sendrecv, gets `a=recvonly`). `keep = 0` makes the whole offer
+/// receive-only. Lines are read as the engine reads them ([`sdp_line`]),
+/// and the engine takes a section's first direction attribute, so that is
+/// the one that counts here too. (The engine decides what it accepts from
+/// its own state too; the transport enforces the same caps on the tracks
+/// that open.)
 pub fn limit_sending(sdp: &str, keep: usize) -> String {
     let mut out = String::with_capacity(sdp.len() + 16);
     let mut kept = 0;
@@ -101,14 +127,18 @@ pub fn limit_sending(sdp: &str, keep: usize) -> String {
                 *kept > keep
             };
             for line in pending.drain(..) {
+                let dir = match sdp_line(line) {
+                    Some(('a', value)) if over => Direction::parse(attribute_key(value)),
+                    _ => None,
+                };
                 let bare = line.trim_end_matches(['\r', '\n']);
                 let eol = &line[bare.len()..];
-                match bare {
-                    "a=sendrecv" if over => {
+                match dir {
+                    Some(Direction::SendRecv) => {
                         out.push_str("a=recvonly");
                         out.push_str(eol);
                     }
-                    "a=sendonly" if over => {
+                    Some(Direction::SendOnly) => {
                         out.push_str("a=inactive");
                         out.push_str(eol);
                     }
@@ -116,16 +146,25 @@ pub fn limit_sending(sdp: &str, keep: usize) -> String {
                 }
             }
             if over && section.direction.is_none() {
+                // The section's last line may lack its line break.
+                if !out.ends_with('\n') {
+                    out.push_str("\r\n");
+                }
                 out.push_str("a=recvonly\r\n");
             }
         };
     for line in sdp.split_inclusive('\n') {
-        let bare = line.trim_end_matches(['\r', '\n']);
-        if let Some(m) = bare.strip_prefix("m=") {
-            flush(&mut out, &mut pending, header.take(), &mut kept);
-            header = Some(Section::new(m));
-        } else if let Some(s) = header.as_mut() {
-            s.see(bare);
+        match sdp_line(line.strip_suffix('\n').unwrap_or(line)) {
+            Some(('m', value)) => {
+                flush(&mut out, &mut pending, header.take(), &mut kept);
+                header = Some(Section::new(value));
+            }
+            Some(('a', value)) => {
+                if let Some(s) = header.as_mut() {
+                    s.see(value);
+                }
+            }
+            _ => {}
         }
         pending.push(line);
     }
@@ -149,9 +188,23 @@ enum Direction {
     Inactive,
 }
 
+impl Direction {
+    /// The direction an attribute name sets, if it is one.
+    fn parse(key: &str) -> Option<Direction> {
+        match key {
+            "sendrecv" => Some(Direction::SendRecv),
+            "sendonly" => Some(Direction::SendOnly),
+            "recvonly" => Some(Direction::RecvOnly),
+            "inactive" => Some(Direction::Inactive),
+            _ => None,
+        }
+    }
+}
+
 impl Section {
-    fn new(m_line: &str) -> Section {
-        let mut fields = m_line.split(' ');
+    /// From the value of an `m=` line.
+    fn new(m_value: &str) -> Section {
+        let mut fields = m_value.split_whitespace();
         let kind = fields.next().unwrap_or("");
         let port = fields.next().unwrap_or("");
         Section {
@@ -161,15 +214,12 @@ impl Section {
         }
     }
 
-    fn see(&mut self, line: &str) {
-        let dir = match line {
-            "a=sendrecv" => Direction::SendRecv,
-            "a=sendonly" => Direction::SendOnly,
-            "a=recvonly" => Direction::RecvOnly,
-            "a=inactive" => Direction::Inactive,
-            _ => return,
-        };
-        self.direction = Some(dir);
+    /// Sees the value of an `a=` line of this section: the first direction
+    /// attribute is the section's direction.
+    fn see(&mut self, value: &str) {
+        if self.direction.is_none() {
+            self.direction = Direction::parse(attribute_key(value));
+        }
     }
 
     fn sends(&self) -> bool {
@@ -269,5 +319,47 @@ mod tests {
         assert!(!none.contains("a=sendrecv") && !none.contains("a=sendonly"));
         // Nothing to change: byte for byte the same.
         assert_eq!(limit_sending(&sdp, 10), sdp);
+    }
+
+    /// Found by the property test of `tests/props.rs` (fuzz target
+    /// `sdp_offer`): a last section without a direction and without a final
+    /// line break got `a=recvonly` glued onto its last line
+    /// (`a=mid:3a=recvonly`), so it stayed sending.
+    #[test]
+    fn regression_direction_added_after_a_last_line_without_break() {
+        let sdp = "v=0\no=- 1 2 IN IP4 127.0.0.1\ns=-\nt=0 0\n\
+                   m=audio 9 UDP/TLS/RTP/SAVPF 111\na=mid:3";
+        let limited = limit_sending(sdp, 0);
+        assert_eq!(inspect(&limited).sending, 0, "{limited:?}");
+        assert!(
+            limited.ends_with("a=mid:3\r\na=recvonly\r\n"),
+            "{limited:?}"
+        );
+    }
+
+    /// Lines as the engine reads them: it takes a section's first direction
+    /// attribute, skips `\r` before a line's type and trims values. Each of
+    /// these sections sends as far as the engine is concerned, so each must
+    /// count and be limited.
+    #[test]
+    fn regression_directions_read_as_the_engine_reads_them() {
+        let head = "v=0\r\no=- 1 2 IN IP4 127.0.0.1\r\ns=-\r\nt=0 0\r\n";
+        for section in [
+            // First direction wins: sendrecv, though recvonly follows.
+            "m=video 9 UDP/TLS/RTP/SAVPF 96\r\na=sendrecv\r\na=recvonly\r\n",
+            // Padded and with a value: still sendonly.
+            "m=video 9 UDP/TLS/RTP/SAVPF 96\r\na= sendonly \r\n",
+            "m=video 9 UDP/TLS/RTP/SAVPF 96\r\na=sendrecv:x\r\n",
+            // Extra carriage returns around a line.
+            "m=video 9 UDP/TLS/RTP/SAVPF 96\r\n\ra=sendrecv\r\r\n",
+            // A tab before the media kind.
+            "m=\tvideo 9 UDP/TLS/RTP/SAVPF 96\r\n",
+        ] {
+            let sdp = format!("{head}{section}");
+            assert_eq!(inspect(&sdp).sending, 1, "{sdp:?}");
+            let limited = limit_sending(&sdp, 0);
+            assert_eq!(inspect(&limited).sending, 0, "{limited:?}");
+            assert_eq!(limit_sending(&limited, 0), limited);
+        }
     }
 }
