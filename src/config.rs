@@ -540,6 +540,17 @@ impl Config {
         }
         let webhook_urls = o.webhook_url.unwrap_or_default();
         check_urls(&webhook_urls, "webhook (http://)", &["http://"])?;
+        // Each must also parse as a URL with a host, or every event to it
+        // would fail all its attempts.
+        if let Some(bad) = webhook_urls.iter().find(|u| {
+            u.parse::<hyper::Uri>()
+                .map_or(true, |uri| uri.host().is_none_or(str::is_empty))
+        }) {
+            return Err(ConfigError::Url {
+                kind: "webhook (http://)",
+                url: bad.clone(),
+            });
+        }
         if !webhook_urls.is_empty() && keys.is_empty() {
             return Err(ConfigError::WebhookKey);
         }
@@ -619,6 +630,30 @@ fn check_urls(urls: &[String], kind: &'static str, schemes: &[&str]) -> Result<(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn webhook_urls_must_parse_with_a_host() {
+        let with = |url: &str| {
+            Config::resolve(ServeOptions {
+                api_key: Some("k".into()),
+                api_secret: Some("s".repeat(32)),
+                webhook_url: Some(vec![url.to_owned()]),
+                ..ServeOptions::default()
+            })
+        };
+        assert!(with("http://127.0.0.1:9000/hook").is_ok());
+        for bad in [
+            "http://has space/hook",
+            "http://",
+            "http:///path",
+            "https://x/",
+        ] {
+            assert!(
+                matches!(with(bad), Err(ConfigError::Url { .. })),
+                "{bad} is refused"
+            );
+        }
+    }
 
     #[test]
     fn defaults() {
