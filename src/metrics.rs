@@ -97,6 +97,9 @@ pub struct Metrics {
     /// RTP packets written to a subscriber.
     pub media_forwarded: IntCounter,
     media_dropped: IntCounterVec,
+    /// The counter of each known drop reason, resolved once: a drop on the
+    /// media path finds its counter without the vector's lock.
+    media_dropped_known: Vec<(&'static str, IntCounter)>,
     /// PLI/FIR received from subscribers.
     pub keyframe_requests_in: IntCounter,
     /// PLIs sent to publishers.
@@ -343,6 +346,18 @@ impl Metrics {
             "reason",
             &["room-full", "too-many-rooms"],
         );
+        let media_dropped = {
+            let v = IntCounterVec::new(
+                Opts::new(
+                    "switchboard_media_dropped_total",
+                    "Datagrams or RTP packets dropped, by reason",
+                ),
+                &["reason"],
+            )
+            .unwrap_or_else(|e| unreachable!("{e}"));
+            register(&registry, v.clone());
+            v
+        };
         Metrics {
             connections: gauge(
                 "switchboard_signaling_connections",
@@ -405,23 +420,13 @@ impl Metrics {
                 "switchboard_media_rtp_forwarded_total",
                 "RTP packets forwarded to a subscriber",
             ),
-            media_dropped: {
-                let v = IntCounterVec::new(
-                    Opts::new(
-                        "switchboard_media_dropped_total",
-                        "Datagrams or RTP packets dropped, by reason",
-                    ),
-                    &["reason"],
-                )
-                .unwrap_or_else(|e| unreachable!("{e}"));
-                register(&registry, v.clone());
-                // Every known reason exists from the first scrape, so
-                // dashboards and alerts see 0 rather than "No data".
-                for reason in MEDIA_DROP_REASONS {
-                    v.with_label_values(&[reason]);
-                }
-                v
-            },
+            // Resolving every known reason also makes it exist from the
+            // first scrape: dashboards and alerts see 0, not "No data".
+            media_dropped_known: MEDIA_DROP_REASONS
+                .iter()
+                .map(|r| (*r, media_dropped.with_label_values(&[r])))
+                .collect(),
+            media_dropped,
             keyframe_requests_in: counter(
                 "switchboard_media_keyframe_requests_received_total",
                 "PLI and FIR received from subscribers",
@@ -672,7 +677,10 @@ impl Metrics {
     /// Something on the media path was dropped for `reason` (a short,
     /// fixed string: the label set stays small).
     pub fn media_dropped(&self, reason: &'static str) {
-        self.media_dropped.with_label_values(&[reason]).inc();
+        match self.media_dropped_known.iter().find(|(r, _)| *r == reason) {
+            Some((_, counter)) => counter.inc(),
+            None => self.media_dropped.with_label_values(&[reason]).inc(),
+        }
     }
 
     /// A server connection moved from one state to another (`None`: it did

@@ -1969,23 +1969,8 @@ fn add_send_track(
         .position(|s| s.ready && s.kind == kind && s.mime.eq_ignore_ascii_case(&codec.mime_type));
     if let Some(i) = reusable {
         let old = spare.swap_remove(i);
-        let local_id = format!("{stream_id}-{}", random_token(8));
         // Same sender, same SSRC (the m-section's), a new track and stream.
-        let encodings = vec![RTCRtpEncodingParameters {
-            rtp_coding_parameters: RTCRtpCodingParameters {
-                ssrc: Some(old.ssrc),
-                ..Default::default()
-            },
-            codec,
-            ..Default::default()
-        }];
-        let local = MediaStreamTrack::new(
-            stream_id,
-            local_id.clone(),
-            local_id.clone(),
-            kind,
-            encodings,
-        );
+        let (local, local_id) = local_track(stream_id, kind, codec, old.ssrc, None);
         // (The sender is reachable again once its transceiver sends.)
         if let Some(mut t) = pc.rtp_transceiver(old.transceiver) {
             t.set_direction(RTCRtpTransceiverDirection::Sendonly);
@@ -2002,25 +1987,8 @@ fn add_send_track(
         });
     }
     let ssrc = rand::random::<u32>();
-    let local_id = format!("{stream_id}-{}", random_token(8));
-    let encodings = vec![RTCRtpEncodingParameters {
-        rtp_coding_parameters: RTCRtpCodingParameters {
-            ssrc: Some(ssrc),
-            rtx: (kind == RtpCodecKind::Video).then(|| RTCRtpRtxParameters {
-                ssrc: rand::random::<u32>(),
-            }),
-            ..Default::default()
-        },
-        codec,
-        ..Default::default()
-    }];
-    let local = MediaStreamTrack::new(
-        stream_id,
-        local_id.clone(),
-        local_id.clone(),
-        kind,
-        encodings,
-    );
+    let rtx = (kind == RtpCodecKind::Video).then(rand::random::<u32>);
+    let (local, local_id) = local_track(stream_id, kind, codec, ssrc, rtx);
     let init = RTCRtpTransceiverInit {
         direction: RTCRtpTransceiverDirection::Sendonly,
         streams: vec![],
@@ -2038,6 +2006,35 @@ fn add_send_track(
         local_id,
         rewriter: None,
     })
+}
+
+/// A server-sent track in stream `stream_id` on `ssrc` (and an RTX SSRC),
+/// with a fresh track id.
+fn local_track(
+    stream_id: String,
+    kind: RtpCodecKind,
+    codec: RTCRtpCodec,
+    ssrc: u32,
+    rtx: Option<u32>,
+) -> (MediaStreamTrack, MediaStreamTrackId) {
+    let local_id = format!("{stream_id}-{}", random_token(8));
+    let encodings = vec![RTCRtpEncodingParameters {
+        rtp_coding_parameters: RTCRtpCodingParameters {
+            ssrc: Some(ssrc),
+            rtx: rtx.map(|ssrc| RTCRtpRtxParameters { ssrc }),
+            ..Default::default()
+        },
+        codec,
+        ..Default::default()
+    }];
+    let local = MediaStreamTrack::new(
+        stream_id,
+        local_id.clone(),
+        local_id.clone(),
+        kind,
+        encodings,
+    );
+    (local, local_id)
 }
 
 /// The payload type of `mime` among `codecs`.

@@ -228,13 +228,17 @@ async fn http_exchange(
     path: &str,
     headers: &[&str],
 ) -> (u16, String, String) {
-    let mut s = TcpStream::connect(server.local_addr())
-        .await
-        .expect("connect");
     let extra: String = headers.iter().map(|h| format!("{h}\r\n")).collect();
     let req = format!(
         "{method} {path} HTTP/1.1\r\nHost: test\r\nContent-Length: 0\r\n{extra}Connection: close\r\n\r\n"
     );
+    raw_http(server.local_addr(), &req).await
+}
+
+/// Sends one whole HTTP/1.1 request (`Connection: close`) to `addr` and
+/// reads the answer: (status, head, body).
+pub async fn raw_http(addr: std::net::SocketAddr, req: &str) -> (u16, String, String) {
+    let mut s = TcpStream::connect(addr).await.expect("connect");
     s.write_all(req.as_bytes()).await.expect("write");
     let mut buf = Vec::new();
     tokio::time::timeout(WAIT, s.read_to_end(&mut buf))
