@@ -182,14 +182,15 @@ async function main() {
       const snaps = await until(two, 'video through the server both ways',
         (n, s) => s.state.mode === 'sfu' && framesFrom(s, others(n, ['alice', 'bob'])[0]).sfu > 0);
       await sleep(1500);
-      for (const [name, s0] of Object.entries(snaps)) {
-        const s = await observe(pages[name]);
+      const later = await until(two, 'server video advancing',
+        (n, s) => framesFrom(s, others(n, ['alice', 'bob'])[0]).sfu > framesFrom(snaps[n], others(n, ['alice', 'bob'])[0]).sfu);
+      for (const name of Object.keys(snaps)) {
+        const s = later[name];
         const f = framesFrom(s, others(name, ['alice', 'bob'])[0]);
         const t = s.timings;
         const pt = t.peers[0];
         if (t.modeReason !== 'p2p-failed') fail(`${name}: last mode reason ${t.modeReason}, expected p2p-failed`);
         if (f.p2p !== 0) fail(`${name}: ${f.p2p} frames over P2P between isolated subnets`);
-        if (f.sfu <= framesFrom(s0, others(name, ['alice', 'bob'])[0]).sfu) fail(`${name}: server video stopped advancing`);
         const tile = s.tiles.find((x) => x.peer === pt.id);
         if (!tile || tile.name !== others(name, ['alice', 'bob'])[0]) fail(`${name}: tiles ${JSON.stringify(s.tiles)}`);
         result.pages[name] = {
@@ -213,15 +214,17 @@ async function main() {
       await until(pages, 'every page decoding both others through the server',
         (n, s) => s.state.mode === 'sfu' && others(n, all).every((o) => framesFrom(s, o).sfu > 0)
           && s.state.peers.every((p) => p.connectionState === 'none'));
-      // Let the switch settle, then check the videos still advance.
+      // Let the switch settle, then check the videos still advance: new
+      // frames from every other page arrive after the settled mark (an order
+      // of events, bounded by the step timeout, not a timed window: a loaded
+      // machine may freeze a page for a second or two, and the freeze is
+      // reported as a figure below).
       const mid = await until(pages, 'settled', () => true);
       await sleep(2000);
-      const end = await until(pages, 'settled', () => true);
+      const end = await until(pages, 'every video advancing after the switch',
+        (n, s) => others(n, all).every((o) => framesFrom(s, o).sfu > framesFrom(mid[n], o).sfu));
       for (const name of all) {
         const s = end[name];
-        for (const o of others(name, all)) {
-          if (framesFrom(s, o).sfu <= framesFrom(mid[name], o).sfu) fail(`${name}: video from ${o} stopped advancing`);
-        }
         if (s.tiles.length !== 2) fail(`${name}: ${s.tiles.length} remote tiles, expected 2`);
         if (name !== 'carol') {
           // Make before break: the direct connection closed because the
@@ -255,12 +258,12 @@ async function main() {
         (n, s) => s.state.mode === 'p2p' && s.state.peers[0].connectionState === 'connected'
           && framesFrom(s, others(n, ['alice', 'bob'])[0]).p2p > 0);
       await sleep(2000);
-      const end = await until(two, 'settled', () => true);
+      const end = await until(two, 'direct video advancing',
+        (n, s) => framesFrom(s, others(n, ['alice', 'bob'])[0]).p2p > framesFrom(before[n], others(n, ['alice', 'bob'])[0]).p2p + 10);
       for (const name of ['alice', 'bob']) {
         const o = others(name, ['alice', 'bob'])[0];
         const s = end[name];
         if (s.timings.modeReason !== 'two-participants') fail(`${name}: last mode reason ${s.timings.modeReason}`);
-        if (framesFrom(s, o).p2p <= framesFrom(before[name], o).p2p + 10) fail(`${name}: direct video from ${o} is not advancing`);
         if (s.tiles.length !== 1) fail(`${name}: ${s.tiles.length} remote tiles, expected 1`);
         const freezes = await pages[name].evaluate((since) => window.sb.longestFreeze(since), leftAt);
         result.pages[name].backToP2p = {
