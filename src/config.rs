@@ -155,6 +155,12 @@ pub struct ServeOptions {
     #[arg(long, env = "SWITCHBOARD_AUDIO_MODE", value_name = "MODE", value_parser = parse_audio_mode)]
     pub audio_mode: Option<AudioMode>,
 
+    /// Classic Socket.IO clients (`/socket.io/`): `never` keeps them P2P
+    /// only, two per room; `always` makes the server each one's peer;
+    /// `auto` keeps two of them P2P and relays once a third joins [default: auto]
+    #[arg(long, env = "SWITCHBOARD_SOCKETIO_RELAY", value_name = "WHEN", value_parser = parse_relay)]
+    pub socketio_relay: Option<Relay>,
+
     /// In mix rooms, how many of the loudest speakers are mixed (1-16); the
     /// rest of the room hears them through one shared encode [default: 3]
     #[arg(long, env = "SWITCHBOARD_MIX_SPEAKERS", value_name = "K")]
@@ -266,6 +272,30 @@ pub struct ServeOptions {
     pub log: Option<String>,
 }
 
+/// When the server relays a classic Socket.IO client's media
+/// (`--socketio-relay`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Relay {
+    /// Never: the classic server, two per room, P2P only.
+    Never,
+    /// Two classic clients P2P; the server becomes everyone's peer once a
+    /// third joins (or P2P fails).
+    #[default]
+    Auto,
+    /// The server is each classic client's one peer from the start.
+    Always,
+}
+
+fn parse_relay(s: &str) -> Result<Relay, String> {
+    match s {
+        "never" => Ok(Relay::Never),
+        "auto" => Ok(Relay::Auto),
+        "always" => Ok(Relay::Always),
+        other => Err(format!("expected never, auto or always, not {other:?}")),
+    }
+}
+
 fn parse_audio_mode(s: &str) -> Result<AudioMode, String> {
     match s {
         "mix" => Ok(AudioMode::Mix),
@@ -303,6 +333,7 @@ impl ServeOptions {
             p2p_timeout_ms: self.p2p_timeout_ms.or(other.p2p_timeout_ms),
             p2p_return_ms: self.p2p_return_ms.or(other.p2p_return_ms),
             audio_mode: self.audio_mode.or(other.audio_mode),
+            socketio_relay: self.socketio_relay.or(other.socketio_relay),
             mix_speakers: self.mix_speakers.or(other.mix_speakers),
             mix_complexity: self.mix_complexity.or(other.mix_complexity),
             allowed_origins: self.allowed_origins.or(other.allowed_origins),
@@ -442,6 +473,8 @@ pub struct Config {
     /// `p2p`; `None` (the default) keeps it `sfu`.
     pub p2p_return: Option<Duration>,
     pub audio_mode: AudioMode,
+    /// `--socketio-relay`.
+    pub socketio_relay: Relay,
     pub allowed_origins: Vec<String>,
     /// `--trust-forwarded-for`.
     pub trust_forwarded_for: bool,
@@ -581,6 +614,7 @@ impl Config {
                 .filter(|&ms| ms > 0)
                 .map(Duration::from_millis),
             audio_mode: o.audio_mode.unwrap_or_default(),
+            socketio_relay: o.socketio_relay.unwrap_or_default(),
             allowed_origins: o.allowed_origins.unwrap_or_default(),
             trust_forwarded_for: o.trust_forwarded_for.unwrap_or(false),
             shutdown_grace: Duration::from_millis(o.shutdown_grace_ms.unwrap_or(5000)),

@@ -32,7 +32,7 @@ use crate::ice::ice_servers;
 use crate::metrics::{Limit, Metrics, Refusal};
 use crate::perip::{PerIp, Slot};
 use crate::room::{Effect, JoinContext, Joiner, Room, RoomError, RoomSettings, To};
-use crate::sfu::{Command, MediaError, MediaKind, MediaPlane, Publishing};
+use crate::sfu::{Command, MediaError, MediaKind, MediaPlane, Publishing, Signal};
 use crate::webhook::{Event, ParticipantRef, RoomRef, Webhooks};
 
 /// Messages a connection has yet to write, in order.
@@ -199,6 +199,18 @@ pub struct CreateRoom {
 /// How long a room made through the admin API may stay empty, by default.
 pub const DEFAULT_EMPTY_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(300);
 
+/// What kind of client a connection is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Client {
+    /// The WebSocket protocol (`/ws`).
+    Protocol,
+    /// A classic Socket.IO client, P2P until the room goes `sfu`.
+    Classic,
+    /// A classic Socket.IO client whose peer is the server from the start
+    /// (`--socketio-relay always`): its join takes an `auto` room to `sfu`.
+    ClassicRelayed,
+}
+
 /// The result of a join.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum JoinOutcome {
@@ -301,6 +313,12 @@ impl Hub {
     /// `from` is the client's address (rooms it creates count against
     /// `--max-rooms-per-ip`).
     pub fn join(&self, outbox: &Outbox, req: Join, from: IpAddr) -> JoinOutcome {
+        self.join_as(outbox, req, from, Client::Protocol)
+    }
+
+    /// [`Hub::join`] for a connection of the given kind.
+    pub fn join_as(&self, outbox: &Outbox, req: Join, from: IpAddr, client: Client) -> JoinOutcome {
+        let classic = client != Client::Protocol;
         if self.is_draining() {
             self.reply(
                 outbox,
@@ -369,6 +387,8 @@ impl Hub {
             identity,
             grants,
             joined_at: unix_now(),
+            classic,
+            needs_sfu: client == Client::ClassicRelayed,
         };
         match room.join(joiner, &ctx) {
             Ok(effects) => {
@@ -783,17 +803,21 @@ impl Hub {
             if !room.contains(from) {
                 return Err(RoomError::NotAMember(from.clone()).into());
             }
-            let grants = room.member(from).map(|m| m.grants).unwrap_or(Grants::ALL);
+            let (grants, classic) = room
+                .member(from)
+                .map(|m| (m.grants, m.classic))
+                .unwrap_or((Grants::ALL, false));
             let data: SignalData =
                 serde_json::from_value(data).map_err(|e| HubError::BadSignal(e.to_string()))?;
-            media.send(Command::Signal {
+            media.send(Command::Signal(Signal {
                 room: room_name.clone(),
                 participant: from.clone(),
                 sfu: room.mode() == MediaMode::Sfu,
                 audio: room.audio(),
                 grants,
+                classic,
                 data,
-            })?;
+            }))?;
             return Ok(());
         }
         let effect = room.relay(from, to, data)?;

@@ -10,6 +10,8 @@
 //!   `/metrics`, TLS, graceful shutdown. [`server::start`] is what `serve`
 //!   and the integration tests run.
 //! - [`session`]: one WebSocket connection: limits, parsing, hub calls.
+//! - [`socketio`]: `/socket.io/`, the classic Socket.IO room protocol:
+//!   classic events to hub calls and hub messages to classic events.
 //! - [`hub`]: every room and every participant's outbox; runs room logic and
 //!   delivers its effects. Never awaits.
 //! - [`room`]: one room's membership and media-mode state machine. Pure:
@@ -21,8 +23,7 @@
 //! - `media`: the engine-independent media core (rewriting, NACK cache,
 //!   keyframe throttling, demux): data and `now` in, decisions out.
 //! - [`mixer`]: the audio mixer's pure core (jitter buffers, Opus decode and
-//!   encode, top-K selection, soft limiter, levels); not wired to the
-//!   transport yet.
+//!   encode, top-K selection, soft limiter, levels).
 //! - [`auth`]: access tokens (LiveKit-compatible JWTs), API keys, grants.
 //! - [`admin`]: the admin API (`/api/v1`), authorized by tokens.
 //! - [`webhook`]: signed room/participant events POSTed to `--webhook-url`s
@@ -48,5 +49,6 @@ pub mod room;
 pub mod server;
 pub mod session;
 pub mod sfu;
+pub mod socketio;
 pub mod transport;
 pub mod webhook;

@@ -129,6 +129,52 @@ pub struct Metrics {
     admin_requests: Vec<IntCounter>,
     /// What the hardening limits stopped, by limit.
     limited: Vec<IntCounter>,
+    /// Socket.IO (classic) connections open now.
+    pub socketio_connections: IntGauge,
+    /// Classic events not acted on, by reason.
+    socketio_dropped: Vec<IntCounter>,
+}
+
+/// Why a classic Socket.IO event was not acted on (labels of
+/// `switchboard_socketio_dropped_total`). Classic clients have no `error`
+/// event: these counters are the only trace.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ClassicDrop {
+    /// Arguments of the wrong shape or type (e.g. `message` data not an
+    /// offer, answer or candidate the server can read).
+    Malformed,
+    /// An event the classic protocol does not have.
+    UnknownEvent,
+    /// Over the connection's rate limit.
+    RateLimited,
+    /// Larger than `--max-frame-bytes`.
+    TooLarge,
+    /// `leave`/`message` for a room the client is not in, or `join` while in one.
+    WrongRoom,
+    /// The hub refused the request (e.g. a relayed message to nobody).
+    Refused,
+}
+
+impl ClassicDrop {
+    pub const ALL: [ClassicDrop; 6] = [
+        ClassicDrop::Malformed,
+        ClassicDrop::UnknownEvent,
+        ClassicDrop::RateLimited,
+        ClassicDrop::TooLarge,
+        ClassicDrop::WrongRoom,
+        ClassicDrop::Refused,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ClassicDrop::Malformed => "malformed",
+            ClassicDrop::UnknownEvent => "unknown-event",
+            ClassicDrop::RateLimited => "rate-limited",
+            ClassicDrop::TooLarge => "too-large",
+            ClassicDrop::WrongRoom => "wrong-room",
+            ClassicDrop::Refused => "refused",
+        }
+    }
 }
 
 /// Limits that stopped something a client tried (labels of
@@ -190,7 +236,7 @@ impl Limit {
 /// The reasons `switchboard_media_dropped_total` is labelled with: the
 /// demux's (`DropReason::as_str`), the rewriter's (`RewriteDrop::as_str`)
 /// and the transport's own.
-pub const MEDIA_DROP_REASONS: [&str; 23] = [
+pub const MEDIA_DROP_REASONS: [&str; 24] = [
     // demux
     "empty",
     "oversize",
@@ -206,6 +252,8 @@ pub const MEDIA_DROP_REASONS: [&str; 23] = [
     "stale-source",
     // transport
     "chat-forbidden",
+    // a classic client's speaker video whose VP8 descriptor does not parse
+    "bad-descriptor",
     "chat-not-utf8",
     "forbidden",
     "muted",
@@ -561,6 +609,16 @@ impl Metrics {
                 ),
                 rooms: gauge("switchboard_mixer_rooms", "Rooms whose audio is mixed now"),
             },
+            socketio_connections: gauge(
+                "switchboard_socketio_connections",
+                "Classic Socket.IO connections open now",
+            ),
+            socketio_dropped: labelled(
+                "switchboard_socketio_dropped_total",
+                "Classic Socket.IO events not acted on (they get no error event), by reason",
+                "reason",
+                &ClassicDrop::ALL.map(ClassicDrop::as_str),
+            ),
             limited: labelled(
                 "switchboard_limited_total",
                 "Client actions stopped by a limit (per-address caps, chat and offer limits), by limit",
@@ -654,6 +712,10 @@ impl Metrics {
     }
 
     /// A limit stopped something.
+    pub fn classic_dropped(&self, why: ClassicDrop) {
+        self.socketio_dropped[why as usize].inc();
+    }
+
     pub fn limited(&self, limit: Limit) {
         self.limited[limit as usize].inc();
     }

@@ -97,6 +97,12 @@ pub struct Joiner {
     pub grants: Grants,
     /// Unix seconds.
     pub joined_at: u64,
+    /// A classic Socket.IO client (its server connection gets the mix and
+    /// the speaker's video; a room with one never returns to `p2p`).
+    pub classic: bool,
+    /// Its join takes an `auto` room to `sfu` (a classic client relayed
+    /// from the start).
+    pub needs_sfu: bool,
 }
 
 /// A member as the admin API shows it.
@@ -107,6 +113,7 @@ pub struct Member {
     pub identity: Option<String>,
     pub grants: Grants,
     pub joined_at: u64,
+    pub classic: bool,
 }
 
 /// One room.
@@ -227,6 +234,8 @@ impl Room {
             identity,
             grants,
             joined_at,
+            classic,
+            needs_sfu,
         } = joiner;
         if self.members.len() >= self.capacity {
             return Err(Refused {
@@ -240,7 +249,7 @@ impl Room {
         let third = self.members.len() >= 2;
         let switch = self.requested == RequestedMode::Auto
             && self.mode == MediaMode::P2p
-            && (third || grants.needs_sfu());
+            && (third || grants.needs_sfu() || needs_sfu);
         if switch {
             self.mode = MediaMode::Sfu;
         }
@@ -263,6 +272,7 @@ impl Room {
             identity: identity.clone(),
             grants,
             joined_at,
+            classic,
         });
         let mut effects = Vec::with_capacity(3);
         effects.push(Effect {
@@ -429,7 +439,10 @@ impl Room {
             && self.mode == MediaMode::Sfu
             && self.members.len() == 2
             && !self.had_p2p_failure
-            && !self.members.iter().any(|m| m.grants.needs_sfu())
+            && !self
+                .members
+                .iter()
+                .any(|m| m.grants.needs_sfu() || m.classic)
     }
 
     /// The member `id`, if it is one.
@@ -537,6 +550,8 @@ mod tests {
             identity: None,
             grants: Grants::ALL,
             joined_at: 0,
+            classic: false,
+            needs_sfu: false,
         }
     }
 

@@ -346,7 +346,20 @@ fn router(state: AppState, with_ops: bool) -> Router {
     } else {
         public
     };
-    public.with_state(state).merge(api)
+    let classic = crate::socketio::layer(crate::socketio::Shared {
+        hub: state.hub.clone(),
+        shutdown: state.shutdown.clone(),
+        sessions: state.sessions.clone(),
+        per_ip: state.ws_per_ip.clone(),
+    });
+    let origins = Arc::new(state.hub.config().allowed_origins.clone());
+    public
+        .with_state(state)
+        .merge(api)
+        .layer(classic)
+        .layer(axum::middleware::from_fn(move |req, next| {
+            crate::socketio::cors(origins.clone(), req, next)
+        }))
 }
 
 const INDEX_HTML: &str = include_str!("web/index.html");
@@ -488,7 +501,7 @@ async fn metrics(State(s): State<AppState>) -> Response {
 
 /// The last address in `X-Forwarded-For` (the one the nearest proxy added),
 /// if it parses.
-fn forwarded_for(headers: &HeaderMap) -> Option<std::net::IpAddr> {
+pub(crate) fn forwarded_for(headers: &HeaderMap) -> Option<std::net::IpAddr> {
     let last = headers
         .get_all("x-forwarded-for")
         .iter()

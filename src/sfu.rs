@@ -82,21 +82,28 @@ pub struct MediaConfig {
     pub max_tcp_per_ip: usize,
 }
 
+/// `message` with `to:"sfu"` from `participant` in `room`, with what the
+/// media plane needs to act on it.
+#[derive(Debug)]
+pub struct Signal {
+    pub room: RoomName,
+    pub participant: ParticipantId,
+    /// Whether the room is in `sfu` mode now (otherwise warm standby).
+    pub sfu: bool,
+    /// The room's audio handling (set when the room was created).
+    pub audio: AudioMode,
+    /// What the participant's token allows.
+    pub grants: Grants,
+    /// A classic Socket.IO client (gets the mix and the speaker's video).
+    pub classic: bool,
+    pub data: SignalData,
+}
+
 /// A request from the signaling side.
 #[derive(Debug)]
 pub enum Command {
     /// `message` with `to:"sfu"` from `participant` in `room`.
-    Signal {
-        room: RoomName,
-        participant: ParticipantId,
-        /// Whether the room is in `sfu` mode now (otherwise warm standby).
-        sfu: bool,
-        /// The room's audio handling (set when the room was created).
-        audio: AudioMode,
-        /// What the participant's token allows.
-        grants: Grants,
-        data: SignalData,
-    },
+    Signal(Signal),
     /// An administrator muted (or unmuted) `participant`'s track of `kind`:
     /// it is not forwarded or mixed while muted.
     Mute {

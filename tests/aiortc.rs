@@ -133,7 +133,7 @@ async fn aiortc_peer_exchanges_media_with_our_client() {
             seq.wrapping_mul(960),
         )
         .expect("send audio");
-        if seq % VIDEO_EVERY_NTH_AUDIO == 0 {
+        if seq.is_multiple_of(VIDEO_EVERY_NTH_AUDIO) {
             ours.send_rtp(
                 Kind::Video,
                 payload(Kind::Video, OUR_NAME, seq),
@@ -142,7 +142,7 @@ async fn aiortc_peer_exchanges_media_with_our_client() {
             )
             .expect("send video");
         }
-        if seq % 25 == 0 {
+        if seq.is_multiple_of(25) {
             chats_sent += 1;
             ours.send_chat(&format!("hello from rust #{chats_sent}"))
                 .expect("send chat");

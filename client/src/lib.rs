@@ -711,7 +711,7 @@ impl Task {
         match self.opts.drop_incoming_rtp_every {
             Some(n) if n > 0 && is_rtp => {
                 self.rtp_seen = self.rtp_seen.wrapping_add(1);
-                self.rtp_seen % n != 0
+                !self.rtp_seen.is_multiple_of(n)
             }
             _ => true,
         }

@@ -27,6 +27,10 @@
 //! - [`keyframe`]: throttles keyframe requests (PLI) towards a publisher.
 //! - [`offer`]: caps on a client's SDP offer (sections, candidates,
 //!   sending tracks) checked on its text before the engine parses it.
+//! - [`vp8`]: VP8 descriptor rewriting (picture id, TL0PICIDX, KEYIDX) so a
+//!   downtrack whose source changes is one continuous stream.
+//! - [`speaker`]: which publisher's video a listener that receives one video
+//!   track (a classic client) sees, and when the switch happens.
 //! - [`codec`]: codec names and clock rates, keyframe detection for VP8,
 //!   VP9 and H.264 payloads.
 //!
@@ -56,6 +60,8 @@ pub mod offer;
 pub mod rewrite;
 pub mod rtp;
 pub mod seqno;
+pub mod speaker;
+pub mod vp8;
 
 pub use codec::{Codec, CodecError};
 pub use demux::{Demux, DropReason, PacketKind, Route, StunError};

@@ -16,7 +16,7 @@ pub fn payload(kind: Kind, name: &str, seq: u32) -> Bytes {
         // P bit says keyframe every 30th packet.
         Kind::Video => {
             p.push(0x10);
-            p.push(if seq % 30 == 0 { 0x00 } else { 0x01 });
+            p.push(if seq.is_multiple_of(30) { 0x00 } else { 0x01 });
             p.extend_from_slice(b"V");
         }
         Kind::Audio => p.extend_from_slice(b"A"),

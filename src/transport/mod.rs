@@ -66,8 +66,10 @@ use crate::mixer::{
 };
 use crate::perip::PerIp;
 use crate::ratelimit::{RateLimiter, Verdict};
-use crate::sfu::{Command, MediaConfig, MediaKind, MediaPlane, Publishing, COMMAND_QUEUE};
+use crate::sfu::{Command, MediaConfig, MediaKind, MediaPlane, Publishing, Signal, COMMAND_QUEUE};
 use crate::webhook::{Event, ParticipantRef, RoomRef, TrackRef, Webhooks};
+
+mod classic;
 
 /// Largest datagram we read.
 const MAX_DATAGRAM: usize = 1500;
@@ -273,10 +275,23 @@ struct PeerKey(u64);
 struct MediaRoom {
     sfu: bool,
     members: Vec<PeerKey>,
-    /// The mixer of an `audio: "mix"` room (its audio is mixed, not forwarded).
+    /// The mixer of an `audio: "mix"` room (its audio is mixed, not
+    /// forwarded), or of a forward room with classic members (who hear the
+    /// mix; the others still get the audio forwarded: `mix_for_all` false).
     mix: Option<Box<RoomMix>>,
+    /// Whether everyone hears the mix (an `audio: "mix"` room).
+    mix_for_all: bool,
     /// Active speakers of a forward room, from publishers' audio levels.
     speakers: Option<Box<SpeakerTracker>>,
+    /// The active speakers now, loudest first (mixer inputs).
+    speaking: Vec<InputId>,
+}
+
+impl MediaRoom {
+    /// Whether audio is mixed for everyone instead of forwarded.
+    fn mixes_for_all(&self) -> bool {
+        self.mix.is_some() && self.mix_for_all
+    }
 }
 
 /// A mix room's mixer.
@@ -376,6 +391,11 @@ struct Peer {
     chat_rate: RateLimiter,
     /// Server-sent m-sections whose track went away, for reuse.
     spare: Vec<Spare>,
+    /// A classic Socket.IO client: it receives exactly the mix and the
+    /// active speaker's video, on its own m-sections (answered sendrecv).
+    classic: bool,
+    /// The active speaker's video sent to a classic client.
+    speaker_out: Option<classic::SpeakerOut>,
 }
 
 /// A server-sent m-section whose track went away: inactive in the next
@@ -409,6 +429,8 @@ enum Action {
     TrackOpened(PeerKey, MediaStreamTrackId),
     TrackClosed(PeerKey, MediaStreamTrackId),
     KeyframeWanted(PeerKey, MediaStreamTrackId),
+    /// A classic client asked for a keyframe of the speaker it is shown.
+    SpeakerKeyframeWanted(PeerKey),
     Chat(PeerKey, String),
     Failed(PeerKey),
 }
@@ -604,14 +626,7 @@ impl Engine {
 
     fn on_command(&mut self, cmd: Command) {
         match cmd {
-            Command::Signal {
-                room,
-                participant,
-                sfu,
-                audio,
-                grants,
-                data,
-            } => self.on_signal(room, participant, sfu, audio, grants, data),
+            Command::Signal(signal) => self.on_signal(signal),
             Command::Mute {
                 participant,
                 kind,
@@ -645,19 +660,20 @@ impl Engine {
         }
     }
 
-    fn on_signal(
-        &mut self,
-        room: RoomName,
-        participant: ParticipantId,
-        sfu: bool,
-        audio: AudioMode,
-        grants: Grants,
-        data: SignalData,
-    ) {
+    fn on_signal(&mut self, signal: Signal) {
+        let Signal {
+            room,
+            participant,
+            sfu,
+            audio,
+            grants,
+            classic,
+            data,
+        } = signal;
         let key = match (self.by_participant.get(&participant).copied(), &data) {
             (Some(key), _) => key,
             (None, SignalData::Offer { .. }) => {
-                match self.add_peer(room.clone(), participant.clone(), sfu, audio) {
+                match self.add_peer(room.clone(), participant.clone(), sfu, audio, classic) {
                     Ok(key) => key,
                     Err(e) => {
                         tracing::warn!(%participant, error = %e, "cannot create a server connection");
@@ -714,6 +730,7 @@ impl Engine {
         participant: ParticipantId,
         sfu: bool,
         audio: AudioMode,
+        classic: bool,
     ) -> Result<PeerKey, rtc::shared::error::Error> {
         let ufrag = random_token(16);
         let pwd = random_token(32);
@@ -727,37 +744,14 @@ impl Engine {
         let key = PeerKey(self.next_key);
         self.next_key += 1;
         self.demux.register(&ufrag, &pwd, key);
+        let new_mix = match audio {
+            AudioMode::Mix if !self.rooms.contains_key(&room) => self.new_mixer(&room),
+            _ => None,
+        };
         let media_room = match self.rooms.entry(room.clone()) {
             std::collections::hash_map::Entry::Occupied(e) => e.into_mut(),
             std::collections::hash_map::Entry::Vacant(e) => {
-                let mix = match audio {
-                    AudioMode::Forward => None,
-                    AudioMode::Mix => {
-                        let config = MixerConfig {
-                            select: SelectConfig {
-                                k: self.mix_speakers,
-                                ..SelectConfig::default()
-                            },
-                            complexity: self.mix_complexity,
-                            ..MixerConfig::default()
-                        };
-                        match RoomMixer::new(config) {
-                            Ok(mixer) => {
-                                self.metrics.mixer.rooms.inc();
-                                Some(Box::new(RoomMix {
-                                    mixer,
-                                    exported: MixerStats::default(),
-                                    speakers: 0,
-                                }))
-                            }
-                            Err(e) => {
-                                // Audio is then forwarded: worse, but the call goes on.
-                                tracing::error!(%room, error = %e, "cannot create the room's mixer");
-                                None
-                            }
-                        }
-                    }
-                };
+                let mix = new_mix;
                 let speakers = mix.is_none().then(|| {
                     let defaults = MixerConfig::default();
                     Box::new(SpeakerTracker::new(
@@ -766,17 +760,20 @@ impl Engine {
                         defaults.speakers_interval,
                     ))
                 });
+                let mix_for_all = mix.is_some();
                 e.insert(MediaRoom {
                     sfu,
                     members: Vec::new(),
                     mix,
+                    mix_for_all,
                     speakers,
+                    speaking: Vec::new(),
                 })
             }
         };
         media_room.sfu |= sfu;
         media_room.members.push(key);
-        // Every participant is an input of its room's mixer or speaker
+        // Every participant is an input of its room's mixer and/or speaker
         // tracker, by this id.
         let input = InputId(self.next_input);
         self.next_input = self.next_input.wrapping_add(1).max(1);
@@ -790,7 +787,8 @@ impl Engine {
                     tracing::error!(%room, %participant, error = %e, "cannot add a mixer input")
                 }
             }
-        } else if let Some(tracker) = media_room.speakers.as_mut() {
+        }
+        if let Some(tracker) = media_room.speakers.as_mut() {
             tracker.add(input);
             audio_input = Some(input);
         }
@@ -830,12 +828,46 @@ impl Engine {
                 remote_candidates: 0,
                 chat_rate: RateLimiter::new(CHAT_RATE, CHAT_BURST, Instant::now()),
                 spare: Vec::new(),
+                classic,
+                speaker_out: None,
             },
         );
+        if classic {
+            // A classic client hears the mix, also in a forward room.
+            self.ensure_classic_mix(key);
+        }
         self.metrics.media_connections.inc();
         self.metrics
             .move_connection_state(None, Some(state_label(RTCPeerConnectionState::New)));
         Ok(key)
+    }
+
+    /// A mixer for `room`, with the server's settings; `None` (and logged)
+    /// when the codec cannot be set up: audio is then forwarded, worse, but
+    /// the call goes on.
+    fn new_mixer(&self, room: &RoomName) -> Option<Box<RoomMix>> {
+        let config = MixerConfig {
+            select: SelectConfig {
+                k: self.mix_speakers,
+                ..SelectConfig::default()
+            },
+            complexity: self.mix_complexity,
+            ..MixerConfig::default()
+        };
+        match RoomMixer::new(config) {
+            Ok(mixer) => {
+                self.metrics.mixer.rooms.inc();
+                Some(Box::new(RoomMix {
+                    mixer,
+                    exported: MixerStats::default(),
+                    speakers: 0,
+                }))
+            }
+            Err(e) => {
+                tracing::error!(%room, error = %e, "cannot create the room's mixer");
+                None
+            }
+        }
     }
 
     fn on_client_offer(&mut self, key: PeerKey, sdp: String) {
@@ -899,9 +931,18 @@ impl Engine {
         } else {
             sdp
         };
+        let classic_first = p.classic && !p.answered_first;
+        let offered_kinds = (sdp.contains("\nm=audio "), sdp.contains("\nm=video "));
         let result = RTCSessionDescription::offer(sdp)
             .and_then(|offer| p.pc.set_remote_description(now, offer))
-            .and_then(|()| p.pc.create_answer(None))
+            .and_then(|()| {
+                if classic_first {
+                    // The mix and the speaker's video go on the client's own
+                    // m-sections: a classic client takes no server offer.
+                    classic::attach_tracks(p, offered_kinds);
+                }
+                p.pc.create_answer(None)
+            })
             .and_then(|answer| {
                 p.pc.set_local_description(now, answer.clone())
                     .map(|()| answer)
@@ -922,6 +963,9 @@ impl Engine {
             Ok(answer) => {
                 let first = !p.answered_first;
                 p.answered_first = true;
+                if classic_first {
+                    classic::negotiated(p);
+                }
                 p.sections = offer::inspect(&answer.sdp).sections;
                 let (participant, room) = (p.participant.clone(), p.room.clone());
                 // Candidates also trickle, for clients that read them only
@@ -1250,6 +1294,9 @@ impl Engine {
                             self.metrics.keyframe_requests_in.inc();
                             self.actions
                                 .push(Action::KeyframeWanted(*publisher, source.clone()));
+                        } else if p.speaker_out.as_ref().is_some_and(|o| o.local_id == track) {
+                            self.metrics.keyframe_requests_in.inc();
+                            self.actions.push(Action::SpeakerKeyframeWanted(key));
                         }
                     }
                 }
@@ -1282,6 +1329,7 @@ impl Engine {
                     Action::KeyframeWanted(publisher, track) => {
                         self.request_keyframe(publisher, &track)
                     }
+                    Action::SpeakerKeyframeWanted(sub) => self.speaker_keyframe_wanted(sub),
                     Action::Chat(from, text) => self.relay_chat(from, &text),
                     Action::Failed(key) => self.remove_peer(key),
                 }
@@ -1322,9 +1370,9 @@ impl Engine {
         for id in &published.strip_extensions {
             let _ = packet.header.del_extension(*id);
         }
-        if published.kind == RtpCodecKind::Video
-            && crate::media::codec::is_keyframe(&published.codec.mime_type, &packet.payload)
-        {
+        let keyframe = published.kind == RtpCodecKind::Video
+            && crate::media::codec::is_keyframe(&published.codec.mime_type, &packet.payload);
+        if keyframe {
             published.keyframes.keyframe_received(arrived);
         }
         let Some(media_room) = self.rooms.get_mut(&publisher.room) else {
@@ -1334,25 +1382,30 @@ impl Engine {
             self.metrics.media_dropped("standby");
             return;
         }
+        let mix_for_all = media_room.mix_for_all;
         if published.kind == RtpCodecKind::Audio {
             if let (Some(mix), Some(input)) = (media_room.mix.as_mut(), publisher.audio_input) {
                 // A mix room: the audio goes to the mixer, not to anyone.
-                if let Err(why) = mixable(published.opus_pt, packet.header.payload_type) {
-                    self.metrics.mixer.dropped(why, 1);
+                // A forward room with classic members: to the mixer too.
+                match mixable(published.opus_pt, packet.header.payload_type) {
+                    Err(why) => self.metrics.mixer.dropped(why, 1),
+                    Ok(()) => {
+                        let pushed = mix.mixer.push(
+                            input,
+                            packet.header.sequence_number,
+                            packet.header.timestamp,
+                            &packet.payload,
+                            level,
+                            arrived,
+                        );
+                        if let Ok(Push::Invalid) = pushed {
+                            self.metrics.mixer.dropped(MixDrop::Invalid, 1);
+                        }
+                    }
+                }
+                if mix_for_all {
                     return;
                 }
-                let pushed = mix.mixer.push(
-                    input,
-                    packet.header.sequence_number,
-                    packet.header.timestamp,
-                    &packet.payload,
-                    level,
-                    arrived,
-                );
-                if let Ok(Push::Invalid) = pushed {
-                    self.metrics.mixer.dropped(MixDrop::Invalid, 1);
-                }
-                return;
             }
             if let (Some(tracker), Some(input), Some(level)) =
                 (media_room.speakers.as_mut(), publisher.audio_input, level)
@@ -1366,6 +1419,8 @@ impl Engine {
         members.clear();
         members.extend_from_slice(&media_room.members);
         let now = Instant::now();
+        let speaker_video =
+            published.kind == RtpCodecKind::Video && classic::is_speaker_source(publisher, track);
         for &sub in &members {
             if sub == from {
                 continue;
@@ -1373,6 +1428,16 @@ impl Engine {
             let Some(s) = self.peers.get_mut(&sub) else {
                 continue;
             };
+            if s.classic {
+                if let (true, Some(out)) = (speaker_video, s.speaker_out.as_mut()) {
+                    match out.forward(&mut s.pc, from, &packet, keyframe, now) {
+                        Ok(true) => self.metrics.media_forwarded.inc(),
+                        Ok(false) => {}
+                        Err(reason) => self.metrics.media_dropped(reason),
+                    }
+                }
+                continue;
+            }
             let Some(down) = s.down.get_mut(&from).and_then(|t| t.get_mut(track)) else {
                 continue;
             };
@@ -1437,9 +1502,15 @@ impl Engine {
         let Some(published) = p.published.get(track) else {
             return;
         };
-        let mixed = self.rooms.get(&p.room).is_some_and(|r| r.mix.is_some());
+        let mixed = self
+            .rooms
+            .get(&p.room)
+            .is_some_and(MediaRoom::mixes_for_all);
         if published.kind == RtpCodecKind::Audio && mixed {
             return; // the mix carries it
+        }
+        if self.peers.get(&sub).is_some_and(|s| s.classic) {
+            return; // the mix and the speaker's video carry it
         }
         let stream_id = p.participant.to_string();
         let codec = published.codec.clone();
@@ -1496,7 +1567,7 @@ impl Engine {
         if !media_room.sfu {
             return;
         }
-        let mixed = media_room.mix.is_some();
+        let mixed = media_room.mixes_for_all();
         let sources: Vec<(PeerKey, MediaStreamTrackId)> = media_room
             .members
             .iter()
@@ -1521,8 +1592,9 @@ impl Engine {
         let mixing = self
             .rooms
             .get(&p.room)
-            .is_some_and(|r| r.sfu && r.mix.is_some());
+            .is_some_and(|r| r.sfu && r.mixes_for_all());
         if !mixing
+            || p.classic
             || p.mix_out.is_some()
             || p.audio_input.is_none()
             || !p.answered_first
@@ -1597,6 +1669,8 @@ impl Engine {
             }
             if let Some(tracker) = room.speakers.as_mut() {
                 if let Some(list) = tracker.tick(started) {
+                    room.speaking.clear();
+                    room.speaking.extend(list.iter().map(|s| s.id));
                     speaker_events.push((name.clone(), room.members.clone(), list.to_vec()));
                 }
             }
@@ -1648,13 +1722,17 @@ impl Engine {
                 .active_speakers
                 .add(active as i64 - mix.speakers as i64);
             mix.speakers = active;
-            if out.speakers_changed() {
+            // In a forward room the speaker tracker reports speakers.
+            if out.speakers_changed() && room.mix_for_all {
+                room.speaking.clear();
+                room.speaking.extend(out.speakers().iter().map(|s| s.id));
                 speaker_events.push((name.clone(), room.members.clone(), out.speakers().to_vec()));
             }
             let stats = *mix.mixer.stats();
             export_mixer_stats(&self.metrics, &mix.exported, &stats);
             mix.exported = stats;
         }
+        self.follow_speakers();
         for (room, members, list) in speaker_events {
             // Input ids → participant ids (inputs are members of this room).
             let speakers = list
