@@ -8,13 +8,22 @@
 //! - [`SpeakerSwitch`]: switches only at a keyframe of the new source: the
 //!   caller requests one when [`SpeakerSwitch::want`] says so, and keeps
 //!   forwarding the current source until that keyframe arrives, so the
-//!   listener's decoder never gets a delta frame it cannot decode.
+//!   listener's decoder never gets a delta frame it cannot decode. A source
+//!   shown stays for at least [`HOLD`] (unless it goes away), so two people
+//!   talking over each other do not make the video flap.
+
+use std::time::{Duration, Instant};
+
+/// How long a switched-to source stays at least.
+pub const HOLD: Duration = Duration::from_millis(1500);
 
 /// Decides which source a listener's one video track shows.
 #[derive(Debug, Clone)]
 pub struct SpeakerSwitch<S> {
     current: Option<S>,
     pending: Option<S>,
+    /// When `current` started being shown.
+    since: Option<Instant>,
 }
 
 /// What to do with a packet of a source.
@@ -34,6 +43,7 @@ impl<S> Default for SpeakerSwitch<S> {
         SpeakerSwitch {
             current: None,
             pending: None,
+            since: None,
         }
     }
 }
@@ -57,7 +67,14 @@ impl<S: Clone + PartialEq> SpeakerSwitch<S> {
     /// request a keyframe from when a switch is now pending (a new wish; a
     /// wish repeated while pending returns it again, so the caller's
     /// throttled requester can retry).
-    pub fn want(&mut self, want: Option<S>) -> Option<S> {
+    pub fn want(&mut self, want: Option<S>, now: Instant) -> Option<S> {
+        let held = self.current.is_some()
+            && self
+                .since
+                .is_some_and(|t| now.saturating_duration_since(t) < HOLD);
+        if held && self.pending.is_none() {
+            return None;
+        }
         match want {
             None => {
                 self.pending = None;
@@ -75,9 +92,10 @@ impl<S: Clone + PartialEq> SpeakerSwitch<S> {
     }
 
     /// A packet from `source` arrived; `keyframe` when it starts one.
-    pub fn on_packet(&mut self, source: &S, keyframe: bool) -> SpeakerPacket {
+    pub fn on_packet(&mut self, source: &S, keyframe: bool, now: Instant) -> SpeakerPacket {
         if self.pending.as_ref() == Some(source) && keyframe {
             self.current = self.pending.take();
+            self.since = Some(now);
             return SpeakerPacket::SwitchAndForward;
         }
         if self.current.as_ref() == Some(source) {
@@ -149,44 +167,61 @@ mod tests {
     #[test]
     fn a_switch_waits_for_the_new_sources_keyframe_and_the_old_one_flows_until_then() {
         let mut s = SpeakerSwitch::new();
-        assert_eq!(s.want(Some(1)), Some(1));
+        let t0 = Instant::now();
+        assert_eq!(s.want(Some(1), t0), Some(1));
         assert_eq!(
-            s.on_packet(&1, false),
+            s.on_packet(&1, false, t0),
             SpeakerPacket::Drop,
             "no delta before a keyframe"
         );
-        assert_eq!(s.on_packet(&1, true), SpeakerPacket::SwitchAndForward);
-        assert_eq!(s.on_packet(&1, false), SpeakerPacket::Forward);
-        assert_eq!(s.want(Some(2)), Some(2));
-        assert_eq!(s.on_packet(&2, false), SpeakerPacket::Drop);
+        assert_eq!(s.on_packet(&1, true, t0), SpeakerPacket::SwitchAndForward);
+        assert_eq!(s.on_packet(&1, false, t0), SpeakerPacket::Forward);
+        assert_eq!(s.want(Some(2), t0 + HOLD), Some(2));
+        assert_eq!(s.on_packet(&2, false, t0), SpeakerPacket::Drop);
         assert_eq!(
-            s.on_packet(&1, false),
+            s.on_packet(&1, false, t0),
             SpeakerPacket::Forward,
             "old source until the keyframe"
         );
-        assert_eq!(s.on_packet(&2, true), SpeakerPacket::SwitchAndForward);
-        assert_eq!(s.on_packet(&1, false), SpeakerPacket::Drop);
+        assert_eq!(s.on_packet(&2, true, t0), SpeakerPacket::SwitchAndForward);
+        assert_eq!(s.on_packet(&1, false, t0), SpeakerPacket::Drop);
         assert_eq!(s.current(), Some(&2));
     }
 
     #[test]
     fn wanting_the_current_source_again_cancels_a_pending_switch() {
         let mut s = SpeakerSwitch::new();
-        s.want(Some(1));
-        s.on_packet(&1, true);
-        assert_eq!(s.want(Some(2)), Some(2));
-        assert_eq!(s.want(Some(1)), None);
+        let t0 = Instant::now();
+        s.want(Some(1), t0);
+        s.on_packet(&1, true, t0);
+        assert_eq!(s.want(Some(2), t0 + HOLD), Some(2));
+        assert_eq!(s.want(Some(1), t0), None);
         assert_eq!(s.pending(), None);
-        assert_eq!(s.on_packet(&2, true), SpeakerPacket::Drop);
+        assert_eq!(s.on_packet(&2, true, t0), SpeakerPacket::Drop);
         assert_eq!(s.current(), Some(&1));
+    }
+
+    #[test]
+    fn a_new_source_holds_before_the_next_switch() {
+        let mut s = SpeakerSwitch::new();
+        let t0 = Instant::now();
+        s.want(Some(1), t0);
+        s.on_packet(&1, true, t0);
+        assert_eq!(s.want(Some(2), t0 + HOLD / 2), None, "too soon");
+        assert_eq!(s.on_packet(&2, true, t0), SpeakerPacket::Drop);
+        assert_eq!(s.want(Some(2), t0 + HOLD), Some(2));
+        // Gone: the hold does not keep a source that left.
+        s.remove(&1);
+        assert_eq!(s.want(Some(3), t0 + HOLD), Some(3));
     }
 
     #[test]
     fn a_source_that_goes_away_is_forgotten() {
         let mut s = SpeakerSwitch::new();
-        s.want(Some(1));
-        s.on_packet(&1, true);
-        s.want(Some(2));
+        let t0 = Instant::now();
+        s.want(Some(1), t0);
+        s.on_packet(&1, true, t0);
+        s.want(Some(2), t0 + HOLD);
         s.remove(&1);
         assert_eq!(s.current(), None);
         assert_eq!(s.pending(), Some(&2));

@@ -51,7 +51,7 @@ impl SpeakerOut {
         keyframe: bool,
         now: Instant,
     ) -> Result<bool, &'static str> {
-        if self.switch.on_packet(&from, keyframe) == SpeakerPacket::Drop {
+        if self.switch.on_packet(&from, keyframe, now) == SpeakerPacket::Drop {
             return Ok(false);
         }
         let pt = self.pt.ok_or("not-negotiated")?;
@@ -236,7 +236,7 @@ impl Engine {
     /// Points every classic client's video at the loudest other speaker
     /// with video, and asks that speaker for the keyframe the switch waits
     /// for. Runs on the mixer's 20 ms tick.
-    pub(super) fn follow_speakers(&mut self) {
+    pub(super) fn follow_speakers(&mut self, now: Instant) {
         let mut keyframes: Vec<PeerKey> = Vec::new();
         for room in self.rooms.values() {
             if !room.sfu
@@ -271,7 +271,7 @@ impl Engine {
                     out.switch.remove(&gone);
                 }
                 let want = choose(&k, &speakers, &with_video, out.switch.current());
-                if let Some(source) = out.switch.want(want) {
+                if let Some(source) = out.switch.want(want, now) {
                     keyframes.push(source);
                 }
             }

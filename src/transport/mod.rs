@@ -1732,7 +1732,7 @@ impl Engine {
             export_mixer_stats(&self.metrics, &mix.exported, &stats);
             mix.exported = stats;
         }
-        self.follow_speakers();
+        self.follow_speakers(started);
         for (room, members, list) in speaker_events {
             // Input ids → participant ids (inputs are members of this room).
             let speakers = list
