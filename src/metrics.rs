@@ -113,6 +113,8 @@ pub struct Metrics {
     /// Packets the server asked publishers to send again.
     pub nacks_sent: IntCounter,
     connection_states: IntGaugeVec,
+    /// Server-side PeerConnection state changes, by the state entered.
+    connection_transitions: IntCounterVec,
     rooms_by_size: Vec<IntGauge>,
     /// From a packet's arrival at the socket to its last copy handed to a
     /// subscriber's connection.
@@ -495,6 +497,23 @@ impl Metrics {
                 "switchboard_media_nacked_packets_sent_total",
                 "Packets the server's NACKs asked publishers to send again",
             ),
+            connection_transitions: {
+                let v = IntCounterVec::new(
+                    Opts::new(
+                        "switchboard_media_connection_transitions_total",
+                        "Server-side PeerConnection state changes, by the state entered (a \
+                         `disconnected` count growing with connections up means clients' \
+                         consent checks are missed)",
+                    ),
+                    &["to"],
+                )
+                .unwrap_or_else(|e| unreachable!("{e}"));
+                register(&registry, v.clone());
+                for s in ["new", "connecting", "connected", "disconnected", "failed", "closed"] {
+                    v.with_label_values(&[s]).inc_by(0);
+                }
+                v
+            },
             connection_states: {
                 let v = IntGaugeVec::new(
                     Opts::new(
@@ -753,6 +772,7 @@ impl Metrics {
         }
         if let Some(to) = to {
             self.connection_states.with_label_values(&[to]).inc();
+            self.connection_transitions.with_label_values(&[to]).inc();
         }
     }
 

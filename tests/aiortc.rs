@@ -300,3 +300,51 @@ async fn aiortc_peer_exchanges_media_with_our_client() {
 
     ours.leave();
 }
+
+/// RFC 7675 consent checks from aiortc come every 5 s (± 20 %): the server
+/// must not take those gaps for a lost connection. Over 16 s connected, its
+/// connection never leaves `connected` (before the fix it went
+/// `disconnected` and back every few seconds).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_aiortc_peer_checking_consent_every_5_s_stays_connected() {
+    require_aiortc();
+    let server = server(ServeOptions::default()).await;
+    let Peer {
+        mut child,
+        stdout,
+        stderr,
+    } = spawn_peer(&[
+        "--url",
+        &server.ws_url(),
+        "--room",
+        "consent",
+        "--name",
+        "consenter",
+        "--duration",
+        "16",
+        "--timeout",
+        "60",
+    ]);
+    let status = tokio::time::timeout(KILL_AFTER, child.wait())
+        .await
+        .expect("the aiortc peer finishes in time")
+        .expect("wait for the aiortc peer");
+    let out = stdout.await.unwrap_or_default();
+    let err = stderr.await.unwrap_or_default();
+    assert!(status.success(), "aiortc peer failed: {out}\n{err}");
+    let text = metrics(&server).await;
+    let entered = |state: &str| {
+        metric(
+            &text,
+            &format!("switchboard_media_connection_transitions_total{{to=\"{state}\"}}"),
+        )
+    };
+    println!(
+        "consent: connected {} times, disconnected {} times over 16 s",
+        entered("connected"),
+        entered("disconnected")
+    );
+    assert_eq!(entered("connected"), 1.0, "{text}");
+    assert_eq!(entered("disconnected"), 0.0, "{text}");
+    assert_eq!(entered("failed"), 0.0, "{text}");
+}

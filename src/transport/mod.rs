@@ -81,6 +81,10 @@ const IDLE: Duration = Duration::from_secs(1);
 const PEER_SILENCE: Duration = Duration::from_secs(8);
 /// The mixer's frame: it runs every 20 ms while any room mixes.
 const MIX_FRAME: Duration = Duration::from_millis(20);
+/// No consent check for this long: the connection is `disconnected`.
+const ICE_DISCONNECTED: Duration = Duration::from_secs(8);
+/// No consent check for this long: `failed` (RFC 7675's consent expiry).
+const ICE_FAILED: Duration = Duration::from_secs(30);
 /// Offers a client may send: a burst of this many, then one per
 /// [`OFFER_EVERY`] (each costs the media thread a parse and an answer).
 const OFFER_BURST: u32 = 8;
@@ -2297,9 +2301,13 @@ fn build_connection(
         .with_lite(true)
         .with_ice_credentials(ufrag.to_owned(), pwd.to_owned())
         .with_answering_dtls_role(RTCDtlsRole::Server)
+        // Clients check consent every 5 s ± 20 % (RFC 7675; aiortc, and
+        // browsers once idle): `disconnected` only after a check is clearly
+        // missed, `failed` when consent has expired (30 s). A peer that
+        // vanishes goes sooner: PEER_SILENCE counts every datagram.
         .with_ice_timeouts(
-            Some(Duration::from_secs(4)),
-            Some(Duration::from_secs(5)),
+            Some(ICE_DISCONNECTED),
+            Some(ICE_FAILED),
             Some(Duration::from_secs(2)),
         )
         .build();
