@@ -80,6 +80,12 @@ pub struct ServeOptions {
     #[arg(long, env = "SWITCHBOARD_WS_WRITE_TIMEOUT_MS", value_name = "MS")]
     pub ws_write_timeout_ms: Option<u64>,
 
+    /// A participant whose WebSocket drops stays in its room this many
+    /// milliseconds, its media flowing, for the client to `resume`; 0 turns
+    /// resuming off (a drop is a `bye` at once) [default: 15000]
+    #[arg(long, env = "SWITCHBOARD_RESUME_WINDOW_MS", value_name = "MS")]
+    pub resume_window_ms: Option<u64>,
+
     /// A client must send its HTTP request headers within this many
     /// milliseconds of connecting, or the connection is closed [default: 10000]
     #[arg(long, env = "SWITCHBOARD_HTTP_HEADER_TIMEOUT_MS", value_name = "MS")]
@@ -321,6 +327,7 @@ impl ServeOptions {
             ws_ping_interval_ms: self.ws_ping_interval_ms.or(other.ws_ping_interval_ms),
             ws_timeout_ms: self.ws_timeout_ms.or(other.ws_timeout_ms),
             ws_write_timeout_ms: self.ws_write_timeout_ms.or(other.ws_write_timeout_ms),
+            resume_window_ms: self.resume_window_ms.or(other.resume_window_ms),
             http_header_timeout_ms: self.http_header_timeout_ms.or(other.http_header_timeout_ms),
             max_conns_per_ip: self.max_conns_per_ip.or(other.max_conns_per_ip),
             trust_forwarded_for: self.trust_forwarded_for.or(other.trust_forwarded_for),
@@ -466,6 +473,8 @@ pub struct Config {
     pub ws_ping_interval: Duration,
     pub ws_timeout: Duration,
     pub ws_write_timeout: Duration,
+    /// `--resume-window-ms`; zero: no resuming.
+    pub resume_window: Duration,
     pub http_header_timeout: Duration,
     pub ice: IceConfig,
     pub p2p_timeout_ms: u64,
@@ -598,6 +607,7 @@ impl Config {
                 o.ws_write_timeout_ms.unwrap_or(5000),
                 "--ws-write-timeout-ms",
             )?),
+            resume_window: Duration::from_millis(o.resume_window_ms.unwrap_or(15_000)),
             http_header_timeout: Duration::from_millis(nonzero(
                 o.http_header_timeout_ms.unwrap_or(10_000),
                 "--http-header-timeout-ms",

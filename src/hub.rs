@@ -20,8 +20,8 @@ use dashmap::mapref::entry::Entry;
 use dashmap::DashMap;
 use rand::distr::{Alphanumeric, SampleString};
 use switchboard_proto::{
-    ErrorCode, Join, MediaMode, ParticipantId, RequestedMode, RoomName, ServerMessage, SignalData,
-    SFU_PEER,
+    ErrorCode, Join, Joined, MediaMode, ParticipantId, RequestedMode, Resume, RoomName,
+    ServerMessage, SignalData, SFU_PEER,
 };
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
@@ -31,6 +31,7 @@ use crate::config::Config;
 use crate::ice::ice_servers;
 use crate::metrics::{Limit, Metrics, Refusal};
 use crate::perip::{PerIp, Slot};
+use crate::resume::{Parked, ResumeError, Resumes};
 use crate::room::{Effect, JoinContext, Joiner, Room, RoomError, RoomSettings, To};
 use crate::sfu::{Command, MediaError, MediaKind, MediaPlane, Publishing, Signal};
 use crate::webhook::{Event, ParticipantRef, RoomRef, Webhooks};
@@ -58,6 +59,11 @@ impl Outbox {
             rx,
             kick,
         )
+    }
+
+    /// Whether `other` writes to the same connection.
+    pub fn same(&self, other: &Outbox) -> bool {
+        self.tx.same_channel(&other.tx)
     }
 
     /// Queues `text`; a full or closed outbox kicks the connection.
@@ -250,6 +256,8 @@ pub struct Hub {
     /// slot each such room holds until it is freed.
     rooms_per_ip: PerIp,
     room_slots: DashMap<RoomName, Slot>,
+    /// Resume tokens and participants whose WebSocket dropped.
+    resumes: Resumes,
 }
 
 impl Hub {
@@ -275,6 +283,7 @@ impl Hub {
             returns: Mutex::new(Vec::new()),
             rooms_per_ip: PerIp::new(config.limits.max_rooms_per_ip, "rooms"),
             room_slots: DashMap::new(),
+            resumes: Resumes::new(config.resume_window),
             config,
         }
     }
@@ -343,10 +352,19 @@ impl Hub {
             }
         };
         let id = self.new_participant_id();
+        // Classic clients have no `resume`.
+        let resume = match client {
+            Client::Protocol => self.resumes.issue(&id, &req.room).map(|token| {
+                let ms = u64::try_from(self.resumes.window().as_millis()).unwrap_or(u64::MAX);
+                (token, ms)
+            }),
+            _ => None,
+        };
         let ctx = JoinContext {
             ice_servers: ice_servers(&self.config.ice, &id, unix_now()),
             p2p_timeout_ms: self.config.p2p_timeout_ms,
             features: self.features(),
+            resume,
         };
         let settings = RoomSettings {
             requested: req.mode.unwrap_or(RequestedMode::Auto),
@@ -400,6 +418,7 @@ impl Hub {
                 JoinOutcome::Joined(id)
             }
             Err(refused) => {
+                self.resumes.forget(&id);
                 self.metrics.refused(Refusal::RoomFull);
                 self.reply(outbox, &refused.reply);
                 let due = room.free_due();
@@ -502,6 +521,9 @@ impl Hub {
         if self.outboxes.map.remove(id).is_some() {
             self.metrics.participants.dec();
         }
+        if self.resumes.forget(id) {
+            self.metrics.parked.dec();
+        }
         if let Some(at) = room.return_due() {
             self.returns
                 .lock()
@@ -533,6 +555,113 @@ impl Hub {
             room.free_due()
         };
         self.free_if_empty(room_name, due);
+    }
+
+    /// The connection behind `outbox` is gone without a `leave`: with
+    /// resuming on, `id` stays in `room` (parked, media flowing) for the
+    /// resume window; otherwise, or when it cannot be parked, it leaves as
+    /// vanished. Nothing happens when `outbox` is no longer `id`'s (a
+    /// `resume` on another connection took it over).
+    pub fn connection_lost(&self, room: &RoomName, id: &ParticipantId, outbox: &Outbox) {
+        {
+            let Some(mut current) = self.outboxes.map.get_mut(id) else {
+                return;
+            };
+            if !current.same(outbox) {
+                return;
+            }
+            if self.resumes.enabled() {
+                let (parking, missed, overflowed) = Outbox::new();
+                let parked = Parked {
+                    since: Instant::now(),
+                    missed,
+                    overflowed,
+                };
+                if self.resumes.park(id, parked) {
+                    *current = parking;
+                    self.metrics.parked.inc();
+                    tracing::info!("connection lost; the participant may resume");
+                    return;
+                }
+            }
+        }
+        self.leave(room, id, Departure::Vanished);
+    }
+
+    /// `resume`: puts the connection behind `outbox` in the place of a
+    /// parked participant, sends it `resumed` and what it missed, in order.
+    /// A refusal is answered with `resume-failed`.
+    pub fn resume(&self, outbox: &Outbox, req: &Resume) -> Result<(), ResumeError> {
+        let result = self.try_resume(outbox, req);
+        match &result {
+            Ok(()) => self.metrics.resumed("resumed"),
+            Err(e) => {
+                self.metrics.resumed(e.label());
+                self.reply(
+                    outbox,
+                    &ServerMessage::error(ErrorCode::ResumeFailed, e.to_string(), Some("resume")),
+                );
+            }
+        }
+        result
+    }
+
+    fn try_resume(&self, outbox: &Outbox, req: &Resume) -> Result<(), ResumeError> {
+        // The room's entry is held throughout: nothing is delivered to the
+        // room while the connections change places.
+        let room = self.rooms.get(&req.room).ok_or(ResumeError::Unknown)?;
+        if !room.contains(&req.id) {
+            return Err(ResumeError::Unknown);
+        }
+        let mut parked = match self.resumes.take(&req.room, &req.id, &req.resume_token) {
+            Ok(p) => p,
+            Err(ResumeError::Overflowed) => {
+                drop(room);
+                self.metrics.parked.dec();
+                self.leave(&req.room, &req.id, Departure::Vanished);
+                return Err(ResumeError::Overflowed);
+            }
+            Err(e) => return Err(e),
+        };
+        self.metrics.parked.dec();
+        let resumed = ServerMessage::Resumed(Joined {
+            room: req.room.clone(),
+            id: req.id.clone(),
+            peers: room.peer_list(&req.id),
+            mode: room.mode(),
+            audio: room.audio(),
+            ice_servers: ice_servers(&self.config.ice, &req.id, unix_now()),
+            p2p_timeout_ms: self.config.p2p_timeout_ms,
+            protocol: switchboard_proto::PROTOCOL_VERSION,
+            features: self.features(),
+            resume_token: Some(req.resume_token.clone()),
+            resume_window_ms: u64::try_from(self.resumes.window().as_millis()).ok(),
+        });
+        // Holding the outbox entry keeps the media plane's sends to this
+        // participant out until what it missed is queued behind `resumed`.
+        let Some(mut current) = self.outboxes.map.get_mut(&req.id) else {
+            return Err(ResumeError::Unknown);
+        };
+        self.metrics.sent("resumed", 1);
+        outbox.push(Utf8Bytes::from(resumed.to_text()));
+        let mut replayed = 0usize;
+        while let Ok(text) = parked.missed.try_recv() {
+            outbox.push(text);
+            replayed += 1;
+        }
+        *current = outbox.clone();
+        tracing::info!(room = %req.room, participant = %req.id, replayed, "resumed");
+        Ok(())
+    }
+
+    /// Parked participants whose window has passed leave (`bye` to the
+    /// others). The server calls this on a timer.
+    pub fn run_due_resumes(&self, now: Instant) {
+        for (room, id) in self.resumes.due(now) {
+            tracing::info!(%room, participant = %id, "resume window over; the participant is gone");
+            self.metrics.resumed("expired");
+            self.leave(&room, &id, Departure::Vanished);
+        }
     }
 
     /// Whether `id` is (still) a member of `room`: a participant replaced or

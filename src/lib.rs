@@ -28,6 +28,8 @@
 //! - [`admin`]: the admin API (`/api/v1`), authorized by tokens.
 //! - [`webhook`]: signed room/participant events POSTed to `--webhook-url`s
 //!   through bounded per-URL queues.
+//! - [`resume`]: resume tokens and participants parked after a dropped
+//!   WebSocket.
 //! - [`ratelimit`], [`ice`] (STUN/TURN credentials), [`metrics`].
 //! - `web/`: the browser client, embedded in the binary.
 //! - The wire types live in the `switchboard-proto` crate (`proto/`).
@@ -45,6 +47,7 @@ pub mod metrics;
 pub mod mixer;
 pub mod perip;
 pub mod ratelimit;
+pub mod resume;
 pub mod room;
 pub mod server;
 pub mod session;

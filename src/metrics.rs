@@ -131,11 +131,18 @@ pub struct Metrics {
     admin_requests: Vec<IntCounter>,
     /// What the hardening limits stopped, by limit.
     limited: Vec<IntCounter>,
+    /// Participants whose WebSocket dropped, waiting for `resume`.
+    pub parked: IntGauge,
+    /// `resume` outcomes and expired waits.
+    resumes: IntCounterVec,
     /// Socket.IO (classic) connections open now.
     pub socketio_connections: IntGauge,
     /// Classic events not acted on, by reason.
     socketio_dropped: Vec<IntCounter>,
 }
+
+/// Labels of `switchboard_resumes_total`.
+pub const RESUME_RESULTS: [&str; 5] = ["resumed", "unknown", "not-parked", "overflowed", "expired"];
 
 /// Why a classic Socket.IO event was not acted on (labels of
 /// `switchboard_socketio_dropped_total`). Classic clients have no `error`
@@ -628,6 +635,26 @@ impl Metrics {
                 ),
                 rooms: gauge("switchboard_mixer_rooms", "Rooms whose audio is mixed now"),
             },
+            parked: gauge(
+                "switchboard_parked_participants",
+                "Participants whose WebSocket dropped, kept (media flowing) for a resume",
+            ),
+            resumes: {
+                let v = IntCounterVec::new(
+                    Opts::new(
+                        "switchboard_resumes_total",
+                        "Resume outcomes: resumed, refused (unknown, not-parked, overflowed), \
+                         or expired (the window passed)",
+                    ),
+                    &["result"],
+                )
+                .unwrap_or_else(|e| unreachable!("{e}"));
+                register(&registry, v.clone());
+                for r in RESUME_RESULTS {
+                    v.with_label_values(&[r]).inc_by(0);
+                }
+                v
+            },
             socketio_connections: gauge(
                 "switchboard_socketio_connections",
                 "Classic Socket.IO connections open now",
@@ -731,6 +758,11 @@ impl Metrics {
     }
 
     /// A limit stopped something.
+    /// A `resume` outcome or an expired wait.
+    pub fn resumed(&self, result: &str) {
+        self.resumes.with_label_values(&[result]).inc();
+    }
+
     pub fn classic_dropped(&self, why: ClassicDrop) {
         self.socketio_dropped[why as usize].inc();
     }

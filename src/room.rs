@@ -85,6 +85,8 @@ pub struct JoinContext {
     pub p2p_timeout_ms: u64,
     /// `joined.features`.
     pub features: Vec<String>,
+    /// `joined.resumeToken` and `resumeWindowMs`, when the server resumes.
+    pub resume: Option<(String, u64)>,
 }
 
 /// Who is joining, as the hub admitted them.
@@ -287,6 +289,8 @@ impl Room {
                 p2p_timeout_ms: ctx.p2p_timeout_ms,
                 protocol: switchboard_proto::PROTOCOL_VERSION,
                 features: ctx.features.clone(),
+                resume_token: ctx.resume.as_ref().map(|r| r.0.clone()),
+                resume_window_ms: ctx.resume.as_ref().map(|r| r.1),
             }),
         });
         if switch {
@@ -445,6 +449,20 @@ impl Room {
                 .any(|m| m.grants.needs_sfu() || m.classic)
     }
 
+    /// The visible members other than `except`, as `joined.peers` lists
+    /// them.
+    pub fn peer_list(&self, except: &ParticipantId) -> Vec<PeerInfo> {
+        self.members
+            .iter()
+            .filter(|m| !m.grants.hidden && m.id != *except)
+            .map(|m| PeerInfo {
+                id: m.id.clone(),
+                name: m.name.clone(),
+                identity: m.identity.clone(),
+            })
+            .collect()
+    }
+
     /// The member `id`, if it is one.
     pub fn member(&self, id: &ParticipantId) -> Option<&Member> {
         self.members.iter().find(|m| &m.id == id)
@@ -540,6 +558,7 @@ mod tests {
             ice_servers: vec![],
             p2p_timeout_ms: 5000,
             features: vec![],
+            resume: None,
         }
     }
 

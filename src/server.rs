@@ -452,6 +452,7 @@ async fn housekeeping(hub: std::sync::Weak<Hub>, shutdown: CancellationToken) {
         let now = std::time::Instant::now();
         hub.run_due_returns(now);
         hub.run_due_frees(now);
+        hub.run_due_resumes(now);
     }
 }
 

@@ -151,12 +151,12 @@ impl Session {
             }
         };
         if let Some((room, id)) = self.joined.take() {
-            let how = if why == Disconnect::Shutdown {
-                Departure::ServerClosing
+            if why == Disconnect::Shutdown {
+                self.hub.leave(&room, &id, Departure::ServerClosing);
             } else {
-                Departure::Vanished
-            };
-            self.hub.leave(&room, &id, how);
+                // Parked for a `resume` if the server resumes; else a `bye`.
+                self.hub.connection_lost(&room, &id, &outbox);
+            }
         }
         tracing::debug!(reason = why.as_str(), "disconnected");
         why
@@ -254,6 +254,19 @@ impl Session {
                     self.span.record("participant", id.as_str());
                     tracing::info!("joined");
                     self.joined = Some((room, id));
+                }
+            }
+            ClientMessage::Resume(r) => {
+                self.forget_if_gone();
+                if let Some((room, _)) = &self.joined {
+                    let text = format!("already in room {room}; leave it first");
+                    self.error(outbox, ErrorCode::AlreadyInRoom, &text, Some(ty));
+                    return;
+                }
+                if self.hub.resume(outbox, &r).is_ok() {
+                    self.span.record("room", r.room.as_str());
+                    self.span.record("participant", r.id.as_str());
+                    self.joined = Some((r.room, r.id));
                 }
             }
             ClientMessage::Leave(leave) => {

@@ -531,7 +531,8 @@ impl Classic {
                     }
                 }
             }
-            ServerMessage::Speakers(_) | ServerMessage::Pong(_) => {}
+            // Classic clients never resume (no `resume` event).
+            ServerMessage::Speakers(_) | ServerMessage::Pong(_) | ServerMessage::Resumed(_) => {}
         }
         Ok(())
     }

@@ -67,7 +67,13 @@ async fn serves_the_browser_client_health_and_metrics() {
 
 #[tokio::test]
 async fn metrics_move_with_the_flows() {
-    let server = default_server().await;
+    // A short resume window, so a dropped connection's participant is
+    // parked first and gone soon after.
+    let server = server(switchboard::config::ServeOptions {
+        resume_window_ms: Some(500),
+        ..Default::default()
+    })
+    .await;
     let before = metrics(&server).await;
     assert_eq!(metric(&before, "switchboard_rooms"), 0.0);
     assert_eq!(metric(&before, "switchboard_participants"), 0.0);
@@ -171,10 +177,25 @@ async fn metrics_move_with_the_flows() {
         }
         tokio::time::sleep(std::time::Duration::from_millis(50)).await;
     }
+    // Carol is parked (her media would still flow) until the window passes.
+    let m = metrics(&server).await;
+    assert_eq!(metric(&m, "switchboard_signaling_connections"), 2.0);
+    assert_eq!(metric(&m, "switchboard_parked_participants"), 1.0);
+    assert_eq!(metric(&m, "switchboard_participants"), 1.0);
+    for _ in 0..100 {
+        if metric(&metrics(&server).await, "switchboard_rooms") == 0.0 {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
     let m = metrics(&server).await;
     assert_eq!(metric(&m, "switchboard_rooms"), 0.0);
     assert_eq!(metric(&m, "switchboard_participants"), 0.0);
-    assert_eq!(metric(&m, "switchboard_signaling_connections"), 2.0);
+    assert_eq!(metric(&m, "switchboard_parked_participants"), 0.0);
+    assert_eq!(
+        metric(&m, "switchboard_resumes_total{result=\"expired\"}"),
+        1.0
+    );
     assert_eq!(server.hub().room_count(), 0);
 }
 

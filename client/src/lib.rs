@@ -52,6 +52,8 @@ use tokio::net::UdpSocket;
 use tokio::sync::mpsc;
 use tokio_tungstenite::tungstenite::Message;
 
+mod resume;
+
 pub use rtc::rtp::Packet as RtpPacket;
 
 /// Audio or video.
@@ -158,7 +160,12 @@ pub enum Event {
         packet: RtpPacket,
         at: Instant,
     },
-    /// The task ended (signaling closed, or left).
+    /// The signaling connection dropped; media goes on, and the client
+    /// reconnects with backoff and `resume`s (1.1).
+    SignalingLost,
+    /// `resumed`: the signaling connection is back, same id.
+    Resumed(Joined),
+    /// The task ended (signaling closed for good, resume refused, or left).
     Closed,
 }
 
@@ -191,6 +198,7 @@ enum Cmd {
     Chat(String),
     Raw(ClientMessage),
     FreezeMedia,
+    DropSignaling,
     Leave,
 }
 
@@ -267,6 +275,8 @@ impl Client {
             .then(|| joined.peers.first().map(|p| p.id.to_string()))
             .flatten();
         let task = Task {
+            id: joined.id.clone(),
+            resume_token: joined.resume_token.clone(),
             room,
             opts,
             socket,
@@ -371,6 +381,13 @@ impl Client {
         let _ = self.cmd.send(Cmd::FreezeMedia);
     }
 
+    /// Test hook: drops the signaling WebSocket without a close handshake,
+    /// as a network fault would; the client reconnects and resumes (when
+    /// the server resumes) while media goes on.
+    pub fn drop_signaling(&self) {
+        let _ = self.cmd.send(Cmd::DropSignaling);
+    }
+
     /// Leaves the room and stops.
     pub fn leave(&self) {
         let _ = self.cmd.send(Cmd::Leave);
@@ -394,6 +411,10 @@ struct Task {
     tracks: HashMap<String, (String, Kind)>,
     /// Receiver of each remote track.
     receivers: HashMap<RTCRtpReceiverId, String>,
+    /// Our participant id.
+    id: switchboard_proto::ParticipantId,
+    /// `joined.resumeToken`: with it the client resumes after a drop.
+    resume_token: Option<String>,
     chat: Option<usize>,
     chat_open: bool,
     events: mpsc::UnboundedSender<Event>,
@@ -464,6 +485,35 @@ async fn read_tcp(link: &mut Option<TcpLink>, buf: &mut [u8]) -> Option<usize> {
 
 type Ws =
     tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
+type WsSink = futures_util::stream::SplitSink<Ws, Message>;
+type WsStream = futures_util::stream::SplitStream<Ws>;
+
+/// Messages kept while the signaling connection is down, sent after
+/// `resumed`; past this the oldest are dropped.
+const PENDING_WHILE_DOWN: usize = 256;
+/// Reconnection attempts before the client gives up.
+const MAX_ATTEMPTS: u32 = 30;
+
+/// The next frame of the signaling connection; never resolves while it is
+/// down.
+async fn next_frame(
+    link: &mut Option<(WsSink, WsStream)>,
+) -> Option<Result<Message, tokio_tungstenite::tungstenite::Error>> {
+    match link {
+        Some((_, stream)) => stream.next().await,
+        None => std::future::pending().await,
+    }
+}
+
+/// A connection attempt's result; never resolves without one running.
+async fn attempt(
+    connecting: &mut Option<tokio::sync::oneshot::Receiver<Option<Ws>>>,
+) -> Option<Ws> {
+    match connecting {
+        Some(rx) => rx.await.ok().flatten(),
+        None => std::future::pending().await,
+    }
+}
 
 impl Task {
     async fn run(
@@ -473,7 +523,13 @@ impl Task {
         sfu_now: bool,
         await_offer_from: Option<String>,
     ) {
-        let (mut sink, mut stream) = ws.split();
+        let mut link = Some(ws.split());
+        // Resuming (1.1): the token from `joined`, when the server resumes.
+        let resume_token = self.resume_token.clone();
+        let mut connecting = None;
+        let mut retry_at: Option<Instant> = None;
+        let mut attempts = 0u32;
+        let mut pending: std::collections::VecDeque<ClientMessage> = Default::default();
         let mut outgoing: Vec<ClientMessage> = Vec::new();
         if sfu_now {
             self.connect_sfu(&mut outgoing);
@@ -486,11 +542,38 @@ impl Task {
         let mut tcp_buf = vec![0u8; 4096];
         let local = self.socket.local_addr().ok();
         loop {
+            let mut lost = false;
             for msg in outgoing.drain(..) {
-                if sink.send(Message::text(msg.to_text())).await.is_err() {
+                match link.as_mut() {
+                    Some((sink, _)) if !lost => {
+                        if sink.send(Message::text(msg.to_text())).await.is_err() {
+                            lost = true;
+                            pending.push_back(msg);
+                        }
+                    }
+                    _ => {
+                        if pending.len() == PENDING_WHILE_DOWN {
+                            pending.pop_front();
+                        }
+                        pending.push_back(msg);
+                    }
+                }
+            }
+            if lost {
+                link = None;
+                if resume_token.is_none() {
                     let _ = self.events.send(Event::Closed);
                     return;
                 }
+                retry_at = Some(Instant::now() + resume::backoff(attempts));
+                let _ = self.events.send(Event::SignalingLost);
+            }
+            if link.is_none()
+                && connecting.is_none()
+                && retry_at.is_some_and(|t| t <= Instant::now())
+            {
+                retry_at = None;
+                connecting = Some(resume::connect(self.opts.url.clone()));
             }
             if let Some(pc) = self.pc.as_mut() {
                 while let Some(out) = pc.poll_write() {
@@ -541,20 +624,63 @@ impl Task {
                     deadline = deadline.min(link.deadline);
                 }
             }
+            if let Some(t) = retry_at {
+                deadline = deadline.min(t);
+            }
             let deadline = deadline.max(now);
             tokio::select! {
-                frame = stream.next() => match frame {
+                frame = next_frame(&mut link) => match frame {
                     Some(Ok(Message::Text(text))) => {
-                        if let Ok(msg) = serde_json::from_str::<ServerMessage>(&text) {
-                            if self.opts.p2p {
-                                self.on_p2p_signal(msg, &mut outgoing);
-                            } else {
-                                self.on_signal(msg, &mut outgoing);
+                        match serde_json::from_str::<ServerMessage>(&text) {
+                            Ok(ServerMessage::Resumed(j)) => {
+                                attempts = 0;
+                                let _ = self.events.send(Event::Resumed(j));
                             }
+                            Ok(ServerMessage::Error(e)) if e.code == switchboard_proto::ErrorCode::ResumeFailed => {
+                                let _ = self.events.send(Event::Signal(ServerMessage::Error(e)));
+                                break;
+                            }
+                            Ok(msg) => {
+                                if self.opts.p2p {
+                                    self.on_p2p_signal(msg, &mut outgoing);
+                                } else {
+                                    self.on_signal(msg, &mut outgoing);
+                                }
+                            }
+                            Err(_) => {}
                         }
                     }
-                    Some(Ok(Message::Close(_))) | None | Some(Err(_)) => break,
+                    Some(Ok(Message::Close(_))) | None | Some(Err(_)) => {
+                        link = None;
+                        if resume_token.is_none() {
+                            break;
+                        }
+                        retry_at = Some(Instant::now() + resume::backoff(attempts));
+                        let _ = self.events.send(Event::SignalingLost);
+                    }
                     Some(Ok(_)) => {}
+                },
+                ws = attempt(&mut connecting) => {
+                    connecting = None;
+                    match (ws, resume_token.as_ref()) {
+                        (Some(ws), Some(token)) => {
+                            link = Some(ws.split());
+                            // `resume` first; what waited goes right after it.
+                            outgoing.push(ClientMessage::Resume(switchboard_proto::Resume {
+                                room: self.room.clone(),
+                                id: self.id.clone(),
+                                resume_token: token.clone(),
+                            }));
+                            outgoing.extend(pending.drain(..));
+                        }
+                        _ => {
+                            attempts += 1;
+                            if attempts >= MAX_ATTEMPTS {
+                                break;
+                            }
+                            retry_at = Some(Instant::now() + resume::backoff(attempts));
+                        }
+                    }
                 },
                 cmd = cmds.recv() => match cmd {
                     Some(Cmd::Rtp { kind, payload, marker, timestamp }) => self.send_rtp(kind, payload, marker, timestamp),
@@ -567,10 +693,18 @@ impl Task {
                     }
                     Some(Cmd::Raw(msg)) => outgoing.push(msg),
                     Some(Cmd::FreezeMedia) => self.frozen = true,
+                    Some(Cmd::DropSignaling) => {
+                        // As a network fault would: no close handshake.
+                        link = None;
+                        retry_at = Some(Instant::now() + resume::backoff(attempts));
+                        let _ = self.events.send(Event::SignalingLost);
+                    }
                     Some(Cmd::Leave) | None => {
-                        let leave = ClientMessage::Leave(switchboard_proto::Leave { room: self.room.clone() });
-                        let _ = sink.send(Message::text(leave.to_text())).await;
-                        let _ = sink.close().await;
+                        if let Some((sink, _)) = link.as_mut() {
+                            let leave = ClientMessage::Leave(switchboard_proto::Leave { room: self.room.clone() });
+                            let _ = sink.send(Message::text(leave.to_text())).await;
+                            let _ = sink.close().await;
+                        }
                         break;
                     }
                 },

@@ -284,6 +284,16 @@ pub struct Join {
     pub audio: Option<AudioMode>,
 }
 
+/// `resume` (1.1): take back a participant whose WebSocket dropped, within
+/// its `resumeWindowMs`, with the `resumeToken` of its `joined`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Resume {
+    pub room: RoomName,
+    pub id: ParticipantId,
+    pub resume_token: String,
+}
+
 /// `leave`: leave the room.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Leave {
@@ -330,6 +340,7 @@ pub enum ClientMessage {
     Message(RelayRequest),
     P2pFailed(P2pFailed),
     Ping(Ping),
+    Resume(Resume),
 }
 
 impl ClientMessage {
@@ -341,6 +352,7 @@ impl ClientMessage {
             ClientMessage::Message(_) => "message",
             ClientMessage::P2pFailed(_) => "p2p-failed",
             ClientMessage::Ping(_) => "ping",
+            ClientMessage::Resume(_) => "resume",
         }
     }
 
@@ -352,7 +364,7 @@ impl ClientMessage {
 }
 
 /// Every client `type`, in the order of the spec.
-pub const CLIENT_TYPES: [&str; 5] = ["join", "leave", "message", "p2p-failed", "ping"];
+pub const CLIENT_TYPES: [&str; 6] = ["join", "leave", "message", "p2p-failed", "ping", "resume"];
 
 // ---------------------------------------------------------------------------
 // Server -> client
@@ -392,6 +404,13 @@ pub struct Joined {
     /// Protocol 1.1 features this server speaks (e.g. `auth`).
     #[serde(default)]
     pub features: Vec<String>,
+    /// Proves this participant on `resume` (1.1); absent when the server
+    /// does not resume.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub resume_token: Option<String>,
+    /// How long after a dropped WebSocket `resume` is accepted.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub resume_window_ms: Option<u64>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -456,6 +475,8 @@ pub struct ErrorMessage {
 #[serde(tag = "type", rename_all = "lowercase")]
 pub enum ServerMessage {
     Joined(Joined),
+    /// `resume` accepted: the same fields as `joined`, as the room is now.
+    Resumed(Joined),
     Otherjoin(OtherJoin),
     Full(Full),
     Leaved(RoomParticipant),
@@ -472,6 +493,7 @@ impl ServerMessage {
     pub fn type_name(&self) -> &'static str {
         match self {
             ServerMessage::Joined(_) => "joined",
+            ServerMessage::Resumed(_) => "resumed",
             ServerMessage::Otherjoin(_) => "otherjoin",
             ServerMessage::Full(_) => "full",
             ServerMessage::Leaved(_) => "leaved",
@@ -502,8 +524,9 @@ impl ServerMessage {
 }
 
 /// Every server `type`, in the order of the spec.
-pub const SERVER_TYPES: [&str; 10] = [
+pub const SERVER_TYPES: [&str; 11] = [
     "joined",
+    "resumed",
     "otherjoin",
     "full",
     "leaved",
@@ -646,6 +669,7 @@ pub fn parse_client(text: &str, max_bytes: usize) -> Result<ClientMessage, Parse
             ClientMessage::Message(serde_json::from_value(body).map_err(bad)?)
         }
         "p2p-failed" => ClientMessage::P2pFailed(serde_json::from_value(body).map_err(bad)?),
+        "resume" => ClientMessage::Resume(serde_json::from_value(body).map_err(bad)?),
         "ping" => ClientMessage::Ping(serde_json::from_value(body).map_err(|_| {
             ParseError::new(
                 ErrorCode::BadRequest,
@@ -704,6 +728,24 @@ mod tests {
             parse_client(r#"{"type":"leave","room":"r"}"#, 1000),
             Ok(ClientMessage::Leave(_))
         ));
+        assert_eq!(
+            parse_client(
+                r#"{"type":"resume","room":"r","id":"p1","resumeToken":"t"}"#,
+                1000
+            )
+            .unwrap(),
+            ClientMessage::Resume(Resume {
+                room: RoomName::parse("r").unwrap(),
+                id: ParticipantId::parse("p1").unwrap(),
+                resume_token: "t".into(),
+            })
+        );
+        assert_eq!(
+            parse_client(r#"{"type":"resume","room":"r","id":"p1"}"#, 1000)
+                .unwrap_err()
+                .code,
+            ErrorCode::BadRequest
+        );
         let m = parse_client(
             r#"{"type":"message","room":"r","to":"p1","data":{"b":1,"a":2}}"#,
             1000,
@@ -795,6 +837,21 @@ mod tests {
                 p2p_timeout_ms: 5000,
                 protocol: PROTOCOL_VERSION,
                 features: vec!["auth".into()],
+                resume_token: Some("t0k3n".into()),
+                resume_window_ms: Some(15000),
+            }),
+            ServerMessage::Resumed(Joined {
+                room: room.clone(),
+                id: p1.clone(),
+                peers: vec![],
+                mode: MediaMode::Sfu,
+                audio: AudioMode::Mix,
+                ice_servers: vec![],
+                p2p_timeout_ms: 5000,
+                protocol: PROTOCOL_VERSION,
+                features: vec![],
+                resume_token: Some("t0k3n".into()),
+                resume_window_ms: Some(15000),
             }),
             ServerMessage::Otherjoin(OtherJoin {
                 room: room.clone(),

@@ -1,0 +1,58 @@
+//! Getting the signaling connection back after it drops (protocol 1.1
+//! `resume`): when to try again, and the connection attempt itself, which
+//! runs beside the client task so media keeps flowing meanwhile.
+
+use std::time::Duration;
+
+use tokio::sync::oneshot;
+
+use crate::Ws;
+
+/// First wait before reconnecting; doubles per failed attempt.
+const FIRST: Duration = Duration::from_millis(250);
+/// Longest wait between attempts.
+const MOST: Duration = Duration::from_secs(4);
+/// One attempt's limit (connect and WebSocket handshake).
+const ATTEMPT: Duration = Duration::from_secs(3);
+
+/// The wait before attempt `attempt` (0-based): 250 ms doubling up to 4 s,
+/// with ±30 % jitter so a server restart is not met by every client at
+/// once.
+pub(crate) fn backoff(attempt: u32) -> Duration {
+    let base = FIRST.saturating_mul(1u32 << attempt.min(5)).min(MOST);
+    let jitter = 0.7 + rand::random::<f64>() * 0.6;
+    base.mul_f64(jitter)
+}
+
+/// Starts one connection attempt to `url`; its result arrives on the
+/// receiver.
+pub(crate) fn connect(url: String) -> oneshot::Receiver<Option<Ws>> {
+    let (tx, rx) = oneshot::channel();
+    tokio::spawn(async move {
+        let ws = tokio::time::timeout(ATTEMPT, tokio_tungstenite::connect_async(url))
+            .await
+            .ok()
+            .and_then(Result::ok)
+            .map(|(ws, _)| ws);
+        let _ = tx.send(ws);
+    });
+    rx
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn waits_grow_to_a_cap_with_jitter() {
+        for attempt in 0..12 {
+            let d = backoff(attempt);
+            let base = FIRST.saturating_mul(1u32 << attempt.min(5)).min(MOST);
+            assert!(
+                d >= base.mul_f64(0.69) && d <= base.mul_f64(1.31),
+                "{attempt}: {d:?}"
+            );
+        }
+        assert!(backoff(20) <= MOST.mul_f64(1.31));
+    }
+}
