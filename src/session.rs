@@ -87,6 +87,10 @@ impl Session {
         let write_timeout = self.hub.config().ws_write_timeout;
         let mut last_rx = Instant::now();
         let mut next_ping = last_rx + ping_every;
+        // A close handshake from the client is a goodbye (a page closed);
+        // anything else that ends the connection may be a network fault,
+        // which the participant may `resume` from.
+        let mut said_goodbye = false;
         tracing::debug!("connected");
 
         let why = loop {
@@ -128,6 +132,7 @@ impl Session {
                         Message::Close(_) => {
                             // Answer the close handshake instead of resetting.
                             let _ = sink.close().await;
+                            said_goodbye = true;
                             break Disconnect::Closed;
                         }
                     };
@@ -153,6 +158,8 @@ impl Session {
         if let Some((room, id)) = self.joined.take() {
             if why == Disconnect::Shutdown {
                 self.hub.leave(&room, &id, Departure::ServerClosing);
+            } else if said_goodbye {
+                self.hub.leave(&room, &id, Departure::Vanished);
             } else {
                 // Parked for a `resume` if the server resumes; else a `bye`.
                 self.hub.connection_lost(&room, &id, &outbox);

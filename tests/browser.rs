@@ -10,7 +10,8 @@
 //! media port, 127.0.0.1:7882 by default, is private to the namespace too).
 //! Needs root (for `ip netns`), Node.js 20+, and Debian's Chromium
 //! (`apt-get install -y chromium`; `.ci/run` installs it). The browser drivers
-//! are `tests/browser/p2p_call.mjs`, `tests/browser/sfu_call.mjs` and
+//! are `tests/browser/p2p_call.mjs`, `tests/browser/sfu_call.mjs`,
+//! `tests/browser/resume_call.mjs` and
 //! `tests/browser/token_call.mjs`.
 
 use std::ffi::OsStr;
@@ -323,6 +324,16 @@ fn run_browser_script(
 fn two_chromium_pages_make_a_p2p_call() {
     // p2p_call.mjs gives up on its own after 60 s.
     let line = run_browser_script("p2p_call.mjs", &[], &[], Duration::from_secs(90));
+    println!("{line}");
+}
+
+/// Two pages in an SFU room lose their WebSockets at once (a proxy resets
+/// them, no close handshake): each reconnects and resumes by itself, keeps
+/// its id and its call, and the other's video goes on.
+#[test]
+fn chromium_pages_resume_after_their_websockets_drop() {
+    // resume_call.mjs gives up on its own after 90 s.
+    let line = run_browser_script("resume_call.mjs", &[], &[], Duration::from_secs(120));
     println!("{line}");
 }
 

@@ -3,7 +3,7 @@
 import { S, SFU, ui } from './state.js';
 import { clearNotice, notice } from './notices.js';
 import { setMode, showCall, updateLayout } from './view.js';
-import { send } from './socket.js';
+import { resumeFailed, send } from './socket.js';
 import { addPeer, onPeerSignal, removePeer, setPeerName, startCall, startP2p } from './p2p.js';
 import { connectToSfu, watchServerReach } from './switch.js';
 import { onSfuSignal, openSfu } from './sfu.js';
@@ -12,6 +12,7 @@ import { backToLobby } from './session.js';
 export function onServerMessage(msg) {
   switch (msg.type) {
     case 'joined': return onJoined(msg);
+    case 'resumed': return onResumed(msg);
     case 'otherjoin': return onOtherJoin(msg);
     case 'bye': return onBye(msg);
     case 'leaved': if (S.leavedWaiter) S.leavedWaiter(); return undefined;
@@ -43,10 +44,28 @@ export function onSpeakers(msg) {
   mark(ui.localTile, S.id);
 }
 
+// `resume` accepted: same id, same calls; only signaling was gone. Peers
+// that left meanwhile are told by the `bye`s that follow.
+export function onResumed(msg) {
+  S.phase = 'in-room';
+  S.resuming = false;
+  S.reconnectAttempts = 0;
+  S.resumes += 1;
+  if (typeof msg.resumeToken === 'string') S.resumeToken = msg.resumeToken;
+  S.iceServers = Array.isArray(msg.iceServers) ? msg.iceServers : S.iceServers;
+  if (S.timing) S.timing.resumedAt = Date.now();
+  setMode(msg.mode);
+  notice('ws', 'info', 'Reconnected.');
+  updateLayout();
+}
+
 export function onJoined(msg) {
   const rejoined = S.reconnectAttempts > 0;
   S.phase = 'in-room';
   S.reconnectAttempts = 0;
+  S.resuming = false;
+  S.resumeToken = typeof msg.resumeToken === 'string' ? msg.resumeToken : null;
+  S.resumeWindowMs = Number.isFinite(msg.resumeWindowMs) ? msg.resumeWindowMs : 0;
   S.id = msg.id;
   S.room = msg.room;
   S.audio = msg.audio;
@@ -137,6 +156,7 @@ export const OUT_FOR_GOOD = ['unauthorized', 'replaced', 'removed'];
 
 export function onError(msg) {
   const code = msg.code || 'error';
+  if (code === 'resume-failed') { resumeFailed(); return; }
   const why = msg.message || 'no details';
   const text = ACCESS_ERRORS[code] ? ACCESS_ERRORS[code](why) : `Error ${code}: ${why}`;
   notice(`error-${code}`, 'error', text);

@@ -1,5 +1,7 @@
 // The signaling WebSocket: open (and send `join`, with the access token if
-// there is one), keep alive with pings, reconnect with backoff when it drops.
+// there is one), keep alive with pings, reconnect with backoff when it drops:
+// first by `resume` (1.1) within the server's window, the calls staying up;
+// if that is refused, by a fresh join.
 
 import { S } from './state.js';
 import { notice } from './notices.js';
@@ -11,6 +13,9 @@ import { backToLobby } from './session.js';
 
 const PING_INTERVAL_MS = 20000;
 const RECONNECT_MAX_ATTEMPTS = 6;
+// Resume attempts: 250 ms doubling to 4 s, with jitter, within the window.
+const RESUME_FIRST_MS = 250;
+const RESUME_MOST_MS = 4000;
 
 export function wsUrl() {
   return `${location.protocol === 'https:' ? 'wss:' : 'ws:'}//${location.host}/ws`;
@@ -40,6 +45,10 @@ export function openSocket() {
     setWsLabel('connected');
     S.lastPong = Date.now();
     startPing();
+    if (S.resuming) {
+      send({ type: 'resume', room: S.room, id: S.id, resumeToken: S.resumeToken });
+      return;
+    }
     const msg = { type: 'join', room: S.room, name: S.name };
     if (S.joinMode) msg.mode = S.joinMode;
     if (S.joinAudio) msg.audio = S.joinAudio;
@@ -73,6 +82,20 @@ export function onSocketLost(ev) {
   if (S.leavedWaiter) S.leavedWaiter();
   const wasIn = S.phase === 'in-room' || S.phase === 'reconnecting';
   if (S.phase === 'leaving' || S.phase === 'lobby') return;
+  if (wasIn && S.resumeToken && S.id && resumeLeft() > 0) {
+    // The calls stay up; only signaling comes back.
+    S.phase = 'reconnecting';
+    if (!S.resuming) S.resumingSince = Date.now();
+    S.resuming = true;
+    const base = Math.min(RESUME_MOST_MS, RESUME_FIRST_MS * 2 ** Math.min(S.reconnectAttempts, 5));
+    const delay = Math.round(base * (0.7 + Math.random() * 0.6));
+    S.reconnectAttempts++;
+    notice('ws', 'info', 'Lost the connection to the server; the call goes on. Reconnecting\u2026');
+    setWsLabel('reconnecting');
+    S.reconnectTimer = setTimeout(() => { S.reconnectTimer = null; if (S.phase === 'reconnecting') openSocket(); }, delay);
+    return;
+  }
+  S.resuming = false;
   closeAllPeers();
   closeSfu();
   S.id = null;
@@ -93,6 +116,22 @@ export function onSocketLost(ev) {
   setWsLabel('reconnecting');
   updateLayout();
   S.reconnectTimer = setTimeout(() => { S.reconnectTimer = null; if (S.phase === 'reconnecting') openSocket(); }, delay);
+}
+
+// What is left of the resume window since the connection was lost, in ms.
+function resumeLeft() {
+  if (!S.resuming) return S.resumeWindowMs;
+  return S.resumeWindowMs - (Date.now() - S.resumingSince);
+}
+
+// `resume` was refused (too late, or the server restarted): join afresh.
+export function resumeFailed() {
+  S.resuming = false;
+  S.resumeToken = null;
+  const ws = S.ws;
+  S.wsGen++;
+  if (ws) { try { ws.close(); } catch (_) { /* ignore */ } }
+  onSocketLost({ code: 4001 });
 }
 
 export function startPing() {

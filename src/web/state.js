@@ -38,6 +38,9 @@ export const S = {
   localStream: null,
   pingTimer: null, pingSeq: 0, lastPong: 0,
   reconnectAttempts: 0, reconnectTimer: null,
+  // Resume (1.1): `joined.resumeToken`; while `resuming`, a lost socket is
+  // reopened with `resume` and the calls (P2P and server) stay up.
+  resumeToken: null, resumeWindowMs: 0, resuming: false, resumes: 0,
   leavedWaiter: null,
   // Warm standby: open the server connection during P2P calls too (carries
   // no media until the room goes sfu; makes the switch near-instant and

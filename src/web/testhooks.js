@@ -95,7 +95,7 @@ export function installTestHooks() {
       const ws = S.ws ? ['connecting', 'open', 'closing', 'closed'][S.ws.readyState] : 'closed';
       const sfu = S.sfu;
       return {
-        id: S.id, room: S.room, mode: S.mode, audio: S.audio, ws,
+        id: S.id, room: S.room, mode: S.mode, audio: S.audio, ws, phase: S.phase, resumes: S.resumes,
         speakers: S.speakers.map((x) => x.id), speakerEvents: S.speakerEvents,
         speaking: [...document.querySelectorAll('.tile.speaking')].map((t) => (t === ui.localTile ? S.id : t.dataset.peer)),
         peers: [...S.peers.values()].map((p) => ({
