@@ -212,6 +212,10 @@ pub enum Client {
     Protocol,
     /// A classic Socket.IO client, P2P until the room goes `sfu`.
     Classic,
+    /// A classic Socket.IO client that is never relayed
+    /// (`--socketio-relay never`): a room in `sfu`, or one its join would
+    /// take there, refuses it with `full`.
+    ClassicP2pOnly,
     /// A classic Socket.IO client whose peer is the server from the start
     /// (`--socketio-relay always`): its join takes an `auto` room to `sfu`.
     ClassicRelayed,
@@ -407,6 +411,7 @@ impl Hub {
             joined_at: unix_now(),
             classic,
             needs_sfu: client == Client::ClassicRelayed,
+            p2p_only: client == Client::ClassicP2pOnly,
         };
         match room.join(joiner, &ctx) {
             Ok(effects) => {

@@ -105,6 +105,10 @@ pub struct Joiner {
     /// Its join takes an `auto` room to `sfu` (a classic client relayed
     /// from the start).
     pub needs_sfu: bool,
+    /// It cannot take part through the server (a classic client with
+    /// `--socketio-relay never`): refused when the room is in `sfu` or its
+    /// join would take it there.
+    pub p2p_only: bool,
 }
 
 /// A member as the admin API shows it.
@@ -238,8 +242,14 @@ impl Room {
             joined_at,
             classic,
             needs_sfu,
+            p2p_only,
         } = joiner;
-        if self.members.len() >= self.capacity {
+        let third = self.members.len() >= 2;
+        let switch = self.requested == RequestedMode::Auto
+            && self.mode == MediaMode::P2p
+            && (third || grants.needs_sfu() || needs_sfu);
+        let unreachable = p2p_only && (self.mode == MediaMode::Sfu || switch);
+        if self.members.len() >= self.capacity || unreachable {
             return Err(Refused {
                 reply: Box::new(ServerMessage::Full(Full {
                     room: self.name.clone(),
@@ -248,10 +258,6 @@ impl Room {
         }
         // A third person, or a member who may not use P2P (no publish
         // grant, or hidden), takes an `auto` room to the server.
-        let third = self.members.len() >= 2;
-        let switch = self.requested == RequestedMode::Auto
-            && self.mode == MediaMode::P2p
-            && (third || grants.needs_sfu() || needs_sfu);
         if switch {
             self.mode = MediaMode::Sfu;
         }
@@ -571,7 +577,34 @@ mod tests {
             joined_at: 0,
             classic: false,
             needs_sfu: false,
+            p2p_only: false,
         }
+    }
+
+    #[test]
+    fn a_p2p_only_joiner_is_refused_where_it_would_need_the_server() {
+        let p2p_only = |id: &str| Joiner {
+            p2p_only: true,
+            ..joiner(id, id)
+        };
+        // Third in an `auto` room: its join would take the room to `sfu`.
+        let mut r = room(RequestedMode::Auto);
+        r.join(joiner("a1", "a"), &ctx()).unwrap();
+        r.join(joiner("b1", "b"), &ctx()).unwrap();
+        let refused = r.join(p2p_only("c1"), &ctx()).unwrap_err();
+        assert!(matches!(*refused.reply, ServerMessage::Full(_)));
+        assert_eq!(r.mode(), MediaMode::P2p, "the call of the two is unharmed");
+        assert_eq!(r.len(), 2);
+        // A room already in `sfu`, even with room to spare.
+        let mut r = room(RequestedMode::Sfu);
+        r.join(joiner("a1", "a"), &ctx()).unwrap();
+        assert!(r.join(p2p_only("c1"), &ctx()).is_err());
+        assert_eq!(r.len(), 1);
+        // Second in an `auto` room: admitted, P2P.
+        let mut r = room(RequestedMode::Auto);
+        r.join(joiner("a1", "a"), &ctx()).unwrap();
+        r.join(p2p_only("c1"), &ctx()).unwrap();
+        assert_eq!(r.mode(), MediaMode::P2p);
     }
 
     #[test]

@@ -33,6 +33,7 @@ use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use serde_json::Value;
 use socketioxide::extract::{SocketRef, TryData};
+use socketioxide::handler::ConnectHandler;
 use socketioxide::layer::SocketIoLayer;
 use socketioxide::SocketIo;
 use switchboard_proto::{
@@ -82,10 +83,15 @@ pub fn layer(shared: Shared) -> SocketIoLayer {
         // is dropped as too slow): a bound on what it can make us hold.
         .max_buffer_size(256)
         .build_layer();
-    io.ns("/", move |socket: SocketRef| {
+    // Everything is set up in a connect middleware, which socketioxide
+    // awaits before it sends the connect packet: the event handlers exist
+    // before the client can send an event (the connect handler proper is
+    // spawned after that packet, so a `join` sent at once could beat it).
+    let setup = move |socket: SocketRef| {
         let shared = shared.clone();
         async move { on_connect(socket, shared) }
-    });
+    };
+    io.ns("/", (async || {}).with(setup));
     layer
 }
 
@@ -146,7 +152,18 @@ enum Event {
     Bad(ClassicDrop),
 }
 
-fn on_connect(socket: SocketRef, shared: Shared) {
+/// Why a Socket.IO connection was not accepted (its `connect_error`).
+#[derive(Debug, thiserror::Error)]
+enum Refused {
+    #[error("origin not allowed")]
+    Origin,
+    #[error("server shutting down")]
+    ShuttingDown,
+    #[error("too many connections from this address")]
+    PerAddress,
+}
+
+fn on_connect(socket: SocketRef, shared: Shared) -> Result<(), Refused> {
     let parts = socket.req_parts();
     let peer = parts
         .extensions
@@ -169,18 +186,15 @@ fn on_connect(socket: SocketRef, shared: Shared) {
             .unwrap_or("");
         if !allowed.iter().any(|a| a == origin) {
             tracing::info!(%peer, origin, "refused a Socket.IO client from a foreign origin");
-            let _ = socket.disconnect();
-            return;
+            return Err(Refused::Origin);
         }
     }
     if shared.shutdown.is_cancelled() {
-        let _ = socket.disconnect();
-        return;
+        return Err(Refused::ShuttingDown);
     }
     let Some(slot) = shared.per_ip.acquire(peer.ip()) else {
         shared.hub.metrics().limited(Limit::ConnsPerIp);
-        let _ = socket.disconnect();
-        return;
+        return Err(Refused::PerAddress);
     };
     // An optional access token in the handshake's query (`?token=`), for
     // deployments with auth on; classic clients pass it in the URL.
@@ -192,9 +206,31 @@ fn on_connect(socket: SocketRef, shared: Shared) {
     });
     let (tx, rx) = mpsc::channel(EVENT_QUEUE);
     let gone = CancellationToken::new();
+    // The rate limit applies where events arrive, before the queue, so a
+    // flood is judged by what the client sent, not by what the queue held.
+    let flood = CancellationToken::new();
+    let limits = &config.limits;
+    let limiter = Arc::new(std::sync::Mutex::new(RateLimiter::new(
+        limits.rate_per_sec,
+        limits.rate_burst,
+        Instant::now(),
+    )));
     let metrics_hub = shared.hub.clone();
+    let flooded = flood.clone();
     let queue = move |tx: &mpsc::Sender<Event>, ev: Event| {
-        if tx.try_send(ev).is_err() {
+        let verdict = match limiter.lock() {
+            Ok(mut l) => l.check(Instant::now()),
+            Err(_) => Verdict::Close,
+        };
+        let dropped = match verdict {
+            Verdict::Allow => tx.try_send(ev).is_err(),
+            Verdict::Reject => true,
+            Verdict::Close => {
+                flooded.cancel();
+                true
+            }
+        };
+        if dropped {
             metrics_hub
                 .metrics()
                 .classic_dropped(ClassicDrop::RateLimited);
@@ -257,13 +293,14 @@ fn on_connect(socket: SocketRef, shared: Shared) {
         let _slot = slot;
         hub.metrics().socketio_connections.inc();
         let why = Classic::new(hub.clone(), socket, peer, token, span.clone())
-            .serve(rx, gone, shared.shutdown)
+            .serve(rx, gone, flood, shared.shutdown)
             .instrument(span)
             .await;
         hub.metrics().socketio_connections.dec();
         tracing::debug!(reason = why.as_str(), "classic client gone");
     };
     shared.sessions.spawn(task);
+    Ok(())
 }
 
 /// One classic connection's state.
@@ -273,7 +310,6 @@ struct Classic {
     peer: SocketAddr,
     token: Option<String>,
     span: tracing::Span,
-    limiter: RateLimiter,
     joined: Option<(RoomName, ParticipantId)>,
     /// The server is its peer (the room is `sfu`).
     relayed: bool,
@@ -292,15 +328,12 @@ impl Classic {
         token: Option<String>,
         span: tracing::Span,
     ) -> Classic {
-        let limits = &hub.config().limits;
-        let limiter = RateLimiter::new(limits.rate_per_sec, limits.rate_burst, Instant::now());
         Classic {
             hub,
             socket,
             peer,
             token,
             span,
-            limiter,
             joined: None,
             relayed: false,
             peers: Vec::new(),
@@ -316,6 +349,7 @@ impl Classic {
         mut self,
         mut events: mpsc::Receiver<Event>,
         gone: CancellationToken,
+        flood: CancellationToken,
         shutdown: CancellationToken,
     ) -> Disconnect {
         let (outbox, mut rx, kick) = Outbox::new();
@@ -328,21 +362,16 @@ impl Classic {
                     tracing::warn!("closing a classic client that does not read its messages");
                     break Disconnect::SlowConsumer;
                 }
+                () = flood.cancelled() => {
+                    tracing::warn!("closing a classic client that keeps flooding");
+                    break Disconnect::RateLimit;
+                }
                 Some(text) = rx.recv() => {
                     if let Err(why) = self.on_server(&text) {
                         break why;
                     }
                 }
-                Some(event) = events.recv() => {
-                    match self.limiter.check(Instant::now()) {
-                        Verdict::Allow => self.on_event(&outbox, event),
-                        Verdict::Reject => self.hub.metrics().classic_dropped(ClassicDrop::RateLimited),
-                        Verdict::Close => {
-                            tracing::warn!("closing a classic client that keeps flooding");
-                            break Disconnect::RateLimit;
-                        }
-                    }
-                }
+                Some(event) = events.recv() => self.on_event(&outbox, event),
             }
         };
         if let Some((room, id)) = self.joined.take() {
@@ -381,7 +410,7 @@ impl Classic {
                     return;
                 }
                 let (mode, client) = match self.relay_policy() {
-                    Relay::Never => (RequestedMode::P2p, Client::Classic),
+                    Relay::Never => (RequestedMode::P2p, Client::ClassicP2pOnly),
                     Relay::Auto => (RequestedMode::Auto, Client::Classic),
                     Relay::Always => (RequestedMode::Sfu, Client::ClassicRelayed),
                 };
@@ -471,17 +500,11 @@ impl Classic {
         };
         match msg {
             ServerMessage::Joined(j) => {
+                // (With `never`, a room in `sfu` refused the join: `full`.)
                 self.emit("joined", (j.room.as_str(), j.id.as_str()))?;
-                match (j.mode, self.relay_policy()) {
-                    (MediaMode::Sfu, Relay::Never) => {
-                        // The room is on the server and this client may not
-                        // be relayed: it cannot take part.
-                        self.hub.leave(&j.room, &j.id, Departure::Vanished);
-                        self.joined = None;
-                        self.emit("full", (j.room.as_str(), self.socket.id.to_string()))?;
-                    }
-                    (MediaMode::Sfu, _) => self.start_relay(&j.room)?,
-                    (MediaMode::P2p, _) => {
+                match j.mode {
+                    MediaMode::Sfu => self.start_relay(&j.room)?,
+                    MediaMode::P2p => {
                         self.peers = j.peers.into_iter().map(|p| p.id).collect();
                     }
                 }
