@@ -245,7 +245,7 @@ impl Limit {
 /// The reasons `switchboard_media_dropped_total` is labelled with: the
 /// demux's (`DropReason::as_str`), the rewriter's (`RewriteDrop::as_str`)
 /// and the transport's own.
-pub const MEDIA_DROP_REASONS: [&str; 24] = [
+pub const MEDIA_DROP_REASONS: [&str; 25] = [
     // demux
     "empty",
     "oversize",
@@ -260,6 +260,8 @@ pub const MEDIA_DROP_REASONS: [&str; 24] = [
     "too-old",
     "stale-source",
     // transport
+    // video for a new subscriber before the first keyframe it can decode
+    "before-keyframe",
     "chat-forbidden",
     // a classic client's speaker video whose VP8 descriptor does not parse
     "bad-descriptor",

@@ -52,6 +52,7 @@ use tokio::net::UdpSocket;
 use tokio::sync::mpsc;
 use tokio_tungstenite::tungstenite::Message;
 
+mod keyframes;
 mod resume;
 
 pub use rtc::rtp::Packet as RtpPacket;
@@ -160,6 +161,9 @@ pub enum Event {
         packet: RtpPacket,
         at: Instant,
     },
+    /// The server asked for a keyframe (PLI or FIR) of the track we
+    /// publish with this `kind`.
+    KeyframeRequested { kind: Kind, at: Instant },
     /// The signaling connection dropped; media goes on, and the client
     /// reconnects with backoff and `resume`s (1.1).
     SignalingLost,
@@ -196,6 +200,7 @@ enum Cmd {
         timestamp: u32,
     },
     Chat(String),
+    RequestKeyframe(String),
     Raw(ClientMessage),
     FreezeMedia,
     DropSignaling,
@@ -346,6 +351,14 @@ impl Client {
     pub fn send_chat(&self, text: &str) -> Result<(), ClientError> {
         self.cmd
             .send(Cmd::Chat(text.to_owned()))
+            .map_err(|_| ClientError::Stopped)
+    }
+
+    /// Asks the server for a keyframe of the remote track `track_id` (a
+    /// PLI on its stream), as a decoder that lost its picture would.
+    pub fn request_keyframe(&self, track_id: &str) -> Result<(), ClientError> {
+        self.cmd
+            .send(Cmd::RequestKeyframe(track_id.to_owned()))
             .map_err(|_| ClientError::Stopped)
     }
 
@@ -691,6 +704,7 @@ impl Task {
                             }
                         }
                     }
+                    Some(Cmd::RequestKeyframe(track)) => self.request_keyframe(&track),
                     Some(Cmd::Raw(msg)) => outgoing.push(msg),
                     Some(Cmd::FreezeMedia) => self.frozen = true,
                     Some(Cmd::DropSignaling) => {
@@ -1185,8 +1199,11 @@ impl Task {
         };
         let mut media_engine = MediaEngine::default();
         media_engine.register_default_codecs()?;
-        let registry =
-            register_default_interceptors(rtc::interceptor::Registry::new(), &mut media_engine)?;
+        let registry = rtc::interceptor::Registry::new().with(
+            rtc::interceptor::Slot::from(14_000),
+            keyframes::DeliverKeyframeRequests::default(),
+        );
+        let registry = register_default_interceptors(registry, &mut media_engine)?;
         let mut pc = RTCPeerConnectionBuilder::new()
             .with_configuration(RTCConfigurationBuilder::new().build())
             .with_setting_engine(settings)
@@ -1279,6 +1296,25 @@ impl Task {
         write_rtp(pc, sender, payload, marker, timestamp);
     }
 
+    /// A PLI for the remote track `track_id`, to the server.
+    fn request_keyframe(&mut self, track_id: &str) {
+        let Some(pc) = self.pc.as_mut() else { return };
+        let Some(receiver_id) = self
+            .receivers
+            .iter()
+            .find(|(_, t)| t.as_str() == track_id)
+            .map(|(r, _)| *r)
+        else {
+            return;
+        };
+        if let Some(mut receiver) = pc.rtp_receiver(receiver_id) {
+            let Some(ssrc) = receiver.track().ssrcs().next() else {
+                return;
+            };
+            let _ = receiver.write_rtcp(Instant::now(), keyframes::pli(ssrc));
+        }
+    }
+
     fn drain_pc(&mut self) {
         let Some(pc) = self.pc.as_mut() else { return };
         while let Some(event) = pc.poll_event() {
@@ -1333,6 +1369,19 @@ impl Task {
                 RTCMessage::DataChannelMessage(_, msg) if msg.is_string => {
                     if let Ok(text) = String::from_utf8(msg.data.to_vec()) {
                         let _ = self.events.send(Event::Chat(text));
+                    }
+                }
+                RTCMessage::RtcpPacket(track_id, packets)
+                    if keyframes::wants_keyframe(&packets) =>
+                {
+                    // Our own tracks are named `<name>-audio` / `<name>-video`.
+                    let kind = if track_id.ends_with("-audio") {
+                        Kind::Audio
+                    } else {
+                        Kind::Video
+                    };
+                    if !self.tracks.contains_key(&track_id) {
+                        let _ = self.events.send(Event::KeyframeRequested { kind, at: now });
                     }
                 }
                 _ => {}

@@ -74,6 +74,12 @@ impl Codec {
         matches!(self, Codec::Vp8 | Codec::Vp9 | Codec::H264)
     }
 
+    /// Whether [`Codec::is_keyframe`] can say yes: a video codec whose
+    /// keyframes this module recognises.
+    pub fn detects_keyframes(self) -> bool {
+        matches!(self, Codec::Vp8 | Codec::Vp9 | Codec::H264)
+    }
+
     /// Whether `payload` (an RTP payload of this codec) starts a keyframe.
     /// False for audio, unknown codecs and malformed payloads.
     pub fn is_keyframe(self, payload: &[u8]) -> bool {

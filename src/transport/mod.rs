@@ -350,6 +350,11 @@ struct Down {
     /// Whether a server offer carrying this track has gone out; only the
     /// answer to such an offer negotiates it.
     offered: bool,
+    /// Video whose keyframes we can recognise: nothing is forwarded until
+    /// one arrives (requested when the subscriber's answer negotiated the
+    /// track), so the subscriber's decoder never starts on deltas it cannot
+    /// decode.
+    awaiting_keyframe: bool,
     rewriter: SeqRewriter,
 }
 
@@ -1449,6 +1454,13 @@ impl Engine {
                 self.metrics.media_dropped("not-negotiated");
                 continue;
             };
+            if down.awaiting_keyframe {
+                if !keyframe {
+                    self.metrics.media_dropped("before-keyframe");
+                    continue;
+                }
+                down.awaiting_keyframe = false;
+            }
             let (seq, ts) = match down.rewriter.rewrite(
                 packet.header.ssrc,
                 packet.header.sequence_number,
@@ -1543,6 +1555,9 @@ impl Engine {
                         mime: codec.mime_type.clone(),
                         pt: None,
                         offered: false,
+                        awaiting_keyframe: kind == RtpCodecKind::Video
+                            && crate::media::codec::Codec::from_mime(&codec.mime_type)
+                                .detects_keyframes(),
                         rewriter: added
                             .rewriter
                             .unwrap_or_else(|| SeqRewriter::new(codec.clock_rate)),
