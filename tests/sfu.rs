@@ -405,6 +405,52 @@ async fn a_subscribers_nacks_are_answered_with_the_original_payload() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_publishers_uplink_loss_is_nacked_upstream_and_recovered() {
+    let server = media_server().await;
+    let names = ["alice", "bob"];
+    // Alice's uplink loses every 7th RTP datagram she sends (after her
+    // sender kept it for retransmission); bob's link is clean.
+    let mut clients = join_all(&server, "uplink", &names, |o, i| {
+        if i == 0 {
+            o.drop_outgoing_rtp_every = Some(7);
+        }
+    })
+    .await;
+    let mut warmup: Vec<Seen> = (0..2).map(|_| Seen::default()).collect();
+    publish(&mut clients, &names, &mut warmup, 0).await;
+    let before = metrics(&server).await;
+    let sent_before = metric(&before, "switchboard_media_nacked_packets_sent_total");
+    let mut seen: Vec<Seen> = (0..2).map(|_| Seen::default()).collect();
+    publish(&mut clients, &names, &mut seen, 20_000).await;
+    collect(&mut clients, &mut seen, Duration::from_secs(1)).await;
+    let video = seen[1].got("alice", Kind::Video, 20_000, VIDEO_PACKETS);
+    let audio = seen[1].got("alice", Kind::Audio, 20_000, AUDIO_PACKETS);
+    let m = metrics(&server).await;
+    let nacked = metric(&m, "switchboard_media_nacked_packets_sent_total") - sent_before;
+    eprintln!(
+        "alice losing 1 in 7 upstream: bob got video {video}/{VIDEO_PACKETS}, \
+         audio {audio}/{AUDIO_PACKETS}; the server NACKed {nacked} packets upstream"
+    );
+    assert_eq!(
+        seen[1].corrupt, 0,
+        "retransmissions carry the original payload"
+    );
+    assert!(
+        nacked >= 10.0,
+        "the server NACKed alice's lost packets: {nacked}"
+    );
+    assert!(
+        video as f64 >= 0.99 * f64::from(VIDEO_PACKETS),
+        "the server recovered alice's lost video from her and forwarded it: {video}/{VIDEO_PACKETS}"
+    );
+    // Audio (no NACK negotiated) shows the loss was real.
+    assert!(
+        audio < AUDIO_PACKETS as usize,
+        "the loss was real: audio {audio}/{AUDIO_PACKETS}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_warm_standby_connection_carries_no_media_until_the_room_is_sfu() {
     let server = media_server().await;
     let names = ["alice", "bob"];

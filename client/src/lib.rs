@@ -82,6 +82,10 @@ pub struct JoinOptions {
     /// Test hook: drop every Nth incoming RTP datagram once connected, to
     /// make the client's NACKs (and the server's answers) happen.
     pub drop_incoming_rtp_every: Option<u32>,
+    /// Test hook: drop every Nth outgoing RTP datagram to the server (after
+    /// the sender kept it for retransmission), as a lossy uplink would, to
+    /// make the server's NACKs upstream happen.
+    pub drop_outgoing_rtp_every: Option<u32>,
     /// Use ICE over TCP only (an active candidate connecting to the
     /// server's passive one), as a client behind a UDP-blocking firewall would.
     pub ice_tcp: bool,
@@ -106,6 +110,7 @@ impl JoinOptions {
             standby: false,
             bind_ip: IpAddr::from([127, 0, 0, 1]),
             drop_incoming_rtp_every: None,
+            drop_outgoing_rtp_every: None,
             ice_tcp: false,
             p2p: false,
             token: None,
@@ -207,6 +212,12 @@ enum Cmd {
     Leave,
 }
 
+/// Whether a datagram is (S)RTP, not RTCP (RFC 5761): first byte
+/// 128..=191, second byte's payload type outside 192..=223.
+fn is_rtp(datagram: &[u8]) -> bool {
+    matches!(datagram, [0x80..=0xbf, b, ..] if !(192..=223).contains(b))
+}
+
 /// The mids of the media sections in `offer` that the offerer does not
 /// send on (`recvonly` or `inactive`).
 fn not_sending_mids(offer: &str) -> Vec<String> {
@@ -295,6 +306,7 @@ impl Client {
             offer_sent: false,
             frozen: false,
             rtp_seen: 0,
+            rtp_sent: 0,
             tcp: None,
             mode: joined.mode,
             p2p_timeout: Duration::from_millis(joined.p2p_timeout_ms),
@@ -434,6 +446,7 @@ struct Task {
     offer_sent: bool,
     frozen: bool,
     rtp_seen: u32,
+    rtp_sent: u32,
     /// The ICE-TCP connection, when `opts.ice_tcp`.
     tcp: Option<TcpLink>,
     /// The room's media mode as last heard.
@@ -592,6 +605,14 @@ impl Task {
                 while let Some(out) = pc.poll_write() {
                     if self.frozen {
                         continue;
+                    }
+                    if let Some(n) = self.opts.drop_outgoing_rtp_every.filter(|n| *n > 0) {
+                        if is_rtp(&out.message) {
+                            self.rtp_sent = self.rtp_sent.wrapping_add(1);
+                            if self.rtp_sent.is_multiple_of(n) {
+                                continue;
+                            }
+                        }
                     }
                     if out.transport.transport_protocol == TransportProtocol::TCP {
                         if let Some(link) = self.tcp.as_mut() {
@@ -853,11 +874,8 @@ impl Task {
         if self.frozen {
             return false;
         }
-        // RTP (not RTCP, RFC 5761): first byte 128..=191, second byte's
-        // payload type outside 192..=223.
-        let is_rtp = matches!(datagram, [0x80..=0xbf, b, ..] if !(192..=223).contains(b));
         match self.opts.drop_incoming_rtp_every {
-            Some(n) if n > 0 && is_rtp => {
+            Some(n) if n > 0 && is_rtp(datagram) => {
                 self.rtp_seen = self.rtp_seen.wrapping_add(1);
                 !self.rtp_seen.is_multiple_of(n)
             }
