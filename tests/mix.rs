@@ -564,3 +564,70 @@ async fn a_publisher_that_is_not_opus_is_not_mixed_and_is_counted() {
         c.leave();
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_more_talkers_than_mix_speakers_the_loudest_are_mixed() {
+    let server = server(ServeOptions {
+        mix_speakers: Some(2),
+        ..Default::default()
+    })
+    .await;
+    let room = format!("mixk-{}", rand_id());
+    let names = ["alice", "bob", "carol", "dave", "eve"];
+    let mut clients = Vec::new();
+    // Four talk; eve only listens. Mixed, carol and dave would be 6 and
+    // 8.5 dB below bob; left out, they are codec leakage, 40 dB and more.
+    for (i, name) in names.iter().enumerate() {
+        clients.push(join(&server, &room, name, i < 4).await);
+    }
+    let mut heard: Vec<Heard> = names.iter().map(|_| Heard::default()).collect();
+    let freqs = [440.0f32, 660.0, 880.0, 1100.0];
+    let mut tones: Vec<Tone> = freqs
+        .iter()
+        .zip([12_000.0, 8_000.0, 4_000.0, 3_000.0])
+        .map(|(f, a)| Tone::new(*f, a))
+        .collect();
+    let levels = |pcm: &[i16]| -> (Vec<f64>, f64) {
+        (
+            freqs.iter().map(|f| tone_db(pcm, *f)).collect(),
+            tone_db(pcm, 1234.0),
+        )
+    };
+    // 3 s: alice and bob loudest.
+    {
+        let mut refs: Vec<(usize, &mut Tone)> = tones.iter_mut().enumerate().collect();
+        talk(&mut clients, &mut heard, &mut refs, 150).await;
+    }
+    let phase1_end = Instant::now();
+    let pcm: Vec<i16> = heard[4].decoded_since(phase1_end - Duration::from_millis(1000));
+    let (db, off) = levels(&pcm);
+    eprintln!("eve, alice+bob loud: {db:.1?} dB, off-tone {off:.1} dB");
+    assert!(pcm.len() >= RATE as usize / 2, "eve decoded {}", pcm.len());
+    assert!(
+        db[0] > off + 20.0 && db[1] > off + 20.0,
+        "eve hears the two loudest: {db:?} vs {off}"
+    );
+    assert!(
+        db[2] < db[1] - 20.0 && db[3] < db[1] - 20.0,
+        "the quieter two are left out of a 2-speaker mix: {db:?}"
+    );
+
+    // Then alice stops and carol gets loudest: carol and bob are mixed.
+    tones[0].amp = 0.0;
+    tones[2].amp = 15_000.0;
+    {
+        let mut refs: Vec<(usize, &mut Tone)> = tones.iter_mut().enumerate().collect();
+        talk(&mut clients, &mut heard, &mut refs, 150).await;
+    }
+    let pcm: Vec<i16> = heard[4].decoded_since(Instant::now() - Duration::from_millis(1000));
+    let (db, off) = levels(&pcm);
+    eprintln!("eve, carol+bob loud: {db:.1?} dB, off-tone {off:.1} dB");
+    assert!(
+        db[2] > off + 20.0 && db[1] > off + 20.0,
+        "eve hears carol and bob: {db:?} vs {off}"
+    );
+    assert!(db[3] < db[1] - 20.0, "dave is still left out: {db:?}");
+    for c in &clients {
+        c.leave();
+    }
+}
