@@ -82,6 +82,14 @@ pub fn layer(shared: Shared) -> SocketIoLayer {
         // Packets queued for one client before emits fail (and the client
         // is dropped as too slow): a bound on what it can make us hold.
         .max_buffer_size(256)
+        // Classic clients send no binary attachments; the defaults would let
+        // one connection hold 10,000 of them (10 MB) for a minute.
+        .with_parser(
+            socketioxide::ParserConfig::common()
+                .max_incoming_binaries(0)
+                .max_incoming_binary_buf_size(hard_cap)
+                .packet_completion_timeout(std::time::Duration::from_secs(2)),
+        )
         .build_layer();
     // Everything is set up in a connect middleware, which socketioxide
     // awaits before it sends the connect packet: the event handlers exist

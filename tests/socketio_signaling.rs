@@ -377,6 +377,21 @@ async fn bad_classic_input_is_counted_changes_nothing_and_a_flood_is_cut_off() {
     assert!(next.send_raw("42not json").await);
     assert_eq!(next.next().await, Seen::Closed);
     assert_eq!(ws.expect("bye").await["id"], next_id);
+    // A binary event (attachments to follow) is refused: classic clients
+    // send none, and the server holds none. The connection ends; the room
+    // sees a bye and nothing else.
+    let mut binary = Raw::connect(&server, 4, "binary").await;
+    binary.emit(json!(["join", "victim"])).await;
+    let binary_id = binary.expect("joined").await[1].clone();
+    assert_eq!(ws.expect("otherjoin").await["id"], binary_id);
+    assert!(
+        binary
+            .send_raw(r#"451-["message","victim",{"_placeholder":true,"num":0}]"#)
+            .await
+    );
+    let _ = binary.ws.send(Message::binary(vec![0u8; 1000])).await;
+    assert_eq!(binary.next().await, Seen::Closed);
+    assert_eq!(ws.expect("bye").await["id"], binary_id);
     ws.expect_nothing_pending().await;
 }
 
