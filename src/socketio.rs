@@ -53,6 +53,11 @@ use crate::ratelimit::{RateLimiter, Verdict};
 /// Where the endpoint is.
 pub const PATH: &str = "/socket.io";
 
+/// Binary attachments a client may announce: none (classic clients send
+/// none; socketioxide's default, 10,000 of up to 10 MB held for a minute,
+/// would be memory a client can make us hold).
+pub const MAX_INCOMING_BINARIES: usize = 0;
+
 /// Classic events waiting for a connection's task; past this the client is
 /// over any sane rate and events are dropped (and counted).
 const EVENT_QUEUE: usize = 64;
@@ -82,11 +87,9 @@ pub fn layer(shared: Shared) -> SocketIoLayer {
         // Packets queued for one client before emits fail (and the client
         // is dropped as too slow): a bound on what it can make us hold.
         .max_buffer_size(256)
-        // Classic clients send no binary attachments; the defaults would let
-        // one connection hold 10,000 of them (10 MB) for a minute.
         .with_parser(
             socketioxide::ParserConfig::common()
-                .max_incoming_binaries(0)
+                .max_incoming_binaries(MAX_INCOMING_BINARIES)
                 .max_incoming_binary_buf_size(hard_cap)
                 .packet_completion_timeout(std::time::Duration::from_secs(2)),
         )
@@ -596,7 +599,7 @@ impl Classic {
 
 /// A classic room argument: a room name, or a number (`join(123456)` is
 /// the room `"123456"`).
-fn room_name(v: &Value) -> Option<RoomName> {
+pub fn room_name(v: &Value) -> Option<RoomName> {
     match v {
         Value::String(s) => RoomName::parse(s).ok(),
         Value::Number(n) if n.is_u64() || n.is_i64() => RoomName::parse(&n.to_string()).ok(),

@@ -309,3 +309,29 @@ fn mixer_input_survives_any_payload() {
         checks::mixer_input(&ops);
     }
 }
+
+#[test]
+fn socketio_packets_hold_nothing_and_round_trip() {
+    seeds_and_mutations("socketio", 71, 3000, checks::socketio);
+    // Generated classic events with rooms of every kind.
+    let mut rng = Rng::new(72);
+    let rooms = [
+        "\"demo\"",
+        "4711",
+        "-1",
+        "1.5",
+        "\"\"",
+        "\"a b\"",
+        "null",
+        "{}",
+        "[1]",
+        "18446744073709551615",
+        "\"x\\u0000\"",
+    ];
+    for _ in 0..2000 {
+        let event = rng.pick(&["join", "leave", "message", "bye", "x"]);
+        let room = rng.pick(&rooms);
+        let prefix = rng.pick(&["2", "2/,", "21", "/x,2", "5"]);
+        checks::socketio(format!("{prefix}[\"{event}\",{room},{{}}]").as_bytes());
+    }
+}

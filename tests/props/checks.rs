@@ -643,3 +643,86 @@ pub fn mixer_input(data: &[u8]) {
         }
     }
 }
+
+// ---------------------------------------------------------------------------
+// socketio
+// ---------------------------------------------------------------------------
+
+/// A Socket.IO packet (what an Engine.IO message carries on `/socket.io/`)
+/// through socketioxide's parser, configured as the endpoint configures it,
+/// then the endpoint's reading of a classic event's room argument:
+/// - nothing is held back for later: a packet announcing binary
+///   attachments is refused, never kept waiting for them;
+/// - an accepted packet re-encodes to one that parses to the same packet;
+/// - for an event `[name, room, ...]`, `room_name` gives a room exactly when
+///   the room is a string or a whole number whose text is a valid name, and
+///   that room's text is the argument's.
+pub fn socketio(data: &[u8]) {
+    use socketioxide_core::packet::PacketData;
+    use socketioxide_core::parser::{Parse, ParseConfig, ParseError, ParserState};
+    use socketioxide_core::{Str, Value};
+    use socketioxide_parser_common::CommonParser;
+    use switchboard::socketio::{room_name, MAX_INCOMING_BINARIES};
+    use switchboard_proto::RoomName;
+
+    let Ok(text) = std::str::from_utf8(data) else {
+        return;
+    };
+    let config = ParseConfig {
+        max_incoming_binaries: MAX_INCOMING_BINARIES,
+        ..ParseConfig::default()
+    };
+    let state = ParserState::default();
+    let parsed = CommonParser.decode_str(&config, &state, Str::from(text.to_owned()));
+    let held = state
+        .partial_bin_packet
+        .lock()
+        .map_or(true, |p| p.is_some());
+    assert!(!held, "{text:?}: a partial binary packet is held");
+    assert!(
+        !matches!(parsed, Err(ParseError::NeedsMoreBinaryData)),
+        "{text:?}: waits for attachments it may not get"
+    );
+    let Ok(packet) = parsed else { return };
+    if let PacketData::BinaryEvent(..) | PacketData::BinaryAck(..) = packet.inner {
+        // Only with no attachments at all; anything else was refused above.
+        assert_eq!(MAX_INCOMING_BINARIES, 0);
+    }
+    // Round trip through the encoder (as what a server sends back).
+    if let Value::Str(again, None) = CommonParser.encode(packet.clone()) {
+        let fresh = ParserState::default();
+        let back = CommonParser
+            .decode_str(&config, &fresh, again.clone())
+            .unwrap_or_else(|e| panic!("{text:?}: re-encoded {again:?} does not parse: {e}"));
+        assert_eq!(back, packet, "{text:?}: round trip via {again:?}");
+    }
+    // The event's room argument, as the endpoint reads it.
+    let (PacketData::Event(Value::Str(body, _), _)
+    | PacketData::BinaryEvent(Value::Str(body, _), _)) = &packet.inner
+    else {
+        return;
+    };
+    let Ok(serde_json::Value::Array(args)) = serde_json::from_str::<serde_json::Value>(body) else {
+        return;
+    };
+    let Some(arg) = args.get(1) else { return };
+    let as_text = match arg {
+        serde_json::Value::String(s) => Some(s.clone()),
+        serde_json::Value::Number(n) if n.is_u64() || n.is_i64() => Some(n.to_string()),
+        _ => None,
+    };
+    let expected = as_text.as_deref().and_then(|t| RoomName::parse(t).ok());
+    let got = room_name(arg);
+    assert_eq!(
+        got.as_ref().map(|r| r.as_str().to_owned()),
+        expected.as_ref().map(|r| r.as_str().to_owned()),
+        "{text:?}: room argument {arg}"
+    );
+    if let (Some(room), Some(t)) = (got, as_text) {
+        assert_eq!(
+            room.as_str(),
+            t,
+            "{text:?}: the room is the argument's text"
+        );
+    }
+}
