@@ -305,8 +305,14 @@ pub struct Publisher {
     pub kind: Kind,
     /// Stamp sequence: packets sent on this stream so far.
     seq: u32,
-    /// Frames sent so far (index into the looping clip).
+    /// Frames sent so far (drives the RTP timestamp).
     frame: u64,
+    /// Added to `frame` to index the looping clip: a keyframe request moves
+    /// it so that the next frame sent is one of the clip's keyframes, as an
+    /// encoder answers a PLI with a keyframe.
+    clip_shift: u64,
+    /// Keyframe requests answered.
+    pub keyframes_requested: u64,
     period: Duration,
     interval: Option<tokio::time::Interval>,
 }
@@ -323,6 +329,8 @@ impl Publisher {
             kind,
             seq: 0,
             frame: 0,
+            clip_shift: 0,
+            keyframes_requested: 0,
             period,
             interval: Some(interval),
         }
@@ -374,6 +382,7 @@ impl Publisher {
             Kind::Audio => {
                 let clip = plan.audio.as_ref()?;
                 let frame = &clip.frames[(self.frame % clip.frames.len() as u64) as usize];
+                // (Audio has no keyframes: `clip_shift` stays 0.)
                 let stamp = Stamp {
                     sender,
                     seq: self.seq,
@@ -389,7 +398,9 @@ impl Publisher {
             }
             Kind::Video => {
                 let (clip, _) = plan.video.as_ref()?;
-                let f = &clip.frames[(self.frame % clip.frames.len() as u64) as usize];
+                let at =
+                    (self.frame.wrapping_add(self.clip_shift) % clip.frames.len() as u64) as usize;
+                let f = &clip.frames[at];
                 out.keyframe = f.keyframe;
                 let parts = media::vp8_packets(
                     &f.data,
@@ -412,6 +423,27 @@ impl Publisher {
         }
         self.frame += 1;
         Some(out)
+    }
+}
+
+impl Publisher {
+    /// The server asked for a keyframe (a PLI): the next video frame sent is
+    /// the clip's next keyframe (at or after the current position, looping),
+    /// unless it already is one. The RTP timestamp runs on unchanged.
+    pub fn keyframe_requested(&mut self, plan: &MediaPlan) {
+        let Some((clip, _)) = plan.video.as_ref().filter(|_| self.kind == Kind::Video) else {
+            return;
+        };
+        let len = clip.frames.len() as u64;
+        if len == 0 {
+            return;
+        }
+        let at = self.frame.wrapping_add(self.clip_shift) % len;
+        let ahead = (0..len)
+            .find(|d| clip.frames[((at + d) % len) as usize].keyframe)
+            .unwrap_or(0);
+        self.clip_shift = self.clip_shift.wrapping_add(ahead) % len;
+        self.keyframes_requested += 1;
     }
 }
 
@@ -589,6 +621,51 @@ mod tests {
             ),
             0
         );
+    }
+
+    #[tokio::test]
+    async fn a_keyframe_request_makes_the_next_frame_a_keyframe_and_time_runs_on() {
+        let plan = media_plan(500, false).expect("plan");
+        let base = Instant::now();
+        let s = Schedule::new(
+            base,
+            base,
+            Duration::ZERO,
+            Duration::from_secs(60),
+            Duration::ZERO,
+        );
+        let [_, video] = Publisher::all(&plan, s.warmup_start);
+        let mut video = video.expect("video");
+        let mut sent = [Sent::default(); 2];
+        let mut frame = |v: &mut Publisher| {
+            let mut ts = None;
+            let before = sent[1].window_keyframes;
+            send_next(v, &plan, 0, base, &s, &mut sent, |_, _, _, t| {
+                ts = Some(t);
+                true
+            });
+            (sent[1].window_keyframes > before, ts.expect("a frame"))
+        };
+        let (key, ts0) = frame(&mut video);
+        assert!(key, "the clip starts with a keyframe");
+        let (key, ts1) = frame(&mut video);
+        assert!(!key);
+        for _ in 0..3 {
+            video.keyframe_requested(&plan);
+            let (key, ts) = frame(&mut video);
+            assert!(key, "a requested keyframe comes next");
+            let (key, ts_next) = frame(&mut video);
+            assert!(!key, "and then deltas again");
+            // (Frame times are rounded to the 90 kHz clock: ±1.)
+            let step = i64::from(ts_next.wrapping_sub(ts)) - i64::from(ts1.wrapping_sub(ts0));
+            assert!(step.abs() <= 1, "the clock runs on evenly: {step}");
+        }
+        assert_eq!(video.keyframes_requested, 3);
+        // Audio ignores requests.
+        let [audio, _] = Publisher::all(&media_plan(500, true).expect("plan"), s.warmup_start);
+        let mut audio = audio.expect("audio");
+        audio.keyframe_requested(&plan);
+        assert_eq!(audio.keyframes_requested, 0);
     }
 
     #[test]

@@ -837,6 +837,12 @@ async fn participant(
                     out.fail("client closed (signaling ended) during the run");
                     return out;
                 }
+                Some(Event::KeyframeRequested { kind: Kind::Video, .. }) => {
+                    // Answered as an encoder does: the next frame is a keyframe.
+                    if let Some(v) = video.as_mut() {
+                        v.keyframe_requested(&shared.plan);
+                    }
+                }
                 Some(ev) => out.absorb(ev, schedule.as_ref(), &shared),
             },
             changed = phase.changed() => {

@@ -299,6 +299,13 @@ fn a_short_run_reports_every_figure() {
             ],
         );
         let kind = m["kind"].as_str().expect("kind");
+        println!(
+            "{kind}: expected {} received {} loss {:.2} % keyframes {}",
+            m["expected"],
+            m["received"],
+            num(m, "loss_percent"),
+            m["keyframes"]
+        );
         assert!(num(m, "received") > 0.0, "{kind}: nothing received");
         assert!(num(m, "received_bytes") > 0.0);
         assert!(num(m, "loss_percent") < 5.0, "{kind}: {m}");
