@@ -3,7 +3,10 @@
 //! over a direct (P2P) WebRTC connection, and three pages through the server's
 //! SFU (one connection each to the server, which forwards every track), with
 //! the SFU chat channel; and, with access tokens on, pages opened with
-//! `?token=`.
+//! `?token=`. And classic Socket.IO room pages (the official
+//! `socket.io-client` 2.x and 4.x, classic events only) calling P2P, moved to
+//! the server when a third joins, refused with `full` under `never`, and in
+//! one room with the server's own client.
 //!
 //! Everything runs inside a fresh network namespace that has only `lo`, so every
 //! ICE candidate is 127.0.0.1 and nothing leaves the machine (the server's
@@ -11,8 +14,8 @@
 //! Needs root (for `ip netns`), Node.js 20+, and Debian's Chromium
 //! (`apt-get install -y chromium`; `.ci/run` installs it). The browser drivers
 //! are `tests/browser/p2p_call.mjs`, `tests/browser/sfu_call.mjs`,
-//! `tests/browser/resume_call.mjs` and
-//! `tests/browser/token_call.mjs`.
+//! `tests/browser/resume_call.mjs`, `tests/browser/token_call.mjs` and
+//! `tests/browser/classic_call.mjs` (pages in `tests/browser/classic/`).
 
 use std::ffi::OsStr;
 use std::fs::{self, File};
@@ -182,12 +185,20 @@ fn unique_suffix() -> String {
     format!("{}-{nanos}", std::process::id())
 }
 
-/// Makes sure `tests/browser/node_modules` has playwright-core (`npm ci` if not).
+/// Makes sure `tests/browser/node_modules` has playwright-core and both
+/// socket.io-client versions (`npm ci` if not).
 fn ensure_playwright(browser_dir: &Path, logs: &Path) {
-    if browser_dir
-        .join("node_modules/playwright-core/package.json")
-        .is_file()
-    {
+    if [
+        "playwright-core",
+        "socket.io-client2",
+        "socket.io-client4",
+    ]
+    .iter()
+    .all(|m| {
+        browser_dir
+            .join(format!("node_modules/{m}/package.json"))
+            .is_file()
+    }) {
         return;
     }
     let log = logs.join("npm-ci.log");
@@ -412,4 +423,53 @@ fn chromium_pages_join_with_access_tokens() {
         Duration::from_secs(150),
     );
     println!("{line}");
+}
+
+/// `classic_call.mjs <scenario>` against a server with `--socketio-relay
+/// relay`; the script gives up on its own after 120 s.
+fn classic(relay: &str, scenario: &str) -> String {
+    run_browser_script(
+        "classic_call.mjs",
+        &[("SWITCHBOARD_SOCKETIO_RELAY", relay)],
+        &[scenario],
+        Duration::from_secs(150),
+    )
+}
+
+/// Two classic pages (socket.io-client 2.x over Engine.IO 3, and 4.x over
+/// Engine.IO 4, both upgraded to WebSocket) make a P2P call: `joined`, then
+/// `otherjoin` to the one already there, who offers; each decodes the other's
+/// picture (by its colour) and hears the other's tone and not its own; the
+/// server's media port receives nothing.
+#[test]
+fn classic_socketio_pages_make_a_p2p_call() {
+    println!("{}", classic("auto", "p2p"));
+}
+
+/// With `auto`, a third classic page moves the call to the server: the two
+/// P2P callers get `bye` for each other, then `otherjoin(room, "sfu")`; each
+/// of the three then hears the two others' tones in the mix (and not its
+/// own) and sees the loudest other; when the quietest becomes the loudest,
+/// every picture follows. Prints the time from the third join to media on
+/// all three.
+#[test]
+fn a_third_classic_page_moves_the_call_to_the_server() {
+    println!("{}", classic("auto", "third"));
+}
+
+/// With `never`, the old server exactly: a third classic page gets `full`
+/// and nothing else, and the two in the call go on undisturbed.
+#[test]
+fn with_never_a_third_classic_page_gets_full() {
+    println!("{}", classic("never", "never"));
+}
+
+/// A classic page and a page of the server's own client in one room see and
+/// hear each other: peer to peer with `auto`, through the server with
+/// `always` (the classic page gets the own page's picture as the active
+/// speaker and the mix; the own page gets the classic page's picture).
+#[test]
+fn a_classic_page_and_an_own_client_page_share_a_room() {
+    println!("{}", classic("auto", "mixed-p2p"));
+    println!("{}", classic("always", "mixed-sfu"));
 }

@@ -4,8 +4,8 @@
 //! WebSocket transport: the classic events and their positional arguments,
 //! numeric rooms, classic and `/ws` participants in one room, the relay
 //! policies, and hostile input, which is counted and harms nobody. The
-//! media side (real browsers with the official clients, aiortc) is in
-//! `tests/socketio.rs`.
+//! media side is in `tests/browser.rs` (real browsers with the official
+//! clients) and `tests/socketio_relay.rs` (aiortc).
 
 mod common;
 
