@@ -653,7 +653,8 @@ pub fn mixer_input(data: &[u8]) {
 /// then the endpoint's reading of a classic event's room argument:
 /// - nothing is held back for later: a packet announcing binary
 ///   attachments is refused, never kept waiting for them;
-/// - an accepted packet re-encodes to one that parses to the same packet;
+/// - an accepted packet with a JSON payload re-encodes to one that parses
+///   to the same packet;
 /// - for an event `[name, room, ...]`, `room_name` gives a room exactly when
 ///   the room is a string or a whole number whose text is a valid name, and
 ///   that room's text is the argument's.
@@ -688,8 +689,26 @@ pub fn socketio(data: &[u8]) {
         // Only with no attachments at all; anything else was refused above.
         assert_eq!(MAX_INCOMING_BINARIES, 0);
     }
-    // Round trip through the encoder (as what a server sends back).
-    if let Value::Str(again, None) = CommonParser.encode(packet.clone()) {
+    // Round trip through the encoder (as what a server sends back), for
+    // packets whose payload is JSON: everything the server encodes is (a
+    // relayed `message` is re-serialized from parsed JSON). The parser also
+    // takes a CONNECT whose data is not JSON, which the encoder cannot write
+    // back unambiguously: `00/admin,{..}` is namespace `/` with the data
+    // `/admin,{..}`, re-encoded `0/admin,{..}`, which is namespace `/admin`
+    // (found by the fuzzer; regression seed-23).
+    let payload = match &packet.inner {
+        PacketData::Connect(Some(v))
+        | PacketData::Event(v, _)
+        | PacketData::EventAck(v, _)
+        | PacketData::BinaryEvent(v, _)
+        | PacketData::BinaryAck(v, _) => Some(v),
+        _ => None,
+    };
+    let json_payload = payload.is_none_or(|v| match v {
+        Value::Str(s, _) => serde_json::from_str::<serde_json::Value>(s).is_ok(),
+        _ => false,
+    });
+    if let (true, Value::Str(again, None)) = (json_payload, CommonParser.encode(packet.clone())) {
         let fresh = ParserState::default();
         let back = CommonParser
             .decode_str(&config, &fresh, again.clone())
