@@ -23,6 +23,7 @@ for i in $(seq 1 "$runs"); do
   ip -n "$ns" link set lo up
   NO_COLOR=1 SWITCHBOARD_SOCKETIO_RELAY=auto ip netns exec "$ns" "$bin" serve --listen 127.0.0.1:18080 --log warn >"$tmp/server.log" 2>&1 &
   server=$!
+  disown "$server"
   rc=0
   TMPDIR="$tmp" timeout 150 ip netns exec "$ns" node tests/browser/classic_call.mjs http://127.0.0.1:18080 third >"$tmp/out" 2>"$tmp/err" || rc=$?
   kill "$server" 2>/dev/null || true
