@@ -188,17 +188,14 @@ fn unique_suffix() -> String {
 /// Makes sure `tests/browser/node_modules` has playwright-core and both
 /// socket.io-client versions (`npm ci` if not).
 fn ensure_playwright(browser_dir: &Path, logs: &Path) {
-    if [
-        "playwright-core",
-        "socket.io-client2",
-        "socket.io-client4",
-    ]
-    .iter()
-    .all(|m| {
-        browser_dir
-            .join(format!("node_modules/{m}/package.json"))
-            .is_file()
-    }) {
+    if ["playwright-core", "socket.io-client2", "socket.io-client4"]
+        .iter()
+        .all(|m| {
+            browser_dir
+                .join(format!("node_modules/{m}/package.json"))
+                .is_file()
+        })
+    {
         return;
     }
     let log = logs.join("npm-ci.log");
