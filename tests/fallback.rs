@@ -212,6 +212,23 @@ impl Net {
         }
     }
 
+    /// The router drops `percent` % of the UDP datagrams to and from
+    /// `site`, at random, each direction on its own (nftables `numgen
+    /// random`; this machine's kernel has no `sch_netem`, so no delay or
+    /// jitter). Signaling (TCP) is spared, media and ICE are not.
+    fn drop_udp(&self, site: Site, percent: u8) {
+        let router = self.ns("r");
+        let nft = |rule: &str| sh(&["ip", "netns", "exec", &router, "nft", rule]);
+        nft("add table inet lossy");
+        nft("add chain inet lossy drops { type filter hook forward priority 0; }");
+        for dir in ["saddr", "daddr"] {
+            nft(&format!(
+                "add rule inet lossy drops ip {dir} {} meta l4proto udp numgen random mod 100 < {percent} counter drop",
+                site.net()
+            ));
+        }
+    }
+
     /// The router refuses traffic from every site to `ip`.
     fn block_to(&self, ip: &str) {
         let router = self.ns("r");
@@ -385,6 +402,8 @@ struct Setup {
     media_unreachable: bool,
     /// More `switchboard serve` options.
     server_args: &'static [&'static str],
+    /// Percent of the UDP datagrams to and from alice the router drops.
+    alice_loss: Option<u8>,
 }
 
 /// Starts the server in the server namespace, returns its child index.
@@ -436,6 +455,9 @@ fn run_browsers(scenario: &str, setup: &Setup, standby: bool) -> serde_json::Val
     }
     if setup.media_unreachable {
         net.block_to(MEDIA_ONLY_IP);
+    }
+    if let Some(percent) = setup.alice_loss {
+        net.drop_udp(ALICE, percent);
     }
     let srv = start_server(&mut net, setup, &logs);
 
@@ -534,6 +556,7 @@ fn same_lan_stays_p2p_and_the_server_forwards_nothing() {
             isolate: false,
             media_unreachable: false,
             server_args: &[],
+            alice_loss: None,
         },
         true,
     );
@@ -556,6 +579,7 @@ fn isolated_peers_fall_back_to_the_server() {
                 isolate: true,
                 media_unreachable: false,
                 server_args: &[],
+                alice_loss: None,
             },
             standby,
         );
@@ -578,6 +602,7 @@ fn third_participant_moves_everyone_to_the_server() {
                 isolate: false,
                 media_unreachable: false,
                 server_args: &[],
+                alice_loss: None,
             },
             standby,
         );
@@ -617,6 +642,7 @@ fn room_back_to_two_returns_to_p2p_with_the_option() {
             isolate: false,
             media_unreachable: false,
             server_args: &["--p2p-return-ms", "1000"],
+            alice_loss: None,
         },
         true,
     );
@@ -640,12 +666,56 @@ fn unreachable_server_media_port_is_a_visible_warning() {
             isolate: false,
             media_unreachable: true,
             server_args: &[],
+            alice_loss: None,
         },
         true,
     );
     for name in ["alice", "bob"] {
         assert_eq!(r["pages"][name]["serverReach"], "unreachable", "{r}");
         assert!(r["pages"][name]["warning"].is_string(), "{r}");
+    }
+}
+
+/// Loss on alice's link (the router drops 5 %, then 10 % of her UDP
+/// datagrams, each direction), alice and bob in a room made `mode=sfu`: on
+/// a clean link and with loss, both pages keep decoding the other's video
+/// in every 2 s slice (downlink loss at alice repaired by the server's
+/// retransmissions, uplink loss by its NACKs to her). Lossy runs must show
+/// NACKs both ways at the server; frames/s and the longest freeze are
+/// printed (`LOSSY ...`), not asserted. (No delay or jitter: the kernel
+/// here has no `sch_netem`.)
+#[test]
+fn video_keeps_decoding_through_loss_and_jitter() {
+    for (label, loss) in [
+        ("clean", None),
+        ("5% loss", Some(5)),
+        ("10% loss", Some(10)),
+    ] {
+        let r = run_browsers(
+            "lossy",
+            &Setup {
+                sites: TWO,
+                isolate: false,
+                media_unreachable: false,
+                server_args: &[],
+                alice_loss: loss,
+            },
+            false,
+        );
+        println!(
+            "LOSSY {label}: alice {} bob {} NACKed packets from subscribers {} to publishers {} PLIs {}",
+            r["pages"]["alice"], r["pages"]["bob"], r["nackedPacketsReceived"], r["nackedPacketsSent"], r["plisSent"]
+        );
+        if loss.is_some() {
+            assert!(
+                r["nackedPacketsReceived"].as_f64() > Some(0.0),
+                "alice's downlink loss was never NACKed: {r}"
+            );
+            assert!(
+                r["nackedPacketsSent"].as_f64() > Some(0.0),
+                "alice's uplink loss was never NACKed upstream: {r}"
+            );
+        }
     }
 }
 
@@ -678,6 +748,7 @@ fn run_rust_clients(isolate: bool) -> Vec<(&'static str, serde_json::Value)> {
         isolate,
         media_unreachable: false,
         server_args: &[],
+        alice_loss: None,
     };
     let mut net = Net::new(setup.sites);
     if isolate {

@@ -14,6 +14,11 @@
 //                port: the P2P call works and both pages warn.
 //   return       as `third`, then carol leaves; the server (--p2p-return-ms)
 //                returns the room to p2p and alice and bob call directly again.
+//   lossy        alice and bob in a room made `mode=sfu` while the test's
+//                router drops some of alice's UDP datagrams (both ways): both pages keep
+//                decoding the other's video through the server, slice after
+//                slice of SB_LOSSY_SLICES × 2 s; prints frames/s, the longest
+//                freeze and the NACK counters.
 //
 // Env: SB_BROWSER_<name> (browser executable per participant, e.g. a wrapper
 // running Chromium in that participant's namespace), SB_STANDBY (1 or 0:
@@ -94,8 +99,8 @@ async function metric(name) {
 const ms = (a, b) => (a != null && b != null ? b - a : null);
 
 async function main() {
-  if (!['lan', 'isolated', 'third', 'unreachable', 'return'].includes(scenario) || !/^https?:\/\//.test(base || '')) {
-    fail('usage: node fallback.mjs lan|isolated|third|unreachable|return <baseUrl>');
+  if (!['lan', 'isolated', 'third', 'unreachable', 'return', 'lossy'].includes(scenario) || !/^https?:\/\//.test(base || '')) {
+    fail('usage: node fallback.mjs lan|isolated|third|unreachable|return|lossy <baseUrl>');
   }
   await waitForHealth(base);
   const room = `fb-${randomBytes(6).toString('hex')}`;
@@ -117,7 +122,8 @@ async function main() {
     consoleLines[name] = [];
     page.on('console', (m) => consoleLines[name].push(`${m.type()}: ${m.text()}`));
     page.on('pageerror', (e) => consoleLines[name].push(`pageerror: ${e.message}`));
-    const url = `${base}/?room=${room}&name=${name}&timings=1&standby=${standby ? 1 : 0}`;
+    const sfu = scenario === 'lossy' ? '&mode=sfu' : '';
+    const url = `${base}/?room=${room}&name=${name}&timings=1&standby=${standby ? 1 : 0}${sfu}`;
     await page.goto(url, { timeout: 15_000 });
     // In the room before the next one arrives, so join order is fixed.
     await page.waitForFunction(() => window.sb && window.sb.state().id, null, { timeout: 15_000 })
@@ -246,6 +252,39 @@ async function main() {
           );
         }
       }
+    }
+
+    if (scenario === 'lossy') {
+      // Both decode the other's video through the server; then, slice after
+      // slice, new frames arrive on both pages (an order of events: each
+      // slice's check waits, bounded, for frames newer than its start).
+      const pair = ['alice', 'bob'];
+      await until(two, 'video through the server both ways', (n, s) => framesFrom(s, others(n, pair)[0]).sfu > 0);
+      const slices = Number(process.env.SB_LOSSY_SLICES || 5);
+      const startAt = Date.now();
+      const start = await until(two, 'start', () => true);
+      let prev = start;
+      for (let i = 0; i < slices; i++) {
+        await sleep(2000);
+        const p = prev;
+        prev = await until(two, `video still advancing in slice ${i + 1}`,
+          (n, s) => framesFrom(s, others(n, pair)[0]).sfu > framesFrom(p[n], others(n, pair)[0]).sfu);
+      }
+      const seconds = (Date.now() - startAt) / 1000;
+      for (const name of pair) {
+        const o = others(name, pair)[0];
+        const freezes = await pages[name].evaluate((since) => window.sb.longestFreeze(since), startAt);
+        const frames = framesFrom(prev[name], o).sfu - framesFrom(start[name], o).sfu;
+        result.pages[name] = {
+          framesPerSecond: Math.round((frames / seconds) * 10) / 10,
+          frames,
+          longestFreezeMs: freezes.find((f) => f.name === o)?.longestFreezeMs ?? null,
+        };
+      }
+      result.seconds = seconds;
+      result.nackedPacketsReceived = await metric('switchboard_media_nacked_packets_received_total');
+      result.nackedPacketsSent = await metric('switchboard_media_nacked_packets_sent_total');
+      result.plisSent = await metric('switchboard_media_plis_sent_total');
     }
 
     if (scenario === 'return') {
