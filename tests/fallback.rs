@@ -685,7 +685,7 @@ fn unreachable_server_media_port_is_a_visible_warning() {
 /// printed (`LOSSY ...`), not asserted. (No delay or jitter: the kernel
 /// here has no `sch_netem`.)
 #[test]
-fn video_keeps_decoding_through_loss_and_jitter() {
+fn video_keeps_decoding_through_loss() {
     for (label, loss) in [
         ("clean", None),
         ("5% loss", Some(5)),
