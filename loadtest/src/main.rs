@@ -12,6 +12,9 @@
 //!   AudioBridge with `--audio-mode mix`, inside a network namespace.
 //! - `compare`: `run` against Switchboard and `janus` against Janus in turn
 //!   under one load; the ratio table, optionally written into a document.
+//! - `soak`: participants join and leave at a set rate, with media, for a
+//!   set time; the server's RSS, open files, threads, gauges and metric
+//!   series before, at the peak and after everyone left.
 //!
 //! The building blocks are plain modules an adapter for another server can
 //! reuse: [`publish`] (what a publisher sends, paced and stamped, and the
@@ -33,6 +36,7 @@ mod rxstats;
 mod sampler;
 mod scrape;
 mod signaling;
+mod soak;
 mod stamp;
 mod stats;
 
@@ -67,6 +71,10 @@ enum Command {
     /// Switchboard (`run`) and Janus in turn under the same load, in a
     /// network namespace it creates (root); prints the ratio table.
     Compare(compare::CompareArgs),
+    /// Churn with media for a set time (participants join at --churn per
+    /// second, stay --stay, leave); reports what the server holds before,
+    /// at the peak and after everyone left.
+    Soak(soak::SoakArgs),
 }
 
 fn main() -> ExitCode {
@@ -76,6 +84,7 @@ fn main() -> ExitCode {
         Command::Run(args) => run::main(&args),
         Command::Janus(args) => janus::main(&args),
         Command::Compare(args) => compare::main(&args),
+        Command::Soak(args) => soak::main(&args),
     }
 }
 

@@ -45,6 +45,21 @@ pub fn rss_bytes(pid: Pid) -> io::Result<u64> {
     parse_vm_rss(&status).ok_or_else(|| invalid("no VmRSS line in /proc/PID/status"))
 }
 
+/// Open file descriptors (entries of `/proc/PID/fd`).
+pub fn open_fds(pid: Pid) -> io::Result<u64> {
+    Ok(std::fs::read_dir(pid.dir().join("fd"))?.count() as u64)
+}
+
+/// Threads (`Threads` of `/proc/PID/status`).
+pub fn threads(pid: Pid) -> io::Result<u64> {
+    let status = std::fs::read_to_string(pid.dir().join("status"))?;
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("Threads:"))
+        .and_then(|v| v.trim().parse().ok())
+        .ok_or_else(|| invalid("no Threads line in /proc/PID/status"))
+}
+
 /// CPU time used so far, user plus system (`utime + stime` of `/proc/PID/stat`).
 pub fn cpu_time(pid: Pid) -> io::Result<Duration> {
     let stat = std::fs::read_to_string(pid.dir().join("stat"))?;
