@@ -246,3 +246,150 @@ async fn media_keeps_flowing_while_the_rust_clients_websocket_is_down_and_it_res
         1.0
     );
 }
+
+/// A `switchboard serve` process on fixed ports (so a restart comes back
+/// at the same address); killed when dropped.
+struct Process(std::process::Child);
+
+impl Process {
+    fn start(http: u16, media: u16) -> Process {
+        let child = std::process::Command::new(env!("CARGO_BIN_EXE_switchboard"))
+            .args(["serve", "--listen", &format!("127.0.0.1:{http}")])
+            .args(["--rtc-ip", "127.0.0.1", "--rtc-port", &media.to_string()])
+            .args(["--log", "warn"])
+            .env("NO_COLOR", "1")
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("start switchboard");
+        Process(child)
+    }
+
+    async fn until_healthy(http: u16) {
+        let deadline = Instant::now() + WAIT;
+        while tokio::net::TcpStream::connect(("127.0.0.1", http))
+            .await
+            .is_err()
+        {
+            assert!(Instant::now() < deadline, "the server did not come up");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// SIGKILL: no goodbye to anyone, as a crash or an OOM kill.
+    fn kill(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+impl Drop for Process {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// A port free on 127.0.0.1 for TCP and UDP right now.
+fn free_port() -> u16 {
+    loop {
+        let tcp = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        let port = tcp.local_addr().expect("addr").port();
+        if std::net::UdpSocket::bind(("127.0.0.1", port)).is_ok() {
+            return port;
+        }
+    }
+}
+
+/// The server process is killed and started again on the same address:
+/// two Rust clients notice, fail to resume (the new server never knew
+/// them), join the room again by themselves with new ids, reconnect their
+/// media, and hear each other again: the room is back with its members.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rust_clients_rejoin_a_restarted_server_by_themselves() {
+    let (http, media) = (free_port(), free_port());
+    let mut server = Process::start(http, media);
+    Process::until_healthy(http).await;
+    let url = format!("ws://127.0.0.1:{http}/ws");
+    let mut a = Client::join(JoinOptions::sfu(&url, "restart", "a"))
+        .await
+        .expect("a joins");
+    until_connected(&mut a).await;
+    let mut b = Client::join(JoinOptions::sfu(&url, "restart", "b"))
+        .await
+        .expect("b joins");
+    until_connected(&mut b).await;
+    let first_ids = (a.id.clone(), b.id.clone());
+
+    // Heard from the other: (before the restart, after rejoining).
+    let mut heard = [(false, false), (false, false)];
+    let mut rejoined: [Option<(String, Instant)>; 2] = [None, None];
+    let mut killed_at: Option<Instant> = None;
+    let mut restarted = false;
+    let (mut seq_a, mut seq_b) = (0u32, 0u32);
+    let mut tick = tokio::time::interval(Duration::from_millis(20));
+    let deadline = Instant::now() + WAIT * 4;
+    while !(heard[0].1 && heard[1].1) {
+        assert!(
+            Instant::now() < deadline,
+            "not back in time: heard {heard:?}, rejoined {rejoined:?}"
+        );
+        tokio::select! {
+            _ = tick.tick() => {
+                publish(&a, "a", &mut seq_a);
+                publish(&b, "b", &mut seq_b);
+                if heard[0].0 && heard[1].0 && killed_at.is_none() {
+                    server.kill();
+                    killed_at = Some(Instant::now());
+                }
+                // Down for a second, then back on the same ports.
+                if !restarted && killed_at.is_some_and(|t| t.elapsed() > Duration::from_secs(1)) {
+                    server = Process::start(http, media);
+                    restarted = true;
+                }
+            }
+            ev = a.next_event() => on_event(ev, "a", 0, &mut heard, &mut rejoined),
+            ev = b.next_event() => on_event(ev, "b", 1, &mut heard, &mut rejoined),
+        }
+    }
+    let killed_at = killed_at.expect("killed");
+    for (i, first) in [&first_ids.0, &first_ids.1].into_iter().enumerate() {
+        let (id, at) = rejoined[i].as_ref().expect("rejoined");
+        assert_ne!(id, first, "a new server gives a new id");
+        println!(
+            "FIGURES restart: client {i} rejoined {:.0} ms after the kill (the server was down ~1 s)",
+            at.duration_since(killed_at).as_secs_f64() * 1000.0
+        );
+    }
+    drop(server);
+}
+
+/// Counts what client `i` (`name`) sees: the other's packets before the
+/// restart and after its own rejoin.
+fn on_event(
+    ev: Option<Event>,
+    name: &str,
+    i: usize,
+    heard: &mut [(bool, bool); 2],
+    rejoined: &mut [Option<(String, Instant)>; 2],
+) {
+    match ev {
+        Some(Event::Rtp {
+            kind: Kind::Audio,
+            packet,
+            ..
+        }) => {
+            if let Some((from, _)) = parse(Kind::Audio, &packet.payload) {
+                if from != name {
+                    if rejoined[i].is_some() {
+                        heard[i].1 = true;
+                    } else {
+                        heard[i].0 = true;
+                    }
+                }
+            }
+        }
+        Some(Event::Rejoined(j)) => rejoined[i] = Some((j.id.to_string(), Instant::now())),
+        Some(Event::Closed) | None => panic!("{name}: the client stopped"),
+        Some(_) => {}
+    }
+}

@@ -174,7 +174,12 @@ pub enum Event {
     SignalingLost,
     /// `resumed`: the signaling connection is back, same id.
     Resumed(Joined),
-    /// The task ended (signaling closed for good, resume refused, or left).
+    /// The server no longer knew us (`resume-failed`: it restarted, or the
+    /// window passed): the client joined the room again by itself, with a
+    /// new id (this `joined`), and reconnects its media.
+    Rejoined(Joined),
+    /// The task ended (signaling closed for good, not admitted again after
+    /// `resume-failed`, or left).
     Closed,
 }
 
@@ -210,6 +215,17 @@ enum Cmd {
     FreezeMedia,
     DropSignaling,
     Leave,
+}
+
+/// The `join` `opts` asks for.
+fn join_message(room: &RoomName, opts: &JoinOptions) -> ClientMessage {
+    ClientMessage::Join(Join {
+        room: room.clone(),
+        name: opts.name.clone(),
+        token: opts.token.clone(),
+        mode: opts.mode,
+        audio: opts.audio,
+    })
 }
 
 /// Whether a datagram is (S)RTP, not RTCP (RFC 5761): first byte
@@ -256,13 +272,7 @@ impl Client {
     pub async fn join(opts: JoinOptions) -> Result<Client, ClientError> {
         let room = RoomName::parse(&opts.room)?;
         let (mut ws, _) = tokio_tungstenite::connect_async(&opts.url).await?;
-        let join = ClientMessage::Join(Join {
-            room: room.clone(),
-            name: opts.name.clone(),
-            token: opts.token.clone(),
-            mode: opts.mode,
-            audio: opts.audio,
-        });
+        let join = join_message(&room, &opts);
         ws.send(Message::text(join.to_text())).await?;
         let joined = loop {
             let frame = tokio::time::timeout(Duration::from_secs(10), ws.next())
@@ -551,7 +561,9 @@ impl Task {
     ) {
         let mut link = Some(ws.split());
         // Resuming (1.1): the token from `joined`, when the server resumes.
-        let resume_token = self.resume_token.clone();
+        let mut resume_token = self.resume_token.clone();
+        // A `join` went out after `resume-failed`; its answer is awaited.
+        let mut rejoining = false;
         let mut connecting = None;
         let mut retry_at: Option<Instant> = None;
         let mut attempts = 0u32;
@@ -671,6 +683,35 @@ impl Task {
                                 let _ = self.events.send(Event::Resumed(j));
                             }
                             Ok(ServerMessage::Error(e)) if e.code == switchboard_proto::ErrorCode::ResumeFailed => {
+                                // The server no longer knows us (it restarted,
+                                // or the window passed): join afresh, and
+                                // connect media again once admitted.
+                                let _ = self.events.send(Event::Signal(ServerMessage::Error(e)));
+                                self.forget_connections();
+                                pending.clear();
+                                rejoining = true;
+                                outgoing.push(join_message(&self.room, &self.opts));
+                            }
+                            Ok(ServerMessage::Joined(j)) if rejoining => {
+                                rejoining = false;
+                                attempts = 0;
+                                self.id = j.id.clone();
+                                self.resume_token = j.resume_token.clone();
+                                resume_token = j.resume_token.clone();
+                                self.mode = j.mode;
+                                self.p2p_timeout = Duration::from_millis(j.p2p_timeout_ms);
+                                let peer = j.peers.first().map(|p| p.id.to_string());
+                                let p2p_room = j.mode == MediaMode::P2p;
+                                let _ = self.events.send(Event::Rejoined(j));
+                                if self.opts.standby || !p2p_room {
+                                    self.connect_sfu(&mut outgoing);
+                                }
+                                if let (true, true, Some(peer)) = (self.opts.p2p, p2p_room, peer) {
+                                    self.open_p2p(peer, false, &mut outgoing);
+                                }
+                            }
+                            Ok(ServerMessage::Error(e)) if rejoining => {
+                                // Not admitted again (room full, token expired...).
                                 let _ = self.events.send(Event::Signal(ServerMessage::Error(e)));
                                 break;
                             }
@@ -1194,6 +1235,25 @@ impl Task {
     }
 
     /// Builds the connection, adds our tracks and the chat channel, and offers.
+    /// Drops both media connections and what was negotiated on them (the
+    /// server that knew them is gone).
+    fn forget_connections(&mut self) {
+        if let Some(mut pc) = self.pc.take() {
+            let _ = pc.close();
+        }
+        if let Some(mut link) = self.p2p.take() {
+            let _ = link.pc.close();
+        }
+        self.senders.clear();
+        self.tracks.clear();
+        self.receivers.clear();
+        self.chat = None;
+        self.chat_open = false;
+        self.offer_sent = false;
+        self.tcp = None;
+        *self.server_ufrag.lock().unwrap_or_else(|e| e.into_inner()) = None;
+    }
+
     fn connect_sfu(&mut self, outgoing: &mut Vec<ClientMessage>) {
         if self.offer_sent {
             return;
