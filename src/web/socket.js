@@ -49,11 +49,7 @@ export function openSocket() {
       send({ type: 'resume', room: S.room, id: S.id, resumeToken: S.resumeToken });
       return;
     }
-    const msg = { type: 'join', room: S.room, name: S.name };
-    if (S.joinMode) msg.mode = S.joinMode;
-    if (S.joinAudio) msg.audio = S.joinAudio;
-    if (S.token) msg.token = S.token;
-    send(msg);
+    send(joinMessage());
   };
   ws.onmessage = (ev) => {
     if (gen !== S.wsGen) return;
@@ -63,6 +59,14 @@ export function openSocket() {
   };
   ws.onerror = () => { /* followed by close */ };
   ws.onclose = (ev) => { if (gen === S.wsGen) onSocketLost(ev); };
+}
+
+function joinMessage() {
+  const msg = { type: 'join', room: S.room, name: S.name };
+  if (S.joinMode) msg.mode = S.joinMode;
+  if (S.joinAudio) msg.audio = S.joinAudio;
+  if (S.token) msg.token = S.token;
+  return msg;
 }
 
 // Drops the current socket without triggering the lost-connection path.
@@ -124,14 +128,18 @@ function resumeLeft() {
   return S.resumeWindowMs - (Date.now() - S.resumingSince);
 }
 
-// `resume` was refused (too late, or the server restarted): join afresh.
+// `resume` was refused (too late, or the server restarted). The server
+// answered, so it is there; it just does not know us: drop the old calls
+// and join afresh on this connection, at once (no backoff).
 export function resumeFailed() {
   S.resuming = false;
   S.resumeToken = null;
-  const ws = S.ws;
-  S.wsGen++;
-  if (ws) { try { ws.close(); } catch (_) { /* ignore */ } }
-  onSocketLost({ code: 4001 });
+  closeAllPeers();
+  closeSfu();
+  S.id = null;
+  S.phase = 'reconnecting';
+  notice('ws', 'info', 'The server no longer knew this call; joining the room again\u2026');
+  if (!send(joinMessage())) onSocketLost({ code: 4001 });
 }
 
 export function startPing() {

@@ -1,0 +1,116 @@
+// Two headless Chromium pages in an SFU room; the server process is killed
+// (SIGKILL, no goodbye) and started again at the same address. Both pages
+// must notice, fail to resume (the new server never knew them), join again
+// by themselves, and decode the other's video again: the room comes back
+// with its members.
+//
+//   node restart_call.mjs <baseUrl> <switchboard binary> [serve args...]
+//
+// This script starts and restarts the server itself (the same command both
+// times). Prints one JSON line (`{"ok":true,...}` with the timings) and
+// exits 0, or exits 1 with a reason. Env: SB_SCREENSHOT_DIR, SB_CHROMIUM.
+
+import { spawn } from 'node:child_process';
+import { mkdtempSync, rmSync } from 'node:fs';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
+import { randomBytes } from 'node:crypto';
+import {
+  fail, launchChromium, makeLog, run, screenshots, sleep, waitForHealth,
+} from './harness.mjs';
+
+const MEDIA_TIMEOUT_MS = 30_000;
+const BACK_TIMEOUT_MS = 40_000;
+const DOWN_MS = 1000;
+const HARD_TIMEOUT_MS = 120_000;
+const NAMES = ['alice', 'bob'];
+const log = makeLog('restart_call');
+
+function observe(page) {
+  return page.evaluate(async () => ({
+    state: window.sb ? window.sb.state() : null,
+    video: window.sb ? await window.sb.videoStats() : [],
+  }));
+}
+
+// Frames `s`'s page decoded from the participant named `other` (by its id now).
+function framesFrom(s, other) {
+  const peer = s.state?.peers.find((p) => p.name === other);
+  return peer ? s.video.filter((x) => x.peer === peer.id && x.via === 'sfu').reduce((n, x) => n + x.framesDecoded, 0) : 0;
+}
+
+async function main() {
+  const [base, bin, ...serveArgs] = process.argv.slice(2);
+  if (!base || !bin) fail('usage: node restart_call.mjs <baseUrl> <switchboard binary> [serve args...]');
+  let server = null;
+  const startServer = () => {
+    server = spawn(bin, serveArgs, { stdio: ['ignore', 'ignore', 'inherit'], env: { ...process.env, NO_COLOR: '1' } });
+    server.on('exit', (code, signal) => log(`server exited (${code ?? signal})`));
+  };
+  const room = `restart-${randomBytes(6).toString('hex')}`;
+  const userDataDir = mkdtempSync(join(tmpdir(), 'sb-chromium-'));
+  const shotDir = process.env.SB_SCREENSHOT_DIR || '';
+  let context;
+  const pages = {};
+  try {
+    startServer();
+    await waitForHealth(base);
+    context = await launchChromium(userDataDir, { width: 960, height: 600 });
+    for (const name of NAMES) {
+      const page = await context.newPage();
+      await page.goto(`${base}/?room=${room}&name=${name}&mode=sfu`, { timeout: 10_000 });
+      await page.waitForFunction(() => window.sb && window.sb.state().id, null, { timeout: 10_000 })
+        .catch(() => fail(`${name} never got joined`));
+      pages[name] = page;
+    }
+    const other = (n) => NAMES.find((x) => x !== n);
+    const until = async (what, ok, timeoutMs) => {
+      const deadline = Date.now() + timeoutMs;
+      for (;;) {
+        const snap = {};
+        for (const n of NAMES) snap[n] = await observe(pages[n]);
+        if (NAMES.every((n) => ok(n, snap[n]))) return snap;
+        if (Date.now() > deadline) fail(`${what} not within ${timeoutMs / 1000} s: ${JSON.stringify(snap)}`);
+        await sleep(250);
+      }
+    };
+    const before = await until('video through the server both ways', (n, s) => framesFrom(s, other(n)) > 10, MEDIA_TIMEOUT_MS);
+    const oldIds = Object.fromEntries(NAMES.map((n) => [n, before[n].state.id]));
+
+    const killedAt = Date.now();
+    server.kill('SIGKILL');
+    await new Promise((r) => { if (server.exitCode !== null || server.signalCode) r(); else server.once('exit', r); });
+    await sleep(DOWN_MS);
+    startServer();
+    await waitForHealth(base);
+    const restartedAt = Date.now();
+    // Back: a new id, in the room with the other (by name, new id), and
+    // new frames from the other's new server connection.
+    const after = await until('both pages back in the room, decoding the other again',
+      (n, s) => s.state.id && s.state.id !== oldIds[n] && s.state.phase === 'in-room'
+        && s.state.peers.some((p) => p.name === other(n) && p.id !== oldIds[other(n)])
+        && framesFrom(s, other(n)) > 10,
+      BACK_TIMEOUT_MS);
+    const backAt = Date.now();
+    const result = {
+      ok: true,
+      room,
+      downMs: restartedAt - killedAt,
+      killToBothDecodingMs: backAt - killedAt,
+      pages: Object.fromEntries(NAMES.map((n) => [n, {
+        oldId: oldIds[n], newId: after[n].state.id, framesFromOther: framesFrom(after[n], other(n)),
+      }])),
+    };
+    if (shotDir) await screenshots(pages, shotDir, log);
+    process.stdout.write(`${JSON.stringify(result)}\n`);
+  } catch (e) {
+    if (shotDir && Object.keys(pages).length) await screenshots(pages, shotDir, log).catch(() => {});
+    throw e;
+  } finally {
+    await context?.close().catch((e) => log('closing chromium:', e.message));
+    if (server && server.exitCode === null) server.kill('SIGKILL');
+    rmSync(userDataDir, { recursive: true, force: true });
+  }
+}
+
+run(main, HARD_TIMEOUT_MS, log);
