@@ -262,16 +262,15 @@ fn run_in_sandbox(
             .map(|&(k, v)| (k, OsStr::new(v))),
     );
     let server_str = server.to_str().expect("utf-8 path");
-    let srv = match server_env {
-        Some(_) => Some(sandbox.spawn(
+    let srv = server_env.map(|_| {
+        sandbox.spawn(
             "switchboard",
             &server,
             &["serve", "--listen", LISTEN],
             &env,
             &server_log,
-        )),
-        None => None,
-    };
+        )
+    });
     let own_server = [server_str, "serve", "--listen", LISTEN];
     let args: Vec<&str> = match server_env {
         Some(_) => args.to_vec(),
