@@ -77,6 +77,8 @@ pub enum Refusal {
 
 pub struct Metrics {
     registry: Registry,
+    /// Tasks alive in the server's tokio runtime, read at each scrape.
+    runtime_tasks: IntGauge,
     pub connections: IntGauge,
     pub connections_opened: IntCounter,
     pub rooms: IntGauge,
@@ -418,6 +420,10 @@ impl Metrics {
             v
         };
         Metrics {
+            runtime_tasks: gauge(
+                "switchboard_runtime_alive_tasks",
+                "Tasks alive in the server's tokio runtime (read when scraped)",
+            ),
             connections: gauge(
                 "switchboard_signaling_connections",
                 "Open signaling WebSocket connections",
@@ -823,6 +829,11 @@ impl Metrics {
 
     /// The Prometheus text exposition of every metric.
     pub fn render(&self) -> String {
+        if let Ok(rt) = tokio::runtime::Handle::try_current() {
+            let tasks = rt.metrics().num_alive_tasks();
+            self.runtime_tasks
+                .set(i64::try_from(tasks).unwrap_or(i64::MAX));
+        }
         let mut buf = Vec::with_capacity(8192);
         // Encoding into a Vec cannot fail for well-formed metric families.
         if let Err(e) = TextEncoder::new().encode(&self.registry.gather(), &mut buf) {
@@ -895,6 +906,19 @@ mod tests {
         assert!(text.contains("switchboard_signaling_errors_total{code=\"too-large\"} 1"));
         assert!(text.contains("switchboard_signaling_errors_total{code=\"internal\"} 0"));
         assert!(text.contains("switchboard_room_mode_switches_total{reason=\"p2p-failed\"} 0"));
+        // Outside a runtime the task gauge stays 0; inside, it counts.
+        assert!(text.contains("switchboard_runtime_alive_tasks 0"));
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .build()
+            .expect("runtime");
+        let counted = rt.block_on(async {
+            let _held = tokio::spawn(std::future::pending::<()>());
+            m.render()
+        });
+        assert!(
+            counted.contains("switchboard_runtime_alive_tasks 1"),
+            "{counted}"
+        );
         for line in text.lines().filter(|l| !l.starts_with('#')) {
             assert!(line.starts_with("switchboard_"), "{line}");
         }

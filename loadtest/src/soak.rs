@@ -7,8 +7,8 @@
 //! at random), then leaves. Joins stop at `--duration`; once the last one
 //! has left and `--settle` has passed, the server is sampled again. Every
 //! `--sample-every` the server's RSS, open file descriptors, threads and its
-//! gauges (participants, rooms, media connections, signaling connections,
-//! parked participants) and the number of series in `/metrics` are
+//! gauges (runtime tasks, participants, rooms, media connections, signaling
+//! connections, parked participants) and the number of series in `/metrics` are
 //! recorded: the report shows the baseline (before anyone joined), the peak,
 //! the end (after everyone left) and the growth, also per hour of churn.
 
@@ -33,7 +33,8 @@ use crate::scrape;
 const LEAVE_WAIT: Duration = Duration::from_secs(2);
 const SCRAPE_TIMEOUT: Duration = Duration::from_secs(2);
 /// The server gauges a soak follows (their sums over label sets).
-const GAUGES: [&str; 5] = [
+const GAUGES: [&str; 6] = [
+    "switchboard_runtime_alive_tasks",
     "switchboard_participants",
     "switchboard_rooms",
     "switchboard_media_connections",
@@ -313,7 +314,7 @@ async fn soak(args: &SoakArgs) -> Result<SoakReport, String> {
                 s.at_s,
                 s.rss_bytes.unwrap_or(0) as f64 / 1048576.0,
                 s.open_fds.unwrap_or(0),
-                s.gauges.get(GAUGES[0]).copied().unwrap_or(0.0)
+                s.gauges.get(GAUGES[1]).copied().unwrap_or(0.0)
             );
             samples.push(s);
             next_sample += args.sample_every;
@@ -400,7 +401,7 @@ async fn soak(args: &SoakArgs) -> Result<SoakReport, String> {
         peak_rss_bytes: samples.iter().filter_map(|s| s.rss_bytes).max(),
         peak_participants: samples
             .iter()
-            .filter_map(|s| s.gauges.get(GAUGES[0]).copied())
+            .filter_map(|s| s.gauges.get(GAUGES[1]).copied())
             .fold(0.0, f64::max),
         baseline,
         end,

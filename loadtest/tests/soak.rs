@@ -2,7 +2,7 @@
 //! binary on 127.0.0.1, participants joining at 2/s with VP8 and Opus,
 //! staying 4 s ± 50 %, for 20 s. After everyone left, the server holds
 //! nothing: no participants, rooms, media or signaling connections, parked
-//! participants, extra file descriptors, threads or metric series; it did
+//! participants, extra tasks, file descriptors, threads or metric series; it did
 //! not panic; and the visits themselves worked (every join admitted and
 //! connected, nobody cut off, media received). RSS is printed (the
 //! allocator keeps what it grew to), not asserted.
@@ -124,6 +124,11 @@ fn after_a_churn_with_media_the_server_is_back_to_its_baseline() {
             "{gauge} after everyone left: {end}"
         );
     }
+    let tasks = "switchboard_runtime_alive_tasks";
+    assert_eq!(
+        end["gauges"][tasks], base["gauges"][tasks],
+        "{tasks}: baseline {base} end {end}"
+    );
     for figure in ["open_fds", "threads", "series"] {
         assert_eq!(
             end[figure], base[figure],
