@@ -817,6 +817,187 @@ fn run_rust_clients(isolate: bool) -> Vec<(&'static str, serde_json::Value)> {
     results
 }
 
+/// Alice's address changes mid-call (Wi-Fi to LTE: a new address on her
+/// interface, the old one removed) while she and Bob, Rust clients, talk
+/// through the server. Her client's socket is bound to the port alone
+/// (`bind_any`), so her datagrams leave from the new address; the server
+/// must follow after her next authenticated connectivity check: Bob hears
+/// her again, and she hears Bob again. Prints the time from the change to
+/// the first packet each way.
+#[test]
+fn a_rust_clients_call_survives_its_address_change() {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::sync::{Arc, OnceLock};
+    use switchboard_client::{Client, Event, JoinOptions, Kind};
+
+    let _one = NETWORK.lock().unwrap_or_else(|e| e.into_inner());
+    let logs = logs_dir("addr");
+    let setup = Setup {
+        sites: TWO,
+        isolate: true,
+        media_unreachable: false,
+        server_args: &[],
+        alice_loss: None,
+    };
+    let mut net = Net::new(setup.sites);
+    net.isolate(ALICE, BOB);
+    let srv = start_server(&mut net, &setup, &logs);
+    let alice_ns = net.ns(ALICE.name);
+    for key in ["all", "eth0"] {
+        sh(&[
+            "ip",
+            "netns",
+            "exec",
+            &alice_ns,
+            "sysctl",
+            "-qw",
+            &format!("net.ipv4.conf.{key}.promote_secondaries=1"),
+        ]);
+    }
+    // Clients that heard the other before the change.
+    let ready = Arc::new(AtomicUsize::new(0));
+    let changed: Arc<OnceLock<Instant>> = Arc::new(OnceLock::new());
+    // Clients with their packets after the change: each keeps sending until
+    // both have theirs.
+    let done = Arc::new(AtomicUsize::new(0));
+    let room = format!("addr-{}", std::process::id());
+    let mut threads = Vec::new();
+    for (site, other) in [(ALICE, BOB), (BOB, ALICE)] {
+        let ns = PathBuf::from("/run/netns").join(net.ns(site.name));
+        let (ready, changed, room, done) =
+            (ready.clone(), changed.clone(), room.clone(), done.clone());
+        threads.push(std::thread::spawn(move || -> Result<u64, String> {
+            let handle = File::open(&ns).map_err(|e| format!("open {}: {e}", ns.display()))?;
+            nix::sched::setns(&handle, nix::sched::CloneFlags::CLONE_NEWNET)
+                .map_err(|e| format!("setns: {e}"))?;
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .map_err(|e| e.to_string())?;
+            rt.block_on(async move {
+                let url = format!("ws://{SERVER_IP}:{HTTP_PORT}/ws");
+                let mut opts = JoinOptions::sfu(&url, &room, site.name);
+                opts.bind_ip = format!("10.77.{}.2", site.subnet).parse().expect("ip");
+                opts.bind_any = true;
+                let started = Instant::now();
+                let mut client = loop {
+                    match Client::join(opts.clone()).await {
+                        Ok(c) => break c,
+                        Err(_) if started.elapsed() < Duration::from_secs(15) => {
+                            tokio::time::sleep(Duration::from_millis(200)).await;
+                        }
+                        Err(e) => return Err(format!("{}: join: {e}", site.name)),
+                    }
+                };
+                let deadline = Instant::now() + Duration::from_secs(40);
+                let mut tick = tokio::time::interval(Duration::from_millis(20));
+                let (mut seq, mut before, mut after) = (0u32, 0u64, 0u64);
+                let mut waited = false;
+                let mut first_after: Option<Instant> = None;
+                let mut counted = false;
+                while done.load(Ordering::SeqCst) < 2 {
+                    if after >= 50 && !counted {
+                        counted = true;
+                        done.fetch_add(1, Ordering::SeqCst);
+                    }
+                    if Instant::now() > deadline {
+                        return Err(format!("{}: {before} of {}'s packets before the change, {after} after", site.name, other.name));
+                    }
+                    if before >= 25 && !waited {
+                        // Heard the other; the test changes the address
+                        // once both have (and we go on sending).
+                        waited = true;
+                        ready.fetch_add(1, Ordering::SeqCst);
+                    }
+                    tokio::select! {
+                        _ = tick.tick() => {
+                            seq += 1;
+                            let _ = client.send_rtp(Kind::Audio, common::media::payload(Kind::Audio, site.name, seq), false, seq * 960);
+                        }
+                        ev = client.next_event() => match ev {
+                            Some(Event::Rtp { kind, packet, .. }) => {
+                                if common::media::parse(kind, &packet.payload).is_some_and(|(from, _)| from == other.name) {
+                                    match changed.get() {
+                                        Some(at) => {
+                                            after += 1;
+                                            first_after.get_or_insert_with(Instant::now);
+                                            let _ = at;
+                                        }
+                                        None => before += 1,
+                                    }
+                                }
+                            }
+                            Some(Event::Closed) | None => return Err(format!("{}: the client stopped", site.name)),
+                            Some(_) => {}
+                        },
+                    }
+                }
+                client.leave();
+                let at = *changed.get().expect("changed");
+                Ok(first_after.expect("a packet after").duration_since(at).as_millis() as u64)
+            })
+        }));
+    }
+    // Both hear each other: move alice to 10.77.1.3 (or give up after 40 s;
+    // the clients stop by themselves then).
+    let until = Instant::now() + Duration::from_secs(40);
+    while ready.load(Ordering::SeqCst) < 2 && Instant::now() < until {
+        sleep(Duration::from_millis(20));
+    }
+    sh(&[
+        "ip",
+        "-n",
+        &alice_ns,
+        "addr",
+        "add",
+        "10.77.1.3/24",
+        "dev",
+        "eth0",
+    ]);
+    sh(&[
+        "ip",
+        "-n",
+        &alice_ns,
+        "addr",
+        "del",
+        "10.77.1.2/24",
+        "dev",
+        "eth0",
+    ]);
+    sh(&[
+        "ip",
+        "-n",
+        &alice_ns,
+        "route",
+        "replace",
+        "default",
+        "via",
+        "10.77.1.1",
+    ]);
+    let _ = changed.set(Instant::now());
+    let results: Vec<Result<u64, String>> = threads
+        .into_iter()
+        .map(|t| t.join().unwrap_or_else(|_| Err("panicked".into())))
+        .collect();
+    let server_alive = net.exited(srv).is_none();
+    drop(net);
+    let report = format!(
+        "{results:?} (server alive: {server_alive})\n{}\n(logs in {})",
+        read(&logs.join("server").with_extension("stderr")),
+        logs.display()
+    );
+    assert!(
+        results.iter().all(Result::is_ok) && server_alive,
+        "{report}"
+    );
+    println!(
+        "FIGURES address change: alice hears bob again after {} ms, bob hears alice again after {} ms",
+        results[0].as_ref().map_or(0, |v| *v),
+        results[1].as_ref().map_or(0, |v| *v)
+    );
+    let _ = fs::remove_dir_all(&logs);
+}
+
 /// Alice and Bob with our Rust client, isolated from each other as above:
 /// each tries P2P, reports `p2p-failed` at the deadline, and then receives
 /// the other's packets through the server.

@@ -79,6 +79,12 @@ pub struct JoinOptions {
     pub standby: bool,
     /// Address the media socket binds to (and the only candidate offered).
     pub bind_ip: IpAddr,
+    /// Bind the server connection's socket to the unspecified address (the
+    /// port alone) while still offering `bind_ip` as the candidate: when
+    /// the host's address changes (Wi-Fi to LTE), datagrams leave from the
+    /// new one, and the server follows after the next authenticated
+    /// connectivity check from it (ICE consent from the new address).
+    pub bind_any: bool,
     /// Test hook: drop every Nth incoming RTP datagram once connected, to
     /// make the client's NACKs (and the server's answers) happen.
     pub drop_incoming_rtp_every: Option<u32>,
@@ -109,6 +115,7 @@ impl JoinOptions {
             publish_video: true,
             standby: false,
             bind_ip: IpAddr::from([127, 0, 0, 1]),
+            bind_any: false,
             drop_incoming_rtp_every: None,
             drop_outgoing_rtp_every: None,
             ice_tcp: false,
@@ -290,7 +297,12 @@ impl Client {
                 Err(_) => return Err(ClientError::Refused(text.to_string())),
             }
         };
-        let socket = UdpSocket::bind(SocketAddr::new(opts.bind_ip, 0)).await?;
+        let bind = if opts.bind_any {
+            IpAddr::from([0, 0, 0, 0])
+        } else {
+            opts.bind_ip
+        };
+        let socket = UdpSocket::bind(SocketAddr::new(bind, 0)).await?;
         let (cmd_tx, cmd_rx) = mpsc::unbounded_channel();
         let (ev_tx, ev_rx) = mpsc::unbounded_channel();
         let id = joined.id.to_string();
@@ -578,7 +590,13 @@ impl Task {
         let mut buf = vec![0u8; 2048];
         let mut p2p_buf = vec![0u8; 2048];
         let mut tcp_buf = vec![0u8; 4096];
-        let local = self.socket.local_addr().ok();
+        // As the connection knows it: the offered address, whatever the
+        // socket is bound to.
+        let local = self
+            .socket
+            .local_addr()
+            .ok()
+            .map(|a| SocketAddr::new(self.opts.bind_ip, a.port()));
         loop {
             let mut lost = false;
             for msg in outgoing.drain(..) {
@@ -1292,7 +1310,7 @@ impl Task {
         let candidate = CandidateHostConfig {
             base_config: CandidateConfig {
                 network: "udp".to_owned(),
-                address: local.ip().to_string(),
+                address: self.opts.bind_ip.to_string(),
                 port: local.port(),
                 component: 1,
                 ..Default::default()

@@ -53,6 +53,7 @@ use std::fmt;
 
 pub mod codec;
 pub mod demux;
+pub mod follow;
 pub mod keyframe;
 pub mod nack_cache;
 pub mod nack_gen;

@@ -376,6 +376,9 @@ struct Peer {
     state: RTCPeerConnectionState,
     /// When the last datagram from this connection arrived (or its creation).
     last_rx: Instant,
+    /// The UDP addresses it was heard from: a client whose address changed
+    /// is followed (see `media::follow`).
+    paths: crate::media::follow::PathFollower,
     /// The server's candidate lines, trickled after the first answer.
     candidates: Vec<String>,
     /// This participant's input (and listener id) in its room's mixer.
@@ -614,6 +617,9 @@ impl Engine {
         self.metrics.media_in(data.len());
         let now = Instant::now();
         peer.last_rx = now;
+        if protocol == TransportProtocol::UDP {
+            peer.paths.heard(from, now);
+        }
         let msg = TaggedBytesMut {
             now,
             transport: TransportContext {
@@ -821,6 +827,7 @@ impl Engine {
                 chat: None,
                 state: RTCPeerConnectionState::New,
                 last_rx: Instant::now(),
+                paths: Default::default(),
                 candidates,
                 audio_input,
                 mix_out: None,
@@ -2006,6 +2013,7 @@ impl Engine {
 
     /// Writes every connection's pending datagrams to the socket.
     fn flush(&mut self, socket: &UdpSocket) {
+        let now = Instant::now();
         for p in self.peers.values_mut() {
             while let Some(out) = p.pc.poll_write() {
                 if out.transport.transport_protocol == TransportProtocol::TCP {
@@ -2020,7 +2028,8 @@ impl Engine {
                     }
                     continue;
                 }
-                match socket.try_send_to(&out.message, out.transport.peer_addr) {
+                let to = p.paths.destination(out.transport.peer_addr, now);
+                match socket.try_send_to(&out.message, to) {
                     Ok(n) => self.metrics.media_out(n),
                     Err(_) => self.metrics.media_dropped("send-failed"),
                 }
