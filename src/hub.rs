@@ -47,7 +47,22 @@ pub struct Outbox {
     kick: CancellationToken,
 }
 
+/// How a `resume` succeeded.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Resumed {
+    /// The participant was parked: what it missed was replayed.
+    Parked,
+    /// The server still held its old connection (the client saw it drop
+    /// first): the new one took over and the old one was closed.
+    TookOver,
+}
+
 impl Outbox {
+    /// Closes the connection behind this outbox (as a kick does).
+    pub fn close(&self) {
+        self.kick.cancel();
+    }
+
     pub fn new() -> (Outbox, mpsc::Receiver<Utf8Bytes>, CancellationToken) {
         let (tx, rx) = mpsc::channel(OUTBOX_CAPACITY);
         let kick = CancellationToken::new();
@@ -593,13 +608,19 @@ impl Hub {
         self.leave(room, id, Departure::Vanished);
     }
 
+    /// Whether `outbox` is (still) `id`'s connection.
+    pub fn holds(&self, id: &ParticipantId, outbox: &Outbox) -> bool {
+        self.outboxes.map.get(id).is_some_and(|o| o.same(outbox))
+    }
+
     /// `resume`: puts the connection behind `outbox` in the place of a
     /// parked participant, sends it `resumed` and what it missed, in order.
     /// A refusal is answered with `resume-failed`.
-    pub fn resume(&self, outbox: &Outbox, req: &Resume) -> Result<(), ResumeError> {
+    pub fn resume(&self, outbox: &Outbox, req: &Resume) -> Result<Resumed, ResumeError> {
         let result = self.try_resume(outbox, req);
         match &result {
-            Ok(()) => self.metrics.resumed("resumed"),
+            Ok(Resumed::Parked) => self.metrics.resumed("resumed"),
+            Ok(Resumed::TookOver) => self.metrics.resumed("took-over"),
             Err(e) => {
                 self.metrics.resumed(e.label());
                 self.reply(
@@ -611,14 +632,14 @@ impl Hub {
         result
     }
 
-    fn try_resume(&self, outbox: &Outbox, req: &Resume) -> Result<(), ResumeError> {
+    fn try_resume(&self, outbox: &Outbox, req: &Resume) -> Result<Resumed, ResumeError> {
         // The room's entry is held throughout: nothing is delivered to the
         // room while the connections change places.
         let room = self.rooms.get(&req.room).ok_or(ResumeError::Unknown)?;
         if !room.contains(&req.id) {
             return Err(ResumeError::Unknown);
         }
-        let mut parked = match self.resumes.take(&req.room, &req.id, &req.resume_token) {
+        let parked = match self.resumes.take(&req.room, &req.id, &req.resume_token) {
             Ok(p) => p,
             Err(ResumeError::Overflowed) => {
                 drop(room);
@@ -628,7 +649,9 @@ impl Hub {
             }
             Err(e) => return Err(e),
         };
-        self.metrics.parked.dec();
+        if parked.is_some() {
+            self.metrics.parked.dec();
+        }
         let resumed = ServerMessage::Resumed(Joined {
             room: req.room.clone(),
             id: req.id.clone(),
@@ -650,13 +673,26 @@ impl Hub {
         self.metrics.sent("resumed", 1);
         outbox.push(Utf8Bytes::from(resumed.to_text()));
         let mut replayed = 0usize;
-        while let Ok(text) = parked.missed.try_recv() {
-            outbox.push(text);
-            replayed += 1;
+        let how = match parked {
+            Some(mut parked) => {
+                while let Ok(text) = parked.missed.try_recv() {
+                    outbox.push(text);
+                    replayed += 1;
+                }
+                Resumed::Parked
+            }
+            None => Resumed::TookOver,
+        };
+        let old = std::mem::replace(&mut *current, outbox.clone());
+        if how == Resumed::TookOver {
+            // The old connection is dead to the client: close it, quietly
+            // (its end no longer counts: `connection_lost` ignores an
+            // outbox that is not the participant's). What was queued on it
+            // and not yet written is lost.
+            old.close();
         }
-        *current = outbox.clone();
-        tracing::info!(room = %req.room, participant = %req.id, replayed, "resumed");
-        Ok(())
+        tracing::info!(room = %req.room, participant = %req.id, replayed, how = ?how, "resumed");
+        Ok(how)
     }
 
     /// Parked participants whose window has passed leave (`bye` to the

@@ -25,16 +25,19 @@ pub enum Disconnect {
     ProtocolError,
     /// The server is shutting down.
     Shutdown,
+    /// A `resume` on another connection took its participant over.
+    Replaced,
 }
 
 impl Disconnect {
-    pub const ALL: [Disconnect; 6] = [
+    pub const ALL: [Disconnect; 7] = [
         Disconnect::Closed,
         Disconnect::Timeout,
         Disconnect::RateLimit,
         Disconnect::SlowConsumer,
         Disconnect::ProtocolError,
         Disconnect::Shutdown,
+        Disconnect::Replaced,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -45,6 +48,7 @@ impl Disconnect {
             Disconnect::SlowConsumer => "slow-consumer",
             Disconnect::ProtocolError => "protocol-error",
             Disconnect::Shutdown => "shutdown",
+            Disconnect::Replaced => "replaced",
         }
     }
 }
@@ -144,7 +148,7 @@ pub struct Metrics {
 }
 
 /// Labels of `switchboard_resumes_total`.
-pub const RESUME_RESULTS: [&str; 5] = ["resumed", "unknown", "not-parked", "overflowed", "expired"];
+pub const RESUME_RESULTS: [&str; 5] = ["resumed", "took-over", "unknown", "overflowed", "expired"];
 
 /// Why a classic Socket.IO event was not acted on (labels of
 /// `switchboard_socketio_dropped_total`). Classic clients have no `error`
@@ -651,7 +655,7 @@ impl Metrics {
                 let v = IntCounterVec::new(
                     Opts::new(
                         "switchboard_resumes_total",
-                        "Resume outcomes: resumed, refused (unknown, not-parked, overflowed), \
+                        "Resume outcomes: resumed, took-over (the old connection was still open), refused (unknown, overflowed), \
                          or expired (the window passed)",
                     ),
                     &["result"],

@@ -50,8 +50,6 @@ pub enum ResumeError {
         "no participant to resume with that room, id and token (it left, or its window passed)"
     )]
     Unknown,
-    #[error("the participant's connection is not gone; resume only after a drop")]
-    NotParked,
     #[error("too much happened while the connection was gone; join again")]
     Overflowed,
 }
@@ -60,7 +58,6 @@ impl ResumeError {
     pub fn label(self) -> &'static str {
         match self {
             ResumeError::Unknown => "unknown",
-            ResumeError::NotParked => "not-parked",
             ResumeError::Overflowed => "overflowed",
         }
     }
@@ -123,22 +120,27 @@ impl Resumes {
     }
 
     /// Checks a `resume` and takes the parked state out: the caller puts
-    /// the new connection in place.
+    /// the new connection in place. `None`: the participant is not parked,
+    /// its old connection still open as far as the server knows (the
+    /// client saw it drop first, e.g. its address went away): the new
+    /// connection takes over.
     pub fn take(
         &self,
         room: &RoomName,
         id: &ParticipantId,
         token: &str,
-    ) -> Result<Parked, ResumeError> {
+    ) -> Result<Option<Parked>, ResumeError> {
         let mut r = self.map.get_mut(id).ok_or(ResumeError::Unknown)?;
         if r.room != *room || !constant_time_eq(r.token.as_bytes(), token.as_bytes()) {
             return Err(ResumeError::Unknown);
         }
-        let parked = r.parked.take().ok_or(ResumeError::NotParked)?;
+        let Some(parked) = r.parked.take() else {
+            return Ok(None);
+        };
         if parked.overflowed.is_cancelled() {
             return Err(ResumeError::Overflowed);
         }
-        Ok(parked)
+        Ok(Some(parked))
     }
 
     /// Parked participants whose window has passed at `now`, or whose
@@ -196,10 +198,9 @@ mod tests {
         let r = Resumes::new(Duration::from_secs(15));
         let (room, id) = ids();
         let token = r.issue(&id, &room).expect("token");
-        assert_eq!(
-            r.take(&room, &id, &token).err(),
-            Some(ResumeError::NotParked),
-            "a live participant is not resumed"
+        assert!(
+            matches!(r.take(&room, &id, &token), Ok(None)),
+            "a live participant is taken over, with nothing parked"
         );
         let now = Instant::now();
         let (p, _tx, _) = parked(now);

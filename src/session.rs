@@ -105,6 +105,11 @@ impl Session {
                     break Disconnect::Shutdown;
                 }
                 () = kick.cancelled() => {
+                    if self.joined.as_ref().is_some_and(|(_, id)| !self.hub.holds(id, &outbox)) {
+                        tracing::info!("its participant resumed on another connection; closing this one");
+                        close(&mut sink, CLOSE_POLICY, "resumed on another connection").await;
+                        break Disconnect::Replaced;
+                    }
                     tracing::warn!("closing a connection that does not read its messages");
                     close(&mut sink, CLOSE_POLICY, "too slow").await;
                     break Disconnect::SlowConsumer;

@@ -817,6 +817,27 @@ fn run_rust_clients(isolate: bool) -> Vec<(&'static str, serde_json::Value)> {
     results
 }
 
+/// The same with Chromium pages: alice's address changes mid-call in an SFU
+/// room; her page notices the broken path, checks its signaling socket
+/// (dead with the old address: dropped and resumed), restarts ICE with new
+/// credentials and candidates, and both pages decode each other again, alice
+/// keeping her id. Prints the time from the change to each decoding again.
+#[test]
+fn a_pages_call_survives_its_address_change() {
+    let r = run_browsers(
+        "addrchange",
+        &Setup {
+            sites: TWO,
+            isolate: true,
+            media_unreachable: false,
+            server_args: &[],
+            alice_loss: None,
+        },
+        false,
+    );
+    println!("ADDRESS CHANGE page: {}", r["pages"]);
+}
+
 /// Alice's address changes mid-call (Wi-Fi to LTE: a new address on her
 /// interface, the old one removed) while she and Bob, Rust clients, talk
 /// through the server. Her client's socket is bound to the port alone

@@ -90,20 +90,32 @@ async fn a_wrong_early_or_late_resume_fails_and_after_the_window_the_room_gets_b
     a.expect("otherjoin").await;
 
     let mut other = Ws::connect(&server, "other").await;
-    // Wrong token; and the right one while its connection is still up.
+    // A wrong token fails.
     other
         .send(json!({"type":"resume","room":"late","id": id,"resumeToken":"nope"}))
         .await;
     other.expect_error("resume-failed").await;
+    // The right one while the server still holds its old connection (the
+    // client saw it drop before the server did): the new connection takes
+    // over, same id, and the old one is closed; b sees nothing.
     other
         .send(json!({"type":"resume","room":"late","id": id,"resumeToken": token}))
         .await;
-    other.expect_error("resume-failed").await;
-    a.expect_nothing_pending().await;
+    let resumed = other.expect("resumed").await;
+    assert_eq!(resumed["id"], id.as_str());
+    assert!(
+        matches!(a.next_event().await, common::Event::Closed(_)),
+        "the old connection is closed"
+    );
     b.expect_nothing_pending().await;
+    // It is the participant now: b's message reaches it.
+    b.send(json!({"type":"message","room":"late","to": id,"data":{"x":1}}))
+        .await;
+    assert_eq!(other.expect("message").await["data"]["x"], 1);
 
     // Gone for longer than the window: a bye, then resume fails.
-    a.drop_abruptly();
+    other.drop_abruptly();
+    let mut other = Ws::connect(&server, "other2").await;
     let bye = b.expect("bye").await;
     assert_eq!(bye["id"], id.as_str());
     other
@@ -123,7 +135,7 @@ async fn a_wrong_early_or_late_resume_fails_and_after_the_window_the_room_gets_b
         2.0
     );
     assert_eq!(
-        metric(&m, "switchboard_resumes_total{result=\"not-parked\"}"),
+        metric(&m, "switchboard_resumes_total{result=\"took-over\"}"),
         1.0
     );
 

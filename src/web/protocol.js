@@ -6,7 +6,7 @@ import { setMode, showCall, updateLayout } from './view.js';
 import { resumeFailed, send } from './socket.js';
 import { addPeer, onPeerSignal, removePeer, setPeerName, startCall, startP2p } from './p2p.js';
 import { connectToSfu, watchServerReach } from './switch.js';
-import { onSfuSignal, openSfu } from './sfu.js';
+import { onSfuSignal, openSfu, restartSfuIce } from './sfu.js';
 import { backToLobby } from './session.js';
 
 export function onServerMessage(msg) {
@@ -57,6 +57,8 @@ export function onResumed(msg) {
   setMode(msg.mode);
   notice('ws', 'info', 'Reconnected.');
   updateLayout();
+  // Signaling died with the network? The media path may need its restart.
+  restartSfuIce();
 }
 
 export function onJoined(msg) {

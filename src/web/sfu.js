@@ -15,6 +15,9 @@ import { signal } from './protocol.js';
 import { addCandidate, addPeer } from './p2p.js';
 import { setServerReach, stopServerReachWatch, watchServerReach } from './switch.js';
 import { updateChatState, updateChatVisibility, wireChat } from './chat.js';
+import { probeSocket } from './socket.js';
+
+const RESTART_AFTER_MS = 1000; // `disconnected` this long: ICE restart
 
 export function openSfu() {
   let pc;
@@ -35,6 +38,8 @@ export function openSfu() {
     remote: new Map(), // mid -> { owner, kind, track } of what we receive now
     chat: null,
     syncQueued: false,
+    restartTimer: null,
+    iceRestarts: 0, // ICE restarts this connection made
   };
   S.sfu = sfu;
   if (S.localStream) for (const t of S.localStream.getTracks()) pc.addTrack(t, S.localStream);
@@ -61,6 +66,19 @@ export function openSfu() {
     watchTrack(ev.track, () => queueSfuSync(sfu));
     queueSfuSync(sfu);
   };
+  // ICE restart when the path breaks (the network changed: new address,
+  // new candidates): after RESTART_AFTER_MS of `disconnected`, or at once on
+  // `failed`, offer again with new credentials; the server answers with
+  // its own. Signaling is checked first (it may have died with the network).
+  pc.oniceconnectionstatechange = () => {
+    if (S.sfu !== sfu) return;
+    const state = pc.iceConnectionState;
+    clearTimeout(sfu.restartTimer);
+    if (state === 'disconnected' || state === 'failed') {
+      probeSocket();
+      sfu.restartTimer = setTimeout(() => restartSfuIce(sfu), state === 'failed' ? 0 : RESTART_AFTER_MS);
+    }
+  };
   pc.onconnectionstatechange = () => {
     if (S.sfu !== sfu) return;
     const state = pc.connectionState;
@@ -85,6 +103,23 @@ export function openSfu() {
   updateChatVisibility();
   if (S.mode === 'p2p') watchServerReach();
   // The client always offers first, even with nothing to send but `chat`.
+  sfuStep(sfu, () => sfuOffer(sfu));
+}
+
+// ICE restart on the server connection, if its path is still broken. With
+// signaling down (or being checked) it waits: `resumed` calls it again.
+export function restartSfuIce(sfu = S.sfu) {
+  if (!sfu || S.sfu !== sfu) return;
+  const pc = sfu.pc;
+  if (!['disconnected', 'failed'].includes(pc.iceConnectionState)) return;
+  if (S.phase !== 'in-room' || !S.ws || S.ws.readyState !== WebSocket.OPEN) return;
+  if (pc.signalingState === 'have-local-offer') {
+    // An offer (maybe the restart's) went into a socket that died: again.
+    signal(SFU, { type: 'offer', sdp: pc.localDescription.sdp });
+    return;
+  }
+  sfu.iceRestarts += 1;
+  pc.restartIce();
   sfuStep(sfu, () => sfuOffer(sfu));
 }
 
@@ -255,6 +290,8 @@ export function closeSfu() {
   const sfu = S.sfu;
   if (!sfu) return;
   S.sfu = null;
+  clearTimeout(sfu.restartTimer);
+  sfu.pc.oniceconnectionstatechange = null;
   sfu.pc.onicecandidate = null;
   sfu.pc.ontrack = null;
   sfu.pc.onconnectionstatechange = null;

@@ -158,6 +158,24 @@ export function startPing() {
   }, PING_INTERVAL_MS);
 }
 
+// The media path broke: is signaling still alive? A ping that gets no pong
+// within PROBE_MS means the socket died with the network (nothing tells a
+// browser that a TCP connection's address went away); it is dropped and
+// resumed, so what follows (an ICE restart offer) can go out.
+const PROBE_MS = 2000;
+export function probeSocket() {
+  if (!S.ws || S.ws.readyState !== WebSocket.OPEN) return;
+  const sent = Date.now();
+  send({ type: 'ping', id: ++S.pingSeq });
+  setTimeout(() => {
+    if (!S.ws || S.lastPong >= sent) return;
+    const ev = { code: 4000 };
+    S.wsGen++;
+    try { S.ws.close(); } catch (_) { /* ignore */ }
+    onSocketLost(ev);
+  }, PROBE_MS);
+}
+
 export function stopPing() {
   if (S.pingTimer) clearInterval(S.pingTimer);
   S.pingTimer = null;

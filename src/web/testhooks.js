@@ -106,6 +106,7 @@ export function installTestHooks() {
           connectionState: sfu.pc.connectionState,
           iceConnectionState: sfu.pc.iceConnectionState,
           signalingState: sfu.pc.signalingState,
+          iceRestarts: sfu.iceRestarts,
           chat: sfu.chat ? sfu.chat.readyState : 'none',
           serverReach: S.serverReach,
           remote: [...sfu.remote.entries()].map(([mid, r]) => ({

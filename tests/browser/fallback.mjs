@@ -19,6 +19,10 @@
 //                decoding the other's video through the server, slice after
 //                slice of SB_LOSSY_SLICES × 2 s; prints frames/s, the longest
 //                freeze and the NACK counters.
+//   addrchange   alice and bob in a room made `mode=sfu`; alice's address
+//                changes (this script runs in her namespace: 10.77.1.2 is
+//                replaced by 10.77.1.3): her page restarts ICE (and resumes
+//                signaling if it died) and both decode each other again.
 //
 // Env: SB_BROWSER_<name> (browser executable per participant, e.g. a wrapper
 // running Chromium in that participant's namespace), SB_STANDBY (1 or 0:
@@ -26,6 +30,7 @@
 // line (`{"ok":true,...}` with the measured timings) and exits 0, or exits 1
 // with a reason.
 
+import { execFileSync } from 'node:child_process';
 import { mkdtempSync, rmSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
@@ -99,8 +104,8 @@ async function metric(name) {
 const ms = (a, b) => (a != null && b != null ? b - a : null);
 
 async function main() {
-  if (!['lan', 'isolated', 'third', 'unreachable', 'return', 'lossy'].includes(scenario) || !/^https?:\/\//.test(base || '')) {
-    fail('usage: node fallback.mjs lan|isolated|third|unreachable|return|lossy <baseUrl>');
+  if (!['lan', 'isolated', 'third', 'unreachable', 'return', 'lossy', 'addrchange'].includes(scenario) || !/^https?:\/\//.test(base || '')) {
+    fail('usage: node fallback.mjs lan|isolated|third|unreachable|return|lossy|addrchange <baseUrl>');
   }
   await waitForHealth(base);
   const room = `fb-${randomBytes(6).toString('hex')}`;
@@ -122,7 +127,7 @@ async function main() {
     consoleLines[name] = [];
     page.on('console', (m) => consoleLines[name].push(`${m.type()}: ${m.text()}`));
     page.on('pageerror', (e) => consoleLines[name].push(`pageerror: ${e.message}`));
-    const sfu = scenario === 'lossy' ? '&mode=sfu' : '';
+    const sfu = ['lossy', 'addrchange'].includes(scenario) ? '&mode=sfu' : '';
     const url = `${base}/?room=${room}&name=${name}&timings=1&standby=${standby ? 1 : 0}${sfu}`;
     await page.goto(url, { timeout: 15_000 });
     // In the room before the next one arrives, so join order is fixed.
@@ -285,6 +290,39 @@ async function main() {
       result.nackedPacketsReceived = await metric('switchboard_media_nacked_packets_received_total');
       result.nackedPacketsSent = await metric('switchboard_media_nacked_packets_sent_total');
       result.plisSent = await metric('switchboard_media_plis_sent_total');
+    }
+
+    if (scenario === 'addrchange') {
+      const pair = ['alice', 'bob'];
+      const mark = await until(two, 'video through the server both ways', (n, s) => framesFrom(s, others(n, pair)[0]).sfu > 10);
+      // Wi-Fi to LTE, as far as a namespace can: a new address, the old one gone.
+      const ip = (...a) => execFileSync('ip', a, { stdio: ['ignore', 'ignore', 'pipe'] });
+      execFileSync('sysctl', ['-qw', 'net.ipv4.conf.all.promote_secondaries=1', 'net.ipv4.conf.eth0.promote_secondaries=1']);
+      const changedAt = Date.now();
+      ip('addr', 'add', '10.77.1.3/24', 'dev', 'eth0');
+      ip('addr', 'del', '10.77.1.2/24', 'dev', 'eth0');
+      ip('route', 'replace', 'default', 'via', '10.77.1.1');
+      const back = {};
+      const iceStates = [];
+      await until(two, 'both decoding the other again after the address change', (n, s) => {
+        const ok = framesFrom(s, others(n, pair)[0]).sfu > framesFrom(mark[n], others(n, pair)[0]).sfu + 10;
+        if (ok && !back[n]) back[n] = Date.now();
+        const ice = s.state.sfu?.iceConnectionState;
+        if (n === 'alice' && iceStates[iceStates.length - 1]?.state !== ice) iceStates.push({ atMs: Date.now() - changedAt, state: ice });
+        return ok;
+      }, 60_000);
+      result.aliceIceStates = iceStates;
+      const after = await until(two, 'state', () => true);
+      for (const name of pair) {
+        result.pages[name] = {
+          decodingAgainMs: back[name] - changedAt,
+          iceRestarts: after[name].state.sfu?.iceRestarts ?? null,
+          resumes: after[name].state.resumes,
+          id: after[name].state.id,
+        };
+      }
+      log(`alice's ICE states after the change: ${JSON.stringify(iceStates)}`);
+      if (result.pages.alice.id !== mark.alice.state.id) fail('alice rejoined instead of keeping her place');
     }
 
     if (scenario === 'return') {
