@@ -681,7 +681,8 @@ fn unreachable_server_media_port_is_a_visible_warning() {
 /// a clean link and with loss, both pages keep decoding the other's video
 /// in every 2 s slice (downlink loss at alice repaired by the server's
 /// retransmissions, uplink loss by its NACKs to her). Lossy runs must show
-/// NACKs both ways at the server; frames/s and the longest freeze are
+/// NACKs both ways at the server and retransmissions (RTX) received by the
+/// pages; frames/s and the longest freeze are
 /// printed (`LOSSY ...`), not asserted. (No delay or jitter: the kernel
 /// here has no `sch_netem`.)
 #[test]
@@ -715,6 +716,13 @@ fn video_keeps_decoding_through_loss() {
                 r["nackedPacketsSent"].as_f64() > Some(0.0),
                 "alice's uplink loss was never NACKed upstream: {r}"
             );
+            // Repaired by retransmissions the pages received as such (RTX,
+            // which Chromium negotiates with the server).
+            let rtx: f64 = ["alice", "bob"]
+                .iter()
+                .filter_map(|n| r["pages"][n]["repair"]["retransmittedPacketsReceived"].as_f64())
+                .sum();
+            assert!(rtx > 0.0, "no retransmission reached a page: {r}");
         }
     }
 }

@@ -119,5 +119,19 @@ export function installTestHooks() {
     videoStats() { return mediaStats('video'); },
     // Inbound audio per remote participant (or "mix"): { peer, via, mid, ssrc, packetsReceived }.
     audioStats() { return mediaStats('audio'); },
+    // Repair on the server connection, summed over inbound video: NACKs we
+    // sent and packets that came back as retransmissions (RTX).
+    async repairStats() {
+      const out = { nackCount: 0, retransmittedPacketsReceived: 0, packetsLost: 0 };
+      if (!S.sfu) return out;
+      const stats = await S.sfu.pc.getStats();
+      stats.forEach((x) => {
+        if (x.type !== 'inbound-rtp' || x.kind !== 'video') return;
+        out.nackCount += x.nackCount || 0;
+        out.retransmittedPacketsReceived += x.retransmittedPacketsReceived || 0;
+        out.packetsLost += x.packetsLost || 0;
+      });
+      return out;
+    },
   };
 }

@@ -284,6 +284,7 @@ async function main() {
           framesPerSecond: Math.round((frames / seconds) * 10) / 10,
           frames,
           longestFreezeMs: freezes.find((f) => f.name === o)?.longestFreezeMs ?? null,
+          repair: await pages[name].evaluate(() => window.sb.repairStats()),
         };
       }
       result.seconds = seconds;
