@@ -212,23 +212,6 @@ impl Net {
         }
     }
 
-    /// The router drops `percent` % of the UDP datagrams to and from
-    /// `site`, at random, each direction on its own (nftables `numgen
-    /// random`; this machine's kernel has no `sch_netem`, so no delay or
-    /// jitter). Signaling (TCP) is spared, media and ICE are not.
-    fn drop_udp(&self, site: Site, percent: u8) {
-        let router = self.ns("r");
-        let nft = |rule: &str| sh(&["ip", "netns", "exec", &router, "nft", rule]);
-        nft("add table inet lossy");
-        nft("add chain inet lossy drops { type filter hook forward priority 0; }");
-        for dir in ["saddr", "daddr"] {
-            nft(&format!(
-                "add rule inet lossy drops ip {dir} {} meta l4proto udp numgen random mod 100 < {percent} counter drop",
-                site.net()
-            ));
-        }
-    }
-
     /// The router refuses traffic from every site to `ip`.
     fn block_to(&self, ip: &str) {
         let router = self.ns("r");
@@ -402,7 +385,9 @@ struct Setup {
     media_unreachable: bool,
     /// More `switchboard serve` options.
     server_args: &'static [&'static str],
-    /// Percent of the UDP datagrams to and from alice the router drops.
+    /// Percent of alice's UDP datagrams the router drops, each direction on
+    /// its own, once her call is up (`SB_LOSS_*` for the `lossy` scenario,
+    /// which sets the rules in the router namespace then).
     alice_loss: Option<u8>,
 }
 
@@ -456,9 +441,6 @@ fn run_browsers(scenario: &str, setup: &Setup, standby: bool) -> serde_json::Val
     if setup.media_unreachable {
         net.block_to(MEDIA_ONLY_IP);
     }
-    if let Some(percent) = setup.alice_loss {
-        net.drop_udp(ALICE, percent);
-    }
     let srv = start_server(&mut net, setup, &logs);
 
     // Chromium's singleton socket lives under TMPDIR and must stay under the
@@ -475,6 +457,11 @@ fn run_browsers(scenario: &str, setup: &Setup, standby: bool) -> serde_json::Val
             std::env::var_os("SB_SCREENSHOT_DIR").unwrap_or_else(|| logs.clone().into()),
         ),
     ];
+    if let Some(percent) = setup.alice_loss {
+        envs.push(("SB_LOSS_PERCENT", percent.to_string().into()));
+        envs.push(("SB_LOSS_ROUTER", net.ns("r").into()));
+        envs.push(("SB_LOSS_NET", ALICE.net().into()));
+    }
     let base = format!("http://{SERVER_IP}:{HTTP_PORT}");
     let keys = setup
         .sites
@@ -677,8 +664,8 @@ fn unreachable_server_media_port_is_a_visible_warning() {
 }
 
 /// Loss on alice's link (the router drops 5 %, then 10 % of her UDP
-/// datagrams, each direction), alice and bob in a room made `mode=sfu`: on
-/// a clean link and with loss, both pages keep decoding the other's video
+/// datagrams at random, each direction on its own, once the call is up), alice and bob in a room made `mode=sfu`: on a clean link and with
+/// loss, both pages keep decoding the other's video
 /// in every 2 s slice (downlink loss at alice repaired by the server's
 /// retransmissions, uplink loss by its NACKs to her). Lossy runs must show
 /// NACKs both ways at the server and retransmissions (RTX) received by the

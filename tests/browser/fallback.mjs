@@ -14,11 +14,13 @@
 //                port: the P2P call works and both pages warn.
 //   return       as `third`, then carol leaves; the server (--p2p-return-ms)
 //                returns the room to p2p and alice and bob call directly again.
-//   lossy        alice and bob in a room made `mode=sfu` while the test's
-//                router drops some of alice's UDP datagrams (both ways): both pages keep
-//                decoding the other's video through the server, slice after
-//                slice of SB_LOSSY_SLICES × 2 s; prints frames/s, the longest
-//                freeze and the NACK counters.
+//   lossy        alice and bob in a room made `mode=sfu`; once both decode,
+//                the router drops SB_LOSS_PERCENT % of alice's UDP datagrams
+//                (SB_LOSS_NET) at random, each direction (nftables in the
+//                SB_LOSS_ROUTER namespace): both pages keep decoding the other's
+//                video through the server, slice after slice of
+//                SB_LOSSY_SLICES × 2 s; prints frames/s, the longest freeze,
+//                the NACK counters and the retransmissions received.
 //   addrchange   alice and bob in a room made `mode=sfu`; alice's address
 //                changes (this script runs in her namespace: 10.77.1.2 is
 //                replaced by 10.77.1.3): her page restarts ICE (and resumes
@@ -265,6 +267,20 @@ async function main() {
       // slice's check waits, bounded, for frames newer than its start).
       const pair = ['alice', 'bob'];
       await until(two, 'video through the server both ways', (n, s) => framesFrom(s, others(n, pair)[0]).sfu > 0);
+      const loss = Number(process.env.SB_LOSS_PERCENT || 0);
+      if (loss > 0) {
+        // At the router, so that a dropped datagram is lost silently on the
+        // wire (dropped at the sender's own output, the browser would see
+        // its send fail).
+        const router = process.env.SB_LOSS_ROUTER;
+        const net = process.env.SB_LOSS_NET;
+        if (!router || !net) fail('SB_LOSS_PERCENT needs SB_LOSS_ROUTER and SB_LOSS_NET');
+        const nft = (rule) => execFileSync('ip', ['netns', 'exec', router, 'nft', rule], { stdio: ['ignore', 'ignore', 'pipe'] });
+        nft('add table inet lossy');
+        nft('add chain inet lossy drops { type filter hook forward priority 0; }');
+        for (const dir of ['saddr', 'daddr']) nft(`add rule inet lossy drops ip ${dir} ${net} meta l4proto udp numgen random mod 100 < ${loss} drop`);
+      }
+      result.lossPercent = loss;
       const slices = Number(process.env.SB_LOSSY_SLICES || 5);
       const startAt = Date.now();
       const start = await until(two, 'start', () => true);
