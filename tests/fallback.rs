@@ -128,6 +128,20 @@ impl Net {
         let ns = self.ns(short);
         sh(&["ip", "netns", "add", &ns]);
         self.namespaces.push(ns.clone());
+        // IPv4 only: an IPv6 link-local address finishing its duplicate
+        // detection a moment after the link comes up is a "network change"
+        // to a Chromium starting then, which fails its page load with
+        // ERR_NETWORK_CHANGED.
+        sh(&[
+            "ip",
+            "netns",
+            "exec",
+            &ns,
+            "sysctl",
+            "-qw",
+            "net.ipv6.conf.all.disable_ipv6=1",
+            "net.ipv6.conf.default.disable_ipv6=1",
+        ]);
         sh(&["ip", "-n", &ns, "link", "set", "lo", "up"]);
         ns
     }
