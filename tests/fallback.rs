@@ -947,13 +947,11 @@ fn a_rust_clients_call_survives_its_address_change() {
                         ev = client.next_event() => match ev {
                             Some(Event::Rtp { kind, packet, .. }) => {
                                 if common::media::parse(kind, &packet.payload).is_some_and(|(from, _)| from == other.name) {
-                                    match changed.get() {
-                                        Some(at) => {
-                                            after += 1;
-                                            first_after.get_or_insert_with(Instant::now);
-                                            let _ = at;
-                                        }
-                                        None => before += 1,
+                                    if changed.get().is_some() {
+                                        after += 1;
+                                        first_after.get_or_insert_with(Instant::now);
+                                    } else {
+                                        before += 1;
                                     }
                                 }
                             }
@@ -974,36 +972,13 @@ fn a_rust_clients_call_survives_its_address_change() {
     while ready.load(Ordering::SeqCst) < 2 && Instant::now() < until {
         sleep(Duration::from_millis(20));
     }
-    sh(&[
-        "ip",
-        "-n",
-        &alice_ns,
-        "addr",
-        "add",
-        "10.77.1.3/24",
-        "dev",
-        "eth0",
-    ]);
-    sh(&[
-        "ip",
-        "-n",
-        &alice_ns,
-        "addr",
-        "del",
-        "10.77.1.2/24",
-        "dev",
-        "eth0",
-    ]);
-    sh(&[
-        "ip",
-        "-n",
-        &alice_ns,
-        "route",
-        "replace",
-        "default",
-        "via",
-        "10.77.1.1",
-    ]);
+    for change in [
+        ["addr", "add", "10.77.1.3/24", "dev", "eth0"],
+        ["addr", "del", "10.77.1.2/24", "dev", "eth0"],
+        ["route", "replace", "default", "via", "10.77.1.1"],
+    ] {
+        sh(&[&["ip", "-n", alice_ns.as_str()][..], &change[..]].concat());
+    }
     let _ = changed.set(Instant::now());
     let results: Vec<Result<u64, String>> = threads
         .into_iter()

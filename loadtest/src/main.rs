@@ -103,6 +103,17 @@ pub fn runtime(threads: usize) -> std::io::Result<tokio::runtime::Runtime> {
     }
 }
 
+/// Writes `report` as pretty JSON (plus a newline) to `path` and says so on
+/// stderr.
+pub fn write_json<T: serde::Serialize>(path: &std::path::Path, report: &T) -> Result<(), String> {
+    serde_json::to_string_pretty(report)
+        .map_err(|e| e.to_string())
+        .and_then(|j| std::fs::write(path, j + "\n").map_err(|e| e.to_string()))
+        .map_err(|e| format!("cannot write {}: {e}", path.display()))?;
+    eprintln!("report written to {}", path.display());
+    Ok(())
+}
+
 /// Parses a duration: humantime (`30s`, `1m 30s`, `500ms`, `2min`), or a
 /// decimal number with one unit (`1.5s`, `250us`, `2m`).
 pub fn parse_duration(s: &str) -> Result<Duration, String> {

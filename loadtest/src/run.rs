@@ -183,15 +183,9 @@ pub fn main(args: &RunArgs) -> ExitCode {
     };
     print!("{}", report.table());
     if let Some(path) = &args.json {
-        let written = serde_json::to_string_pretty(&report)
-            .map_err(|e| e.to_string())
-            .and_then(|j| std::fs::write(path, j + "\n").map_err(|e| e.to_string()));
-        match written {
-            Ok(()) => eprintln!("report written to {}", path.display()),
-            Err(e) => {
-                eprintln!("loadtest run: cannot write {}: {e}", path.display());
-                return ExitCode::from(2);
-            }
+        if let Err(e) = crate::write_json(path, &report) {
+            eprintln!("loadtest run: {e}");
+            return ExitCode::from(2);
         }
     }
     if let Some(path) = &args.plot {

@@ -174,14 +174,10 @@ pub fn main(args: &SoakArgs) -> ExitCode {
     };
     print!("{}", table(&report));
     if let Some(path) = &args.json {
-        let written = serde_json::to_string_pretty(&report)
-            .map_err(|e| e.to_string())
-            .and_then(|j| std::fs::write(path, j + "\n").map_err(|e| e.to_string()));
-        if let Err(e) = written {
-            eprintln!("loadtest soak: cannot write {}: {e}", path.display());
+        if let Err(e) = crate::write_json(path, &report) {
+            eprintln!("loadtest soak: {e}");
             return ExitCode::from(2);
         }
-        eprintln!("report written to {}", path.display());
     }
     if report.server_alive {
         ExitCode::SUCCESS
@@ -442,19 +438,14 @@ async fn visit(shared: &Shared, room: &str, name: &str, stay: Duration) {
     let mut opts = JoinOptions::sfu(&shared.url, room, name);
     opts.publish_audio = shared.plan.audio.is_some();
     opts.publish_video = shared.plan.video.is_some();
-    let mut client = match timeout_at(deadline.into(), Client::join(opts)).await {
-        Ok(Ok(c)) => c,
-        Ok(Err(e)) => {
-            shared.fail(&format!("join: {e}"));
-            shared
-                .visits
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .join_failures += 1;
-            return;
-        }
-        Err(_) => {
-            shared.fail("join: timed out");
+    let joined = match timeout_at(deadline.into(), Client::join(opts)).await {
+        Ok(r) => r.map_err(|e| format!("join: {e}")),
+        Err(_) => Err("join: timed out".to_owned()),
+    };
+    let mut client = match joined {
+        Ok(c) => c,
+        Err(why) => {
+            shared.fail(&why);
             shared
                 .visits
                 .lock()
