@@ -268,6 +268,15 @@ pub struct ServeOptions {
     #[arg(long, env = "SWITCHBOARD_PUBLIC_IP", value_name = "IP")]
     pub public_ip: Option<IpAddr>,
 
+    /// Redis URL (redis://HOST:PORT): turns cluster mode on; rooms are
+    /// placed on and found through it [default: off, one node]
+    #[arg(long, env = "SWITCHBOARD_REDIS_URL", value_name = "URL")]
+    pub redis_url: Option<String>,
+
+    /// This node's id in the cluster, unique per node [default: random]
+    #[arg(long, env = "SWITCHBOARD_NODE_ID", value_name = "ID")]
+    pub node_id: Option<String>,
+
     /// Log format: text (human-readable) or json [default: text]
     #[arg(long, env = "SWITCHBOARD_LOG_FORMAT", value_name = "FORMAT", value_parser = ["text", "json"])]
     pub log_format: Option<String>,
@@ -358,6 +367,8 @@ impl ServeOptions {
             rtc_port: self.rtc_port.or(other.rtc_port),
             public_ip: self.public_ip.or(other.public_ip),
             ice_tcp: self.ice_tcp.or(other.ice_tcp),
+            redis_url: self.redis_url.or(other.redis_url),
+            node_id: self.node_id.or(other.node_id),
             log_format: self.log_format.or(other.log_format),
             log: self.log.or(other.log),
         }
@@ -386,6 +397,8 @@ pub enum ConfigError {
     },
     #[error("config file {path}: {message}")]
     Toml { path: PathBuf, message: String },
+    #[error("--node-id {0:?}: use at most 64 letters, digits, '-', '_' or '.'")]
+    NodeId(String),
     #[error("--tls-cert and --tls-key go together")]
     TlsPair,
     #[error("--tls-self-signed cannot be combined with --tls-cert/--tls-key")]
@@ -501,6 +514,15 @@ pub struct Config {
     /// The SFU media plane, unless turned off.
     pub media: Option<crate::sfu::MediaConfig>,
     pub log: LogConfig,
+    /// Cluster mode (`--redis-url`).
+    pub cluster: Option<ClusterConfig>,
+}
+
+/// Several nodes coordinated through Redis.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ClusterConfig {
+    pub redis_url: String,
+    pub node_id: String,
 }
 
 impl Default for Config {
@@ -597,7 +619,38 @@ impl Config {
             return Err(ConfigError::WebhookKey);
         }
         let (max_tracks, max_tcp_per_ip) = (limits.max_tracks, limits.max_conns_per_ip);
+        let cluster = match o.redis_url.filter(|u| !u.is_empty()) {
+            None => None,
+            Some(url) => {
+                if !(url.starts_with("redis://") || url.starts_with("rediss://"))
+                    || redis::Client::open(url.as_str()).is_err()
+                {
+                    return Err(ConfigError::Url {
+                        kind: "Redis (redis://)",
+                        url,
+                    });
+                }
+                let node_id = match o.node_id.filter(|n| !n.is_empty()) {
+                    Some(id) => {
+                        if id.len() > 64
+                            || !id
+                                .bytes()
+                                .all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b))
+                        {
+                            return Err(ConfigError::NodeId(id));
+                        }
+                        id
+                    }
+                    None => format!("node-{:08x}", rand::random::<u32>()),
+                };
+                Some(ClusterConfig {
+                    redis_url: url,
+                    node_id,
+                })
+            }
+        };
         Ok(Config {
+            cluster,
             listen,
             tls,
             limits,

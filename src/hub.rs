@@ -320,6 +320,16 @@ impl Hub {
         self.room_count.load(Ordering::Relaxed)
     }
 
+    /// Whether the room exists here now.
+    pub fn has_room(&self, name: &RoomName) -> bool {
+        self.rooms.contains_key(name)
+    }
+
+    /// The names of the rooms that exist here now.
+    pub fn room_names(&self) -> Vec<RoomName> {
+        self.rooms.iter().map(|r| r.key().clone()).collect()
+    }
+
     /// Stops admitting joins (the server is draining).
     pub fn start_draining(&self) {
         self.draining.store(true, Ordering::Release);
@@ -471,6 +481,9 @@ impl Hub {
         let mut f = Vec::new();
         if !self.config.keys.is_empty() {
             f.push("auth".to_owned());
+        }
+        if self.config.cluster.is_some() {
+            f.push("cluster".to_owned());
         }
         f
     }

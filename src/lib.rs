@@ -30,6 +30,8 @@
 //!   through bounded per-URL queues.
 //! - [`resume`]: resume tokens and participants parked after a dropped
 //!   WebSocket.
+//! - [`cluster`]: several nodes behind one URL (`--redis-url`): rooms placed
+//!   on and found through Redis, signaling relayed to a room's node.
 //! - [`ratelimit`], [`ice`] (STUN/TURN credentials), [`metrics`].
 //! - `web/`: the browser client, embedded in the binary.
 //! - The wire types live in the `switchboard-proto` crate (`proto/`).
@@ -39,6 +41,7 @@
 
 pub mod admin;
 pub mod auth;
+pub mod cluster;
 pub mod config;
 pub mod hub;
 pub mod ice;

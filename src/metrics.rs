@@ -5,8 +5,8 @@
 //! an array instead of hashing label strings.
 
 use prometheus::{
-    Encoder, Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts,
-    Registry, TextEncoder,
+    Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge,
+    IntGaugeVec, Opts, Registry, TextEncoder,
 };
 use switchboard_proto::{ErrorCode, ModeReason, CLIENT_TYPES, SERVER_TYPES};
 
@@ -145,6 +145,8 @@ pub struct Metrics {
     pub socketio_connections: IntGauge,
     /// Classic events not acted on, by reason.
     socketio_dropped: Vec<IntCounter>,
+    /// Cluster mode (`--redis-url`); registered in single-node mode too.
+    pub cluster: ClusterMetrics,
 }
 
 /// Labels of `switchboard_resumes_total`.
@@ -371,6 +373,184 @@ impl MixerMetrics {
     pub fn dropped(&self, why: MixDrop, n: u64) {
         if let Some(i) = MixDrop::ALL.iter().position(|d| *d == why) {
             self.dropped[i].inc_by(n);
+        }
+    }
+}
+
+/// Which way a signaling message was relayed between nodes (labels of
+/// `switchboard_cluster_relayed_messages_total`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RelayDirection {
+    /// A client's frame, from the node holding its WebSocket to the room's owner.
+    ToOwner,
+    /// An owner's message, delivered to a client connected to this node.
+    ToClient,
+}
+
+impl RelayDirection {
+    pub const ALL: [RelayDirection; 2] = [RelayDirection::ToOwner, RelayDirection::ToClient];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RelayDirection::ToOwner => "to-owner",
+            RelayDirection::ToClient => "to-client",
+        }
+    }
+}
+
+/// Why a relayed message was dropped (labels of
+/// `switchboard_cluster_relay_dropped_total`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RelayDrop {
+    /// An envelope that does not parse, or names the wrong node.
+    Malformed,
+    /// For a relayed connection this node does not know (any more).
+    UnknownConnection,
+    /// A relay queue (to Redis or to a connection) was full.
+    QueueFull,
+}
+
+impl RelayDrop {
+    pub const ALL: [RelayDrop; 3] = [
+        RelayDrop::Malformed,
+        RelayDrop::UnknownConnection,
+        RelayDrop::QueueFull,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RelayDrop::Malformed => "malformed",
+            RelayDrop::UnknownConnection => "unknown-connection",
+            RelayDrop::QueueFull => "queue-full",
+        }
+    }
+}
+
+/// Where a join's room was found or put (labels of
+/// `switchboard_cluster_placements_total`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Placement {
+    /// A new room, claimed for this node.
+    Local,
+    /// A new room, claimed for another node.
+    Remote,
+    /// A room this node already owns.
+    ExistingLocal,
+    /// A room another live node owns.
+    ExistingRemote,
+    /// A room whose owner was dead, claimed again.
+    Takeover,
+    /// Not placed: Redis unreachable or no live node to take it.
+    Unavailable,
+}
+
+impl Placement {
+    pub const ALL: [Placement; 6] = [
+        Placement::Local,
+        Placement::Remote,
+        Placement::ExistingLocal,
+        Placement::ExistingRemote,
+        Placement::Takeover,
+        Placement::Unavailable,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Placement::Local => "local",
+            Placement::Remote => "remote",
+            Placement::ExistingLocal => "existing-local",
+            Placement::ExistingRemote => "existing-remote",
+            Placement::Takeover => "takeover",
+            Placement::Unavailable => "unavailable",
+        }
+    }
+}
+
+/// Redis operations of cluster mode (the `op` label of
+/// `switchboard_cluster_redis_seconds` and `switchboard_cluster_redis_errors_total`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RedisOp {
+    /// The node's announcement, claim refreshes and the read of live nodes.
+    Keepalive,
+    /// Finding or claiming a join's room.
+    Place,
+    /// Releasing (or taking) room claims.
+    Claim,
+    /// Publishing relayed messages.
+    Publish,
+    /// Checking that relayed connections' other nodes are alive.
+    Liveness,
+}
+
+impl RedisOp {
+    pub const ALL: [RedisOp; 5] = [
+        RedisOp::Keepalive,
+        RedisOp::Place,
+        RedisOp::Claim,
+        RedisOp::Publish,
+        RedisOp::Liveness,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RedisOp::Keepalive => "keepalive",
+            RedisOp::Place => "place",
+            RedisOp::Claim => "claim",
+            RedisOp::Publish => "publish",
+            RedisOp::Liveness => "liveness",
+        }
+    }
+}
+
+/// `switchboard_cluster_*`: cluster mode (`--redis-url`). Registered in
+/// single-node mode too, where they stay 0.
+pub struct ClusterMetrics {
+    /// 1 while Redis answers (the node is announced), else 0.
+    pub redis_up: IntGauge,
+    /// Live nodes this node sees, itself included (0 in single-node mode).
+    pub nodes_live: IntGauge,
+    /// Rooms this node holds the claim of.
+    pub rooms_owned: IntGauge,
+    relayed: Vec<IntCounter>,
+    relay_dropped: Vec<IntCounter>,
+    placements: Vec<IntCounter>,
+    redis_seconds: Vec<Histogram>,
+    redis_errors: Vec<IntCounter>,
+}
+
+impl ClusterMetrics {
+    /// A signaling message relayed through Redis.
+    pub fn relayed(&self, dir: RelayDirection) {
+        if let Some(c) = self.relayed.get(dir as usize) {
+            c.inc();
+        }
+    }
+
+    /// A relayed message dropped.
+    pub fn relay_dropped(&self, why: RelayDrop) {
+        if let Some(c) = self.relay_dropped.get(why as usize) {
+            c.inc();
+        }
+    }
+
+    /// Where a join's room was found or put.
+    pub fn placed(&self, outcome: Placement) {
+        if let Some(c) = self.placements.get(outcome as usize) {
+            c.inc();
+        }
+    }
+
+    /// One Redis round trip of `op` took `seconds` (failed ones too).
+    pub fn redis_op(&self, op: RedisOp, seconds: f64) {
+        if let Some(h) = self.redis_seconds.get(op as usize) {
+            h.observe(seconds);
+        }
+    }
+
+    /// A Redis operation failed or timed out.
+    pub fn redis_error(&self, op: RedisOp) {
+        if let Some(c) = self.redis_errors.get(op as usize) {
+            c.inc();
         }
     }
 }
@@ -718,6 +898,65 @@ impl Metrics {
                 "outcome",
                 &ADMIN_OUTCOMES,
             ),
+            cluster: ClusterMetrics {
+                redis_up: gauge(
+                    "switchboard_cluster_redis_up",
+                    "1 while Redis answers and this node is announced in it, else 0 (always 0 in single-node mode)",
+                ),
+                nodes_live: gauge(
+                    "switchboard_cluster_nodes_live",
+                    "Live cluster nodes this node sees, itself included (0 in single-node mode)",
+                ),
+                rooms_owned: gauge(
+                    "switchboard_cluster_rooms_owned",
+                    "Rooms whose claim in Redis this node holds",
+                ),
+                relayed: labelled(
+                    "switchboard_cluster_relayed_messages_total",
+                    "Signaling messages relayed through Redis: to-owner (a client's, to the room's node) or to-client (an owner's, to a client here)",
+                    "direction",
+                    &RelayDirection::ALL.map(RelayDirection::as_str),
+                ),
+                relay_dropped: labelled(
+                    "switchboard_cluster_relay_dropped_total",
+                    "Relayed signaling messages dropped, by reason",
+                    "reason",
+                    &RelayDrop::ALL.map(RelayDrop::as_str),
+                ),
+                placements: labelled(
+                    "switchboard_cluster_placements_total",
+                    "Joins placed through the room directory, by outcome",
+                    "outcome",
+                    &Placement::ALL.map(Placement::as_str),
+                ),
+                redis_seconds: {
+                    // 100 µs to 1 s: a Redis round trip on a LAN takes ~0.2-1 ms;
+                    // operations time out after 1.5 s (counted in +Inf).
+                    let v = HistogramVec::new(
+                        HistogramOpts::new(
+                            "switchboard_cluster_redis_seconds",
+                            "Redis round trips of cluster mode, by operation (failed and timed-out ones too)",
+                        )
+                        .buckets(vec![
+                            100e-6, 250e-6, 500e-6, 1e-3, 2.5e-3, 5e-3, 10e-3, 25e-3, 50e-3,
+                            100e-3, 250e-3, 500e-3, 1.0,
+                        ]),
+                        &["op"],
+                    )
+                    .unwrap_or_else(|e| unreachable!("{e}"));
+                    register(&registry, v.clone());
+                    RedisOp::ALL
+                        .iter()
+                        .map(|op| v.with_label_values(&[op.as_str()]))
+                        .collect()
+                },
+                redis_errors: labelled(
+                    "switchboard_cluster_redis_errors_total",
+                    "Redis operations of cluster mode that failed or timed out, by operation",
+                    "op",
+                    &RedisOp::ALL.map(RedisOp::as_str),
+                ),
+            },
             registry,
         }
     }
@@ -769,7 +1008,6 @@ impl Metrics {
         }
     }
 
-    /// A limit stopped something.
     /// A `resume` outcome or an expired wait.
     pub fn resumed(&self, result: &str) {
         self.resumes.with_label_values(&[result]).inc();
@@ -779,6 +1017,7 @@ impl Metrics {
         self.socketio_dropped[why as usize].inc();
     }
 
+    /// A limit stopped something.
     pub fn limited(&self, limit: Limit) {
         self.limited[limit as usize].inc();
     }
@@ -925,6 +1164,93 @@ mod tests {
         );
         for line in text.lines().filter(|l| !l.starts_with('#')) {
             assert!(line.starts_with("switchboard_"), "{line}");
+        }
+    }
+
+    #[test]
+    fn cluster_families_exist_with_every_label_value() {
+        // The accessors index by discriminant: `ALL` must be in that order.
+        for (i, d) in RelayDirection::ALL.iter().enumerate() {
+            assert_eq!(*d as usize, i);
+        }
+        for (i, d) in RelayDrop::ALL.iter().enumerate() {
+            assert_eq!(*d as usize, i);
+        }
+        for (i, p) in Placement::ALL.iter().enumerate() {
+            assert_eq!(*p as usize, i);
+        }
+        for (i, op) in RedisOp::ALL.iter().enumerate() {
+            assert_eq!(*op as usize, i);
+        }
+        let m = Metrics::new();
+        let text = m.render();
+        for sample in [
+            "switchboard_cluster_redis_up 0",
+            "switchboard_cluster_nodes_live 0",
+            "switchboard_cluster_rooms_owned 0",
+        ] {
+            assert!(text.contains(&format!("\n{sample}\n")), "no {sample}");
+        }
+        let mut samples = Vec::new();
+        for d in RelayDirection::ALL {
+            samples.push(format!(
+                "switchboard_cluster_relayed_messages_total{{direction=\"{}\"}} 0",
+                d.as_str()
+            ));
+        }
+        for r in RelayDrop::ALL {
+            samples.push(format!(
+                "switchboard_cluster_relay_dropped_total{{reason=\"{}\"}} 0",
+                r.as_str()
+            ));
+        }
+        for p in Placement::ALL {
+            samples.push(format!(
+                "switchboard_cluster_placements_total{{outcome=\"{}\"}} 0",
+                p.as_str()
+            ));
+        }
+        for op in RedisOp::ALL {
+            let op = op.as_str();
+            samples.push(format!(
+                "switchboard_cluster_redis_errors_total{{op=\"{op}\"}} 0"
+            ));
+            samples.push(format!(
+                "switchboard_cluster_redis_seconds_bucket{{op=\"{op}\",le=\"0.0001\"}} 0"
+            ));
+            samples.push(format!(
+                "switchboard_cluster_redis_seconds_bucket{{op=\"{op}\",le=\"1\"}} 0"
+            ));
+            samples.push(format!(
+                "switchboard_cluster_redis_seconds_count{{op=\"{op}\"}} 0"
+            ));
+        }
+        for sample in &samples {
+            assert!(text.contains(&format!("\n{sample}\n")), "no {sample}");
+        }
+
+        let c = &m.cluster;
+        c.relayed(RelayDirection::ToClient);
+        c.relay_dropped(RelayDrop::QueueFull);
+        c.placed(Placement::ExistingRemote);
+        c.redis_op(RedisOp::Publish, 0.003);
+        c.redis_error(RedisOp::Liveness);
+        c.redis_up.set(1);
+        let text = m.render();
+        for sample in [
+            "switchboard_cluster_relayed_messages_total{direction=\"to-client\"} 1",
+            "switchboard_cluster_relayed_messages_total{direction=\"to-owner\"} 0",
+            "switchboard_cluster_relay_dropped_total{reason=\"queue-full\"} 1",
+            "switchboard_cluster_placements_total{outcome=\"existing-remote\"} 1",
+            "switchboard_cluster_placements_total{outcome=\"local\"} 0",
+            "switchboard_cluster_redis_seconds_bucket{op=\"publish\",le=\"0.0025\"} 0",
+            "switchboard_cluster_redis_seconds_bucket{op=\"publish\",le=\"0.005\"} 1",
+            "switchboard_cluster_redis_seconds_count{op=\"publish\"} 1",
+            "switchboard_cluster_redis_errors_total{op=\"liveness\"} 1",
+            "switchboard_cluster_redis_errors_total{op=\"publish\"} 0",
+            "switchboard_cluster_redis_up 1",
+        ] {
+            assert!(text.contains(&format!("\n{sample}\n")), "no {sample}");
         }
     }
 }

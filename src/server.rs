@@ -23,6 +23,7 @@ use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use crate::cluster::Cluster;
 use crate::config::{Config, Tls};
 use crate::hub::{Hub, Outboxes};
 use crate::metrics::Metrics;
@@ -41,11 +42,15 @@ pub enum ServeError {
     Tls(String),
     #[error("HTTP server failed: {0}")]
     Http(std::io::Error),
+    #[error("--redis-url: {0}")]
+    Redis(String),
 }
 
 #[derive(Clone)]
 struct AppState {
     hub: Arc<Hub>,
+    /// Cluster mode (`--redis-url`).
+    cluster: Option<Arc<Cluster>>,
     metrics: Arc<Metrics>,
     sessions: TaskTracker,
     shutdown: CancellationToken,
@@ -60,6 +65,7 @@ pub struct RunningServer {
     shutdown: CancellationToken,
     task: JoinHandle<Result<(), ServeError>>,
     hub: Arc<Hub>,
+    cluster: Option<Arc<Cluster>>,
     media: Option<MediaPlane>,
     metrics_addr: Option<SocketAddr>,
 }
@@ -101,6 +107,7 @@ impl RunningServer {
     pub fn handle(&self) -> ServerHandle {
         ServerHandle {
             hub: self.hub.clone(),
+            cluster: self.cluster.clone(),
             shutdown: self.shutdown.clone(),
         }
     }
@@ -109,7 +116,7 @@ impl RunningServer {
     /// rooms go on until they are empty or `--drain-timeout-ms` passes, then
     /// the server shuts down as [`RunningServer::shutdown`] does.
     pub fn drain(&self) {
-        start_drain(&self.hub, &self.shutdown);
+        start_drain(&self.hub, self.cluster.as_deref(), &self.shutdown);
     }
 
     /// Whether a drain or shutdown has started.
@@ -141,13 +148,14 @@ impl RunningServer {
 #[derive(Clone)]
 pub struct ServerHandle {
     hub: Arc<Hub>,
+    cluster: Option<Arc<Cluster>>,
     shutdown: CancellationToken,
 }
 
 impl ServerHandle {
     /// See [`RunningServer::drain`].
     pub fn drain(&self) {
-        start_drain(&self.hub, &self.shutdown);
+        start_drain(&self.hub, self.cluster.as_deref(), &self.shutdown);
     }
 
     /// See [`RunningServer::shutdown`].
@@ -193,9 +201,29 @@ pub async fn start(config: Config) -> Result<RunningServer, ServeError> {
     ));
     let shutdown = CancellationToken::new();
     tokio::spawn(housekeeping(Arc::downgrade(&hub), shutdown.clone()));
+    let cluster = match &config.cluster {
+        Some(c) => {
+            let media_addr = config.media.as_ref().map(|m| {
+                std::net::SocketAddr::new(m.public_ip.unwrap_or(m.bind.ip()), m.bind.port())
+                    .to_string()
+            });
+            Some(
+                Cluster::start(
+                    c,
+                    hub.clone(),
+                    metrics.clone(),
+                    media_addr,
+                    shutdown.clone(),
+                )
+                .map_err(|e| ServeError::Redis(e.to_string()))?,
+            )
+        }
+        None => None,
+    };
     let sessions = TaskTracker::new();
     let state = AppState {
         hub: hub.clone(),
+        cluster: cluster.clone(),
         metrics,
         sessions: sessions.clone(),
         shutdown: shutdown.clone(),
@@ -302,6 +330,7 @@ pub async fn start(config: Config) -> Result<RunningServer, ServeError> {
         shutdown,
         task,
         hub,
+        cluster,
         media,
         metrics_addr,
     })
@@ -407,6 +436,12 @@ async fn healthz(State(s): State<AppState>) -> Response {
 async fn readyz(State(s): State<AppState>) -> Response {
     if s.shutdown.is_cancelled() || s.hub.is_draining() {
         (StatusCode::SERVICE_UNAVAILABLE, "draining\n").into_response()
+    } else if s.cluster.as_ref().is_some_and(|c| !c.is_ready()) {
+        (
+            StatusCode::SERVICE_UNAVAILABLE,
+            "the room directory (Redis) is unreachable\n",
+        )
+            .into_response()
     } else {
         "ready\n".into_response()
     }
@@ -429,7 +464,7 @@ async fn admin_drain(State(s): State<AppState>, headers: HeaderMap) -> Response 
     if !constant_time_eq(given.as_bytes(), token.as_bytes()) {
         return (StatusCode::UNAUTHORIZED, "bad or missing admin token\n").into_response();
     }
-    start_drain(&s.hub, &s.shutdown);
+    start_drain(&s.hub, s.cluster.as_deref(), &s.shutdown);
     (StatusCode::ACCEPTED, "draining\n").into_response()
 }
 
@@ -458,9 +493,13 @@ async fn housekeeping(hub: std::sync::Weak<Hub>, shutdown: CancellationToken) {
 
 /// Starts a drain (once): no new joins, `/readyz` 503; the shutdown follows
 /// when the last participant leaves or the drain timeout passes.
-fn start_drain(hub: &Arc<Hub>, shutdown: &CancellationToken) {
+fn start_drain(hub: &Arc<Hub>, cluster: Option<&Cluster>, shutdown: &CancellationToken) {
     if hub.is_draining() || shutdown.is_cancelled() {
         return;
+    }
+    // Other nodes stop placing rooms here first.
+    if let Some(cluster) = cluster {
+        cluster.start_draining();
     }
     hub.start_draining();
     let timeout = hub.config().drain_timeout;
@@ -569,7 +608,13 @@ async fn ws(
         .write_buffer_size(0)
         .max_write_buffer_size(WRITE_BUFFER_CAP.max(hard_cap + 64 * 1024))
         .on_upgrade(move |socket| {
-            let session = crate::session::run(socket, s.hub.clone(), peer, s.shutdown.clone());
+            let session = crate::session::run(
+                socket,
+                s.hub.clone(),
+                s.cluster.clone(),
+                peer,
+                s.shutdown.clone(),
+            );
             sessions.track_future(async move {
                 // The address's slot is held for as long as the session runs.
                 let _slot = slot;

@@ -19,6 +19,7 @@ use tokio::time::{sleep_until, Instant};
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
+use crate::cluster::{Cluster, Placed, RelayCtl};
 use crate::hub::{Departure, Hub, JoinOutcome, Outbox};
 use crate::metrics::Disconnect;
 use crate::ratelimit::{RateLimiter, Verdict};
@@ -28,7 +29,13 @@ const CLOSE_GOING_AWAY: u16 = 1001;
 const CLOSE_POLICY: u16 = 1008;
 
 /// Runs one connection to its end.
-pub async fn run(socket: WebSocket, hub: Arc<Hub>, peer: SocketAddr, shutdown: CancellationToken) {
+pub async fn run(
+    socket: WebSocket,
+    hub: Arc<Hub>,
+    cluster: Option<Arc<Cluster>>,
+    peer: SocketAddr,
+    shutdown: CancellationToken,
+) {
     let span = tracing::info_span!(
         "conn",
         %peer,
@@ -38,7 +45,7 @@ pub async fn run(socket: WebSocket, hub: Arc<Hub>, peer: SocketAddr, shutdown: C
     let metrics_hub = hub.clone();
     metrics_hub.metrics().connections.inc();
     metrics_hub.metrics().connections_opened.inc();
-    let why = Session::new(hub, span.clone(), peer.ip())
+    let why = Session::new(hub, span.clone(), peer.ip(), cluster)
         .serve(socket, shutdown)
         .instrument(span)
         .await;
@@ -46,7 +53,9 @@ pub async fn run(socket: WebSocket, hub: Arc<Hub>, peer: SocketAddr, shutdown: C
     metrics_hub.metrics().disconnect(why);
 }
 
-struct Session {
+/// One connection's requests, whether its WebSocket is here or on another
+/// node that relays it (cluster mode, `crate::cluster`).
+pub(crate) struct Session {
     hub: Arc<Hub>,
     span: tracing::Span,
     /// The room this connection is in, and its id there.
@@ -54,16 +63,39 @@ struct Session {
     limiter: RateLimiter,
     /// The client's address.
     ip: IpAddr,
+    /// Cluster mode, where joins are placed before they are served.
+    cluster: Option<Arc<Cluster>>,
+    /// The connection's number and its room's node while its frames are
+    /// relayed to that node.
+    relay: Option<(u64, String)>,
 }
 
 /// What handling one frame asks the loop to do next.
-enum Next {
+pub(crate) enum Next {
     Continue,
     Close(Disconnect, u16, &'static str),
+    /// A `join` or `resume` to place in the cluster first.
+    Place(ClientMessage, Utf8Bytes),
+}
+
+/// How a connection's participant leaves when the connection ends.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Ending {
+    /// The server is closing the room.
+    Shutdown,
+    /// The client closed the connection: it leaves now.
+    Goodbye,
+    /// The connection dropped: kept for a `resume` when the server resumes.
+    Lost,
 }
 
 impl Session {
-    fn new(hub: Arc<Hub>, span: tracing::Span, ip: IpAddr) -> Session {
+    pub(crate) fn new(
+        hub: Arc<Hub>,
+        span: tracing::Span,
+        ip: IpAddr,
+        cluster: Option<Arc<Cluster>>,
+    ) -> Session {
         let limits = &hub.config().limits;
         let limiter = RateLimiter::new(
             limits.rate_per_sec,
@@ -76,11 +108,15 @@ impl Session {
             joined: None,
             limiter,
             ip,
+            cluster,
+            relay: None,
         }
     }
 
     async fn serve(mut self, socket: WebSocket, shutdown: CancellationToken) -> Disconnect {
         let (outbox, mut rx, kick) = Outbox::new();
+        // What the node relaying this connection's room says (cluster mode).
+        let (ctl_tx, mut ctl) = tokio::sync::mpsc::channel::<RelayCtl>(16);
         let (mut sink, mut stream) = socket.split();
         let ping_every = self.hub.config().ws_ping_interval;
         let timeout = self.hub.config().ws_timeout;
@@ -98,8 +134,12 @@ impl Session {
             tokio::select! {
                 biased;
                 () = shutdown.cancelled() => {
-                    self.hub.reply(&outbox, &ServerMessage::error(
-                        ErrorCode::RoomClosed, "the server is shutting down", None));
+                    // A relayed room lives on at its node: the client
+                    // reconnects (to another node) and resumes.
+                    if self.relay.is_none() {
+                        self.hub.reply(&outbox, &ServerMessage::error(
+                            ErrorCode::RoomClosed, "the server is shutting down", None));
+                    }
                     drain(&mut rx, &mut sink).await;
                     close(&mut sink, CLOSE_GOING_AWAY, "server shutting down").await;
                     break Disconnect::Shutdown;
@@ -120,6 +160,15 @@ impl Session {
                         Err(why) => break why,
                     }
                 }
+                Some(c) = ctl.recv() => {
+                    if let Some(next) = self.on_relay_ctl(&outbox, &ctl_tx, c).await {
+                        if let Next::Close(why, code, reason) = next {
+                            drain(&mut rx, &mut sink).await;
+                            close(&mut sink, code, reason).await;
+                            break why;
+                        }
+                    }
+                }
                 frame = stream.next() => {
                     let Some(Ok(frame)) = frame else {
                         // `Err` is a WebSocket protocol error or a frame over the
@@ -128,7 +177,7 @@ impl Session {
                     };
                     last_rx = Instant::now();
                     let next = match frame {
-                        Message::Text(text) => self.on_text(&outbox, &text),
+                        Message::Text(text) => self.on_text_here(&outbox, &ctl_tx, text).await,
                         Message::Binary(_) => self.on_binary(&outbox),
                         // Control frames count against the same limit: the
                         // library answers each ping with a pong, so an
@@ -160,18 +209,164 @@ impl Session {
                 }
             }
         };
-        if let Some((room, id)) = self.joined.take() {
-            if why == Disconnect::Shutdown {
-                self.hub.leave(&room, &id, Departure::ServerClosing);
-            } else if said_goodbye {
-                self.hub.leave(&room, &id, Departure::Vanished);
-            } else {
-                // Parked for a `resume` if the server resumes; else a `bye`.
-                self.hub.connection_lost(&room, &id, &outbox);
+        if let Some((n, owner)) = self.relay.take() {
+            if let Some(cluster) = &self.cluster {
+                cluster.end_relay(n, &owner, Some(said_goodbye));
             }
         }
+        let ending = if why == Disconnect::Shutdown {
+            Ending::Shutdown
+        } else if said_goodbye {
+            Ending::Goodbye
+        } else {
+            Ending::Lost
+        };
+        self.depart(&outbox, ending);
         tracing::debug!(reason = why.as_str(), "disconnected");
         why
+    }
+
+    /// The participant's departure when its connection ends.
+    pub(crate) fn depart(&mut self, outbox: &Outbox, ending: Ending) {
+        if let Some((room, id)) = self.joined.take() {
+            match ending {
+                Ending::Shutdown => self.hub.leave(&room, &id, Departure::ServerClosing),
+                Ending::Goodbye => self.hub.leave(&room, &id, Departure::Vanished),
+                // Parked for a `resume` if the server resumes; else a `bye`.
+                Ending::Lost => self.hub.connection_lost(&room, &id, outbox),
+            }
+        }
+    }
+
+    /// Whether the connection is in a room now.
+    pub(crate) fn in_room(&mut self) -> bool {
+        self.forget_if_gone();
+        self.joined.is_some()
+    }
+
+    /// Whether this connection's participant now lives on another connection.
+    pub(crate) fn replaced(&self, outbox: &Outbox) -> bool {
+        self.joined
+            .as_ref()
+            .is_some_and(|(_, id)| !self.hub.holds(id, outbox))
+    }
+
+    pub(crate) fn reply(&self, outbox: &Outbox, msg: &ServerMessage) {
+        self.hub.reply(outbox, msg);
+    }
+
+    /// A text frame from this node's own WebSocket: relayed to its room's
+    /// node, placed in the cluster, or handled here.
+    async fn on_text_here(
+        &mut self,
+        outbox: &Outbox,
+        ctl: &tokio::sync::mpsc::Sender<RelayCtl>,
+        text: Utf8Bytes,
+    ) -> Next {
+        if let (Some((n, owner)), Some(cluster)) = (self.relay.clone(), self.cluster.clone()) {
+            if let Some(next) = self.rate_limit(outbox) {
+                return next;
+            }
+            if !cluster.forward(n, &owner, text.as_str()) {
+                self.error(
+                    outbox,
+                    ErrorCode::Unavailable,
+                    "the room's node cannot be reached now; try again",
+                    None,
+                );
+            }
+            return Next::Continue;
+        }
+        match self.on_text(outbox, &text) {
+            Next::Place(msg, text) => {
+                self.place(outbox, ctl, msg, text).await;
+                Next::Continue
+            }
+            next => next,
+        }
+    }
+
+    /// Serves a `join` or `resume` here or relays it to the node that owns
+    /// (or gets) its room.
+    async fn place(
+        &mut self,
+        outbox: &Outbox,
+        ctl: &tokio::sync::mpsc::Sender<RelayCtl>,
+        msg: ClientMessage,
+        text: Utf8Bytes,
+    ) {
+        let Some(cluster) = self.cluster.clone() else {
+            return self.on_message(outbox, msg);
+        };
+        let ty = msg.type_name();
+        let (room, lookup_only) = match &msg {
+            ClientMessage::Join(j) => (j.room.clone(), false),
+            ClientMessage::Resume(r) => (r.room.clone(), true),
+            _ => return self.on_message(outbox, msg),
+        };
+        match cluster.place(&room, lookup_only).await {
+            Placed::Local => self.on_message(outbox, msg),
+            Placed::Remote(owner) => {
+                match cluster.open_relay(&owner, outbox, ctl.clone(), self.ip, text.as_str()) {
+                    Some(n) => {
+                        self.span.record("room", room.as_str());
+                        tracing::info!(node = %owner, "relaying to the room's node");
+                        self.relay = Some((n, owner));
+                    }
+                    None => self.error(
+                        outbox,
+                        ErrorCode::Unavailable,
+                        "the room's node cannot be reached now; try again",
+                        Some(ty),
+                    ),
+                }
+            }
+            Placed::Unavailable(why) => self.error(outbox, ErrorCode::Unavailable, why, Some(ty)),
+        }
+    }
+
+    /// What the room's node says about this relayed connection.
+    async fn on_relay_ctl(
+        &mut self,
+        outbox: &Outbox,
+        ctl_tx: &tokio::sync::mpsc::Sender<RelayCtl>,
+        ctl: RelayCtl,
+    ) -> Option<Next> {
+        let (n, owner) = self.relay.take()?;
+        let cluster = self.cluster.clone()?;
+        match ctl {
+            RelayCtl::End => {
+                cluster.end_relay(n, &owner, None);
+                self.span.record("room", "");
+                None
+            }
+            RelayCtl::Bounce(text) => {
+                cluster.end_relay(n, &owner, None);
+                Some(self.on_text_here(outbox, ctl_tx, text).await)
+            }
+            RelayCtl::Closed(why) => {
+                cluster.end_relay(n, &owner, None);
+                tracing::info!(%why, "the room's node closed this connection");
+                Some(if why == "resumed on another connection" {
+                    Next::Close(
+                        Disconnect::Replaced,
+                        CLOSE_POLICY,
+                        "resumed on another connection",
+                    )
+                } else {
+                    Next::Close(Disconnect::SlowConsumer, CLOSE_POLICY, "too slow")
+                })
+            }
+            RelayCtl::OwnerLost => {
+                cluster.end_relay(n, &owner, None);
+                tracing::warn!(node = %owner, "the room's node died");
+                self.hub.reply(
+                    outbox,
+                    &ServerMessage::room_lost("the node hosting this room stopped; join again"),
+                );
+                None
+            }
+        }
     }
 
     fn on_binary(&mut self, outbox: &Outbox) -> Next {
@@ -188,7 +383,7 @@ impl Session {
         Next::Continue
     }
 
-    fn on_text(&mut self, outbox: &Outbox, text: &Utf8Bytes) -> Next {
+    pub(crate) fn on_text(&mut self, outbox: &Outbox, text: &Utf8Bytes) -> Next {
         if let Some(next) = self.rate_limit(outbox) {
             return next;
         }
@@ -202,6 +397,12 @@ impl Session {
             }
         };
         self.hub.metrics().received(Some(msg.type_name()));
+        if self.cluster.is_some()
+            && matches!(msg, ClientMessage::Join(_) | ClientMessage::Resume(_))
+            && !self.in_room()
+        {
+            return Next::Place(msg, text.clone());
+        }
         self.on_message(outbox, msg);
         Next::Continue
     }

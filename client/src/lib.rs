@@ -182,8 +182,9 @@ pub enum Event {
     /// `resumed`: the signaling connection is back, same id.
     Resumed(Joined),
     /// The server no longer knew us (`resume-failed`: it restarted, or the
-    /// window passed): the client joined the room again by itself, with a
-    /// new id (this `joined`), and reconnects its media.
+    /// window passed), or our room's node died (`room-closed` with
+    /// `rejoin`, cluster mode): the client joined the room again by itself,
+    /// with a new id (this `joined`), and reconnects its media.
     Rejoined(Joined),
     /// The task ended (signaling closed for good, not admitted again after
     /// `resume-failed`, or left).
@@ -700,7 +701,11 @@ impl Task {
                                 attempts = 0;
                                 let _ = self.events.send(Event::Resumed(j));
                             }
-                            Ok(ServerMessage::Error(e)) if e.code == switchboard_proto::ErrorCode::ResumeFailed => {
+                            Ok(ServerMessage::Error(e)) if e.code == switchboard_proto::ErrorCode::ResumeFailed
+                                || (e.code == switchboard_proto::ErrorCode::RoomClosed && e.rejoin) => {
+                                // `room-closed` with `rejoin`: the room's node
+                                // died (cluster mode); joining again lands on a
+                                // live node.
                                 // The server no longer knows us (it restarted,
                                 // or the window passed): join afresh, and
                                 // connect media again once admitted.

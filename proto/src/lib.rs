@@ -468,6 +468,11 @@ pub struct ErrorMessage {
     pub message: String,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub request: Option<String>,
+    /// `room-closed` because the node hosting the room died (cluster mode):
+    /// joining the same room again brings the participant back, on a live
+    /// node.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub rejoin: bool,
 }
 
 /// Every message the server may send.
@@ -512,6 +517,18 @@ impl ServerMessage {
             code,
             message: message.into(),
             request: request.map(str::to_owned),
+            rejoin: false,
+        })
+    }
+
+    /// `room-closed` for a room whose node died: the client should join
+    /// it again (it lands on a live node).
+    pub fn room_lost(message: impl Into<String>) -> Self {
+        ServerMessage::Error(ErrorMessage {
+            code: ErrorCode::RoomClosed,
+            message: message.into(),
+            request: None,
+            rejoin: true,
         })
     }
 

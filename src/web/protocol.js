@@ -159,6 +159,11 @@ export const OUT_FOR_GOOD = ['unauthorized', 'replaced', 'removed'];
 export function onError(msg) {
   const code = msg.code || 'error';
   if (code === 'resume-failed') { resumeFailed(); return; }
+  // Cluster mode: the node hosting the room died; the same join lands on a live node.
+  if (code === 'room-closed' && msg.rejoin === true && S.phase === 'in-room') {
+    resumeFailed('The server hosting this call stopped; joining the room again\u2026');
+    return;
+  }
   const why = msg.message || 'no details';
   const text = ACCESS_ERRORS[code] ? ACCESS_ERRORS[code](why) : `Error ${code}: ${why}`;
   notice(`error-${code}`, 'error', text);

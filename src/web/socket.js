@@ -131,14 +131,14 @@ function resumeLeft() {
 // `resume` was refused (too late, or the server restarted). The server
 // answered, so it is there; it just does not know us: drop the old calls
 // and join afresh on this connection, at once (no backoff).
-export function resumeFailed() {
+export function resumeFailed(text = 'The server no longer knew this call; joining the room again\u2026') {
   S.resuming = false;
   S.resumeToken = null;
   closeAllPeers();
   closeSfu();
   S.id = null;
   S.phase = 'reconnecting';
-  notice('ws', 'info', 'The server no longer knew this call; joining the room again\u2026');
+  notice('ws', 'info', text);
   if (!send(joinMessage())) onSocketLost({ code: 4001 });
 }
 
