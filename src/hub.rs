@@ -221,9 +221,11 @@ pub struct CreateRoom {
 pub const DEFAULT_EMPTY_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(300);
 
 /// What kind of client a connection is.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "kebab-case")]
 pub enum Client {
     /// The WebSocket protocol (`/ws`).
+    #[default]
     Protocol,
     /// A classic Socket.IO client, P2P until the room goes `sfu`.
     Classic,

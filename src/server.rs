@@ -380,6 +380,7 @@ fn router(state: AppState, with_ops: bool) -> Router {
         shutdown: state.shutdown.clone(),
         sessions: state.sessions.clone(),
         per_ip: state.ws_per_ip.clone(),
+        cluster: state.cluster.clone(),
     });
     let origins = Arc::new(state.hub.config().allowed_origins.clone());
     public

@@ -20,7 +20,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
 use crate::cluster::{Cluster, Placed, RelayCtl};
-use crate::hub::{Departure, Hub, JoinOutcome, Outbox};
+use crate::hub::{Client, Departure, Hub, JoinOutcome, Outbox};
 use crate::metrics::Disconnect;
 use crate::ratelimit::{RateLimiter, Verdict};
 
@@ -68,6 +68,9 @@ pub(crate) struct Session {
     /// The connection's number and its room's node while its frames are
     /// relayed to that node.
     relay: Option<(u64, String)>,
+    /// What client this is (a classic Socket.IO client relayed from
+    /// another node joins as one).
+    client: Client,
 }
 
 /// What handling one frame asks the loop to do next.
@@ -110,7 +113,14 @@ impl Session {
             ip,
             cluster,
             relay: None,
+            client: Client::Protocol,
         }
+    }
+
+    /// The same session for another kind of client.
+    pub(crate) fn with_client(mut self, client: Client) -> Session {
+        self.client = client;
+        self
     }
 
     async fn serve(mut self, socket: WebSocket, shutdown: CancellationToken) -> Disconnect {
@@ -161,12 +171,10 @@ impl Session {
                     }
                 }
                 Some(c) = ctl.recv() => {
-                    if let Some(next) = self.on_relay_ctl(&outbox, &ctl_tx, c).await {
-                        if let Next::Close(why, code, reason) = next {
-                            drain(&mut rx, &mut sink).await;
-                            close(&mut sink, code, reason).await;
-                            break why;
-                        }
+                    if let Some(Next::Close(why, code, reason)) = self.on_relay_ctl(&outbox, &ctl_tx, c).await {
+                        drain(&mut rx, &mut sink).await;
+                        close(&mut sink, code, reason).await;
+                        break why;
                     }
                 }
                 frame = stream.next() => {
@@ -307,7 +315,14 @@ impl Session {
         match cluster.place(&room, lookup_only).await {
             Placed::Local => self.on_message(outbox, msg),
             Placed::Remote(owner) => {
-                match cluster.open_relay(&owner, outbox, ctl.clone(), self.ip, text.as_str()) {
+                match cluster.open_relay(
+                    &owner,
+                    outbox,
+                    ctl.clone(),
+                    self.ip,
+                    text.as_str(),
+                    self.client,
+                ) {
                     Some(n) => {
                         self.span.record("room", room.as_str());
                         tracing::info!(node = %owner, "relaying to the room's node");
@@ -462,7 +477,9 @@ impl Session {
                     return;
                 }
                 let room = join.room.clone();
-                if let JoinOutcome::Joined(id) = self.hub.join(outbox, join, self.ip) {
+                if let JoinOutcome::Joined(id) =
+                    self.hub.join_as(outbox, join, self.ip, self.client)
+                {
                     self.span.record("room", room.as_str());
                     self.span.record("participant", id.as_str());
                     tracing::info!("joined");

@@ -37,13 +37,15 @@ use socketioxide::handler::ConnectHandler;
 use socketioxide::layer::SocketIoLayer;
 use socketioxide::SocketIo;
 use switchboard_proto::{
-    Join, MediaMode, ParticipantId, RequestedMode, RoomName, ServerMessage, SFU_PEER,
+    ClientMessage, Join, Leave, MediaMode, ParticipantId, RelayRequest, RequestedMode, RoomName,
+    ServerMessage, SFU_PEER,
 };
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::Instrument;
 
+use crate::cluster::{Cluster, Placed, RelayCtl};
 use crate::config::Relay;
 use crate::hub::{Client, Departure, Hub, JoinOutcome, Outbox};
 use crate::metrics::{ClassicDrop, Disconnect, Limit};
@@ -70,6 +72,8 @@ pub struct Shared {
     pub sessions: TaskTracker,
     /// Signaling connections per address, shared with `/ws`.
     pub per_ip: Arc<PerIp>,
+    /// Cluster mode: joins are placed, and relayed to the room's node.
+    pub cluster: Option<Arc<Cluster>>,
 }
 
 /// The Socket.IO layer for the public router (Engine.IO 3 and 4, so
@@ -303,10 +307,17 @@ fn on_connect(socket: SocketRef, shared: Shared) -> Result<(), Refused> {
     let task = async move {
         let _slot = slot;
         hub.metrics().socketio_connections.inc();
-        let why = Classic::new(hub.clone(), socket, peer, token, span.clone())
-            .serve(rx, gone, flood, shared.shutdown)
-            .instrument(span)
-            .await;
+        let why = Classic::new(
+            hub.clone(),
+            socket,
+            peer,
+            token,
+            span.clone(),
+            shared.cluster,
+        )
+        .serve(rx, gone, flood, shared.shutdown)
+        .instrument(span)
+        .await;
         hub.metrics().socketio_connections.dec();
         tracing::debug!(reason = why.as_str(), "classic client gone");
     };
@@ -329,6 +340,15 @@ struct Classic {
     peers: Vec<ParticipantId>,
     /// The room of its last join, for a refusal that comes as an `error`.
     last_join: Option<RoomName>,
+    /// Cluster mode.
+    cluster: Option<Arc<Cluster>>,
+    /// The connection's number and its room's node while its room is on
+    /// another node: its events go there as the protocol's messages, and
+    /// the hub's messages come back.
+    relay: Option<(u64, String)>,
+    /// Joining again by itself after its room's node died: the client
+    /// already had its `joined`.
+    rejoining: bool,
 }
 
 impl Classic {
@@ -338,6 +358,7 @@ impl Classic {
         peer: SocketAddr,
         token: Option<String>,
         span: tracing::Span,
+        cluster: Option<Arc<Cluster>>,
     ) -> Classic {
         Classic {
             hub,
@@ -349,6 +370,9 @@ impl Classic {
             relayed: false,
             peers: Vec::new(),
             last_join: None,
+            cluster,
+            relay: None,
+            rejoining: false,
         }
     }
 
@@ -364,6 +388,8 @@ impl Classic {
         shutdown: CancellationToken,
     ) -> Disconnect {
         let (outbox, mut rx, kick) = Outbox::new();
+        // What the room's node says about the relay (cluster mode).
+        let (ctl_tx, mut ctl) = mpsc::channel::<RelayCtl>(16);
         let why = loop {
             tokio::select! {
                 biased;
@@ -382,9 +408,21 @@ impl Classic {
                         break why;
                     }
                 }
-                Some(event) = events.recv() => self.on_event(&outbox, event),
+                Some(c) = ctl.recv() => {
+                    if let Err(why) = self.on_relay_ctl(&outbox, &ctl_tx, c).await {
+                        break why;
+                    }
+                }
+                Some(event) = events.recv() => self.on_event(&outbox, &ctl_tx, event).await,
             }
         };
+        if let Some((n, owner)) = self.relay.take() {
+            // Classic clients never resume: gone is gone.
+            self.joined = None;
+            if let Some(cluster) = &self.cluster {
+                cluster.end_relay(n, &owner, Some(true));
+            }
+        }
         if let Some((room, id)) = self.joined.take() {
             let how = if why == Disconnect::Shutdown {
                 Departure::ServerClosing
@@ -401,9 +439,12 @@ impl Classic {
 
     // -- classic events in ----------------------------------------------------
 
-    fn on_event(&mut self, outbox: &Outbox, event: Event) {
+    async fn on_event(&mut self, outbox: &Outbox, ctl: &mpsc::Sender<RelayCtl>, event: Event) {
         let hub = self.hub.clone();
         let metrics = hub.metrics();
+        if self.relay.is_some() {
+            return self.on_event_relayed(event);
+        }
         match event {
             Event::Bad(why) => {
                 tracing::debug!(reason = why.as_str(), "ignored a classic event");
@@ -433,6 +474,32 @@ impl Classic {
                     mode: Some(mode),
                     audio: None,
                 };
+                if let Some(cluster) = self.cluster.clone() {
+                    match cluster.place(&room, false).await {
+                        Placed::Local => {}
+                        Placed::Remote(owner) => {
+                            let text = serde_json::to_string(&ClientMessage::Join(req))
+                                .unwrap_or_default();
+                            let ip = self.peer.ip();
+                            match cluster.open_relay(&owner, outbox, ctl.clone(), ip, &text, client)
+                            {
+                                Some(n) => {
+                                    self.span.record("room", room.as_str());
+                                    tracing::info!(node = %owner, "relaying the classic client to the room's node");
+                                    self.relay = Some((n, owner));
+                                }
+                                None => self.refuse_join(),
+                            }
+                            return;
+                        }
+                        Placed::Unavailable(why) => {
+                            tracing::debug!(why, "classic join not placed");
+                            metrics.classic_dropped(ClassicDrop::Refused);
+                            self.refuse_join();
+                            return;
+                        }
+                    }
+                }
                 if let JoinOutcome::Joined(id) =
                     self.hub.join_as(outbox, req, self.peer.ip(), client)
                 {
@@ -476,6 +543,148 @@ impl Classic {
         }
     }
 
+    /// A classic event while the room is on another node: the protocol's
+    /// message for it, relayed there (the room's node runs the checks and
+    /// the hub calls; its answers come back through the outbox).
+    fn on_event_relayed(&mut self, event: Event) {
+        let hub = self.hub.clone();
+        let metrics = hub.metrics();
+        let msg = match event {
+            Event::Bad(why) => {
+                tracing::debug!(reason = why.as_str(), "ignored a classic event");
+                metrics.classic_dropped(why);
+                return;
+            }
+            Event::Join(room) => {
+                metrics.received(Some("join"));
+                // Left, and its node has not said `end` yet: the room's
+                // node bounces the join back, and it is placed here afresh.
+                match (self.joined.is_none(), room_name(&room)) {
+                    (true, Some(room)) => ClientMessage::Join(Join {
+                        room,
+                        name: String::new(),
+                        token: None,
+                        mode: None,
+                        audio: None,
+                    }),
+                    // In a room already (or joining): as locally, not acted on.
+                    _ => {
+                        metrics.classic_dropped(ClassicDrop::WrongRoom);
+                        return;
+                    }
+                }
+            }
+            Event::Leave(room) => {
+                metrics.received(Some("leave"));
+                let Some((room, _)) = self.my_room(&room) else {
+                    metrics.classic_dropped(ClassicDrop::WrongRoom);
+                    return;
+                };
+                self.joined = None;
+                self.relayed = false;
+                self.peers.clear();
+                ClientMessage::Leave(Leave { room })
+            }
+            Event::Message(room, data) => {
+                metrics.received(Some("message"));
+                let Some((room, _)) = self.my_room(&room) else {
+                    metrics.classic_dropped(ClassicDrop::WrongRoom);
+                    return;
+                };
+                let size = serde_json::to_string(&data).map_or(usize::MAX, |s| s.len());
+                if size > self.hub.config().limits.max_frame_bytes {
+                    metrics.classic_dropped(ClassicDrop::TooLarge);
+                    return;
+                }
+                ClientMessage::Message(RelayRequest {
+                    room,
+                    to: self.relayed.then(|| SFU_PEER.to_owned()),
+                    data,
+                })
+            }
+        };
+        let (Some((n, owner)), Some(cluster)) = (&self.relay, &self.cluster) else {
+            return;
+        };
+        let text = serde_json::to_string(&msg).unwrap_or_default();
+        if !cluster.forward(*n, owner, &text) {
+            metrics.classic_dropped(ClassicDrop::Refused);
+        }
+    }
+
+    /// What the room's node says about this relayed classic client.
+    async fn on_relay_ctl(
+        &mut self,
+        outbox: &Outbox,
+        ctl_tx: &mpsc::Sender<RelayCtl>,
+        ctl: RelayCtl,
+    ) -> Result<(), Disconnect> {
+        let Some((n, owner)) = self.relay.take() else {
+            return Ok(());
+        };
+        let Some(cluster) = self.cluster.clone() else {
+            return Ok(());
+        };
+        cluster.end_relay(n, &owner, None);
+        match ctl {
+            RelayCtl::End => {
+                // Out of the room on its node (left, refused, removed).
+                self.joined = None;
+                self.relayed = false;
+                self.peers.clear();
+                Ok(())
+            }
+            RelayCtl::Bounce(text) => {
+                self.joined = None;
+                let event = match serde_json::from_str::<ClientMessage>(&text) {
+                    Ok(ClientMessage::Join(j)) => Event::Join(Value::from(j.room.as_str())),
+                    Ok(ClientMessage::Leave(l)) => Event::Leave(Value::from(l.room.as_str())),
+                    Ok(ClientMessage::Message(m)) => {
+                        Event::Message(Value::from(m.room.as_str()), m.data)
+                    }
+                    _ => return Ok(()),
+                };
+                Box::pin(self.on_event(outbox, ctl_tx, event)).await;
+                Ok(())
+            }
+            RelayCtl::Closed(why) => {
+                tracing::info!(%why, "the room's node closed this classic client");
+                Err(Disconnect::SlowConsumer)
+            }
+            RelayCtl::OwnerLost => {
+                // Its peer (the server) is gone: `bye`, then the same room
+                // joined again, on a live node; the client offers to the new
+                // `otherjoin(room, "sfu")` as to anyone who came in.
+                let Some((room, _)) = self.joined.take() else {
+                    return Ok(());
+                };
+                tracing::warn!(node = %owner, "the classic client's room node died; joining again");
+                if self.relayed {
+                    self.emit("bye", (room.as_str(), SFU_PEER))?;
+                }
+                for p in std::mem::take(&mut self.peers) {
+                    self.emit("bye", (room.as_str(), p.as_str()))?;
+                }
+                self.relayed = false;
+                self.rejoining = true;
+                Box::pin(self.on_event(outbox, ctl_tx, Event::Join(Value::from(room.as_str()))))
+                    .await;
+                Ok(())
+            }
+        }
+    }
+
+    /// A join that cannot be served now: `full`, as the classic server
+    /// said when it could not take someone.
+    fn refuse_join(&mut self) {
+        if let Some(room) = self.last_join.take() {
+            if !self.rejoining {
+                let _ = self.emit("full", (room.as_str(), self.socket.id.to_string()));
+            }
+        }
+        self.rejoining = false;
+    }
+
     /// The connection's room and id, when `named` is that room.
     fn my_room(&mut self, named: &Value) -> Option<(RoomName, ParticipantId)> {
         self.forget_if_gone();
@@ -489,6 +698,11 @@ impl Classic {
     /// Forgets the room when this participant is no longer in it (replaced
     /// or removed by an administrator).
     fn forget_if_gone(&mut self) {
+        // A relayed room is on another node, which ends the relay when the
+        // client is no longer in it.
+        if self.relay.is_some() {
+            return;
+        }
         if let Some((room, id)) = &self.joined {
             if !self.hub.is_member(room, id) {
                 self.joined = None;
@@ -511,8 +725,15 @@ impl Classic {
         };
         match msg {
             ServerMessage::Joined(j) => {
+                if self.relay.is_some() {
+                    self.span.record("participant", j.id.as_str());
+                    self.joined = Some((j.room.clone(), j.id.clone()));
+                }
                 // (With `never`, a room in `sfu` refused the join: `full`.)
-                self.emit("joined", (j.room.as_str(), j.id.as_str()))?;
+                // Joined again after its room's node died: it knew already.
+                if !std::mem::take(&mut self.rejoining) {
+                    self.emit("joined", (j.room.as_str(), j.id.as_str()))?;
+                }
                 match j.mode {
                     MediaMode::Sfu => self.start_relay(&j.room)?,
                     MediaMode::P2p => {
@@ -560,9 +781,7 @@ impl Classic {
                 // A join refused for its token or a draining server: not
                 // admitted, which a classic client knows as `full`.
                 if e.request.as_deref() == Some("join") {
-                    if let Some(room) = self.last_join.take() {
-                        self.emit("full", (room.as_str(), self.socket.id.to_string()))?;
-                    }
+                    self.refuse_join();
                 }
             }
             // Classic clients never resume (no `resume` event).

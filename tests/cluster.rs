@@ -15,10 +15,13 @@ use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+use common::classic::Raw;
 use common::media::{parse, payload, until_connected};
 use common::{metric, Client as WsClient, WAIT};
 use serde_json::json;
 use switchboard_client::{Client, Event, JoinOptions, Kind};
+
+const ADMIN_TOKEN: &str = "cluster-test-admin-token";
 
 /// A port free on 127.0.0.1 for TCP and UDP right now.
 fn free_port() -> u16 {
@@ -119,6 +122,7 @@ impl Node {
             .args(["serve", "--listen", &format!("127.0.0.1:{http}")])
             .args(["--rtc-ip", "127.0.0.1", "--rtc-port", &media.to_string()])
             .args(["--redis-url", &redis.url(), "--node-id", id])
+            .args(["--admin-token", ADMIN_TOKEN])
             .args(["--log", "info,rtc=error"])
             .env("NO_COLOR", "1")
             .stdout(Stdio::null())
@@ -583,4 +587,122 @@ async fn stale_claims_are_taken_over_and_garbage_on_the_relay_is_dropped() {
     // The member of the room is unharmed and nothing reached it.
     c.send(json!({"type":"ping","id":2})).await;
     assert_eq!(c.expect("pong").await["id"], 2);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_draining_node_takes_no_new_rooms() {
+    let (redis, nodes) = cluster(&["node-a", "node-b"]).await;
+    let (a, b) = (&nodes[0], &nodes[1]);
+    // node-a holds a call, so its drain lasts (and node-a stays up).
+    let mut stay = WsClient::connect_url(&a.ws(), "kim").await;
+    stay.join("stay", json!({})).await;
+    assert_eq!(owner(&redis, "stay"), "node-a");
+    // Make node-b the busier node, so only the drain keeps rooms off
+    // node-a (the room put there by hand: views of load lag a keepalive).
+    redis.cli(&["SET", "sb:room:busy", "node-b", "PX", "60000"]);
+    let mut busy = Vec::new();
+    for name in ["b1", "b2", "b3"] {
+        let mut c = WsClient::connect_url(&b.ws(), name).await;
+        c.join("busy", json!({})).await;
+        busy.push(c);
+    }
+    assert_eq!(owner(&redis, "busy"), "node-b");
+
+    let (status, _, _) = common::raw_http(
+        format!("127.0.0.1:{}", a.http).parse().expect("addr"),
+        &format!(
+            "POST /admin/drain HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {ADMIN_TOKEN}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+        ),
+    )
+    .await;
+    assert_eq!(status, 202);
+    // Redis says so first (the announcement goes out at once) ...
+    let deadline = Instant::now() + WAIT;
+    while !redis
+        .cli(&["GET", "sb:node:node-a"])
+        .contains(r#""draining":true"#)
+    {
+        assert!(
+            Instant::now() < deadline,
+            "node-a never announced its drain"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    a.until_ready(false).await;
+    // ... and a new room asked of node-a itself goes to node-b, relayed.
+    let mut newcomer = WsClient::connect_url(&a.ws(), "lou").await;
+    newcomer.join("after-drain", json!({})).await;
+    assert_eq!(owner(&redis, "after-drain"), "node-b");
+    // The call on node-a goes on.
+    stay.send(json!({"type":"ping","id":3})).await;
+    assert_eq!(stay.expect("pong").await["id"], 3);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn classic_clients_reach_the_rooms_node_from_any_node_and_follow_it_when_it_dies() {
+    let (redis, mut nodes) = cluster(&["node-a", "node-b"]).await;
+    let b_addr = format!("127.0.0.1:{}", nodes[1].http);
+    // A classic client (socket.io-client 2.x's revision) on node-b; its
+    // room goes to node-a, so its events are relayed there.
+    let mut old = Raw::connect_to(&b_addr, 3, "old").await;
+    old.emit(json!(["join", 4242])).await;
+    let joined = old.expect("joined").await;
+    assert_eq!(joined[0], "4242");
+    let old_id = joined[1].as_str().expect("id").to_owned();
+    assert_eq!(owner(&redis, "4242"), "node-a");
+
+    // A /ws client on node-a: an ordinary room mate, both ways.
+    let mut ws = WsClient::connect_url(&nodes[0].ws(), "ws").await;
+    let j = ws.join("4242", json!({})).await;
+    assert_eq!(j["peers"][0]["id"], old_id.as_str());
+    let ws_id = common::id_of(&j);
+    assert_eq!(
+        old.expect("otherjoin").await,
+        vec![json!("4242"), json!(ws_id)]
+    );
+    let offer = json!({"type":"offer","sdp":"v=0\r\n"});
+    old.emit(json!(["message", "4242", offer])).await;
+    let m = ws.expect("message").await;
+    assert_eq!(
+        (m["from"].as_str(), &m["data"]),
+        (Some(old_id.as_str()), &offer)
+    );
+    let cand = json!({"type":"candidate","label":0,"id":"0","candidate":"candidate:1 1 udp 1 127.0.0.1 9 typ host"});
+    ws.send(json!({"type":"message","room":"4242","data": cand}))
+        .await;
+    assert_eq!(old.expect("message").await, vec![json!("4242"), cand]);
+
+    // A third joiner (on node-b too): the room goes `sfu`, and the classic
+    // client is moved to the server as on one node: bye, otherjoin "sfu".
+    let mut third = WsClient::connect_url(&nodes[1].ws(), "third").await;
+    third.join("4242", json!({})).await;
+    assert_eq!(old.expect("bye").await[1], ws_id.as_str());
+    assert_eq!(
+        old.expect("otherjoin").await,
+        vec![json!("4242"), json!("sfu")]
+    );
+
+    // node-a dies. The classic client has no error event: its peer (the
+    // server) says `bye`, its node joins the room again for it, on node-b.
+    nodes[0].kill();
+    assert_eq!(old.expect("bye").await, vec![json!("4242"), json!("sfu")]);
+    // The /ws client on node-b is told to rejoin, does, and the classic
+    // client sees it come in (two again: P2P).
+    // (After what the room said before: its move to `sfu`, the server's
+    // offer to it.)
+    let lost = loop {
+        let m = third.recv().await;
+        if m["type"] == "error" {
+            break m;
+        }
+    };
+    assert_eq!(lost["code"], "room-closed");
+    assert_eq!(lost["rejoin"], true);
+    let again = third.join("4242", json!({})).await;
+    assert_eq!(owner(&redis, "4242"), "node-b");
+    assert_eq!(
+        old.expect("otherjoin").await,
+        vec![json!("4242"), json!(common::id_of(&again))]
+    );
+    old.expect_quiet().await;
 }

@@ -42,17 +42,15 @@ pub fn relay_channel(node: &str) -> String {
 /// KEYS[1] room key; ARGV: candidate ('' to look up only), claim TTL in ms,
 /// node key prefix. Returns {outcome, owner}: `existing` (a live node owns
 /// it), `new` (claimed for the candidate), `takeover` (its owner was dead;
-/// now the candidate's), `none` (look-up only, no live owner).
+/// now the candidate's), `none` (look-up only, no live owner), `stale` (the
+/// candidate itself is dead: the caller's view of the nodes is out of date).
 const PLACE: &str = r"
 local cur = redis.call('GET', KEYS[1])
-if cur then
-  if redis.call('EXISTS', ARGV[3] .. cur) == 1 then return {'existing', cur} end
-  if ARGV[1] == '' then return {'none', ''} end
-  redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
-  return {'takeover', ARGV[1]}
-end
+if cur and redis.call('EXISTS', ARGV[3] .. cur) == 1 then return {'existing', cur} end
 if ARGV[1] == '' then return {'none', ''} end
+if redis.call('EXISTS', ARGV[3] .. ARGV[1]) == 0 then return {'stale', ARGV[1]} end
 redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
+if cur then return {'takeover', ARGV[1]} end
 return {'new', ARGV[1]}
 ";
 
@@ -91,6 +89,8 @@ pub enum Found {
     TakenOver(String),
     /// Look-up only: no live node owns the room.
     Nobody,
+    /// The candidate is dead (its registration expired).
+    Stale(String),
 }
 
 pub struct Directory {
@@ -130,6 +130,7 @@ impl Directory {
             "existing" => Found::Existing(owner),
             "new" => Found::Claimed(owner),
             "takeover" => Found::TakenOver(owner),
+            "stale" => Found::Stale(owner),
             _ => Found::Nobody,
         })
     }

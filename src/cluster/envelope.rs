@@ -12,6 +12,12 @@ use std::net::IpAddr;
 
 use serde::{Deserialize, Serialize};
 
+use crate::hub::Client;
+
+fn is_protocol(kind: &Client) -> bool {
+    *kind == Client::Protocol
+}
+
 /// The largest envelope a node reads: a client frame may be up to four
 /// times `--max-frame-bytes` before the WebSocket layer refuses it; the
 /// rest is the envelope's own fields.
@@ -23,8 +29,16 @@ pub fn max_envelope_bytes(max_frame_bytes: usize) -> usize {
 #[serde(tag = "k", rename_all = "lowercase", deny_unknown_fields)]
 pub enum Envelope {
     /// Origin → owner: a new relayed connection and its first frame (the
-    /// `join` or `resume` the origin placed on the owner).
-    Open { c: String, ip: IpAddr, t: String },
+    /// `join` or `resume` the origin placed on the owner); `kind`: what
+    /// client it is (a classic Socket.IO client's frames are translated to
+    /// the protocol's by its origin).
+    Open {
+        c: String,
+        ip: IpAddr,
+        t: String,
+        #[serde(default, skip_serializing_if = "is_protocol")]
+        kind: Client,
+    },
     /// Origin → owner: one more frame from the client.
     Frame { c: String, t: String },
     /// Origin → owner: the client's WebSocket ended; `bye`: it said goodbye
@@ -97,6 +111,13 @@ mod tests {
                 c: conn_name("a", 1),
                 ip: "10.0.0.1".parse().unwrap_or_else(|_| unreachable!()),
                 t: r#"{"type":"join","room":"r"}"#.into(),
+                kind: Client::Protocol,
+            },
+            Envelope::Open {
+                c: conn_name("a", 2),
+                ip: "::1".parse().unwrap_or_else(|_| unreachable!()),
+                t: r#"{"type":"join","room":"r"}"#.into(),
+                kind: Client::ClassicRelayed,
             },
             Envelope::Frame {
                 c: "a#1".into(),

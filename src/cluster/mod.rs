@@ -38,7 +38,7 @@ use tokio::sync::{mpsc, Notify};
 use tokio_util::sync::CancellationToken;
 
 use crate::config::ClusterConfig;
-use crate::hub::{Hub, Outbox};
+use crate::hub::{Client, Hub, Outbox};
 use crate::metrics::{Metrics, Placement, RedisOp, RelayDirection, RelayDrop};
 use directory::{relay_channel, Directory, Found};
 use envelope::{conn_name, split_conn, Envelope};
@@ -197,26 +197,35 @@ impl Cluster {
             m.placed(Placement::Unavailable);
             return Placed::Unavailable("the room directory (Redis) cannot be reached; try again");
         };
-        let candidate = if lookup_only {
-            None
-        } else {
-            match self.candidate() {
-                Some(c) => Some(c),
-                None => {
-                    m.placed(Placement::Unavailable);
-                    return Placed::Unavailable("no node can take a new room now; try again");
+        // A candidate found dead is dropped from the view and the next
+        // one tried (a few times: each try is one round trip).
+        let mut found = None;
+        for _ in 0..3 {
+            let candidate = if lookup_only {
+                None
+            } else {
+                match self.candidate() {
+                    Some(c) => Some(c),
+                    None => {
+                        m.placed(Placement::Unavailable);
+                        return Placed::Unavailable("no node can take a new room now; try again");
+                    }
                 }
+            };
+            found = self
+                .timed(
+                    RedisOp::Place,
+                    self.dir
+                        .place(&mut conn, room.as_str(), candidate.as_deref()),
+                )
+                .await;
+            match &found {
+                Some(Found::Stale(dead)) => self.forget_node(dead),
+                _ => break,
             }
-        };
-        let found = self
-            .timed(
-                RedisOp::Place,
-                self.dir
-                    .place(&mut conn, room.as_str(), candidate.as_deref()),
-            )
-            .await;
+        }
         let (owner, outcome) = match found {
-            None => {
+            None | Some(Found::Stale(_)) => {
                 m.placed(Placement::Unavailable);
                 return Placed::Unavailable(
                     "the room directory (Redis) cannot be reached; try again",
@@ -275,6 +284,18 @@ impl Cluster {
         placement::choose(&view).map(|n| n.id.clone())
     }
 
+    /// Drops a dead node from the view of live nodes (until the next
+    /// keepalive reads them all again).
+    fn forget_node(&self, node: &str) {
+        if node == self.me {
+            return;
+        }
+        if let Ok(mut live) = self.live.lock() {
+            live.retain(|n| n.id != node);
+            self.metrics.cluster.nodes_live.set(live.len() as i64);
+        }
+    }
+
     /// Counts a room just placed on `node` in the local view, so the rooms
     /// placed before the next keepalive spread instead of piling onto the
     /// node that looked least loaded.
@@ -311,6 +332,8 @@ impl Cluster {
                 return;
             }
             let Some(mut conn) = self.connect().await else {
+                // Counted, so a node that never reached Redis shows too.
+                self.metrics.cluster.redis_error(RedisOp::Keepalive);
                 self.set_up(false);
                 tokio::select! {
                     () = self.shutdown.cancelled() => {}
@@ -339,6 +362,7 @@ impl Cluster {
                         tracing::warn!(%room, "another node claims a room this node holds");
                     }
                     let now: HashSet<String> = rooms.into_iter().collect();
+                    let owned = now.len();
                     let gone: Vec<String> = claimed.difference(&now).cloned().collect();
                     let released = gone.is_empty()
                         || self
@@ -353,7 +377,7 @@ impl Cluster {
                     };
                     let m = &self.metrics.cluster;
                     m.nodes_live.set(live.len() as i64);
-                    m.rooms_owned.set(claimed.len() as i64);
+                    m.rooms_owned.set(owned as i64);
                     if let Ok(mut l) = self.live.lock() {
                         *l = live;
                     }
@@ -507,7 +531,7 @@ impl Cluster {
         let node = node.to_owned();
         match env {
             // For the owner (this node): the client is elsewhere.
-            Envelope::Open { ip, t, .. } => relay::open(self, node, n, ip, t),
+            Envelope::Open { ip, t, kind, .. } => relay::open(self, node, n, ip, t, kind),
             Envelope::Frame { c, t } => relay::frame(self, (node, n), c, t),
             Envelope::Close { bye, .. } => relay::close(self, &(node, n), bye),
             // For the origin (this node): `node` must be this one.
@@ -552,6 +576,7 @@ impl Cluster {
         ctl: mpsc::Sender<RelayCtl>,
         ip: IpAddr,
         first: &str,
+        kind: Client,
     ) -> Option<u64> {
         let n = self.next_conn.fetch_add(1, Ordering::Relaxed);
         self.origin.insert(
@@ -566,6 +591,7 @@ impl Cluster {
             c: conn_name(&self.me, n),
             ip,
             t: first.to_owned(),
+            kind,
         };
         if self.send(owner, &env) {
             self.metrics.cluster.relayed(RelayDirection::ToOwner);
@@ -634,6 +660,7 @@ impl Cluster {
                     continue;
                 }
                 tracing::warn!(%node, "a node holding relayed connections died");
+                self.forget_node(node);
                 for link in self.origin.iter().filter(|l| l.owner == *node) {
                     if link.ctl.try_send(RelayCtl::OwnerLost).is_err() {
                         link.outbox.close();

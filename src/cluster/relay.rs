@@ -12,7 +12,7 @@ use tracing::Instrument;
 
 use super::envelope::{conn_name, Envelope};
 use super::Cluster;
-use crate::hub::Outbox;
+use crate::hub::{Client, Outbox};
 use crate::metrics::RelayDrop;
 use crate::session::{Ending, Next, Session};
 
@@ -48,7 +48,14 @@ pub(super) struct RemoteLink {
 type Key = (String, u64);
 
 /// `open`: a new relayed connection; runs its session here.
-pub(super) fn open(cluster: &Arc<Cluster>, origin: String, n: u64, ip: IpAddr, first: String) {
+pub(super) fn open(
+    cluster: &Arc<Cluster>,
+    origin: String,
+    n: u64,
+    ip: IpAddr,
+    first: String,
+    kind: Client,
+) {
     let key = (origin, n);
     if cluster.remote.contains_key(&key) {
         // A replayed `open`: the session exists; treat it as a frame.
@@ -65,14 +72,8 @@ pub(super) fn open(cluster: &Arc<Cluster>, origin: String, n: u64, ip: IpAddr, f
         room = tracing::field::Empty,
         participant = tracing::field::Empty
     );
-    let task = run(
-        cluster.clone(),
-        key,
-        ip,
-        Utf8Bytes::from(first),
-        rx,
-        span.clone(),
-    );
+    let first = Utf8Bytes::from(first);
+    let task = run(cluster.clone(), key, ip, kind, first, rx, span.clone());
     tokio::spawn(task.instrument(span));
 }
 
@@ -129,6 +130,7 @@ async fn run(
     cluster: Arc<Cluster>,
     key: Key,
     ip: IpAddr,
+    kind: Client,
     first: Utf8Bytes,
     mut inbox: mpsc::Receiver<RemoteIn>,
     span: tracing::Span,
@@ -136,7 +138,7 @@ async fn run(
     let c = conn_name(&key.0, key.1);
     let origin = key.0.clone();
     let (outbox, mut rx, kick) = Outbox::new();
-    let mut session = Session::new(cluster.hub.clone(), span, ip, None);
+    let mut session = Session::new(cluster.hub.clone(), span, ip, None).with_client(kind);
     let send = |env: Envelope| {
         cluster.send(&origin, &env);
     };

@@ -4,6 +4,7 @@
 #![allow(dead_code)]
 
 pub mod aiortc;
+pub mod classic;
 pub mod media;
 
 use std::sync::OnceLock;
