@@ -1,10 +1,14 @@
 //! The deployment files in `deploy/` against the real server: every metric
 //! the Grafana dashboard and the Prometheus alerts (and their unit tests)
-//! name is one the server exposes, the shipped TOML configs load with the
+//! name is one the server exposes, every series the dashboard and the
+//! alerts select has a sample on a fresh server's first scrape (no "No
+//! data" panel), the shipped TOML configs load with the
 //! server's own config loader, the probed HTTP paths answer, the stop
 //! timeouts outlast the drain, metrics are scraped from the
 //! `--metrics-listen` port (not the public one), and API keys come from the
-//! environment or a Secret. (`.ci/run` runs the external validators:
+//! environment or a Secret; the cluster setups (compose.cluster.yaml,
+//! Kubernetes) give each node its own id and ports and one Redis. (`.ci/run`
+//! runs the external validators:
 //! promtool, hadolint, docker compose config, kubernetes-validate,
 //! systemd-analyze.)
 
@@ -32,9 +36,24 @@ fn read(rel: &str) -> String {
 /// Every `switchboard_[a-z0-9_]+` token in a PromQL expression (or a Grafana
 /// `label_values(...)` query).
 fn metric_names(expr: &str) -> Vec<String> {
+    selectors(expr).into_iter().map(|s| s.name).collect()
+}
+
+/// A series selector: `name` or `name{label op "value", ...}`.
+#[derive(Debug)]
+struct Selector {
+    name: String,
+    /// `(label, op, value)`, the value unquoted and unescaped.
+    matchers: Vec<(String, String, String)>,
+    /// As written in the expression.
+    text: String,
+}
+
+/// Every selector of a `switchboard_*` metric in a PromQL expression.
+fn selectors(expr: &str) -> Vec<Selector> {
     const PREFIX: &str = "switchboard_";
     let bytes = expr.as_bytes();
-    let mut names = Vec::new();
+    let mut found = Vec::new();
     let mut i = 0;
     while let Some(off) = expr[i..].find(PREFIX) {
         let start = i + off;
@@ -50,12 +69,187 @@ fn metric_names(expr: &str) -> Vec<String> {
         {
             end += 1;
         }
-        if boundary && end > start + PREFIX.len() {
-            names.push(expr[start..end].to_owned());
+        let name_end = end;
+        let mut matchers = Vec::new();
+        if bytes.get(end) == Some(&b'{') {
+            let close = closing_brace(expr, end)
+                .unwrap_or_else(|| panic!("unclosed {{ after {} in {expr}", &expr[start..end]));
+            matchers = label_matchers(&expr[end + 1..close]);
+            end = close + 1;
+        }
+        if boundary && name_end > start + PREFIX.len() {
+            found.push(Selector {
+                name: expr[start..name_end].to_owned(),
+                matchers,
+                text: expr[start..end].to_owned(),
+            });
         }
         i = end;
     }
-    names
+    found
+}
+
+/// The index of the `}` closing the `{` at `open`, past quoted strings.
+fn closing_brace(text: &str, open: usize) -> Option<usize> {
+    let mut quote = None;
+    let mut escaped = false;
+    for (i, c) in text[open..].char_indices() {
+        match (quote, c) {
+            (Some(_), _) if escaped => escaped = false,
+            (Some(_), '\\') => escaped = true,
+            (Some(q), c) if c == q => quote = None,
+            (Some(_), _) => {}
+            (None, '"' | '\'') => quote = Some(c),
+            (None, '}') => return Some(open + i),
+            (None, _) => {}
+        }
+    }
+    None
+}
+
+/// The `label op "value"` items between a selector's braces (also the
+/// labels of an exposition sample, all `=`), values unquoted and unescaped.
+fn label_matchers(body: &str) -> Vec<(String, String, String)> {
+    let mut out = Vec::new();
+    let mut rest = body.trim_start();
+    while !rest.is_empty() {
+        let name_len = rest
+            .find(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
+            .unwrap_or(rest.len());
+        let name = rest[..name_len].to_owned();
+        rest = rest[name_len..].trim_start();
+        let op = ["=~", "!~", "!=", "="]
+            .into_iter()
+            .find(|op| rest.starts_with(op))
+            .unwrap_or_else(|| panic!("no matcher operator after {name:?} in {{{body}}}"));
+        rest = rest[op.len()..].trim_start();
+        let quote = rest
+            .chars()
+            .next()
+            .filter(|c| *c == '"' || *c == '\'')
+            .unwrap_or_else(|| panic!("unquoted value of {name:?} in {{{body}}}"));
+        let mut value = String::new();
+        let mut end = None;
+        let mut chars = rest.char_indices().skip(1);
+        while let Some((i, c)) = chars.next() {
+            match c {
+                '\\' => match chars.next() {
+                    Some((_, 'n')) => value.push('\n'),
+                    Some((_, e)) => value.push(e),
+                    None => {}
+                },
+                c if c == quote => {
+                    end = Some(i + 1);
+                    break;
+                }
+                c => value.push(c),
+            }
+        }
+        let end = end.unwrap_or_else(|| panic!("unterminated value of {name:?} in {{{body}}}"));
+        out.push((name, op.to_owned(), value));
+        rest = rest[end..].trim_start();
+        rest = rest.strip_prefix(',').unwrap_or(rest).trim_start();
+    }
+    out
+}
+
+/// Whether `value` matches a PromQL regex (anchored at both ends) made of
+/// literal alternatives, e.g. `51-100|101\+`. Any other regex syntax
+/// panics: extend this rather than let a selector pass unchecked.
+fn regex_matches(pattern: &str, value: &str) -> bool {
+    let mut alternatives = vec![String::new()];
+    let mut chars = pattern.chars();
+    while let Some(c) = chars.next() {
+        match c {
+            '\\' => {
+                let e = chars
+                    .next()
+                    .unwrap_or_else(|| panic!("regex {pattern:?} ends in a backslash"));
+                assert!(
+                    !e.is_ascii_alphanumeric(),
+                    "regex {pattern:?}: \\{e} is a class, not a literal; extend regex_matches"
+                );
+                alternatives.last_mut().expect("one").push(e);
+            }
+            '|' => alternatives.push(String::new()),
+            '.' | '*' | '+' | '?' | '(' | ')' | '[' | ']' | '{' | '}' | '^' | '$' => {
+                panic!("regex {pattern:?} is more than literal alternatives; extend regex_matches")
+            }
+            c => alternatives.last_mut().expect("one").push(c),
+        }
+    }
+    alternatives.iter().any(|a| a == value)
+}
+
+/// The samples of a Prometheus text exposition: name and labels.
+fn exposed_samples(text: &str) -> Vec<(String, BTreeMap<String, String>)> {
+    text.lines()
+        .filter(|l| !l.trim().is_empty() && !l.starts_with('#'))
+        .map(|line| {
+            let series = match line.rfind('}') {
+                Some(close) => &line[..=close],
+                None => line.split_whitespace().next().unwrap_or_default(),
+            };
+            match series.split_once('{') {
+                None => (series.to_owned(), BTreeMap::new()),
+                Some((name, labels)) => {
+                    let labels = label_matchers(labels.strip_suffix('}').unwrap_or(labels))
+                        .into_iter()
+                        .map(|(label, op, value)| {
+                            assert_eq!(op, "=", "exposition label {label} in {line}");
+                            (label, value)
+                        })
+                        .collect();
+                    (name.to_owned(), labels)
+                }
+            }
+        })
+        .collect()
+}
+
+/// Labels Prometheus adds to every series of a target (the dashboard's
+/// `$job` and `$instance` variables select on them): not in the exposition.
+const TARGET_LABELS: [&str; 2] = ["job", "instance"];
+
+/// Whether one sample has `selector`'s name and satisfies its matchers
+/// (`=`/`!=` on the value, absent labels being "", `=~`/`!~` anchored).
+fn selects(selector: &Selector, name: &str, labels: &BTreeMap<String, String>) -> bool {
+    selector.name == name
+        && selector.matchers.iter().all(|(label, op, want)| {
+            if TARGET_LABELS.contains(&label.as_str()) {
+                return true;
+            }
+            let have = labels.get(label).map(String::as_str).unwrap_or("");
+            match op.as_str() {
+                "=" => have == want,
+                "!=" => have != want,
+                "=~" => regex_matches(want, have),
+                "!~" => !regex_matches(want, have),
+                other => unreachable!("operator {other}"),
+            }
+        })
+}
+
+/// `(selector, expression)` for every selector in `exprs` that no sample
+/// satisfies; `checked` counts the selectors looked at.
+fn unselected(
+    exprs: &[String],
+    samples: &[(String, BTreeMap<String, String>)],
+    checked: &mut usize,
+) -> Vec<(String, String)> {
+    let mut missing = Vec::new();
+    for expr in exprs {
+        for selector in selectors(expr) {
+            *checked += 1;
+            if !samples
+                .iter()
+                .any(|(name, labels)| selects(&selector, name, labels))
+            {
+                missing.push((selector.text, expr.trim().to_owned()));
+            }
+        }
+    }
+    missing
 }
 
 /// The PromQL of a Grafana dashboard: every `expr` (panel queries, also in
@@ -157,36 +351,22 @@ fn unknown_names(
     unknown
 }
 
-/// The `/metrics` text once every family exists. `switchboard_media_dropped_total`
-/// has no series until the first drop, so one stray datagram to the media
-/// port makes one (reason `unclassified`), as on any server in the wild.
-async fn full_exposition(server: &switchboard::server::RunningServer) -> String {
-    let media = server.media_addr().expect("the media plane runs");
-    let socket = tokio::net::UdpSocket::bind("127.0.0.1:0")
-        .await
-        .expect("bind a UDP socket");
-    let deadline = tokio::time::Instant::now() + common::WAIT;
-    loop {
-        socket
-            .send_to(b"not a media packet", media)
-            .await
-            .expect("send a datagram to the media port");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-        let text = common::metrics(server).await;
-        if text.contains("\nswitchboard_media_dropped_total{") {
-            return text;
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "switchboard_media_dropped_total never appeared after datagrams to {media}"
-        );
-    }
+/// The PromQL of the dashboard (panel queries and variables) and of the
+/// alerts.
+fn dashboard_and_alert_exprs() -> (Vec<String>, Vec<String>) {
+    let dashboard: Value =
+        serde_json::from_str(&read("grafana/switchboard.json")).expect("dashboard is JSON");
+    let mut queries = Vec::new();
+    dashboard_queries(&dashboard, None, &mut queries);
+    (queries, yaml_values(&read("prometheus/alerts.yml"), "expr"))
 }
 
 #[tokio::test]
 async fn dashboard_and_alerts_use_only_exposed_metrics() {
     let server = common::server(ServeOptions::default()).await;
-    let families = exposed_families(&full_exposition(&server).await);
+    // The first scrape: every family exists from the start (see
+    // a_fresh_server_has_a_sample_for_every_selector below).
+    let families = exposed_families(&common::metrics(&server).await);
     assert!(
         families.len() >= 20,
         "suspiciously few metric families exposed: {families:?}"
@@ -194,10 +374,7 @@ async fn dashboard_and_alerts_use_only_exposed_metrics() {
 
     let mut unknown = Vec::new();
 
-    let dashboard: Value =
-        serde_json::from_str(&read("grafana/switchboard.json")).expect("dashboard is JSON");
-    let mut queries = Vec::new();
-    dashboard_queries(&dashboard, None, &mut queries);
+    let (queries, alerts) = dashboard_and_alert_exprs();
     let mut in_dashboard = BTreeSet::new();
     unknown.extend(unknown_names(
         "deploy/grafana/switchboard.json",
@@ -206,7 +383,6 @@ async fn dashboard_and_alerts_use_only_exposed_metrics() {
         &mut in_dashboard,
     ));
 
-    let alerts = yaml_values(&read("prometheus/alerts.yml"), "expr");
     let mut in_alerts = BTreeSet::new();
     unknown.extend(unknown_names(
         "deploy/prometheus/alerts.yml",
@@ -279,6 +455,105 @@ fn the_metric_check_catches_typos() {
     assert_eq!(yaml_values(yaml, "series"), ["switchboard_y{a=\"b\"}"]);
 }
 
+/// A fresh server, on its first scrape before any client or packet, has a
+/// sample for every series the dashboard and the alerts select: labelled
+/// families start with every known label value, so no panel says "No data"
+/// and no alert expression is empty until something happens.
+#[tokio::test]
+async fn a_fresh_server_has_a_sample_for_every_selector() {
+    let server = common::server(ServeOptions::default()).await;
+    let text = common::metrics(&server).await;
+    let samples = exposed_samples(&text);
+    let (queries, alerts) = dashboard_and_alert_exprs();
+    let mut checked = 0;
+    let mut missing = Vec::new();
+    for (file, exprs) in [
+        ("deploy/grafana/switchboard.json", &queries),
+        ("deploy/prometheus/alerts.yml", &alerts),
+    ] {
+        for (selector, expr) in unselected(exprs, &samples, &mut checked) {
+            missing.push(format!("{file}: {selector}   (in: {expr})"));
+        }
+    }
+    assert!(
+        missing.is_empty(),
+        "series with no sample on a fresh server (\"No data\"):\n  {}",
+        missing.join("\n  ")
+    );
+    assert!(
+        checked >= 60,
+        "only {checked} selectors found in the dashboard and the alerts"
+    );
+    // Labelled counters nothing has touched yet, and cluster mode's
+    // families on a single-node server.
+    for sample in [
+        "switchboard_media_dropped_total{reason=\"unknown-peer\"} 0",
+        "switchboard_media_dropped_total{reason=\"unclassified\"} 0",
+        "switchboard_rooms_by_participants{participants=\"101+\"} 0",
+        "switchboard_resumes_total{result=\"expired\"} 0",
+        "switchboard_media_connection_transitions_total{to=\"failed\"} 0",
+        "switchboard_cluster_redis_up 0",
+        "switchboard_cluster_nodes_live 0",
+        "switchboard_cluster_placements_total{outcome=\"unavailable\"} 0",
+        "switchboard_cluster_redis_seconds_count{op=\"keepalive\"} 0",
+    ] {
+        assert!(
+            text.lines().any(|l| l == sample),
+            "no `{sample}` on the first scrape"
+        );
+    }
+}
+
+#[test]
+fn the_series_check_catches_missing_label_values() {
+    let samples = exposed_samples(
+        "# TYPE switchboard_a counter\n\
+         switchboard_a{reason=\"x\",kind=\"k, \\\"1\\\"\"} 0\n\
+         switchboard_b 3\n\
+         switchboard_h_bucket{op=\"place\",le=\"+Inf\"} 0\n",
+    );
+    assert_eq!(samples.len(), 3);
+    assert_eq!(samples[0].1["kind"], "k, \"1\"");
+    let exprs: Vec<String> = [
+        // Present: target labels are not checked, the rest are.
+        "sum(rate(switchboard_a{instance=~\"$instance\", reason=\"x\"}[5m]))",
+        "switchboard_a{reason=~\"y|x\"} + switchboard_b + switchboard_a{reason!=\"y\"}",
+        "histogram_quantile(0.99, sum by (le) (rate(switchboard_h_bucket{op=\"place\"}[1m])))",
+        "switchboard_a{kind=\"k, \\\"1\\\"\"}",
+        // Missing.
+        "switchboard_a{reason=\"y\"}",
+        "switchboard_c",
+        "switchboard_a{reason=~\"z|x\\\\+\"}",
+        "switchboard_a{reason!=\"x\"}",
+        "switchboard_h_bucket{op=\"claim\"}",
+        "switchboard_h_count",
+    ]
+    .map(str::to_owned)
+    .into();
+    let mut checked = 0;
+    let missing: Vec<String> = unselected(&exprs, &samples, &mut checked)
+        .into_iter()
+        .map(|(selector, _)| selector)
+        .collect();
+    assert_eq!(checked, 12);
+    assert_eq!(
+        missing,
+        [
+            "switchboard_a{reason=\"y\"}",
+            "switchboard_c",
+            "switchboard_a{reason=~\"z|x\\\\+\"}",
+            "switchboard_a{reason!=\"x\"}",
+            "switchboard_h_bucket{op=\"claim\"}",
+            "switchboard_h_count",
+        ]
+    );
+    assert!(regex_matches("51-100|101\\+", "101+"));
+    assert!(!regex_matches("51-100|101\\+", "101"));
+    assert!(!regex_matches("51-100|101\\+", "51-1000"));
+    // A regex it cannot evaluate fails the check instead of passing it.
+    assert!(std::panic::catch_unwind(|| regex_matches("1.*", "10")).is_err());
+}
+
 /// The TOML under `switchboard.toml: |` in the ConfigMap.
 fn configmap_toml(yaml: &str) -> String {
     let mut lines = yaml
@@ -318,7 +593,7 @@ fn file_options(toml: &str) -> ServeOptions {
     ServeOptions::from_file(&path).unwrap_or_else(|e| panic!("{e}"))
 }
 
-/// The `value:` of the container env var `name` in a Deployment.
+/// The `value:` of the container env var `name` in a pod template.
 fn k8s_env(yaml: &str, name: &str) -> String {
     let mut lines = yaml
         .lines()
@@ -329,6 +604,40 @@ fn k8s_env(yaml: &str, name: &str) -> String {
         .strip_prefix("value: ")
         .unwrap_or_else(|| panic!("env {name}: {value:?} is not a plain value"))
         .to_owned()
+}
+
+/// The next 4 lines after the env var `name` of a pod template (where its
+/// `valueFrom` is).
+fn k8s_env_from(yaml: &str, name: &str) -> String {
+    let from = yaml
+        .split(&format!("- name: {name}\n"))
+        .nth(1)
+        .unwrap_or_else(|| panic!("no env {name}"));
+    from.lines().take(4).collect::<Vec<_>>().join("\n")
+}
+
+/// The object of `kind` named `name` in a multi-document manifest.
+fn k8s_object<'a>(yaml: &'a str, kind: &str, name: &str) -> &'a str {
+    yaml.split("\n---\n")
+        .find(|doc| {
+            doc.contains(&format!("\nkind: {kind}\n"))
+                && doc.contains(&format!("\nmetadata:\n  name: {name}\n"))
+        })
+        .unwrap_or_else(|| panic!("no {kind} named {name}"))
+}
+
+/// The lines of service `name` in a compose file (up to the next service).
+fn compose_service(yaml: &str, name: &str) -> String {
+    let mut lines = yaml
+        .lines()
+        .skip_while(|l| *l != format!("  {name}:"))
+        .skip(1)
+        .peekable();
+    assert!(lines.peek().is_some(), "no service {name}");
+    lines
+        .take_while(|l| l.trim().is_empty() || l.starts_with("    "))
+        .map(|l| format!("{l}\n"))
+        .collect()
 }
 
 /// The port of an `ADDR:PORT`.
@@ -361,7 +670,7 @@ fn shipped_configs_load_and_stop_timeouts_outlast_the_drain() {
         "alerts.yml assumes max_rooms 10000"
     );
     let grace = Duration::from_secs(number_after(
-        &read("k8s/deployment.yaml"),
+        &read("k8s/statefulset.yaml"),
         "terminationGracePeriodSeconds:",
     ));
     assert!(
@@ -395,14 +704,24 @@ fn shipped_configs_load_and_stop_timeouts_outlast_the_drain() {
         systemd.shutdown_grace
     );
 
-    // compose: stop_grace_period against the drain timeout it sets.
-    let compose = read("compose.yaml");
-    let drain_ms = number_after(&compose, "SWITCHBOARD_DRAIN_TIMEOUT_MS:") as u128;
-    let stop = number_after(&compose, "stop_grace_period:") as u128 * 1000;
-    assert!(
-        stop > drain_ms + 5_000,
-        "compose stop_grace_period {stop} ms must outlast the drain ({drain_ms} ms) + 5 s grace"
-    );
+    // compose, one node and the cluster: stop_grace_period against the
+    // drain timeout it sets (each once: the cluster's nodes share both).
+    for file in ["compose.yaml", "compose.cluster.yaml"] {
+        let compose = read(file);
+        for key in ["SWITCHBOARD_DRAIN_TIMEOUT_MS:", "stop_grace_period:"] {
+            let n = compose
+                .lines()
+                .filter(|l| l.trim().starts_with(key))
+                .count();
+            assert_eq!(n, 1, "{file}: {key} once");
+        }
+        let drain_ms = number_after(&compose, "SWITCHBOARD_DRAIN_TIMEOUT_MS:") as u128;
+        let stop = number_after(&compose, "stop_grace_period:") as u128 * 1000;
+        assert!(
+            stop > drain_ms + 5_000,
+            "{file} stop_grace_period {stop} ms must outlast the drain ({drain_ms} ms) + 5 s grace"
+        );
+    }
 }
 
 #[tokio::test]
@@ -413,8 +732,8 @@ async fn probed_paths_answer() {
         ..ServeOptions::default()
     })
     .await;
-    let deployment = read("k8s/deployment.yaml");
-    let paths: Vec<String> = yaml_values(&deployment, "path");
+    let statefulset = read("k8s/statefulset.yaml");
+    let paths: Vec<String> = yaml_values(&statefulset, "path");
     assert_eq!(paths, ["/healthz", "/readyz"], "liveness, readiness");
     for path in &paths {
         assert_eq!(common::http_get(&server, path).await.0, 200, "{path}");
@@ -462,6 +781,32 @@ fn metrics_are_scraped_from_the_metrics_listener() {
         "prometheus scrapes the metrics listener:\n{job}"
     );
 
+    // compose, the cluster on one host: each node its own local metrics
+    // port, every one scraped by prometheus.cluster.yml.
+    let cluster = read("compose.cluster.yaml");
+    assert!(cluster
+        .contains("- ./prometheus/prometheus.cluster.yml:/etc/prometheus/prometheus.yml:ro\n"));
+    let prometheus = read("prometheus/prometheus.cluster.yml");
+    let job = prometheus
+        .split("- job_name: ")
+        .find(|j| j.starts_with("switchboard\n"))
+        .expect("a switchboard job in prometheus.cluster.yml");
+    for (node, want) in [("switchboard-a", 9091), ("switchboard-b", 9092)] {
+        let listen = yaml_values(
+            &compose_service(&cluster, node),
+            "SWITCHBOARD_METRICS_LISTEN",
+        );
+        assert_eq!(
+            listen,
+            [format!("127.0.0.1:{want}")],
+            "{node}, local to the host"
+        );
+        assert!(
+            job.contains(&format!("\"127.0.0.1:{want}\"")),
+            "prometheus.cluster.yml scrapes {node} at 127.0.0.1:{want}:\n{job}"
+        );
+    }
+
     // The image's default.
     let dockerfile = read("Dockerfile");
     assert!(dockerfile.contains("SWITCHBOARD_METRICS_LISTEN=0.0.0.0:9091"));
@@ -469,20 +814,22 @@ fn metrics_are_scraped_from_the_metrics_listener() {
 
     // Kubernetes: the env, the container port named `metrics`, the metrics
     // Service, and the ServiceMonitor on that port only.
-    let deployment = read("k8s/deployment.yaml");
-    let port = port_of(&k8s_env(&deployment, "SWITCHBOARD_METRICS_LISTEN"));
+    let statefulset = read("k8s/statefulset.yaml");
+    let port = port_of(&k8s_env(&statefulset, "SWITCHBOARD_METRICS_LISTEN"));
     assert_eq!(port, 9091);
     assert!(
-        deployment.contains(&format!(
+        statefulset.contains(&format!(
             "- name: metrics\n              containerPort: {port}\n"
         )),
         "the container port `metrics` is {port}"
     );
     let services = read("k8s/service.yaml");
-    let (public, metrics) = services.split_once("\n---\n").expect("two Services");
-    assert!(public.contains("name: switchboard\n") && !public.contains("9091"));
+    let public = k8s_object(&services, "Service", "switchboard");
+    assert!(!public.contains("9091"));
     assert!(!public.contains("component: metrics"));
-    assert!(metrics.contains("name: switchboard-metrics\n"));
+    let nodes = k8s_object(&services, "Service", "switchboard-nodes");
+    assert!(!nodes.contains("9091") && !nodes.contains("component: metrics"));
+    let metrics = k8s_object(&services, "Service", "switchboard-metrics");
     assert!(metrics.contains("app.kubernetes.io/component: metrics"));
     assert!(metrics.contains("targetPort: metrics"));
     let monitor = read("k8s/servicemonitor.yaml");
@@ -510,13 +857,15 @@ fn metrics_are_scraped_from_the_metrics_listener() {
 /// from switchboard.env; none is written into a shipped file.
 #[test]
 fn api_keys_come_from_secrets() {
-    let compose = read("compose.yaml");
-    for var in ["SWITCHBOARD_API_KEY", "SWITCHBOARD_API_SECRET"] {
-        assert_eq!(
-            yaml_values(&compose, var),
-            [format!("${{{var}:?set {var} in deploy/.env}}")],
-            "compose takes {var} from deploy/.env"
-        );
+    for file in ["compose.yaml", "compose.cluster.yaml"] {
+        let compose = read(file);
+        for var in ["SWITCHBOARD_API_KEY", "SWITCHBOARD_API_SECRET"] {
+            assert_eq!(
+                yaml_values(&compose, var),
+                [format!("${{{var}:?set {var} in deploy/.env}}")],
+                "{file} takes {var} from deploy/.env"
+            );
+        }
     }
     let env = read(".env.example");
     let secret = env
@@ -529,15 +878,15 @@ fn api_keys_come_from_secrets() {
     );
     assert!(env.lines().any(|l| l.starts_with("SWITCHBOARD_API_KEY=")));
 
-    let deployment = read("k8s/deployment.yaml");
+    let statefulset = read("k8s/statefulset.yaml");
     for (var, key) in [
         ("SWITCHBOARD_API_KEY", "api-key"),
         ("SWITCHBOARD_API_SECRET", "api-secret"),
     ] {
-        let from = deployment
+        let from = statefulset
             .split(&format!("- name: {var}\n"))
             .nth(1)
-            .unwrap_or_else(|| panic!("no env {var} in the Deployment"));
+            .unwrap_or_else(|| panic!("no env {var} in the StatefulSet"));
         let from: String = from.lines().take(4).collect::<Vec<_>>().join("\n");
         assert!(
             from.contains("secretKeyRef:")
@@ -556,4 +905,115 @@ fn api_keys_come_from_secrets() {
             "{file} must not hold api_secret"
         );
     }
+}
+
+/// Cluster mode with `redis_url` and `node_id`, through the server's own
+/// config loader (with an API key, as every shipped setup has).
+fn cluster_config(redis_url: &str, node_id: &str) {
+    let options = ServeOptions {
+        redis_url: Some(redis_url.into()),
+        node_id: Some(node_id.into()),
+        api_key: Some("switchboard".into()),
+        api_secret: Some("0123456789abcdef0123456789abcdef".into()),
+        ..ServeOptions::default()
+    };
+    let config = Config::resolve(options)
+        .unwrap_or_else(|e| panic!("{redis_url} and node id {node_id:?} refused: {e}"));
+    let cluster = config.cluster.expect("cluster mode");
+    assert_eq!(
+        (cluster.redis_url.as_str(), cluster.node_id.as_str()),
+        (redis_url, node_id)
+    );
+}
+
+/// Cluster mode as shipped: compose runs two nodes on one host with their
+/// own id and ports and one local Redis; Kubernetes runs a StatefulSet whose
+/// pods take their id from their name and find Redis at the Service
+/// redis.yaml defines.
+#[test]
+fn cluster_setups_give_each_node_its_own_id_and_ports_and_one_redis() {
+    let compose = read("compose.cluster.yaml");
+    let redis = compose_service(&compose, "redis");
+    assert!(redis.contains("image: redis:7\n") && redis.contains("network_mode: host\n"));
+    assert!(
+        redis.contains("- --bind\n      - 127.0.0.1\n"),
+        "Redis on loopback only:\n{redis}"
+    );
+    // Shared by both nodes (merged into each one's environment).
+    assert_eq!(
+        yaml_values(&compose, "SWITCHBOARD_REDIS_URL"),
+        ["redis://127.0.0.1:6379"]
+    );
+    let mut seen = BTreeSet::new();
+    for (node, listen, rtc, metrics) in [
+        ("switchboard-a", 8080, 7882, 9091),
+        ("switchboard-b", 8081, 7883, 9092),
+    ] {
+        let service = compose_service(&compose, node);
+        assert!(
+            service.contains("  <<: *switchboard\n") && service.contains("<<: *switchboard-env\n"),
+            "{node} takes the shared settings:\n{service}"
+        );
+        let id = yaml_values(&service, "SWITCHBOARD_NODE_ID");
+        assert_eq!(id.len(), 1, "{node} has a node id");
+        assert!(seen.insert(id[0].clone()), "{node}: node id {id:?} reused");
+        cluster_config("redis://127.0.0.1:6379", &id[0]);
+        let listen_at = yaml_values(&service, "SWITCHBOARD_LISTEN");
+        assert_eq!(listen_at, [format!("0.0.0.0:{listen}")], "{node}");
+        let rtc_port = yaml_values(&service, "SWITCHBOARD_RTC_PORT");
+        assert_eq!(rtc_port, [rtc.to_string()], "{node}");
+        let metrics_at = yaml_values(&service, "SWITCHBOARD_METRICS_LISTEN");
+        assert_eq!(metrics_at, [format!("127.0.0.1:{metrics}")], "{node}");
+    }
+
+    // Kubernetes.
+    let kustomization = read("k8s/kustomization.yaml");
+    let resources: Vec<&str> = kustomization
+        .lines()
+        .skip_while(|l| *l != "resources:")
+        .skip(1)
+        .take_while(|l| l.starts_with("  "))
+        .filter_map(|l| l.trim().strip_prefix("- "))
+        .collect();
+    for file in ["redis.yaml", "statefulset.yaml", "service.yaml"] {
+        assert!(resources.contains(&file), "{file} in {resources:?}");
+    }
+    for file in &resources {
+        assert!(
+            deploy_file(&format!("k8s/{file}")).exists(),
+            "kustomization.yaml lists k8s/{file}, which does not exist"
+        );
+    }
+    let statefulset = read("k8s/statefulset.yaml");
+    assert!(statefulset.contains("\nkind: StatefulSet\n"));
+    assert!(statefulset.contains("\n      hostNetwork: true\n"));
+    assert!(statefulset.contains("\n  serviceName: switchboard-nodes\n"));
+    let services = read("k8s/service.yaml");
+    let headless = k8s_object(&services, "Service", "switchboard-nodes");
+    assert!(headless.contains("\n  clusterIP: None\n"), "{headless}");
+    for (var, field) in [
+        ("SWITCHBOARD_NODE_ID", "metadata.name"),
+        ("SWITCHBOARD_PUBLIC_IP", "status.hostIP"),
+    ] {
+        let from = k8s_env_from(&statefulset, var);
+        assert!(
+            from.contains("fieldRef:") && from.contains(&format!("fieldPath: {field}")),
+            "{var} from {field}:\n{from}"
+        );
+    }
+    let url = k8s_env(&statefulset, "SWITCHBOARD_REDIS_URL");
+    // Pods are named <StatefulSet>-<ordinal>.
+    cluster_config(&url, "switchboard-0");
+    let (host, port) = url
+        .strip_prefix("redis://")
+        .and_then(|a| a.split_once(':'))
+        .unwrap_or_else(|| panic!("SWITCHBOARD_REDIS_URL {url:?} is not redis://HOST:PORT"));
+    let redis = read("k8s/redis.yaml");
+    let service = k8s_object(&redis, "Service", host);
+    assert!(
+        service.contains(&format!("\n      port: {port}\n")),
+        "Service {host} listens on {port}:\n{service}"
+    );
+    let deployment = k8s_object(&redis, "Deployment", host);
+    assert!(deployment.contains(&format!("containerPort: {port}\n")));
 }
