@@ -459,6 +459,17 @@ fn chromium_pages_rejoin_a_restarted_server_by_themselves() {
     println!("{line}");
 }
 
+/// Cluster mode (`cluster_call.mjs`): two pages on node-b in a room on
+/// node-a; node-a is killed; both pages are told, join again by themselves
+/// on node-b and decode each other's video again. Prints the time from the
+/// kill to both decoding.
+#[test]
+fn chromium_pages_rejoin_on_a_live_node_when_their_rooms_node_dies() {
+    // cluster_call.mjs gives up on its own after 120 s.
+    let line = run_in_sandbox("cluster_call.mjs", None, &[], Duration::from_secs(150));
+    println!("{line}");
+}
+
 /// `classic_call.mjs <scenario>` against a server with `--socketio-relay
 /// relay`; the script gives up on its own after 120 s.
 fn classic(relay: &str, scenario: &str) -> String {
