@@ -26,6 +26,8 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitCode, Stdio};
 use std::time::{Duration, Instant};
 
+use crate::floor::{FloorArgs, FloorRun};
+
 use serde_json::Value;
 
 use crate::janus::AudioMode;
@@ -84,6 +86,10 @@ pub struct CompareArgs {
     /// Replace (or append) the comparison section of this Markdown file.
     #[arg(long)]
     pub write_doc: Option<PathBuf>,
+    /// Rounds; each runs the floor (forward mode), Switchboard and Janus in
+    /// turn, so every server runs this many times, alternating.
+    #[arg(long, default_value_t = 2)]
+    pub rounds: usize,
 }
 
 /// Owns the namespace and every process started in it. Dropping it (also on
@@ -329,9 +335,13 @@ impl Figures {
                 .map(|(c, n)| c / n),
             jitter_ms_mean: (!jitters.is_empty())
                 .then(|| jitters.iter().sum::<f64>() / jitters.len() as f64),
-            cpu_per_forwarded_us: f("/server/cpu_per_forwarded_packet_us"),
+            // Forwarded packets are counted the same way for every server:
+            // the distinct in-window packets its subscribers received.
+            cpu_per_forwarded_us: cpu_s
+                .filter(|_| !mix && received > 0.0)
+                .map(|c| c * 1e6 / received),
             cpu_percent_of_core: f("/server/cpu_percent_of_core"),
-            forwarded: f("/server_metrics/forwarded").or_else(|| f("/server/forwarded")),
+            forwarded: (!mix && received > 0.0).then_some(received),
             p50_ms: f("/latency_all/p50_us").map(|u| u / 1e3),
             p99_ms: f("/latency_all/p99_us").map(|u| u / 1e3),
             loss_percent: (expected > 0.0)
@@ -347,7 +357,12 @@ impl Figures {
 
 /// The ratio table (Markdown) of `mode`: one row per figure, Switchboard /
 /// Janus.
-pub fn ratio_table(mode: AudioMode, sb: &Figures, janus: &Figures) -> String {
+pub fn ratio_table(
+    mode: AudioMode,
+    sb: &Figures,
+    janus: &Figures,
+    floor: Option<&[FloorRun]>,
+) -> String {
     type Row<'a> = (&'a str, Option<f64>, Option<f64>, usize);
     let common: [Row<'_>; 4] = [
         (
@@ -450,6 +465,21 @@ pub fn ratio_table(mode: AudioMode, sb: &Figures, janus: &Figures) -> String {
             ],
         ),
     };
+    // The floor of this round (sendmmsg: batched, the best a plain relay
+    // does at this load), as a multiple.
+    let floor_us = floor
+        .and_then(|f| f.iter().find(|r| r.mode == "sendmmsg"))
+        .map(|r| r.relay_us_per_packet);
+    let over_floor = |v: Option<f64>| v.zip(floor_us).map(|(v, f)| v / f);
+    let floor_rows: Vec<Row<'_>> = match mode {
+        AudioMode::Forward if floor_us.is_some() => vec![(
+            "CPU per forwarded packet ÷ the floor (sendmmsg, same load, same round)",
+            over_floor(sb.cpu_per_forwarded_us),
+            over_floor(janus.cpu_per_forwarded_us),
+            2,
+        )],
+        _ => Vec::new(),
+    };
     let mut t = String::new();
     let _ = writeln!(
         t,
@@ -457,12 +487,24 @@ pub fn ratio_table(mode: AudioMode, sb: &Figures, janus: &Figures) -> String {
     );
     t.push_str("| --- | ---: | ---: | ---: |\n");
     let cell = |v: Option<f64>, d: usize| v.map_or("-".to_owned(), |v| format!("{v:.d$}"));
-    for (name, a, b, d) in rows.into_iter().chain(common) {
+    for (name, a, b, d) in rows.into_iter().chain(floor_rows).chain(common) {
         let ratio = match (a, b) {
             (Some(a), Some(b)) if b != 0.0 => format!("{:.2}", a / b),
             _ => "-".to_owned(),
         };
         let _ = writeln!(t, "| {name} | {} | {} | {ratio} |", cell(a, d), cell(b, d));
+    }
+    if let Some(runs) = floor {
+        let modes: Vec<String> = runs
+            .iter()
+            .map(|r| format!("{} {:.2} µs", r.mode, r.relay_us_per_packet))
+            .collect();
+        let _ = writeln!(
+            t,
+            "\nThe floor this round (`loadtest floor`: a bare relay, one AES-128-GCM seal per \
+             output packet, CPU per output packet): {}.",
+            modes.join(", ")
+        );
     }
     t
 }
@@ -635,9 +677,6 @@ fn run(args: &CompareArgs) -> Result<(), String> {
     let mut sandbox = Sandbox::new()?;
     eprintln!("namespace {} with {NS_ADDR}", sandbox.netns);
 
-    // 1. Switchboard.
-    let sb_json = out_dir.join("switchboard.json");
-    let mut sb_cmd = sandbox.command(&switchboard);
     let sb_server_args = [
         "serve".to_owned(),
         "--listen".into(),
@@ -647,62 +686,93 @@ fn run(args: &CompareArgs) -> Result<(), String> {
         "--rtc-ip".into(),
         NS_ADDR.into(),
     ];
-    sb_cmd.args(&sb_server_args);
-    let sb_pid = sandbox.spawn(sb_cmd, &out_dir.join("switchboard.log"))?;
-    sandbox.wait_listening(SWITCHBOARD_PORT, "switchboard")?;
-    let sb_url = format!("ws://{NS_ADDR}:{SWITCHBOARD_PORT}/ws");
-    let sb_pid_s = sb_pid.to_string();
-    let sb_json_s = sb_json.display().to_string();
-    let mut sb_load = vec![SWITCHBOARD_LOAD.to_owned()];
-    sb_load.extend(load(&[
-        "--url",
-        &sb_url,
-        "--allow-remote",
-        "--server-pid",
-        &sb_pid_s,
-        "--json",
-        &sb_json_s,
-    ]));
-    eprintln!("== Switchboard: loadtest {}", shell_join(&sb_load));
-    let sb_report = run_load(&sandbox, &me, &sb_load, &sb_json);
-    sandbox.stop_last();
-    let sb_report = sb_report?;
+    let mut rounds: Vec<(Figures, Figures, Option<Vec<FloorRun>>)> = Vec::new();
+    let (mut sb_load, mut j_load) = (Vec::new(), Vec::new());
+    for round in 1..=args.rounds.max(1) {
+        // 0. The floor, on the same load (forward mode: a relay of packets;
+        // a mix has no bare-relay equivalent).
+        let floor = match mode {
+            AudioMode::Forward => {
+                eprintln!("== round {round}: the floor (loadtest floor)");
+                let floor_args = FloorArgs {
+                    rooms: args.rooms,
+                    participants: args.participants,
+                    video_kbps,
+                    audio: true,
+                    duration: args.duration.min(Duration::from_secs(10)),
+                    mode: None,
+                    json: Some(out_dir.join(format!("floor-{round}.json"))),
+                };
+                Some(crate::floor::floor(&floor_args).map_err(|e| format!("floor: {e}"))?)
+            }
+            AudioMode::Mix => None,
+        };
 
-    // 2. Janus.
-    let j_json = out_dir.join("janus.json");
-    let mut j_cmd = sandbox.command(&args.janus);
-    let cfg = args.janus_config.display().to_string();
-    let j_server_args = [
-        "-C".to_owned(),
-        jcfg.display().to_string(),
-        "-F".into(),
-        cfg,
-        "-o".into(),
-    ];
-    j_cmd.args(&j_server_args);
-    let j_pid = sandbox.spawn(j_cmd, &out_dir.join("janus.log"))?;
-    sandbox.wait_listening(JANUS_PORT, "janus")?;
-    let j_url = format!("ws://{NS_ADDR}:{JANUS_PORT}");
-    let j_pid_s = j_pid.to_string();
-    let j_json_s = j_json.display().to_string();
-    let mut j_load = vec!["janus".to_owned()];
-    j_load.extend(load(&[
-        "--url",
-        &j_url,
-        "--server-pid",
-        &j_pid_s,
-        "--json",
-        &j_json_s,
-    ]));
-    eprintln!("== Janus: loadtest {}", shell_join(&j_load));
-    let j_report = run_load(&sandbox, &me, &j_load, &j_json);
-    sandbox.stop_last();
-    let j_report = j_report?;
+        // 1. Switchboard.
+        let sb_json = out_dir.join(format!("switchboard-{round}.json"));
+        let mut sb_cmd = sandbox.command(&switchboard);
+        sb_cmd.args(&sb_server_args);
+        let sb_pid = sandbox.spawn(sb_cmd, &out_dir.join(format!("switchboard-{round}.log")))?;
+        sandbox.wait_listening(SWITCHBOARD_PORT, "switchboard")?;
+        let sb_url = format!("ws://{NS_ADDR}:{SWITCHBOARD_PORT}/ws");
+        let sb_pid_s = sb_pid.to_string();
+        let sb_json_s = sb_json.display().to_string();
+        sb_load = vec![SWITCHBOARD_LOAD.to_owned()];
+        sb_load.extend(load(&[
+            "--url",
+            &sb_url,
+            "--allow-remote",
+            "--server-pid",
+            &sb_pid_s,
+            "--json",
+            &sb_json_s,
+        ]));
+        eprintln!(
+            "== round {round}: Switchboard: loadtest {}",
+            shell_join(&sb_load)
+        );
+        let sb_report = run_load(&sandbox, &me, &sb_load, &sb_json);
+        sandbox.stop_last();
+        let sb_report = sb_report?;
+
+        // 2. Janus.
+        let j_json = out_dir.join(format!("janus-{round}.json"));
+        let mut j_cmd = sandbox.command(&args.janus);
+        let cfg = args.janus_config.display().to_string();
+        j_cmd.args([
+            "-C".to_owned(),
+            jcfg.display().to_string(),
+            "-F".into(),
+            cfg,
+            "-o".into(),
+        ]);
+        let j_pid = sandbox.spawn(j_cmd, &out_dir.join(format!("janus-{round}.log")))?;
+        sandbox.wait_listening(JANUS_PORT, "janus")?;
+        let j_url = format!("ws://{NS_ADDR}:{JANUS_PORT}");
+        let j_pid_s = j_pid.to_string();
+        let j_json_s = j_json.display().to_string();
+        j_load = vec!["janus".to_owned()];
+        j_load.extend(load(&[
+            "--url",
+            &j_url,
+            "--server-pid",
+            &j_pid_s,
+            "--json",
+            &j_json_s,
+        ]));
+        eprintln!("== round {round}: Janus: loadtest {}", shell_join(&j_load));
+        let j_report = run_load(&sandbox, &me, &j_load, &j_json);
+        sandbox.stop_last();
+        let j_report = j_report?;
+        rounds.push((Figures::read(&sb_report), Figures::read(&j_report), floor));
+    }
     drop(sandbox);
 
-    let sb = Figures::read(&sb_report);
-    let janus = Figures::read(&j_report);
-    let table = ratio_table(mode, &sb, &janus);
+    let tables: Vec<String> = rounds
+        .iter()
+        .map(|(sb, janus, floor)| ratio_table(mode, sb, janus, floor.as_deref()))
+        .collect();
+    let (sb, janus) = (&rounds[0].0, &rounds[0].1);
     let what = match mode {
         AudioMode::Forward => format!(
             "Switchboard vs Janus VideoRoom: {} rooms x {} participants, Opus + VP8 {video_kbps} kbit/s each, {:?} window",
@@ -715,7 +785,10 @@ fn run(args: &CompareArgs) -> Result<(), String> {
     };
     println!();
     println!("{what}");
-    print!("{table}");
+    for (i, table) in tables.iter().enumerate() {
+        println!("\nRound {} of {}:\n", i + 1, tables.len());
+        print!("{table}");
+    }
 
     if let Some(doc) = &args.write_doc {
         let machine = crate::proc::Machine::probe();
@@ -779,7 +852,17 @@ fn run(args: &CompareArgs) -> Result<(), String> {
             sb.connected.map_or("-".into(), |n| n.to_string()),
             janus.connected.map_or("-".into(), |n| n.to_string())
         );
-        let _ = writeln!(s, "{table}");
+        let _ = writeln!(
+            s,
+            "Every round ran the floor, Switchboard and Janus in turn (each server {} \
+             times, alternating); every round is reported. Janus VideoRoom uses two \
+             PeerConnections per participant (a publisher handle and a subscriber handle), \
+             Switchboard one.\n",
+            tables.len()
+        );
+        for (i, table) in tables.iter().enumerate() {
+            let _ = writeln!(s, "Round {} of {}:\n\n{table}", i + 1, tables.len());
+        }
         if mode == AudioMode::Mix {
             let _ = writeln!(
                 s,
@@ -793,10 +876,10 @@ fn run(args: &CompareArgs) -> Result<(), String> {
         }
         let counted = match mode {
             AudioMode::Forward => {
-                "Packets forwarded: Switchboard's own counter \
-                 (`switchboard_media_rtp_forwarded_total`); Janus has none, so for Janus it \
-                 is the distinct in-window packets its subscribers received. Latency is end \
-                 to end (send time stamped in the payload, same clock), generator included. "
+                "Packets forwarded, for both servers alike: the distinct in-window packets \
+                 the subscribers received (so CPU per forwarded packet is the window's server \
+                 CPU over packets that arrived). Latency is end to end (send time stamped in \
+                 the payload, same clock), generator included. "
             }
             AudioMode::Mix => {
                 "Mixed packets are counted over the window and the drain after it, CPU over \
@@ -810,8 +893,7 @@ fn run(args: &CompareArgs) -> Result<(), String> {
              {counted}RSS per participant is (RSS at the window's end − RSS before anyone \
              joined) / participants. The Switchboard client binds its media sockets to \
              127.0.0.1 and the Janus generator to {NS_ADDR}: inside the namespace both paths \
-             are the kernel's local delivery. One run each, back to back; rerun for the \
-             spread.\n"
+             are the kernel's local delivery.\n"
         );
         let _ = writeln!(s, "Commands (as root, from the repository root):\n");
         let _ = writeln!(s, "```");
@@ -866,9 +948,11 @@ mod tests {
     use serde_json::json;
 
     #[test]
-    fn figures_from_either_report() {
+    fn figures_from_either_report_count_forwarded_packets_alike() {
+        // Switchboard's own counter says 1000; what counts, for both
+        // servers, is what the subscribers received in the window (997).
         let sb = json!({
-            "server": {"cpu_per_forwarded_packet_us": 10.0, "cpu_percent_of_core": 20.0,
+            "server": {"cpu_window_s": 0.00997, "cpu_percent_of_core": 20.0,
                        "rss_per_participant_bytes": 2048},
             "server_metrics": {"forwarded": 1000.0},
             "latency_all": {"p50_us": 500, "p99_us": 2000},
@@ -878,24 +962,42 @@ mod tests {
             "participants": {"connected": 16}
         });
         let f = Figures::read(&sb);
-        assert_eq!(f.forwarded, Some(1000.0));
+        assert_eq!(f.forwarded, Some(997.0));
+        assert!((f.cpu_per_forwarded_us.expect("cpu") - 10.0).abs() < 1e-9);
         assert_eq!(f.p50_ms, Some(0.5));
         assert_eq!(f.rss_per_participant_kib, Some(2.0));
         assert_eq!(f.jitter_ms_mean, Some(2.0));
         assert_eq!(f.mixed_received, None);
         assert!((f.loss_percent.expect("loss") - 0.3).abs() < 1e-9);
-        let janus = json!({"server": {"forwarded": 990, "cpu_per_forwarded_packet_us": 40.0},
-                           "server_version": "1.1.2", "media": []});
+        let janus = json!({"server": {"forwarded": 990, "cpu_window_s": 0.04},
+                           "server_version": "1.1.2",
+                           "media": [{"expected": 1000, "received": 1000}]});
         let j = Figures::read(&janus);
-        assert_eq!(j.forwarded, Some(990.0));
-        assert_eq!(j.loss_percent, None);
-        let t = ratio_table(AudioMode::Forward, &f, &j);
+        assert_eq!(j.forwarded, Some(1000.0));
+        assert_eq!(j.loss_percent, Some(0.0));
+        let floor = [FloorRun {
+            mode: "sendmmsg",
+            seconds: 10.0,
+            inputs: 100,
+            outputs: 300,
+            received: 300,
+            relay_us_per_packet: 4.0,
+            relay_cores: 0.1,
+            inputs_per_wakeup: 1.2,
+            generator_cores: 0.1,
+        }];
+        let t = ratio_table(AudioMode::Forward, &f, &j, Some(&floor));
         assert!(t.contains("| Switchboard | Janus VideoRoom |"), "{t}");
         assert!(
             t.contains("| server CPU per forwarded packet (µs) | 10.00 | 40.00 | 0.25 |"),
             "{t}"
         );
-        assert!(t.contains("| loss (%) | 0.300 | - | - |"), "{t}");
+        assert!(
+            t.contains("÷ the floor (sendmmsg, same load, same round) | 2.50 | 10.00 | 0.25 |"),
+            "{t}"
+        );
+        assert!(t.contains("sendmmsg 4.00 µs"), "{t}");
+        assert!(t.contains("| loss (%) | 0.300 | 0.000 | - |"), "{t}");
     }
 
     #[test]
@@ -925,7 +1027,7 @@ mod tests {
         assert_eq!(j.cpu_per_mixed_packet_us, Some(500.0));
         assert_eq!(j.cpu_percent_per_participant, Some(4.0));
         assert_eq!(j.loss_percent, Some(0.0));
-        let t = ratio_table(AudioMode::Mix, &f, &j);
+        let t = ratio_table(AudioMode::Mix, &f, &j, None);
         assert!(t.contains("| Switchboard | Janus AudioBridge |"), "{t}");
         assert!(
             t.contains("| server CPU per delivered mixed packet (µs) | 100.0 | 500.0 | 0.20 |"),

@@ -12,6 +12,9 @@
 //!   AudioBridge with `--audio-mode mix`, inside a network namespace.
 //! - `compare`: `run` against Switchboard and `janus` against Janus in turn
 //!   under one load; the ratio table, optionally written into a document.
+//! - `floor`: a bare UDP relay (one AES-128-GCM seal per copy) under the
+//!   same load, in three send modes: the CPU per packet a server is measured
+//!   against.
 //! - `soak`: participants join and leave at a set rate, with media, for a
 //!   set time; the server's RSS, open files, threads, gauges and metric
 //!   series before, at the peak and after everyone left.
@@ -25,6 +28,7 @@
 //! counter once a second), [`plot`] and [`progress`].
 
 mod compare;
+mod floor;
 mod janus;
 mod media;
 mod plot;
@@ -75,6 +79,10 @@ enum Command {
     /// second, stay --stay, leave); reports what the server holds before,
     /// at the peak and after everyone left.
     Soak(soak::SoakArgs),
+    /// The floor: a bare UDP relay doing the same fan-out with one
+    /// AES-128-GCM seal per output packet, with sendto, sendmmsg and UDP GSO;
+    /// reports its CPU per output packet.
+    Floor(floor::FloorArgs),
 }
 
 fn main() -> ExitCode {
@@ -85,6 +93,13 @@ fn main() -> ExitCode {
         Command::Janus(args) => janus::main(&args),
         Command::Compare(args) => compare::main(&args),
         Command::Soak(args) => soak::main(&args),
+        Command::Floor(args) => match floor::floor(&args) {
+            Ok(_) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("loadtest floor: {e}");
+                ExitCode::FAILURE
+            }
+        },
     }
 }
 
