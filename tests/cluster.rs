@@ -706,3 +706,50 @@ async fn classic_clients_reach_the_rooms_node_from_any_node_and_follow_it_when_i
     );
     old.expect_quiet().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_relayed_client_resumes_through_another_node() {
+    let (redis, nodes) = cluster(&["node-a", "node-b"]).await;
+    let (a, b) = (&nodes[0], &nodes[1]);
+    redis.cli(&["SET", "sb:room:res", "node-b", "PX", "60000"]);
+    // Ann on node-a, relayed to node-b where the room is; Bo on node-b.
+    let mut ann = WsClient::connect_url(&a.ws(), "ann").await;
+    let joined = ann.join("res", json!({})).await;
+    let id = common::id_of(&joined);
+    let token = joined["resumeToken"]
+        .as_str()
+        .expect("resume token")
+        .to_owned();
+    let mut bo = WsClient::connect_url(&b.ws(), "bo").await;
+    bo.join("res", json!({})).await;
+    ann.expect("otherjoin").await;
+
+    // Ann's WebSocket drops (no close frame): node-b keeps her for a
+    // resume; Bo hears no `bye`, and what he sends her waits.
+    ann.drop_abruptly();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    bo.send(json!({"type":"message","room":"res","to": id,"data": {"while":"away"}}))
+        .await;
+    bo.expect_nothing_pending().await;
+
+    // She comes back through node-b this time (a load balancer's choice).
+    let mut back = WsClient::connect_url(&b.ws(), "ann").await;
+    back.send(json!({"type":"resume","room":"res","id": id,"resumeToken": token}))
+        .await;
+    let resumed = back.expect("resumed").await;
+    assert_eq!(resumed["id"], id.as_str());
+    assert_eq!(back.expect("message").await["data"]["while"], "away");
+    // And once more through node-a (relayed again): the same participant.
+    let token = resumed["resumeToken"].as_str().unwrap_or(&token).to_owned();
+    back.drop_abruptly();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let mut again = WsClient::connect_url(&a.ws(), "ann").await;
+    again
+        .send(json!({"type":"resume","room":"res","id": id,"resumeToken": token}))
+        .await;
+    assert_eq!(again.expect("resumed").await["id"], id.as_str());
+    bo.send(json!({"type":"message","room":"res","to": id,"data": {"n": 2}}))
+        .await;
+    assert_eq!(again.expect("message").await["data"]["n"], 2);
+    bo.expect_nothing_pending().await;
+}
