@@ -15,9 +15,17 @@ import { signal } from './protocol.js';
 import { addCandidate, addPeer } from './p2p.js';
 import { setServerReach, stopServerReachWatch, watchServerReach } from './switch.js';
 import { updateChatState, updateChatVisibility, wireChat } from './chat.js';
-import { probeSocket } from './socket.js';
+import { dropSocket, probeSocket, send } from './socket.js';
 
 const RESTART_AFTER_MS = 1000; // `disconnected` this long: ICE restart
+// Nothing at all received on the server connection this long, after
+// others' media was flowing through it (RTP, RTCP and consent answers all
+// stopped at once), and the signaling socket silent too: the path broke (an
+// address change). Chromium calls it `disconnected` only after ~5 s; this
+// sees it sooner.
+const STALL_MS = 1500;
+const STALL_PROBE_MS = 600;
+const WATCH_MS = 250;
 
 export function openSfu() {
   let pc;
@@ -40,6 +48,11 @@ export function openSfu() {
     syncQueued: false,
     restartTimer: null,
     iceRestarts: 0, // ICE restarts this connection made
+    // What arrived on the connection's transport, and since when nothing.
+    // `armed`: RTP arrived since the last stall (a quiet connection, e.g.
+    // the standby or one whose senders went quiet, is not a broken one).
+    watch: { rx: -1, rtp: -1, at: Date.now(), armed: false, stalled: false, timer: null },
+    pathStalls: 0, // times the path was seen broken before ICE said so
   };
   S.sfu = sfu;
   if (S.localStream) for (const t of S.localStream.getTracks()) pc.addTrack(t, S.localStream);
@@ -102,8 +115,64 @@ export function openSfu() {
   updateChatState();
   updateChatVisibility();
   if (S.mode === 'p2p') watchServerReach();
+  sfu.watch.timer = setInterval(() => { checkPath(sfu); }, WATCH_MS);
   // The client always offers first, even with nothing to send but `chat`.
   sfuStep(sfu, () => sfuOffer(sfu));
+}
+
+// Whether the server connection's path is broken though ICE still says
+// `connected`: others' media was coming through it, then the bytes received
+// on its transport stopped for STALL_MS. Then signaling is asked (a ping,
+// STALL_PROBE_MS): silent too, it died with the same network, so it
+// reconnects (and resumes) at once and `resumed` restarts ICE; answered,
+// the network is fine and the senders merely went quiet.
+async function checkPath(sfu) {
+  if (S.sfu !== sfu) { clearInterval(sfu.watch.timer); return; }
+  const pc = sfu.pc;
+  const w = sfu.watch;
+  if (S.mode !== 'sfu' || !['connected', 'completed'].includes(pc.iceConnectionState)) {
+    w.at = Date.now();
+    w.armed = false;
+    return;
+  }
+  let rx = 0;
+  let rtp = 0;
+  try {
+    (await pc.getStats()).forEach((st) => {
+      if (st.type === 'transport') rx += st.bytesReceived || 0;
+      else if (st.type === 'inbound-rtp') rtp += st.packetsReceived || 0;
+    });
+  } catch (_) {
+    return;
+  }
+  const now = Date.now();
+  if (rtp !== w.rtp) {
+    if (w.rtp >= 0 && rtp > w.rtp) w.armed = true;
+    w.rtp = rtp;
+  }
+  if (rx !== w.rx) {
+    w.rx = rx;
+    w.at = now;
+    w.stalled = false;
+    return;
+  }
+  if (!w.armed || w.stalled || now - w.at < STALL_MS) return;
+  w.stalled = true;
+  w.armed = false;
+  const quietMs = now - w.at;
+  const dead = await socketSilent(STALL_PROBE_MS);
+  if (S.sfu !== sfu || !dead) return;
+  sfu.pathStalls += 1;
+  console.info(`server connection: nothing received for ${quietMs} ms, signaling silent; reconnecting and restarting its path`);
+  if (S.ws && S.ws.readyState === WebSocket.OPEN) dropSocket(); else restartSfuIce(sfu);
+}
+
+// Whether the signaling socket leaves a ping unanswered for `ms`.
+function socketSilent(ms) {
+  if (!S.ws || S.ws.readyState !== WebSocket.OPEN) return Promise.resolve(true);
+  const sent = Date.now();
+  send({ type: 'ping', id: ++S.pingSeq });
+  return new Promise((resolve) => setTimeout(() => resolve(S.lastPong < sent), ms));
 }
 
 // ICE restart on the server connection, if its path is still broken. With
@@ -111,7 +180,7 @@ export function openSfu() {
 export function restartSfuIce(sfu = S.sfu) {
   if (!sfu || S.sfu !== sfu) return;
   const pc = sfu.pc;
-  if (!['disconnected', 'failed'].includes(pc.iceConnectionState)) return;
+  if (!['disconnected', 'failed'].includes(pc.iceConnectionState) && !sfu.watch.stalled) return;
   if (S.phase !== 'in-room' || !S.ws || S.ws.readyState !== WebSocket.OPEN) return;
   if (pc.signalingState === 'have-local-offer') {
     // An offer (maybe the restart's) went into a socket that died: again.
@@ -291,6 +360,7 @@ export function closeSfu() {
   if (!sfu) return;
   S.sfu = null;
   clearTimeout(sfu.restartTimer);
+  clearInterval(sfu.watch.timer);
   sfu.pc.oniceconnectionstatechange = null;
   sfu.pc.onicecandidate = null;
   sfu.pc.ontrack = null;

@@ -176,6 +176,15 @@ export function probeSocket() {
   }, PROBE_MS);
 }
 
+// Drops a socket believed dead with the network (the media path broke
+// without a word) and reconnects at once, resuming.
+export function dropSocket() {
+  if (!S.ws) return;
+  S.wsGen++;
+  try { S.ws.close(); } catch (_) { /* ignore */ }
+  onSocketLost({ code: 4002 });
+}
+
 export function stopPing() {
   if (S.pingTimer) clearInterval(S.pingTimer);
   S.pingTimer = null;

@@ -107,6 +107,7 @@ export function installTestHooks() {
           iceConnectionState: sfu.pc.iceConnectionState,
           signalingState: sfu.pc.signalingState,
           iceRestarts: sfu.iceRestarts,
+          pathStalls: sfu.pathStalls,
           chat: sfu.chat ? sfu.chat.readyState : 'none',
           serverReach: S.serverReach,
           remote: [...sfu.remote.entries()].map(([mid, r]) => ({

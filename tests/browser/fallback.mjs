@@ -334,6 +334,7 @@ async function main() {
         result.pages[name] = {
           decodingAgainMs: back[name] - changedAt,
           iceRestarts: after[name].state.sfu?.iceRestarts ?? null,
+          pathStalls: after[name].state.sfu?.pathStalls ?? null,
           resumes: after[name].state.resumes,
           id: after[name].state.id,
         };
