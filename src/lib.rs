@@ -52,6 +52,7 @@ pub mod perip;
 pub mod ratelimit;
 pub mod resume;
 pub mod room;
+pub mod router;
 pub mod server;
 pub mod session;
 pub mod sfu;
