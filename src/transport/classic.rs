@@ -14,7 +14,8 @@ use rtc::rtp_transceiver::rtp_sender::{RTCPFeedback, RTCRtpCodec, RtpCodecKind};
 use rtc::rtp_transceiver::RTCRtpSenderId;
 
 use super::mix::{mix_codec, MixOut};
-use super::peer::{local_track, negotiated_pt};
+use super::peer::negotiated_pt;
+use super::senders::local_track;
 use super::Peer;
 use crate::media::{PayloadType, Ssrc};
 use crate::router::{OutSlot, PeerKey, Router};

@@ -10,7 +10,7 @@ use rtc::rtp_transceiver::rtp_sender::{RTCRtpCodec, RtpCodecKind};
 use rtc::rtp_transceiver::RTCRtpSenderId;
 use switchboard_proto::{ErrorCode, RoomName, ServerMessage, Speaker, Speakers, MIX_STREAM};
 
-use super::peer::add_send_track;
+use super::senders::add_send_track;
 use super::{Engine, MIX_FRAME};
 use crate::metrics::{Metrics, MixDrop};
 use crate::mixer::{MixerConfig, MixerStats, Push, RoomMixer, SelectConfig, FRAME_SAMPLES};

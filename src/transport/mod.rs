@@ -16,7 +16,9 @@
 //!
 //! - `mod.rs`: [`start`], the loop, datagram input and output.
 //! - `peer`: connection building, negotiation (offers, answers,
-//!   candidates), adding and removing forwarded tracks.
+//!   candidates).
+//! - `senders`: the senders of forwarded tracks, added and removed as the
+//!   router's subscriptions come and go.
 //! - `events`: a connection's events and messages; the router's decisions
 //!   carried out; chat relay.
 //! - `mix`: the audio mixer's tick and mixed tracks.
@@ -58,6 +60,7 @@ mod events;
 mod interceptors;
 mod mix;
 mod peer;
+mod senders;
 mod tcp;
 
 use tcp::{accept_tcp, next_tcp, TcpEvent, TCP_EVENT_QUEUE};
