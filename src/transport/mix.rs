@@ -324,11 +324,7 @@ impl Engine {
             export_mixer_stats(&self.metrics, &mix.exported, &stats);
             mix.exported = stats;
         }
-        let mut decisions = std::mem::take(&mut self.decisions);
-        decisions.clear();
-        self.router.follow_speakers(started, &mut decisions);
-        self.apply_decisions(&mut decisions, None, started);
-        self.decisions = decisions;
+        self.decide(started, |r, d| r.follow_speakers(started, d));
         for c in changed {
             let speakers = c
                 .speakers

@@ -531,26 +531,14 @@ impl Engine {
                         self.end_subscriptions(&ended);
                     }
                     Action::KeyframeWanted(publisher, track) => {
-                        let mut decisions = std::mem::take(&mut self.decisions);
-                        decisions.clear();
                         let now = Instant::now();
-                        self.router.request_keyframe(
-                            publisher,
-                            track.as_str(),
-                            now,
-                            &mut decisions,
-                        );
-                        self.apply_decisions(&mut decisions, None, now);
-                        self.decisions = decisions;
+                        self.decide(now, |r, d| {
+                            r.request_keyframe(publisher, track.as_str(), now, d)
+                        });
                     }
                     Action::SubscriberPli(sub, out) => {
-                        let mut decisions = std::mem::take(&mut self.decisions);
-                        decisions.clear();
                         let now = Instant::now();
-                        self.router
-                            .keyframe_request_from(sub, out, now, &mut decisions);
-                        self.apply_decisions(&mut decisions, None, now);
-                        self.decisions = decisions;
+                        self.decide(now, |r, d| r.keyframe_request_from(sub, out, now, d));
                     }
                     Action::Chat(from, text) => self.relay_chat(from, &text),
                     Action::Failed(key) => self.remove_peer(key),
@@ -567,9 +555,15 @@ impl Engine {
 
     /// Sends the PLIs that throttling deferred.
     fn poll_keyframes(&mut self, now: Instant) {
+        self.decide(now, |r, d| r.poll_keyframes(now, d));
+    }
+
+    /// One router call that decides (no packet to copy), and its decisions
+    /// carried out.
+    fn decide(&mut self, now: Instant, call: impl FnOnce(&mut Router, &mut Vec<Decision>)) {
         let mut decisions = std::mem::take(&mut self.decisions);
         decisions.clear();
-        self.router.poll_keyframes(now, &mut decisions);
+        call(&mut self.router, &mut decisions);
         self.apply_decisions(&mut decisions, None, now);
         self.decisions = decisions;
     }
