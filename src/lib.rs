@@ -17,9 +17,14 @@
 //! - [`room`]: one room's membership and media-mode state machine. Pure:
 //!   requests in, addressed messages out.
 //! - [`sfu`]: the hub's handle on the media plane (commands in, no webrtc-rs).
-//! - [`transport`]: the media plane itself: every server PeerConnection on
-//!   one UDP port, driven by webrtc-rs's sans-IO `rtc`; the only module that
-//!   imports webrtc-rs or touches media sockets.
+//! - [`router`]: the SFU's forwarding decisions. Pure: rooms → publishers →
+//!   tracks → subscriptions (each with its rewriter and layer choice);
+//!   packets and `now` in, sends, keyframe requests and drops out.
+//! - [`transport`]: the media plane's driver: every server PeerConnection on
+//!   one UDP port (and ICE-TCP), driven by webrtc-rs's sans-IO `rtc`;
+//!   negotiation, the mixer tick, router inputs from connection events and
+//!   `rtc` writes from router decisions. The only module that imports
+//!   webrtc-rs or touches media sockets.
 //! - `media`: the engine-independent media core (rewriting, NACK cache,
 //!   keyframe throttling, demux): data and `now` in, decisions out.
 //! - [`mixer`]: the audio mixer's pure core (jitter buffers, Opus decode and
@@ -52,6 +57,7 @@ pub mod perip;
 pub mod ratelimit;
 pub mod resume;
 pub mod room;
+pub mod router;
 pub mod server;
 pub mod session;
 pub mod sfu;

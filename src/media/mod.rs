@@ -3,8 +3,9 @@
 //!
 //! Nothing here owns a socket, spawns a task, takes a lock or logs, and
 //! nothing here knows webrtc-rs: the transport layer ([`crate::transport`])
-//! reads datagrams, lets the WebRTC engine decrypt them, and then asks these
-//! pieces what to do. On the per-packet path nothing allocates: buffers are
+//! reads datagrams, lets the WebRTC engine decrypt them, and then asks the
+//! router ([`crate::router`]), which is built from these pieces, what to
+//! do. On the per-packet path nothing allocates: buffers are
 //! allocated when a track or connection is set up and reused.
 //!
 //! # Parts
@@ -194,7 +195,7 @@ mod tests {
         assert_eq!(TrackId::from(7).0, 7);
     }
 
-    /// The call shapes `transport.rs` uses (owned strings, `Bytes`
+    /// The call shapes the router and transport use (owned strings, `Bytes`
     /// payloads, raw header integers), so the two stay in step.
     #[test]
     fn transport_call_shapes() {
