@@ -130,6 +130,21 @@ impl Router {
         if keyframe {
             published.keyframes.keyframe_received(arrived);
         }
+        if kind == MediaKind::Video {
+            let gap = published
+                .last_rtp
+                .map(|t| arrived.saturating_duration_since(t));
+            published.last_rtp = Some(arrived);
+            if !keyframe
+                && gap.is_some_and(|g| g >= super::RESUMED_AFTER)
+                && published.keyframes.request(now)
+            {
+                out.push(Decision::RequestKeyframe {
+                    publisher: from,
+                    track: TrackName::new(track),
+                });
+            }
+        }
         let audio_input = publisher.audio_input;
         let Some(room) = self.rooms.get_mut(&publisher.room) else {
             return false;

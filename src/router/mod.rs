@@ -57,6 +57,12 @@ pub use speaker::SpeakersChanged;
 /// Minimum time between two PLIs to one publisher's track.
 pub const KEYFRAME_THROTTLE: Duration = Duration::from_millis(500);
 
+/// A video track silent this long whose packets come back (its path broke
+/// and was restored: an address change, an ICE restart) gets a keyframe
+/// request at once: every subscriber missed frames and would otherwise ask
+/// only when its decoder gives up. Longer than a static screen's frame gap.
+pub const RESUMED_AFTER: Duration = Duration::from_millis(1500);
+
 /// A member's connection, as the driver numbers them.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct PeerKey(pub u64);
@@ -127,6 +133,9 @@ pub struct TrackInfo {
 struct Published {
     info: TrackInfo,
     keyframes: KeyframeRequester,
+    /// When its last packet arrived (video: a gap means every subscriber
+    /// missed frames).
+    last_rtp: Option<std::time::Instant>,
 }
 
 /// One forwarded track to one subscriber.
@@ -431,6 +440,7 @@ impl Router {
             Published {
                 info,
                 keyframes: KeyframeRequester::new(KEYFRAME_THROTTLE),
+                last_rtp: None,
             },
         );
         Ok(())

@@ -414,3 +414,52 @@ fn a_subscription_carries_a_layer_choice() {
         Err(RouterError::AlreadyMember(A))
     );
 }
+
+#[test]
+fn video_back_after_a_silence_asks_its_publisher_for_a_keyframe() {
+    let mut r = router_with(&[A, B]);
+    publish_and_subscribe(&mut r, A, "cam", VP8);
+    let t0 = Instant::now();
+    let mut out = Vec::new();
+    r.on_rtp(A, "cam", &rtp(7, 1, 0, KEYFRAME), t0, t0, &mut out);
+    // Frames at a normal pace: no request.
+    let mut t = t0;
+    for seq in 2..10u16 {
+        t += Duration::from_millis(100);
+        out.clear();
+        r.on_rtp(
+            A,
+            "cam",
+            &rtp(7, seq, u32::from(seq) * 3000, DELTA),
+            t,
+            t,
+            &mut out,
+        );
+        assert!(keyframe_requests(&out).is_empty(), "{out:?}");
+    }
+    // A static screen's second between frames: still none.
+    t += Duration::from_millis(1000);
+    out.clear();
+    r.on_rtp(A, "cam", &rtp(7, 10, 30_000, DELTA), t, t, &mut out);
+    assert!(keyframe_requests(&out).is_empty(), "{out:?}");
+    // 2.3 s of nothing (the publisher's address changed), then a delta:
+    // forwarded, and one keyframe request for the subscribers that missed.
+    t += Duration::from_millis(2300);
+    out.clear();
+    r.on_rtp(A, "cam", &rtp(7, 11, 33_000, DELTA), t, t, &mut out);
+    assert_eq!(sends(&out).len(), 1);
+    assert_eq!(keyframe_requests(&out), vec![(A, "cam".to_owned())]);
+    // The next delta right after: nothing more.
+    out.clear();
+    let t2 = t + Duration::from_millis(30);
+    r.on_rtp(A, "cam", &rtp(7, 12, 36_000, DELTA), t2, t2, &mut out);
+    assert!(keyframe_requests(&out).is_empty(), "{out:?}");
+    // Audio never asks.
+    publish_and_subscribe(&mut r, A, "mic", OPUS);
+    out.clear();
+    r.on_rtp(A, "mic", &rtp(8, 1, 0, &[1, 2, 3]), t2, t2, &mut out);
+    let t3 = t2 + Duration::from_secs(5);
+    out.clear();
+    r.on_rtp(A, "mic", &rtp(8, 2, 960, &[1, 2, 3]), t3, t3, &mut out);
+    assert!(keyframe_requests(&out).is_empty(), "{out:?}");
+}
