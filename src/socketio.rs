@@ -522,16 +522,9 @@ impl Classic {
                 }
             }
             Event::Message(room, data) => {
-                metrics.received(Some("message"));
-                let Some((room, id)) = self.my_room(&room) else {
-                    metrics.classic_dropped(ClassicDrop::WrongRoom);
+                let Some((room, id)) = self.message_room(&room, &data) else {
                     return;
                 };
-                let size = serde_json::to_string(&data).map_or(usize::MAX, |s| s.len());
-                if size > self.hub.config().limits.max_frame_bytes {
-                    metrics.classic_dropped(ClassicDrop::TooLarge);
-                    return;
-                }
                 // Relayed: everything it says is for the server; otherwise
                 // for its peer, verbatim (the old behaviour).
                 let to = self.relayed.then_some(SFU_PEER);
@@ -586,16 +579,9 @@ impl Classic {
                 ClientMessage::Leave(Leave { room })
             }
             Event::Message(room, data) => {
-                metrics.received(Some("message"));
-                let Some((room, _)) = self.my_room(&room) else {
-                    metrics.classic_dropped(ClassicDrop::WrongRoom);
+                let Some((room, _)) = self.message_room(&room, &data) else {
                     return;
                 };
-                let size = serde_json::to_string(&data).map_or(usize::MAX, |s| s.len());
-                if size > self.hub.config().limits.max_frame_bytes {
-                    metrics.classic_dropped(ClassicDrop::TooLarge);
-                    return;
-                }
                 ClientMessage::Message(RelayRequest {
                     room,
                     to: self.relayed.then(|| SFU_PEER.to_owned()),
@@ -683,6 +669,25 @@ impl Classic {
             }
         }
         self.rejoining = false;
+    }
+
+    /// A `message(room, data)`: counted, and its room and id when `room` is
+    /// the connection's and `data` is within the size limit (else dropped
+    /// and counted).
+    fn message_room(&mut self, room: &Value, data: &Value) -> Option<(RoomName, ParticipantId)> {
+        let hub = self.hub.clone();
+        let metrics = hub.metrics();
+        metrics.received(Some("message"));
+        let Some(mine) = self.my_room(room) else {
+            metrics.classic_dropped(ClassicDrop::WrongRoom);
+            return None;
+        };
+        let size = serde_json::to_string(data).map_or(usize::MAX, |s| s.len());
+        if size > hub.config().limits.max_frame_bytes {
+            metrics.classic_dropped(ClassicDrop::TooLarge);
+            return None;
+        }
+        Some(mine)
     }
 
     /// The connection's room and id, when `named` is that room.

@@ -17,7 +17,7 @@ import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { randomBytes } from 'node:crypto';
 import {
-  fail, launchChromium, makeLog, run, screenshots, sleep, waitForHealth,
+  fail, launchChromium, makeLog, run, screenshots, sfuFramesFrom, sleep, untilAll, waitForHealth,
 } from './harness.mjs';
 
 const MEDIA_TIMEOUT_MS = 30_000;
@@ -25,19 +25,6 @@ const BACK_TIMEOUT_MS = 40_000;
 const HARD_TIMEOUT_MS = 120_000;
 const NAMES = ['alice', 'bob'];
 const log = makeLog('cluster_call');
-
-function observe(page) {
-  return page.evaluate(async () => ({
-    state: window.sb ? window.sb.state() : null,
-    video: window.sb ? await window.sb.videoStats() : [],
-  }));
-}
-
-// Frames `s`'s page decoded from the participant named `other` (by its id now).
-function framesFrom(s, other) {
-  const peer = s.state?.peers.find((p) => p.name === other);
-  return peer ? s.video.filter((x) => x.peer === peer.id && x.via === 'sfu').reduce((n, x) => n + x.framesDecoded, 0) : 0;
-}
 
 async function main() {
   const [base, bin, , , listen] = process.argv.slice(2);
@@ -80,17 +67,8 @@ async function main() {
       pages[name] = page;
     }
     const other = (n) => NAMES.find((x) => x !== n);
-    const until = async (what, ok, timeoutMs) => {
-      const deadline = Date.now() + timeoutMs;
-      for (;;) {
-        const snap = {};
-        for (const n of NAMES) snap[n] = await observe(pages[n]);
-        if (NAMES.every((n) => ok(n, snap[n]))) return snap;
-        if (Date.now() > deadline) fail(`${what} not within ${timeoutMs / 1000} s: ${JSON.stringify(snap)}`);
-        await sleep(250);
-      }
-    };
-    const before = await until('video through node-a both ways', (n, s) => framesFrom(s, other(n)) > 10, MEDIA_TIMEOUT_MS);
+    const until = (what, ok, timeoutMs) => untilAll(pages, what, ok, timeoutMs);
+    const before = await until('video through node-a both ways', (n, s) => sfuFramesFrom(s, other(n)) > 10, MEDIA_TIMEOUT_MS);
     const oldIds = Object.fromEntries(NAMES.map((n) => [n, before[n].state.id]));
     // The room is on node-a: it holds both server connections.
     const metricsA = await (await fetch(new URL('/metrics', nodeA))).text();
@@ -105,7 +83,7 @@ async function main() {
     const after = await until('both pages back in the room on node-b, decoding the other again',
       (n, s) => s.state.id && s.state.id !== oldIds[n] && s.state.phase === 'in-room'
         && s.state.peers.some((p) => p.name === other(n) && p.id !== oldIds[other(n)])
-        && framesFrom(s, other(n)) > 10,
+        && sfuFramesFrom(s, other(n)) > 10,
       BACK_TIMEOUT_MS);
     const backAt = Date.now();
     const metricsB = await (await fetch(new URL('/metrics', base))).text();
@@ -116,7 +94,7 @@ async function main() {
       room,
       killToBothDecodingMs: backAt - killedAt,
       pages: Object.fromEntries(NAMES.map((n) => [n, {
-        oldId: oldIds[n], newId: after[n].state.id, framesFromOther: framesFrom(after[n], other(n)),
+        oldId: oldIds[n], newId: after[n].state.id, framesFromOther: sfuFramesFrom(after[n], other(n)),
       }])),
     };
     if (shotDir) await screenshots(pages, shotDir, log);

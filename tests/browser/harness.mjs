@@ -81,3 +81,31 @@ export function run(main, hardTimeoutMs, log) {
     process.exit(1);
   });
 }
+
+// What a page of our own client shows a test: its state and video stats.
+export function observeCall(page) {
+  return page.evaluate(async () => ({
+    state: window.sb ? window.sb.state() : null,
+    video: window.sb ? await window.sb.videoStats() : [],
+  }));
+}
+
+// Frames an `observeCall` snapshot's page decoded through the server from
+// the participant named `other` (by its id now).
+export function sfuFramesFrom(s, other) {
+  const peer = s.state?.peers.find((p) => p.name === other);
+  return peer ? s.video.filter((x) => x.peer === peer.id && x.via === 'sfu').reduce((n, x) => n + x.framesDecoded, 0) : 0;
+}
+
+// Polls every page in `pages` (name -> page) until `ok(name, snapshot)`
+// holds for all; returns the snapshots, or fails after `timeoutMs`.
+export async function untilAll(pages, what, ok, timeoutMs) {
+  const deadline = Date.now() + timeoutMs;
+  for (;;) {
+    const snap = {};
+    for (const n of Object.keys(pages)) snap[n] = await observeCall(pages[n]);
+    if (Object.keys(pages).every((n) => ok(n, snap[n]))) return snap;
+    if (Date.now() > deadline) fail(`${what} not within ${timeoutMs / 1000} s: ${JSON.stringify(snap)}`);
+    await sleep(250);
+  }
+}

@@ -16,7 +16,7 @@ import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { randomBytes } from 'node:crypto';
 import {
-  fail, launchChromium, makeLog, run, screenshots, sleep, waitForHealth,
+  fail, launchChromium, makeLog, run, screenshots, sfuFramesFrom, sleep, untilAll, waitForHealth,
 } from './harness.mjs';
 
 const MEDIA_TIMEOUT_MS = 30_000;
@@ -25,19 +25,6 @@ const DOWN_MS = 1000;
 const HARD_TIMEOUT_MS = 120_000;
 const NAMES = ['alice', 'bob'];
 const log = makeLog('restart_call');
-
-function observe(page) {
-  return page.evaluate(async () => ({
-    state: window.sb ? window.sb.state() : null,
-    video: window.sb ? await window.sb.videoStats() : [],
-  }));
-}
-
-// Frames `s`'s page decoded from the participant named `other` (by its id now).
-function framesFrom(s, other) {
-  const peer = s.state?.peers.find((p) => p.name === other);
-  return peer ? s.video.filter((x) => x.peer === peer.id && x.via === 'sfu').reduce((n, x) => n + x.framesDecoded, 0) : 0;
-}
 
 async function main() {
   const [base, bin, ...serveArgs] = process.argv.slice(2);
@@ -64,17 +51,8 @@ async function main() {
       pages[name] = page;
     }
     const other = (n) => NAMES.find((x) => x !== n);
-    const until = async (what, ok, timeoutMs) => {
-      const deadline = Date.now() + timeoutMs;
-      for (;;) {
-        const snap = {};
-        for (const n of NAMES) snap[n] = await observe(pages[n]);
-        if (NAMES.every((n) => ok(n, snap[n]))) return snap;
-        if (Date.now() > deadline) fail(`${what} not within ${timeoutMs / 1000} s: ${JSON.stringify(snap)}`);
-        await sleep(250);
-      }
-    };
-    const before = await until('video through the server both ways', (n, s) => framesFrom(s, other(n)) > 10, MEDIA_TIMEOUT_MS);
+    const until = (what, ok, timeoutMs) => untilAll(pages, what, ok, timeoutMs);
+    const before = await until('video through the server both ways', (n, s) => sfuFramesFrom(s, other(n)) > 10, MEDIA_TIMEOUT_MS);
     const oldIds = Object.fromEntries(NAMES.map((n) => [n, before[n].state.id]));
 
     const killedAt = Date.now();
@@ -89,7 +67,7 @@ async function main() {
     const after = await until('both pages back in the room, decoding the other again',
       (n, s) => s.state.id && s.state.id !== oldIds[n] && s.state.phase === 'in-room'
         && s.state.peers.some((p) => p.name === other(n) && p.id !== oldIds[other(n)])
-        && framesFrom(s, other(n)) > 10,
+        && sfuFramesFrom(s, other(n)) > 10,
       BACK_TIMEOUT_MS);
     const backAt = Date.now();
     const result = {
@@ -98,7 +76,7 @@ async function main() {
       downMs: restartedAt - killedAt,
       killToBothDecodingMs: backAt - killedAt,
       pages: Object.fromEntries(NAMES.map((n) => [n, {
-        oldId: oldIds[n], newId: after[n].state.id, framesFromOther: framesFrom(after[n], other(n)),
+        oldId: oldIds[n], newId: after[n].state.id, framesFromOther: sfuFramesFrom(after[n], other(n)),
       }])),
     };
     if (shotDir) await screenshots(pages, shotDir, log);
