@@ -159,8 +159,9 @@ export const OUT_FOR_GOOD = ['unauthorized', 'replaced', 'removed'];
 export function onError(msg) {
   const code = msg.code || 'error';
   if (code === 'resume-failed') { resumeFailed(); return; }
-  // Cluster mode: the node hosting the room died; the same join lands on a live node.
-  if (code === 'room-closed' && msg.rejoin === true && S.phase === 'in-room') {
+  // Cluster mode: the node hosting the room died; the same join lands on a
+  // live node (also while resuming: the resume went to the dead node).
+  if (code === 'room-closed' && msg.rejoin === true && ['in-room', 'reconnecting'].includes(S.phase)) {
     resumeFailed('The server hosting this call stopped; joining the room again\u2026');
     return;
   }
