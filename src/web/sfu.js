@@ -23,8 +23,8 @@ const RESTART_AFTER_MS = 1000; // `disconnected` this long: ICE restart
 // stopped at once), and the signaling socket silent too: the path broke (an
 // address change). Chromium calls it `disconnected` only after ~5 s; this
 // sees it sooner.
-const STALL_MS = 1500;
-const STALL_PROBE_MS = 600;
+const STALL_MS = 1200;
+const STALL_PROBE_MS = 400;
 const WATCH_MS = 250;
 
 export function openSfu() {
