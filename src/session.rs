@@ -27,6 +27,9 @@ use crate::ratelimit::{RateLimiter, Verdict};
 /// WebSocket close codes we send.
 const CLOSE_GOING_AWAY: u16 = 1001;
 const CLOSE_POLICY: u16 = 1008;
+/// Close reasons a relayed connection's node may send back (`closed`).
+pub(crate) const REASON_REPLACED: &str = "resumed on another connection";
+pub(crate) const REASON_SLOW: &str = "too slow";
 
 /// Runs one connection to its end.
 pub async fn run(
@@ -157,11 +160,11 @@ impl Session {
                 () = kick.cancelled() => {
                     if self.joined.as_ref().is_some_and(|(_, id)| !self.hub.holds(id, &outbox)) {
                         tracing::info!("its participant resumed on another connection; closing this one");
-                        close(&mut sink, CLOSE_POLICY, "resumed on another connection").await;
+                        close(&mut sink, CLOSE_POLICY, REASON_REPLACED).await;
                         break Disconnect::Replaced;
                     }
                     tracing::warn!("closing a connection that does not read its messages");
-                    close(&mut sink, CLOSE_POLICY, "too slow").await;
+                    close(&mut sink, CLOSE_POLICY, REASON_SLOW).await;
                     break Disconnect::SlowConsumer;
                 }
                 Some(text) = rx.recv() => {
@@ -362,14 +365,10 @@ impl Session {
             RelayCtl::Closed(why) => {
                 cluster.end_relay(n, &owner, None);
                 tracing::info!(%why, "the room's node closed this connection");
-                Some(if why == "resumed on another connection" {
-                    Next::Close(
-                        Disconnect::Replaced,
-                        CLOSE_POLICY,
-                        "resumed on another connection",
-                    )
+                Some(if why == REASON_REPLACED {
+                    Next::Close(Disconnect::Replaced, CLOSE_POLICY, REASON_REPLACED)
                 } else {
-                    Next::Close(Disconnect::SlowConsumer, CLOSE_POLICY, "too slow")
+                    Next::Close(Disconnect::SlowConsumer, CLOSE_POLICY, REASON_SLOW)
                 })
             }
             RelayCtl::OwnerLost => {

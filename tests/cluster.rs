@@ -17,22 +17,11 @@ use std::time::{Duration, Instant};
 
 use common::classic::Raw;
 use common::media::{parse, payload, until_connected};
-use common::{metric, Client as WsClient, WAIT};
+use common::{free_port, metric, Client as WsClient, WAIT};
 use serde_json::json;
 use switchboard_client::{Client, Event, JoinOptions, Kind};
 
 const ADMIN_TOKEN: &str = "cluster-test-admin-token";
-
-/// A port free on 127.0.0.1 for TCP and UDP right now.
-fn free_port() -> u16 {
-    loop {
-        let tcp = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
-        let port = tcp.local_addr().expect("addr").port();
-        if std::net::UdpSocket::bind(("127.0.0.1", port)).is_ok() {
-            return port;
-        }
-    }
-}
 
 fn wait_for_port(port: u16, what: &str) {
     let deadline = Instant::now() + WAIT;

@@ -10,7 +10,7 @@ use std::collections::BTreeSet;
 use std::time::{Duration, Instant};
 
 use common::media::{parse, payload, until_connected};
-use common::{metric, metrics, server, Client as Ws, WAIT};
+use common::{free_port, metric, metrics, server, Client as Ws, WAIT};
 use serde_json::json;
 use switchboard::config::ServeOptions;
 use switchboard_client::{Client, Event, JoinOptions, Kind};
@@ -298,17 +298,6 @@ impl Process {
 impl Drop for Process {
     fn drop(&mut self) {
         self.kill();
-    }
-}
-
-/// A port free on 127.0.0.1 for TCP and UDP right now.
-fn free_port() -> u16 {
-    loop {
-        let tcp = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
-        let port = tcp.local_addr().expect("addr").port();
-        if std::net::UdpSocket::bind(("127.0.0.1", port)).is_ok() {
-            return port;
-        }
     }
 }
 

@@ -14,7 +14,7 @@ use super::envelope::{conn_name, Envelope};
 use super::Cluster;
 use crate::hub::{Client, Outbox};
 use crate::metrics::RelayDrop;
-use crate::session::{Ending, Next, Session};
+use crate::session::{Ending, Next, Session, REASON_REPLACED, REASON_SLOW};
 
 /// Frames from the origin waiting for the session (per connection).
 const INBOX: usize = 256;
@@ -182,9 +182,9 @@ async fn run(
             }
             () = kick.cancelled() => {
                 let reason = if session.replaced(&outbox) {
-                    "resumed on another connection"
+                    REASON_REPLACED
                 } else {
-                    "too slow"
+                    REASON_SLOW
                 };
                 flush(&mut rx);
                 send(Envelope::Closed { c: c.clone(), why: reason.to_owned() });

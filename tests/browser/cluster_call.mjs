@@ -17,7 +17,8 @@ import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { randomBytes } from 'node:crypto';
 import {
-  fail, launchChromium, makeLog, run, screenshots, sfuFramesFrom, sleep, untilAll, waitForHealth,
+  joinSfuPages, launchChromium, makeLog, run, screenshots, sfuFramesFrom, sleep, untilAll, waitForHealth,
+  fail,
 } from './harness.mjs';
 
 const MEDIA_TIMEOUT_MS = 30_000;
@@ -59,13 +60,7 @@ async function main() {
     // Both announced and seen by node-b (/readyz is 200 once Redis answered).
     await sleep(2000);
     context = await launchChromium(userDataDir, { width: 960, height: 600 });
-    for (const name of NAMES) {
-      const page = await context.newPage();
-      await page.goto(`${base}/?room=${room}&name=${name}&mode=sfu`, { timeout: 10_000 });
-      await page.waitForFunction(() => window.sb && window.sb.state().id, null, { timeout: 10_000 })
-        .catch(() => fail(`${name} never got joined`));
-      pages[name] = page;
-    }
+    await joinSfuPages(context, base, room, NAMES, pages);
     const other = (n) => NAMES.find((x) => x !== n);
     const until = (what, ok, timeoutMs) => untilAll(pages, what, ok, timeoutMs);
     const before = await until('video through node-a both ways', (n, s) => sfuFramesFrom(s, other(n)) > 10, MEDIA_TIMEOUT_MS);

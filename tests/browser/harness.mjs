@@ -109,3 +109,15 @@ export async function untilAll(pages, what, ok, timeoutMs) {
     await sleep(250);
   }
 }
+
+// Opens one page of our own client per name in `context`, each joining
+// `room` in `sfu` mode, one after the other (join order fixed); fills `pages`.
+export async function joinSfuPages(context, base, room, names, pages) {
+  for (const name of names) {
+    const page = await context.newPage();
+    await page.goto(`${base}/?room=${room}&name=${name}&mode=sfu`, { timeout: 10_000 });
+    await page.waitForFunction(() => window.sb && window.sb.state().id, null, { timeout: 10_000 })
+      .catch(() => fail(`${name} never got joined`));
+    pages[name] = page;
+  }
+}
