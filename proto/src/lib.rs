@@ -341,6 +341,7 @@ pub enum ClientMessage {
     P2pFailed(P2pFailed),
     Ping(Ping),
     Resume(Resume),
+    TrackSettings(TrackSettings),
 }
 
 impl ClientMessage {
@@ -353,6 +354,7 @@ impl ClientMessage {
             ClientMessage::P2pFailed(_) => "p2p-failed",
             ClientMessage::Ping(_) => "ping",
             ClientMessage::Resume(_) => "resume",
+            ClientMessage::TrackSettings(_) => "track-settings",
         }
     }
 
@@ -364,7 +366,35 @@ impl ClientMessage {
 }
 
 /// Every client `type`, in the order of the spec.
-pub const CLIENT_TYPES: [&str; 6] = ["join", "leave", "message", "p2p-failed", "ping", "resume"];
+pub const CLIENT_TYPES: [&str; 7] = [
+    "join",
+    "leave",
+    "message",
+    "p2p-failed",
+    "ping",
+    "resume",
+    "track-settings",
+];
+
+/// The longest `mid` a `track-settings` or `publisher-layers` names (the
+/// server's own mids are short decimal numbers; a browser's too).
+pub const MID_MAX: usize = 32;
+
+/// `track-settings` (1.1): what a subscriber wants of one of the tracks the
+/// server sends it, named by the m-section `mid` of the server's offer.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct TrackSettings {
+    pub room: RoomName,
+    pub mid: String,
+    /// The largest picture height worth sending (the tile's rendered
+    /// height, in pixels); absent: no limit.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_height: Option<u32>,
+    /// Off-screen or hidden: send nothing. Absent: not paused.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub paused: Option<bool>,
+}
 
 // ---------------------------------------------------------------------------
 // Server -> client
@@ -462,6 +492,16 @@ pub struct Speakers {
     pub speakers: Vec<Speaker>,
 }
 
+/// `publisher-layers` (1.1): the simulcast encodings (by rid) of the
+/// publisher's own m-section `mid` that some subscriber needs now; the
+/// client sets `encodings[i].active` to match.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct PublisherLayers {
+    pub room: RoomName,
+    pub mid: String,
+    pub active: Vec<String>,
+}
+
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct ErrorMessage {
     pub code: ErrorCode,
@@ -491,6 +531,8 @@ pub enum ServerMessage {
     Speakers(Speakers),
     Error(ErrorMessage),
     Pong(Ping),
+    #[serde(rename = "publisher-layers")]
+    PublisherLayers(PublisherLayers),
 }
 
 impl ServerMessage {
@@ -508,6 +550,7 @@ impl ServerMessage {
             ServerMessage::Speakers(_) => "speakers",
             ServerMessage::Error(_) => "error",
             ServerMessage::Pong(_) => "pong",
+            ServerMessage::PublisherLayers(_) => "publisher-layers",
         }
     }
 
@@ -541,7 +584,7 @@ impl ServerMessage {
 }
 
 /// Every server `type`, in the order of the spec.
-pub const SERVER_TYPES: [&str; 11] = [
+pub const SERVER_TYPES: [&str; 12] = [
     "joined",
     "resumed",
     "otherjoin",
@@ -553,6 +596,7 @@ pub const SERVER_TYPES: [&str; 11] = [
     "speakers",
     "error",
     "pong",
+    "publisher-layers",
 ];
 
 // ---------------------------------------------------------------------------
@@ -687,6 +731,17 @@ pub fn parse_client(text: &str, max_bytes: usize) -> Result<ClientMessage, Parse
         }
         "p2p-failed" => ClientMessage::P2pFailed(serde_json::from_value(body).map_err(bad)?),
         "resume" => ClientMessage::Resume(serde_json::from_value(body).map_err(bad)?),
+        "track-settings" => {
+            let t: TrackSettings = serde_json::from_value(body).map_err(bad)?;
+            if t.mid.is_empty() || t.mid.len() > MID_MAX {
+                return Err(ParseError::new(
+                    ErrorCode::BadRequest,
+                    format!("mid must be 1 to {MID_MAX} bytes"),
+                    Some("track-settings"),
+                ));
+            }
+            ClientMessage::TrackSettings(t)
+        }
         "ping" => ClientMessage::Ping(serde_json::from_value(body).map_err(|_| {
             ParseError::new(
                 ErrorCode::BadRequest,
@@ -906,6 +961,11 @@ mod tests {
             ServerMessage::Pong(Ping {
                 id: Some(PingId::Text("a".into())),
             }),
+            ServerMessage::PublisherLayers(PublisherLayers {
+                room: room.clone(),
+                mid: "0".into(),
+                active: vec!["q".into(), "h".into()],
+            }),
         ];
         let mut seen = Vec::new();
         for m in &msgs {
@@ -937,6 +997,8 @@ mod tests {
             r#"{"type":"message","room":"r","data":{"type":"candidate","label":0,"id":"0","candidate":""}}"#,
             r#"{"type":"p2p-failed","room":"r","peer":"p1"}"#,
             r#"{"type":"ping","id":"x"}"#,
+            r#"{"type":"track-settings","room":"r","mid":"1","maxHeight":180}"#,
+            r#"{"type":"track-settings","room":"r","mid":"1","paused":true}"#,
         ] {
             let v: Value = serde_json::from_str(text).unwrap();
             assert!(client.is_valid(&v), "schema rejects {text}");
@@ -945,5 +1007,35 @@ mod tests {
             assert!(client.is_valid(&again));
         }
         assert!(!client.is_valid(&serde_json::json!({"type":"join","room":""})));
+        assert!(!client.is_valid(&serde_json::json!({"type":"track-settings","room":"r"})));
+    }
+
+    #[test]
+    fn track_settings_are_bounded() {
+        assert_eq!(
+            code(r#"{"type":"track-settings","room":"r","mid":""}"#),
+            ErrorCode::BadRequest
+        );
+        let long = format!(
+            r#"{{"type":"track-settings","room":"r","mid":"{}"}}"#,
+            "1".repeat(33)
+        );
+        assert_eq!(code(&long), ErrorCode::BadRequest);
+        assert_eq!(
+            code(r#"{"type":"track-settings","room":"r","mid":"1","maxHeight":-1}"#),
+            ErrorCode::BadRequest
+        );
+        let ok = parse_client(
+            r#"{"type":"track-settings","room":"r","mid":"1","maxHeight":180}"#,
+            1000,
+        )
+        .unwrap();
+        let ClientMessage::TrackSettings(t) = ok else {
+            panic!("not track-settings: {ok:?}")
+        };
+        assert_eq!(
+            (t.mid.as_str(), t.max_height, t.paused),
+            ("1", Some(180), None)
+        );
     }
 }
