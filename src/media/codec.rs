@@ -225,6 +225,24 @@ pub fn vp8_is_keyframe(payload: &[u8]) -> Result<bool, CodecError> {
     Ok(header & 0x01 == 0)
 }
 
+/// The picture size a VP8 keyframe declares (RFC 6386 §9.1: after the
+/// 3-byte frame tag, the start code 9d 01 2a, then 14-bit width and height,
+/// little-endian), read from the keyframe's first packet. `None` for any
+/// other packet or a payload too short to say.
+pub fn vp8_keyframe_size(payload: &[u8]) -> Option<(u16, u16)> {
+    let d = Vp8Descriptor::parse(payload).ok()?;
+    if !d.start_of_partition || d.partition_id != 0 {
+        return None;
+    }
+    let h = payload.get(d.len..d.len + 10)?;
+    if h[0] & 0x01 != 0 || h[3..6] != [0x9d, 0x01, 0x2a] {
+        return None;
+    }
+    let width = u16::from_le_bytes([h[6], h[7]]) & 0x3fff;
+    let height = u16::from_le_bytes([h[8], h[9]]) & 0x3fff;
+    Some((width, height))
+}
+
 /// The VP9 payload descriptor (RFC 9628 section 4.2).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct Vp9Descriptor {
@@ -440,6 +458,28 @@ mod tests {
         // K without T: the byte is there, TID is not reported.
         let d = Vp8Descriptor::parse(&[0x90, 0x10, 0x07, 0x50]).unwrap();
         assert_eq!((d.temporal_id, d.key_idx, d.len), (None, Some(7), 3));
+    }
+
+    #[test]
+    fn vp8_keyframe_sizes() {
+        // Descriptor (X, I with a 15-bit picture id), frame tag of a
+        // keyframe, start code, 1280 x 720 with scaling bits set.
+        let mut key = vec![0x90, 0x80, 0x81, 0x23, 0x50, 0x2a, 0x01, 0x9d, 0x01, 0x2a];
+        key.extend_from_slice(&(1280u16 | 0x4000).to_le_bytes());
+        key.extend_from_slice(&(720u16 | 0x8000).to_le_bytes());
+        assert_eq!(vp8_keyframe_size(&key), Some((1280, 720)));
+        // A delta frame, a later partition, a bad start code, too short.
+        let mut delta = key.clone();
+        delta[4] |= 0x01;
+        assert_eq!(vp8_keyframe_size(&delta), None);
+        let mut later = key.clone();
+        later[0] = 0x81;
+        assert_eq!(vp8_keyframe_size(&later), None);
+        let mut bad = key.clone();
+        bad[7] = 0;
+        assert_eq!(vp8_keyframe_size(&bad), None);
+        assert_eq!(vp8_keyframe_size(&key[..12]), None);
+        assert_eq!(vp8_keyframe_size(&[]), None);
     }
 
     #[test]

@@ -11,6 +11,8 @@
 pub struct OfferLimits {
     /// Media sections (`m=` lines) in all.
     pub max_sections: usize,
+    /// Simulcast encodings (`a=rid:... send`) in one section.
+    pub max_encodings: usize,
     /// `a=candidate` lines in all.
     pub max_candidates: usize,
     /// Audio/video sections the client sends on; later ones are made
@@ -26,6 +28,8 @@ pub struct OfferShape {
     /// Audio/video sections with a sending direction (sendrecv, sendonly,
     /// or none given) and a non-zero port.
     pub sending: usize,
+    /// The most sending rids (`a=rid:<id> send`) in one section.
+    pub encodings: usize,
 }
 
 /// Why an offer is refused.
@@ -35,12 +39,15 @@ pub enum OfferError {
     TooManySections { got: usize, max: usize },
     #[error("{got} candidates, more than the {max} this server accepts")]
     TooManyCandidates { got: usize, max: usize },
+    #[error("{got} simulcast encodings in one section, more than the {max} this server accepts")]
+    TooManyEncodings { got: usize, max: usize },
 }
 
 /// Counts the sections, candidates and sending sections of `sdp`.
 pub fn inspect(sdp: &str) -> OfferShape {
     let mut shape = OfferShape::default();
     let mut section: Option<Section> = None;
+    let mut rids = 0;
     for line in sdp.split('\n') {
         match sdp_line(line) {
             Some(('m', value)) => {
@@ -48,9 +55,18 @@ pub fn inspect(sdp: &str) -> OfferShape {
                     shape.sending += 1;
                 }
                 shape.sections += 1;
+                rids = 0;
                 section = Some(Section::new(value));
             }
             Some(('a', value)) if attribute_key(value) == "candidate" => shape.candidates += 1,
+            // `a=rid:<id> send [params]` (RFC 8851).
+            Some(('a', value))
+                if attribute_key(value) == "rid"
+                    && value.split_whitespace().nth(1) == Some("send") =>
+            {
+                rids += 1;
+                shape.encodings = shape.encodings.max(rids);
+            }
             Some(('a', value)) => {
                 if let Some(s) = section.as_mut() {
                     s.see(value);
@@ -96,6 +112,12 @@ pub fn check(sdp: &str, limits: &OfferLimits) -> Result<OfferShape, OfferError> 
         return Err(OfferError::TooManyCandidates {
             got: shape.candidates,
             max: limits.max_candidates,
+        });
+    }
+    if shape.encodings > limits.max_encodings {
+        return Err(OfferError::TooManyEncodings {
+            got: shape.encodings,
+            max: limits.max_encodings,
         });
     }
     Ok(shape)
@@ -265,7 +287,8 @@ mod tests {
             OfferShape {
                 sections: 6,
                 candidates: 6,
-                sending: 3
+                sending: 3,
+                encodings: 0,
             }
         );
     }
@@ -277,6 +300,7 @@ mod tests {
             max_sections: 4,
             max_candidates: 10,
             max_sending: 4,
+            max_encodings: 3,
         };
         assert_eq!(
             check(&sdp, &limits),
@@ -286,6 +310,7 @@ mod tests {
             max_sections: 8,
             max_candidates: 4,
             max_sending: 4,
+            max_encodings: 3,
         };
         assert_eq!(
             check(&sdp, &limits),
@@ -295,8 +320,36 @@ mod tests {
             max_sections: 5,
             max_candidates: 5,
             max_sending: 1,
+            max_encodings: 3,
         };
         assert_eq!(check(&sdp, &limits).map(|s| s.sending), Ok(5));
+    }
+
+    #[test]
+    fn more_than_three_simulcast_encodings_are_refused() {
+        let video = |rids: &[&str]| {
+            let mut s = String::from("v=0\r\nm=video 9 UDP/TLS/RTP/SAVPF 96\r\na=sendonly\r\n");
+            for r in rids {
+                s.push_str(&format!("a=rid:{r} send\r\n"));
+            }
+            // Receive rids do not count.
+            s.push_str("a=rid:x recv\r\n");
+            s
+        };
+        let limits = OfferLimits {
+            max_sections: 4,
+            max_candidates: 4,
+            max_sending: 4,
+            max_encodings: 3,
+        };
+        assert_eq!(
+            check(&video(&["q", "h", "f"]), &limits).map(|s| s.encodings),
+            Ok(3)
+        );
+        assert_eq!(
+            check(&video(&["a", "b", "c", "d"]), &limits),
+            Err(OfferError::TooManyEncodings { got: 4, max: 3 })
+        );
     }
 
     #[test]

@@ -2,9 +2,11 @@
 
 use std::time::Instant;
 
+use super::layers::Admit;
 use super::{Mixing, PeerKey, Router, TrackName};
 use crate::media::rewrite::{Rewrite, RewriteDrop};
 use crate::media::speaker::SpeakerPacket;
+use crate::media::vp8::Vp8Munger;
 use crate::media::{PayloadType, Ssrc};
 use crate::mixer::{AudioLevel, InputId};
 use crate::sfu::MediaKind;
@@ -38,6 +40,22 @@ impl DescriptorPatch {
     pub fn bytes(&self) -> &[u8] {
         &self.bytes[..usize::from(self.len)]
     }
+
+    /// `pkt`'s VP8 descriptor as `vp8` rewrites it: `None` when nothing
+    /// changes (the subscriber has received one layer all along, so the
+    /// payload is sent as it is, uncopied).
+    fn munged(vp8: &mut Vp8Munger, pkt: &RtpIn<'_>) -> Result<Option<Self>, ()> {
+        let len = pkt.payload.len().min(DescriptorPatch::MAX);
+        let mut patch = DescriptorPatch {
+            // At most MAX (16): fits.
+            len: len as u8,
+            bytes: [0; DescriptorPatch::MAX],
+        };
+        patch.bytes[..len].copy_from_slice(&pkt.payload[..len]);
+        vp8.munge(pkt.ssrc, &mut patch.bytes[..len])
+            .map_err(|_| ())?;
+        Ok((patch.bytes[..len] != pkt.payload[..len]).then_some(patch))
+    }
 }
 
 /// One copy of the packet to one subscriber, with its header rewritten.
@@ -68,6 +86,8 @@ pub enum DropReason {
     Rewrite(RewriteDrop),
     /// A VP8 descriptor that cannot be rewritten.
     BadDescriptor,
+    /// A simulcast track's encoding beyond the third.
+    ExtraEncoding,
 }
 
 impl DropReason {
@@ -80,6 +100,7 @@ impl DropReason {
             DropReason::BeforeKeyframe => "before-keyframe",
             DropReason::Rewrite(r) => r.as_str(),
             DropReason::BadDescriptor => "bad-descriptor",
+            DropReason::ExtraEncoding => "extra-encoding",
         }
     }
 }
@@ -93,10 +114,12 @@ pub enum Decision {
         input: InputId,
     },
     Drop(DropReason),
-    /// Send a PLI for `track` to `publisher`.
+    /// Send a PLI for `track` to `publisher`: for its encoding `ssrc`
+    /// (a simulcast layer), or for the track's one stream.
     RequestKeyframe {
         publisher: PeerKey,
         track: TrackName,
+        ssrc: Option<u32>,
     },
 }
 
@@ -130,6 +153,16 @@ impl Router {
         if keyframe {
             published.keyframes.keyframe_received(arrived);
         }
+        if Router::track_encoding(published, pkt.ssrc, pkt.payload, keyframe, arrived).is_none() {
+            out.push(Decision::Drop(DropReason::ExtraEncoding));
+            return false;
+        }
+        let simulcast = published.info.simulcast;
+        let classic_layer = if simulcast {
+            Router::classic_layer(published)
+        } else {
+            None
+        };
         if kind == MediaKind::Video {
             let gap = published
                 .last_rtp
@@ -142,6 +175,7 @@ impl Router {
                 out.push(Decision::RequestKeyframe {
                     publisher: from,
                     track: TrackName::new(track),
+                    ssrc: simulcast.then_some(pkt.ssrc),
                 });
             }
         }
@@ -168,8 +202,11 @@ impl Router {
                 tracker.level(input, level);
             }
         }
-        let speaker_video =
-            kind == MediaKind::Video && super::speaker::is_speaker_source(publisher, track);
+        let speaker_video = kind == MediaKind::Video
+            && super::speaker::is_speaker_source(publisher, track)
+            // A simulcast speaker is shown to classic clients in its middle
+            // layer (or its only one): one SSRC, so the stream is steady.
+            && (!simulcast || classic_layer == Some(pkt.ssrc));
         // The subscribers, copied into a buffer reused from packet to packet
         // (no allocation once it has grown to the largest room).
         let mut members = std::mem::take(&mut self.scratch);
@@ -197,25 +234,48 @@ impl Router {
                 out.push(Decision::Drop(DropReason::NotNegotiated));
                 continue;
             };
-            if down.awaiting_keyframe {
+            if simulcast {
+                // One layer of several: the one this subscriber receives,
+                // or the keyframe it switches at.
+                match down.layers.admit(pkt.ssrc, keyframe) {
+                    Admit::Forward => {}
+                    Admit::Skip | Admit::Paused => continue,
+                }
+            } else if down.layers.is_paused() {
+                continue;
+            } else if down.awaiting_keyframe {
                 if !keyframe {
                     out.push(Decision::Drop(DropReason::BeforeKeyframe));
                     continue;
                 }
                 down.awaiting_keyframe = false;
             }
-            match down.rewriter.rewrite(pkt.ssrc, pkt.seq, pkt.ts, now) {
-                Rewrite::Forward { seq, ts } => out.push(Decision::Send(Send {
-                    to: sub,
-                    out: down.out,
-                    ssrc: down.ssrc,
-                    pt,
-                    seq,
-                    ts,
-                    patch: None,
-                })),
-                Rewrite::Drop(reason) => out.push(Decision::Drop(DropReason::Rewrite(reason))),
-            }
+            let (seq, ts) = match down.rewriter.rewrite(pkt.ssrc, pkt.seq, pkt.ts, now) {
+                Rewrite::Forward { seq, ts } => (seq, ts),
+                Rewrite::Drop(reason) => {
+                    out.push(Decision::Drop(DropReason::Rewrite(reason)));
+                    continue;
+                }
+            };
+            let patch = match down.layers.vp8.as_mut() {
+                Some(vp8) => match DescriptorPatch::munged(vp8, pkt) {
+                    Ok(patch) => patch,
+                    Err(()) => {
+                        out.push(Decision::Drop(DropReason::BadDescriptor));
+                        continue;
+                    }
+                },
+                None => None,
+            };
+            out.push(Decision::Send(Send {
+                to: sub,
+                out: down.out,
+                ssrc: down.ssrc,
+                pt,
+                seq,
+                ts,
+                patch,
+            }));
         }
         self.scratch = members;
         true

@@ -28,10 +28,21 @@ impl Router {
         if published.info.kind != MediaKind::Video {
             return;
         }
-        if published.keyframes.request(now) {
+        // Simulcast: a new subscriber starts on the smallest layer.
+        let lowest = if published.info.simulcast {
+            Router::lowest_live(published, now)
+        } else {
+            None
+        };
+        let requester = match lowest.and_then(|s| published.encodings.by_ssrc_mut(s)) {
+            Some(e) => &mut e.keyframes,
+            None => &mut published.keyframes,
+        };
+        if requester.request(now) {
             out.push(Decision::RequestKeyframe {
                 publisher,
                 track: TrackName::new(track),
+                ssrc: lowest,
             });
         }
     }
@@ -50,7 +61,7 @@ impl Router {
             return;
         };
         if let Some((publisher, track)) = s.by_slot.get(&out).cloned() {
-            self.request_keyframe(publisher, track.as_str(), now, decisions);
+            self.subscriber_wants(sub, publisher, &track, now, decisions);
             return;
         }
         let source = s
@@ -79,7 +90,17 @@ impl Router {
                     out.push(Decision::RequestKeyframe {
                         publisher,
                         track: track.clone(),
+                        ssrc: None,
                     });
+                }
+                for e in published.encodings.list_mut() {
+                    if e.keyframes.poll(now) {
+                        out.push(Decision::RequestKeyframe {
+                            publisher,
+                            track: track.clone(),
+                            ssrc: Some(e.ssrc),
+                        });
+                    }
                 }
             }
         }

@@ -44,14 +44,19 @@ use crate::media::{PayloadType, Ssrc};
 use crate::mixer::{InputId, MixerConfig, SpeakerTracker};
 use crate::sfu::MediaKind;
 
+pub mod allocator;
 pub mod forward;
 pub mod keyframes;
+pub mod layers;
 pub mod speaker;
 
+#[cfg(test)]
+mod layer_tests;
 #[cfg(test)]
 mod tests;
 
 pub use forward::{Decision, DescriptorPatch, DropReason, RtpIn, Send};
+pub use layers::{Allocated, LayerView, Wish};
 pub use speaker::SpeakersChanged;
 
 /// Minimum time between two PLIs to one publisher's track.
@@ -78,8 +83,9 @@ impl fmt::Display for PeerKey {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct OutSlot(pub u32);
 
-/// Which encoding of a published track a subscriber receives. One layer
-/// today; the simulcast allocator will choose per subscriber.
+/// Which encoding of a published track a subscriber receives, by rank:
+/// 0 is the smallest picture (the simulcast allocator chooses per
+/// subscriber; a track without simulcast has layer 0 only).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
 pub struct Layer(pub u8);
 
@@ -128,6 +134,10 @@ pub struct TrackInfo {
     pub codec: Codec,
     /// RTP clock rate (what a subscription's rewriter counts in).
     pub clock_rate: u32,
+    /// Sent as simulcast (rids): up to [`layers::MAX_ENCODINGS`] encodings,
+    /// one chosen per subscriber. Otherwise any SSRC of the track is its
+    /// one stream (a new SSRC after a renegotiation continues it).
+    pub simulcast: bool,
 }
 
 struct Published {
@@ -136,6 +146,9 @@ struct Published {
     /// When its last packet arrived (video: a gap means every subscriber
     /// missed frames).
     last_rtp: Option<std::time::Instant>,
+    /// Its encodings as they arrive (simulcast: one per rid; otherwise one,
+    /// measured for the allocator).
+    encodings: layers::Encodings,
 }
 
 /// One forwarded track to one subscriber.
@@ -149,8 +162,9 @@ struct Subscription {
     /// track), so the subscriber's decoder never starts on deltas it cannot
     /// decode.
     awaiting_keyframe: bool,
-    /// The layer this subscriber receives (the allocator's choice).
-    layer: Layer,
+    /// Which encoding it receives and wants, its wishes, and the VP8
+    /// rewriting that keeps the stream continuous across switches.
+    layers: layers::SubLayers,
     rewriter: SeqRewriter,
 }
 
@@ -176,6 +190,8 @@ struct Member {
     retired: HashMap<OutSlot, SeqRewriter>,
     /// The active speaker's video, for a classic member.
     speaker: Option<speaker::SpeakerOut>,
+    /// Its layer allocator (and the buffers it reuses).
+    alloc: layers::SubAlloc,
 }
 
 struct Room {
@@ -309,6 +325,7 @@ impl Router {
                 by_slot: HashMap::new(),
                 retired: HashMap::new(),
                 speaker: None,
+                alloc: layers::SubAlloc::default(),
             },
         );
         Ok(Joined {
@@ -441,6 +458,7 @@ impl Router {
                 info,
                 keyframes: KeyframeRequester::new(KEYFRAME_THROTTLE),
                 last_rtp: None,
+                encodings: layers::Encodings::default(),
             },
         );
         Ok(())
@@ -616,7 +634,7 @@ impl Router {
                 ssrc,
                 pt: None,
                 awaiting_keyframe: info.kind == MediaKind::Video && info.codec.detects_keyframes(),
-                layer: Layer::default(),
+                layers: layers::SubLayers::new(info),
                 rewriter,
             },
         );
@@ -650,36 +668,5 @@ impl Router {
         if let Some(m) = self.members.get_mut(&key) {
             m.retired.remove(&out);
         }
-    }
-
-    /// The layer `sub` receives of `publisher`'s `track`.
-    pub fn layer(&self, sub: PeerKey, publisher: PeerKey, track: &str) -> Option<Layer> {
-        let s = self.members.get(&sub)?;
-        Some(s.subs.get(&publisher)?.get(track)?.layer)
-    }
-
-    /// The allocator's choice point: `sub` should receive `layer` of
-    /// `publisher`'s `track`. With one layer today this only records it.
-    pub fn set_layer(
-        &mut self,
-        sub: PeerKey,
-        publisher: PeerKey,
-        track: &str,
-        layer: Layer,
-    ) -> Result<(), RouterError> {
-        let s = self
-            .members
-            .get_mut(&sub)
-            .ok_or(RouterError::NoMember(sub))?;
-        let subscription = s
-            .subs
-            .get_mut(&publisher)
-            .and_then(|t| t.get_mut(track))
-            .ok_or_else(|| RouterError::NoTrack {
-                publisher,
-                track: TrackName::new(track),
-            })?;
-        subscription.layer = layer;
-        Ok(())
     }
 }

@@ -1,0 +1,709 @@
+//! The simulcast layer allocator for one subscriber connection: which
+//! encoding of each video track it receives, given its downlink estimate
+//! (after LiveKit's StreamAllocator and Jitsi's BandwidthAllocator).
+//!
+//! Pure: the estimate, the tracks' layers and the subscriber's wishes, and
+//! `now`, in; one [`Target`] per track out, into the caller's buffer. No
+//! sockets, no clock, no logging; after warm-up nothing allocates.
+//!
+//! # Policy
+//!
+//! - Audio is never cut: the video budget is the estimate less the audio.
+//! - Everyone first: every track gets its lowest live layer, most important
+//!   first (the active speaker, then the rest), before any track goes
+//!   higher, so two tracks at the lowest layer beat one high and one paused.
+//!   The least important pause first when even that does not fit.
+//! - Then, most important first, each track goes as high as its wish
+//!   (`max_height`) and the budget allow.
+//! - Hysteresis, so a noisy estimate does not flip layers (each switch costs
+//!   a keyframe and a visible jump): a track goes down at once when the
+//!   current choice no longer fits, but up only within [`UP_HEADROOM`] of
+//!   the budget and not within a hold time of its last down-switch. An
+//!   up-switch that is followed by a down-switch within [`PROBE_WINDOW`]
+//!   was a failed probe, and doubles the hold.
+
+use std::collections::HashMap;
+use std::time::{Duration, Instant};
+
+/// An up-switch must leave the new total within this share of the budget:
+/// the estimate is noisy, and a choice right at its edge would go down
+/// again at its next dip.
+pub const UP_HEADROOM: f64 = 0.85;
+
+/// A track that went down waits this long before going up again.
+pub const HOLD_MIN: Duration = Duration::from_secs(4);
+
+/// The hold doubles after each failed probe, up to this.
+pub const HOLD_MAX: Duration = Duration::from_secs(32);
+
+/// A down-switch this soon after an up-switch means the up-switch was a
+/// failed probe: the link could not carry the higher layer.
+pub const PROBE_WINDOW: Duration = Duration::from_secs(20);
+
+/// The hold goes back to [`HOLD_MIN`] once this long has passed after it
+/// ran out without a down-switch (the link settled).
+pub const HOLD_RESET: Duration = Duration::from_secs(30);
+
+/// Nominal costs (bit/s) of a layer not measured yet: a small (≤ 200 px)
+/// one, a medium (≤ 400 px) one and a large one.
+pub const NOMINAL_LOW: u64 = 150_000;
+pub const NOMINAL_MID: u64 = 500_000;
+pub const NOMINAL_HIGH: u64 = 1_500_000;
+
+/// Layers past this many are ignored (so an index always fits a `u8`).
+const MAX_LAYERS: usize = u8::MAX as usize + 1;
+
+/// One encoding of a published video track as the subscriber could receive
+/// it, lowest first.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct LayerInfo {
+    /// Picture height seen in its keyframes; 0 = not known yet.
+    pub height: u16,
+    /// Measured bitrate in bit/s over the last second or so; 0 = not
+    /// measured yet.
+    pub bitrate: u32,
+    /// Packets arrived recently (a layer that stopped, or that the publisher
+    /// paused, is not live).
+    pub live: bool,
+}
+
+/// One video track this subscriber receives.
+#[derive(Debug, Clone, Copy)]
+pub struct TrackDemand<'a> {
+    /// The caller's key for the track (stable across calls; unique within
+    /// one call).
+    pub key: u64,
+    /// Lower is more important: 0 = the active speaker, then the rest.
+    pub priority: u32,
+    /// Layers ordered lowest to highest quality (1 to 3 entries; 1 = not
+    /// simulcast).
+    pub layers: &'a [LayerInfo],
+    /// The subscriber's wish (`track-settings`): largest height worth
+    /// sending; None = no limit.
+    pub max_height: Option<u32>,
+    /// The subscriber's wish: off-screen, send nothing.
+    pub paused: bool,
+}
+
+/// What a subscriber receives of one track.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Target {
+    /// This layer (an index into [`TrackDemand::layers`]).
+    Layer(u8),
+    /// Nothing.
+    Paused(PauseCause),
+}
+
+/// Why a track is not sent.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PauseCause {
+    /// The subscriber asked (`paused`).
+    Wish,
+    /// Not even its lowest layer fits what the more important tracks left.
+    Bandwidth,
+    /// None of its layers is live.
+    NoLiveLayer,
+}
+
+/// One track's target.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Allocation {
+    pub key: u64,
+    pub target: Target,
+}
+
+/// The totals of one allocation, for metrics and for the bandwidth
+/// estimator (a deficit is a reason to probe).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Summary {
+    /// bit/s of the chosen layers.
+    pub allocated: u64,
+    /// bit/s if every wish were met.
+    pub wanted: u64,
+    /// `wanted - allocated`, when positive.
+    pub deficit: u64,
+    /// Tracks paused for lack of bandwidth.
+    pub paused_for_bandwidth: u32,
+}
+
+/// What the allocator remembers of a track between calls.
+#[derive(Debug, Clone, Copy)]
+struct TrackState {
+    target: Target,
+    hold: Duration,
+    last_down: Option<Instant>,
+    /// The last up-switch not yet judged by a down-switch.
+    last_up: Option<Instant>,
+}
+
+impl TrackState {
+    fn may_rise(&self, now: Instant) -> bool {
+        self.last_down
+            .is_none_or(|d| now.saturating_duration_since(d) >= self.hold)
+    }
+
+    /// A down-switch for bandwidth at `now`. The hold is reset lazily, here:
+    /// until the next down-switch only its end (`last_down + hold`) matters.
+    fn went_down(&mut self, now: Instant) {
+        let since = |t: Instant| now.saturating_duration_since(t);
+        if self
+            .last_down
+            .is_some_and(|d| since(d) >= self.hold + HOLD_RESET)
+        {
+            self.hold = HOLD_MIN;
+        }
+        // Each up-switch is judged once.
+        if self.last_up.take().is_some_and(|u| since(u) < PROBE_WINDOW) {
+            self.hold = (self.hold * 2).min(HOLD_MAX);
+        }
+        self.last_down = Some(now);
+    }
+}
+
+/// One track during a call (same index as in `tracks`).
+#[derive(Debug, Clone, Copy)]
+struct Work {
+    /// Its lowest live layer, and the highest its wish allows.
+    lo: u8,
+    cap: u8,
+    /// Its target before this call's switches (after its wishes and its
+    /// layers' liveness applied, which they do at once).
+    base: Target,
+    target: Target,
+    /// No earlier target to switch from (new, or back from a wish pause
+    /// or dead layers): its first placement is no up- or down-switch.
+    fresh: bool,
+    /// Not within its hold time.
+    may_rise: bool,
+}
+
+impl Work {
+    fn new(t: &TrackDemand<'_>, prior: Option<&TrackState>, now: Instant) -> Work {
+        let fixed = |target| Work {
+            lo: 0,
+            cap: 0,
+            base: target,
+            target,
+            fresh: false,
+            may_rise: false,
+        };
+        let layers = usable(t.layers);
+        if t.paused {
+            return fixed(Target::Paused(PauseCause::Wish));
+        }
+        let Some(lo) = layers.iter().position(|l| l.live) else {
+            return fixed(Target::Paused(PauseCause::NoLiveLayer));
+        };
+        // Within MAX_LAYERS, so every index fits.
+        let lo = lo as u8;
+        // The wish's cap: the highest live layer no taller than it, where an
+        // unknown height fits only as the lowest live layer, and the lowest
+        // live layer when none fits (a wish never pauses a track by size).
+        let fits = |(i, l): &(usize, &LayerInfo)| {
+            *i == usize::from(lo)
+                || t.max_height
+                    .is_none_or(|max| l.height != 0 && u32::from(l.height) <= max)
+        };
+        let cap = layers
+            .iter()
+            .enumerate()
+            .filter(|(_, l)| l.live)
+            .rfind(fits)
+            .map_or(lo, |(i, _)| i as u8);
+        let (base, fresh) = match prior.map(|s| s.target) {
+            Some(Target::Layer(l)) => {
+                // The highest live layer at or below its target and cap.
+                let l = l.min(cap);
+                let settled = (0..=l).rev().find(|&i| live(layers, i)).unwrap_or(lo);
+                (Target::Layer(settled), false)
+            }
+            Some(bw @ Target::Paused(PauseCause::Bandwidth)) => (bw, false),
+            _ => (Target::Layer(lo), true),
+        };
+        Work {
+            lo,
+            cap,
+            base,
+            target: base,
+            fresh,
+            may_rise: prior.is_none_or(|s| s.may_rise(now)),
+        }
+    }
+
+    /// Neither wish-paused nor without live layers.
+    fn adjustable(&self) -> bool {
+        !matches!(
+            self.base,
+            Target::Paused(PauseCause::Wish | PauseCause::NoLiveLayer)
+        )
+    }
+}
+
+fn live(layers: &[LayerInfo], i: u8) -> bool {
+    layers.get(usize::from(i)).is_some_and(|l| l.live)
+}
+
+fn usable(layers: &[LayerInfo]) -> &[LayerInfo] {
+    &layers[..layers.len().min(MAX_LAYERS)]
+}
+
+/// bit/s of layer `i`: measured, or nominal by its height, or by its
+/// position when its height is not known either.
+fn layer_cost(layers: &[LayerInfo], i: u8) -> u64 {
+    let Some(l) = layers.get(usize::from(i)) else {
+        return 0;
+    };
+    match (l.bitrate, l.height, i) {
+        (0, 0, 0) => NOMINAL_LOW,
+        (0, 0, 1) => NOMINAL_MID,
+        (0, 0, _) => NOMINAL_HIGH,
+        (0, ..=200, _) => NOMINAL_LOW,
+        (0, ..=400, _) => NOMINAL_MID,
+        (0, _, _) => NOMINAL_HIGH,
+        (b, _, _) => u64::from(b),
+    }
+}
+
+fn cost(layers: &[LayerInfo], target: Target) -> u64 {
+    match target {
+        Target::Layer(l) => layer_cost(layers, l),
+        Target::Paused(_) => 0,
+    }
+}
+
+/// Orders targets: paused below every layer.
+fn rank(target: Target) -> u16 {
+    match target {
+        Target::Layer(l) => u16::from(l) + 1,
+        Target::Paused(_) => 0,
+    }
+}
+
+/// The layer allocator of one subscriber connection. It remembers each
+/// track's target (by [`TrackDemand::key`]) between calls for hysteresis.
+#[derive(Debug, Default)]
+pub struct Allocator {
+    states: HashMap<u64, TrackState>,
+    /// Reused per call: one entry per track, and their priority order.
+    work: Vec<Work>,
+    order: Vec<usize>,
+}
+
+impl Allocator {
+    pub fn new() -> Self {
+        Allocator::default()
+    }
+
+    /// Chooses a target for each of `tracks`. `estimate`: the subscriber's
+    /// downlink bandwidth estimate (bit/s); `audio`: bit/s of the audio it
+    /// receives (never cut, subtracted first). Appends one [`Allocation`]
+    /// per track, in the order of `tracks`, to `out` (cleared first).
+    pub fn allocate(
+        &mut self,
+        estimate: u64,
+        audio: u64,
+        tracks: &[TrackDemand<'_>],
+        now: Instant,
+        out: &mut Vec<Allocation>,
+    ) -> Summary {
+        let budget = estimate.saturating_sub(audio);
+        let headroom = (budget as f64 * UP_HEADROOM) as u64;
+        self.work.clear();
+        self.work.extend(
+            tracks
+                .iter()
+                .map(|t| Work::new(t, self.states.get(&t.key), now)),
+        );
+        self.order.clear();
+        self.order.extend(0..tracks.len());
+        self.order
+            .sort_unstable_by_key(|&i| (tracks[i].priority, tracks[i].key, i));
+
+        let current: u64 = tracks
+            .iter()
+            .zip(&self.work)
+            .map(|(t, w)| cost(usable(t.layers), w.base))
+            .sum();
+        let (work, order) = (&mut self.work[..], &self.order[..]);
+        if current <= budget {
+            fill(work, order, tracks, headroom, false, current);
+        } else {
+            fill(work, order, tracks, budget, true, 0);
+        }
+
+        out.clear();
+        let mut summary = Summary::default();
+        for (t, w) in tracks.iter().zip(&self.work) {
+            let layers = usable(t.layers);
+            summary.allocated += cost(layers, w.target);
+            if w.adjustable() {
+                summary.wanted += layer_cost(layers, w.cap);
+            }
+            if w.target == Target::Paused(PauseCause::Bandwidth) {
+                summary.paused_for_bandwidth += 1;
+            }
+            let state = self.states.entry(t.key).or_insert(TrackState {
+                target: w.target,
+                hold: HOLD_MIN,
+                last_down: None,
+                last_up: None,
+            });
+            if !w.fresh && rank(w.target) < rank(w.base) {
+                state.went_down(now);
+            } else if !w.fresh && rank(w.target) > rank(w.base) {
+                state.last_up = Some(now);
+            }
+            state.target = w.target;
+            let (key, target) = (t.key, w.target);
+            out.push(Allocation { key, target });
+        }
+        summary.deficit = summary.wanted.saturating_sub(summary.allocated);
+        summary
+    }
+
+    /// Forget a track that went away.
+    pub fn remove(&mut self, key: u64) {
+        self.states.remove(&key);
+    }
+}
+
+/// The two passes of an allocation, most important track first: tracks get
+/// their lowest layer, then each goes as high as `limit` allows.
+///
+/// Raising (the current targets fit, `total`): tracks paused for bandwidth
+/// and past their hold come back, then tracks past their hold go up to
+/// their cap, all within `limit` = the headroom. Lowering (they do not
+/// fit): every track restarts from its lowest layer (or pauses, the least
+/// important first) and goes back up to at most its current target, within
+/// `limit` = the budget; no track goes up while another goes down.
+fn fill(
+    work: &mut [Work],
+    order: &[usize],
+    tracks: &[TrackDemand<'_>],
+    limit: u64,
+    lowering: bool,
+    mut total: u64,
+) {
+    for &i in order {
+        let w = &mut work[i];
+        let restart = if lowering {
+            matches!(w.base, Target::Layer(_))
+        } else {
+            w.target == Target::Paused(PauseCause::Bandwidth) && w.may_rise
+        };
+        if restart {
+            let c = layer_cost(usable(tracks[i].layers), w.lo);
+            if total + c <= limit {
+                w.target = Target::Layer(w.lo);
+                total += c;
+            } else if lowering {
+                w.target = Target::Paused(PauseCause::Bandwidth);
+            }
+        }
+    }
+    for &i in order {
+        let w = &mut work[i];
+        let Target::Layer(l) = w.target else {
+            continue;
+        };
+        let top = match w.base {
+            Target::Layer(current) if lowering => current,
+            _ if !lowering && w.may_rise => w.cap,
+            _ => continue,
+        };
+        let layers = usable(tracks[i].layers);
+        let rest = total - layer_cost(layers, l);
+        let up = (l.saturating_add(1)..=top)
+            .rev()
+            .find(|&j| live(layers, j) && rest + layer_cost(layers, j) <= limit);
+        if let Some(j) = up {
+            w.target = Target::Layer(j);
+            total = rest + layer_cost(layers, j);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const SIM: [LayerInfo; 3] = [
+        layer(180, 150_000),
+        layer(360, 500_000),
+        layer(720, 1_500_000),
+    ];
+    const L0: Target = Target::Layer(0);
+    const L1: Target = Target::Layer(1);
+    const L2: Target = Target::Layer(2);
+    const BW: Target = Target::Paused(PauseCause::Bandwidth);
+    const WISH: Target = Target::Paused(PauseCause::Wish);
+
+    const fn layer(height: u16, bitrate: u32) -> LayerInfo {
+        let live = true;
+        LayerInfo {
+            height,
+            bitrate,
+            live,
+        }
+    }
+
+    fn track(key: u64, priority: u32, layers: &[LayerInfo]) -> TrackDemand<'_> {
+        let (max_height, paused) = (None, false);
+        TrackDemand {
+            key,
+            priority,
+            layers,
+            max_height,
+            paused,
+        }
+    }
+
+    fn capped(max_height: u32, mut t: TrackDemand<'_>) -> TrackDemand<'_> {
+        t.max_height = Some(max_height);
+        t
+    }
+
+    fn paused(mut t: TrackDemand<'_>) -> TrackDemand<'_> {
+        t.paused = true;
+        t
+    }
+
+    /// One subscriber's allocator and clock.
+    struct Sub {
+        a: Allocator,
+        t0: Instant,
+        out: Vec<Allocation>,
+    }
+
+    impl Sub {
+        fn new() -> Sub {
+            Sub {
+                a: Allocator::new(),
+                t0: Instant::now(),
+                out: Vec::new(),
+            }
+        }
+
+        /// Allocates at `s` seconds (no audio): the targets, in track order.
+        fn at(
+            &mut self,
+            s: f64,
+            estimate: u64,
+            tracks: &[TrackDemand<'_>],
+        ) -> (Vec<Target>, Summary) {
+            let now = self.t0 + Duration::from_secs_f64(s);
+            let summary = self.a.allocate(estimate, 0, tracks, now, &mut self.out);
+            let keys = self.out.iter().map(|o| o.key);
+            assert!(keys.eq(tracks.iter().map(|t| t.key)), "in track order");
+            (self.out.iter().map(|o| o.target).collect(), summary)
+        }
+
+        /// The target of a single track.
+        fn one(&mut self, s: f64, estimate: u64, track: TrackDemand<'_>) -> Target {
+            self.at(s, estimate, &[track]).0[0]
+        }
+    }
+
+    #[test]
+    fn plenty_of_budget_meets_every_wish() {
+        let (speaker, off) = (track(1, 0, &SIM), paused(track(4, 1, &SIM)));
+        let tracks = [
+            speaker,
+            capped(180, track(2, 1, &SIM)),
+            capped(90, track(3, 1, &SIM)),
+            off,
+        ];
+        let (t, s) = Sub::new().at(0.0, 20_000_000, &tracks);
+        // 90 px: shorter than every layer, still the lowest.
+        assert_eq!(t, [L2, L0, L0, WISH]);
+        let totals = (s.allocated, s.wanted, s.deficit, s.paused_for_bandwidth);
+        assert_eq!(totals, (1_800_000, 1_800_000, 0, 0));
+    }
+
+    #[test]
+    fn everyone_lowest_before_anyone_higher() {
+        let (mut a, mut out) = (Allocator::new(), Vec::new());
+        // Two tracks, the second the speaker.
+        let tracks = [track(1, 1, &SIM), track(2, 0, &SIM)];
+        let s = a.allocate(600_000, 64_000, &tracks, Instant::now(), &mut out);
+        // Both the lowest, not one high and one paused.
+        assert_eq!((out[0].target, out[1].target), (L0, L0));
+        let totals = (s.allocated, s.wanted, s.deficit);
+        assert_eq!(totals, (300_000, 3_000_000, 2_700_000));
+        // Room (within the headroom) for exactly one upgrade: the speaker's.
+        let mut a = Allocator::new();
+        a.allocate(900_000, 64_000, &tracks, Instant::now(), &mut out);
+        assert_eq!((out[0].target, out[1].target), (L0, L1));
+    }
+
+    #[test]
+    fn least_important_pause_first() {
+        let tracks = [track(7, 1, &SIM), track(3, 0, &SIM), track(5, 1, &SIM)];
+        // Room for one lowest layer: the speaker's.
+        let (t, s) = Sub::new().at(0.0, 200_000, &tracks);
+        assert_eq!(t, [BW, L0, BW]);
+        assert_eq!((s.paused_for_bandwidth, s.allocated), (2, 150_000));
+        // Room for two: the tie goes to the lower key.
+        assert_eq!(Sub::new().at(0.0, 340_000, &tracks).0, [BW, L0, L0]);
+        // Below one lowest layer nothing fits, the speaker's neither.
+        let (t, s) = Sub::new().at(0.0, 100_000, &tracks);
+        assert_eq!((t, s.allocated, s.deficit), (vec![BW; 3], 0, 4_500_000));
+        // A paused track comes back only within the headroom.
+        let mut sub = Sub::new();
+        sub.at(0.0, 200_000, &tracks);
+        assert_eq!(sub.at(1.0, 340_000, &tracks).0, [BW, L0, BW]);
+        assert_eq!(sub.at(2.0, 360_000, &tracks).0, [BW, L0, L0]);
+    }
+
+    #[test]
+    fn noisy_estimate_does_not_flap() {
+        let switches = |low: u64, high: u64| {
+            let mut sub = Sub::new();
+            let mut last = sub.one(0.0, 3_000_000, track(1, 0, &SIM));
+            let mut switches = 0;
+            for i in 1..40 {
+                let estimate = if i % 2 == 1 { low } else { high };
+                let t = sub.one(f64::from(i), estimate, track(1, 0, &SIM));
+                switches += u32::from(t != last);
+                last = t;
+            }
+            (switches, last)
+        };
+        // ±10 % around 1.6 Mbit/s: 720p fits at the top but not the
+        // bottom; once down it needs 1.77 Mbit/s to go up again.
+        assert_eq!(switches(1_440_000, 1_760_000), (1, L1));
+        // ±10 % around 1.72 Mbit/s: 720p still fits at the bottom: kept.
+        assert_eq!(switches(1_548_000, 1_892_000), (0, L2));
+    }
+
+    #[test]
+    fn up_needs_headroom() {
+        let mut sub = Sub::new();
+        // 720p would fit 1.7 Mbit/s, but not 85 % of it.
+        assert_eq!(sub.one(0.0, 1_700_000, track(1, 0, &SIM)), L1);
+        assert_eq!(sub.one(10.0, 1_760_000, track(1, 0, &SIM)), L1);
+        assert_eq!(sub.one(11.0, 1_770_000, track(1, 0, &SIM)), L2);
+    }
+
+    #[test]
+    fn hold_after_down_doubles_after_a_failed_probe() {
+        let mut sub = Sub::new();
+        let mut check = |script: &[(f64, u64, Target)]| {
+            for &(s, estimate, want) in script {
+                assert_eq!(sub.one(s, estimate, track(1, 0, &SIM)), want, "at {s} s");
+            }
+        };
+        let (lo, hi) = (1_000_000, 3_000_000);
+        // Down at once; the hold is 4 s; up once it is over.
+        check(&[(0.0, hi, L2), (1.0, lo, L1), (2.0, hi, L1)]);
+        check(&[(4.9, hi, L1), (5.0, hi, L2)]);
+        // Down 5 s after that up-switch: a failed probe, the hold is 8 s.
+        check(&[(10.0, lo, L1), (17.9, hi, L1), (18.0, hi, L2)]);
+        // Again: 16 s, then 32 s (the cap), and 32 s again.
+        check(&[(19.0, lo, L1), (34.9, hi, L1), (35.0, hi, L2)]);
+        check(&[(36.0, lo, L1), (67.9, hi, L1), (68.0, hi, L2)]);
+        check(&[(69.0, lo, L1), (100.9, hi, L1), (101.0, hi, L2)]);
+        // A down 39 s after the up is no failed probe, and 30 s past the
+        // end of the hold: back to 4 s.
+        check(&[(140.0, lo, L1), (143.9, hi, L1), (144.0, hi, L2)]);
+        // A failed probe doubles it from there; 30 s past that hold it is
+        // 4 s again.
+        check(&[(145.0, lo, L1), (152.9, hi, L1), (153.0, hi, L2)]);
+        check(&[(200.0, lo, L1), (204.0, hi, L2)]);
+    }
+
+    #[test]
+    fn wishes_apply_at_once() {
+        let mut sub = Sub::new();
+        let demand = track(1, 0, &SIM);
+        assert_eq!(sub.one(0.0, 3_000_000, demand), L2);
+        assert_eq!(sub.one(0.1, 3_000_000, capped(360, demand)), L1);
+        let (t, s) = sub.at(0.2, 3_000_000, &[paused(demand)]);
+        assert_eq!((t[0], s.wanted, s.paused_for_bandwidth), (WISH, 0, 0));
+        assert_eq!(sub.one(0.3, 3_000_000, capped(360, demand)), L1);
+        // A lifted cap: no hold (the wish, not the link, lowered it), but
+        // still the headroom.
+        assert_eq!(sub.one(0.4, 1_700_000, demand), L1);
+        assert_eq!(sub.one(0.5, 1_800_000, demand), L2);
+    }
+
+    #[test]
+    fn going_down_raises_no_track() {
+        let mut sub = Sub::new();
+        let tracks = [capped(360, track(1, 0, &SIM)), track(2, 1, &SIM)];
+        assert_eq!(sub.at(0.0, 10_000_000, &tracks).0, [L1, L2]);
+        // The speaker's cap lifts as the estimate falls: the other track
+        // goes down, and the speaker does not take its place (that would
+        // be an up-switch without headroom).
+        let (t, s) = sub.at(1.0, 1_800_000, &[track(1, 0, &SIM), track(2, 1, &SIM)]);
+        assert_eq!((t, s.allocated), (vec![L1, L1], 1_000_000));
+    }
+
+    #[test]
+    fn dead_layers_are_never_chosen() {
+        let mut sub = Sub::new();
+        let mut layers = SIM;
+        assert_eq!(sub.one(0.0, 3_000_000, track(1, 0, &layers)), L2);
+        // The top stops: the best live one at once; then the middle.
+        layers[2].live = false;
+        assert_eq!(sub.one(0.1, 3_000_000, track(1, 0, &layers)), L1);
+        layers[1].live = false;
+        assert_eq!(sub.one(0.2, 3_000_000, track(1, 0, &layers)), L0);
+        layers[0].live = false;
+        let (t, s) = sub.at(0.3, 3_000_000, &[track(1, 0, &layers)]);
+        assert_eq!(t[0], Target::Paused(PauseCause::NoLiveLayer));
+        assert_eq!(s, Summary::default());
+        // Only the top comes back: it is the lowest live layer.
+        layers[2].live = true;
+        assert_eq!(sub.one(0.4, 3_000_000, track(1, 0, &layers)), L2);
+        // A dead middle layer is skipped going up.
+        let mut sub = Sub::new();
+        layers = SIM;
+        layers[1].live = false;
+        assert_eq!(sub.one(0.0, 1_000_000, track(1, 0, &layers)), L0);
+        assert_eq!(sub.one(0.1, 3_000_000, track(1, 0, &layers)), L2);
+    }
+
+    #[test]
+    fn unknown_heights_and_bitrates_cost_nominal() {
+        let by_height = [layer(180, 0), layer(360, 0), layer(720, 0)];
+        let by_position = [layer(0, 0); 3];
+        let measured = [layer(0, 90_000), layer(0, 300_000), layer(0, 900_000)];
+        let cases = [
+            (&by_height, 1_500_000),
+            (&by_position, 1_500_000),
+            (&measured, 900_000),
+        ];
+        for (layers, top) in cases {
+            let (t, s) = Sub::new().at(0.0, 10_000_000, &[track(1, 0, layers)]);
+            assert_eq!((t[0], s.allocated, s.wanted), (L2, top, top));
+            // Headroom 935 kbit/s: only the measured top layer fits.
+            let want = if top <= 935_000 { L2 } else { L1 };
+            assert_eq!(Sub::new().one(0.0, 1_100_000, track(1, 0, layers)), want);
+        }
+        // An unknown height fits a wish only as the lowest layer.
+        let wish = capped(360, track(1, 0, &by_position));
+        let (t, s) = Sub::new().at(0.0, 10_000_000, &[wish]);
+        assert_eq!((t[0], s.wanted), (L0, 150_000));
+    }
+
+    #[test]
+    fn remove_forgets_and_out_is_reused() {
+        let mut sub = Sub::new();
+        sub.out.reserve_exact(8);
+        let (capacity, ptr) = (sub.out.capacity(), sub.out.as_ptr());
+        let tracks = [track(1, 0, &SIM), track(2, 1, &SIM)];
+        assert_eq!(sub.at(0.0, 10_000_000, &tracks).0, [L2, L2]);
+        assert_eq!(sub.at(1.0, 900_000, &tracks).0, [L1, L0]);
+        // Within the hold it stays down, unless forgotten: then it is new.
+        assert_eq!(sub.at(2.0, 10_000_000, &tracks).0, [L1, L0]);
+        sub.a.remove(1);
+        assert_eq!(sub.at(2.0, 10_000_000, &tracks[..1]).0, [L2]);
+        assert_eq!(sub.out, [Allocation { key: 1, target: L2 }]);
+        assert_eq!((sub.out.capacity(), sub.out.as_ptr()), (capacity, ptr));
+        assert_eq!(sub.a.states.len(), 2);
+        sub.a.remove(2);
+        sub.a.remove(3);
+        assert_eq!(sub.a.states.len(), 1);
+    }
+}

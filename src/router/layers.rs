@@ -1,0 +1,769 @@
+//! Simulcast: a published track's encodings, the one each subscriber
+//! receives, and the switch from one to another.
+//!
+//! - A track's [`Encodings`] are learnt from its packets: one per SSRC (a
+//!   simulcast track has up to [`MAX_ENCODINGS`], named by rid), each with
+//!   its picture size (read from its keyframes), its measured bitrate and
+//!   when it last sent. Layers are ranked by the size actually received,
+//!   not by rid name: layer 0 is the smallest picture.
+//! - A subscription's [`SubLayers`] holds the encoding it receives
+//!   (`current`) and the one the allocator chose (`target`). A switch
+//!   happens only at a keyframe of the target (asked for with a PLI to its
+//!   SSRC); until then the current encoding keeps flowing. Sequence numbers
+//!   and timestamps stay continuous ([`SeqRewriter`] follows the SSRC
+//!   change) and the VP8 descriptor is rewritten ([`Vp8Munger`]).
+//! - [`Router::allocate`] runs the subscriber's [`Allocator`] over its
+//!   video subscriptions and turns the result into targets and keyframe
+//!   requests; [`Router::needed_layers`] is what dynacast tells a
+//!   publisher to keep encoding.
+//!
+//! [`SeqRewriter`]: crate::media::rewrite::SeqRewriter
+
+use std::time::{Duration, Instant};
+
+use super::allocator::{
+    Allocation, Allocator, LayerInfo, PauseCause, Summary, Target, TrackDemand,
+};
+use super::{Decision, Layer, OutSlot, PeerKey, Router, TrackInfo, TrackName, KEYFRAME_THROTTLE};
+use crate::media::codec::{vp8_keyframe_size, Codec};
+use crate::media::keyframe::KeyframeRequester;
+use crate::media::vp8::Vp8Munger;
+use crate::sfu::MediaKind;
+
+/// The most encodings a simulcast track may have (the offer is refused
+/// beyond it; packets of a fourth SSRC are dropped).
+pub const MAX_ENCODINGS: usize = 3;
+
+/// An encoding that sent nothing for this long is not live: it stopped, or
+/// its publisher paused it. Chromium sends a 180p layer at 7+ frames per
+/// second even on a still picture.
+pub const LAYER_STALE: Duration = Duration::from_millis(1000);
+
+/// Bitrates are measured over windows of this length.
+const RATE_WINDOW: Duration = Duration::from_millis(1000);
+
+/// A switch whose keyframe has not come this long after the request asks
+/// again (the PLI or the keyframe was lost).
+const SWITCH_RETRY: Duration = Duration::from_millis(1000);
+
+/// One encoding of a published track.
+#[derive(Debug, Clone)]
+pub struct Encoding {
+    pub ssrc: u32,
+    /// Its RTP stream id, when the publisher named it (simulcast).
+    pub rid: Option<Box<str>>,
+    pub width: u16,
+    pub height: u16,
+    /// Bit/s over the last full window.
+    pub bitrate: u32,
+    window_bytes: u64,
+    window_start: Option<Instant>,
+    last_rtp: Option<Instant>,
+    pub(super) keyframes: KeyframeRequester,
+}
+
+impl Encoding {
+    fn new(ssrc: u32) -> Self {
+        Encoding {
+            ssrc,
+            rid: None,
+            width: 0,
+            height: 0,
+            bitrate: 0,
+            window_bytes: 0,
+            window_start: None,
+            last_rtp: None,
+            keyframes: KeyframeRequester::new(KEYFRAME_THROTTLE),
+        }
+    }
+
+    fn live(&self, now: Instant) -> bool {
+        self.last_rtp
+            .is_some_and(|t| now.saturating_duration_since(t) < LAYER_STALE)
+    }
+
+    /// The bitrate, or 0 when it went silent (its last window is stale).
+    fn rate(&self, now: Instant) -> u32 {
+        if self.live(now) {
+            self.bitrate
+        } else {
+            0
+        }
+    }
+}
+
+/// A published track's encodings, in arrival order, with their ranking by
+/// picture size.
+#[derive(Debug, Clone, Default)]
+pub struct Encodings {
+    list: Vec<Encoding>,
+    /// Indices into `list`, smallest picture first.
+    rank: Vec<u8>,
+}
+
+impl Encodings {
+    /// A packet of `ssrc` with `len` payload bytes: the index of its
+    /// encoding, or `None` when the track already has its
+    /// [`MAX_ENCODINGS`] live ones. A track without simulcast has one
+    /// encoding, which a new SSRC takes over.
+    fn on_packet(
+        &mut self,
+        ssrc: u32,
+        payload: &[u8],
+        info: &TrackInfo,
+        keyframe: bool,
+        now: Instant,
+    ) -> Option<usize> {
+        let i = match self.list.iter().position(|e| e.ssrc == ssrc) {
+            Some(i) => i,
+            None if !info.simulcast && !self.list.is_empty() => {
+                let mut e = Encoding::new(ssrc);
+                e.keyframes = self.list[0].keyframes.clone();
+                self.list[0] = e;
+                0
+            }
+            None if self.list.len() < MAX_ENCODINGS => {
+                self.list.push(Encoding::new(ssrc));
+                self.rerank();
+                self.list.len() - 1
+            }
+            None => {
+                // A stale encoding's slot goes to the new SSRC (its
+                // publisher restarted the layer on a new SSRC).
+                let stale = self.list.iter().position(|e| !e.live(now))?;
+                self.list[stale] = Encoding::new(ssrc);
+                self.rerank();
+                stale
+            }
+        };
+        let e = &mut self.list[i];
+        e.last_rtp = Some(now);
+        match e.window_start {
+            Some(start) if now.saturating_duration_since(start) >= RATE_WINDOW => {
+                let secs = now.saturating_duration_since(start).as_secs_f64();
+                e.bitrate = ((e.window_bytes * 8) as f64 / secs).min(f64::from(u32::MAX)) as u32;
+                e.window_bytes = 0;
+                e.window_start = Some(now);
+            }
+            None => e.window_start = Some(now),
+            Some(_) => {}
+        }
+        // Payload plus a typical RTP/SRTP/UDP/IP overhead per packet.
+        e.window_bytes += payload.len() as u64 + 60;
+        if keyframe && info.codec == Codec::Vp8 {
+            if let Some((w, h)) = vp8_keyframe_size(payload) {
+                if (w, h) != (e.width, e.height) {
+                    e.width = w;
+                    e.height = h;
+                    self.rerank();
+                }
+            }
+        }
+        if keyframe {
+            self.list[i].keyframes.keyframe_received(now);
+        }
+        Some(i)
+    }
+
+    fn rerank(&mut self) {
+        self.rank.clear();
+        // At most MAX_ENCODINGS (3): the index fits.
+        self.rank.extend((0..self.list.len()).map(|i| i as u8));
+        let list = &self.list;
+        // Unknown sizes (0) rank by arrival among themselves, below known
+        // ones only if they are smaller: a size is learnt at the first
+        // keyframe, within a second of the first packet.
+        self.rank.sort_by_key(|&i| (list[usize::from(i)].height, i));
+    }
+
+    pub fn len(&self) -> usize {
+        self.list.len()
+    }
+
+    pub(super) fn list_mut(&mut self) -> &mut [Encoding] {
+        &mut self.list
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.list.is_empty()
+    }
+
+    pub fn by_rid(&self, rid: &str) -> Option<&Encoding> {
+        self.list.iter().find(|e| e.rid.as_deref() == Some(rid))
+    }
+
+    pub fn by_ssrc(&self, ssrc: u32) -> Option<&Encoding> {
+        self.list.iter().find(|e| e.ssrc == ssrc)
+    }
+
+    pub(super) fn by_ssrc_mut(&mut self, ssrc: u32) -> Option<&mut Encoding> {
+        self.list.iter_mut().find(|e| e.ssrc == ssrc)
+    }
+
+    /// The encoding of rank `layer`.
+    pub fn at(&self, layer: Layer) -> Option<&Encoding> {
+        let i = *self.rank.get(usize::from(layer.0))?;
+        self.list.get(usize::from(i))
+    }
+
+    /// The rank of `ssrc`'s encoding.
+    pub fn layer_of(&self, ssrc: u32) -> Option<Layer> {
+        let i = self.list.iter().position(|e| e.ssrc == ssrc)?;
+        // At most MAX_ENCODINGS ranks: fits.
+        self.rank
+            .iter()
+            .position(|&r| usize::from(r) == i)
+            .map(|p| Layer(p as u8))
+    }
+
+    /// The smallest live encoding.
+    fn lowest_live(&self, now: Instant) -> Option<u32> {
+        self.rank
+            .iter()
+            .map(|&i| &self.list[usize::from(i)])
+            .find(|e| e.live(now))
+            .map(|e| e.ssrc)
+    }
+
+    /// The layers as the allocator sees them, smallest first.
+    fn view(&self, now: Instant, out: &mut Vec<LayerInfo>) {
+        out.clear();
+        out.extend(self.rank.iter().map(|&i| {
+            let e = &self.list[usize::from(i)];
+            LayerInfo {
+                height: e.height,
+                bitrate: e.rate(now),
+                live: e.live(now),
+            }
+        }));
+    }
+
+    /// Sum of the live encodings' bitrates.
+    fn total_rate(&self, now: Instant) -> u64 {
+        self.list.iter().map(|e| u64::from(e.rate(now))).sum()
+    }
+}
+
+/// What a subscriber asked for one track (`track-settings`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Wish {
+    /// The tallest picture worth sending; `None`: no limit.
+    pub max_height: Option<u32>,
+    /// Off-screen: nothing.
+    pub paused: bool,
+}
+
+/// Which encoding one subscription receives, and which it should.
+#[derive(Debug, Clone)]
+pub(super) struct SubLayers {
+    simulcast: bool,
+    /// The encoding forwarded now (`None`: waiting for a first keyframe).
+    current: Option<u32>,
+    /// The encoding chosen (`None`: not chosen yet, the smallest live).
+    target: Option<u32>,
+    /// Paused by the allocator (wish or bandwidth): nothing is forwarded.
+    paused: Option<PauseCause>,
+    /// When the target's keyframe was last asked for.
+    asked: Option<Instant>,
+    pub(super) wish: Wish,
+    /// Keeps the picture ids continuous across switches (VP8 simulcast).
+    pub(super) vp8: Option<Vp8Munger>,
+}
+
+/// What happens to one packet of a simulcast track for one subscriber.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Admit {
+    Forward,
+    /// Another layer than the one it receives, or a layer it waits for a
+    /// keyframe of: not for this subscriber, and not a loss.
+    Skip,
+    Paused,
+}
+
+impl SubLayers {
+    pub(super) fn new(info: TrackInfo) -> Self {
+        SubLayers {
+            simulcast: info.simulcast,
+            current: None,
+            target: None,
+            paused: None,
+            asked: None,
+            wish: Wish::default(),
+            vp8: (info.simulcast && info.codec == Codec::Vp8).then(Vp8Munger::new),
+        }
+    }
+
+    pub(super) fn is_paused(&self) -> bool {
+        self.paused.is_some()
+    }
+
+    /// A packet of encoding `ssrc`. Nothing is forwarded before the
+    /// allocator chose a layer (its next round, within
+    /// `ALLOCATE_EVERY`): the first packets of a simulcast track come from
+    /// whichever layer the network delivers first, not the one to start on.
+    pub(super) fn admit(&mut self, ssrc: u32, keyframe: bool) -> Admit {
+        if self.paused.is_some() {
+            return Admit::Paused;
+        }
+        if self.current == Some(ssrc) {
+            return Admit::Forward;
+        }
+        if keyframe && self.target == Some(ssrc) {
+            self.current = Some(ssrc);
+            self.asked = None;
+            return Admit::Forward;
+        }
+        Admit::Skip
+    }
+
+    /// The encoding a keyframe request from this subscriber is for: the
+    /// one it switches to, else the one it receives.
+    fn wanted(&self) -> Option<u32> {
+        match (self.target, self.current) {
+            (Some(t), c) if c != Some(t) => Some(t),
+            (_, Some(c)) => Some(c),
+            (t, None) => t,
+        }
+    }
+}
+
+/// What [`Router::allocate`] did for one subscriber.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Allocated {
+    pub summary: Summary,
+    /// Subscriptions whose target changed (a switch is under way).
+    pub switches: u32,
+}
+
+/// One subscribed video track, as [`Router::subscriptions_of`] shows it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LayerView {
+    pub publisher: PeerKey,
+    pub track: TrackName,
+    pub out: OutSlot,
+    /// Rank of the encoding forwarded now.
+    pub current: Option<Layer>,
+    pub target: Option<Layer>,
+    pub paused: Option<PauseCause>,
+    pub layers: usize,
+}
+
+/// Per-subscriber allocation state, kept on the member.
+#[derive(Default)]
+pub(super) struct SubAlloc {
+    allocator: Allocator,
+    /// Reused buffers: layer views, demands' keys, results.
+    layers: Vec<Vec<LayerInfo>>,
+    keys: Vec<(PeerKey, TrackName)>,
+    out: Vec<Allocation>,
+}
+
+impl Router {
+    /// The encoding of `track` this packet belongs to, measured; `None`:
+    /// an extra encoding beyond [`MAX_ENCODINGS`] (dropped).
+    pub(super) fn track_encoding(
+        published: &mut super::Published,
+        ssrc: u32,
+        payload: &[u8],
+        keyframe: bool,
+        now: Instant,
+    ) -> Option<usize> {
+        let info = published.info;
+        published
+            .encodings
+            .on_packet(ssrc, payload, &info, keyframe, now)
+    }
+
+    /// `publisher`'s encoding `ssrc` of `track` is named `rid`.
+    pub fn set_rid(&mut self, publisher: PeerKey, track: &str, ssrc: u32, rid: &str) {
+        let Some(p) = self
+            .members
+            .get_mut(&publisher)
+            .and_then(|m| m.published.get_mut(track))
+        else {
+            return;
+        };
+        let known = p.encodings.by_ssrc(ssrc).is_some();
+        if !known && p.encodings.len() < MAX_ENCODINGS {
+            p.encodings.list.push(Encoding::new(ssrc));
+            p.encodings.rerank();
+        }
+        if let Some(e) = p.encodings.by_ssrc_mut(ssrc) {
+            e.rid = Some(rid.into());
+        }
+    }
+
+    /// The encodings of `publisher`'s `track`.
+    pub fn encodings(&self, publisher: PeerKey, track: &str) -> Option<&Encodings> {
+        Some(
+            &self
+                .members
+                .get(&publisher)?
+                .published
+                .get(track)?
+                .encodings,
+        )
+    }
+
+    /// `sub`'s wish for the track on its slot `out` (`track-settings`).
+    /// Returns false when the slot carries no subscription.
+    pub fn set_wish(&mut self, sub: PeerKey, out: OutSlot, wish: Wish) -> bool {
+        let Some(s) = self.members.get_mut(&sub) else {
+            return false;
+        };
+        let Some((publisher, track)) = s.by_slot.get(&out) else {
+            return false;
+        };
+        match s.subs.get_mut(publisher).and_then(|t| t.get_mut(track)) {
+            Some(down) => {
+                down.layers.wish = wish;
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// `sub`'s video subscriptions and their layers.
+    pub fn subscriptions_of(&self, sub: PeerKey) -> Vec<LayerView> {
+        let Some(s) = self.members.get(&sub) else {
+            return Vec::new();
+        };
+        let mut views = Vec::new();
+        for (&publisher, tracks) in &s.subs {
+            for (track, down) in tracks {
+                let Some(enc) = self
+                    .members
+                    .get(&publisher)
+                    .and_then(|p| p.published.get(track))
+                    .filter(|p| p.info.kind == MediaKind::Video)
+                    .map(|p| &p.encodings)
+                else {
+                    continue;
+                };
+                let rank = |ssrc: Option<u32>| ssrc.and_then(|s| enc.layer_of(s));
+                views.push(LayerView {
+                    publisher,
+                    track: track.clone(),
+                    out: down.out,
+                    current: rank(down.layers.current),
+                    target: rank(down.layers.target),
+                    paused: down.layers.paused,
+                    layers: enc.len(),
+                });
+            }
+        }
+        views.sort_by_key(|v| v.out);
+        views
+    }
+
+    /// Chooses the layer of every video track `sub` receives, for a
+    /// downlink estimate of `estimate` bit/s (`None`: no estimate, the
+    /// subscriber sends no congestion feedback: no limit). New targets get
+    /// a keyframe request for their encoding (appended to `out`).
+    pub fn allocate(
+        &mut self,
+        sub: PeerKey,
+        estimate: Option<u64>,
+        now: Instant,
+        out: &mut Vec<Decision>,
+    ) -> Allocated {
+        let Some(s) = self.members.get_mut(&sub) else {
+            return Allocated::default();
+        };
+        let mut alloc = std::mem::take(&mut s.alloc);
+        let room = s.room.clone();
+        let speaking: &[crate::mixer::InputId] =
+            self.rooms.get(&room).map_or(&[], |r| &r.speaking[..]);
+        // The demands: every video subscription, with its publisher's
+        // speaking rank as priority; audio only adds to the budget taken.
+        alloc.keys.clear();
+        let mut audio = 0u64;
+        let mut n = 0;
+        let mut meta: Vec<(u32, Wish, u64)> = Vec::new();
+        {
+            let s = &self.members[&sub];
+            let mut pubs: Vec<&PeerKey> = s.subs.keys().collect();
+            pubs.sort_unstable();
+            for &publisher in pubs {
+                let Some(p) = self.members.get(&publisher) else {
+                    continue;
+                };
+                let priority = p
+                    .audio_input
+                    .and_then(|i| speaking.iter().position(|&x| x == i))
+                    .map_or(u32::MAX / 2, |r| r as u32);
+                let mut tracks: Vec<(&TrackName, &super::Subscription)> =
+                    s.subs[&publisher].iter().collect();
+                tracks.sort_unstable_by(|a, b| a.0.cmp(b.0));
+                for (track, down) in tracks {
+                    let Some(published) = p.published.get(track) else {
+                        continue;
+                    };
+                    if published.info.kind == MediaKind::Audio {
+                        if !down.layers.is_paused() {
+                            audio += published.encodings.total_rate(now);
+                        }
+                        continue;
+                    }
+                    if alloc.layers.len() <= n {
+                        alloc.layers.push(Vec::with_capacity(MAX_ENCODINGS));
+                    }
+                    published.encodings.view(now, &mut alloc.layers[n]);
+                    if alloc.layers[n].is_empty() {
+                        // Nothing arrived yet: one layer of unknown size,
+                        // so the track is counted (and can be paused).
+                        alloc.layers[n].push(LayerInfo {
+                            height: 0,
+                            bitrate: 0,
+                            live: true,
+                        });
+                    }
+                    alloc.keys.push((publisher, track.clone()));
+                    meta.push((priority, down.layers.wish, u64::from(down.out.0)));
+                    n += 1;
+                }
+            }
+        }
+        let demands: Vec<TrackDemand<'_>> = meta
+            .iter()
+            .zip(&alloc.layers)
+            .map(|(&(priority, wish, key), layers)| TrackDemand {
+                key,
+                priority,
+                layers,
+                max_height: wish.max_height,
+                paused: wish.paused,
+            })
+            .collect();
+        let summary = alloc.allocator.allocate(
+            estimate.unwrap_or(u64::MAX / 4),
+            audio,
+            &demands,
+            now,
+            &mut alloc.out,
+        );
+        drop(demands);
+        let mut switches = 0;
+        for (a, (publisher, track)) in alloc.out.iter().zip(&alloc.keys) {
+            if self.apply_target(sub, *publisher, track, a.target, now, out) {
+                switches += 1;
+            }
+        }
+        if let Some(s) = self.members.get_mut(&sub) {
+            s.alloc = alloc;
+        }
+        Allocated { summary, switches }
+    }
+
+    /// Puts one allocation into effect. Returns whether the target changed.
+    fn apply_target(
+        &mut self,
+        sub: PeerKey,
+        publisher: PeerKey,
+        track: &TrackName,
+        target: Target,
+        now: Instant,
+        out: &mut Vec<Decision>,
+    ) -> bool {
+        let Some(published) = self
+            .members
+            .get(&publisher)
+            .and_then(|p| p.published.get(track))
+        else {
+            return false;
+        };
+        let info = published.info;
+        let layer_ssrc = match target {
+            Target::Layer(layer) => published.encodings.at(Layer(layer)).map(|e| e.ssrc),
+            Target::Paused(_) => None,
+        };
+        let Some(down) = self
+            .members
+            .get_mut(&sub)
+            .and_then(|s| s.subs.get_mut(&publisher))
+            .and_then(|t| t.get_mut(track))
+        else {
+            return false;
+        };
+        let l = &mut down.layers;
+        let (changed, ask) = match target {
+            // Nothing arrives: nothing to stop. When its packets come back
+            // they go on as before (a silent publisher, a muted one, a
+            // layer that restarts), without waiting for a keyframe.
+            Target::Paused(PauseCause::NoLiveLayer) => (false, None),
+            Target::Paused(cause) => {
+                let changed = l.paused.is_none();
+                l.paused = Some(cause);
+                // Resuming starts at a keyframe.
+                l.current = None;
+                down.awaiting_keyframe = info.codec.detects_keyframes();
+                (changed, None)
+            }
+            Target::Layer(_) => {
+                let resumed = l.paused.take().is_some();
+                let changed = resumed || (layer_ssrc.is_some() && layer_ssrc != l.target);
+                if layer_ssrc.is_some() {
+                    l.target = layer_ssrc;
+                }
+                let waiting = l.current.is_none() || (l.simulcast && l.current != l.target);
+                let due = l
+                    .asked
+                    .is_none_or(|t| now.saturating_duration_since(t) >= SWITCH_RETRY);
+                let ask = (changed || waiting) && due && info.kind == MediaKind::Video;
+                if ask {
+                    l.asked = Some(now);
+                }
+                let simulcast_waiting = l.simulcast && waiting;
+                // A paused plain track resumes at its next keyframe.
+                if resumed && !l.simulcast {
+                    down.awaiting_keyframe = info.codec.detects_keyframes();
+                }
+                let wanted = if down.layers.simulcast {
+                    down.layers.wanted()
+                } else {
+                    None
+                };
+                (
+                    changed,
+                    (ask && (changed || simulcast_waiting || down.awaiting_keyframe))
+                        .then_some(wanted),
+                )
+            }
+        };
+        if let Some(wanted) = ask {
+            let Some(published) = self
+                .members
+                .get_mut(&publisher)
+                .and_then(|p| p.published.get_mut(track))
+            else {
+                return changed;
+            };
+            let requester = match wanted.and_then(|s| published.encodings.by_ssrc_mut(s)) {
+                Some(e) => &mut e.keyframes,
+                None => &mut published.keyframes,
+            };
+            if requester.request(now) {
+                out.push(Decision::RequestKeyframe {
+                    publisher,
+                    track: track.clone(),
+                    ssrc: wanted,
+                });
+            }
+        }
+        changed
+    }
+
+    /// The encodings (SSRCs) of `publisher`'s `track` that a subscriber
+    /// needs now: the smallest always (a subscriber whose bandwidth drops
+    /// falls back to it), each subscriber's target and current, and the
+    /// largest its wish allows (so the allocator can climb to it). The
+    /// others can be paused at the publisher (dynacast).
+    pub fn needed_layers(&self, publisher: PeerKey, track: &str, out: &mut Vec<u32>) {
+        out.clear();
+        let Some(p) = self.members.get(&publisher) else {
+            return;
+        };
+        let Some(published) = p.published.get(track) else {
+            return;
+        };
+        let enc = &published.encodings;
+        if let Some(e) = enc.at(Layer(0)) {
+            out.push(e.ssrc);
+        }
+        let Some(room) = self.rooms.get(&p.room) else {
+            return;
+        };
+        for sub in &room.members {
+            let Some(down) = self
+                .members
+                .get(sub)
+                .and_then(|s| s.subs.get(&publisher))
+                .and_then(|t| t.get(track))
+            else {
+                continue;
+            };
+            let l = &down.layers;
+            if l.wish.paused {
+                continue;
+            }
+            for ssrc in [l.current, l.target].into_iter().flatten() {
+                if !out.contains(&ssrc) {
+                    out.push(ssrc);
+                }
+            }
+            // The tallest layer the wish allows.
+            let cap = (0..enc.len())
+                .rev()
+                .filter_map(|r| enc.at(Layer(r as u8)))
+                .find(|e| l.wish.max_height.is_none_or(|h| u32::from(e.height) <= h));
+            if let Some(e) = cap {
+                if !out.contains(&e.ssrc) {
+                    out.push(e.ssrc);
+                }
+            }
+        }
+    }
+
+    /// A subscriber's keyframe request, for the encoding it is about.
+    pub(super) fn subscriber_wants(
+        &mut self,
+        sub: PeerKey,
+        publisher: PeerKey,
+        track: &TrackName,
+        now: Instant,
+        out: &mut Vec<Decision>,
+    ) {
+        let wanted = self
+            .members
+            .get(&sub)
+            .and_then(|s| s.subs.get(&publisher))
+            .and_then(|t| t.get(track))
+            .filter(|d| d.layers.simulcast)
+            .and_then(|d| d.layers.wanted());
+        let Some(ssrc) = wanted else {
+            self.request_keyframe(publisher, track.as_str(), now, out);
+            return;
+        };
+        let Some(e) = self
+            .members
+            .get_mut(&publisher)
+            .and_then(|p| p.published.get_mut(track))
+            .and_then(|p| p.encodings.by_ssrc_mut(ssrc))
+        else {
+            return;
+        };
+        if e.keyframes.request(now) {
+            out.push(Decision::RequestKeyframe {
+                publisher,
+                track: track.clone(),
+                ssrc: Some(ssrc),
+            });
+        }
+    }
+
+    /// The encoding of a simulcast track shown to classic clients: the
+    /// middle one when there are three or two (360p of a 720p camera), the
+    /// only one otherwise.
+    pub(super) fn classic_layer(published: &super::Published) -> Option<u32> {
+        let enc = &published.encodings;
+        enc.at(Layer(1))
+            .or_else(|| enc.at(Layer(0)))
+            .map(|e| e.ssrc)
+    }
+
+    /// Whether `sub` receives a simulcast track.
+    pub fn receives_simulcast(&self, sub: PeerKey) -> bool {
+        let Some(s) = self.members.get(&sub) else {
+            return false;
+        };
+        s.subs
+            .values()
+            .flat_map(|t| t.values())
+            .any(|d| d.layers.simulcast)
+    }
+
+    /// The smallest live encoding of a track (the default target).
+    pub(super) fn lowest_live(published: &super::Published, now: Instant) -> Option<u32> {
+        published.encodings.lowest_live(now)
+    }
+}
