@@ -487,6 +487,10 @@ impl Hub {
         if self.config.cluster.is_some() {
             f.push("cluster".to_owned());
         }
+        if self.media.is_some() {
+            // Simulcast publishing, `track-settings`, `publisher-layers`.
+            f.push("simulcast".to_owned());
+        }
         f
     }
 
@@ -1007,6 +1011,31 @@ impl Hub {
         }
         let effect = room.relay(from, to, data)?;
         self.deliver(&room, [effect]);
+        Ok(())
+    }
+
+    /// Handles `track-settings` (1.1): passed to the media plane, which
+    /// applies it to the participant's subscription on `mid` (an unknown
+    /// mid is ignored there: the track may have just gone away).
+    pub fn track_settings(
+        &self,
+        room_name: &RoomName,
+        from: &ParticipantId,
+        settings: switchboard_proto::TrackSettings,
+    ) -> Result<(), HubError> {
+        let room = self
+            .rooms
+            .get(room_name)
+            .ok_or_else(|| HubError::NotInRoom(room_name.clone()))?;
+        if !room.contains(from) {
+            return Err(RoomError::NotAMember(from.clone()).into());
+        }
+        if let Some(media) = &self.media {
+            media.send(Command::TrackSettings {
+                participant: from.clone(),
+                settings,
+            })?;
+        }
         Ok(())
     }
 

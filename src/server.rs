@@ -407,6 +407,7 @@ const SCRIPTS: &[(&str, &str)] = &[
     ("/p2p.js", include_str!("web/p2p.js")),
     ("/switch.js", include_str!("web/switch.js")),
     ("/sfu.js", include_str!("web/sfu.js")),
+    ("/layers.js", include_str!("web/layers.js")),
     ("/chat.js", include_str!("web/chat.js")),
     ("/stats.js", include_str!("web/stats.js")),
     ("/testhooks.js", include_str!("web/testhooks.js")),

@@ -512,6 +512,13 @@ impl Session {
                     }
                 }
             }
+            ClientMessage::TrackSettings(t) => {
+                if let Some((room, id)) = self.my_room(outbox, &t.room, ty) {
+                    if let Err(e) = self.hub.track_settings(&room, &id, t) {
+                        self.error(outbox, e.code(), &e.to_string(), Some(ty));
+                    }
+                }
+            }
             ClientMessage::P2pFailed(f) => {
                 if let Some((room, id)) = self.my_room(outbox, &f.room, ty) {
                     match self.hub.p2p_failed(&room, &id, &f.peer) {

@@ -112,6 +112,12 @@ pub enum Command {
         kind: MediaKind,
         muted: bool,
     },
+    /// `track-settings`: what `participant` wants of the track on its
+    /// m-section `mid`.
+    TrackSettings {
+        participant: ParticipantId,
+        settings: switchboard_proto::TrackSettings,
+    },
     /// `participant` left `room` (or vanished).
     Left {
         room: RoomName,

@@ -790,7 +790,11 @@ impl Classic {
                 }
             }
             // Classic clients never resume (no `resume` event).
-            ServerMessage::Speakers(_) | ServerMessage::Pong(_) | ServerMessage::Resumed(_) => {}
+            // A classic client publishes one layer: nothing to pause.
+            ServerMessage::Speakers(_)
+            | ServerMessage::Pong(_)
+            | ServerMessage::Resumed(_)
+            | ServerMessage::PublisherLayers(_) => {}
         }
         Ok(())
     }

@@ -63,6 +63,11 @@ impl Engine {
                         published.ssrc = init.ssrc;
                         published.receiver_id = init.receiver_id;
                     }
+                    // Simulcast: one OnOpen per encoding, each with its rid.
+                    tracing::debug!(participant = %p.participant, track = %init.track_id, rid = ?init.rid, ssrc = init.ssrc, "track encoding");
+                    if let Some(rid) = &init.rid {
+                        self.router.set_rid(key, &init.track_id, init.ssrc, rid);
+                    }
                 }
                 RTCPeerConnectionEvent::OnTrack(RTCTrackEvent::OnOpen(_)) if !p.grants.publish => {
                     self.metrics.media_dropped("forbidden");
@@ -112,7 +117,7 @@ impl Engine {
                         .iter()
                         .find(|e| e.uri == rtc::sdp::extmap::AUDIO_LEVEL_URI)
                         .and_then(|e| u8::try_from(e.id).ok());
-                    tracing::info!(participant = %p.participant, track = %init.track_id, ?kind, mime = %codec.mime_type, "track published");
+                    tracing::info!(participant = %p.participant, track = %init.track_id, ?kind, mime = %codec.mime_type, rid = ?init.rid, ssrc = init.ssrc, "track published");
                     let media_kind = media_kind(kind);
                     self.publishing.track(&p.participant, media_kind, true);
                     if let Some(w) = &self.webhooks {
@@ -125,14 +130,19 @@ impl Engine {
                             mid,
                         ));
                     }
+                    let simulcast = init.rid.is_some();
                     let info = TrackInfo {
                         kind: media_kind,
                         codec: Codec::from_mime(&codec.mime_type),
                         clock_rate: codec.clock_rate,
+                        simulcast,
                     };
                     let name = TrackName::new(&init.track_id);
                     if let Err(e) = self.router.publish(key, name.clone(), info) {
                         tracing::error!(participant = %p.participant, error = %e, "cannot publish");
+                    }
+                    if let Some(rid) = &init.rid {
+                        self.router.set_rid(key, &init.track_id, init.ssrc, rid);
                     }
                     p.published.insert(
                         init.track_id.clone(),
@@ -144,6 +154,7 @@ impl Engine {
                             strip_extensions,
                             opus_pt,
                             audio_level_ext,
+                            simulcast,
                         },
                     );
                     self.actions.push(Action::TrackOpened(key, name));
@@ -285,12 +296,17 @@ impl Engine {
                 Decision::Drop(reason) => self.metrics.media_dropped(reason.as_str()),
                 // Pushed by `forward`, which has the packet's payload type.
                 Decision::Mix { .. } => {}
-                Decision::RequestKeyframe { publisher, track } => {
+                Decision::RequestKeyframe {
+                    publisher,
+                    track,
+                    ssrc,
+                } => {
                     let Some(p) = self.peers.get_mut(&publisher) else {
                         continue;
                     };
                     if let Some(published) = p.published.get(track.as_str()) {
-                        send_pli(&mut p.pc, published.receiver_id, published.ssrc, now);
+                        let ssrc = ssrc.unwrap_or(published.ssrc);
+                        send_pli(&mut p.pc, published.receiver_id, ssrc, now);
                         self.metrics.plis_sent.inc();
                     }
                 }
@@ -405,7 +421,7 @@ pub(super) fn media_kind(kind: RtpCodecKind) -> MediaKind {
 }
 
 /// The mid of the m-section a receiver belongs to.
-fn receiver_mid(pc: &mut RTCPeerConnection, receiver: RTCRtpReceiverId) -> String {
+pub(super) fn receiver_mid(pc: &mut RTCPeerConnection, receiver: RTCRtpReceiverId) -> String {
     let ids: Vec<_> = pc.get_transceivers().collect();
     ids.into_iter()
         .find_map(|id| {

@@ -19,14 +19,29 @@ use crate::metrics::Metrics;
 /// are picked out application-most (after everything else has read them);
 /// NACKs are counted wire-most, where those the NACK generator (7_000)
 /// writes pass too.
+///
+/// Also send-side congestion control: transport-wide sequence numbers on
+/// what the server sends, and the subscriber's TWCC feedback into
+/// [`super::bwe::Bwe`], whose estimate the returned handle reads. No pacer:
+/// the allocator keeps what is forwarded under the estimate, and a pacer
+/// would queue (and delay) every packet to smooth what is already smooth.
 pub(super) fn registry(
     metrics: &Metrics,
     media_engine: &mut MediaEngine,
-) -> Result<Registry, rtc::shared::error::Error> {
+) -> Result<(Registry, super::bwe::Estimate), rtc::shared::error::Error> {
+    let (bwe, estimate) = super::bwe::Bwe::new();
     let registry = Registry::new()
         .with(Slot::from(14_000), DeliverKeyframeRequests::default())
-        .with(Slot::from(100), CountNacks::new(metrics));
-    register_interceptors(registry, media_engine)
+        .with(Slot::from(100), CountNacks::new(metrics))
+        .with(
+            Slot::CongestionControl,
+            rtc::interceptor::CongestionControlBuilder::new(bwe).build(),
+        )
+        .with(
+            Slot::TwccSender,
+            rtc::interceptor::TwccSenderBuilder::new().build(),
+        );
+    Ok((register_interceptors(registry, media_engine)?, estimate))
 }
 
 /// A lost packet is NACKed at most this many times (one per 100 ms

@@ -55,9 +55,11 @@ use crate::router::{Decision, OutSlot, PeerKey, Router, TrackName};
 use crate::sfu::{Command, MediaConfig, MediaPlane, Publishing, Signal, COMMAND_QUEUE};
 use crate::webhook::Webhooks;
 
+mod bwe;
 mod classic;
 mod events;
 mod interceptors;
+mod layers;
 mod mix;
 mod peer;
 mod senders;
@@ -190,6 +192,8 @@ struct Published {
     opus_pt: Option<u8>,
     /// Id of the RFC 6464 audio-level header extension, if negotiated.
     audio_level_ext: Option<u8>,
+    /// Sent as simulcast (its packets carry rids).
+    simulcast: bool,
 }
 
 /// The sender of a track forwarded to a participant (its slot in the
@@ -252,6 +256,13 @@ struct Peer {
     classic: bool,
     /// The active speaker's video sent to a classic client.
     speaker_out: Option<classic::SpeakerSlot>,
+    /// Its downlink bandwidth estimate (from its TWCC feedback).
+    estimate: bwe::Estimate,
+    /// When the connection was made (a subscriber whose feedback has not
+    /// come yet gets the initial estimate for a while).
+    created: Instant,
+    /// What `publisher-layers` last told it, by its track: the active rids.
+    layers_sent: HashMap<MediaStreamTrackId, Vec<Box<str>>>,
 }
 
 /// A server-sent m-section whose track went away: inactive in the next
@@ -318,6 +329,8 @@ struct Engine {
     forwarded_since: Option<Instant>,
     /// When the mixer runs next; `None` while no room mixes.
     audio_due: Option<Instant>,
+    /// When the next layer allocation round is due.
+    layers_due: Instant,
     /// K of the mixer (`--mix-speakers`).
     mix_speakers: usize,
     /// Encoder complexity of the mixer (`--mix-complexity`).
@@ -353,6 +366,7 @@ impl Engine {
             offers_due: Vec::new(),
             forwarded_since: None,
             audio_due: None,
+            layers_due: Instant::now() + layers::ALLOCATE_EVERY,
             mix_speakers: config.mix_speakers,
             mix_complexity: config.mix_complexity,
             max_tracks: config.max_tracks,
@@ -372,6 +386,12 @@ impl Engine {
             if self.audio_due.is_some_and(|due| due <= Instant::now()) {
                 self.audio_tick();
             }
+            // Likewise the layer allocation.
+            if self.layers_due <= Instant::now() {
+                let now = Instant::now();
+                self.allocate_layers(now);
+                self.layers_due = now + layers::ALLOCATE_EVERY;
+            }
             self.flush(&socket);
             if let Some(arrived) = self.forwarded_since.take() {
                 self.metrics
@@ -387,6 +407,7 @@ impl Engine {
                 .unwrap_or(now + IDLE)
                 .min(now + IDLE)
                 .min(self.audio_due.unwrap_or(now + IDLE))
+                .min(self.layers_due)
                 .max(now);
             tokio::select! {
                 biased;
@@ -497,6 +518,10 @@ impl Engine {
                     tracing::info!(%participant, kind = kind.as_str(), muted, "muted by an administrator");
                 }
             }
+            Command::TrackSettings {
+                participant,
+                settings,
+            } => self.on_track_settings(&participant, settings),
             Command::Left { room, participant } => {
                 if let Some(key) = self.by_participant.get(&participant).copied() {
                     self.remove_peer(key);

@@ -128,6 +128,7 @@ impl Engine {
             max_sections: p.sections + self.max_tracks + OFFER_SECTION_SLACK,
             max_candidates: MAX_REMOTE_CANDIDATES,
             max_sending: self.max_tracks,
+            max_encodings: crate::router::layers::MAX_ENCODINGS,
         };
         let shape = match offer::check(&sdp, &limits) {
             Ok(shape) => shape,
@@ -135,6 +136,7 @@ impl Engine {
                 self.metrics.limited(match e {
                     OfferError::TooManySections { .. } => Limit::MediaSections,
                     OfferError::TooManyCandidates { .. } => Limit::Candidates,
+                    OfferError::TooManyEncodings { .. } => Limit::Encodings,
                 });
                 let participant = p.participant.clone();
                 let never_answered = !p.answered_first;
@@ -373,7 +375,7 @@ impl Engine {
     ) -> Result<PeerKey, rtc::shared::error::Error> {
         let ufrag = random_token(16);
         let pwd = random_token(32);
-        let (pc, candidates) = build_connection(
+        let (pc, candidates, estimate) = build_connection(
             &ufrag,
             &pwd,
             self.announce,
@@ -444,6 +446,9 @@ impl Engine {
                 spare: Vec::new(),
                 classic,
                 speaker_out: None,
+                estimate,
+                created: Instant::now(),
+                layers_sent: HashMap::new(),
             },
         );
         if classic {
@@ -505,7 +510,7 @@ fn build_connection(
     announce: SocketAddr,
     tcp_announce: Option<SocketAddr>,
     metrics: &Metrics,
-) -> Result<(RTCPeerConnection, Vec<String>), rtc::shared::error::Error> {
+) -> Result<(RTCPeerConnection, Vec<String>, super::bwe::Estimate), rtc::shared::error::Error> {
     let mut media_engine = MediaEngine::default();
     media_engine.register_default_codecs()?;
     // Publishers' audio levels (RFC 6464) feed the mixer and `speakers`; the
@@ -517,7 +522,7 @@ fn build_connection(
         RtpCodecKind::Audio,
         Some(RTCRtpTransceiverDirection::Recvonly),
     )?;
-    let registry = super::interceptors::registry(metrics, &mut media_engine)?;
+    let (registry, estimate) = super::interceptors::registry(metrics, &mut media_engine)?;
     let settings = SettingEngineBuilder::new()
         .with_lite(true)
         .with_ice_credentials(ufrag.to_owned(), pwd.to_owned())
@@ -569,7 +574,7 @@ fn build_connection(
         candidates.push(tcp.candidate.clone());
         pc.add_local_candidate(tcp)?;
     }
-    Ok((pc, candidates))
+    Ok((pc, candidates, estimate))
 }
 
 pub(super) fn random_token(len: usize) -> String {

@@ -10,6 +10,8 @@ use prometheus::{
 };
 use switchboard_proto::{ErrorCode, ModeReason, CLIENT_TYPES, SERVER_TYPES};
 
+pub mod layers;
+
 /// Why a signaling connection ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Disconnect {
@@ -147,6 +149,8 @@ pub struct Metrics {
     socketio_dropped: Vec<IntCounter>,
     /// Cluster mode (`--redis-url`); registered in single-node mode too.
     pub cluster: ClusterMetrics,
+    /// Simulcast layers, estimates, the allocator.
+    pub layers: layers::LayerMetrics,
 }
 
 /// Labels of `switchboard_resumes_total`.
@@ -218,10 +222,13 @@ pub enum Limit {
     Candidates,
     /// Sending m-sections over `--max-tracks`, rejected in the answer.
     Tracks,
+    /// An SDP offer with more simulcast encodings in a section than the
+    /// server forwards (3), refused.
+    Encodings,
 }
 
 impl Limit {
-    pub const ALL: [Limit; 10] = [
+    pub const ALL: [Limit; 11] = [
         Limit::ConnsPerIp,
         Limit::IceTcpPerIp,
         Limit::RoomsPerIp,
@@ -232,6 +239,7 @@ impl Limit {
         Limit::MediaSections,
         Limit::Candidates,
         Limit::Tracks,
+        Limit::Encodings,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -246,6 +254,7 @@ impl Limit {
             Limit::MediaSections => "media-sections",
             Limit::Candidates => "candidates",
             Limit::Tracks => "tracks",
+            Limit::Encodings => "encodings",
         }
     }
 }
@@ -253,7 +262,7 @@ impl Limit {
 /// The reasons `switchboard_media_dropped_total` is labelled with: the
 /// demux's (`DropReason::as_str`), the rewriter's (`RewriteDrop::as_str`)
 /// and the transport's own.
-pub const MEDIA_DROP_REASONS: [&str; 25] = [
+pub const MEDIA_DROP_REASONS: [&str; 26] = [
     // demux
     "empty",
     "oversize",
@@ -273,6 +282,7 @@ pub const MEDIA_DROP_REASONS: [&str; 25] = [
     "chat-forbidden",
     // a classic client's speaker video whose VP8 descriptor does not parse
     "bad-descriptor",
+    "extra-encoding",
     "chat-not-utf8",
     "forbidden",
     "muted",
@@ -957,6 +967,7 @@ impl Metrics {
                     &RedisOp::ALL.map(RedisOp::as_str),
                 ),
             },
+            layers: layers::LayerMetrics::new(&registry),
             registry,
         }
     }

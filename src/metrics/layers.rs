@@ -1,0 +1,75 @@
+//! `switchboard_layers_*` and `switchboard_subscriber_estimate_bits`:
+//! simulcast, the per-subscriber bandwidth estimate and the allocator.
+
+use prometheus::{Histogram, HistogramOpts, IntCounter, IntGauge, Registry};
+
+use super::register;
+
+pub struct LayerMetrics {
+    /// Each subscriber's downlink estimate, sampled every allocation round.
+    pub estimate: Histogram,
+    /// Subscriptions whose layer target changed (a switch began).
+    pub switches: IntCounter,
+    /// Video subscriptions paused because not even their lowest layer fits.
+    pub paused: IntGauge,
+    /// Sum over subscribers of what their wishes would take beyond what
+    /// their estimates allow, bit/s.
+    pub deficit: IntGauge,
+    /// `publisher-layers` messages sent (dynacast).
+    pub publisher_updates: IntCounter,
+    /// `track-settings` naming a mid that carries nothing.
+    pub unknown_mid: IntCounter,
+}
+
+impl LayerMetrics {
+    pub(super) fn new(registry: &Registry) -> LayerMetrics {
+        let counter = |name: &str, help: &str| {
+            let c = IntCounter::new(name, help).unwrap_or_else(|e| unreachable!("{e}"));
+            register(registry, c.clone());
+            c
+        };
+        let gauge = |name: &str, help: &str| {
+            let g = IntGauge::new(name, help).unwrap_or_else(|e| unreachable!("{e}"));
+            register(registry, g.clone());
+            g
+        };
+        let estimate = {
+            // 100 kbit/s (the estimator's floor) to 50 Mbit/s (its ceiling).
+            let h = Histogram::with_opts(
+                HistogramOpts::new(
+                    "switchboard_subscriber_estimate_bits",
+                    "Downlink bandwidth estimate of each subscriber connection (from its TWCC feedback), bit/s, sampled every allocation round",
+                )
+                .buckets(vec![
+                    100e3, 200e3, 300e3, 500e3, 750e3, 1e6, 1.5e6, 2e6, 3e6, 5e6, 10e6, 20e6, 50e6,
+                ]),
+            )
+            .unwrap_or_else(|e| unreachable!("{e}"));
+            register(registry, h.clone());
+            h
+        };
+        LayerMetrics {
+            estimate,
+            switches: counter(
+                "switchboard_layers_switches_total",
+                "Simulcast layer changes chosen for a subscriber (the switch happens at the new layer's next keyframe)",
+            ),
+            paused: gauge(
+                "switchboard_layers_paused_tracks",
+                "Video tracks not sent to a subscriber because not even their lowest layer fits its bandwidth",
+            ),
+            deficit: gauge(
+                "switchboard_layers_deficit_bits",
+                "Sum over subscribers of the bitrate their wishes would take beyond what their estimates allow, bit/s",
+            ),
+            publisher_updates: counter(
+                "switchboard_layers_publisher_updates_total",
+                "publisher-layers messages sent: a publisher told which simulcast layers someone needs (dynacast)",
+            ),
+            unknown_mid: counter(
+                "switchboard_layers_unknown_mid_total",
+                "track-settings messages naming an m-section that carries no track (ignored)",
+            ),
+        }
+    }
+}

@@ -1,0 +1,280 @@
+//! The downlink bandwidth estimate of one subscriber connection: send-side,
+//! from the transport-wide congestion control (TWCC) feedback its browser
+//! sends about what the server forwarded.
+//!
+//! rtc 0.21 carries the feedback to a [`BandwidthEstimator`] in its
+//! congestion-control interceptor; this one is built from rtc's GCC parts
+//! (arrival-group delay slope, Kalman filter, adaptive overuse threshold,
+//! and our own loss and rate control, because rtc's `Gcc` climbs
+//! 8 % per second: from a 300 kbit/s start, 3 Mbit/s takes half a minute,
+//! and a subscriber whose link was just freed would wait that long for
+//! its high layers. Here:
+//!
+//! - **overuse** (queueing delay growing) or loss: back off to 85 % of what
+//!   the far end received, and remember that rate as the ceiling;
+//! - **normal**, far from a recent ceiling: climb 25 % per second, but never
+//!   past twice what is being received plus [`HEADROOM`] (an estimate that
+//!   nothing has tested is worth little: with an idle downlink it would
+//!   grow without bound);
+//! - **normal** near a ceiling learnt in the last [`CEILING_MEMORY`]: climb
+//!   [`ADDITIVE`] per second, so a known limit is approached, not hit;
+//! - **underuse** (queue draining): hold.
+//!
+//! The estimator runs inside the connection's interceptor chain; the
+//! engine reads the result through a shared atomic ([`Estimate`]), once per
+//! allocation round, so nothing is locked on the media path.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use rtc::interceptor::{
+    BandwidthEstimator, EstimatorStats, OveruseDetector, PacketReport, RateCalculator,
+    SlopeEstimator, Usage,
+};
+
+/// Where an estimate starts: enough for the lowest layers of a few
+/// publishers, below any one 720p layer.
+pub const INITIAL: f64 = 1_000_000.0;
+pub const MIN: f64 = 100_000.0;
+pub const MAX: f64 = 50_000_000.0;
+
+/// Multiplicative climb per second, far from a known ceiling.
+const CLIMB_PER_SECOND: f64 = 1.25;
+/// How far above 1.5 times the received rate the estimate may go: room
+/// for the next simulcast layer (a 360p layer takes about 500 kbit/s), whose
+/// switch is what tests the path.
+pub const HEADROOM: f64 = 400_000.0;
+/// Loss (smoothed) above which the path is taken to be full.
+const LOSS_FULL: f64 = 0.10;
+/// Additive climb per second near a ceiling.
+const ADDITIVE: f64 = 50_000.0;
+/// How long a ceiling (the rate at the last back-off) is remembered.
+const CEILING_MEMORY: Duration = Duration::from_secs(15);
+/// Back-off: to this fraction of the received rate.
+const BACK_OFF: f64 = 0.85;
+/// At most one change per this interval (one is seen before the next).
+const INTERVAL: Duration = Duration::from_millis(200);
+
+/// The engine's view of one connection's estimate (bit/s; 0 until the
+/// first feedback).
+#[derive(Debug, Clone, Default)]
+pub struct Estimate(Arc<AtomicU64>);
+
+impl Estimate {
+    /// The estimate in bit/s, or `None` before any feedback arrived (the
+    /// subscriber may not send TWCC at all: aiortc, older clients).
+    pub fn get(&self) -> Option<u64> {
+        match self.0.load(Ordering::Relaxed) {
+            0 => None,
+            v => Some(v),
+        }
+    }
+}
+
+/// The estimator in the interceptor chain.
+pub struct Bwe {
+    slope: SlopeEstimator,
+    detector: OveruseDetector,
+    received: RateCalculator,
+    /// Smoothed fraction of packets reported lost.
+    loss: f64,
+    delay_target: f64,
+    target: f64,
+    last_change: Option<Instant>,
+    /// (when, received rate) at the last back-off.
+    ceiling: Option<(Instant, f64)>,
+    shared: Estimate,
+}
+
+impl Bwe {
+    /// An estimator and the handle the engine reads it through.
+    pub fn new() -> (Bwe, Estimate) {
+        let shared = Estimate::default();
+        let bwe = Bwe {
+            slope: SlopeEstimator::new(),
+            detector: OveruseDetector::new(),
+            received: RateCalculator::default(),
+            loss: 0.0,
+            delay_target: INITIAL,
+            target: INITIAL,
+            last_change: None,
+            ceiling: None,
+            shared: shared.clone(),
+        };
+        (bwe, shared)
+    }
+
+    fn rate_control(&mut self, now: Instant, usage: Usage, received: Option<f64>) {
+        let since = self
+            .last_change
+            .map_or(INTERVAL, |t| now.saturating_duration_since(t));
+        match usage {
+            Usage::Over => {
+                // Back off at once (but once per interval: the queue needs
+                // time to drain before it shows).
+                if let (Some(received), true) = (received, since >= INTERVAL) {
+                    self.delay_target = (received * BACK_OFF).clamp(MIN, MAX);
+                    self.ceiling = Some((now, received));
+                    self.last_change = Some(now);
+                }
+            }
+            Usage::Under => {}
+            Usage::Normal => {
+                if since < INTERVAL {
+                    return;
+                }
+                let Some(received) = received else {
+                    return;
+                };
+                let secs = since.as_secs_f64().min(1.0);
+                let near = self.ceiling.is_some_and(|(at, rate)| {
+                    now.saturating_duration_since(at) < CEILING_MEMORY
+                        && self.delay_target > rate * BACK_OFF
+                });
+                let next = if near {
+                    self.delay_target + ADDITIVE * secs
+                } else {
+                    self.delay_target * CLIMB_PER_SECOND.powf(secs)
+                };
+                let untested = 1.5 * received + HEADROOM;
+                // Never lowered by the cap: a sender that sends little
+                // keeps the estimate it had.
+                self.delay_target = next.min(untested.max(self.delay_target)).clamp(MIN, MAX);
+                self.last_change = Some(now);
+            }
+        }
+    }
+}
+
+impl BandwidthEstimator for Bwe {
+    fn on_reports(&mut self, now: Instant, reports: &[PacketReport]) {
+        if reports.is_empty() {
+            return;
+        }
+        let mut usage = self.detector.usage();
+        for report in reports {
+            if report.arrived {
+                self.received.add(now, report.size);
+            }
+            if let Some(trend) = self.slope.accumulate(report) {
+                usage = self.detector.update(trend.at, trend.estimate_ms);
+            }
+        }
+        let received = self.received.rate_bits_per_second(now);
+        self.rate_control(now, usage, received);
+        let lost = reports.iter().filter(|r| !r.arrived).count();
+        let fraction = lost as f64 / reports.len() as f64;
+        self.loss = 0.8 * self.loss + 0.2 * fraction;
+        if self.loss > LOSS_FULL {
+            // The path drops what we send: back off as GCC's loss half does
+            // (by half the loss), and remember the ceiling.
+            if let Some(received) = received {
+                let cut = (received * (1.0 - 0.5 * self.loss)).clamp(MIN, MAX);
+                if cut < self.delay_target {
+                    self.delay_target = cut;
+                    self.ceiling = Some((now, received));
+                    self.last_change = Some(now);
+                }
+            }
+            self.loss = 0.0;
+        }
+        self.target = self.delay_target.clamp(MIN, MAX);
+        self.shared.0.store(self.target as u64, Ordering::Relaxed);
+    }
+
+    fn target_bitrate(&self) -> f64 {
+        self.target
+    }
+
+    fn stats(&self) -> EstimatorStats {
+        let mut stats = EstimatorStats::default();
+        stats.delay_based_bitrate = Some(self.delay_target);
+        stats.packet_loss = Some(self.loss);
+        stats
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn report(id: u64, epoch: Instant, sent: Instant, arrived: Option<Instant>) -> PacketReport {
+        PacketReport {
+            ssrc: 1,
+            id,
+            rtp_sequence_number: id as u16,
+            is_twcc: true,
+            twcc_sequence_number: id as u16,
+            size: 1200,
+            arrived: arrived.is_some(),
+            departure: sent,
+            // The receiver's clock: its own epoch.
+            arrival: arrived.map(|a| a.saturating_duration_since(epoch)),
+            ecn: rtc::rtcp::transport_feedbacks::cc_feedback_report::Ecn::default(),
+        }
+    }
+
+    /// Feeds `secs` of 1200-byte packets at `rate_bps`, delivered after a
+    /// queueing delay that grows by `queue_growth_ms` per packet, and
+    /// returns the estimate.
+    fn run(
+        bwe: &mut Bwe,
+        epoch: Instant,
+        start: Instant,
+        secs: f64,
+        rate_bps: f64,
+        queue_growth_ms: f64,
+    ) -> f64 {
+        let gap = 1200.0 * 8.0 / rate_bps;
+        let n = (secs / gap) as u64;
+        let first = (start - epoch).as_millis() as u64 * 1000;
+        let mut batch = Vec::new();
+        for (id, i) in (first..).zip(0..n) {
+            let sent = start + Duration::from_secs_f64(i as f64 * gap);
+            let arrived = sent
+                + Duration::from_millis(20)
+                + Duration::from_secs_f64(i as f64 * queue_growth_ms / 1000.0);
+            batch.push(report(id, epoch, sent, Some(arrived)));
+            // Feedback every 50 ms, as browsers send it.
+            if batch.len() as f64 * gap >= 0.05 {
+                bwe.on_reports(arrived + Duration::from_millis(20), &batch);
+                batch.clear();
+            }
+        }
+        bwe.target_bitrate()
+    }
+
+    #[test]
+    fn a_clear_path_lets_the_estimate_climb_but_not_past_what_was_tested() {
+        let (mut bwe, shared) = Bwe::new();
+        assert_eq!(shared.get(), None);
+        let t0 = Instant::now();
+        let after = run(&mut bwe, t0, t0, 5.0, 1_500_000.0, 0.0);
+        assert!(after > INITIAL * 1.5, "climbed: {after}");
+        // The received rate is measured over a window that lags: some slack.
+        assert!(
+            after <= 1.5 * 1_500_000.0 * 1.3 + HEADROOM,
+            "untested cap: {after}"
+        );
+        assert_eq!(shared.get(), Some(after as u64));
+    }
+
+    #[test]
+    fn a_growing_queue_backs_off_below_what_arrives() {
+        let (mut bwe, _) = Bwe::new();
+        let t0 = Instant::now();
+        run(&mut bwe, t0, t0, 2.0, 1_000_000.0, 0.0);
+        // Sent at 1.2 Mbit/s through a 400 kbit/s bottleneck: each packet
+        // waits 16 ms longer than the one before.
+        let after = run(
+            &mut bwe,
+            t0,
+            t0 + Duration::from_secs(2),
+            2.0,
+            1_200_000.0,
+            16.0,
+        );
+        assert!(after < 1_000_000.0, "backed off: {after}");
+    }
+}

@@ -1,0 +1,170 @@
+//! The driver's side of simulcast: the allocation rounds (each
+//! subscriber's estimate into the router's allocator), `track-settings`
+//! from subscribers, and `publisher-layers` (dynacast) to publishers.
+
+use std::time::{Duration, Instant};
+
+use rtc::media_stream::MediaStreamTrackId;
+use switchboard_proto::{ParticipantId, PublisherLayers, ServerMessage, TrackSettings};
+
+use super::Engine;
+use crate::router::{OutSlot, PeerKey, Wish};
+
+/// How often every subscriber's layers are chosen again. TWCC feedback
+/// arrives every 50–100 ms; the allocator's hysteresis works in seconds.
+pub(super) const ALLOCATE_EVERY: Duration = Duration::from_millis(500);
+
+/// A subscriber without congestion feedback this long after its
+/// connection was made sends none (aiortc, clients that do not negotiate
+/// TWCC): it gets every layer its wishes allow. Before that, if it has
+/// layers to choose from, it gets the estimator's initial value; tracks
+/// without simulcast are never cut on a guess.
+const NO_FEEDBACK: Duration = Duration::from_secs(5);
+
+impl Engine {
+    /// One allocation round: every subscriber's layers for its estimate,
+    /// then what each publisher needs to keep encoding.
+    pub(super) fn allocate_layers(&mut self, now: Instant) {
+        let mut keys: Vec<PeerKey> = self
+            .peers
+            .iter()
+            .filter(|(_, p)| !p.classic)
+            .map(|(&k, _)| k)
+            .collect();
+        keys.sort_unstable();
+        let mut decisions = std::mem::take(&mut self.decisions);
+        decisions.clear();
+        let (mut paused, mut deficit) = (0i64, 0i64);
+        for key in keys {
+            let Some(p) = self.peers.get(&key) else {
+                continue;
+            };
+            let estimate = match p.estimate.get() {
+                Some(e) => {
+                    self.metrics.layers.estimate.observe(e as f64);
+                    Some(e)
+                }
+                // Layers to choose and no feedback yet: start modestly.
+                None if now.saturating_duration_since(p.created) < NO_FEEDBACK
+                    && self.router.receives_simulcast(key) =>
+                {
+                    Some(super::bwe::INITIAL as u64)
+                }
+                None => None,
+            };
+            let a = self.router.allocate(key, estimate, now, &mut decisions);
+            if a.switches > 0 && tracing::enabled!(tracing::Level::DEBUG) {
+                let layers = self.router.subscriptions_of(key);
+                let encodings: Vec<_> = layers
+                    .iter()
+                    .map(|v| self.router.encodings(v.publisher, v.track.as_str()))
+                    .collect();
+                tracing::debug!(participant = %p.participant, ?estimate, ?layers, ?encodings, "layers chosen");
+            }
+            self.metrics.layers.switches.inc_by(u64::from(a.switches));
+            paused += i64::from(a.summary.paused_for_bandwidth);
+            deficit += i64::try_from(a.summary.deficit).unwrap_or(i64::MAX);
+        }
+        self.metrics.layers.paused.set(paused);
+        self.metrics.layers.deficit.set(deficit);
+        self.apply_decisions(&mut decisions, None, now);
+        self.decisions = decisions;
+        self.dynacast();
+    }
+
+    /// Tells each simulcast publisher which of its encodings some
+    /// subscriber needs (`publisher-layers`), when that set changed.
+    fn dynacast(&mut self) {
+        let mut ssrcs = Vec::new();
+        let mut keys: Vec<PeerKey> = self.peers.keys().copied().collect();
+        keys.sort_unstable();
+        for key in keys {
+            let Some(p) = self.peers.get(&key) else {
+                continue;
+            };
+            let tracks: Vec<(MediaStreamTrackId, rtc::rtp_transceiver::RTCRtpReceiverId)> = p
+                .published
+                .iter()
+                .filter(|(_, t)| t.simulcast)
+                .map(|(id, t)| (id.clone(), t.receiver_id))
+                .collect();
+            for (track, receiver) in tracks {
+                self.router.needed_layers(key, &track, &mut ssrcs);
+                // The rids the publisher offered, in its order.
+                let Some(p) = self.peers.get_mut(&key) else {
+                    continue;
+                };
+                let rids: Vec<Box<str>> = match p.pc.rtp_receiver(receiver) {
+                    Some(r) => r
+                        .track()
+                        .codings()
+                        .iter()
+                        .map(|c| c.rtp_coding_parameters.rid.as_str())
+                        .filter(|rid| !rid.is_empty())
+                        .map(Box::from)
+                        .collect(),
+                    None => continue,
+                };
+                let Some(enc) = self.router.encodings(key, &track) else {
+                    continue;
+                };
+                // A rid the server has not received yet stays on: it cannot
+                // be judged, and pausing it before its first packet would
+                // keep it unknown for good.
+                let active: Vec<Box<str>> = rids
+                    .into_iter()
+                    .filter(|rid| match enc.by_rid(rid) {
+                        Some(e) => ssrcs.contains(&e.ssrc),
+                        None => true,
+                    })
+                    .collect();
+                if active.is_empty() {
+                    continue;
+                }
+                let Some(p) = self.peers.get_mut(&key) else {
+                    continue;
+                };
+                if p.layers_sent.get(&track) == Some(&active) {
+                    continue;
+                }
+                let mid = super::events::receiver_mid(&mut p.pc, receiver);
+                let msg = ServerMessage::PublisherLayers(PublisherLayers {
+                    room: p.room.clone(),
+                    mid,
+                    active: active.iter().map(|r| r.to_string()).collect(),
+                });
+                tracing::debug!(participant = %p.participant, track = %track, active = ?active, "publisher layers");
+                self.metrics.layers.publisher_updates.inc();
+                self.outboxes.send(&p.participant, &msg, &self.metrics);
+                p.layers_sent.insert(track, active);
+            }
+        }
+    }
+
+    /// `track-settings` from `participant`: its wish for the track it
+    /// receives on m-section `mid`. A mid that carries nothing (the track
+    /// just went away) is ignored.
+    pub(super) fn on_track_settings(&mut self, participant: &ParticipantId, t: TrackSettings) {
+        let Some(&key) = self.by_participant.get(participant) else {
+            return;
+        };
+        let Some(p) = self.peers.get_mut(&key) else {
+            return;
+        };
+        let slot = p.down.keys().copied().find(|slot| {
+            p.pc.rtp_transceiver(slot.0 as usize)
+                .is_some_and(|tr| tr.mid().as_deref() == Some(t.mid.as_str()))
+        });
+        let Some(slot) = slot else {
+            self.metrics.layers.unknown_mid.inc();
+            return;
+        };
+        let wish = Wish {
+            max_height: t.max_height,
+            paused: t.paused.unwrap_or(false),
+        };
+        if self.router.set_wish(key, OutSlot(slot.0), wish) {
+            tracing::debug!(%participant, mid = %t.mid, ?wish, "track settings");
+        }
+    }
+}
