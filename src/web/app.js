@@ -62,6 +62,7 @@ const urlAudio = params.get('audio');
 if (['auto', 'p2p', 'sfu'].includes(urlMode)) S.joinMode = urlMode;
 if (['mix', 'forward'].includes(urlAudio)) S.joinAudio = urlAudio;
 if (params.get('standby') === '0') S.standby = false;
+if (params.get('simulcast') === '0') S.simulcast = false;
 if (params.get('timings') === '1') startTimings();
 let savedName = '';
 try { savedName = localStorage.getItem('switchboard.name') || ''; } catch (_) { /* private mode */ }

@@ -15,6 +15,7 @@ import {
 import { send } from './socket.js';
 import { signal } from './protocol.js';
 import { newPeerTiming } from './testhooks.js';
+import { forgetVideo } from './layers.js';
 
 export function addPeer(id, name, { polite }) {
   name = typeof name === 'string' ? name : '';
@@ -50,6 +51,7 @@ export function removePeer(id) {
   clearTimeout(peer.switchTimer);
   closePeerPc(peer);
   peer.sfuStream = null;
+  forgetVideo(peer.tile.querySelector('video'));
   peer.tile.remove();
   clearNotice(`peer-${id}`);
   updateLayout();

@@ -8,6 +8,7 @@ import { addPeer, onPeerSignal, removePeer, setPeerName, startCall, startP2p } f
 import { connectToSfu, watchServerReach } from './switch.js';
 import { onSfuSignal, openSfu, restartSfuIce } from './sfu.js';
 import { backToLobby } from './session.js';
+import { onPublisherLayers, resendTrackSettings } from './layers.js';
 
 export function onServerMessage(msg) {
   switch (msg.type) {
@@ -24,6 +25,7 @@ export function onServerMessage(msg) {
     case 'error': return onError(msg);
     case 'pong': S.lastPong = Date.now(); return undefined;
     case 'speakers': return onSpeakers(msg);
+    case 'publisher-layers': return onPublisherLayers(msg);
     default: return undefined; // unknown types are ignored
   }
 }
@@ -53,12 +55,20 @@ export function onResumed(msg) {
   S.resumes += 1;
   if (typeof msg.resumeToken === 'string') S.resumeToken = msg.resumeToken;
   S.iceServers = Array.isArray(msg.iceServers) ? msg.iceServers : S.iceServers;
+  if (Array.isArray(msg.features)) S.features = features(msg);
   if (S.timing) S.timing.resumedAt = Date.now();
   setMode(msg.mode);
   notice('ws', 'info', 'Reconnected.');
   updateLayout();
   // Signaling died with the network? The media path may need its restart.
   restartSfuIce();
+  // What we want of each track: cheap to say again.
+  resendTrackSettings();
+}
+
+// `features` (1.1) of a `joined` or `resumed`: the strings only.
+function features(msg) {
+  return Array.isArray(msg.features) ? msg.features.filter((f) => typeof f === 'string') : [];
 }
 
 export function onJoined(msg) {
@@ -73,6 +83,7 @@ export function onJoined(msg) {
   S.audio = msg.audio;
   S.iceServers = Array.isArray(msg.iceServers) ? msg.iceServers : [];
   S.p2pTimeoutMs = Number.isFinite(msg.p2pTimeoutMs) ? msg.p2pTimeoutMs : 5000;
+  S.features = features(msg);
   S.gone.clear();
   setMode(msg.mode);
   clearNotice('ws');

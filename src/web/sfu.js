@@ -16,6 +16,7 @@ import { addCandidate, addPeer } from './p2p.js';
 import { setServerReach, stopServerReachWatch, watchServerReach } from './switch.js';
 import { updateChatState, updateChatVisibility, wireChat } from './chat.js';
 import { dropSocket, probeSocket, send } from './socket.js';
+import { addSfuTracks, stopTrackSettings, syncTrackSettings } from './layers.js';
 
 const RESTART_AFTER_MS = 1000; // `disconnected` this long: ICE restart
 // Nothing at all received on the server connection this long, after
@@ -53,9 +54,12 @@ export function openSfu() {
     // the standby or one whose senders went quiet, is not a broken one).
     watch: { rx: -1, rtp: -1, at: Date.now(), armed: false, stalled: false, timer: null },
     pathStalls: 0, // times the path was seen broken before ICE said so
+    video: null, // { transceiver, sender, layers } of our camera (see addSfuTracks)
+    layersChain: null, // `publisher-layers` changes, one at a time
   };
   S.sfu = sfu;
-  if (S.localStream) for (const t of S.localStream.getTracks()) pc.addTrack(t, S.localStream);
+  // The camera in simulcast when the server takes it (see layers.js).
+  addSfuTracks(sfu);
   // In-band, ordered, reliable: the server relays it to everyone else's `chat`.
   sfu.chat = pc.createDataChannel('chat', { ordered: true });
   wireChat(sfu, sfu.chat);
@@ -311,6 +315,7 @@ export function syncSfuTracks(sfu) {
     }
   }
   for (const peer of S.peers.values()) setPeerMedia(peer, byOwner.get(peer.id) || []);
+  syncTrackSettings(sfu);
 }
 
 export function setPeerMedia(peer, tracks) {
@@ -359,6 +364,7 @@ export function closeSfu() {
   const sfu = S.sfu;
   if (!sfu) return;
   S.sfu = null;
+  stopTrackSettings();
   clearTimeout(sfu.restartTimer);
   clearInterval(sfu.watch.timer);
   sfu.pc.oniceconnectionstatechange = null;

@@ -27,6 +27,8 @@ export const S = {
   joinMode: null, joinAudio: null, // optional `mode` / `audio` for the join that creates the room
   token: null, // access token from the page URL, sent in every join (auth on)
   iceServers: [], p2pTimeoutMs: 5000,
+  features: [], // `joined.features` (1.1): what this server speaks, e.g. "simulcast"
+  simulcast: true, // publish simulcast when the server takes it; `?simulcast=0` turns it off
   peers: new Map(), // id -> peer (see addPeer)
   gone: new Set(), // ids that said bye: media still arriving for them is ignored
   names: new Map(), // id -> display name of everyone seen, for chat history

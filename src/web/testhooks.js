@@ -2,7 +2,10 @@
 // `?timings=1`.
 
 import { S, ui } from './state.js';
-import { mediaStats } from './stats.js';
+import { mediaStats, sfuOwner } from './stats.js';
+import {
+  lastPublisherLayers, pinTrackSettings, trackSettingsState, unpinTrackSettings, videoMid,
+} from './layers.js';
 
 const TIMING_SAMPLE_MS = 50; // frame sampling for window.sb timings (?timings=1)
 const TIMING_MAX_FRAMES = 4000; // frame-advance timestamps kept per remote
@@ -96,6 +99,7 @@ export function installTestHooks() {
       const sfu = S.sfu;
       return {
         id: S.id, room: S.room, mode: S.mode, audio: S.audio, ws, phase: S.phase, resumes: S.resumes,
+        features: S.features,
         speakers: S.speakers.map((x) => x.id), speakerEvents: S.speakerEvents,
         speaking: [...document.querySelectorAll('.tile.speaking')].map((t) => (t === ui.localTile ? S.id : t.dataset.peer)),
         peers: [...S.peers.values()].map((p) => ({
@@ -109,6 +113,8 @@ export function installTestHooks() {
           iceRestarts: sfu.iceRestarts,
           pathStalls: sfu.pathStalls,
           chat: sfu.chat ? sfu.chat.readyState : 'none',
+          videoMid: videoMid(sfu), // our camera's m-section (`publisher-layers` names it)
+          videoLayers: sfu.video ? sfu.video.layers : 0,
           serverReach: S.serverReach,
           remote: [...sfu.remote.entries()].map(([mid, r]) => ({
             mid, owner: r.owner, kind: r.kind, muted: r.track.muted,
@@ -134,5 +140,64 @@ export function installTestHooks() {
       });
       return out;
     },
+    // Simulcast (1.1). Our camera's encodings on the server connection:
+    // [{ rid, active, scaleResolutionDownBy, maxBitrate }] (rid null for one
+    // plain encoding; [] without a camera or server connection).
+    sendEncodings() {
+      const v = S.sfu && S.sfu.video;
+      if (!v) return [];
+      return (v.sender.getParameters().encodings || []).map((e) => ({
+        rid: e.rid ?? null,
+        active: e.active !== false,
+        scaleResolutionDownBy: e.scaleResolutionDownBy ?? null,
+        maxBitrate: e.maxBitrate ?? null,
+      }));
+    },
+    // Per outbound video stream (one per encoding) of the server connection.
+    async outboundVideo() {
+      return sfuStats('outbound-rtp', 'video', (x) => ({
+        rid: x.rid ?? null, mid: x.mid ?? null, active: x.active ?? null,
+        frameWidth: x.frameWidth || 0, frameHeight: x.frameHeight || 0,
+        framesEncoded: x.framesEncoded || 0, bytesSent: x.bytesSent || 0,
+        qualityLimitationReason: x.qualityLimitationReason ?? null,
+      }));
+    },
+    // Per inbound video stream of the server connection; `owner`: the
+    // publishing participant, null if unknown or no longer received.
+    async inboundVideo() {
+      return sfuStats('inbound-rtp', 'video', (x) => ({
+        mid: x.mid ?? null, trackIdentifier: x.trackIdentifier ?? null, owner: sfuOwner(x),
+        frameWidth: x.frameWidth || 0, frameHeight: x.frameHeight || 0, framesDecoded: x.framesDecoded || 0,
+        freezeCount: x.freezeCount || 0, totalFreezesDuration: x.totalFreezesDuration || 0,
+        packetsLost: x.packetsLost || 0, packetsReceived: x.packetsReceived || 0,
+      }));
+    },
+    // Per inbound audio stream of the server connection (`owner` "mix" for the mix).
+    async inboundAudio() {
+      return sfuStats('inbound-rtp', 'audio', (x) => ({
+        mid: x.mid ?? null, owner: sfuOwner(x),
+        packetsLost: x.packetsLost || 0, packetsReceived: x.packetsReceived || 0, jitter: x.jitter || 0,
+      }));
+    },
+    // Sends `track-settings` for the server offer's `mid` now (also without
+    // the "simulcast" feature) and keeps the automatic watch off it until
+    // unpinTrackSettings(mid). Returns { mid, maxHeight, paused } as sent,
+    // or null if signaling is down (the pin holds and goes out on resume).
+    setTrackSettings(mid, settings = {}) { return pinTrackSettings(mid, settings || {}); },
+    unpinTrackSettings(mid) { unpinTrackSettings(mid); },
+    // { enabled, sent: [{ mid, maxHeight, paused, at }], pinned: [...], watched: [mid] }.
+    trackSettings() { return trackSettingsState(); },
+    // The last `publisher-layers` received (with `receivedAt`), or null.
+    lastPublisherLayers() { return lastPublisherLayers(); },
   };
+}
+
+// `pick(stat)` of each `type` stat of `kind` on the server connection.
+async function sfuStats(type, kind, pick) {
+  if (!S.sfu) return [];
+  const out = [];
+  (await S.sfu.pc.getStats()).forEach((x) => {
+    if (x.type === type && x.kind === kind) out.push(pick(x));
+  });
+  return out;
 }
