@@ -107,7 +107,7 @@ async fn tokens_from_switchboard_token_and_livekits_sdk_are_accepted() {
     let cli_token = String::from_utf8(out.stdout).expect("utf-8");
     let mut a = Client::connect(&server, "ignored").await;
     let ja = a.join("lobby", json!({"token": cli_token.trim()})).await;
-    assert_eq!(ja["features"], json!(["auth"]));
+    assert_eq!(ja["features"], json!(["auth", "simulcast"]));
 
     // LiveKit's own Python SDK mints the second one.
     let lk = livekit_token("lobby", "bob@example", "Bob", &[]);

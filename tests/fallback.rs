@@ -21,34 +21,22 @@
 //! Needs root, Node.js 20+, Debian's Chromium (as tests/browser.rs).
 
 mod common;
+#[path = "common/netns.rs"]
+mod netns;
 
 use std::ffi::OsString;
 use std::fs::{self, File};
-use std::os::unix::fs::PermissionsExt;
-use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::sync::Mutex;
 use std::thread::sleep;
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
-const CHROMIUM: &str = "/usr/bin/chromium";
-const SERVER_IP: &str = "10.77.0.2";
+use netns::{
+    chromium_wrapper, ensure_playwright, read, require_chromium, sh, Net, Site, HTTP_PORT, NETWORK,
+    SERVER_IP,
+};
+
 /// The server's second address, for media only in the `unreachable` case.
 const MEDIA_ONLY_IP: &str = "10.77.0.3";
-const HTTP_PORT: u16 = 8080;
-const NPM_TIMEOUT: Duration = Duration::from_secs(300);
-
-/// One network at a time: the address plan is fixed, and the browsers share
-/// two cores with everything else.
-static NETWORK: Mutex<()> = Mutex::new(());
-
-/// A participant's subnet: its namespace gets `10.77.<n>.2`, the router `.1`.
-#[derive(Debug, Clone, Copy)]
-struct Site {
-    name: &'static str,
-    subnet: u8,
-}
 
 const ALICE: Site = Site {
     name: "alice",
@@ -63,332 +51,15 @@ const CAROL: Site = Site {
     subnet: 3,
 };
 
-impl Site {
-    fn net(self) -> String {
-        format!("10.77.{}.0/24", self.subnet)
-    }
-}
-
-/// Every namespace and process of one test. Dropping it (also on panic)
-/// kills the processes (their groups, then anything left in the
-/// namespaces) and deletes the namespaces.
-struct Net {
-    prefix: String,
-    namespaces: Vec<String>,
-    children: Vec<(String, Child)>,
-}
-
-impl Net {
-    /// Router, server and one namespace per site, wired as in the module doc.
-    fn new(sites: &[Site]) -> Net {
-        let nanos = SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .map(|d| d.subsec_nanos())
-            .unwrap_or(0);
-        let mut net = Net {
-            // Short: interface names derived from it must fit 15 bytes.
-            prefix: format!("fb{:04x}", (std::process::id() ^ nanos) & 0xffff),
-            namespaces: Vec::new(),
-            children: Vec::new(),
-        };
-        let router = net.add_ns("r");
-        sh(&[
-            "ip",
-            "netns",
-            "exec",
-            &router,
-            "sysctl",
-            "-qw",
-            "net.ipv4.ip_forward=1",
-        ]);
-        let server = net.add_ns("s");
-        net.link(&router, &server, "s", 0);
-        sh(&[
-            "ip",
-            "-n",
-            &server,
-            "addr",
-            "add",
-            &format!("{MEDIA_ONLY_IP}/24"),
-            "dev",
-            "eth0",
-        ]);
-        for site in sites {
-            let ns = net.add_ns(site.name);
-            net.link(&router, &ns, &site.name[..1], site.subnet);
-        }
-        net
-    }
-
-    fn ns(&self, short: &str) -> String {
-        format!("{}-{short}", self.prefix)
-    }
-
-    fn add_ns(&mut self, short: &str) -> String {
-        let ns = self.ns(short);
-        sh(&["ip", "netns", "add", &ns]);
-        self.namespaces.push(ns.clone());
-        // IPv4 only: an IPv6 link-local address finishing its duplicate
-        // detection a moment after the link comes up is a "network change"
-        // to a Chromium starting then, which fails its page load with
-        // ERR_NETWORK_CHANGED.
-        sh(&[
-            "ip",
-            "netns",
-            "exec",
-            &ns,
-            "sysctl",
-            "-qw",
-            "net.ipv6.conf.all.disable_ipv6=1",
-            "net.ipv6.conf.default.disable_ipv6=1",
-        ]);
-        sh(&["ip", "-n", &ns, "link", "set", "lo", "up"]);
-        ns
-    }
-
-    /// A veth from the router (`10.77.<subnet>.1`) to `ns` (`eth0`, `.2`,
-    /// default route via the router).
-    fn link(&self, router: &str, ns: &str, tag: &str, subnet: u8) {
-        let outer = format!("{}{tag}", self.prefix);
-        sh(&[
-            "ip",
-            "link",
-            "add",
-            &outer,
-            "type",
-            "veth",
-            "peer",
-            "name",
-            &format!("{outer}x"),
-        ]);
-        sh(&["ip", "link", "set", &outer, "netns", router]);
-        sh(&["ip", "link", "set", &format!("{outer}x"), "netns", ns]);
-        sh(&[
-            "ip",
-            "-n",
-            ns,
-            "link",
-            "set",
-            &format!("{outer}x"),
-            "name",
-            "eth0",
-        ]);
-        sh(&[
-            "ip",
-            "-n",
-            router,
-            "addr",
-            "add",
-            &format!("10.77.{subnet}.1/24"),
-            "dev",
-            &outer,
-        ]);
-        sh(&[
-            "ip",
-            "-n",
-            ns,
-            "addr",
-            "add",
-            &format!("10.77.{subnet}.2/24"),
-            "dev",
-            "eth0",
-        ]);
-        sh(&["ip", "-n", router, "link", "set", &outer, "up"]);
-        sh(&["ip", "-n", ns, "link", "set", "eth0", "up"]);
-        sh(&[
-            "ip",
-            "-n",
-            ns,
-            "route",
-            "add",
-            "default",
-            "via",
-            &format!("10.77.{subnet}.1"),
-        ]);
-    }
-
-    /// The router refuses traffic between the two sites (both ways).
-    fn isolate(&self, a: Site, b: Site) {
-        let router = self.ns("r");
-        for (from, to) in [(a, b), (b, a)] {
-            sh(&[
-                "ip",
-                "-n",
-                &router,
-                "rule",
-                "add",
-                "from",
-                &from.net(),
-                "to",
-                &to.net(),
-                "prohibit",
-            ]);
-        }
-    }
-
-    /// The router refuses traffic from every site to `ip`.
-    fn block_to(&self, ip: &str) {
-        let router = self.ns("r");
-        sh(&["ip", "-n", &router, "rule", "add", "to", ip, "prohibit"]);
-    }
-
-    /// Starts `program args` in namespace `short`, in its own process group,
-    /// output to `<log>.stdout` / `<log>.stderr`. Returns its index.
-    fn spawn(
-        &mut self,
-        short: &str,
-        program: &Path,
-        args: &[&str],
-        envs: &[(&str, OsString)],
-        log: &Path,
-    ) -> usize {
-        let ns = self.ns(short);
-        let child = Command::new("ip")
-            .args(["netns", "exec", &ns])
-            .arg(program)
-            .args(args)
-            .envs(envs.iter().map(|(k, v)| (k, v)))
-            .stdin(Stdio::null())
-            .stdout(create(&log.with_extension("stdout")))
-            .stderr(create(&log.with_extension("stderr")))
-            .process_group(0)
-            .spawn()
-            .unwrap_or_else(|e| panic!("start {} in {ns}: {e}", program.display()));
-        self.children.push((program.display().to_string(), child));
-        self.children.len() - 1
-    }
-
-    fn exited(&mut self, index: usize) -> Option<std::process::ExitStatus> {
-        let (what, child) = &mut self.children[index];
-        child
-            .try_wait()
-            .unwrap_or_else(|e| panic!("wait for {what}: {e}"))
-    }
-
-    /// Waits for child `index` to exit, at most `limit`; kills it then.
-    /// `Err` also when the child `watch` (the server) exits first.
-    fn wait(&mut self, index: usize, watch: usize, limit: Duration) -> Result<bool, String> {
-        let deadline = Instant::now() + limit;
-        loop {
-            if let Some(status) = self.exited(index) {
-                return Ok(status.success());
-            }
-            if let Some(status) = self.exited(watch) {
-                kill_group(&mut self.children[index].1);
-                return Err(format!("the server exited early with {status}"));
-            }
-            if Instant::now() > deadline {
-                kill_group(&mut self.children[index].1);
-                return Err(format!(
-                    "{} did not finish within {limit:?}",
-                    self.children[index].0
-                ));
-            }
-            sleep(Duration::from_millis(100));
-        }
-    }
-}
-
-impl Drop for Net {
-    fn drop(&mut self) {
-        for (_, child) in &mut self.children {
-            kill_group(child);
-        }
-        for ns in &self.namespaces {
-            // Whatever still lives in the namespace (a browser that left its
-            // process group), or the namespace would outlive us.
-            if let Ok(out) = Command::new("ip").args(["netns", "pids", ns]).output() {
-                for pid in String::from_utf8_lossy(&out.stdout).split_whitespace() {
-                    let _ = Command::new("kill").args(["-KILL", pid]).status();
-                }
-            }
-        }
-        for ns in &self.namespaces {
-            // Deleting a namespace also deletes its end of each veth, and so the pair.
-            let _ = Command::new("ip").args(["netns", "delete", ns]).status();
-        }
-    }
-}
-
-/// SIGKILL to the child's whole process group (it leads its own), then reap it.
-fn kill_group(child: &mut Child) {
-    if matches!(child.try_wait(), Ok(None)) {
-        let _ = Command::new("kill")
-            .args(["-KILL", "--", &format!("-{}", child.id())])
-            .stderr(Stdio::null())
-            .status();
-        let _ = child.kill();
-    }
-    let _ = child.wait();
-}
-
-/// Runs a setup command; panics with its output when it fails.
-fn sh(args: &[&str]) {
-    let out = Command::new(args[0])
-        .args(&args[1..])
-        .output()
-        .unwrap_or_else(|e| panic!("{args:?}: {e} (needs root and iproute2)"));
-    assert!(
-        out.status.success(),
-        "{args:?} exited with {}: {}",
-        out.status,
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
-
-fn create(path: &Path) -> File {
-    File::create(path).unwrap_or_else(|e| panic!("create {}: {e}", path.display()))
-}
-
-fn read(path: &Path) -> String {
-    fs::read_to_string(path).unwrap_or_else(|e| format!("(cannot read {}: {e})", path.display()))
+/// Router, server (with its second address) and one namespace per site.
+fn new_net(sites: &[Site]) -> Net {
+    let net = Net::new("fb", sites);
+    net.add_server_address(MEDIA_ONLY_IP);
+    net
 }
 
 fn logs_dir(what: &str) -> PathBuf {
-    let nanos = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.subsec_nanos())
-        .unwrap_or(0);
-    let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR"))
-        .join(format!("fallback-{what}-{}-{nanos}", std::process::id()));
-    fs::create_dir_all(&dir).unwrap_or_else(|e| panic!("create {}: {e}", dir.display()));
-    dir
-}
-
-/// Makes sure `tests/browser/node_modules` has playwright-core (`npm ci` if not).
-fn ensure_playwright(browser_dir: &Path, logs: &Path) {
-    if browser_dir
-        .join("node_modules/playwright-core/package.json")
-        .is_file()
-    {
-        return;
-    }
-    let log = logs.join("npm-ci.log");
-    let out = create(&log);
-    let err = out.try_clone().expect("clone a file handle");
-    let mut child = Command::new("npm")
-        .args(["ci", "--no-audit", "--no-fund", "--prefix"])
-        .arg(browser_dir)
-        .env("PLAYWRIGHT_SKIP_BROWSER_DOWNLOAD", "1")
-        .stdin(Stdio::null())
-        .stdout(out)
-        .stderr(err)
-        .process_group(0)
-        .spawn()
-        .unwrap_or_else(|e| panic!("npm: {e} (needs Node.js 20+ and npm)"));
-    let deadline = Instant::now() + NPM_TIMEOUT;
-    loop {
-        match child.try_wait() {
-            Ok(Some(s)) if s.success() => return,
-            Ok(Some(s)) => panic!("npm ci exited with {s}:\n{}", read(&log)),
-            Ok(None) if Instant::now() > deadline => {
-                kill_group(&mut child);
-                panic!("npm ci timed out:\n{}", read(&log));
-            }
-            Ok(None) => sleep(Duration::from_millis(200)),
-            Err(e) => panic!("npm ci: {e}"),
-        }
-    }
+    netns::logs_dir("fallback", what)
 }
 
 /// What one scenario's network and server look like.
@@ -407,30 +78,12 @@ struct Setup {
 
 /// Starts the server in the server namespace, returns its child index.
 fn start_server(net: &mut Net, setup: &Setup, logs: &Path) -> usize {
-    let server = PathBuf::from(env!("CARGO_BIN_EXE_switchboard"));
-    let listen = format!("{SERVER_IP}:{HTTP_PORT}");
     let rtc_ip = if setup.media_unreachable {
         MEDIA_ONLY_IP
     } else {
         SERVER_IP
     };
-    // The test's own namespaces, no key: open on purpose.
-    let mut args = vec![
-        "serve",
-        "--listen",
-        &listen,
-        "--no-auth",
-        "--rtc-ip",
-        rtc_ip,
-    ];
-    args.extend_from_slice(setup.server_args);
-    net.spawn(
-        "s",
-        &server,
-        &args,
-        &[("NO_COLOR", "1".into())],
-        &logs.join("server"),
-    )
+    netns::start_server(net, rtc_ip, setup.server_args, logs)
 }
 
 /// Builds the network of `setup`, starts the server and runs
@@ -438,17 +91,13 @@ fn start_server(net: &mut Net, setup: &Setup, logs: &Path) -> usize {
 /// in the site's namespace. Returns the script's `{"ok":true,...}` JSON.
 fn run_browsers(scenario: &str, setup: &Setup, standby: bool) -> serde_json::Value {
     let _one = NETWORK.lock().unwrap_or_else(|e| e.into_inner());
-    assert!(
-        Path::new(CHROMIUM).exists(),
-        "{CHROMIUM} is missing: run `apt-get install -y chromium` (.ci/run installs it). \
-         This test needs a real browser and does not skip."
-    );
+    require_chromium();
     let root = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
     let browser_dir = root.join("tests/browser");
     let logs = logs_dir(scenario);
     ensure_playwright(&browser_dir, &logs);
 
-    let mut net = Net::new(setup.sites);
+    let mut net = new_net(setup.sites);
     if setup.isolate {
         net.isolate(ALICE, BOB);
     }
@@ -483,23 +132,7 @@ fn run_browsers(scenario: &str, setup: &Setup, standby: bool) -> serde_json::Val
         .map(|s| format!("SB_BROWSER_{}", s.name))
         .collect::<Vec<_>>();
     for (site, key) in setup.sites.iter().zip(&keys) {
-        let wrapper = tmp.path().join(format!("chromium-{}", site.name));
-        // Two flags on top of the harness's: the page is plain http on a
-        // namespace address, which is not a secure context (no camera) unless
-        // we say it is; and host candidates must be addresses, not mDNS
-        // names that nothing across the router resolves.
-        fs::write(
-            &wrapper,
-            format!(
-                "#!/bin/sh\nexec ip netns exec {} {CHROMIUM} \
-                 --unsafely-treat-insecure-origin-as-secure={base} \
-                 --disable-features=WebRtcHideLocalIpsWithMdns \"$@\"\n",
-                net.ns(site.name)
-            ),
-        )
-        .unwrap_or_else(|e| panic!("write {}: {e}", wrapper.display()));
-        fs::set_permissions(&wrapper, fs::Permissions::from_mode(0o755))
-            .unwrap_or_else(|e| panic!("chmod {}: {e}", wrapper.display()));
+        let wrapper = chromium_wrapper(tmp.path(), &net, *site, &base, &[]);
         envs.push((key.as_str(), wrapper.into()));
     }
     let script = browser_dir.join("fallback.mjs");
@@ -759,7 +392,7 @@ fn run_rust_clients(isolate: bool) -> Vec<(&'static str, serde_json::Value)> {
         server_args: &[],
         alice_loss: None,
     };
-    let mut net = Net::new(setup.sites);
+    let mut net = new_net(setup.sites);
     if isolate {
         net.isolate(ALICE, BOB);
     }
@@ -869,7 +502,7 @@ fn a_rust_clients_call_survives_its_address_change() {
         server_args: &[],
         alice_loss: None,
     };
-    let mut net = Net::new(setup.sites);
+    let mut net = new_net(setup.sites);
     net.isolate(ALICE, BOB);
     let srv = start_server(&mut net, &setup, &logs);
     let alice_ns = net.ns(ALICE.name);

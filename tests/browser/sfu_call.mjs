@@ -146,6 +146,14 @@ async function main() {
       if (NAMES.every((n) => readyMs[n] !== undefined)) break;
       if (Date.now() > deadline) {
         const what = Object.fromEntries(NAMES.map((n) => [n, { received: received(n, snap[n]), ...snap[n] }]));
+        // What each page sends (simulcast layers) and was told to send.
+        for (const n of NAMES) {
+          what[n].sending = await pages[n].evaluate(async () => ({
+            encodings: window.sb.sendEncodings(),
+            outbound: await window.sb.outboundVideo(),
+            told: window.sb.lastPublisherLayers(),
+          })).catch((e) => String(e));
+        }
         fail(`not every page decoded video and got audio from both others within ${MEDIA_TIMEOUT_MS / 1000} s: ${JSON.stringify(what)}`);
       }
       await sleep(250);

@@ -112,13 +112,14 @@ pub fn sdp_offer(text: &str) {
         max_sections: 4,
         max_candidates: 8,
         max_sending: 2,
+        max_encodings: 3,
     };
     match offer::check(text, &limits) {
         Ok(s) => {
             assert_eq!(s, shape);
-            assert!(s.sections <= 4 && s.candidates <= 8);
+            assert!(s.sections <= 4 && s.candidates <= 8 && s.encodings <= 3);
         }
-        Err(_) => assert!(shape.sections > 4 || shape.candidates > 8),
+        Err(_) => assert!(shape.sections > 4 || shape.candidates > 8 || shape.encodings > 3),
     }
     for keep in 0..=3 {
         let limited = offer::limit_sending(text, keep);
