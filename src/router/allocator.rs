@@ -9,6 +9,11 @@
 //! # Policy
 //!
 //! - Audio is never cut: the video budget is the estimate less the audio.
+//! - A track without simulcast has nothing to step down to: it is always
+//!   sent (as mediasoup's simple consumers are), unless its subscriber
+//!   paused it, and its cost comes off the budget like audio's. Pausing it
+//!   would trade a degraded picture (which NACK and keyframes repair) for a
+//!   frozen one.
 //! - Everyone first: every track gets its lowest live layer, most important
 //!   first (the active speaker, then the rest), before any track goes
 //!   higher, so two tracks at the lowest layer beat one high and one paused.
@@ -175,6 +180,8 @@ struct Work {
     fresh: bool,
     /// Not within its hold time.
     may_rise: bool,
+    /// One layer only (no simulcast): sent as it is, never adjusted.
+    single: bool,
 }
 
 impl Work {
@@ -186,6 +193,7 @@ impl Work {
             target,
             fresh: false,
             may_rise: false,
+            single: false,
         };
         let layers = usable(t.layers);
         if t.paused {
@@ -194,6 +202,12 @@ impl Work {
         let Some(lo) = layers.iter().position(|l| l.live) else {
             return fixed(Target::Paused(PauseCause::NoLiveLayer));
         };
+        if layers.len() == 1 {
+            return Work {
+                single: true,
+                ..fixed(Target::Layer(0))
+            };
+        }
         // Within MAX_LAYERS, so every index fits.
         let lo = lo as u8;
         // The wish's cap: the highest live layer no taller than it, where an
@@ -227,6 +241,7 @@ impl Work {
             target: base,
             fresh,
             may_rise: prior.is_none_or(|s| s.may_rise(now)),
+            single: false,
         }
     }
 
@@ -306,14 +321,20 @@ impl Allocator {
         now: Instant,
         out: &mut Vec<Allocation>,
     ) -> Summary {
-        let budget = estimate.saturating_sub(audio);
-        let headroom = (budget as f64 * UP_HEADROOM) as u64;
         self.work.clear();
         self.work.extend(
             tracks
                 .iter()
                 .map(|t| Work::new(t, self.states.get(&t.key), now)),
         );
+        let single: u64 = tracks
+            .iter()
+            .zip(&self.work)
+            .filter(|(_, w)| w.single)
+            .map(|(t, w)| cost(usable(t.layers), w.base))
+            .sum();
+        let budget = estimate.saturating_sub(audio).saturating_sub(single);
+        let headroom = (budget as f64 * UP_HEADROOM) as u64;
         self.order.clear();
         self.order.extend(0..tracks.len());
         self.order
@@ -322,6 +343,7 @@ impl Allocator {
         let current: u64 = tracks
             .iter()
             .zip(&self.work)
+            .filter(|(_, w)| !w.single)
             .map(|(t, w)| cost(usable(t.layers), w.base))
             .sum();
         let (work, order) = (&mut self.work[..], &self.order[..]);
@@ -386,6 +408,9 @@ fn fill(
 ) {
     for &i in order {
         let w = &mut work[i];
+        if w.single {
+            continue;
+        }
         let restart = if lowering {
             matches!(w.base, Target::Layer(_))
         } else {
@@ -406,6 +431,9 @@ fn fill(
         let Target::Layer(l) = w.target else {
             continue;
         };
+        if w.single {
+            continue;
+        }
         let top = match w.base {
             Target::Layer(current) if lowering => current,
             _ if !lowering && w.may_rise => w.cap,
@@ -553,6 +581,26 @@ mod tests {
         sub.at(0.0, 200_000, &tracks);
         assert_eq!(sub.at(1.0, 340_000, &tracks).0, [BW, L0, BW]);
         assert_eq!(sub.at(2.0, 360_000, &tracks).0, [BW, L0, L0]);
+    }
+
+    #[test]
+    fn a_track_without_simulcast_is_sent_and_its_cost_comes_first() {
+        let plain = [layer(720, 1_000_000)];
+        let tracks = [track(1, 1, &plain), track(2, 0, &SIM)];
+        // Far below the plain track's rate: it is still sent (nothing to
+        // step down to); the simulcast speaker gets what is left: nothing.
+        let (t, s) = Sub::new().at(0.0, 500_000, &tracks);
+        assert_eq!(t, [L0, BW]);
+        assert_eq!((s.allocated, s.paused_for_bandwidth), (1_000_000, 1));
+        // 1.2 Mbit/s leaves 200 kbit/s: the speaker's lowest layer.
+        assert_eq!(Sub::new().at(0.0, 1_200_000, &tracks).0, [L0, L0]);
+        // Only its subscriber's wish pauses it; a height cap does not.
+        let (t, s) = Sub::new().at(0.0, 500_000, &[paused(track(1, 1, &plain))]);
+        assert_eq!((t[0], s.allocated), (WISH, 0));
+        assert_eq!(
+            Sub::new().one(0.0, 500_000, capped(90, track(1, 1, &plain))),
+            L0
+        );
     }
 
     #[test]
