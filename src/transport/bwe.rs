@@ -12,12 +12,15 @@
 //!
 //! - **overuse** (queueing delay growing) or loss: back off to 85 % of what
 //!   the far end received, and remember that rate as the ceiling;
+//! - **normal**: at least what arrived (a probe's padding that got through
+//!   without the queue growing raises the estimate at once);
 //! - **normal**, far from a recent ceiling: climb 25 % per second, but never
 //!   past twice what is being received plus [`HEADROOM`] (an estimate that
 //!   nothing has tested is worth little: with an idle downlink it would
 //!   grow without bound);
 //! - **normal** near a ceiling learnt in the last [`CEILING_MEMORY`]: climb
-//!   [`ADDITIVE`] per second, so a known limit is approached, not hit;
+//!   [`ADDITIVE`] per second, so a known limit is approached, not hit (a
+//!   ceiling is forgotten once more than it arrives);
 //! - **underuse** (queue draining): hold.
 //!
 //! The estimator runs inside the connection's interceptor chain; the
@@ -28,9 +31,10 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use std::collections::VecDeque;
+
 use rtc::interceptor::{
-    BandwidthEstimator, EstimatorStats, OveruseDetector, PacketReport, RateCalculator,
-    SlopeEstimator, Usage,
+    BandwidthEstimator, EstimatorStats, OveruseDetector, PacketReport, SlopeEstimator, Usage,
 };
 
 /// Where an estimate starts: enough for the lowest layers of a few
@@ -48,9 +52,13 @@ pub const HEADROOM: f64 = 400_000.0;
 /// Loss (smoothed) above which the path is taken to be full.
 const LOSS_FULL: f64 = 0.10;
 /// Additive climb per second near a ceiling.
-const ADDITIVE: f64 = 50_000.0;
+const ADDITIVE: f64 = 100_000.0;
 /// How long a ceiling (the rate at the last back-off) is remembered.
 const CEILING_MEMORY: Duration = Duration::from_secs(15);
+/// A ceiling is forgotten once this much more than it arrived, and the
+/// estimate is near it only below this multiple of it.
+const CEILING_PASSED: f64 = 1.15;
+const NEAR_ABOVE: f64 = 1.5;
 /// Back-off: to this fraction of the received rate.
 const BACK_OFF: f64 = 0.85;
 /// At most one change per this interval (one is seen before the next).
@@ -72,11 +80,51 @@ impl Estimate {
     }
 }
 
+/// What the far end received, by its own arrival times (feedback comes in
+/// bursts: rated by when it was read here, two reports read a millisecond
+/// apart would look like a link of many Gbit/s).
+#[derive(Debug, Default)]
+struct ArrivalRate {
+    /// (arrival on the receiver's clock, bytes), oldest first.
+    samples: VecDeque<(Duration, usize)>,
+    bytes: usize,
+}
+
+impl ArrivalRate {
+    /// Over this much of the receiver's time.
+    const WINDOW: Duration = Duration::from_millis(500);
+    /// A rate needs at least this span of arrivals.
+    const MIN_SPAN: Duration = Duration::from_millis(200);
+    /// Reports are bounded: a window holds at most this many.
+    const MAX_SAMPLES: usize = 8192;
+
+    fn add(&mut self, at: Duration, size: usize) {
+        // Reports can arrive out of order; the newest sets the window.
+        let newest = self.samples.back().map_or(at, |&(t, _)| t.max(at));
+        self.samples.push_back((at, size));
+        self.bytes += size;
+        while let Some(&(t, size)) = self.samples.front() {
+            if newest.saturating_sub(t) <= Self::WINDOW && self.samples.len() <= Self::MAX_SAMPLES {
+                break;
+            }
+            self.samples.pop_front();
+            self.bytes -= size;
+        }
+    }
+
+    /// bit/s, or `None` while the window spans too little.
+    fn rate(&self) -> Option<f64> {
+        let (first, last) = (self.samples.front()?.0, self.samples.back()?.0);
+        let span = last.saturating_sub(first);
+        (span >= Self::MIN_SPAN).then(|| (self.bytes * 8) as f64 / span.as_secs_f64())
+    }
+}
+
 /// The estimator in the interceptor chain.
 pub struct Bwe {
     slope: SlopeEstimator,
     detector: OveruseDetector,
-    received: RateCalculator,
+    received: ArrivalRate,
     /// Smoothed fraction of packets reported lost.
     loss: f64,
     delay_target: f64,
@@ -94,7 +142,7 @@ impl Bwe {
         let bwe = Bwe {
             slope: SlopeEstimator::new(),
             detector: OveruseDetector::new(),
-            received: RateCalculator::default(),
+            received: ArrivalRate::default(),
             loss: 0.0,
             delay_target: INITIAL,
             target: INITIAL,
@@ -128,9 +176,22 @@ impl Bwe {
                     return;
                 };
                 let secs = since.as_secs_f64().min(1.0);
+                // What arrived without the queue growing (a probe's
+                // padding, or more layers) is what the link carries at
+                // least; past the ceiling by a margin, the link changed.
+                if received > self.delay_target {
+                    self.delay_target = received.min(MAX);
+                }
+                if self
+                    .ceiling
+                    .is_some_and(|(_, rate)| received > rate * CEILING_PASSED)
+                {
+                    self.ceiling = None;
+                }
                 let near = self.ceiling.is_some_and(|(at, rate)| {
                     now.saturating_duration_since(at) < CEILING_MEMORY
                         && self.delay_target > rate * BACK_OFF
+                        && self.delay_target < rate * NEAR_ABOVE
                 });
                 let next = if near {
                     self.delay_target + ADDITIVE * secs
@@ -154,14 +215,14 @@ impl BandwidthEstimator for Bwe {
         }
         let mut usage = self.detector.usage();
         for report in reports {
-            if report.arrived {
-                self.received.add(now, report.size);
+            if let (true, Some(at)) = (report.arrived, report.arrival) {
+                self.received.add(at, report.size);
             }
             if let Some(trend) = self.slope.accumulate(report) {
                 usage = self.detector.update(trend.at, trend.estimate_ms);
             }
         }
-        let received = self.received.rate_bits_per_second(now);
+        let received = self.received.rate();
         self.rate_control(now, usage, received);
         let lost = reports.iter().filter(|r| !r.arrived).count();
         let fraction = lost as f64 / reports.len() as f64;
@@ -276,5 +337,62 @@ mod tests {
             16.0,
         );
         assert!(after < 1_000_000.0, "backed off: {after}");
+    }
+
+    #[test]
+    fn what_arrives_without_queueing_raises_the_estimate_at_once() {
+        let (mut bwe, _) = Bwe::new();
+        let t0 = Instant::now();
+        // A bottleneck: backed off, with a ceiling learnt.
+        let low = run(&mut bwe, t0, t0, 2.0, 1_200_000.0, 16.0);
+        assert!(low < 1_000_000.0, "backed off: {low}");
+        // The queue drains (the estimate holds while it does).
+        run(
+            &mut bwe,
+            t0,
+            t0 + Duration::from_secs(3),
+            2.0,
+            500_000.0,
+            0.0,
+        );
+        // The link was freed and a probe's padding goes through at
+        // 2.4 Mbit/s without any queueing: within a second the estimate
+        // is what arrived, not a slow additive climb from the ceiling.
+        let after = run(
+            &mut bwe,
+            t0,
+            t0 + Duration::from_secs(5),
+            1.0,
+            2_400_000.0,
+            0.0,
+        );
+        assert!(after >= 2_000_000.0, "raised: {after} (from {low})");
+    }
+
+    #[test]
+    fn feedback_read_in_a_burst_is_rated_by_its_arrival_times() {
+        let (mut bwe, _) = Bwe::new();
+        let t0 = Instant::now();
+        run(&mut bwe, t0, t0, 2.0, 1_000_000.0, 0.0);
+        // The server stalled: a second of feedback (1 Mbit/s arriving) is
+        // read within a millisecond.
+        let read_at = t0 + Duration::from_secs(3);
+        let gap = 1200.0 * 8.0 / 1_000_000.0;
+        let start = t0 + Duration::from_secs(2);
+        for batch in 0..20u64 {
+            let reports: Vec<PacketReport> = (0..5u64)
+                .map(|i| {
+                    let n = batch * 5 + i;
+                    let sent = start + Duration::from_secs_f64(n as f64 * gap);
+                    report(10_000 + n, t0, sent, Some(sent + Duration::from_millis(20)))
+                })
+                .collect();
+            bwe.on_reports(read_at + Duration::from_micros(batch * 50), &reports);
+        }
+        let after = bwe.target_bitrate();
+        assert!(
+            after <= 1.5 * 1_000_000.0 * 1.3 + HEADROOM,
+            "not a burst's rate: {after}"
+        );
     }
 }
