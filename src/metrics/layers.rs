@@ -1,7 +1,7 @@
 //! `switchboard_layers_*` and `switchboard_subscriber_estimate_bits`:
 //! simulcast, the per-subscriber bandwidth estimate and the allocator.
 
-use prometheus::{Histogram, HistogramOpts, IntCounter, IntGauge, Registry};
+use prometheus::{Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, Opts, Registry};
 
 use super::register;
 
@@ -19,7 +19,14 @@ pub struct LayerMetrics {
     pub publisher_updates: IntCounter,
     /// `track-settings` naming a mid that carries nothing.
     pub unknown_mid: IntCounter,
+    /// Bandwidth probes by outcome (started, succeeded, failed).
+    probes: IntCounterVec,
+    /// Packets repeated on RTX streams as probe padding.
+    pub padding_packets: IntCounter,
 }
+
+/// The outcomes `switchboard_layers_probes_total` counts.
+pub const PROBE_OUTCOMES: [&str; 3] = ["started", "succeeded", "failed"];
 
 impl LayerMetrics {
     pub(super) fn new(registry: &Registry) -> LayerMetrics {
@@ -48,7 +55,24 @@ impl LayerMetrics {
             register(registry, h.clone());
             h
         };
+        let probes = IntCounterVec::new(
+            Opts::new(
+                "switchboard_layers_probes_total",
+                "Bandwidth probes (padding sent to find out whether a subscriber's link carries more) by outcome: started, succeeded (its estimate rose), failed",
+            ),
+            &["outcome"],
+        )
+        .unwrap_or_else(|e| unreachable!("{e}"));
+        register(registry, probes.clone());
+        for outcome in PROBE_OUTCOMES {
+            probes.with_label_values(&[outcome]);
+        }
         LayerMetrics {
+            probes,
+            padding_packets: counter(
+                "switchboard_layers_padding_packets_total",
+                "Video packets repeated on a subscriber's RTX stream as bandwidth-probe padding",
+            ),
             estimate,
             switches: counter(
                 "switchboard_layers_switches_total",
@@ -71,5 +95,12 @@ impl LayerMetrics {
                 "track-settings messages naming an m-section that carries no track (ignored)",
             ),
         }
+    }
+}
+
+impl LayerMetrics {
+    /// One probe event (`outcome` one of [`PROBE_OUTCOMES`]).
+    pub fn probes(&self, outcome: &str) {
+        self.probes.with_label_values(&[outcome]).inc();
     }
 }

@@ -293,6 +293,26 @@ fn wishes_cap_and_pause_and_dynacast_keeps_what_someone_needs() {
     let mut needed = Vec::new();
     c.r.needed_layers(A, "cam", &mut needed);
     assert_eq!(needed, vec![Q.0], "only q is needed");
+    // Nobody could use a layer taller than 720 px: an offered rid never
+    // received may be paused too.
+    assert!(!c.r.wants_taller(A, "cam"));
+    c.r.set_wish(
+        B,
+        slot(A),
+        Wish {
+            max_height: Some(1080),
+            paused: false,
+        },
+    );
+    assert!(c.r.wants_taller(A, "cam"), "B's tile is taller than 720 px");
+    c.r.set_wish(
+        B,
+        slot(A),
+        Wish {
+            max_height: Some(180),
+            paused: false,
+        },
+    );
     // C scrolls A back into view: with room to spare it gets f, at f's
     // next keyframe (asked for), and dynacast wants f again.
     c.r.set_wish(C, slot(A), Wish::default());
@@ -311,6 +331,7 @@ fn wishes_cap_and_pause_and_dynacast_keeps_what_someone_needs() {
     assert_eq!(forwarded_to(C, &c.frame(true)), vec![F.0]);
     c.r.needed_layers(A, "cam", &mut needed);
     assert!(needed.contains(&F.0), "{needed:?}");
+    assert!(c.r.wants_taller(A, "cam"), "C has no height limit");
 }
 
 #[test]

@@ -655,8 +655,9 @@ impl Router {
 
     /// The encodings (SSRCs) of `publisher`'s `track` that a subscriber
     /// needs now: the smallest always (a subscriber whose bandwidth drops
-    /// falls back to it), each subscriber's target and current, and the
-    /// largest its wish allows (so the allocator can climb to it). The
+    /// falls back to it), each subscriber's target and current, the one
+    /// above its current and the largest its wish allows (so the allocator
+    /// can climb to it, a step at a time). The
     /// others can be paused at the publisher (dynacast).
     pub fn needed_layers(&self, publisher: PeerKey, track: &str, out: &mut Vec<u32>) {
         out.clear();
@@ -686,22 +687,61 @@ impl Router {
             if l.wish.paused {
                 continue;
             }
-            for ssrc in [l.current, l.target].into_iter().flatten() {
-                if !out.contains(&ssrc) {
-                    out.push(ssrc);
-                }
-            }
+            let allowed =
+                |e: &&Encoding| l.wish.max_height.is_none_or(|h| u32::from(e.height) <= h);
+            // The next step up from where it is, so it can climb one
+            // layer at a time.
+            let next = l
+                .current
+                .and_then(|c| enc.layer_of(c))
+                .and_then(|Layer(r)| enc.at(Layer(r.saturating_add(1))))
+                .filter(allowed)
+                .map(|e| e.ssrc);
             // The tallest layer the wish allows.
             let cap = (0..enc.len())
                 .rev()
                 .filter_map(|r| enc.at(Layer(r as u8)))
-                .find(|e| l.wish.max_height.is_none_or(|h| u32::from(e.height) <= h));
-            if let Some(e) = cap {
-                if !out.contains(&e.ssrc) {
-                    out.push(e.ssrc);
+                .find(allowed)
+                .map(|e| e.ssrc);
+            for ssrc in [l.current, l.target, next, cap].into_iter().flatten() {
+                if !out.contains(&ssrc) {
+                    out.push(ssrc);
                 }
             }
         }
+    }
+
+    /// Whether some subscriber of `publisher`'s `track` could use a layer
+    /// taller than any the server has received: one not paused whose wish
+    /// has no height limit, or a limit above the tallest known layer. An
+    /// encoding the publisher offered but has not sent (yet) stays on at
+    /// the publisher only then: nobody could be given it otherwise.
+    pub fn wants_taller(&self, publisher: PeerKey, track: &str) -> bool {
+        let Some(p) = self.members.get(&publisher) else {
+            return false;
+        };
+        let Some(published) = p.published.get(track) else {
+            return false;
+        };
+        let enc = &published.encodings;
+        let tallest = (0..enc.len())
+            .filter_map(|r| enc.at(Layer(r as u8)))
+            .map(|e| u32::from(e.height))
+            .max()
+            .unwrap_or(0);
+        let Some(room) = self.rooms.get(&p.room) else {
+            return false;
+        };
+        room.members.iter().any(|sub| {
+            self.members
+                .get(sub)
+                .and_then(|s| s.subs.get(&publisher))
+                .and_then(|t| t.get(track))
+                .is_some_and(|d| {
+                    let w = d.layers.wish;
+                    !w.paused && w.max_height.is_none_or(|h| h > tallest)
+                })
+        })
     }
 
     /// A subscriber's keyframe request, for the encoding it is about.

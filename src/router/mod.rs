@@ -48,6 +48,7 @@ pub mod allocator;
 pub mod forward;
 pub mod keyframes;
 pub mod layers;
+pub mod probe;
 pub mod speaker;
 
 #[cfg(test)]

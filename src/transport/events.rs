@@ -326,8 +326,12 @@ impl Engine {
                     out.header.payload_type = send.pt.0;
                     out.header.sequence_number = send.seq;
                     out.header.timestamp = send.ts;
+                    let mut video = false;
                     let sender_id = match (s.down.get(&send.out), &s.speaker_out) {
-                        (Some(down), _) => Some(down.sender_id),
+                        (Some(down), _) => {
+                            video = down.kind == RtpCodecKind::Video;
+                            Some(down.sender_id)
+                        }
                         (None, Some(o)) if o.out == send.out => {
                             // A classic client's speaker video: a missing
                             // sender is a failed write.
@@ -343,7 +347,13 @@ impl Engine {
                         continue;
                     };
                     match sender.write_rtp(now, out) {
-                        Ok(()) => self.metrics.media_forwarded.inc(),
+                        Ok(()) => {
+                            self.metrics.media_forwarded.inc();
+                            if video {
+                                // What bandwidth-probe padding repeats.
+                                s.last_video = Some((send.ssrc.0, send.seq));
+                            }
+                        }
                         Err(_) => self.metrics.media_dropped("write-failed"),
                     }
                 }

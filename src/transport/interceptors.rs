@@ -28,9 +28,12 @@ use crate::metrics::Metrics;
 pub(super) fn registry(
     metrics: &Metrics,
     media_engine: &mut MediaEngine,
-) -> Result<(Registry, super::bwe::Estimate), rtc::shared::error::Error> {
+) -> Result<(Registry, (super::bwe::Estimate, super::probe::ProbeHandle)), rtc::shared::error::Error>
+{
     let (bwe, estimate) = super::bwe::Bwe::new();
+    let (injector, probe) = super::probe::ProbeInjector::new();
     let registry = Registry::new()
+        .with(Slot::from(super::probe::SLOT), injector)
         .with(Slot::from(14_000), DeliverKeyframeRequests::default())
         .with(Slot::from(100), CountNacks::new(metrics))
         .with(
@@ -41,7 +44,10 @@ pub(super) fn registry(
             Slot::TwccSender,
             rtc::interceptor::TwccSenderBuilder::new().build(),
         );
-    Ok((register_interceptors(registry, media_engine)?, estimate))
+    Ok((
+        register_interceptors(registry, media_engine)?,
+        (estimate, probe),
+    ))
 }
 
 /// A lost packet is NACKed at most this many times (one per 100 ms

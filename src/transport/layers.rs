@@ -8,6 +8,8 @@ use rtc::media_stream::MediaStreamTrackId;
 use switchboard_proto::{ParticipantId, PublisherLayers, ServerMessage, TrackSettings};
 
 use super::Engine;
+use crate::router::allocator::Summary;
+use crate::router::probe::{ProbeEvent, TICK};
 use crate::router::{OutSlot, PeerKey, Wish};
 
 /// How often every subscriber's layers are chosen again. TWCC feedback
@@ -20,6 +22,9 @@ pub(super) const ALLOCATE_EVERY: Duration = Duration::from_millis(500);
 /// layers to choose from, it gets the estimator's initial value; tracks
 /// without simulcast are never cut on a guess.
 const NO_FEEDBACK: Duration = Duration::from_secs(5);
+
+/// The size padding is counted in: about a video packet.
+const PADDING_PACKET: usize = 1_100;
 
 impl Engine {
     /// One allocation round: every subscriber's layers for its estimate,
@@ -62,6 +67,7 @@ impl Engine {
                 tracing::debug!(participant = %p.participant, ?estimate, ?layers, ?encodings, "layers chosen");
             }
             self.metrics.layers.switches.inc_by(u64::from(a.switches));
+            self.probe_round(key, now, &a.summary);
             paused += i64::from(a.summary.paused_for_bandwidth);
             deficit += i64::try_from(a.summary.deficit).unwrap_or(i64::MAX);
         }
@@ -70,6 +76,72 @@ impl Engine {
         self.apply_decisions(&mut decisions, None, now);
         self.decisions = decisions;
         self.dynacast();
+    }
+
+    /// After `key`'s allocation round: starts, ends or aborts its
+    /// bandwidth probe. Only connections whose answer accepted RTX for
+    /// video are probed (the padding is RTX retransmissions; repeated
+    /// packets on the media SSRC would be dropped as SRTP replays and
+    /// reported lost).
+    fn probe_round(&mut self, key: PeerKey, now: Instant, summary: &Summary) {
+        let Some(p) = self.peers.get_mut(&key) else {
+            return;
+        };
+        let rtx =
+            p.pc.remote_description()
+                .is_some_and(|d| d.sdp.contains(" rtx/90000"));
+        let estimate = p.estimate.get().filter(|_| rtx);
+        let Some(event) = p.prober.on_round(now, estimate, summary) else {
+            return;
+        };
+        let outcome = match event {
+            ProbeEvent::Started { pad_bps } => {
+                tracing::debug!(participant = %p.participant, ?estimate, pad_bps, allocated = summary.allocated, deficit = summary.deficit, "probe started");
+                self.padding_due.get_or_insert(now);
+                "started"
+            }
+            ProbeEvent::Succeeded => "succeeded",
+            ProbeEvent::Failed => "failed",
+        };
+        if !matches!(event, ProbeEvent::Started { .. }) {
+            tracing::debug!(participant = %p.participant, ?estimate, outcome, "probe ended");
+        }
+        self.metrics.layers.probes(outcome);
+    }
+
+    /// Sends the padding due on every probing connection: the last
+    /// packets of its video, again, on its RTX stream.
+    pub(super) fn pad(&mut self, now: Instant) {
+        let mut any = false;
+        let keys: Vec<PeerKey> = self
+            .peers
+            .iter()
+            .filter(|(_, p)| p.prober.active())
+            .map(|(&k, _)| k)
+            .collect();
+        for key in keys {
+            let Some(p) = self.peers.get_mut(&key) else {
+                continue;
+            };
+            any = true;
+            let n = p.prober.padding_packets(now, PADDING_PACKET);
+            let Some((ssrc, seq)) = p.last_video else {
+                p.prober.forgive();
+                continue;
+            };
+            if n == 0 {
+                continue;
+            }
+            let n = u16::try_from(n)
+                .unwrap_or(u16::MAX)
+                .min(super::probe::MAX_REPEAT);
+            p.probe.repeat(ssrc, seq, n);
+            self.metrics.layers.padding_packets.inc_by(u64::from(n));
+            // The injector hands the request to the NACK responder when
+            // the connection's input is next read: now.
+            self.drain(key);
+        }
+        self.padding_due = any.then_some(now + TICK);
     }
 
     /// Tells each simulcast publisher which of its encodings some
@@ -108,14 +180,16 @@ impl Engine {
                 let Some(enc) = self.router.encodings(key, &track) else {
                     continue;
                 };
-                // A rid the server has not received yet stays on: it cannot
-                // be judged, and pausing it before its first packet would
+                // A rid the server has not received yet stays on while
+                // someone could use a taller layer than it knows: it cannot
+                // be judged before its first packet, and pausing it would
                 // keep it unknown for good.
+                let taller = self.router.wants_taller(key, &track);
                 let active: Vec<Box<str>> = rids
                     .into_iter()
                     .filter(|rid| match enc.by_rid(rid) {
                         Some(e) => ssrcs.contains(&e.ssrc),
-                        None => true,
+                        None => taller,
                     })
                     .collect();
                 if active.is_empty() {

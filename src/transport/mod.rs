@@ -62,6 +62,7 @@ mod interceptors;
 mod layers;
 mod mix;
 mod peer;
+mod probe;
 mod senders;
 mod tcp;
 
@@ -263,6 +264,12 @@ struct Peer {
     created: Instant,
     /// What `publisher-layers` last told it, by its track: the active rids.
     layers_sent: HashMap<MediaStreamTrackId, Vec<Box<str>>>,
+    /// Padding for bandwidth probes: the handle into its interceptors,
+    /// the policy, and the last video packet sent to it (SSRC, sequence
+    /// number), which the padding repeats.
+    probe: probe::ProbeHandle,
+    prober: crate::router::probe::Prober,
+    last_video: Option<(u32, u16)>,
 }
 
 /// A server-sent m-section whose track went away: inactive in the next
@@ -331,6 +338,9 @@ struct Engine {
     audio_due: Option<Instant>,
     /// When the next layer allocation round is due.
     layers_due: Instant,
+    /// When bandwidth-probe padding goes out next; `None` while no
+    /// connection probes.
+    padding_due: Option<Instant>,
     /// K of the mixer (`--mix-speakers`).
     mix_speakers: usize,
     /// Encoder complexity of the mixer (`--mix-complexity`).
@@ -367,6 +377,7 @@ impl Engine {
             forwarded_since: None,
             audio_due: None,
             layers_due: Instant::now() + layers::ALLOCATE_EVERY,
+            padding_due: None,
             mix_speakers: config.mix_speakers,
             mix_complexity: config.mix_complexity,
             max_tracks: config.max_tracks,
@@ -392,6 +403,9 @@ impl Engine {
                 self.allocate_layers(now);
                 self.layers_due = now + layers::ALLOCATE_EVERY;
             }
+            if self.padding_due.is_some_and(|due| due <= Instant::now()) {
+                self.pad(Instant::now());
+            }
             self.flush(&socket);
             if let Some(arrived) = self.forwarded_since.take() {
                 self.metrics
@@ -408,6 +422,7 @@ impl Engine {
                 .min(now + IDLE)
                 .min(self.audio_due.unwrap_or(now + IDLE))
                 .min(self.layers_due)
+                .min(self.padding_due.unwrap_or(now + IDLE))
                 .max(now);
             tokio::select! {
                 biased;

@@ -375,7 +375,7 @@ impl Engine {
     ) -> Result<PeerKey, rtc::shared::error::Error> {
         let ufrag = random_token(16);
         let pwd = random_token(32);
-        let (pc, candidates, estimate) = build_connection(
+        let (pc, candidates, (estimate, probe)) = build_connection(
             &ufrag,
             &pwd,
             self.announce,
@@ -449,6 +449,9 @@ impl Engine {
                 estimate,
                 created: Instant::now(),
                 layers_sent: HashMap::new(),
+                probe,
+                prober: crate::router::probe::Prober::new(),
+                last_video: None,
             },
         );
         if classic {
@@ -510,7 +513,14 @@ fn build_connection(
     announce: SocketAddr,
     tcp_announce: Option<SocketAddr>,
     metrics: &Metrics,
-) -> Result<(RTCPeerConnection, Vec<String>, super::bwe::Estimate), rtc::shared::error::Error> {
+) -> Result<
+    (
+        RTCPeerConnection,
+        Vec<String>,
+        (super::bwe::Estimate, super::probe::ProbeHandle),
+    ),
+    rtc::shared::error::Error,
+> {
     let mut media_engine = MediaEngine::default();
     media_engine.register_default_codecs()?;
     // Publishers' audio levels (RFC 6464) feed the mixer and `speakers`; the
@@ -522,7 +532,7 @@ fn build_connection(
         RtpCodecKind::Audio,
         Some(RTCRtpTransceiverDirection::Recvonly),
     )?;
-    let (registry, estimate) = super::interceptors::registry(metrics, &mut media_engine)?;
+    let (registry, links) = super::interceptors::registry(metrics, &mut media_engine)?;
     let settings = SettingEngineBuilder::new()
         .with_lite(true)
         .with_ice_credentials(ufrag.to_owned(), pwd.to_owned())
@@ -574,7 +584,7 @@ fn build_connection(
         candidates.push(tcp.candidate.clone());
         pc.add_local_candidate(tcp)?;
     }
-    Ok((pc, candidates, estimate))
+    Ok((pc, candidates, links))
 }
 
 pub(super) fn random_token(len: usize) -> String {

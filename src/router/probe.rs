@@ -1,0 +1,290 @@
+//! Bandwidth probing for one subscriber connection: when its wishes want
+//! more than its estimate allows, send extra bytes (retransmissions of
+//! recent video packets on the RTX stream, which its browser discards as
+//! duplicates but reports in its congestion feedback) to find out whether
+//! the link can carry more, instead of waiting for an estimate that only
+//! ever follows what was sent.
+//!
+//! Pure: the estimate, the allocation's totals and `now` in; how many
+//! padding bytes are due out. The driver turns bytes into retransmissions.
+//!
+//! # Policy (after LiveKit's prober and libwebrtc's probe controller)
+//!
+//! - Probe only with congestion feedback (an estimate), and only when the
+//!   allocator has a deficit the estimate cannot cover: the goal is the
+//!   rate the wishes want, over [`UP_HEADROOM`](super::allocator::UP_HEADROOM).
+//! - Pad up to that goal, but at most doubling what is sent (plus
+//!   [`PAD_FLOOR`]), for [`PROBE_TIME`]; the bytes go out in steps of
+//!   [`TICK`].
+//! - A probe succeeds when the estimate rose by [`SUCCESS_GAIN`]; the next
+//!   may follow soon. It fails when the estimate fell (the probe filled a
+//!   queue: stop at once) or did not rise; the wait before the next one
+//!   doubles from [`BACKOFF_MIN`] to [`BACKOFF_MAX`].
+
+use std::time::{Duration, Instant};
+
+use super::allocator::{Summary, UP_HEADROOM};
+
+/// How long one probe pads.
+pub const PROBE_TIME: Duration = Duration::from_millis(1500);
+/// Padding is released in steps this long apart.
+pub const TICK: Duration = Duration::from_millis(20);
+/// Deficits smaller than this are not worth probing for.
+pub const MIN_DEFICIT: u64 = 100_000;
+/// The padding may add this much even to a connection that sends little.
+pub const PAD_FLOOR: u64 = 500_000;
+/// And never more than this.
+pub const PAD_MAX: u64 = 3_000_000;
+/// The estimate must rise by this share for a probe to count as a success.
+pub const SUCCESS_GAIN: f64 = 1.10;
+/// An estimate this far below where the probe started ends it as failed.
+pub const ABORT_DROP: f64 = 0.90;
+/// Wait after a successful probe before the next.
+pub const AFTER_SUCCESS: Duration = Duration::from_millis(500);
+/// Wait after a failed probe: doubles each time, within these bounds.
+pub const BACKOFF_MIN: Duration = Duration::from_secs(3);
+pub const BACKOFF_MAX: Duration = Duration::from_secs(30);
+
+/// How a probe ended, for metrics.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ProbeEvent {
+    Started { pad_bps: u64 },
+    Succeeded,
+    Failed,
+}
+
+#[derive(Debug, Clone, Copy)]
+struct Probe {
+    until: Instant,
+    pad_bps: u64,
+    start_estimate: u64,
+}
+
+/// The prober of one connection.
+#[derive(Debug)]
+pub struct Prober {
+    probe: Option<Probe>,
+    next_allowed: Option<Instant>,
+    backoff: Duration,
+    /// Padding bytes owed (fractions carried between ticks).
+    owed: f64,
+    last_tick: Option<Instant>,
+}
+
+impl Default for Prober {
+    fn default() -> Self {
+        Prober {
+            probe: None,
+            next_allowed: None,
+            backoff: BACKOFF_MIN,
+            owed: 0.0,
+            last_tick: None,
+        }
+    }
+}
+
+impl Prober {
+    pub fn new() -> Self {
+        Prober::default()
+    }
+
+    /// Whether padding is being sent.
+    pub fn active(&self) -> bool {
+        self.probe.is_some()
+    }
+
+    /// After each allocation round: `estimate` (None without feedback) and
+    /// the round's totals. Starts, ends or aborts a probe.
+    pub fn on_round(
+        &mut self,
+        now: Instant,
+        estimate: Option<u64>,
+        summary: &Summary,
+    ) -> Option<ProbeEvent> {
+        let Some(estimate) = estimate else {
+            self.probe = None;
+            return None;
+        };
+        if let Some(p) = self.probe {
+            let fell = (estimate as f64) < p.start_estimate as f64 * ABORT_DROP;
+            if fell || now >= p.until {
+                let rose = estimate as f64 >= p.start_estimate as f64 * SUCCESS_GAIN;
+                self.probe = None;
+                self.owed = 0.0;
+                return Some(if rose && !fell {
+                    self.backoff = BACKOFF_MIN;
+                    self.next_allowed = Some(now + AFTER_SUCCESS);
+                    ProbeEvent::Succeeded
+                } else {
+                    self.next_allowed = Some(now + self.backoff);
+                    self.backoff = (self.backoff * 2).min(BACKOFF_MAX);
+                    ProbeEvent::Failed
+                });
+            }
+            return None;
+        }
+        if summary.deficit < MIN_DEFICIT || self.next_allowed.is_some_and(|t| now < t) {
+            return None;
+        }
+        let goal = ((summary.allocated + summary.deficit) as f64 / UP_HEADROOM) as u64;
+        if estimate >= goal {
+            // The estimate already allows it (a hold keeps the layers down).
+            return None;
+        }
+        let sent = summary.allocated;
+        let pad_bps = goal
+            .saturating_sub(sent)
+            .min(sent.max(PAD_FLOOR))
+            .min(PAD_MAX);
+        self.probe = Some(Probe {
+            until: now + PROBE_TIME,
+            pad_bps,
+            start_estimate: estimate,
+        });
+        self.owed = 0.0;
+        self.last_tick = Some(now);
+        Some(ProbeEvent::Started { pad_bps })
+    }
+
+    /// Padding due by `now` in packets of `size` bytes (0 when not
+    /// probing); what is left over stays owed.
+    pub fn padding_packets(&mut self, now: Instant, size: usize) -> usize {
+        self.accrue(now);
+        let size = size.max(1) as f64;
+        let due = (self.owed / size).floor();
+        self.owed -= due * size;
+        due as usize
+    }
+
+    /// Padding bytes due by `now` (0 when not probing).
+    pub fn padding_due(&mut self, now: Instant) -> usize {
+        self.accrue(now);
+        let due = self.owed.floor();
+        self.owed -= due;
+        due as usize
+    }
+
+    fn accrue(&mut self, now: Instant) {
+        let Some(p) = self.probe else {
+            return;
+        };
+        let since = self
+            .last_tick
+            .map_or(TICK, |t| now.saturating_duration_since(t))
+            .min(TICK * 5);
+        self.last_tick = Some(now);
+        self.owed += p.pad_bps as f64 / 8.0 * since.as_secs_f64();
+    }
+
+    /// Bytes the driver could not send (no packet to repeat): not owed
+    /// later, so a stalled probe does not burst.
+    pub fn forgive(&mut self) {
+        self.owed = 0.0;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn summary(allocated: u64, deficit: u64) -> Summary {
+        Summary {
+            allocated,
+            wanted: allocated + deficit,
+            deficit,
+            paused_for_bandwidth: 0,
+        }
+    }
+
+    #[test]
+    fn no_feedback_or_no_deficit_no_probe() {
+        let (mut p, t0) = (Prober::new(), Instant::now());
+        assert_eq!(p.on_round(t0, None, &summary(300_000, 2_000_000)), None);
+        assert_eq!(
+            p.on_round(t0, Some(500_000), &summary(300_000, 50_000)),
+            None
+        );
+        // The estimate already covers the wishes: the allocator's hold is
+        // what keeps the layers down, not the link.
+        assert_eq!(
+            p.on_round(t0, Some(4_000_000), &summary(300_000, 2_000_000)),
+            None
+        );
+        assert!(!p.active());
+        assert_eq!(p.padding_due(t0 + TICK), 0);
+    }
+
+    #[test]
+    fn pads_towards_the_goal_at_most_doubling() {
+        let (mut p, t0) = (Prober::new(), Instant::now());
+        // Wants 1.3 Mbit/s more over 700 kbit/s sent: the goal is
+        // 2.0 / 0.85 = 2.35 Mbit/s, but padding at most doubles.
+        let e = p.on_round(t0, Some(900_000), &summary(700_000, 1_300_000));
+        assert_eq!(e, Some(ProbeEvent::Started { pad_bps: 700_000 }));
+        // A small goal pads only up to it.
+        let mut q = Prober::new();
+        let e = q.on_round(t0, Some(400_000), &summary(300_000, 150_000));
+        assert_eq!(e, Some(ProbeEvent::Started { pad_bps: 229_411 }));
+        // 700 kbit/s for 1 s, released in ticks: 87,500 bytes.
+        let mut bytes = 0;
+        for i in 1..=50 {
+            bytes += p.padding_due(t0 + TICK * i);
+        }
+        assert!((87_400..=87_500).contains(&bytes), "{bytes}");
+        // A late tick is owed at most 5 ticks' worth.
+        let late = p.padding_due(t0 + Duration::from_secs(3));
+        assert_eq!(late, 8_750);
+        // In packets: 1,750 bytes per tick is one 1,000-byte packet, then
+        // two (the rest carried over).
+        let t = t0 + Duration::from_secs(3);
+        assert_eq!(p.padding_packets(t + TICK, 1000), 1);
+        assert_eq!(p.padding_packets(t + TICK * 2, 1000), 2);
+    }
+
+    #[test]
+    fn success_allows_the_next_soon_failure_backs_off() {
+        let (mut p, t0) = (Prober::new(), Instant::now());
+        let s = summary(700_000, 1_300_000);
+        let at = |ms: u64| t0 + Duration::from_millis(ms);
+        assert!(p.on_round(at(0), Some(900_000), &s).is_some());
+        // Mid-probe: nothing changes.
+        assert_eq!(p.on_round(at(500), Some(950_000), &s), None);
+        assert_eq!(
+            p.on_round(at(1500), Some(1_000_000), &s),
+            Some(ProbeEvent::Succeeded)
+        );
+        assert!(!p.active());
+        assert_eq!(p.on_round(at(1900), Some(1_000_000), &s), None);
+        assert!(matches!(
+            p.on_round(at(2000), Some(1_000_000), &s),
+            Some(ProbeEvent::Started { .. })
+        ));
+        // No rise: failed, 3 s before the next.
+        assert_eq!(
+            p.on_round(at(3500), Some(1_050_000), &s),
+            Some(ProbeEvent::Failed)
+        );
+        assert_eq!(p.on_round(at(6400), Some(1_050_000), &s), None);
+        assert!(p.on_round(at(6500), Some(1_050_000), &s).is_some());
+        // The estimate falls mid-probe: aborted at once, 6 s this time.
+        assert_eq!(
+            p.on_round(at(7000), Some(900_000), &s),
+            Some(ProbeEvent::Failed)
+        );
+        assert_eq!(p.padding_due(at(7020)), 0);
+        assert_eq!(p.on_round(at(12_900), Some(900_000), &s), None);
+        assert!(p.on_round(at(13_000), Some(900_000), &s).is_some());
+        // A success resets the backoff.
+        assert_eq!(
+            p.on_round(at(14_500), Some(1_200_000), &s),
+            Some(ProbeEvent::Succeeded)
+        );
+        assert!(p.on_round(at(15_000), Some(1_200_000), &s).is_some());
+        assert_eq!(
+            p.on_round(at(16_500), Some(1_200_000), &s),
+            Some(ProbeEvent::Failed)
+        );
+        assert_eq!(p.on_round(at(19_400), Some(1_200_000), &s), None);
+        assert!(p.on_round(at(19_500), Some(1_200_000), &s).is_some());
+    }
+}
