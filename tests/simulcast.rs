@@ -41,7 +41,8 @@
 //! `cargo test --test simulcast -- --nocapture`. The script's knobs pass
 //! through the environment: `SB_SIMULCAST_ALL=1` goes on after an unmet
 //! expectation (and still fails, naming the first) so one run shows every
-//! figure; `SB_PAGE_QUERY=simulcast=0` adds page URL parameters (a baseline
+//! figure; `SB_KEEP_LOGS=1` keeps the logs (the server's `RUST_LOG` passes
+//! through) of a run that passed; `SB_PAGE_QUERY=simulcast=0` adds page URL parameters (a baseline
 //! without simulcast); `SB_SCREENSHOT_DIR` keeps screenshots there. The logs
 //! of a failed run stay in `target/tmp/simulcast-call-*`.
 
@@ -228,8 +229,11 @@ fn a_shaped_subscriber_gets_the_low_layer_and_climbs_back() {
         serde_json::from_str(line).unwrap_or_else(|e| panic!("bad JSON ({e}): {line}"));
     value["tbf"] = tbf;
     println!("SIMULCAST {value}");
-    if std::env::var_os("SB_SCREENSHOT_DIR").is_none() {
+    if std::env::var_os("SB_SCREENSHOT_DIR").is_none() && std::env::var_os("SB_KEEP_LOGS").is_none()
+    {
         let _ = fs::remove_dir_all(&logs); // keep the logs of failed runs only
+    } else {
+        println!("logs kept in {}", logs.display());
     }
 }
 

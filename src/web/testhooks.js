@@ -162,6 +162,18 @@ export function installTestHooks() {
         qualityLimitationReason: x.qualityLimitationReason ?? null,
       }));
     },
+    // The server connection's send-side estimate (bit/s; the selected
+    // candidate pair's availableOutgoingBitrate), null before there is one.
+    async availableOutgoingBitrate() {
+      if (!S.sfu) return null;
+      let out = null;
+      (await S.sfu.pc.getStats()).forEach((x) => {
+        if (x.type === 'candidate-pair' && x.nominated && x.state === 'succeeded' && x.availableOutgoingBitrate !== undefined) {
+          out = x.availableOutgoingBitrate;
+        }
+      });
+      return out;
+    },
     // Per inbound video stream of the server connection; `owner`: the
     // publishing participant, null if unknown or no longer received.
     async inboundVideo() {

@@ -72,7 +72,7 @@ const THUMB_HEIGHT = 180;
 
 const PUBS = ['pub1', 'pub2'];
 const SUBS = ['subA', 'subB'];
-const HOOKS = ['inboundVideo', 'inboundAudio', 'sendEncodings', 'outboundVideo', 'setTrackSettings', 'lastPublisherLayers'];
+const HOOKS = ['inboundVideo', 'inboundAudio', 'sendEncodings', 'outboundVideo', 'availableOutgoingBitrate', 'setTrackSettings', 'lastPublisherLayers'];
 
 const log = makeLog('simulcast');
 const base = process.argv[2];
@@ -162,6 +162,7 @@ function observePublisher(page) {
     state: window.sb.state(),
     encodings: window.sb.sendEncodings(),
     outbound: await window.sb.outboundVideo(),
+    uplinkEstimate: await window.sb.availableOutgoingBitrate(),
     layers: window.sb.lastPublisherLayers(),
   }));
 }
@@ -327,6 +328,9 @@ async function main() {
       outbound: Object.fromEntries(PUBS.map((p) => [p, pubSnap[p].outbound.map((o) => ({
         rid: o.rid, frameWidth: o.frameWidth, frameHeight: o.frameHeight, qualityLimitationReason: o.qualityLimitationReason,
       }))])),
+      // Each publisher's own send-side estimate towards the server: the
+      // 720p layer needs about 2.2 Mbit/s for all three.
+      uplinkEstimate: Object.fromEntries(PUBS.map((p) => [p, pubSnap[p].uplinkEstimate])),
     };
     log(`before the cap: ${JSON.stringify(result.before)}`);
 
