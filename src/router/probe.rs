@@ -16,8 +16,8 @@
 //! - Pad up to that goal, but at most doubling what is sent (plus
 //!   [`PAD_FLOOR`]), for [`PROBE_TIME`]; the bytes go out in steps of
 //!   [`TICK`].
-//! - A probe succeeds when the estimate rose by [`SUCCESS_GAIN`]; the next
-//!   may follow soon. It fails when the estimate fell (the probe filled a
+//! - A probe succeeds when the estimate rose by [`SUCCESS_SHARE`] of the
+//!   padding; the next may follow soon. It fails when the estimate fell (the probe filled a
 //!   queue: stop at once) or did not rise; the wait before the next one
 //!   doubles from [`BACKOFF_MIN`] to [`BACKOFF_MAX`].
 
@@ -35,8 +35,9 @@ pub const MIN_DEFICIT: u64 = 100_000;
 pub const PAD_FLOOR: u64 = 500_000;
 /// And never more than this.
 pub const PAD_MAX: u64 = 3_000_000;
-/// The estimate must rise by this share for a probe to count as a success.
-pub const SUCCESS_GAIN: f64 = 1.10;
+/// A probe succeeds when the estimate rose by this share of the padding
+/// (the link carried it: an estimate that only crept up did not test it).
+pub const SUCCESS_SHARE: f64 = 0.5;
 /// An estimate this far below where the probe started ends it as failed.
 pub const ABORT_DROP: f64 = 0.90;
 /// Wait after a successful probe before the next.
@@ -108,7 +109,8 @@ impl Prober {
         if let Some(p) = self.probe {
             let fell = (estimate as f64) < p.start_estimate as f64 * ABORT_DROP;
             if fell || now >= p.until {
-                let rose = estimate as f64 >= p.start_estimate as f64 * SUCCESS_GAIN;
+                let rose =
+                    estimate as f64 >= p.start_estimate as f64 + p.pad_bps as f64 * SUCCESS_SHARE;
                 self.probe = None;
                 self.owed = 0.0;
                 return Some(if rose && !fell {
@@ -246,22 +248,23 @@ mod tests {
         let (mut p, t0) = (Prober::new(), Instant::now());
         let s = summary(700_000, 1_300_000);
         let at = |ms: u64| t0 + Duration::from_millis(ms);
+        // Pads 700 kbit/s: success needs the estimate 350 kbit/s higher.
         assert!(p.on_round(at(0), Some(900_000), &s).is_some());
         // Mid-probe: nothing changes.
-        assert_eq!(p.on_round(at(500), Some(950_000), &s), None);
+        assert_eq!(p.on_round(at(500), Some(1_000_000), &s), None);
         assert_eq!(
-            p.on_round(at(1500), Some(1_000_000), &s),
+            p.on_round(at(1500), Some(1_300_000), &s),
             Some(ProbeEvent::Succeeded)
         );
         assert!(!p.active());
-        assert_eq!(p.on_round(at(1900), Some(1_000_000), &s), None);
+        assert_eq!(p.on_round(at(1900), Some(1_300_000), &s), None);
         assert!(matches!(
-            p.on_round(at(2000), Some(1_000_000), &s),
+            p.on_round(at(2000), Some(1_300_000), &s),
             Some(ProbeEvent::Started { .. })
         ));
-        // No rise: failed, 3 s before the next.
+        // Crept up 15 %, not by half the padding: failed, 3 s before the next.
         assert_eq!(
-            p.on_round(at(3500), Some(1_050_000), &s),
+            p.on_round(at(3500), Some(1_500_000), &s),
             Some(ProbeEvent::Failed)
         );
         assert_eq!(p.on_round(at(6400), Some(1_050_000), &s), None);
@@ -276,15 +279,15 @@ mod tests {
         assert!(p.on_round(at(13_000), Some(900_000), &s).is_some());
         // A success resets the backoff.
         assert_eq!(
-            p.on_round(at(14_500), Some(1_200_000), &s),
+            p.on_round(at(14_500), Some(1_300_000), &s),
             Some(ProbeEvent::Succeeded)
         );
-        assert!(p.on_round(at(15_000), Some(1_200_000), &s).is_some());
+        assert!(p.on_round(at(15_000), Some(1_300_000), &s).is_some());
         assert_eq!(
-            p.on_round(at(16_500), Some(1_200_000), &s),
+            p.on_round(at(16_500), Some(1_300_000), &s),
             Some(ProbeEvent::Failed)
         );
-        assert_eq!(p.on_round(at(19_400), Some(1_200_000), &s), None);
-        assert!(p.on_round(at(19_500), Some(1_200_000), &s).is_some());
+        assert_eq!(p.on_round(at(19_400), Some(1_300_000), &s), None);
+        assert!(p.on_round(at(19_500), Some(1_300_000), &s).is_some());
     }
 }

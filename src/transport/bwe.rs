@@ -52,13 +52,12 @@ pub const HEADROOM: f64 = 400_000.0;
 /// Loss (smoothed) above which the path is taken to be full.
 const LOSS_FULL: f64 = 0.10;
 /// Additive climb per second near a ceiling.
-const ADDITIVE: f64 = 100_000.0;
+const ADDITIVE: f64 = 50_000.0;
 /// How long a ceiling (the rate at the last back-off) is remembered.
 const CEILING_MEMORY: Duration = Duration::from_secs(15);
-/// A ceiling is forgotten once this much more than it arrived, and the
-/// estimate is near it only below this multiple of it.
+/// A ceiling is forgotten once this much more than it arrived (the link
+/// grew: a probe got through).
 const CEILING_PASSED: f64 = 1.15;
-const NEAR_ABOVE: f64 = 1.5;
 /// Back-off: to this fraction of the received rate.
 const BACK_OFF: f64 = 0.85;
 /// At most one change per this interval (one is seen before the next).
@@ -91,10 +90,12 @@ struct ArrivalRate {
 }
 
 impl ArrivalRate {
-    /// Over this much of the receiver's time.
-    const WINDOW: Duration = Duration::from_millis(500);
+    /// Over this much of the receiver's time: long enough that a token
+    /// bucket's burst (a 20 KB bucket lets 160 kbit through at line rate)
+    /// does not read as a faster link.
+    const WINDOW: Duration = Duration::from_millis(1000);
     /// A rate needs at least this span of arrivals.
-    const MIN_SPAN: Duration = Duration::from_millis(200);
+    const MIN_SPAN: Duration = Duration::from_millis(500);
     /// Reports are bounded: a window holds at most this many.
     const MAX_SAMPLES: usize = 8192;
 
@@ -153,6 +154,18 @@ impl Bwe {
         (bwe, shared)
     }
 
+    /// A back-off at `now` with `received` arriving: the ceiling is the
+    /// highest rate of the back-offs in the last [`CEILING_MEMORY`] (one
+    /// that came while the queue starved the link must not lower it, or
+    /// the next good second would look like the link grew).
+    fn learn_ceiling(&mut self, now: Instant, received: f64) {
+        let kept = self
+            .ceiling
+            .filter(|&(at, _)| now.saturating_duration_since(at) < CEILING_MEMORY)
+            .map_or(0.0, |(_, rate)| rate);
+        self.ceiling = Some((now, received.max(kept)));
+    }
+
     fn rate_control(&mut self, now: Instant, usage: Usage, received: Option<f64>) {
         let since = self
             .last_change
@@ -163,7 +176,7 @@ impl Bwe {
                 // time to drain before it shows).
                 if let (Some(received), true) = (received, since >= INTERVAL) {
                     self.delay_target = (received * BACK_OFF).clamp(MIN, MAX);
-                    self.ceiling = Some((now, received));
+                    self.learn_ceiling(now, received);
                     self.last_change = Some(now);
                 }
             }
@@ -191,7 +204,6 @@ impl Bwe {
                 let near = self.ceiling.is_some_and(|(at, rate)| {
                     now.saturating_duration_since(at) < CEILING_MEMORY
                         && self.delay_target > rate * BACK_OFF
-                        && self.delay_target < rate * NEAR_ABOVE
                 });
                 let next = if near {
                     self.delay_target + ADDITIVE * secs
@@ -234,7 +246,7 @@ impl BandwidthEstimator for Bwe {
                 let cut = (received * (1.0 - 0.5 * self.loss)).clamp(MIN, MAX);
                 if cut < self.delay_target {
                     self.delay_target = cut;
-                    self.ceiling = Some((now, received));
+                    self.learn_ceiling(now, received);
                     self.last_change = Some(now);
                 }
             }
