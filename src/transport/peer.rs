@@ -507,20 +507,17 @@ pub(super) fn state_label(state: RTCPeerConnectionState) -> &'static str {
     }
 }
 
+/// What the engine keeps of a connection's interceptors: its estimate and
+/// its probe padding handle.
+type Links = (super::bwe::Estimate, super::probe::ProbeHandle);
+
 fn build_connection(
     ufrag: &str,
     pwd: &str,
     announce: SocketAddr,
     tcp_announce: Option<SocketAddr>,
     metrics: &Metrics,
-) -> Result<
-    (
-        RTCPeerConnection,
-        Vec<String>,
-        (super::bwe::Estimate, super::probe::ProbeHandle),
-    ),
-    rtc::shared::error::Error,
-> {
+) -> Result<(RTCPeerConnection, Vec<String>, Links), rtc::shared::error::Error> {
     let mut media_engine = MediaEngine::default();
     media_engine.register_default_codecs()?;
     // Publishers' audio levels (RFC 6464) feed the mixer and `speakers`; the
