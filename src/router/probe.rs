@@ -10,7 +10,8 @@
 //!
 //! # Policy (after LiveKit's prober and libwebrtc's probe controller)
 //!
-//! - Probe only with congestion feedback (an estimate), and only when the
+//! - Probe only with congestion feedback (an estimate), not within
+//!   [`QUIET`] of the estimate falling, and only when the
 //!   allocator has a deficit the estimate cannot cover: the goal is the
 //!   rate the wishes want, over [`UP_HEADROOM`](super::allocator::UP_HEADROOM).
 //! - Pad up to that goal, but at most doubling what is sent (plus
@@ -42,6 +43,12 @@ pub const SUCCESS_SHARE: f64 = 0.5;
 pub const ABORT_DROP: f64 = 0.90;
 /// Wait after a successful probe before the next.
 pub const AFTER_SUCCESS: Duration = Duration::from_millis(500);
+/// No probe starts until the estimate has not fallen for this long (a
+/// link that just showed congestion is not tested again at once: the
+/// padding would only fill its queue).
+pub const QUIET: Duration = Duration::from_secs(5);
+/// A fall of the estimate by more than this share counts as congestion.
+const FALL: f64 = 0.95;
 /// Wait after a failed probe: doubles each time, within these bounds.
 pub const BACKOFF_MIN: Duration = Duration::from_secs(3);
 pub const BACKOFF_MAX: Duration = Duration::from_secs(30);
@@ -70,6 +77,9 @@ pub struct Prober {
     /// Padding bytes owed (fractions carried between ticks).
     owed: f64,
     last_tick: Option<Instant>,
+    /// The estimate at the last round, and when it last fell.
+    last_estimate: Option<u64>,
+    last_fall: Option<Instant>,
 }
 
 impl Default for Prober {
@@ -80,6 +90,8 @@ impl Default for Prober {
             backoff: BACKOFF_MIN,
             owed: 0.0,
             last_tick: None,
+            last_estimate: None,
+            last_fall: None,
         }
     }
 }
@@ -106,6 +118,13 @@ impl Prober {
             self.probe = None;
             return None;
         };
+        if self
+            .last_estimate
+            .replace(estimate)
+            .is_some_and(|last| (estimate as f64) < last as f64 * FALL)
+        {
+            self.last_fall = Some(now);
+        }
         if let Some(p) = self.probe {
             let fell = (estimate as f64) < p.start_estimate as f64 * ABORT_DROP;
             if fell || now >= p.until {
@@ -125,7 +144,12 @@ impl Prober {
             }
             return None;
         }
-        if summary.deficit < MIN_DEFICIT || self.next_allowed.is_some_and(|t| now < t) {
+        if summary.deficit < MIN_DEFICIT
+            || self.next_allowed.is_some_and(|t| now < t)
+            || self
+                .last_fall
+                .is_some_and(|t| now.saturating_duration_since(t) < QUIET)
+        {
             return None;
         }
         let goal = ((summary.allocated + summary.deficit) as f64 / UP_HEADROOM) as u64;
@@ -199,6 +223,24 @@ mod tests {
     }
 
     #[test]
+    fn no_probe_soon_after_the_estimate_fell() {
+        let (mut p, t0) = (Prober::new(), Instant::now());
+        let s = summary(300_000, 1_000_000);
+        let at = |ms: u64| t0 + Duration::from_millis(ms);
+        // Congestion: the estimate fell. Nothing for 5 s after.
+        p.backoff = BACKOFF_MIN;
+        p.next_allowed = Some(at(0));
+        assert_eq!(p.last_fall, None);
+        p.last_estimate = Some(800_000);
+        assert_eq!(p.on_round(at(0), Some(500_000), &s), None);
+        assert_eq!(p.on_round(at(4900), Some(520_000), &s), None);
+        assert!(matches!(
+            p.on_round(at(5000), Some(540_000), &s),
+            Some(ProbeEvent::Started { .. })
+        ));
+    }
+
+    #[test]
     fn no_feedback_or_no_deficit_no_probe() {
         let (mut p, t0) = (Prober::new(), Instant::now());
         assert_eq!(p.on_round(t0, None, &summary(300_000, 2_000_000)), None);
@@ -267,8 +309,8 @@ mod tests {
             p.on_round(at(3500), Some(1_500_000), &s),
             Some(ProbeEvent::Failed)
         );
-        assert_eq!(p.on_round(at(6400), Some(1_050_000), &s), None);
-        assert!(p.on_round(at(6500), Some(1_050_000), &s).is_some());
+        assert_eq!(p.on_round(at(6400), Some(1_500_000), &s), None);
+        assert!(p.on_round(at(6500), Some(1_500_000), &s).is_some());
         // The estimate falls mid-probe: aborted at once, 6 s this time.
         assert_eq!(
             p.on_round(at(7000), Some(900_000), &s),
