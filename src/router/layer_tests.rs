@@ -366,3 +366,27 @@ fn a_fourth_encoding_is_dropped_and_the_others_go_on() {
     assert_eq!(out, vec![Decision::Drop(DropReason::ExtraEncoding)]);
     assert_eq!(forwarded_to(B, &c.frame(false)), vec![Q.0]);
 }
+
+#[test]
+fn a_classic_member_keeps_the_middle_layer_on() {
+    let mut c = Call::new(&[A, B]);
+    c.start(&[B]);
+    // B shows A small: q alone would do.
+    c.r.set_wish(
+        B,
+        slot(A),
+        Wish {
+            max_height: Some(180),
+            paused: false,
+        },
+    );
+    c.run(&[B], None, 1);
+    let mut needed = Vec::new();
+    c.r.needed_layers(A, "cam", &mut needed);
+    assert_eq!(needed, vec![Q.0]);
+    // A classic client joins: it is shown A's middle layer (h).
+    c.r.join(C, super::tests::room(), true, false, true)
+        .expect("joins");
+    c.r.needed_layers(A, "cam", &mut needed);
+    assert_eq!(needed, vec![Q.0, H.0]);
+}

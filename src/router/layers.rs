@@ -655,7 +655,8 @@ impl Router {
 
     /// The encodings (SSRCs) of `publisher`'s `track` that a subscriber
     /// needs now: the smallest always (a subscriber whose bandwidth drops
-    /// falls back to it), each subscriber's target and current, the one
+    /// falls back to it), the middle one while classic members watch (their
+    /// speaker video), each subscriber's target and current, the one
     /// above its current and the largest its wish allows (so the allocator
     /// can climb to it, a step at a time). The
     /// others can be paused at the publisher (dynacast).
@@ -674,6 +675,16 @@ impl Router {
         let Some(room) = self.rooms.get(&p.room) else {
             return;
         };
+        // Classic members are shown the speaker's middle layer.
+        let classic = room
+            .members
+            .iter()
+            .any(|m| self.members.get(m).is_some_and(|m| m.classic));
+        if let Some(ssrc) = Router::classic_layer(published).filter(|_| classic) {
+            if !out.contains(&ssrc) {
+                out.push(ssrc);
+            }
+        }
         for sub in &room.members {
             let Some(down) = self
                 .members
@@ -732,6 +743,16 @@ impl Router {
         let Some(room) = self.rooms.get(&p.room) else {
             return false;
         };
+        // A classic member is shown the middle layer, which may not have
+        // arrived yet.
+        let classic = room
+            .members
+            .iter()
+            .any(|m| self.members.get(m).is_some_and(|m| m.classic));
+        let middle_unknown = enc.len() < 2;
+        if classic && middle_unknown {
+            return true;
+        }
         room.members.iter().any(|sub| {
             self.members
                 .get(sub)
