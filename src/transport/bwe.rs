@@ -49,8 +49,14 @@ const CLIMB_PER_SECOND: f64 = 1.25;
 /// for the next simulcast layer (a 360p layer takes about 500 kbit/s), whose
 /// switch is what tests the path.
 pub const HEADROOM: f64 = 400_000.0;
-/// Loss (smoothed) above which the path is taken to be full.
+/// Loss above which the path is taken to be full (GCC's threshold): a
+/// lossy but uncongested link (5 % random loss, which NACK repairs) is
+/// left alone.
 const LOSS_FULL: f64 = 0.10;
+/// Loss under which a sample counts as clean.
+const LOSS_CLEAN: f64 = 0.02;
+/// Loss is judged over this many reported packets.
+const LOSS_SAMPLE: usize = 100;
 /// Additive climb per second near a ceiling.
 const ADDITIVE: f64 = 50_000.0;
 /// How long a ceiling (the rate at the last back-off) is remembered.
@@ -126,8 +132,14 @@ pub struct Bwe {
     slope: SlopeEstimator,
     detector: OveruseDetector,
     received: ArrivalRate,
-    /// Smoothed fraction of packets reported lost.
+    /// Fraction of packets reported lost in the last full sample, and the
+    /// sample being filled (packets reported, lost).
     loss: f64,
+    loss_seen: usize,
+    loss_lost: usize,
+    /// The loss-based limit (GCC's second half): cut while loss is over
+    /// [`LOSS_FULL`], held between, lifted by a sample under [`LOSS_CLEAN`].
+    loss_target: f64,
     delay_target: f64,
     target: f64,
     last_change: Option<Instant>,
@@ -145,6 +157,9 @@ impl Bwe {
             detector: OveruseDetector::new(),
             received: ArrivalRate::default(),
             loss: 0.0,
+            loss_seen: 0,
+            loss_lost: 0,
+            loss_target: MAX,
             delay_target: INITIAL,
             target: INITIAL,
             last_change: None,
@@ -236,23 +251,27 @@ impl BandwidthEstimator for Bwe {
         }
         let received = self.received.rate();
         self.rate_control(now, usage, received);
-        let lost = reports.iter().filter(|r| !r.arrived).count();
-        let fraction = lost as f64 / reports.len() as f64;
-        self.loss = 0.8 * self.loss + 0.2 * fraction;
-        if self.loss > LOSS_FULL {
-            // The path drops what we send: back off as GCC's loss half does
-            // (by half the loss), and remember the ceiling.
-            if let Some(received) = received {
-                let cut = (received * (1.0 - 0.5 * self.loss)).clamp(MIN, MAX);
-                if cut < self.delay_target {
-                    self.delay_target = cut;
+        // Loss, judged over at least LOSS_SAMPLE packets (one feedback
+        // batch of ten with two lost is no 20 % loss): above LOSS_FULL the
+        // path drops what we send; back off as GCC's loss half does, from
+        // the estimate, by half the loss, and remember the ceiling.
+        self.loss_seen += reports.len();
+        self.loss_lost += reports.iter().filter(|r| !r.arrived).count();
+        if self.loss_seen >= LOSS_SAMPLE {
+            self.loss = self.loss_lost as f64 / self.loss_seen as f64;
+            (self.loss_seen, self.loss_lost) = (0, 0);
+            if self.loss > LOSS_FULL {
+                let from = self.loss_target.min(self.delay_target);
+                self.loss_target = (from * (1.0 - 0.5 * self.loss)).clamp(MIN, MAX);
+                if let Some(received) = received {
                     self.learn_ceiling(now, received);
-                    self.last_change = Some(now);
                 }
+            } else if self.loss < LOSS_CLEAN {
+                // A clean sample: the loss has gone, and its limit with it.
+                self.loss_target = MAX;
             }
-            self.loss = 0.0;
         }
-        self.target = self.delay_target.clamp(MIN, MAX);
+        self.target = self.delay_target.min(self.loss_target).clamp(MIN, MAX);
         self.shared.0.store(self.target as u64, Ordering::Relaxed);
     }
 
@@ -406,5 +425,34 @@ mod tests {
             after <= 1.5 * 1_000_000.0 * 1.3 + HEADROOM,
             "not a burst's rate: {after}"
         );
+    }
+
+    /// `secs` of 1 Mbit/s with every `nth` packet lost; the estimate after.
+    fn lossy(nth: u64, secs: f64) -> f64 {
+        let (mut bwe, _) = Bwe::new();
+        let t0 = Instant::now();
+        let gap = 1200.0 * 8.0 / 1_000_000.0;
+        let mut batch = Vec::new();
+        for id in 0..(secs / gap) as u64 {
+            let sent = t0 + Duration::from_secs_f64(id as f64 * gap);
+            let arrived = (id % nth != 0).then(|| sent + Duration::from_millis(20));
+            batch.push(report(id, t0, sent, arrived));
+            if batch.len() == 5 {
+                bwe.on_reports(sent + Duration::from_millis(40), &batch);
+                batch.clear();
+            }
+        }
+        bwe.target_bitrate()
+    }
+
+    #[test]
+    fn random_loss_below_ten_percent_is_no_congestion_above_it_is() {
+        // 5 %: NACK repairs it; the estimate holds (or climbs).
+        let lossy_link = lossy(20, 5.0);
+        assert!(lossy_link >= INITIAL, "{lossy_link}");
+        // 20 %: the path is full; cut by half the loss every 100 packets,
+        // however fast the delay-based half would climb.
+        let full = lossy(5, 5.0);
+        assert!(full < INITIAL * 0.7, "{full}");
     }
 }
