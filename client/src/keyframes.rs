@@ -18,6 +18,21 @@ pub(crate) fn wants_keyframe(packets: &[Box<dyn rtc::rtcp::Packet>]) -> bool {
     })
 }
 
+/// The media SSRCs that `packets` ask a keyframe of (a PLI's media SSRC,
+/// each FIR entry's SSRC), in order, repeats included.
+pub(crate) fn requested_ssrcs(packets: &[Box<dyn rtc::rtcp::Packet>]) -> Vec<u32> {
+    let mut out = Vec::new();
+    for p in packets {
+        let any = p.as_any();
+        if let Some(pli) = any.downcast_ref::<PictureLossIndication>() {
+            out.push(pli.media_ssrc);
+        } else if let Some(fir) = any.downcast_ref::<FullIntraRequest>() {
+            out.extend(fir.fir.iter().map(|e| e.ssrc));
+        }
+    }
+    out
+}
+
 /// A PLI for the stream `media_ssrc`.
 pub(crate) fn pli(media_ssrc: u32) -> Vec<Box<dyn rtc::rtcp::Packet>> {
     vec![Box::new(PictureLossIndication {

@@ -14,6 +14,12 @@
 //! data channel, answers every server offer, and reports what arrives as
 //! [`Event`]s. It binds its UDP socket to [`JoinOptions::bind_ip`] and offers
 //! only that host candidate.
+//!
+//! With [`JoinOptions::simulcast`] the video track is offered as simulcast:
+//! one encoding per rid, each with its own SSRC, sent with
+//! [`Client::send_rtp_layer`] (see the `simulcast` module); the server's
+//! `publisher-layers` arrive as [`Event::PublisherLayers`] and its keyframe
+//! requests name the layer ([`Event::KeyframeRequested`]).
 
 use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
@@ -54,6 +60,9 @@ use tokio_tungstenite::tungstenite::Message;
 
 mod keyframes;
 mod resume;
+mod simulcast;
+
+pub use simulcast::SimulcastError;
 
 pub use rtc::rtp::Packet as RtpPacket;
 
@@ -100,6 +109,14 @@ pub struct JoinOptions {
     pub p2p: bool,
     /// Access token, for a server with auth on.
     pub token: Option<String>,
+    /// Publish the video track as simulcast with these rids (RFC 8851),
+    /// lowest layer first by convention (browsers: `q`, `h`, `f`): one
+    /// encoding per rid, each with its own SSRC, packets sent with
+    /// [`Client::send_rtp_layer`]. At least 2 rids, needs
+    /// `publish_video`; the server accepts at most 3 (more: an `error`).
+    /// `None` (the default): one encoding, as before. The direct (P2P)
+    /// connection always carries a single encoding: the last rid's.
+    pub simulcast: Option<Vec<String>>,
 }
 
 impl JoinOptions {
@@ -121,6 +138,7 @@ impl JoinOptions {
             ice_tcp: false,
             p2p: false,
             token: None,
+            simulcast: None,
         }
     }
 
@@ -174,8 +192,18 @@ pub enum Event {
         at: Instant,
     },
     /// The server asked for a keyframe (PLI or FIR) of the track we
-    /// publish with this `kind`.
-    KeyframeRequested { kind: Kind, at: Instant },
+    /// publish with this `kind`; with simulcast, of the layer `rid` (one
+    /// event per layer asked for; `None` without simulcast, or when the
+    /// request named no SSRC of ours).
+    KeyframeRequested {
+        kind: Kind,
+        at: Instant,
+        rid: Option<String>,
+    },
+    /// `publisher-layers`: the rids of our simulcast track on m-section
+    /// `mid` that some subscriber needs (dynacast); the others may pause.
+    /// The client only reports it: what to send stays the caller's call.
+    PublisherLayers { mid: String, active: Vec<String> },
     /// The signaling connection dropped; media goes on, and the client
     /// reconnects with backoff and `resume`s (1.1).
     SignalingLost,
@@ -208,11 +236,20 @@ pub enum ClientError {
     Stopped,
     #[error("timed out waiting for {0}")]
     Timeout(&'static str),
+    #[error("simulcast: {0}")]
+    Simulcast(#[from] SimulcastError),
 }
 
 enum Cmd {
     Rtp {
         kind: Kind,
+        payload: Bytes,
+        marker: bool,
+        timestamp: u32,
+    },
+    /// A packet on simulcast layer `layer` (index into the rids).
+    RtpLayer {
+        layer: usize,
         payload: Bytes,
         marker: bool,
         timestamp: u32,
@@ -273,12 +310,18 @@ pub struct Client {
     server_ufrag: Arc<Mutex<Option<String>>>,
     /// Media sections in the server's last offer.
     server_sections: Arc<Mutex<usize>>,
+    /// [`JoinOptions::simulcast`]'s rids (empty without simulcast).
+    rids: Vec<String>,
 }
 
 impl Client {
     /// Connects, joins, and starts the client task.
     pub async fn join(opts: JoinOptions) -> Result<Client, ClientError> {
         let room = RoomName::parse(&opts.room)?;
+        if let Some(rids) = &opts.simulcast {
+            simulcast::validate(rids, opts.publish_video)?;
+        }
+        let rids = opts.simulcast.clone().unwrap_or_default();
         let (mut ws, _) = tokio_tungstenite::connect_async(&opts.url).await?;
         let join = join_message(&room, &opts);
         ws.send(Message::text(join.to_text())).await?;
@@ -347,6 +390,7 @@ impl Client {
             events: ev_rx,
             server_ufrag,
             server_sections,
+            rids,
         })
     }
 
@@ -364,7 +408,9 @@ impl Client {
     }
 
     /// Sends one RTP packet on our audio or video track. Packets before the
-    /// connection is negotiated are dropped.
+    /// connection is negotiated are dropped. With [`JoinOptions::simulcast`],
+    /// video goes on the last rid's layer (the top one, by convention); use
+    /// [`Client::send_rtp_layer`] for the others.
     pub fn send_rtp(
         &self,
         kind: Kind,
@@ -380,6 +426,41 @@ impl Client {
                 timestamp,
             })
             .map_err(|_| ClientError::Stopped)
+    }
+
+    /// Sends one RTP packet on the simulcast layer `rid` of our video track
+    /// (its own SSRC and sequence numbers; the mid and rid header
+    /// extensions are added). Packets before the connection is negotiated
+    /// are dropped. On the direct (P2P) connection only the last rid's
+    /// packets go, as its single video encoding.
+    pub fn send_rtp_layer(
+        &self,
+        rid: &str,
+        payload: Bytes,
+        marker: bool,
+        timestamp: u32,
+    ) -> Result<(), ClientError> {
+        if self.rids.is_empty() {
+            return Err(SimulcastError::NotSimulcast.into());
+        }
+        let layer = self
+            .rids
+            .iter()
+            .position(|r| r == rid)
+            .ok_or_else(|| SimulcastError::UnknownRid(rid.to_owned()))?;
+        self.cmd
+            .send(Cmd::RtpLayer {
+                layer,
+                payload,
+                marker,
+                timestamp,
+            })
+            .map_err(|_| ClientError::Stopped)
+    }
+
+    /// The rids of [`JoinOptions::simulcast`] (empty without simulcast).
+    pub fn rids(&self) -> &[String] {
+        &self.rids
     }
 
     /// Sends text on the `chat` data channel.
@@ -447,6 +528,9 @@ struct Sender {
     ssrc: u32,
     pt: Option<u8>,
     seq: u16,
+    /// Simulcast encodings (video with [`JoinOptions::simulcast`], server
+    /// connection only).
+    layers: Option<simulcast::Layers>,
 }
 
 struct Task {
@@ -782,6 +866,7 @@ impl Task {
                 },
                 cmd = cmds.recv() => match cmd {
                     Some(Cmd::Rtp { kind, payload, marker, timestamp }) => self.send_rtp(kind, payload, marker, timestamp),
+                    Some(Cmd::RtpLayer { layer, payload, marker, timestamp }) => self.send_rtp_layer(layer, payload, marker, timestamp),
                     Some(Cmd::Chat(text)) => {
                         if let (Some(pc), Some(id)) = (self.pc.as_mut(), self.chat) {
                             if let Some(mut dc) = pc.data_channel(id) {
@@ -997,6 +1082,12 @@ impl Task {
                 }
                 let _ = self.events.send(Event::Signal(ServerMessage::Mode(m)));
             }
+            ServerMessage::PublisherLayers(l) => {
+                let _ = self.events.send(Event::PublisherLayers {
+                    mid: l.mid,
+                    active: l.active,
+                });
+            }
             other => {
                 let _ = self.events.send(Event::Signal(other));
             }
@@ -1081,7 +1172,7 @@ impl Task {
         }
         .new_candidate_host()?;
         pc.add_local_candidate(RTCIceCandidate::from(&candidate).to_json()?)?;
-        let senders = add_tracks(&self.opts, &mut pc)?;
+        let senders = add_tracks(&self.opts, &mut pc, false)?;
         let sdp = if offer {
             let o = pc.create_offer(None)?;
             pc.set_local_description(Instant::now(), o.clone())?;
@@ -1340,7 +1431,7 @@ impl Task {
         } else {
             pc.add_local_candidate(RTCIceCandidate::from(&candidate).to_json()?)?;
         }
-        self.senders = add_tracks(&self.opts, &mut pc)?;
+        self.senders = add_tracks(&self.opts, &mut pc, true)?;
         self.chat = Some(pc.create_data_channel("chat", None)?.id());
         let offer = pc.create_offer(None)?;
         pc.set_local_description(Instant::now(), offer.clone())?;
@@ -1386,6 +1477,15 @@ impl Task {
     }
 
     fn send_rtp(&mut self, kind: Kind, payload: Bytes, marker: bool, timestamp: u32) {
+        if let Some(top) = self
+            .senders
+            .get(&kind)
+            .and_then(|s| s.layers.as_ref())
+            .and_then(|l| l.list.len().checked_sub(1))
+        {
+            self.send_rtp_layer(top, payload, marker, timestamp);
+            return;
+        }
         if let Some(link) = self.p2p.as_mut().filter(|l| l.connected) {
             if let Some(sender) = link.senders.get_mut(&kind) {
                 write_rtp(&mut link.pc, sender, payload.clone(), marker, timestamp);
@@ -1395,6 +1495,28 @@ impl Task {
             return;
         };
         write_rtp(pc, sender, payload, marker, timestamp);
+    }
+
+    /// A packet on simulcast layer `layer` of our video; the top layer's
+    /// also go on the direct connection (as its single encoding).
+    fn send_rtp_layer(&mut self, layer: usize, payload: Bytes, marker: bool, timestamp: u32) {
+        let rids = self.opts.simulcast.as_ref().map_or(0, Vec::len);
+        if layer + 1 == rids {
+            if let Some(link) = self.p2p.as_mut().filter(|l| l.connected) {
+                if let Some(s) = link.senders.get_mut(&Kind::Video) {
+                    write_rtp(&mut link.pc, s, payload.clone(), marker, timestamp);
+                }
+            }
+        }
+        let Some(sender) = self.senders.get_mut(&Kind::Video) else {
+            return;
+        };
+        let (Some(pc), Some(pt), Some(layers)) =
+            (self.pc.as_mut(), sender.pt, sender.layers.as_mut())
+        else {
+            return;
+        };
+        layers.write(pc, sender.id, pt, layer, (payload, marker, timestamp));
     }
 
     /// A PLI for the remote track `track_id`, to the server.
@@ -1481,8 +1603,37 @@ impl Task {
                     } else {
                         Kind::Video
                     };
-                    if !self.tracks.contains_key(&track_id) {
-                        let _ = self.events.send(Event::KeyframeRequested { kind, at: now });
+                    if self.tracks.contains_key(&track_id) {
+                        continue;
+                    }
+                    let layers = self.senders.get(&kind).and_then(|s| s.layers.as_ref());
+                    let Some(layers) = layers else {
+                        let _ = self.events.send(Event::KeyframeRequested {
+                            kind,
+                            at: now,
+                            rid: None,
+                        });
+                        continue;
+                    };
+                    // Simulcast: the server asks per encoding SSRC.
+                    let mut named = false;
+                    let mut asked = keyframes::requested_ssrcs(&packets);
+                    asked.sort_unstable();
+                    asked.dedup();
+                    for rid in asked.into_iter().filter_map(|ssrc| layers.rid_of(ssrc)) {
+                        named = true;
+                        let _ = self.events.send(Event::KeyframeRequested {
+                            kind,
+                            at: now,
+                            rid: Some(rid),
+                        });
+                    }
+                    if !named {
+                        let _ = self.events.send(Event::KeyframeRequested {
+                            kind,
+                            at: now,
+                            rid: None,
+                        });
                     }
                 }
                 _ => {}
@@ -1492,10 +1643,12 @@ impl Task {
 }
 
 /// Adds the tracks `opts` publishes to `pc`: one Opus and/or one VP8 track,
-/// each with its own SSRC.
+/// each with its own SSRC; with `simulcast` and [`JoinOptions::simulcast`],
+/// the VP8 track with one encoding (and SSRC) per rid.
 fn add_tracks(
     opts: &JoinOptions,
     pc: &mut RTCPeerConnection,
+    simulcast: bool,
 ) -> Result<HashMap<Kind, Sender>, ClientError> {
     let mut senders = HashMap::new();
     let stream_id = format!("{}-stream", opts.name);
@@ -1525,25 +1678,34 @@ fn add_tracks(
         }
         let ssrc = rand::random::<u32>();
         let track_id = format!("{}-{kind:?}", opts.name).to_lowercase();
+        let codec = RTCRtpCodec {
+            mime_type: mime.to_owned(),
+            clock_rate,
+            channels,
+            sdp_fmtp_line: fmtp.to_owned(),
+            rtcp_feedback: vec![],
+        };
+        let layers = match (&opts.simulcast, kind) {
+            (Some(rids), Kind::Video) if simulcast => Some(simulcast::Layers::new(rids)),
+            _ => None,
+        };
+        let encodings = match &layers {
+            Some(l) => l.encodings(&codec),
+            None => vec![RTCRtpEncodingParameters {
+                rtp_coding_parameters: RTCRtpCodingParameters {
+                    ssrc: Some(ssrc),
+                    ..Default::default()
+                },
+                codec,
+                ..Default::default()
+            }],
+        };
         let track = MediaStreamTrack::new(
             stream_id.clone(),
             track_id.clone(),
             track_id,
             codec_kind,
-            vec![RTCRtpEncodingParameters {
-                rtp_coding_parameters: RTCRtpCodingParameters {
-                    ssrc: Some(ssrc),
-                    ..Default::default()
-                },
-                codec: RTCRtpCodec {
-                    mime_type: mime.to_owned(),
-                    clock_rate,
-                    channels,
-                    sdp_fmtp_line: fmtp.to_owned(),
-                    rtcp_feedback: vec![],
-                },
-                ..Default::default()
-            }],
+            encodings,
         );
         let id = pc.add_track(track)?;
         senders.insert(
@@ -1553,6 +1715,7 @@ fn add_tracks(
                 ssrc,
                 pt: None,
                 seq: rand::random::<u16>(),
+                layers,
             },
         );
     }
@@ -1586,7 +1749,8 @@ fn write_rtp(
     }
 }
 
-/// Learns each sender's negotiated payload type.
+/// Learns each sender's negotiated payload type (and, for simulcast, its
+/// mid and header extension ids).
 fn learn_payload_types(pc: &mut RTCPeerConnection, senders: &mut HashMap<Kind, Sender>) {
     for sender in senders.values_mut() {
         if let Some(mut s) = pc.rtp_sender(sender.id) {
@@ -1596,6 +1760,9 @@ fn learn_payload_types(pc: &mut RTCPeerConnection, senders: &mut HashMap<Kind, S
                 .codecs
                 .first()
                 .map(|c| c.payload_type);
+        }
+        if let Some(layers) = sender.layers.as_mut() {
+            layers.learn(pc, sender.id);
         }
     }
 }
