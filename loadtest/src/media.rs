@@ -146,6 +146,24 @@ pub fn vp8_packets(
         .collect()
 }
 
+/// The first `keep` bytes of VP8 frame `frame` (never fewer than its frame
+/// tag, plus the start code and size for a keyframe), with a keyframe's
+/// picture size rewritten to `size` (the 2-bit scaling fields kept). What
+/// `--simulcast` sends on its lower layers: the size ranks the layer at the
+/// server; the cut picture does not decode.
+pub fn vp8_cut(frame: &[u8], keep: usize, size: (u16, u16)) -> Bytes {
+    let keyframe = frame.first().is_some_and(|t| t & 0x01 == 0);
+    let header = if keyframe { 10 } else { 3 };
+    let mut out = BytesMut::from(&frame[..keep.max(header).min(frame.len())]);
+    if keyframe && out.len() >= 10 && out[3..6] == [0x9d, 0x01, 0x2a] {
+        let w = (size.0 & 0x3fff) | (u16::from_le_bytes([out[6], out[7]]) & 0xc000);
+        let h = (size.1 & 0x3fff) | (u16::from_le_bytes([out[8], out[9]]) & 0xc000);
+        out[6..8].copy_from_slice(&w.to_le_bytes());
+        out[8..10].copy_from_slice(&h.to_le_bytes());
+    }
+    out.freeze()
+}
+
 /// A parsed RFC 7741 payload descriptor.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Vp8Descriptor {
@@ -241,6 +259,25 @@ impl OpusClip {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn cut_frames_keep_their_header_with_the_new_size() {
+        let c = Vp8Clip::builtin().expect("clip");
+        let key = &c.frames[0].data;
+        let cut = vp8_cut(key, key.len() / 9, (80, 60));
+        assert_eq!(cut.len(), key.len() / 9);
+        assert_eq!(&cut[..6], &key[..6]);
+        assert_eq!(u16::from_le_bytes([cut[6], cut[7]]) & 0x3fff, 80);
+        assert_eq!(u16::from_le_bytes([cut[8], cut[9]]) & 0x3fff, 60);
+        assert_eq!(&cut[10..], &key[10..cut.len()]);
+        // Never shorter than the keyframe header, nor longer than the frame.
+        assert_eq!(vp8_cut(key, 0, (80, 60)).len(), 10);
+        assert_eq!(vp8_cut(key, usize::MAX, (80, 60)).len(), key.len());
+        let delta = &c.frames[1].data;
+        assert!(!c.frames[1].keyframe);
+        let d = vp8_cut(delta, 1, (80, 60));
+        assert_eq!(&d[..], &delta[..3], "a delta frame is cut, not rewritten");
+    }
 
     #[test]
     fn the_committed_clip_is_what_its_readme_says() {

@@ -79,6 +79,57 @@ pub struct MediaPlan {
     pub audio: Option<Arc<OpusClip>>,
     /// The clip and the interval between its frames.
     pub video: Option<(Arc<Vp8Clip>, Duration)>,
+    /// `--simulcast`: the lower layers sent next to the clip.
+    pub simulcast: Option<Arc<Simulcast>>,
+}
+
+/// The rids a `--simulcast` publisher offers, lowest layer first; the
+/// top one (`f`) carries the clip as is.
+pub const SIMULCAST_RIDS: [&str; 3] = ["q", "h", "f"];
+
+/// A stamp's sender field carries, above this bit, 1 + the index of the
+/// lower simulcast layer the packet was sent on (0 for the top layer and
+/// without simulcast), so a receiver can tell the layers apart while
+/// the top layer's packets read exactly as without simulcast.
+pub const LAYER_TAG_SHIFT: u32 = 24;
+
+/// `--simulcast`'s two lower layers (`q`, `h`), built once from the clip:
+/// every frame of the clip cut to 1/9 and 3/9 of its bytes, keyframes
+/// with the picture size in their header rewritten to 1/4 and 1/2 of the
+/// clip's (so the server, which ranks layers by the keyframes' size, ranks
+/// them below the clip). Same frame rate and timestamps as the top layer,
+/// so each layer's bit rate is 1/9, 3/9, 9/9 of `--video-kbps`. The cut
+/// frames do not decode; the subscribers only count packets.
+#[derive(Debug)]
+pub struct Simulcast {
+    /// Per lower layer (q, h), the clip's frames, cut.
+    pub layers: [Vec<media::Vp8Frame>; 2],
+    /// Per lower layer, the picture size its keyframes declare.
+    pub sizes: [(u16, u16); 2],
+}
+
+impl Simulcast {
+    /// The lower layers of `clip`.
+    pub fn of(clip: &Vp8Clip) -> Simulcast {
+        let layer = |ninths: usize, div: u16| {
+            let size = ((clip.width / div).max(1), (clip.height / div).max(1));
+            let frames = clip
+                .frames
+                .iter()
+                .map(|f| media::Vp8Frame {
+                    data: media::vp8_cut(&f.data, f.data.len() * ninths / 9, size),
+                    keyframe: f.keyframe,
+                })
+                .collect();
+            (frames, size)
+        };
+        let (q, q_size) = layer(1, 4);
+        let (h, h_size) = layer(3, 2);
+        Simulcast {
+            layers: [q, h],
+            sizes: [q_size, h_size],
+        }
+    }
 }
 
 impl MediaPlan {
@@ -121,7 +172,23 @@ pub fn media_plan(video_kbps: u32, audio: bool) -> Result<MediaPlan, String> {
     if audio.is_none() && video.is_none() {
         return Err("nothing to publish: --video-kbps is 0 and no --audio".into());
     }
-    Ok(MediaPlan { audio, video })
+    Ok(MediaPlan {
+        audio,
+        video,
+        simulcast: None,
+    })
+}
+
+impl MediaPlan {
+    /// The same plan with `--simulcast`'s lower layers; an error without video.
+    pub fn with_simulcast(mut self) -> Result<MediaPlan, String> {
+        let (clip, _) = self
+            .video
+            .as_ref()
+            .ok_or("--simulcast needs video (--video-kbps above 0)")?;
+        self.simulcast = Some(Arc::new(Simulcast::of(clip)));
+        Ok(self)
+    }
 }
 
 #[derive(Debug, Serialize)]
@@ -296,6 +363,10 @@ pub struct Frame {
     pub sent_ns: u64,
     /// Packets that could not be built (an Opus frame that is not code 0).
     pub errors: u64,
+    /// `--simulcast`: the lower layers' packets (layer index into
+    /// [`SIMULCAST_RIDS`], payload, marker), same timestamp; `packets` is
+    /// the top layer.
+    pub lower: Vec<(usize, Bytes, bool)>,
 }
 
 /// One stream a participant publishes: frames of a clip in a loop, paced by
@@ -305,6 +376,8 @@ pub struct Publisher {
     pub kind: Kind,
     /// Stamp sequence: packets sent on this stream so far.
     seq: u32,
+    /// Stamp sequence of each lower simulcast layer.
+    lower_seq: [u32; 2],
     /// Frames sent so far (drives the RTP timestamp).
     frame: u64,
     /// Added to `frame` to index the looping clip: a keyframe request moves
@@ -328,6 +401,7 @@ impl Publisher {
         Publisher {
             kind,
             seq: 0,
+            lower_seq: [0; 2],
             frame: 0,
             clip_shift: 0,
             keyframes_requested: 0,
@@ -376,6 +450,7 @@ impl Publisher {
             keyframe: false,
             sent_ns,
             errors: 0,
+            lower: Vec::new(),
         };
         let sender = sender as u32;
         match self.kind {
@@ -419,6 +494,28 @@ impl Publisher {
                     stamp::append_trailer(&mut p, stamp);
                     out.packets.push((p.freeze(), i + 1 == n));
                 }
+                if let Some(sc) = plan.simulcast.as_ref() {
+                    for (layer, frames) in sc.layers.iter().enumerate() {
+                        let Some(f) = frames.get(at) else { continue };
+                        let parts = media::vp8_packets(
+                            &f.data,
+                            (self.frame & 0x7fff) as u16,
+                            media::MAX_RTP_PAYLOAD,
+                            stamp::STAMP_LEN,
+                        );
+                        let n = parts.len();
+                        for (i, mut p) in parts.into_iter().enumerate() {
+                            let stamp = Stamp {
+                                sender: sender | ((layer as u32 + 1) << LAYER_TAG_SHIFT),
+                                seq: self.lower_seq[layer],
+                                sent_ns,
+                            };
+                            self.lower_seq[layer] += 1;
+                            stamp::append_trailer(&mut p, stamp);
+                            out.lower.push((layer, p.freeze(), i + 1 == n));
+                        }
+                    }
+                }
             }
         }
         self.frame += 1;
@@ -458,10 +555,29 @@ pub fn send_next(
     base: Instant,
     schedule: &Schedule,
     sent: &mut [Sent; 2],
-    mut send_rtp: impl FnMut(Kind, Bytes, bool, u32) -> bool,
+    send_rtp: impl FnMut(Kind, Bytes, bool, u32) -> bool,
 ) -> u64 {
+    let no_lower = |_: usize, _: Bytes, _: bool, _: u32| false;
+    send_next_layers(p, plan, sender, base, schedule, sent, send_rtp, no_lower).0
+}
+
+/// [`send_next`] with `--simulcast`'s lower layers: the top layer goes
+/// through `send_rtp` (and is what `Sent` and the first count cover), each
+/// lower layer's packets through `send_lower(layer, ..)` after it. Returns
+/// (top-layer packets handed over, lower-layer packets handed over).
+#[allow(clippy::too_many_arguments)]
+pub fn send_next_layers(
+    p: &mut Publisher,
+    plan: &MediaPlan,
+    sender: usize,
+    base: Instant,
+    schedule: &Schedule,
+    sent: &mut [Sent; 2],
+    mut send_rtp: impl FnMut(Kind, Bytes, bool, u32) -> bool,
+    mut send_lower: impl FnMut(usize, Bytes, bool, u32) -> bool,
+) -> (u64, u64) {
     let Some(frame) = p.next_frame(plan, sender, base, schedule.t1) else {
-        return 0;
+        return (0, 0);
     };
     let in_window = schedule.in_window(frame.sent_ns);
     let sent = &mut sent[kind_index(p.kind)];
@@ -474,7 +590,20 @@ pub fn send_next(
         sent.packet(ok, in_window, len);
         handed += u64::from(ok);
     }
-    handed
+    let mut lower = 0;
+    for (layer, payload, marker) in frame.lower {
+        lower += u64::from(send_lower(layer, payload, marker, frame.timestamp));
+    }
+    (handed, lower)
+}
+
+/// Splits the lower-layer tag off a stamp's sender: the stamp as it would
+/// be without simulcast, and the lower layer (index into
+/// [`SIMULCAST_RIDS`]) the packet was sent on, `None` for the top layer.
+pub fn split_layer(mut stamp: Stamp) -> (Stamp, Option<usize>) {
+    let tag = stamp.sender >> LAYER_TAG_SHIFT;
+    stamp.sender &= (1 << LAYER_TAG_SHIFT) - 1;
+    (stamp, tag.checked_sub(1).map(|l| l as usize))
 }
 
 /// Waits for the next tick of `p`; never resolves for a stopped stream.
@@ -621,6 +750,95 @@ mod tests {
             ),
             0
         );
+    }
+
+    #[tokio::test]
+    async fn simulcast_sends_three_layers_at_one_third_steps() {
+        let plan = media_plan(500, false)
+            .expect("plan")
+            .with_simulcast()
+            .expect("simulcast");
+        assert!(media_plan(0, true)
+            .expect("audio")
+            .with_simulcast()
+            .is_err());
+        let sc = plan.simulcast.clone().expect("layers");
+        assert_eq!(sc.sizes, [(80, 60), (160, 120)]);
+        let base = Instant::now();
+        let s = Schedule::new(
+            base,
+            base,
+            Duration::ZERO,
+            Duration::from_secs(60),
+            Duration::ZERO,
+        );
+        let [_, video] = Publisher::all(&plan, s.warmup_start);
+        let mut video = video.expect("video");
+        let mut sent = [Sent::default(); 2];
+        let (clip, _) = plan.video.as_ref().expect("clip");
+        let mut bytes = [0usize; 3];
+        let mut seqs: [Vec<u32>; 3] = Default::default();
+        for frame in 0..clip.frames.len() {
+            let mut top = Vec::new();
+            let mut lower = Vec::new();
+            let (handed, low) = send_next_layers(
+                &mut video,
+                &plan,
+                7,
+                base,
+                &s,
+                &mut sent,
+                |_, p, m, t| {
+                    top.push((p, m, t));
+                    true
+                },
+                |l, p, m, t| {
+                    lower.push((l, p, m, t));
+                    true
+                },
+            );
+            assert_eq!((handed, low), (top.len() as u64, lower.len() as u64));
+            for (p, _, t) in &top {
+                let (st, layer) = split_layer(read_stamp(Kind::Video, p).expect("stamp"));
+                assert_eq!((st.sender, layer), (7, None));
+                assert_eq!(*t, top[0].2);
+                bytes[2] += p.len();
+                seqs[2].push(st.seq);
+            }
+            for (l, p, _, t) in &lower {
+                let (st, layer) = split_layer(read_stamp(Kind::Video, p).expect("stamp"));
+                assert_eq!((st.sender, layer), (7, Some(*l)));
+                assert_eq!(*t, top[0].2, "one timestamp for every layer of a frame");
+                bytes[*l] += p.len();
+                seqs[*l].push(st.seq);
+            }
+            // Each layer's last packet of the frame has the marker.
+            for l in 0..2 {
+                let marks: Vec<bool> = lower.iter().filter(|x| x.0 == l).map(|x| x.2).collect();
+                assert_eq!(marks.iter().filter(|m| **m).count(), 1, "frame {frame}");
+                assert_eq!(marks.last(), Some(&true));
+            }
+            if frame == 0 {
+                // The keyframe's size, as the server reads it, per layer.
+                for (l, (w, h)) in sc.sizes.iter().enumerate() {
+                    let p = &lower.iter().find(|x| x.0 == l).expect("packet").1;
+                    let d = media::vp8_descriptor(p).expect("descriptor");
+                    let f = &p[d.len..];
+                    assert_eq!(&f[3..6], &[0x9d, 0x01, 0x2a]);
+                    assert_eq!(u16::from_le_bytes([f[6], f[7]]) & 0x3fff, *w);
+                    assert_eq!(u16::from_le_bytes([f[8], f[9]]) & 0x3fff, *h);
+                }
+            }
+        }
+        // Each layer's stamps count on from 0 by itself.
+        for q in &seqs {
+            assert_eq!(*q, (0..q.len() as u32).collect::<Vec<_>>());
+        }
+        // About 1/9 and 3/9 of the top layer's bytes (descriptor and stamp
+        // per packet on top of the frame data).
+        let ratio = |l: usize| bytes[l] as f64 / bytes[2] as f64;
+        assert!((0.10..0.16).contains(&ratio(0)), "q/f {}", ratio(0));
+        assert!((0.32..0.38).contains(&ratio(1)), "h/f {}", ratio(1));
     }
 
     #[tokio::test]

@@ -24,6 +24,13 @@
 //!    sampled at both ends of the window and once a second
 //!    ([`crate::sampler`]) for the time series and the plot.
 //!
+//! With `--simulcast` each publisher's video is a simulcast track of three
+//! layers (rids `q`, `h`, `f`; [`crate::publish::Simulcast`]): the clip on
+//! `f`, cut copies at 1/9 and 3/9 of its bytes on `q` and `h`. The
+//! accounting above follows the top layer (what each subscriber receives
+//! when its estimate allows); lower-layer packets that reach a subscriber
+//! are counted apart.
+//!
 //! The whole run is bounded by `--timeout`.
 
 mod report;
@@ -43,7 +50,9 @@ use crate::media;
 use crate::proc::{self, Machine, Pid};
 use crate::progress::{Live, Progress};
 pub use crate::publish::Schedule;
-use crate::publish::{check_sender, read_stamp, send_next, tick, Publisher};
+use crate::publish::{
+    check_sender, read_stamp, send_next_layers, split_layer, tick, Publisher, SIMULCAST_RIDS,
+};
 pub use crate::publish::{kind_index, media_plan, Flow, MediaPlan, Sent, KIND_NAMES};
 use crate::rxstats::RtpStats;
 use crate::{sampler, scrape};
@@ -149,6 +158,16 @@ pub struct RunArgs {
     /// which leaves the other cores to the server).
     #[arg(long, default_value_t = 1)]
     pub threads: usize,
+    /// Publish video as simulcast: three layers (rids q, h, f). `f` is the
+    /// clip at --video-kbps; `q` and `h` are copies of each frame cut to
+    /// 1/9 and 3/9 of its bytes (same frame rate), their keyframes
+    /// declaring 1/4 and 1/2 of the clip's picture size so the server ranks
+    /// them below it. The cut frames do not decode: subscribers only count
+    /// packets. All three layers are sent all the time (publisher-layers is
+    /// counted, not obeyed): the server's worst case. Loss and latency
+    /// figures follow the top layer.
+    #[arg(long)]
+    pub simulcast: bool,
 }
 
 impl RunArgs {
@@ -371,7 +390,10 @@ pub async fn run(args: &RunArgs) -> Result<Report, String> {
         .clone()
         .unwrap_or_else(crate::signaling::default_run_id);
     let (host, port, rooms) = validate(args, &run_id)?;
-    let plan = media_plan(args.video_kbps, args.audio)?;
+    let mut plan = media_plan(args.video_kbps, args.audio)?;
+    if args.simulcast {
+        plan = plan.with_simulcast()?;
+    }
     reachable(&args.url, &host, port).await?;
     let machine = Machine::probe();
     let server = args.server_pid.map(Pid::Other);
@@ -619,6 +641,12 @@ pub struct Outcome {
     pub server_errors: BTreeMap<String, u64>,
     /// The client task ended before we left.
     pub closed_early: bool,
+    /// `--simulcast`: lower-layer (q, h) packets handed to the client.
+    pub lower_sent: u64,
+    /// `--simulcast`: lower-layer packets received, per layer (q, h).
+    pub lower_received: [u64; 2],
+    /// `publisher-layers` messages received.
+    pub publisher_layers: u64,
 }
 
 impl Outcome {
@@ -647,6 +675,9 @@ impl Outcome {
             later_states: Vec::new(),
             server_errors: BTreeMap::new(),
             closed_early: false,
+            lower_sent: 0,
+            lower_received: [0; 2],
+            publisher_layers: 0,
         }
     }
 
@@ -682,13 +713,28 @@ impl Outcome {
                     Live::add(&shared.live.received, 1);
                     return;
                 }
-                let stamp = match read_stamp(kind, &packet.payload) {
-                    Ok(s) => s,
+                let (stamp, lower) = match read_stamp(kind, &packet.payload) {
+                    Ok(s) => split_layer(s),
                     Err(bad) => {
                         *self.bad.entry(bad.as_str()).or_default() += 1;
                         return;
                     }
                 };
+                if let Some(layer) = lower.filter(|_| kind == Kind::Video) {
+                    // A lower simulcast layer: counted apart.
+                    if let Some(reason) =
+                        check_sender(&stamp, self.index, shared.per_room, shared.total)
+                    {
+                        *self.bad.entry(reason).or_default() += 1;
+                        return;
+                    }
+                    match self.lower_received.get_mut(layer) {
+                        Some(n) => *n += 1,
+                        None => *self.bad.entry("unknown-layer").or_default() += 1,
+                    }
+                    Live::add(&shared.live.received, 1);
+                    return;
+                }
                 if let Some(reason) =
                     check_sender(&stamp, self.index, shared.per_room, shared.total)
                 {
@@ -734,6 +780,7 @@ impl Outcome {
                     .or_insert_with(Instant::now);
             }
             Event::TrackRemoved { .. } => self.tracks_removed += 1,
+            Event::PublisherLayers { .. } => self.publisher_layers += 1,
             Event::Connection(state) => self.later_states.push(state),
             Event::Signal(ServerMessage::Error(e)) => {
                 *self
@@ -754,7 +801,9 @@ fn send(
     schedule: &Schedule,
     shared: &Shared,
 ) {
-    let handed = send_next(
+    // With simulcast, `send_rtp` video goes on the top layer (the client's
+    // last rid, `f`); the lower layers name theirs.
+    let (handed, lower) = send_next_layers(
         p,
         &shared.plan,
         out.index,
@@ -762,7 +811,13 @@ fn send(
         schedule,
         &mut out.sent,
         |kind, payload, marker, ts| client.send_rtp(kind, payload, marker, ts).is_ok(),
+        |layer, payload, marker, ts| {
+            SIMULCAST_RIDS
+                .get(layer)
+                .is_some_and(|rid| client.send_rtp_layer(rid, payload, marker, ts).is_ok())
+        },
     );
+    out.lower_sent += lower;
     Live::add(&shared.live.expected, handed * (shared.per_room - 1) as u64);
 }
 
@@ -897,6 +952,9 @@ async fn join(shared: &Shared, out: &mut Outcome, refused: &mut Option<String>) 
     opts.audio = Some(shared.audio_mode);
     opts.publish_audio = out.publisher && shared.plan.audio.is_some();
     opts.publish_video = out.publisher && shared.plan.video.is_some();
+    if opts.publish_video && shared.plan.simulcast.is_some() {
+        opts.simulcast = Some(SIMULCAST_RIDS.iter().map(|r| (*r).to_owned()).collect());
+    }
     let mut client = match timeout_at(deadline, Client::join(opts)).await {
         Err(_) => {
             out.fail("join: timed out");

@@ -79,6 +79,23 @@ pub struct Report {
     pub errors: BTreeMap<String, u64>,
     /// Server `error` messages, by code.
     pub server_errors: BTreeMap<String, u64>,
+    /// `--simulcast`: what went on the lower layers.
+    pub simulcast: Option<SimulcastStats>,
+}
+
+/// `--simulcast`: the lower layers (the top layer is counted as video
+/// everywhere else in the report).
+#[derive(Debug, Serialize)]
+pub struct SimulcastStats {
+    pub rids: [&'static str; 3],
+    /// Picture sizes the lower layers' keyframes declare (q, h).
+    pub lower_sizes: [(u16, u16); 2],
+    /// Lower-layer packets the publishers handed to their clients.
+    pub lower_sent: u64,
+    /// Lower-layer packets the subscribers received, per layer (q, h).
+    pub lower_received: [u64; 2],
+    /// `publisher-layers` messages the publishers received.
+    pub publisher_layers_messages: u64,
 }
 
 #[derive(Debug, Serialize)]
@@ -818,6 +835,13 @@ impl Report {
             kernel_udp,
             errors,
             server_errors,
+            simulcast: inp.plan.simulcast.as_ref().map(|sc| SimulcastStats {
+                rids: crate::publish::SIMULCAST_RIDS,
+                lower_sizes: sc.sizes,
+                lower_sent: outcomes.iter().map(|o| o.lower_sent).sum(),
+                lower_received: [0, 1].map(|l| outcomes.iter().map(|o| o.lower_received[l]).sum()),
+                publisher_layers_messages: outcomes.iter().map(|o| o.publisher_layers).sum(),
+            }),
         }
     }
 
@@ -899,6 +923,21 @@ impl Report {
             },
         )?;
         self.media_source.write_lines(t, c.video_kbps_target)?;
+        if let Some(sc) = &self.simulcast {
+            writeln!(
+                t,
+                "  simulcast    rids {}: {} packets sent on q ({}x{}) and h ({}x{}) at 1/9 and 3/9 of the clip's bytes, next to f; received q {}, h {} (the rest of the report is f); {} publisher-layers messages",
+                sc.rids.join("/"),
+                sc.lower_sent,
+                sc.lower_sizes[0].0,
+                sc.lower_sizes[0].1,
+                sc.lower_sizes[1].0,
+                sc.lower_sizes[1].1,
+                sc.lower_received[0],
+                sc.lower_received[1],
+                sc.publisher_layers_messages
+            )?;
+        }
         if !self.audio_mode_granted.is_empty() {
             writeln!(
                 t,
