@@ -169,10 +169,9 @@ fn run_browsers(scenario: &str, setup: &Setup, standby: bool) -> serde_json::Val
         .unwrap_or_else(|| panic!("node exited 0 without a success line\n{report}"));
     let value: serde_json::Value =
         serde_json::from_str(line).unwrap_or_else(|e| panic!("bad JSON ({e}): {line}"));
-    if std::env::var_os("SB_SCREENSHOT_DIR").is_none() {
-        if std::env::var_os("SB_KEEP_LOGS").is_none() {
-            let _ = fs::remove_dir_all(&logs); // keep the logs of failed runs only
-        }
+    if std::env::var_os("SB_SCREENSHOT_DIR").is_none() && std::env::var_os("SB_KEEP_LOGS").is_none()
+    {
+        let _ = fs::remove_dir_all(&logs); // keep the logs of failed runs only
     }
     println!("FIGURES {scenario} standby={standby}: {value}");
     value
