@@ -45,6 +45,7 @@ use crate::mixer::{InputId, MixerConfig, SpeakerTracker};
 use crate::sfu::MediaKind;
 
 pub mod allocator;
+pub mod encodings;
 pub mod forward;
 pub mod keyframes;
 pub mod layers;

@@ -1,0 +1,222 @@
+//! A published track's encodings, learnt from its packets: one per SSRC
+//! (a simulcast track has up to [`MAX_ENCODINGS`], named by rid), each with
+//! its picture size (read from its keyframes), its measured bitrate and
+//! when it last sent. They are ranked by the size actually received, not
+//! by rid name: layer 0 is the smallest picture.
+
+use std::time::{Duration, Instant};
+
+use super::allocator::LayerInfo;
+use super::{Layer, TrackInfo, KEYFRAME_THROTTLE};
+use crate::media::codec::{vp8_keyframe_size, Codec};
+use crate::media::keyframe::KeyframeRequester;
+
+/// The most encodings a simulcast track may have (the offer is refused
+/// beyond it; packets of a fourth SSRC are dropped).
+pub const MAX_ENCODINGS: usize = 3;
+
+/// An encoding that sent nothing for this long is not live: it stopped, or
+/// its publisher paused it. Chromium sends a 180p layer at 7+ frames per
+/// second even on a still picture.
+pub const LAYER_STALE: Duration = Duration::from_millis(1000);
+
+/// Bitrates are measured over windows of this length.
+const RATE_WINDOW: Duration = Duration::from_millis(1000);
+
+/// One encoding of a published track.
+#[derive(Debug, Clone)]
+pub struct Encoding {
+    pub ssrc: u32,
+    /// Its RTP stream id, when the publisher named it (simulcast).
+    pub rid: Option<Box<str>>,
+    pub width: u16,
+    pub height: u16,
+    /// Bit/s over the last full window.
+    pub bitrate: u32,
+    window_bytes: u64,
+    window_start: Option<Instant>,
+    last_rtp: Option<Instant>,
+    pub(super) keyframes: KeyframeRequester,
+}
+
+impl Encoding {
+    pub(super) fn new(ssrc: u32) -> Self {
+        Encoding {
+            ssrc,
+            rid: None,
+            width: 0,
+            height: 0,
+            bitrate: 0,
+            window_bytes: 0,
+            window_start: None,
+            last_rtp: None,
+            keyframes: KeyframeRequester::new(KEYFRAME_THROTTLE),
+        }
+    }
+
+    fn live(&self, now: Instant) -> bool {
+        self.last_rtp
+            .is_some_and(|t| now.saturating_duration_since(t) < LAYER_STALE)
+    }
+
+    /// The bitrate, or 0 when it went silent (its last window is stale).
+    fn rate(&self, now: Instant) -> u32 {
+        if self.live(now) {
+            self.bitrate
+        } else {
+            0
+        }
+    }
+}
+
+/// A published track's encodings, in arrival order, with their ranking by
+/// picture size.
+#[derive(Debug, Clone, Default)]
+pub struct Encodings {
+    pub(super) list: Vec<Encoding>,
+    /// Indices into `list`, smallest picture first.
+    rank: Vec<u8>,
+}
+
+impl Encodings {
+    /// A packet of `ssrc` with `len` payload bytes: the index of its
+    /// encoding, or `None` when the track already has its
+    /// [`MAX_ENCODINGS`] live ones. A track without simulcast has one
+    /// encoding, which a new SSRC takes over.
+    pub(super) fn on_packet(
+        &mut self,
+        ssrc: u32,
+        payload: &[u8],
+        info: &TrackInfo,
+        keyframe: bool,
+        now: Instant,
+    ) -> Option<usize> {
+        let i = match self.list.iter().position(|e| e.ssrc == ssrc) {
+            Some(i) => i,
+            None if !info.simulcast && !self.list.is_empty() => {
+                let mut e = Encoding::new(ssrc);
+                e.keyframes = self.list[0].keyframes.clone();
+                self.list[0] = e;
+                0
+            }
+            None if self.list.len() < MAX_ENCODINGS => {
+                self.list.push(Encoding::new(ssrc));
+                self.rerank();
+                self.list.len() - 1
+            }
+            None => {
+                // A stale encoding's slot goes to the new SSRC (its
+                // publisher restarted the layer on a new SSRC).
+                let stale = self.list.iter().position(|e| !e.live(now))?;
+                self.list[stale] = Encoding::new(ssrc);
+                self.rerank();
+                stale
+            }
+        };
+        let e = &mut self.list[i];
+        e.last_rtp = Some(now);
+        match e.window_start {
+            Some(start) if now.saturating_duration_since(start) >= RATE_WINDOW => {
+                let secs = now.saturating_duration_since(start).as_secs_f64();
+                e.bitrate = ((e.window_bytes * 8) as f64 / secs).min(f64::from(u32::MAX)) as u32;
+                e.window_bytes = 0;
+                e.window_start = Some(now);
+            }
+            None => e.window_start = Some(now),
+            Some(_) => {}
+        }
+        // Payload plus a typical RTP/SRTP/UDP/IP overhead per packet.
+        e.window_bytes += payload.len() as u64 + 60;
+        if keyframe && info.codec == Codec::Vp8 {
+            if let Some((w, h)) = vp8_keyframe_size(payload) {
+                if (w, h) != (e.width, e.height) {
+                    e.width = w;
+                    e.height = h;
+                    self.rerank();
+                }
+            }
+        }
+        if keyframe {
+            self.list[i].keyframes.keyframe_received(now);
+        }
+        Some(i)
+    }
+
+    pub(super) fn rerank(&mut self) {
+        self.rank.clear();
+        // At most MAX_ENCODINGS (3): the index fits.
+        self.rank.extend((0..self.list.len()).map(|i| i as u8));
+        let list = &self.list;
+        // Unknown sizes (0) rank by arrival among themselves, below known
+        // ones only if they are smaller: a size is learnt at the first
+        // keyframe, within a second of the first packet.
+        self.rank.sort_by_key(|&i| (list[usize::from(i)].height, i));
+    }
+
+    pub fn len(&self) -> usize {
+        self.list.len()
+    }
+
+    pub(super) fn list_mut(&mut self) -> &mut [Encoding] {
+        &mut self.list
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.list.is_empty()
+    }
+
+    pub fn by_rid(&self, rid: &str) -> Option<&Encoding> {
+        self.list.iter().find(|e| e.rid.as_deref() == Some(rid))
+    }
+
+    pub fn by_ssrc(&self, ssrc: u32) -> Option<&Encoding> {
+        self.list.iter().find(|e| e.ssrc == ssrc)
+    }
+
+    pub(super) fn by_ssrc_mut(&mut self, ssrc: u32) -> Option<&mut Encoding> {
+        self.list.iter_mut().find(|e| e.ssrc == ssrc)
+    }
+
+    /// The encoding of rank `layer`.
+    pub fn at(&self, layer: Layer) -> Option<&Encoding> {
+        let i = *self.rank.get(usize::from(layer.0))?;
+        self.list.get(usize::from(i))
+    }
+
+    /// The rank of `ssrc`'s encoding.
+    pub fn layer_of(&self, ssrc: u32) -> Option<Layer> {
+        let i = self.list.iter().position(|e| e.ssrc == ssrc)?;
+        // At most MAX_ENCODINGS ranks: fits.
+        self.rank
+            .iter()
+            .position(|&r| usize::from(r) == i)
+            .map(|p| Layer(p as u8))
+    }
+
+    /// The smallest live encoding.
+    pub(super) fn lowest_live(&self, now: Instant) -> Option<u32> {
+        self.rank
+            .iter()
+            .map(|&i| &self.list[usize::from(i)])
+            .find(|e| e.live(now))
+            .map(|e| e.ssrc)
+    }
+
+    /// The layers as the allocator sees them, smallest first.
+    pub(super) fn view(&self, now: Instant, out: &mut Vec<LayerInfo>) {
+        out.clear();
+        out.extend(self.rank.iter().map(|&i| {
+            let e = &self.list[usize::from(i)];
+            LayerInfo {
+                height: e.height,
+                bitrate: e.rate(now),
+                live: e.live(now),
+            }
+        }));
+    }
+
+    /// Sum of the live encodings' bitrates.
+    pub(super) fn total_rate(&self, now: Instant) -> u64 {
+        self.list.iter().map(|e| u64::from(e.rate(now))).sum()
+    }
+}
