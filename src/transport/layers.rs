@@ -87,8 +87,13 @@ impl Engine {
         let Some(p) = self.peers.get_mut(&key) else {
             return;
         };
-        let rtx =
-            p.pc.remote_description()
+        // The answer is read only when a probe could start (checked then,
+        // not every round of every connection).
+        let could_start =
+            !p.prober.active() && summary.deficit >= crate::router::probe::MIN_DEFICIT;
+        let rtx = !could_start
+            || p.pc
+                .remote_description()
                 .is_some_and(|d| d.sdp.contains(" rtx/90000"));
         let estimate = p.estimate.get().filter(|_| rtx);
         let Some(event) = p.prober.on_round(now, estimate, summary) else {

@@ -79,8 +79,11 @@ impl ProbeInjector {
     }
 
     fn take_request(&mut self) -> Option<TaggedPacket> {
-        // One relaxed-cost load per poll; the lock only when asked.
-        if !self.shared.pending.swap(false, Ordering::Acquire) {
+        // A plain load per poll (no write to the shared line); the swap and
+        // the lock only when asked.
+        if !self.shared.pending.load(Ordering::Relaxed)
+            || !self.shared.pending.swap(false, Ordering::Acquire)
+        {
             return None;
         }
         let (ssrc, last, count) = self.shared.request.lock().ok()?.take()?;
