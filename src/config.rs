@@ -258,6 +258,11 @@ pub struct ServeOptions {
     #[arg(long, env = "SWITCHBOARD_RTC_PORT", value_name = "PORT")]
     pub rtc_port: Option<u16>,
 
+    /// Media worker threads; each room lives on one of them, all share the
+    /// one --rtc-port (1-64) [default: the number of CPUs]
+    #[arg(long, env = "SWITCHBOARD_MEDIA_WORKERS", value_name = "N")]
+    pub media_workers: Option<usize>,
+
     /// Also accept ICE over TCP (passive) on the --rtc-port number, for
     /// networks that block UDP [default: true]
     #[arg(long, env = "SWITCHBOARD_ICE_TCP", num_args = 0..=1, default_missing_value = "true", value_name = "BOOL")]
@@ -365,6 +370,7 @@ impl ServeOptions {
             media: self.media.or(other.media),
             rtc_ip: self.rtc_ip.or(other.rtc_ip),
             rtc_port: self.rtc_port.or(other.rtc_port),
+            media_workers: self.media_workers.or(other.media_workers),
             public_ip: self.public_ip.or(other.public_ip),
             ice_tcp: self.ice_tcp.or(other.ice_tcp),
             redis_url: self.redis_url.or(other.redis_url),
@@ -411,6 +417,8 @@ pub enum ConfigError {
     PingTimeout { interval: u64, timeout: u64 },
     #[error("--rtc-ip {0} binds every interface, so it cannot be announced in ICE candidates: set --public-ip to the address clients reach")]
     PublicIpNeeded(IpAddr),
+    #[error("--media-workers {0} is out of range (1-64)")]
+    MediaWorkers(usize),
     #[error("--mix-speakers {0} is out of range (1-16)")]
     MixSpeakers(usize),
     #[error("--mix-complexity {0} is out of range (0-10)")]
@@ -561,6 +569,12 @@ impl Config {
         if !(1..=16).contains(&mix_speakers) {
             return Err(ConfigError::MixSpeakers(mix_speakers));
         }
+        let media_workers = o
+            .media_workers
+            .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get().min(64)));
+        if !(1..=64).contains(&media_workers) {
+            return Err(ConfigError::MediaWorkers(media_workers));
+        }
         let mix_complexity = o.mix_complexity.unwrap_or(5);
         if !(0..=10).contains(&mix_complexity) {
             return Err(ConfigError::MixComplexity(mix_complexity));
@@ -694,6 +708,7 @@ impl Config {
                 mix_complexity,
                 max_tracks,
                 max_tcp_per_ip,
+                workers: media_workers,
             }),
             log: LogConfig {
                 json: o.log_format.as_deref() == Some("json"),

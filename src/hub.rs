@@ -1032,6 +1032,7 @@ impl Hub {
         }
         if let Some(media) = &self.media {
             media.send(Command::TrackSettings {
+                room: room_name.clone(),
                 participant: from.clone(),
                 settings,
             })?;

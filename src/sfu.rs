@@ -5,8 +5,14 @@
 //! The hub tells the media plane three things: a participant sent something
 //! to `"sfu"` (offer, answer, candidate), a participant left, and a room's
 //! media mode. The media plane answers participants through their outboxes.
+//!
+//! The media runs on `--media-workers` threads. Each room lives on one
+//! worker ([`Placement`]): every command about a room goes to that worker,
+//! so nothing on the packet path crosses workers.
 
+use std::collections::{HashMap, HashSet};
 use std::net::{IpAddr, SocketAddr};
+use std::sync::{Arc, Mutex};
 
 use switchboard_proto::{AudioMode, ParticipantId, RoomName, SignalData};
 use tokio::sync::mpsc;
@@ -80,6 +86,8 @@ pub struct MediaConfig {
     pub max_tracks: usize,
     /// ICE-TCP connections open at once per address (`--max-conns-per-ip`).
     pub max_tcp_per_ip: usize,
+    /// Media worker threads (`--media-workers`, at least 1).
+    pub workers: usize,
 }
 
 /// `message` with `to:"sfu"` from `participant` in `room`, with what the
@@ -115,6 +123,7 @@ pub enum Command {
     /// `track-settings`: what `participant` wants of the track on its
     /// m-section `mid`.
     TrackSettings {
+        room: RoomName,
         participant: ParticipantId,
         settings: switchboard_proto::TrackSettings,
     },
@@ -128,17 +137,18 @@ pub enum Command {
     /// `room` is back in `p2p` mode (`--p2p-return-ms`): stop forwarding;
     /// the server connections stay up as warm standbys.
     RoomP2p { room: RoomName },
-    /// Stop the media thread.
+    /// Stop the media workers.
     Shutdown,
 }
 
-/// How many commands may wait for the media thread.
+/// How many commands may wait for one media worker.
 pub const COMMAND_QUEUE: usize = 4096;
 
 /// The hub's handle on the media plane.
 #[derive(Debug, Clone)]
 pub struct MediaPlane {
-    tx: mpsc::Sender<Command>,
+    workers: Vec<mpsc::Sender<Command>>,
+    placement: Arc<Mutex<Placement>>,
     local_addr: SocketAddr,
 }
 
@@ -152,8 +162,16 @@ pub enum MediaError {
 }
 
 impl MediaPlane {
-    pub(crate) fn new(tx: mpsc::Sender<Command>, local_addr: SocketAddr) -> MediaPlane {
-        MediaPlane { tx, local_addr }
+    pub(crate) fn new(
+        workers: Vec<mpsc::Sender<Command>>,
+        placement: Arc<Mutex<Placement>>,
+        local_addr: SocketAddr,
+    ) -> MediaPlane {
+        MediaPlane {
+            workers,
+            placement,
+            local_addr,
+        }
     }
 
     /// The UDP address media is received on.
@@ -161,16 +179,102 @@ impl MediaPlane {
         self.local_addr
     }
 
-    /// Queues `cmd` without waiting.
+    /// Queues `cmd` without waiting, on the worker of its room. A command
+    /// about a room no worker holds (a mute or a mode change before anyone
+    /// signaled the server) has nothing to act on and is dropped.
     pub fn send(&self, cmd: Command) -> Result<(), MediaError> {
-        self.tx.try_send(cmd).map_err(|e| match e {
+        let worker = {
+            let mut placement = self.placement.lock().unwrap_or_else(|e| e.into_inner());
+            match &cmd {
+                Command::Signal(s) => Some(placement.place(&s.room, &s.participant)),
+                Command::Left { room, participant } => placement.remove(room, participant),
+                Command::Mute { room, .. }
+                | Command::TrackSettings { room, .. }
+                | Command::RoomSfu { room }
+                | Command::RoomP2p { room } => placement.worker_of(room),
+                Command::Shutdown => None,
+            }
+        };
+        if matches!(cmd, Command::Shutdown) {
+            for tx in &self.workers {
+                let _ = tx.try_send(Command::Shutdown);
+            }
+            return Ok(());
+        }
+        let Some(tx) = worker.and_then(|w| self.workers.get(w)) else {
+            return Ok(());
+        };
+        tx.try_send(cmd).map_err(|e| match e {
             mpsc::error::TrySendError::Full(_) => MediaError::Busy,
             mpsc::error::TrySendError::Closed(_) => MediaError::Stopped,
         })
     }
 }
 
-/// Exit status of a process whose media thread panicked (EX_SOFTWARE).
+/// Which worker holds which room. A room is placed on the worker holding
+/// the fewest rooms when its first participant signals the server, and stays
+/// there while any participant that signaled is in it. Of equally loaded
+/// workers the last is chosen (worker 0 also reads the port for all).
+#[derive(Debug)]
+pub struct Placement {
+    rooms: HashMap<RoomName, (usize, HashSet<ParticipantId>)>,
+    /// Rooms per worker.
+    load: Vec<usize>,
+}
+
+impl Placement {
+    pub fn new(workers: usize) -> Placement {
+        Placement {
+            rooms: HashMap::new(),
+            load: vec![0; workers.max(1)],
+        }
+    }
+
+    /// The worker of `room`, placing it if new; `participant` counts as in it.
+    pub fn place(&mut self, room: &RoomName, participant: &ParticipantId) -> usize {
+        if let Some((w, members)) = self.rooms.get_mut(room) {
+            if !members.contains(participant) {
+                members.insert(participant.clone());
+            }
+            return *w;
+        }
+        // Ties go to the highest index: worker 0 also reads the port for
+        // everyone, so it takes rooms last.
+        let w = (0..self.load.len())
+            .rev()
+            .min_by_key(|&w| self.load[w])
+            .unwrap_or(0);
+        self.load[w] += 1;
+        self.rooms
+            .insert(room.clone(), (w, HashSet::from([participant.clone()])));
+        w
+    }
+
+    /// The worker of `room`, if placed.
+    pub fn worker_of(&self, room: &RoomName) -> Option<usize> {
+        self.rooms.get(room).map(|(w, _)| *w)
+    }
+
+    /// `participant` left `room`: returns the room's worker (which must hear
+    /// of it); the room is unplaced when nobody that signaled is left.
+    pub fn remove(&mut self, room: &RoomName, participant: &ParticipantId) -> Option<usize> {
+        let (w, members) = self.rooms.get_mut(room)?;
+        let w = *w;
+        members.remove(participant);
+        if members.is_empty() {
+            self.rooms.remove(room);
+            self.load[w] = self.load[w].saturating_sub(1);
+        }
+        Some(w)
+    }
+
+    /// Rooms each worker holds.
+    pub fn load(&self) -> &[usize] {
+        &self.load
+    }
+}
+
+/// Exit status of a process whose media worker panicked (EX_SOFTWARE).
 pub const PANIC_EXIT_CODE: i32 = 70;
 
 /// Runs `f` (a thread's whole body); if it panics, logs it and calls
@@ -186,6 +290,60 @@ pub fn exit_on_panic<F: FnOnce()>(thread: &str, exit: impl FnOnce(i32), f: F) {
             .unwrap_or_else(|| "a non-string panic".to_owned());
         tracing::error!(thread, panic = %what, "the media thread panicked; exiting so the supervisor restarts the server");
         exit(PANIC_EXIT_CODE);
+    }
+}
+
+#[cfg(test)]
+mod placement_tests {
+    use super::*;
+
+    fn room(n: &str) -> RoomName {
+        RoomName::parse(n).expect("room name")
+    }
+    fn who(n: &str) -> ParticipantId {
+        ParticipantId::parse(n).expect("participant id")
+    }
+
+    #[test]
+    fn a_rooms_members_share_a_worker_and_rooms_spread_over_workers() {
+        let mut p = Placement::new(2);
+        let mut worker_of_room = HashMap::new();
+        for r in 0..8 {
+            for m in 0..4 {
+                let w = p.place(&room(&format!("r{r}")), &who(&format!("p{r}-{m}")));
+                assert_eq!(*worker_of_room.entry(r).or_insert(w), w, "room r{r} split");
+            }
+        }
+        assert_eq!(p.load(), &[4, 4]);
+        let on_zero = worker_of_room.values().filter(|&&w| w == 0).count();
+        assert_eq!(on_zero, 4);
+    }
+
+    #[test]
+    fn a_room_stays_on_its_worker_until_its_last_member_leaves() {
+        let mut p = Placement::new(2);
+        let (a, b) = (room("a"), room("b"));
+        // The first room goes to the worker that does not read the port.
+        assert_eq!(p.place(&a, &who("x")), 1);
+        assert_eq!(p.place(&b, &who("y")), 0);
+        assert_eq!(p.place(&a, &who("z")), 1);
+        assert_eq!(p.remove(&a, &who("x")), Some(1));
+        assert_eq!(p.worker_of(&a), Some(1), "z is still in a");
+        assert_eq!(p.remove(&a, &who("z")), Some(1));
+        assert_eq!(p.worker_of(&a), None);
+        assert_eq!(p.load(), &[1, 0]);
+        // A new room goes to the emptier worker; a stranger's leave is nothing.
+        assert_eq!(p.place(&room("c"), &who("w")), 1);
+        assert_eq!(p.remove(&room("nowhere"), &who("w")), None);
+    }
+
+    #[test]
+    fn one_worker_takes_every_room() {
+        let mut p = Placement::new(1);
+        for r in 0..5 {
+            assert_eq!(p.place(&room(&format!("r{r}")), &who("m")), 0);
+        }
+        assert_eq!(p.load(), &[5]);
     }
 }
 

@@ -18,8 +18,15 @@ use switchboard_client::{Client, Event, JoinOptions, Kind};
 const AUDIO_PACKETS: u32 = 250; // 5 s at 50 packets/s
 const VIDEO_PACKETS: u32 = 150; // 5 s at 30 packets/s
 
-async fn media_server() -> RunningServer {
-    server(ServeOptions::default()).await
+/// The server with `workers` media workers. Every test here runs with one
+/// and with two (see `both_ways!` at the end), so rooms on different
+/// workers and the reader's hand-off between them are covered.
+async fn media_server(workers: usize) -> RunningServer {
+    server(ServeOptions {
+        media_workers: Some(workers),
+        ..ServeOptions::default()
+    })
+    .await
 }
 
 async fn join(server: &RunningServer, room: &str, name: &str) -> Client {
@@ -116,9 +123,8 @@ async fn publish(clients: &mut [Client], names: &[&str], seen: &mut [Seen], from
     collect(clients, seen, Duration::from_millis(500)).await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn three_peers_receive_each_others_audio_and_video_intact() {
-    let server = media_server().await;
+async fn three_peers_receive_each_others_audio_and_video_intact(workers: usize) {
+    let server = media_server(workers).await;
     let names = ["alice", "bob", "carol"];
     let mut clients = Vec::new();
     for name in names {
@@ -227,9 +233,8 @@ async fn until(
     }
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_late_joiner_gets_everyone_promptly_and_a_leavers_tracks_end() {
-    let server = media_server().await;
+async fn a_late_joiner_gets_everyone_promptly_and_a_leavers_tracks_end(workers: usize) {
+    let server = media_server(workers).await;
     let mut names = vec!["alice", "bob", "carol"];
     let mut clients = Vec::new();
     for name in &names {
@@ -363,9 +368,8 @@ async fn join_all(
     clients
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_subscribers_nacks_are_answered_with_the_original_payload() {
-    let server = media_server().await;
+async fn a_subscribers_nacks_are_answered_with_the_original_payload(workers: usize) {
+    let server = media_server(workers).await;
     let names = ["alice", "bob"];
     // Bob's network loses every 7th RTP datagram the server sends him (odd,
     // so the loss hits both kinds: with an even period and audio and video
@@ -404,9 +408,8 @@ async fn a_subscribers_nacks_are_answered_with_the_original_payload() {
     );
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_publishers_uplink_loss_is_nacked_upstream_and_recovered() {
-    let server = media_server().await;
+async fn a_publishers_uplink_loss_is_nacked_upstream_and_recovered(workers: usize) {
+    let server = media_server(workers).await;
     let names = ["alice", "bob"];
     // Alice's uplink loses every 7th RTP datagram she sends (after her
     // sender kept it for retransmission); bob's link is clean.
@@ -450,9 +453,8 @@ async fn a_publishers_uplink_loss_is_nacked_upstream_and_recovered() {
     );
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_warm_standby_connection_carries_no_media_until_the_room_is_sfu() {
-    let server = media_server().await;
+async fn a_warm_standby_connection_carries_no_media_until_the_room_is_sfu(workers: usize) {
+    let server = media_server(workers).await;
     let names = ["alice", "bob"];
     // An auto room: p2p for two; both open their server connection anyway.
     let mut clients = join_all(&server, "standby", &names, |o, _| {
@@ -507,9 +509,8 @@ async fn a_warm_standby_connection_carries_no_media_until_the_room_is_sfu() {
     }
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn garbage_on_the_media_port_is_dropped_counted_and_harms_nobody() {
-    let server = media_server().await;
+async fn garbage_on_the_media_port_is_dropped_counted_and_harms_nobody(workers: usize) {
+    let server = media_server(workers).await;
     let media = server.media_addr().expect("media plane runs");
     let names = ["alice", "bob"];
     let mut clients = join_all(&server, "garbage", &names, |_, _| {}).await;
@@ -584,9 +585,8 @@ async fn garbage_on_the_media_port_is_dropped_counted_and_harms_nobody() {
     assert_eq!(metric(&m, "switchboard_media_connections"), 2.0);
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_vanished_peer_is_removed_and_its_tracks_end_at_the_others() {
-    let server = media_server().await;
+async fn a_vanished_peer_is_removed_and_its_tracks_end_at_the_others(workers: usize) {
+    let server = media_server(workers).await;
     let names = ["alice", "bob", "carol"];
     let mut clients = join_all(&server, "vanish", &names, |_, _| {}).await;
     let mut seen: Vec<Seen> = (0..3).map(|_| Seen::default()).collect();
@@ -610,9 +610,8 @@ async fn a_vanished_peer_is_removed_and_its_tracks_end_at_the_others() {
     );
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn ice_tcp_carries_media_for_a_client_that_cannot_use_udp() {
-    let server = media_server().await;
+async fn ice_tcp_carries_media_for_a_client_that_cannot_use_udp(workers: usize) {
+    let server = media_server(workers).await;
     let names = ["alice", "bob"];
     // Alice offers only an active TCP candidate (no UDP at all), so her
     // connection can only work over the server's passive ICE-TCP candidate
@@ -654,9 +653,8 @@ async fn ice_tcp_carries_media_for_a_client_that_cannot_use_udp() {
 /// tracks reuse the m-sections of the ones who left (after the exchange
 /// that made them inactive), so the subscriber's SDP stops growing, and it
 /// still receives every newcomer's audio and video.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_subscribers_media_sections_are_reused_as_publishers_come_and_go() {
-    let server = media_server().await;
+async fn a_subscribers_media_sections_are_reused_as_publishers_come_and_go(workers: usize) {
+    let server = media_server(workers).await;
     let room = "churn";
     let audio_forward = |o: &mut JoinOptions| {
         o.audio = Some(switchboard_proto::AudioMode::Forward);
@@ -731,3 +729,93 @@ async fn a_subscribers_media_sections_are_reused_as_publishers_come_and_go() {
         "later publishers reuse the sections of earlier ones: {sections:?}"
     );
 }
+
+/// Four rooms on a server with two media workers: the rooms are spread two
+/// and two, each room's media reaches exactly its own members, and each
+/// worker handled at least the packets its two rooms sent (the reader on
+/// worker 0 hands the other worker its datagrams).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rooms_spread_over_two_workers_and_each_carries_its_own() {
+    let server = media_server(2).await;
+    let names: Vec<String> = (0..4)
+        .flat_map(|r| [format!("r{r}a"), format!("r{r}b")])
+        .collect();
+    let names: Vec<&str> = names.iter().map(String::as_str).collect();
+    let mut clients = Vec::new();
+    for (i, name) in names.iter().enumerate() {
+        clients.push(join(&server, &format!("spread{}", i / 2), name).await);
+    }
+    for c in clients.iter_mut() {
+        until_connected(c).await;
+    }
+    let mut first: Vec<Seen> = names.iter().map(|_| Seen::default()).collect();
+    publish(&mut clients, &names, &mut first, 0).await;
+    let before = metrics(&server).await;
+    let mut seen: Vec<Seen> = names.iter().map(|_| Seen::default()).collect();
+    publish(&mut clients, &names, &mut seen, 10_000).await;
+    for (i, s) in seen.iter().enumerate() {
+        assert_eq!(s.corrupt, 0, "{}: payloads intact", names[i]);
+        for (j, other) in names.iter().enumerate() {
+            let audio = s.got(other, Kind::Audio, 10_000, AUDIO_PACKETS);
+            let video = s.got(other, Kind::Video, 10_000, VIDEO_PACKETS);
+            if i / 2 != j / 2 || i == j {
+                assert_eq!(audio + video, 0, "{} must not receive {other}", names[i]);
+                continue;
+            }
+            eprintln!("{} <- {other}: audio {audio}, video {video}", names[i]);
+            assert!(f64::from(audio as u32) >= 0.99 * f64::from(AUDIO_PACKETS));
+            assert!(f64::from(video as u32) >= 0.99 * f64::from(VIDEO_PACKETS));
+        }
+    }
+    let after = metrics(&server).await;
+    let per_worker = |w: usize| {
+        let sample = format!("switchboard_media_worker_datagrams_total{{worker=\"{w}\"}}");
+        metric(&after, &sample) - metric(&before, &sample)
+    };
+    // Two rooms, two publishers each, one round of audio and video.
+    let sent_by_two_rooms = 4.0 * f64::from(AUDIO_PACKETS + VIDEO_PACKETS);
+    for w in 0..2 {
+        let handled = per_worker(w);
+        eprintln!("worker {w}: {handled} datagrams in the measured round");
+        assert!(
+            handled >= 0.99 * sent_by_two_rooms,
+            "worker {w} handled {handled} datagrams, its rooms sent {sent_by_two_rooms}"
+        );
+        let rooms = format!("switchboard_media_worker_rooms{{worker=\"{w}\"}}");
+        assert_eq!(metric(&after, &rooms), 2.0, "worker {w} holds two rooms");
+    }
+}
+
+/// Runs each test with one media worker and with two.
+macro_rules! both_ways {
+    ($($name:ident),* $(,)?) => {
+        mod one_worker {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $name() {
+                    super::$name(1).await
+                }
+            )*
+        }
+        mod two_workers {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $name() {
+                    super::$name(2).await
+                }
+            )*
+        }
+    };
+}
+
+both_ways!(
+    three_peers_receive_each_others_audio_and_video_intact,
+    a_late_joiner_gets_everyone_promptly_and_a_leavers_tracks_end,
+    a_subscribers_nacks_are_answered_with_the_original_payload,
+    a_publishers_uplink_loss_is_nacked_upstream_and_recovered,
+    a_warm_standby_connection_carries_no_media_until_the_room_is_sfu,
+    garbage_on_the_media_port_is_dropped_counted_and_harms_nobody,
+    a_vanished_peer_is_removed_and_its_tracks_end_at_the_others,
+    ice_tcp_carries_media_for_a_client_that_cannot_use_udp,
+    a_subscribers_media_sections_are_reused_as_publishers_come_and_go
+);

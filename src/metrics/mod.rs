@@ -116,6 +116,10 @@ pub struct Metrics {
     pub media_timeouts: IntCounter,
     /// Framed packets received over ICE-TCP.
     pub media_tcp_in: IntCounter,
+    /// Datagrams (and ICE-TCP frames) each media worker handled, by `worker`.
+    pub worker_datagrams: IntCounterVec,
+    /// Rooms each media worker holds, by `worker`.
+    pub worker_rooms: IntGaugeVec,
     /// Packets subscribers asked to be sent again (generic NACK).
     pub nacks_received: IntCounter,
     /// Packets the server asked publishers to send again.
@@ -721,6 +725,30 @@ impl Metrics {
                 for s in ["new", "connecting", "connected", "disconnected", "failed", "closed"] {
                     v.with_label_values(&[s]).inc_by(0);
                 }
+                v
+            },
+            worker_datagrams: {
+                let v = IntCounterVec::new(
+                    Opts::new(
+                        "switchboard_media_worker_datagrams_total",
+                        "Datagrams and ICE-TCP frames routed to each media worker's connections",
+                    ),
+                    &["worker"],
+                )
+                .unwrap_or_else(|e| unreachable!("{e}"));
+                register(&registry, v.clone());
+                v
+            },
+            worker_rooms: {
+                let v = IntGaugeVec::new(
+                    Opts::new(
+                        "switchboard_media_worker_rooms",
+                        "Rooms each media worker holds (every member of a room is on its worker)",
+                    ),
+                    &["worker"],
+                )
+                .unwrap_or_else(|e| unreachable!("{e}"));
+                register(&registry, v.clone());
                 v
             },
             connection_states: {

@@ -266,6 +266,11 @@ impl Router {
 
     // -- rooms and members --------------------------------------------------
 
+    /// Rooms with members.
+    pub fn room_count(&self) -> usize {
+        self.rooms.len()
+    }
+
     pub fn has_room(&self, room: &RoomName) -> bool {
         self.rooms.contains_key(room)
     }

@@ -4,17 +4,24 @@
 //! loop. This is the only module that imports webrtc-rs or touches media
 //! sockets.
 //!
-//! One thread (`sfu-media`) owns the socket and all connections. Datagrams
-//! are routed to a connection by ICE ufrag, then by remote address
-//! ([`Demux`]). Each participant has one [`Peer`]: its connection, the
-//! tracks it publishes and the senders of the tracks forwarded to it. What
+//! `--media-workers` threads (`sfu-media-N`, default one per CPU) share
+//! the work. Each room lives on one worker ([`crate::sfu::Placement`]) and
+//! every connection of the room with it, so nothing on the packet path
+//! crosses workers. Worker 0 also reads the one UDP port (and ICE-TCP) for
+//! all: it drains the socket in batches and routes each datagram by ICE
+//! ufrag, then by remote address ([`crate::media::demux::Demux`]), to the
+//! worker holding its connection (`reader`). Every worker sends on its own
+//! handle of the same socket. Each participant has one [`Peer`]: its
+//! connection, the tracks it publishes and the senders of the tracks
+//! forwarded to it. What
 //! is forwarded to whom, with which rewriting, and when a keyframe is asked
 //! for, is the router's decision; this module turns connection events into
 //! router calls and router decisions into `rtc` writes.
 //!
 //! # Files
 //!
-//! - `mod.rs`: [`start`], the loop, datagram input and output.
+//! - `mod.rs`: [`start`], a worker's loop, datagram input and output.
+//! - `reader`: worker 0's reading of the port and routing to workers.
 //! - `peer`: connection building, negotiation (offers, answers,
 //!   candidates).
 //! - `senders`: the senders of forwarded tracks, added and removed as the
@@ -32,7 +39,6 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use bytes::BytesMut;
 use rtc::media_stream::MediaStreamTrackId;
 use rtc::peer_connection::state::RTCPeerConnectionState;
 use rtc::peer_connection::RTCPeerConnection;
@@ -47,7 +53,6 @@ use tokio::sync::mpsc;
 
 use crate::auth::Grants;
 use crate::hub::Outboxes;
-use crate::media::demux::{Demux, Route};
 use crate::metrics::Metrics;
 use crate::perip::PerIp;
 use crate::ratelimit::RateLimiter;
@@ -63,6 +68,7 @@ mod layers;
 mod mix;
 mod peer;
 mod probe;
+mod reader;
 mod senders;
 mod tcp;
 
@@ -101,7 +107,7 @@ const CHAT_BURST: u32 = 40;
 /// acknowledged gets no more chat until it has taken what it was sent.
 pub const CHAT_BACKLOG: usize = 256 * 1024;
 
-/// Starts the media thread; returns the hub's handle on it.
+/// Starts the media workers; returns the hub's handle on them.
 pub fn start(
     config: MediaConfig,
     outboxes: Arc<Outboxes>,
@@ -126,54 +132,137 @@ pub fn start(
         None
     };
     let tcp_announce = tcp.as_ref().map(|_| announce);
-    let (tx, rx) = mpsc::channel(COMMAND_QUEUE);
-    std::thread::Builder::new()
-        .name("sfu-media".into())
-        .spawn(move || {
-            crate::sfu::exit_on_panic(
-                "sfu-media",
-                |code| std::process::exit(code),
-                move || {
-                    let runtime = match tokio::runtime::Builder::new_current_thread()
-                        .enable_all()
-                        .build()
-                    {
-                        Ok(r) => r,
-                        Err(e) => {
-                            tracing::error!(error = %e, "media runtime failed to start");
-                            return;
-                        }
-                    };
-                    runtime.block_on(async move {
-                        let tcp_events = match tcp.map(tokio::net::TcpListener::from_std) {
-                            Some(Ok(listener)) => {
-                                let (ev_tx, ev_rx) = mpsc::channel(TCP_EVENT_QUEUE);
-                                let per_ip = PerIp::new(config.max_tcp_per_ip, "ice-tcp");
-                                tokio::spawn(accept_tcp(listener, ev_tx, per_ip, metrics.clone()));
-                                Some(ev_rx)
-                            }
-                            Some(Err(e)) => {
-                                tracing::warn!(error = %e, "ICE-TCP disabled");
-                                None
-                            }
-                            None => None,
-                        };
-                        match UdpSocket::from_std(socket) {
-                            Ok(socket) => {
-                                let mut engine =
-                                    Engine::new(announce, tcp_announce, &config, outboxes, metrics);
-                                engine.publishing = publishing;
-                                engine.webhooks = Some(webhooks);
-                                engine.run(socket, rx, tcp_events).await
-                            }
-                            Err(e) => tracing::error!(error = %e, "media socket failed"),
-                        }
-                    });
-                },
-            )
-        })?;
-    tracing::info!(%local, %announce, ice_tcp = tcp_announce.is_some(), "media listening");
-    Ok(MediaPlane::new(tx, local))
+    let workers = config.workers.max(1);
+    // Registrations of connections' ICE credentials, from every worker to
+    // the reader. Unbounded, but each message is one connection made or
+    // removed, which the bounded command queues and room limits pace.
+    let (control_tx, control_rx) = std::sync::mpsc::channel();
+    let mut commands = Vec::with_capacity(workers);
+    let mut command_rxs = Vec::with_capacity(workers);
+    let mut inbound_txs = vec![None];
+    let mut inbound_rxs = vec![None];
+    for w in 0..workers {
+        let (tx, rx) = mpsc::channel(COMMAND_QUEUE);
+        commands.push(tx);
+        command_rxs.push(rx);
+        if w > 0 {
+            let (tx, rx) = mpsc::channel(reader::INBOUND_QUEUE);
+            inbound_txs.push(Some(tx));
+            inbound_rxs.push(Some(rx));
+        }
+    }
+    let mut reading = Some((socket.try_clone()?, tcp, control_rx, inbound_txs));
+    for (w, (commands, inbound)) in command_rxs.into_iter().zip(inbound_rxs).enumerate() {
+        let out = socket.try_clone()?;
+        let reading = reading.take();
+        let ctx = WorkerContext {
+            worker: w,
+            announce,
+            tcp_announce,
+            config: config.clone(),
+            outboxes: outboxes.clone(),
+            metrics: metrics.clone(),
+            publishing: publishing.clone(),
+            webhooks: webhooks.clone(),
+            control: control_tx.clone(),
+            out,
+        };
+        let name = format!("sfu-media-{w}");
+        std::thread::Builder::new()
+            .name(name.clone())
+            .spawn(move || {
+                crate::sfu::exit_on_panic(
+                    &name,
+                    |code| std::process::exit(code),
+                    move || run_worker(ctx, reading, commands, inbound),
+                )
+            })?;
+    }
+    tracing::info!(%local, %announce, ice_tcp = tcp_announce.is_some(), workers, "media listening");
+    Ok(MediaPlane::new(
+        commands,
+        Arc::new(std::sync::Mutex::new(crate::sfu::Placement::new(workers))),
+        local,
+    ))
+}
+
+/// What a worker thread starts with.
+struct WorkerContext {
+    worker: usize,
+    announce: SocketAddr,
+    tcp_announce: Option<SocketAddr>,
+    config: MediaConfig,
+    outboxes: Arc<Outboxes>,
+    metrics: Arc<Metrics>,
+    publishing: Arc<Publishing>,
+    webhooks: Arc<Webhooks>,
+    control: std::sync::mpsc::Sender<reader::DemuxControl>,
+    /// The media socket, for sending.
+    out: std::net::UdpSocket,
+}
+
+/// Worker 0's reading side before it starts: the socket, the ICE-TCP
+/// listener, the registrations and the other workers' queues.
+type Reading = (
+    std::net::UdpSocket,
+    Option<std::net::TcpListener>,
+    std::sync::mpsc::Receiver<reader::DemuxControl>,
+    Vec<Option<mpsc::Sender<reader::ToWorker>>>,
+);
+
+/// One worker thread's body: its runtime and engine.
+fn run_worker(
+    ctx: WorkerContext,
+    reading: Option<Reading>,
+    commands: mpsc::Receiver<Command>,
+    inbound: Option<mpsc::Receiver<reader::ToWorker>>,
+) {
+    let runtime = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(r) => r,
+        Err(e) => {
+            tracing::error!(error = %e, "media runtime failed to start");
+            return;
+        }
+    };
+    runtime.block_on(async move {
+        let mut tcp_events = None;
+        let mut reader = None;
+        if let Some((socket, tcp, control, others)) = reading {
+            tcp_events = match tcp.map(tokio::net::TcpListener::from_std) {
+                Some(Ok(listener)) => {
+                    let (ev_tx, ev_rx) = mpsc::channel(TCP_EVENT_QUEUE);
+                    let per_ip = PerIp::new(ctx.config.max_tcp_per_ip, "ice-tcp");
+                    tokio::spawn(accept_tcp(listener, ev_tx, per_ip, ctx.metrics.clone()));
+                    Some(ev_rx)
+                }
+                Some(Err(e)) => {
+                    tracing::warn!(error = %e, "ICE-TCP disabled");
+                    None
+                }
+                None => None,
+            };
+            match UdpSocket::from_std(socket) {
+                Ok(socket) => {
+                    reader = Some(reader::Reader::new(
+                        socket,
+                        control,
+                        others,
+                        ctx.metrics.clone(),
+                    ))
+                }
+                Err(e) => {
+                    tracing::error!(error = %e, "media socket failed");
+                    return;
+                }
+            }
+        }
+        Engine::new(ctx)
+            .run(reader, inbound, commands, tcp_events)
+            .await
+    });
 }
 
 /// A track a participant publishes (what the connection needs of it; the
@@ -319,7 +408,16 @@ struct Engine {
     router: Router,
     /// The mixers of the rooms that mix.
     mixes: HashMap<RoomName, Box<mix::RoomMix>>,
-    demux: Demux<PeerKey>,
+    /// This worker's index.
+    worker: usize,
+    /// The reader's routing table: connections made and removed here.
+    demux: std::sync::mpsc::Sender<reader::DemuxControl>,
+    /// This worker's handle of the media socket, for sending.
+    out: std::net::UdpSocket,
+    /// Datagrams this worker handles, by worker (`worker` label).
+    worker_datagrams: prometheus::IntCounter,
+    /// Rooms this worker holds.
+    worker_rooms: prometheus::IntGauge,
     outboxes: Arc<Outboxes>,
     metrics: Arc<Metrics>,
     /// What each participant publishes, for the admin API.
@@ -350,27 +448,27 @@ struct Engine {
 }
 
 impl Engine {
-    fn new(
-        announce: SocketAddr,
-        tcp_announce: Option<SocketAddr>,
-        config: &MediaConfig,
-        outboxes: Arc<Outboxes>,
-        metrics: Arc<Metrics>,
-    ) -> Engine {
+    fn new(ctx: WorkerContext) -> Engine {
+        let config = &ctx.config;
+        let label = ctx.worker.to_string();
         Engine {
-            announce,
-            tcp_announce,
+            announce: ctx.announce,
+            tcp_announce: ctx.tcp_announce,
             tcp_writers: HashMap::new(),
             peers: HashMap::new(),
             by_participant: HashMap::new(),
             router: Router::new(config.mix_speakers),
             mixes: HashMap::new(),
-            demux: Demux::new(),
-            outboxes,
-            metrics,
-            publishing: Arc::default(),
-            webhooks: None,
-            next_key: 1,
+            worker: ctx.worker,
+            demux: ctx.control.clone(),
+            out: ctx.out,
+            worker_datagrams: ctx.metrics.worker_datagrams.with_label_values(&[&label]),
+            worker_rooms: ctx.metrics.worker_rooms.with_label_values(&[&label]),
+            outboxes: ctx.outboxes.clone(),
+            metrics: ctx.metrics.clone(),
+            publishing: ctx.publishing,
+            webhooks: Some(ctx.webhooks),
+            next_key: reader::first_key(ctx.worker),
             actions: Vec::new(),
             decisions: Vec::new(),
             offers_due: Vec::new(),
@@ -386,12 +484,19 @@ impl Engine {
 
     async fn run(
         mut self,
-        socket: UdpSocket,
+        mut reader: Option<reader::Reader>,
+        mut inbound: Option<mpsc::Receiver<reader::ToWorker>>,
         mut commands: mpsc::Receiver<Command>,
         mut tcp: Option<mpsc::Receiver<TcpEvent>>,
     ) {
-        let mut buf = vec![0u8; MAX_DATAGRAM + 1];
+        let mut own: Vec<reader::Inbound> = Vec::with_capacity(reader::BATCH);
+        let mut deadline = Instant::now() + IDLE;
         loop {
+            // Timers that came due while input kept the loop busy (a socket
+            // that is always readable must not starve them).
+            if deadline <= Instant::now() {
+                self.on_timers(Instant::now(), reader.as_mut());
+            }
             // The mixer runs here rather than in a select branch so a busy
             // socket (always ready) cannot starve it.
             if self.audio_due.is_some_and(|due| due <= Instant::now()) {
@@ -406,14 +511,14 @@ impl Engine {
             if self.padding_due.is_some_and(|due| due <= Instant::now()) {
                 self.pad(Instant::now());
             }
-            self.flush(&socket);
+            self.flush();
             if let Some(arrived) = self.forwarded_since.take() {
                 self.metrics
                     .forward_latency
                     .observe(arrived.elapsed().as_secs_f64());
             }
             let now = Instant::now();
-            let deadline = self
+            deadline = self
                 .peers
                 .values_mut()
                 .filter_map(|p| p.pc.poll_timeout())
@@ -433,83 +538,125 @@ impl Engine {
                         self.apply_actions();
                     }
                 },
-                res = socket.recv_from(&mut buf) => match res {
-                    Ok((n, from)) => self.on_packet(&buf[..n], from, TransportProtocol::UDP),
-                    Err(e) => tracing::debug!(error = %e, "media socket read"),
+                () = readable(&reader) => {
+                    if let Some(r) = reader.as_mut() {
+                        r.drain(&mut own);
+                    }
+                    self.on_datagrams(&mut own);
                 },
-                Some(event) = next_tcp(&mut tcp) => self.on_tcp(event),
+                Some(msg) = next_inbound(&mut inbound) => match msg {
+                    reader::ToWorker::Datagrams(mut batch) => self.on_datagrams(&mut batch),
+                    reader::ToWorker::TcpOpened { from, writer } => {
+                        self.tcp_writers.insert(from, writer);
+                    }
+                    reader::ToWorker::TcpClosed { from } => {
+                        self.tcp_writers.remove(&from);
+                    }
+                },
+                Some(event) = next_tcp(&mut tcp) => {
+                    if let Some(r) = reader.as_mut() {
+                        self.on_tcp(r, event, &mut own);
+                    }
+                }
                 () = tokio::time::sleep_until(deadline.into()) => {
                     let now = Instant::now();
-                    let keys: Vec<PeerKey> = self.peers.keys().copied().collect();
-                    for key in keys {
-                        if let Some(p) = self.peers.get_mut(&key) {
-                            if p.pc.poll_timeout().is_some_and(|t| t <= now) {
-                                let _ = p.pc.handle_timeout(now);
-                            }
-                        }
-                        self.drain(key);
-                    }
-                    self.apply_actions();
-                    self.poll_keyframes(now);
-                    self.sweep_silent(now);
+                    self.on_timers(now, reader.as_mut());
+                    // Not again at the top of the loop.
+                    deadline = now + IDLE;
                 }
             }
         }
         for (_, mut p) in self.peers.drain() {
             let _ = p.pc.close();
         }
-        tracing::info!("media plane stopped");
+        tracing::info!(worker = self.worker, "media worker stopped");
+    }
+
+    /// Connections' timers, deferred keyframe requests, silent
+    /// connections, the reader's registrations.
+    fn on_timers(&mut self, now: Instant, reader: Option<&mut reader::Reader>) {
+        let keys: Vec<PeerKey> = self.peers.keys().copied().collect();
+        for key in keys {
+            if let Some(p) = self.peers.get_mut(&key) {
+                if p.pc.poll_timeout().is_some_and(|t| t <= now) {
+                    let _ = p.pc.handle_timeout(now);
+                }
+            }
+            self.drain(key);
+        }
+        self.apply_actions();
+        self.poll_keyframes(now);
+        self.sweep_silent(now);
+        if let Some(r) = reader {
+            r.apply_control();
+        }
+        self.worker_rooms.set(self.router.room_count() as i64);
     }
 
     // -- input ------------------------------------------------------------
 
-    fn on_tcp(&mut self, event: TcpEvent) {
+    fn on_tcp(
+        &mut self,
+        reader: &mut reader::Reader,
+        event: TcpEvent,
+        own: &mut Vec<reader::Inbound>,
+    ) {
         match event {
             TcpEvent::Opened { from, writer } => {
+                reader.tcp_broadcast(|| reader::ToWorker::TcpOpened {
+                    from,
+                    writer: writer.clone(),
+                });
                 self.tcp_writers.insert(from, writer);
             }
             TcpEvent::Packet { from, data } => {
                 self.metrics.media_tcp_in.inc();
-                self.on_packet(&data, from, TransportProtocol::TCP)
+                reader.tcp_packet(data, from, own);
+                self.on_datagrams(own);
             }
             TcpEvent::Closed { from } => {
+                reader.tcp_broadcast(|| reader::ToWorker::TcpClosed { from });
                 self.tcp_writers.remove(&from);
             }
         }
     }
 
-    /// One datagram (UDP) or framed packet (ICE-TCP) from `from`.
-    fn on_packet(&mut self, data: &[u8], from: SocketAddr, protocol: TransportProtocol) {
-        if data.len() > MAX_DATAGRAM {
-            self.metrics.media_dropped("oversize");
-            return;
+    /// A batch of routed datagrams for this worker's connections.
+    fn on_datagrams(&mut self, batch: &mut Vec<reader::Inbound>) {
+        self.worker_datagrams.inc_by(batch.len() as u64);
+        for inbound in batch.drain(..) {
+            self.on_packet(inbound);
         }
-        let key = match self.demux.route(data, from) {
-            Route::To(key) => key,
-            Route::Drop(reason) => {
-                self.metrics.media_dropped(reason.as_str());
-                return;
-            }
-        };
+    }
+
+    /// One datagram (UDP) or framed packet (ICE-TCP), routed to its
+    /// connection.
+    fn on_packet(&mut self, inbound: reader::Inbound) {
+        let reader::Inbound {
+            key,
+            from,
+            protocol,
+            data,
+            at,
+        } = inbound;
         let Some(peer) = self.peers.get_mut(&key) else {
             self.metrics.media_dropped("unknown-peer");
             return;
         };
         self.metrics.media_in(data.len());
-        let now = Instant::now();
-        peer.last_rx = now;
+        peer.last_rx = at;
         if protocol == TransportProtocol::UDP {
-            peer.paths.heard(from, now);
+            peer.paths.heard(from, at);
         }
         let msg = TaggedBytesMut {
-            now,
+            now: at,
             transport: TransportContext {
                 local_addr: self.announce,
                 peer_addr: from,
                 ecn: None,
                 transport_protocol: protocol,
             },
-            message: BytesMut::from(data),
+            message: data,
         };
         if let Err(e) = peer.pc.handle_read(msg) {
             tracing::debug!(participant = %peer.participant, error = %e, "bad media datagram");
@@ -536,6 +683,7 @@ impl Engine {
             Command::TrackSettings {
                 participant,
                 settings,
+                ..
             } => self.on_track_settings(&participant, settings),
             Command::Left { room, participant } => {
                 if let Some(key) = self.by_participant.get(&participant).copied() {
@@ -631,7 +779,7 @@ impl Engine {
         };
         tracing::info!(participant = %p.participant, room = %p.room, "server connection removed");
         self.publishing.forget(&p.participant);
-        self.demux.unregister(key);
+        let _ = self.demux.send(reader::DemuxControl::Unregister(key));
         self.by_participant.remove(&p.participant);
         let _ = p.pc.close();
         self.metrics.media_connections.dec();
@@ -659,7 +807,7 @@ impl Engine {
     }
 
     /// Writes every connection's pending datagrams to the socket.
-    fn flush(&mut self, socket: &UdpSocket) {
+    fn flush(&mut self) {
         let now = Instant::now();
         for p in self.peers.values_mut() {
             while let Some(out) = p.pc.poll_write() {
@@ -676,11 +824,29 @@ impl Engine {
                     continue;
                 }
                 let to = p.paths.destination(out.transport.peer_addr, now);
-                match socket.try_send_to(&out.message, to) {
+                match self.out.send_to(&out.message, to) {
                     Ok(n) => self.metrics.media_out(n),
                     Err(_) => self.metrics.media_dropped("send-failed"),
                 }
             }
         }
+    }
+}
+
+/// Resolves when worker 0's socket is readable; never on other workers.
+async fn readable(reader: &Option<reader::Reader>) {
+    match reader {
+        Some(r) => r.readable().await,
+        None => std::future::pending().await,
+    }
+}
+
+/// The next message from the reader; never on worker 0.
+async fn next_inbound(
+    inbound: &mut Option<mpsc::Receiver<reader::ToWorker>>,
+) -> Option<reader::ToWorker> {
+    match inbound {
+        Some(rx) => rx.recv().await,
+        None => std::future::pending().await,
     }
 }

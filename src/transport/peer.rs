@@ -384,7 +384,11 @@ impl Engine {
         )?;
         let key = PeerKey(self.next_key);
         self.next_key += 1;
-        self.demux.register(&ufrag, &pwd, key);
+        let _ = self.demux.send(super::reader::DemuxControl::Register {
+            ufrag: ufrag.clone(),
+            pwd: pwd.clone(),
+            key,
+        });
         let new_mix = match audio {
             AudioMode::Mix if !self.router.has_room(&room) => self.new_mixer(&room),
             _ => None,
@@ -397,7 +401,9 @@ impl Engine {
             Err(e) => {
                 // Keys are never reused: this is a bug, not a client's doing.
                 tracing::error!(%room, %participant, error = %e, "cannot join the router");
-                self.demux.unregister(key);
+                let _ = self
+                    .demux
+                    .send(super::reader::DemuxControl::Unregister(key));
                 return Err(rtc::shared::error::Error::Other(e.to_string()));
             }
         };
