@@ -67,6 +67,29 @@ pub fn cpu_time(pid: Pid) -> io::Result<Duration> {
     Ok(ticks_to_duration(ticks, clock_ticks_per_sec()))
 }
 
+/// CPU time (user plus system) of each thread name of a process, summed
+/// over the threads that share the name (`/proc/PID/task/*/{comm,stat}`).
+pub fn thread_cpu_times(pid: Pid) -> io::Result<std::collections::BTreeMap<String, Duration>> {
+    let hz = clock_ticks_per_sec();
+    let mut out = std::collections::BTreeMap::new();
+    for entry in std::fs::read_dir(pid.dir().join("task"))? {
+        let dir = entry?.path();
+        // A thread may end between the listing and the reads.
+        let (Ok(comm), Ok(stat)) = (
+            std::fs::read_to_string(dir.join("comm")),
+            std::fs::read_to_string(dir.join("stat")),
+        ) else {
+            continue;
+        };
+        let Some(ticks) = parse_stat_cpu_ticks(&stat) else {
+            continue;
+        };
+        *out.entry(comm.trim_end().to_owned())
+            .or_insert(Duration::ZERO) += ticks_to_duration(ticks, hz);
+    }
+    Ok(out)
+}
+
 /// Clock ticks per second (`getconf CLK_TCK`; 100 if that cannot be run).
 /// The value is queried once; without `unsafe` we cannot call `sysconf` directly.
 pub fn clock_ticks_per_sec() -> u64 {

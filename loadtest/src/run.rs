@@ -349,6 +349,8 @@ impl Shared {
 struct Sample {
     at: Instant,
     server_cpu: Option<Duration>,
+    /// The server's CPU time by thread name.
+    server_threads: BTreeMap<String, Duration>,
     own_cpu: Option<Duration>,
     server_rss: Option<u64>,
     metrics: Result<scrape::Samples, String>,
@@ -367,6 +369,9 @@ impl Sample {
         Sample {
             at,
             server_cpu,
+            server_threads: server
+                .and_then(|p| proc::thread_cpu_times(p).ok())
+                .unwrap_or_default(),
             own_cpu,
             server_rss: server.and_then(|p| proc::rss_bytes(p).ok()),
             metrics,

@@ -20,11 +20,6 @@
 //! - [`rewrite`]: per (subscriber, forwarded track), maps the publisher's
 //!   SSRC / sequence number / timestamp onto one continuous outgoing stream,
 //!   across SSRC changes and source switches.
-//! - [`nack_cache`]: the last N packets of a track in preallocated slots, to
-//!   answer subscribers' NACKs.
-//! - [`nack_gen`]: detects upstream loss and says which sequence numbers to
-//!   NACK to the publisher, and when; packs them into RTCP generic NACK
-//!   pairs.
 //! - [`keyframe`]: throttles keyframe requests (PLI) towards a publisher.
 //! - [`offer`]: caps on a client's SDP offer (sections, candidates,
 //!   sending tracks) checked on its text before the engine parses it.
@@ -40,15 +35,17 @@
 //! ```text
 //! datagram ──▶ Demux::route ──▶ connection (engine decrypts RTP)
 //!   RTP from a publisher:
-//!     SeqUnwrapper::extend ─▶ NackGenerator::on_packet (loss upstream)
-//!                          ─▶ PacketCache::insert      (for NACKs from below)
 //!     codec::is_keyframe   ─▶ KeyframeRequester::keyframe_received
 //!     per subscriber: SeqRewriter::rewrite ─▶ Forward{seq, ts} | Drop(reason)
 //!   PLI/FIR from a subscriber, new subscriber:
 //!     KeyframeRequester::request(now) ─▶ send a PLI upstream now?
-//! timer: NackGenerator::poll, KeyframeRequester::poll; sleep until the
-//!        earliest next_timeout()
+//! timer: KeyframeRequester::poll; sleep until the earliest next_timeout()
 //! ```
+//!
+//! NACKs both ways are rtc's interceptors: its generator asks publishers
+//! for lost packets (bounded, `transport::interceptors`), its responder
+//! answers subscribers from a history of each outgoing video stream (256
+//! packets, sharing the payload bytes with the publisher's packet).
 
 use std::fmt;
 
@@ -56,8 +53,6 @@ pub mod codec;
 pub mod demux;
 pub mod follow;
 pub mod keyframe;
-pub mod nack_cache;
-pub mod nack_gen;
 pub mod offer;
 pub mod rewrite;
 pub mod rtp;
@@ -68,8 +63,6 @@ pub mod vp8;
 pub use codec::{Codec, CodecError};
 pub use demux::{Demux, DropReason, PacketKind, Route, StunError};
 pub use keyframe::{KeyframeRequester, KeyframeStats};
-pub use nack_cache::{CacheInsert, CacheStats, PacketCache};
-pub use nack_gen::{NackConfig, NackGenerator, NackPair, NackStats, Received};
 pub use rewrite::{Rewrite, RewriteDrop, SeqRewriter};
 pub use rtp::{RtpError, RtpHeader};
 pub use seqno::{SeqUnwrapper, TsUnwrapper};

@@ -263,6 +263,9 @@ pub struct ServerStats {
     pub cpu_per_forwarded_packet_us: Option<f64>,
     /// Window CPU / media datagrams received in the window.
     pub cpu_per_received_datagram_us: Option<f64>,
+    /// Window CPU by thread name, % of one core (the media workers are
+    /// `sfu-media-N`).
+    pub thread_cpu_percent: BTreeMap<String, f64>,
     /// Before anyone joined.
     pub rss_baseline_bytes: Option<u64>,
     /// Everyone connected, no media yet.
@@ -756,6 +759,22 @@ impl Report {
                 cpu_percent_of_core: per_core(cpu_s),
                 cpu_per_forwarded_packet_us: per(metrics.as_ref().map(|m| m.forwarded)),
                 cpu_per_received_datagram_us: per(metrics.as_ref().and_then(|m| m.datagrams_in)),
+                thread_cpu_percent: inp
+                    .window
+                    .as_ref()
+                    .filter(|_| window_s > 0.0)
+                    .map(|(a, b)| {
+                        b.server_threads
+                            .iter()
+                            .map(|(name, end)| {
+                                let start = a.server_threads.get(name).copied().unwrap_or_default();
+                                let used = end.saturating_sub(start).as_secs_f64();
+                                (name.clone(), 100.0 * used / window_s)
+                            })
+                            .filter(|(_, pct)| *pct > 0.0)
+                            .collect()
+                    })
+                    .unwrap_or_default(),
                 rss_baseline_bytes: inp.baseline.server_rss,
                 rss_after_join_bytes: inp.after_join.server_rss,
                 rss_window_start_bytes: inp.window.as_ref().and_then(|(a, _)| a.server_rss),
@@ -1126,6 +1145,14 @@ impl Report {
                     opt(s.cpu_per_forwarded_packet_us, |v| format!("{v:.2} µs")),
                     opt(s.cpu_per_received_datagram_us, |v| format!("{v:.2} µs"))
                 )?;
+                if !s.thread_cpu_percent.is_empty() {
+                    let threads: Vec<String> = s
+                        .thread_cpu_percent
+                        .iter()
+                        .map(|(name, pct)| format!("{name} {pct:.1} %"))
+                        .collect();
+                    writeln!(t, "    CPU by thread        {}", threads.join(", "))?;
+                }
                 writeln!(
                     t,
                     "    RSS                  baseline {}, all connected {}, window start {}, steady (window end) {}, after leaving {}",
