@@ -1077,6 +1077,14 @@ impl Metrics {
         self.media_bytes_out.inc_by(bytes as u64);
     }
 
+    /// `datagrams` datagrams of `bytes` in all were sent.
+    pub fn media_out_many(&self, datagrams: usize, bytes: usize) {
+        if datagrams > 0 {
+            self.media_datagrams_out.inc_by(datagrams as u64);
+            self.media_bytes_out.inc_by(bytes as u64);
+        }
+    }
+
     /// Something on the media path was dropped for `reason` (a short,
     /// fixed string: the label set stays small).
     pub fn media_dropped(&self, reason: &'static str) {

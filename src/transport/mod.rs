@@ -60,6 +60,7 @@ use crate::router::{Decision, OutSlot, PeerKey, Router, TrackName};
 use crate::sfu::{Command, MediaConfig, MediaPlane, Publishing, Signal, COMMAND_QUEUE};
 use crate::webhook::Webhooks;
 
+mod batch;
 mod bwe;
 mod classic;
 mod events;
@@ -414,6 +415,8 @@ struct Engine {
     demux: std::sync::mpsc::Sender<reader::DemuxControl>,
     /// This worker's handle of the media socket, for sending.
     out: std::net::UdpSocket,
+    /// Datagrams of one flush, sent with `sendmmsg`.
+    send: batch::SendBatch,
     /// Datagrams this worker handles, by worker (`worker` label).
     worker_datagrams: prometheus::IntCounter,
     /// Rooms this worker holds.
@@ -462,6 +465,7 @@ impl Engine {
             worker: ctx.worker,
             demux: ctx.control.clone(),
             out: ctx.out,
+            send: batch::SendBatch::new(),
             worker_datagrams: ctx.metrics.worker_datagrams.with_label_values(&[&label]),
             worker_rooms: ctx.metrics.worker_rooms.with_label_values(&[&label]),
             outboxes: ctx.outboxes.clone(),
@@ -806,7 +810,8 @@ impl Engine {
         self.outboxes.send(participant, &msg, &self.metrics);
     }
 
-    /// Writes every connection's pending datagrams to the socket.
+    /// Writes every connection's pending datagrams to the socket, up to
+    /// [`batch::BATCH`] per system call.
     fn flush(&mut self) {
         let now = Instant::now();
         for p in self.peers.values_mut() {
@@ -823,13 +828,14 @@ impl Engine {
                     }
                     continue;
                 }
-                let to = p.paths.destination(out.transport.peer_addr, now);
-                match self.out.send_to(&out.message, to) {
-                    Ok(n) => self.metrics.media_out(n),
-                    Err(_) => self.metrics.media_dropped("send-failed"),
+                if self.send.is_full() {
+                    send_batch(&mut self.send, &self.out, &self.metrics);
                 }
+                let to = p.paths.destination(out.transport.peer_addr, now);
+                self.send.push(out.message, to);
             }
         }
+        send_batch(&mut self.send, &self.out, &self.metrics);
     }
 }
 
@@ -848,5 +854,15 @@ async fn next_inbound(
     match inbound {
         Some(rx) => rx.recv().await,
         None => std::future::pending().await,
+    }
+}
+
+/// Sends what `batch` holds on `socket` and counts it.
+fn send_batch(batch: &mut batch::SendBatch, socket: &std::net::UdpSocket, metrics: &Metrics) {
+    use std::os::fd::AsRawFd;
+    let sent = batch.send(socket.as_raw_fd());
+    metrics.media_out_many(sent.datagrams, sent.bytes);
+    for _ in 0..sent.failed {
+        metrics.media_dropped("send-failed");
     }
 }

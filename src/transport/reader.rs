@@ -12,24 +12,27 @@
 //! before the answer that carries it leaves the server.
 
 use std::net::SocketAddr;
+use std::os::fd::AsRawFd;
 use std::sync::mpsc as std_mpsc;
 use std::sync::Arc;
 use std::time::Instant;
 
 use bytes::BytesMut;
 use rtc::shared::TransportProtocol;
+use tokio::io::Interest;
 use tokio::net::UdpSocket;
 use tokio::sync::mpsc;
 
+use super::batch::RecvBatch;
 use super::MAX_DATAGRAM;
 use crate::media::demux::{Demux, Route};
 use crate::metrics::Metrics;
 use crate::router::PeerKey;
 
-/// Datagrams read per wake-up at most, before the worker flushes what
-/// they caused (so one wake-up serves many packets under load, and a
-/// flooded socket cannot starve the timers).
-pub(super) const BATCH: usize = 64;
+/// Datagrams read per wake-up at most (one `recvmmsg`), before the worker
+/// flushes what they caused: one wake-up serves many packets under load,
+/// and a flooded socket cannot starve the timers.
+pub(super) use super::batch::BATCH;
 /// Batches waiting for one worker; more are dropped (and counted).
 pub(super) const INBOUND_QUEUE: usize = 256;
 /// Bits of a [`PeerKey`] below the worker index.
@@ -90,7 +93,7 @@ pub(super) struct Reader {
     others: Vec<Option<mpsc::Sender<ToWorker>>>,
     /// Datagrams for each other worker, gathered in this wake-up.
     pending: Vec<Vec<Inbound>>,
-    buf: Vec<u8>,
+    batch: RecvBatch,
     metrics: Arc<Metrics>,
 }
 
@@ -108,7 +111,7 @@ impl Reader {
             control,
             others,
             pending,
-            buf: vec![0u8; MAX_DATAGRAM + 1],
+            batch: RecvBatch::new(),
             metrics,
         }
     }
@@ -118,34 +121,45 @@ impl Reader {
         let _ = self.socket.readable().await;
     }
 
-    /// Reads up to [`BATCH`] datagrams; those of worker 0's connections are
-    /// pushed on `own`, the others are handed to their workers.
+    /// Reads up to [`BATCH`] datagrams (one `recvmmsg`); those of worker
+    /// 0's connections are pushed on `own`, the others are handed to their
+    /// workers.
     pub(super) fn drain(&mut self, own: &mut Vec<Inbound>) {
         self.apply_control();
-        for _ in 0..BATCH {
-            let (n, from) = match self.socket.try_recv_from(&mut self.buf) {
-                Ok(got) => got,
-                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
-                Err(e) => {
-                    tracing::debug!(error = %e, "media socket read");
-                    break;
-                }
+        let fd = self.socket.as_raw_fd();
+        let batch = &mut self.batch;
+        let n = match self.socket.try_io(Interest::READABLE, || batch.recv(fd)) {
+            Ok(n) => n,
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => return,
+            Err(e) => {
+                tracing::debug!(error = %e, "media socket read");
+                return;
+            }
+        };
+        let at = Instant::now();
+        for i in 0..n {
+            let Some((data, from)) = self.batch.datagram(i) else {
+                continue;
             };
-            let at = Instant::now();
-            if n > MAX_DATAGRAM {
+            if data.len() > MAX_DATAGRAM {
                 self.metrics.media_dropped("oversize");
                 continue;
             }
-            if let Some(key) = self.route_slice(n, from) {
-                let inbound = Inbound {
-                    key,
-                    from,
-                    protocol: TransportProtocol::UDP,
-                    data: BytesMut::from(&self.buf[..n]),
-                    at,
-                };
-                self.deliver(inbound, own);
-            }
+            let key = match self.demux.route(data, from) {
+                Route::To(key) => key,
+                Route::Drop(reason) => {
+                    self.metrics.media_dropped(reason.as_str());
+                    continue;
+                }
+            };
+            let inbound = Inbound {
+                key,
+                from,
+                protocol: TransportProtocol::UDP,
+                data: BytesMut::from(data),
+                at,
+            };
+            self.deliver(inbound, own);
         }
         self.send_pending();
     }
@@ -180,16 +194,6 @@ impl Reader {
         for tx in self.others.iter().flatten() {
             if tx.try_send(event()).is_err() {
                 self.metrics.media_dropped("worker-queue-full");
-            }
-        }
-    }
-
-    fn route_slice(&mut self, n: usize, from: SocketAddr) -> Option<PeerKey> {
-        match self.demux.route(&self.buf[..n], from) {
-            Route::To(key) => Some(key),
-            Route::Drop(reason) => {
-                self.metrics.media_dropped(reason.as_str());
-                None
             }
         }
     }

@@ -1,0 +1,235 @@
+//! Batched datagram I/O on the media socket: `recvmmsg` drains up to
+//! [`BATCH`] datagrams in one system call, `sendmmsg` writes up to
+//! [`BATCH`] in one (nix's safe wrappers; the workspace forbids `unsafe`).
+//! Buffers and message headers are allocated once per worker.
+
+use std::io::{self, IoSlice, IoSliceMut};
+use std::net::{SocketAddr, SocketAddrV4, SocketAddrV6};
+use std::os::fd::RawFd;
+
+use bytes::BytesMut;
+use nix::sys::socket::{recvmmsg, sendmmsg, MsgFlags, MultiHeaders, SockaddrStorage};
+
+use super::MAX_DATAGRAM;
+
+/// Datagrams per system call at most.
+pub(super) const BATCH: usize = 64;
+
+/// Receive buffers for one `recvmmsg`.
+pub(super) struct RecvBatch {
+    headers: MultiHeaders<SockaddrStorage>,
+    bufs: Vec<[u8; MAX_DATAGRAM + 1]>,
+    /// Length and sender of each datagram of the last call.
+    got: Vec<(usize, SocketAddr)>,
+}
+
+impl RecvBatch {
+    pub(super) fn new() -> RecvBatch {
+        RecvBatch {
+            headers: MultiHeaders::preallocate(BATCH, None),
+            bufs: vec![[0u8; MAX_DATAGRAM + 1]; BATCH],
+            got: Vec::with_capacity(BATCH),
+        }
+    }
+
+    /// Reads what is waiting, up to [`BATCH`] datagrams, without blocking
+    /// (`WouldBlock` when there is nothing). A datagram longer than
+    /// [`MAX_DATAGRAM`] shows as `MAX_DATAGRAM + 1` bytes.
+    pub(super) fn recv(&mut self, fd: RawFd) -> io::Result<usize> {
+        self.got.clear();
+        let mut iovs: Vec<[IoSliceMut<'_>; 1]> = self
+            .bufs
+            .iter_mut()
+            .map(|b| [IoSliceMut::new(&mut b[..])])
+            .collect();
+        let results = recvmmsg(
+            fd,
+            &mut self.headers,
+            &mut iovs,
+            MsgFlags::MSG_DONTWAIT,
+            None,
+        )
+        .map_err(io::Error::from)?;
+        for msg in results {
+            let Some(from) = msg.address.as_ref().and_then(to_socket_addr) else {
+                continue;
+            };
+            let truncated = msg.flags.contains(MsgFlags::MSG_TRUNC);
+            let len = if truncated {
+                MAX_DATAGRAM + 1
+            } else {
+                msg.bytes
+            };
+            self.got.push((len, from));
+        }
+        Ok(self.got.len())
+    }
+
+    /// Datagram `i` of the last call.
+    pub(super) fn datagram(&self, i: usize) -> Option<(&[u8], SocketAddr)> {
+        let (len, from) = *self.got.get(i)?;
+        let buf = self.bufs.get(i)?;
+        Some((&buf[..len.min(buf.len())], from))
+    }
+}
+
+fn to_socket_addr(s: &SockaddrStorage) -> Option<SocketAddr> {
+    if let Some(v4) = s.as_sockaddr_in() {
+        return Some(SocketAddr::V4(SocketAddrV4::from(*v4)));
+    }
+    s.as_sockaddr_in6()
+        .map(|v6| SocketAddr::V6(SocketAddrV6::from(*v6)))
+}
+
+/// Datagrams gathered in one pass over the connections, sent together.
+pub(super) struct SendBatch {
+    headers: MultiHeaders<SockaddrStorage>,
+    queue: Vec<(BytesMut, SocketAddr)>,
+}
+
+/// What one [`SendBatch::send`] did.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub(super) struct Sent {
+    pub datagrams: usize,
+    pub bytes: usize,
+    pub failed: usize,
+}
+
+impl SendBatch {
+    pub(super) fn new() -> SendBatch {
+        SendBatch {
+            headers: MultiHeaders::preallocate(BATCH, None),
+            queue: Vec::with_capacity(BATCH),
+        }
+    }
+
+    /// Whether a batch is full and should be sent before pushing more.
+    pub(super) fn is_full(&self) -> bool {
+        self.queue.len() >= BATCH
+    }
+
+    pub(super) fn push(&mut self, data: BytesMut, to: SocketAddr) {
+        self.queue.push((data, to));
+    }
+
+    /// Sends everything queued (one `sendmmsg` per [`BATCH`]). A datagram
+    /// the kernel refuses (full buffer, unreachable) is counted failed and
+    /// the rest still go.
+    pub(super) fn send(&mut self, fd: RawFd) -> Sent {
+        let mut sent = Sent::default();
+        let mut start = 0;
+        while start < self.queue.len() {
+            let chunk = &self.queue[start..];
+            let chunk = &chunk[..chunk.len().min(BATCH)];
+            let iovs: Vec<[IoSlice<'_>; 1]> =
+                chunk.iter().map(|(d, _)| [IoSlice::new(&d[..])]).collect();
+            let addrs: Vec<Option<SockaddrStorage>> = chunk
+                .iter()
+                .map(|(_, to)| Some(SockaddrStorage::from(*to)))
+                .collect();
+            match sendmmsg(
+                fd,
+                &mut self.headers,
+                &iovs,
+                &addrs,
+                [],
+                MsgFlags::MSG_DONTWAIT,
+            ) {
+                Ok(results) => {
+                    let mut n = 0;
+                    for r in results {
+                        n += 1;
+                        sent.bytes += r.bytes;
+                    }
+                    sent.datagrams += n;
+                    if n == 0 {
+                        // Nothing went: count the first as failed and go on.
+                        sent.failed += 1;
+                        n = 1;
+                    }
+                    start += n;
+                }
+                Err(_) => {
+                    // The first datagram of the chunk was refused.
+                    sent.failed += 1;
+                    start += 1;
+                }
+            }
+        }
+        self.queue.clear();
+        sent
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::os::fd::AsRawFd;
+
+    use super::*;
+
+    #[test]
+    fn a_batch_goes_out_and_comes_back_whole_with_its_senders() {
+        let a = std::net::UdpSocket::bind("127.0.0.1:0").expect("bind");
+        let b = std::net::UdpSocket::bind("127.0.0.1:0").expect("bind");
+        let c = std::net::UdpSocket::bind("127.0.0.1:0").expect("bind");
+        b.set_nonblocking(true).expect("nonblocking");
+        let to = b.local_addr().expect("addr");
+        // More than one sendmmsg's worth, of different sizes, and one too
+        // large for the media path, which arrives flagged as oversize.
+        let mut out = SendBatch::new();
+        let mut sent_total = Sent::default();
+        for i in 0..(BATCH + 10) {
+            if out.is_full() {
+                let s = out.send(a.as_raw_fd());
+                sent_total.datagrams += s.datagrams;
+                sent_total.failed += s.failed;
+            }
+            out.push(BytesMut::from(&vec![i as u8; 20 + i][..]), to);
+        }
+        let s = out.send(a.as_raw_fd());
+        sent_total.datagrams += s.datagrams;
+        sent_total.failed += s.failed;
+        assert_eq!(sent_total.datagrams, BATCH + 10);
+        assert_eq!(sent_total.failed, 0);
+        c.send_to(&[7u8; MAX_DATAGRAM + 300], to).expect("send big");
+
+        let mut inp = RecvBatch::new();
+        let mut seen = Vec::new();
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+        while seen.len() < BATCH + 11 && std::time::Instant::now() < deadline {
+            match inp.recv(b.as_raw_fd()) {
+                Ok(n) => {
+                    assert!(n <= BATCH);
+                    for i in 0..n {
+                        let (data, from) = inp.datagram(i).expect("datagram");
+                        seen.push((data.to_vec(), from));
+                    }
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    std::thread::sleep(std::time::Duration::from_millis(5))
+                }
+                Err(e) => panic!("recv: {e}"),
+            }
+        }
+        assert_eq!(seen.len(), BATCH + 11);
+        for (i, (data, from)) in seen.iter().take(BATCH + 10).enumerate() {
+            assert_eq!(*from, a.local_addr().expect("addr"));
+            assert_eq!(
+                data,
+                &vec![i as u8; 20 + i],
+                "datagram {i} intact, in order"
+            );
+        }
+        let (big, from) = &seen[BATCH + 10];
+        assert_eq!(*from, c.local_addr().expect("addr"));
+        assert_eq!(
+            big.len(),
+            MAX_DATAGRAM + 1,
+            "an oversize datagram shows as oversize"
+        );
+        assert!(matches!(
+            inp.recv(b.as_raw_fd()),
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock
+        ));
+    }
+}
