@@ -29,10 +29,11 @@ use crate::media::demux::{Demux, Route};
 use crate::metrics::Metrics;
 use crate::router::PeerKey;
 
-/// Datagrams read per wake-up at most (one `recvmmsg`), before the worker
-/// flushes what they caused: one wake-up serves many packets under load,
-/// and a flooded socket cannot starve the timers.
+/// Datagrams per `recvmmsg`: one wake-up serves many packets under load.
 pub(super) use super::batch::BATCH;
+/// `recvmmsg` calls per wake-up at most (so a flooded socket cannot starve
+/// the timers and the flush).
+const MAX_CALLS: usize = 2;
 /// Batches waiting for one worker; more are dropped (and counted).
 pub(super) const INBOUND_QUEUE: usize = 256;
 /// Bits of a [`PeerKey`] below the worker index.
@@ -121,45 +122,50 @@ impl Reader {
         let _ = self.socket.readable().await;
     }
 
-    /// Reads up to [`BATCH`] datagrams (one `recvmmsg`); those of worker
-    /// 0's connections are pushed on `own`, the others are handed to their
-    /// workers.
+    /// Reads what is waiting, up to [`BATCH`] datagrams per `recvmmsg` and
+    /// at most [`MAX_CALLS`] calls; those of worker 0's connections are
+    /// pushed on `own`, the others are handed to their workers. It reads
+    /// until the socket says it is empty, so readiness is cleared here and
+    /// the worker does not loop (and scan its connections) once more only
+    /// to find nothing.
     pub(super) fn drain(&mut self, own: &mut Vec<Inbound>) {
         self.apply_control();
         let fd = self.socket.as_raw_fd();
-        let batch = &mut self.batch;
-        let n = match self.socket.try_io(Interest::READABLE, || batch.recv(fd)) {
-            Ok(n) => n,
-            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => return,
-            Err(e) => {
-                tracing::debug!(error = %e, "media socket read");
-                return;
-            }
-        };
-        let at = Instant::now();
-        for i in 0..n {
-            let Some((data, from)) = self.batch.datagram(i) else {
-                continue;
-            };
-            if data.len() > MAX_DATAGRAM {
-                self.metrics.media_dropped("oversize");
-                continue;
-            }
-            let key = match self.demux.route(data, from) {
-                Route::To(key) => key,
-                Route::Drop(reason) => {
-                    self.metrics.media_dropped(reason.as_str());
-                    continue;
+        for _ in 0..MAX_CALLS {
+            let batch = &mut self.batch;
+            let n = match self.socket.try_io(Interest::READABLE, || batch.recv(fd)) {
+                Ok(n) => n,
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
+                Err(e) => {
+                    tracing::debug!(error = %e, "media socket read");
+                    break;
                 }
             };
-            let inbound = Inbound {
-                key,
-                from,
-                protocol: TransportProtocol::UDP,
-                data: BytesMut::from(data),
-                at,
-            };
-            self.deliver(inbound, own);
+            let at = Instant::now();
+            for i in 0..n {
+                let Some((data, from)) = self.batch.datagram(i) else {
+                    continue;
+                };
+                if data.len() > MAX_DATAGRAM {
+                    self.metrics.media_dropped("oversize");
+                    continue;
+                }
+                let key = match self.demux.route(data, from) {
+                    Route::To(key) => key,
+                    Route::Drop(reason) => {
+                        self.metrics.media_dropped(reason.as_str());
+                        continue;
+                    }
+                };
+                let inbound = Inbound {
+                    key,
+                    from,
+                    protocol: TransportProtocol::UDP,
+                    data: BytesMut::from(data),
+                    at,
+                };
+                self.deliver(inbound, own);
+            }
         }
         self.send_pending();
     }
