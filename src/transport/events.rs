@@ -304,6 +304,7 @@ impl Engine {
                     let Some(p) = self.peers.get_mut(&publisher) else {
                         continue;
                     };
+                    self.touched.push(publisher);
                     if let Some(published) = p.published.get(track.as_str()) {
                         let ssrc = ssrc.unwrap_or(published.ssrc);
                         send_pli(&mut p.pc, published.receiver_id, ssrc, now);
@@ -314,6 +315,7 @@ impl Engine {
                     let (Some(packet), Some(s)) = (packet, self.peers.get_mut(&send.to)) else {
                         continue;
                     };
+                    self.touched.push(send.to);
                     let mut out = packet.clone();
                     if let Some(patch) = send.patch {
                         // The payload is shared with every other subscriber

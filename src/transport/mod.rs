@@ -33,7 +33,8 @@
 //! - `interceptors`: the RTCP interceptor chain.
 //! - `tcp`: ICE-TCP.
 
-use std::collections::HashMap;
+use std::cmp::Reverse;
+use std::collections::{BinaryHeap, HashMap};
 use std::io;
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -360,6 +361,8 @@ struct Peer {
     probe: probe::ProbeHandle,
     prober: crate::router::probe::Prober,
     last_video: Option<(u32, u16)>,
+    /// Its connection's next timer as last read (in the engine's heap).
+    timeout: Option<Instant>,
 }
 
 /// A server-sent m-section whose track went away: inactive in the next
@@ -417,6 +420,17 @@ struct Engine {
     out: std::net::UdpSocket,
     /// Datagrams of one flush, sent with `sendmmsg`.
     send: batch::SendBatch,
+    /// Connections the packet path touched since the last flush: only
+    /// their output and timers are looked at then.
+    touched: Vec<PeerKey>,
+    /// Something other than the packet path ran (a command, a timer, the
+    /// mixer, an allocation round): every connection is looked at.
+    scan_all: bool,
+    /// Each connection's next timer, earliest first. An entry whose
+    /// connection's timer has moved since is stale and skipped.
+    timers: BinaryHeap<Reverse<(Instant, PeerKey)>>,
+    /// When silent connections are looked for next.
+    sweep_due: Instant,
     /// Datagrams this worker handles, by worker (`worker` label).
     worker_datagrams: prometheus::IntCounter,
     /// Rooms this worker holds.
@@ -466,6 +480,10 @@ impl Engine {
             demux: ctx.control.clone(),
             out: ctx.out,
             send: batch::SendBatch::new(),
+            touched: Vec::new(),
+            scan_all: true,
+            timers: BinaryHeap::new(),
+            sweep_due: Instant::now() + IDLE,
             worker_datagrams: ctx.metrics.worker_datagrams.with_label_values(&[&label]),
             worker_rooms: ctx.metrics.worker_rooms.with_label_values(&[&label]),
             outboxes: ctx.outboxes.clone(),
@@ -505,15 +523,26 @@ impl Engine {
             // socket (always ready) cannot starve it.
             if self.audio_due.is_some_and(|due| due <= Instant::now()) {
                 self.audio_tick();
+                self.scan_all = true;
             }
             // Likewise the layer allocation.
             if self.layers_due <= Instant::now() {
                 let now = Instant::now();
                 self.allocate_layers(now);
                 self.layers_due = now + layers::ALLOCATE_EVERY;
+                self.scan_all = true;
             }
             if self.padding_due.is_some_and(|due| due <= Instant::now()) {
                 self.pad(Instant::now());
+                self.scan_all = true;
+            }
+            if self.scan_all {
+                // Whatever ran may have left events on any connection.
+                let keys: Vec<PeerKey> = self.peers.keys().copied().collect();
+                for key in keys {
+                    self.drain(key);
+                }
+                self.apply_actions();
             }
             self.flush();
             if let Some(arrived) = self.forwarded_since.take() {
@@ -523,15 +552,13 @@ impl Engine {
             }
             let now = Instant::now();
             deadline = self
-                .peers
-                .values_mut()
-                .filter_map(|p| p.pc.poll_timeout())
-                .min()
+                .next_timer()
                 .unwrap_or(now + IDLE)
                 .min(now + IDLE)
                 .min(self.audio_due.unwrap_or(now + IDLE))
                 .min(self.layers_due)
                 .min(self.padding_due.unwrap_or(now + IDLE))
+                .min(self.sweep_due)
                 .max(now);
             tokio::select! {
                 biased;
@@ -540,6 +567,7 @@ impl Engine {
                     Some(cmd) => {
                         self.on_command(cmd);
                         self.apply_actions();
+                        self.scan_all = true;
                     }
                 },
                 () = readable(&reader) => {
@@ -576,25 +604,46 @@ impl Engine {
         tracing::info!(worker = self.worker, "media worker stopped");
     }
 
-    /// Connections' timers, deferred keyframe requests, silent
-    /// connections, the reader's registrations.
+    /// Connections' timers that are due, deferred keyframe requests,
+    /// silent connections (once per [`IDLE`]), the reader's registrations.
     fn on_timers(&mut self, now: Instant, reader: Option<&mut reader::Reader>) {
-        let keys: Vec<PeerKey> = self.peers.keys().copied().collect();
-        for key in keys {
-            if let Some(p) = self.peers.get_mut(&key) {
-                if p.pc.poll_timeout().is_some_and(|t| t <= now) {
-                    let _ = p.pc.handle_timeout(now);
-                }
+        while let Some(&Reverse((at, key))) = self.timers.peek() {
+            if at > now {
+                break;
             }
+            self.timers.pop();
+            let Some(p) = self.peers.get_mut(&key) else {
+                continue;
+            };
+            if p.timeout != Some(at) {
+                continue; // stale: its timer moved
+            }
+            p.timeout = None;
+            let _ = p.pc.handle_timeout(now);
+            self.touched.push(key);
             self.drain(key);
         }
         self.apply_actions();
         self.poll_keyframes(now);
-        self.sweep_silent(now);
+        if self.sweep_due <= now {
+            self.sweep_silent(now);
+            self.sweep_due = now + IDLE;
+            self.worker_rooms.set(self.router.room_count() as i64);
+        }
         if let Some(r) = reader {
             r.apply_control();
         }
-        self.worker_rooms.set(self.router.room_count() as i64);
+    }
+
+    /// The earliest connection timer (stale entries dropped on the way).
+    fn next_timer(&mut self) -> Option<Instant> {
+        while let Some(&Reverse((at, key))) = self.timers.peek() {
+            if self.peers.get(&key).is_some_and(|p| p.timeout == Some(at)) {
+                return Some(at);
+            }
+            self.timers.pop();
+        }
+        None
     }
 
     // -- input ------------------------------------------------------------
@@ -648,6 +697,7 @@ impl Engine {
             return;
         };
         self.metrics.media_in(data.len());
+        self.touched.push(key);
         peer.last_rx = at;
         if protocol == TransportProtocol::UDP {
             peer.paths.heard(from, at);
@@ -707,6 +757,10 @@ impl Engine {
         while !self.actions.is_empty() {
             let actions = std::mem::take(&mut self.actions);
             for action in actions {
+                // Only forwarding keeps to the connections it touches.
+                if !matches!(action, Action::Forward { .. }) {
+                    self.scan_all = true;
+                }
                 match action {
                     Action::Forward {
                         from,
@@ -810,11 +864,23 @@ impl Engine {
         self.outboxes.send(participant, &msg, &self.metrics);
     }
 
-    /// Writes every connection's pending datagrams to the socket, up to
-    /// [`batch::BATCH`] per system call.
+    /// Writes the pending datagrams of the connections touched since the
+    /// last flush (of all after [`Engine::scan_all`]) to the socket, up to
+    /// [`batch::BATCH`] per system call, and files their next timers.
     fn flush(&mut self) {
         let now = Instant::now();
-        for p in self.peers.values_mut() {
+        let mut keys = std::mem::take(&mut self.touched);
+        if std::mem::take(&mut self.scan_all) {
+            keys.clear();
+            keys.extend(self.peers.keys().copied());
+        } else {
+            keys.sort_unstable();
+            keys.dedup();
+        }
+        for key in keys.drain(..) {
+            let Some(p) = self.peers.get_mut(&key) else {
+                continue;
+            };
             while let Some(out) = p.pc.poll_write() {
                 if out.transport.transport_protocol == TransportProtocol::TCP {
                     let sent = self
@@ -834,8 +900,24 @@ impl Engine {
                 let to = p.paths.destination(out.transport.peer_addr, now);
                 self.send.push(out.message, to);
             }
+            let timeout = p.pc.poll_timeout();
+            if timeout != p.timeout {
+                p.timeout = timeout;
+                if let Some(at) = timeout {
+                    self.timers.push(Reverse((at, key)));
+                }
+            }
         }
+        self.touched = keys;
         send_batch(&mut self.send, &self.out, &self.metrics);
+        // Stale entries pile up when timers move later; start over then.
+        if self.timers.len() > 4 * self.peers.len() + 64 {
+            self.timers = self
+                .peers
+                .iter()
+                .filter_map(|(k, p)| p.timeout.map(|at| Reverse((at, *k))))
+                .collect();
+        }
     }
 }
 

@@ -458,6 +458,7 @@ impl Engine {
                 probe,
                 prober: crate::router::probe::Prober::new(),
                 last_video: None,
+                timeout: None,
             },
         );
         if classic {
