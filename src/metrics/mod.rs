@@ -266,7 +266,7 @@ impl Limit {
 /// The reasons `switchboard_media_dropped_total` is labelled with: the
 /// demux's (`DropReason::as_str`), the rewriter's (`RewriteDrop::as_str`)
 /// and the transport's own.
-pub const MEDIA_DROP_REASONS: [&str; 26] = [
+pub const MEDIA_DROP_REASONS: [&str; 28] = [
     // demux
     "empty",
     "oversize",
@@ -290,6 +290,8 @@ pub const MEDIA_DROP_REASONS: [&str; 26] = [
     "chat-not-utf8",
     "forbidden",
     "muted",
+    // a subscriber's connection before DTLS is up (nothing can be sent)
+    "not-connected",
     "not-negotiated",
     "rejected",
     "send-failed",
@@ -297,6 +299,8 @@ pub const MEDIA_DROP_REASONS: [&str; 26] = [
     "tcp-send-failed",
     "unknown-peer",
     "unknown-track",
+    // the reader's queue to another media worker was full
+    "worker-queue-full",
     "write-failed",
 ];
 

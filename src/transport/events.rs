@@ -44,7 +44,24 @@ impl Engine {
                         Some(state_label(p.state)),
                         Some(state_label(state)),
                     );
-                    p.state = state;
+                    let was = std::mem::replace(&mut p.state, state);
+                    if state == RTCPeerConnectionState::Connected
+                        && matches!(
+                            was,
+                            RTCPeerConnectionState::New | RTCPeerConnectionState::Connecting
+                        )
+                    {
+                        // What was forwarded before DTLS was up is lost:
+                        // a keyframe for every track it receives.
+                        let outs = p
+                            .down
+                            .keys()
+                            .copied()
+                            .chain(p.speaker_out.as_ref().map(|o| o.out));
+                        for out in outs {
+                            self.actions.push(Action::SubscriberPli(key, out));
+                        }
+                    }
                     if matches!(
                         state,
                         RTCPeerConnectionState::Failed | RTCPeerConnectionState::Closed
@@ -315,6 +332,15 @@ impl Engine {
                     let (Some(packet), Some(s)) = (packet, self.peers.get_mut(&send.to)) else {
                         continue;
                     };
+                    if matches!(
+                        s.state,
+                        RTCPeerConnectionState::New | RTCPeerConnectionState::Connecting
+                    ) {
+                        // No SRTP keys yet: rtc would refuse the write.
+                        // Its first keyframe is asked for once connected.
+                        self.metrics.media_dropped("not-connected");
+                        continue;
+                    }
                     self.touched.push(send.to);
                     let mut out = packet.clone();
                     if let Some(patch) = send.patch {
