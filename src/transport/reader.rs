@@ -146,25 +146,17 @@ impl Reader {
                 let Some((data, from)) = self.batch.datagram(i) else {
                     continue;
                 };
-                if data.len() > MAX_DATAGRAM {
-                    self.metrics.media_dropped("oversize");
-                    continue;
-                }
-                let key = match self.demux.route(data, from) {
-                    Route::To(key) => key,
-                    Route::Drop(reason) => {
-                        self.metrics.media_dropped(reason.as_str());
-                        continue;
-                    }
-                };
-                let inbound = Inbound {
-                    key,
+                let routed = route(
+                    &mut self.demux,
+                    &self.metrics,
+                    data,
                     from,
-                    protocol: TransportProtocol::UDP,
-                    data: BytesMut::from(data),
+                    TransportProtocol::UDP,
                     at,
-                };
-                self.deliver(inbound, own);
+                );
+                if let Some(inbound) = routed {
+                    self.deliver(inbound, own);
+                }
             }
         }
         self.send_pending();
@@ -173,26 +165,19 @@ impl Reader {
     /// Routes one ICE-TCP frame.
     pub(super) fn tcp_packet(&mut self, data: Vec<u8>, from: SocketAddr, own: &mut Vec<Inbound>) {
         self.apply_control();
-        if data.len() > MAX_DATAGRAM {
-            self.metrics.media_dropped("oversize");
-            return;
-        }
-        let key = match self.demux.route(&data, from) {
-            Route::To(key) => key,
-            Route::Drop(reason) => {
-                self.metrics.media_dropped(reason.as_str());
-                return;
-            }
-        };
-        let inbound = Inbound {
-            key,
+        let at = Instant::now();
+        let routed = route(
+            &mut self.demux,
+            &self.metrics,
+            &data,
             from,
-            protocol: TransportProtocol::TCP,
-            data: BytesMut::from(&data[..]),
-            at: Instant::now(),
-        };
-        self.deliver(inbound, own);
-        self.send_pending();
+            TransportProtocol::TCP,
+            at,
+        );
+        if let Some(inbound) = routed {
+            self.deliver(inbound, own);
+            self.send_pending();
+        }
     }
 
     /// Tells every other worker of an ICE-TCP connection's opening or end.
@@ -242,6 +227,35 @@ impl Reader {
                 }
                 DemuxControl::Unregister(key) => self.demux.unregister(key),
             }
+        }
+    }
+}
+
+/// Routes one datagram or frame to its connection (a copy of it), or
+/// counts why not.
+fn route(
+    demux: &mut Demux<PeerKey>,
+    metrics: &Metrics,
+    data: &[u8],
+    from: SocketAddr,
+    protocol: TransportProtocol,
+    at: Instant,
+) -> Option<Inbound> {
+    if data.len() > MAX_DATAGRAM {
+        metrics.media_dropped("oversize");
+        return None;
+    }
+    match demux.route(data, from) {
+        Route::To(key) => Some(Inbound {
+            key,
+            from,
+            protocol,
+            data: BytesMut::from(data),
+            at,
+        }),
+        Route::Drop(reason) => {
+            metrics.media_dropped(reason.as_str());
+            None
         }
     }
 }
