@@ -370,41 +370,48 @@ async fn join_all(
 
 async fn a_subscribers_nacks_are_answered_with_the_original_payload(workers: usize) {
     let server = media_server(workers).await;
-    let names = ["alice", "bob"];
-    // Bob's network loses every 7th RTP datagram the server sends him (odd,
-    // so the loss hits both kinds: with an even period and audio and video
-    // interleaved one for one, it could fall on audio alone, and then no
-    // video is NACKed).
-    let mut clients = join_all(&server, "nack", &names, |o, i| {
-        if i == 1 {
-            o.drop_incoming_rtp_every = Some(7);
-        }
+    let names = ["alice", "bob", "carol"];
+    // Bob's network loses every 7th RTP datagram the server sends him,
+    // carol's every 5th (odd, so the loss hits both kinds: with an even
+    // period and audio and video interleaved one for one, it could fall on
+    // audio alone, and then no video is NACKed). Both subscribe to alice's
+    // video: each one's NACKs must be answered, whatever the other lost.
+    let mut clients = join_all(&server, "nack", &names, |o, i| match i {
+        1 => o.drop_incoming_rtp_every = Some(7),
+        2 => o.drop_incoming_rtp_every = Some(5),
+        _ => {}
     })
     .await;
-    let mut warmup: Vec<Seen> = (0..2).map(|_| Seen::default()).collect();
+    let mut warmup: Vec<Seen> = (0..3).map(|_| Seen::default()).collect();
     publish(&mut clients, &names, &mut warmup, 0).await;
-    let mut seen: Vec<Seen> = (0..2).map(|_| Seen::default()).collect();
+    let mut seen: Vec<Seen> = (0..3).map(|_| Seen::default()).collect();
     publish(&mut clients, &names, &mut seen, 20_000).await;
     collect(&mut clients, &mut seen, Duration::from_secs(1)).await;
-    let video = seen[1].got("alice", Kind::Video, 20_000, VIDEO_PACKETS);
-    let audio = seen[1].got("alice", Kind::Audio, 20_000, AUDIO_PACKETS);
-    eprintln!("bob, losing 1 in 7 datagrams, got video {video}/{VIDEO_PACKETS}, audio {audio}/{AUDIO_PACKETS}");
-    assert_eq!(
-        seen[1].corrupt, 0,
-        "retransmissions carry the original payload"
-    );
-    // Video negotiates NACK: the ~14 % lost is retransmitted by the server.
-    assert!(
-        video as f64 >= 0.99 * f64::from(VIDEO_PACKETS),
-        "bob recovered his lost video packets through NACK: {video}/{VIDEO_PACKETS}"
-    );
+    for (i, every) in [(1, 7), (2, 5)] {
+        let me = names[i];
+        let video = seen[i].got("alice", Kind::Video, 20_000, VIDEO_PACKETS);
+        let audio = seen[i].got("alice", Kind::Audio, 20_000, AUDIO_PACKETS);
+        eprintln!("{me}, losing 1 in {every} datagrams, got video {video}/{VIDEO_PACKETS}, audio {audio}/{AUDIO_PACKETS}");
+        assert_eq!(
+            seen[i].corrupt, 0,
+            "{me}: retransmissions carry the original payload"
+        );
+        // Video negotiates NACK: what was lost is retransmitted by the server.
+        assert!(
+            video as f64 >= 0.99 * f64::from(VIDEO_PACKETS),
+            "{me} recovered the lost video packets through NACK: {video}/{VIDEO_PACKETS}"
+        );
+        // Audio (Opus, no NACK in SDP) shows the loss was real.
+        assert!(
+            audio < AUDIO_PACKETS as usize,
+            "{me}: the loss was real: audio {audio}/{AUDIO_PACKETS}"
+        );
+    }
     let m = metrics(&server).await;
     let nacked = metric(&m, "switchboard_media_nacked_packets_received_total");
-    assert!(nacked >= 10.0, "bob's NACKs reached the server: {nacked}");
-    // Audio (Opus, no NACK in SDP) shows the loss was real.
     assert!(
-        audio < AUDIO_PACKETS as usize,
-        "the loss was real: audio {audio}/{AUDIO_PACKETS}"
+        nacked >= 20.0,
+        "bob's and carol's NACKs reached the server: {nacked}"
     );
 }
 
