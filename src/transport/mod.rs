@@ -225,8 +225,10 @@ fn run_worker(
     {
         Ok(r) => r,
         Err(e) => {
-            tracing::error!(error = %e, "media runtime failed to start");
-            return;
+            // A worker that never runs is as bad as one that died: its
+            // rooms would have no media behind a green /healthz.
+            tracing::error!(worker = ctx.worker, error = %e, "media runtime failed to start; exiting");
+            std::process::exit(crate::sfu::PANIC_EXIT_CODE);
         }
     };
     runtime.block_on(async move {
@@ -256,8 +258,8 @@ fn run_worker(
                     ))
                 }
                 Err(e) => {
-                    tracing::error!(error = %e, "media socket failed");
-                    return;
+                    tracing::error!(error = %e, "media socket failed; exiting");
+                    std::process::exit(crate::sfu::PANIC_EXIT_CODE);
                 }
             }
         }
