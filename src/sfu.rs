@@ -183,6 +183,12 @@ impl MediaPlane {
     /// about a room no worker holds (a mute or a mode change before anyone
     /// signaled the server) has nothing to act on and is dropped.
     pub fn send(&self, cmd: Command) -> Result<(), MediaError> {
+        if matches!(cmd, Command::Shutdown) {
+            for tx in &self.workers {
+                let _ = tx.try_send(Command::Shutdown);
+            }
+            return Ok(());
+        }
         let worker = {
             let mut placement = self.placement.lock().unwrap_or_else(|e| e.into_inner());
             match &cmd {
@@ -195,12 +201,6 @@ impl MediaPlane {
                 Command::Shutdown => None,
             }
         };
-        if matches!(cmd, Command::Shutdown) {
-            for tx in &self.workers {
-                let _ = tx.try_send(Command::Shutdown);
-            }
-            return Ok(());
-        }
         let Some(tx) = worker.and_then(|w| self.workers.get(w)) else {
             return Ok(());
         };

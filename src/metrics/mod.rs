@@ -586,10 +586,20 @@ impl Metrics {
             register(&registry, c.clone());
             c
         };
-        let labelled = |name: &str, help: &str, label: &str, values: &[&str]| {
+        let counter_vec = |name: &str, help: &str, label: &str| {
             let v = IntCounterVec::new(Opts::new(name, help), &[label])
                 .unwrap_or_else(|e| unreachable!("{e}"));
             register(&registry, v.clone());
+            v
+        };
+        let gauge_vec = |name: &str, help: &str, label: &str| {
+            let v = IntGaugeVec::new(Opts::new(name, help), &[label])
+                .unwrap_or_else(|e| unreachable!("{e}"));
+            register(&registry, v.clone());
+            v
+        };
+        let labelled = |name: &str, help: &str, label: &str, values: &[&str]| {
+            let v = counter_vec(name, help, label);
             values
                 .iter()
                 .map(|l| v.with_label_values(&[*l]))
@@ -609,18 +619,11 @@ impl Metrics {
             "reason",
             &["room-full", "too-many-rooms"],
         );
-        let media_dropped = {
-            let v = IntCounterVec::new(
-                Opts::new(
-                    "switchboard_media_dropped_total",
-                    "Datagrams or RTP packets dropped, by reason",
-                ),
-                &["reason"],
-            )
-            .unwrap_or_else(|e| unreachable!("{e}"));
-            register(&registry, v.clone());
-            v
-        };
+        let media_dropped = counter_vec(
+            "switchboard_media_dropped_total",
+            "Datagrams or RTP packets dropped, by reason",
+            "reason",
+        );
         Metrics {
             runtime_tasks: gauge(
                 "switchboard_runtime_alive_tasks",
@@ -715,71 +718,45 @@ impl Metrics {
                 "Packets the server's NACKs asked publishers to send again",
             ),
             connection_transitions: {
-                let v = IntCounterVec::new(
-                    Opts::new(
-                        "switchboard_media_connection_transitions_total",
-                        "Server-side PeerConnection state changes, by the state entered (a \
-                         `disconnected` count growing with connections up means clients' \
-                         consent checks are missed)",
-                    ),
-                    &["to"],
-                )
-                .unwrap_or_else(|e| unreachable!("{e}"));
-                register(&registry, v.clone());
+                let v = counter_vec(
+                    "switchboard_media_connection_transitions_total",
+                    "Server-side PeerConnection state changes, by the state entered (a \
+                     `disconnected` count growing with connections up means clients' \
+                     consent checks are missed)",
+                    "to",
+                );
                 for s in ["new", "connecting", "connected", "disconnected", "failed", "closed"] {
                     v.with_label_values(&[s]).inc_by(0);
                 }
                 v
             },
-            worker_datagrams: {
-                let v = IntCounterVec::new(
-                    Opts::new(
-                        "switchboard_media_worker_datagrams_total",
-                        "Datagrams and ICE-TCP frames routed to each media worker's connections",
-                    ),
-                    &["worker"],
-                )
-                .unwrap_or_else(|e| unreachable!("{e}"));
-                register(&registry, v.clone());
-                v
-            },
-            worker_rooms: {
-                let v = IntGaugeVec::new(
-                    Opts::new(
-                        "switchboard_media_worker_rooms",
-                        "Rooms each media worker holds (every member of a room is on its worker)",
-                    ),
-                    &["worker"],
-                )
-                .unwrap_or_else(|e| unreachable!("{e}"));
-                register(&registry, v.clone());
-                v
-            },
+            worker_datagrams: counter_vec(
+                "switchboard_media_worker_datagrams_total",
+                "Datagrams and ICE-TCP frames routed to each media worker's connections",
+                "worker",
+            ),
+            worker_rooms: gauge_vec(
+                "switchboard_media_worker_rooms",
+                "Rooms each media worker holds (every member of a room is on its worker)",
+                "worker",
+            ),
             connection_states: {
-                let v = IntGaugeVec::new(
-                    Opts::new(
-                        "switchboard_media_connections_by_state",
-                        "Server-side PeerConnections by connection state",
-                    ),
-                    &["state"],
-                )
-                .unwrap_or_else(|e| unreachable!("{e}"));
-                register(&registry, v.clone());
+                let v = gauge_vec(
+                    "switchboard_media_connections_by_state",
+                    "Server-side PeerConnections by connection state",
+                    "state",
+                );
                 for s in ["new", "connecting", "connected", "disconnected", "failed", "closed"] {
                     v.with_label_values(&[s]).set(0);
                 }
                 v
             },
             rooms_by_size: {
-                let v = IntGaugeVec::new(
-                    Opts::new(
-                        "switchboard_rooms_by_participants",
-                        "Rooms by how many participants they hold now",
-                    ),
-                    &["participants"],
-                )
-                .unwrap_or_else(|e| unreachable!("{e}"));
-                register(&registry, v.clone());
+                let v = gauge_vec(
+                    "switchboard_rooms_by_participants",
+                    "Rooms by how many participants they hold now",
+                    "participants",
+                );
                 ROOM_SIZE_BUCKETS
                     .iter()
                     .map(|(label, _)| v.with_label_values(&[*label]))
@@ -874,16 +851,12 @@ impl Metrics {
                 "Participants whose WebSocket dropped, kept (media flowing) for a resume",
             ),
             resumes: {
-                let v = IntCounterVec::new(
-                    Opts::new(
-                        "switchboard_resumes_total",
-                        "Resume outcomes: resumed, took-over (the old connection was still open), refused (unknown, overflowed), \
-                         or expired (the window passed)",
-                    ),
-                    &["result"],
-                )
-                .unwrap_or_else(|e| unreachable!("{e}"));
-                register(&registry, v.clone());
+                let v = counter_vec(
+                    "switchboard_resumes_total",
+                    "Resume outcomes: resumed, took-over (the old connection was still open), refused (unknown, overflowed), \
+                     or expired (the window passed)",
+                    "result",
+                );
                 for r in RESUME_RESULTS {
                     v.with_label_values(&[r]).inc_by(0);
                 }

@@ -84,7 +84,9 @@ fn to_socket_addr(s: &SockaddrStorage) -> Option<SocketAddr> {
 /// Datagrams gathered in one pass over the connections, sent together.
 pub(super) struct SendBatch {
     headers: MultiHeaders<SockaddrStorage>,
-    queue: Vec<(BytesMut, SocketAddr)>,
+    queue: Vec<BytesMut>,
+    /// Each queued datagram's destination, as `sendmmsg` takes it.
+    addrs: Vec<Option<SockaddrStorage>>,
 }
 
 /// What one [`SendBatch::send`] did.
@@ -100,6 +102,7 @@ impl SendBatch {
         SendBatch {
             headers: MultiHeaders::preallocate(BATCH, None),
             queue: Vec::with_capacity(BATCH),
+            addrs: Vec::with_capacity(BATCH),
         }
     }
 
@@ -109,7 +112,8 @@ impl SendBatch {
     }
 
     pub(super) fn push(&mut self, data: BytesMut, to: SocketAddr) {
-        self.queue.push((data, to));
+        self.queue.push(data);
+        self.addrs.push(Some(SockaddrStorage::from(to)));
     }
 
     /// Sends everything queued (one `sendmmsg` per [`BATCH`]). A datagram
@@ -119,19 +123,16 @@ impl SendBatch {
         let mut sent = Sent::default();
         let mut start = 0;
         while start < self.queue.len() {
-            let chunk = &self.queue[start..];
-            let chunk = &chunk[..chunk.len().min(BATCH)];
-            let iovs: Vec<[IoSlice<'_>; 1]> =
-                chunk.iter().map(|(d, _)| [IoSlice::new(&d[..])]).collect();
-            let addrs: Vec<Option<SockaddrStorage>> = chunk
+            let end = self.queue.len().min(start + BATCH);
+            let iovs: Vec<[IoSlice<'_>; 1]> = self.queue[start..end]
                 .iter()
-                .map(|(_, to)| Some(SockaddrStorage::from(*to)))
+                .map(|d| [IoSlice::new(&d[..])])
                 .collect();
             match sendmmsg(
                 fd,
                 &mut self.headers,
                 &iovs,
-                &addrs,
+                &self.addrs[start..end],
                 [],
                 MsgFlags::MSG_DONTWAIT,
             ) {
@@ -157,6 +158,7 @@ impl SendBatch {
             }
         }
         self.queue.clear();
+        self.addrs.clear();
         sent
     }
 }
