@@ -386,6 +386,7 @@ async fn a_subscribers_nacks_are_answered_with_the_original_payload(workers: usi
     publish(&mut clients, &names, &mut warmup, 0).await;
     let before = metrics(&server).await;
     let nacked_before = metric(&before, "switchboard_media_nacked_packets_received_total");
+    let answered_before = metric(&before, ANSWERED);
     let mut seen: Vec<Seen> = (0..3).map(|_| Seen::default()).collect();
     publish(&mut clients, &names, &mut seen, 20_000).await;
     collect(&mut clients, &mut seen, Duration::from_secs(1)).await;
@@ -402,7 +403,21 @@ async fn a_subscribers_nacks_are_answered_with_the_original_payload(workers: usi
         nacked >= 20.0,
         "bob's and carol's NACKs of the measured round reached the server: {nacked}"
     );
+    // Both were answered from the one history of alice's video stream:
+    // each subscriber's stream keeps only which of alice's packets it sent.
+    let answered = metric(&m, ANSWERED) - answered_before;
+    eprintln!(
+        "NACKed {nacked}, answered from alice's stream history {answered}, not sent {}, over the limit {}",
+        metric(&m, "switchboard_media_nack_answers_total{result=\"not-sent\"}"),
+        m.lines().find(|l| l.contains("nack-over-limit")).unwrap_or("-")
+    );
+    assert!(
+        answered >= 20.0,
+        "the lost video packets of both were sent again from the history: {answered}"
+    );
 }
+
+const ANSWERED: &str = "switchboard_media_nack_answers_total{result=\"sent\"}";
 
 async fn a_publishers_uplink_loss_is_nacked_upstream_and_recovered(workers: usize) {
     let server = media_server(workers).await;

@@ -42,16 +42,16 @@
 //! timer: KeyframeRequester::poll; sleep until the earliest next_timeout()
 //! ```
 //!
-//! NACKs both ways are rtc's interceptors: its generator asks publishers
-//! for lost packets (bounded, `transport::interceptors`), its responder
-//! answers subscribers from a history of each outgoing video stream (256
-//! packets, sharing the payload bytes with the publisher's packet).
+//! NACKs: rtc's generator asks publishers for lost packets (bounded,
+//! `transport::interceptors`); subscribers' NACKs are answered from one
+//! [`history`] per published stream, shared by all its subscribers.
 
 use std::fmt;
 
 pub mod codec;
 pub mod demux;
 pub mod follow;
+pub mod history;
 pub mod keyframe;
 pub mod offer;
 pub mod rewrite;

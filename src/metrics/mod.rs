@@ -124,6 +124,12 @@ pub struct Metrics {
     pub nacks_received: IntCounter,
     /// Packets the server asked publishers to send again.
     pub nacks_sent: IntCounter,
+    /// NACKed packets sent again from the published stream's history.
+    pub nack_answered: IntCounter,
+    /// NACKed packets not sent again: no longer kept (older than the
+    /// history's span), never sent on that stream, or sent again just now
+    /// or too often.
+    pub nack_not_sent: IntCounter,
     connection_states: IntGaugeVec,
     /// Server-side PeerConnection state changes, by the state entered.
     connection_transitions: IntCounterVec,
@@ -619,6 +625,16 @@ impl Metrics {
             "reason",
             &["room-full", "too-many-rooms"],
         );
+        let mut nack_answers = labelled(
+            "switchboard_media_nack_answers_total",
+            "Packets subscribers' NACKs asked for, by outcome: sent again from the published \
+             stream's history (shared by all its subscribers, 1 s), or not sent: no longer \
+             kept, never sent on that stream, or already sent again just now or 4 times",
+            "result",
+            &["sent", "not-sent"],
+        );
+        let nack_not_sent = nack_answers.pop().unwrap_or_else(|| unreachable!());
+        let nack_answered = nack_answers.pop().unwrap_or_else(|| unreachable!());
         let media_dropped = counter_vec(
             "switchboard_media_dropped_total",
             "Datagrams or RTP packets dropped, by reason",
@@ -711,12 +727,14 @@ impl Metrics {
             ),
             nacks_received: counter(
                 "switchboard_media_nacked_packets_received_total",
-                "Packets that subscribers' generic NACKs asked for (answered from the send buffer, RTX where negotiated)",
+                "Packets that subscribers' generic NACKs asked for (answered from the published stream's history, RTX where negotiated)",
             ),
             nacks_sent: counter(
                 "switchboard_media_nacked_packets_sent_total",
                 "Packets the server's NACKs asked publishers to send again",
             ),
+            nack_answered,
+            nack_not_sent,
             connection_transitions: {
                 let v = counter_vec(
                     "switchboard_media_connection_transitions_total",
@@ -1065,9 +1083,14 @@ impl Metrics {
     /// Something on the media path was dropped for `reason` (a short,
     /// fixed string: the label set stays small).
     pub fn media_dropped(&self, reason: &'static str) {
+        self.media_dropped_by(reason, 1);
+    }
+
+    /// `n` packets dropped for `reason`.
+    pub fn media_dropped_by(&self, reason: &'static str, n: u64) {
         match self.media_dropped_known.iter().find(|(r, _)| *r == reason) {
-            Some((_, counter)) => counter.inc(),
-            None => self.media_dropped.with_label_values(&[reason]).inc(),
+            Some((_, counter)) => counter.inc_by(n),
+            None => self.media_dropped.with_label_values(&[reason]).inc_by(n),
         }
     }
 

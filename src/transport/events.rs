@@ -3,7 +3,6 @@
 
 use std::time::Instant;
 
-use bytes::BytesMut;
 use rtc::peer_connection::configuration::media_engine::MIME_TYPE_OPUS;
 use rtc::peer_connection::event::{RTCDataChannelEvent, RTCPeerConnectionEvent, RTCTrackEvent};
 use rtc::peer_connection::message::{RTCMessage, TaggedRTCMessage};
@@ -11,6 +10,7 @@ use rtc::peer_connection::state::RTCPeerConnectionState;
 use rtc::peer_connection::RTCPeerConnection;
 use rtc::rtcp::payload_feedbacks::full_intra_request::FullIntraRequest;
 use rtc::rtcp::payload_feedbacks::picture_loss_indication::PictureLossIndication;
+use rtc::rtcp::transport_feedbacks::transport_layer_nack::TransportLayerNack;
 use rtc::rtp_transceiver::rtp_sender::RtpCodecKind;
 use rtc::rtp_transceiver::RTCRtpReceiverId;
 use rtc::sansio::Protocol;
@@ -18,7 +18,7 @@ use serde_json::json;
 use switchboard_proto::{AudioMode, ErrorCode, ServerMessage};
 
 use super::peer::{pt_of, state_label};
-use super::{Action, Engine, Peer, Published, CHAT_BACKLOG, CHAT_MAX_BYTES};
+use super::{Action, Engine, Peer, Published, Sent, CHAT_BACKLOG, CHAT_MAX_BYTES};
 use crate::media::codec::Codec;
 use crate::metrics::Limit;
 use crate::mixer::AudioLevel;
@@ -217,6 +217,17 @@ impl Engine {
                     arrived: now,
                 }),
                 RTCMessage::RtcpPacket(track, packets) => {
+                    for nack in packets
+                        .iter()
+                        .filter_map(|p| p.as_any().downcast_ref::<TransportLayerNack>())
+                    {
+                        let seqs = super::resend::nacked(nack, &self.metrics);
+                        self.actions.push(Action::Nack {
+                            sub: key,
+                            ssrc: nack.media_ssrc,
+                            seqs,
+                        });
+                    }
                     let wants_keyframe = packets.iter().any(|pkt| {
                         let any = pkt.as_any();
                         any.is::<PictureLossIndication>() || any.is::<FullIntraRequest>()
@@ -253,7 +264,7 @@ impl Engine {
         let Some(publisher) = self.peers.get_mut(&from) else {
             return;
         };
-        let (level, opus_pt) = match publisher.published.get(track) {
+        let (level, opus_pt, video) = match publisher.published.get(track) {
             Some(published) => {
                 let level = published
                     .audio_level_ext
@@ -262,9 +273,13 @@ impl Engine {
                 for id in &published.strip_extensions {
                     let _ = packet.header.del_extension(*id);
                 }
-                (level, published.opus_pt)
+                (
+                    level,
+                    published.opus_pt,
+                    published.kind == RtpCodecKind::Video,
+                )
             }
-            None => (None, None),
+            None => (None, None, false),
         };
         let pkt = RtpIn {
             ssrc: packet.header.ssrc,
@@ -291,8 +306,12 @@ impl Engine {
                 );
             }
         }
-        self.apply_decisions(&mut decisions, Some(&packet), now);
+        self.apply_decisions(&mut decisions, Some((from, &packet)), now);
         self.decisions = decisions;
+        if video && fanned_out {
+            // Kept once for every subscriber's NACKs.
+            self.keep(from, packet, arrived);
+        }
         if fanned_out {
             // Timed once the copies are on the wire (after encryption and
             // sendto, in `flush`), from the earliest packet of this turn.
@@ -301,11 +320,11 @@ impl Engine {
     }
 
     /// Carries out the router's `decisions` (and empties the buffer).
-    /// `packet`: the packet the sends are copies of.
+    /// `packet`: the packet the sends are copies of, and its publisher.
     pub(super) fn apply_decisions(
         &mut self,
         decisions: &mut Vec<Decision>,
-        packet: Option<&rtc::rtp::Packet>,
+        packet: Option<(PeerKey, &rtc::rtp::Packet)>,
         now: Instant,
     ) {
         for d in decisions.drain(..) {
@@ -329,7 +348,8 @@ impl Engine {
                     }
                 }
                 Decision::Send(send) => {
-                    let (Some(packet), Some(s)) = (packet, self.peers.get_mut(&send.to)) else {
+                    let (Some((from, packet)), Some(s)) = (packet, self.peers.get_mut(&send.to))
+                    else {
                         continue;
                     };
                     if matches!(
@@ -342,18 +362,15 @@ impl Engine {
                         continue;
                     }
                     self.touched.push(send.to);
-                    let mut out = packet.clone();
-                    if let Some(patch) = send.patch {
-                        // The payload is shared with every other subscriber
-                        // of the track: the descriptor is rewritten in a copy.
-                        let mut payload = BytesMut::from(&packet.payload[..]);
-                        payload[..patch.bytes().len()].copy_from_slice(patch.bytes());
-                        out.payload = payload.freeze();
-                    }
-                    out.header.ssrc = send.ssrc.0;
-                    out.header.payload_type = send.pt.0;
-                    out.header.sequence_number = send.seq;
-                    out.header.timestamp = send.ts;
+                    let sent = Sent {
+                        publisher: from,
+                        ssrc: packet.header.ssrc,
+                        seq: packet.header.sequence_number,
+                        pt: send.pt.0,
+                        ts: send.ts,
+                        patch: send.patch,
+                    };
+                    let out = super::resend::rewritten(packet, send.ssrc.0, send.seq, &sent);
                     let mut video = false;
                     let sender_id = match (s.down.get(&send.out), &s.speaker_out) {
                         (Some(down), _) => {
@@ -380,6 +397,13 @@ impl Engine {
                             if video {
                                 // What bandwidth-probe padding repeats.
                                 s.last_video = Some((send.ssrc.0, send.seq));
+                                super::resend::record(
+                                    &mut s.sent,
+                                    send.ssrc.0,
+                                    send.seq,
+                                    now,
+                                    sent,
+                                );
                             }
                         }
                         Err(_) => self.metrics.media_dropped("write-failed"),

@@ -26,6 +26,9 @@ const NO_FEEDBACK: Duration = Duration::from_secs(5);
 /// The size padding is counted in: about a video packet.
 const PADDING_PACKET: usize = 1_100;
 
+/// At most this many packets repeated per padding round.
+const MAX_REPEAT: u16 = 64;
+
 impl Engine {
     /// One allocation round: every subscriber's layers for its estimate,
     /// then what each publisher needs to keep encoding.
@@ -137,14 +140,17 @@ impl Engine {
             if n == 0 {
                 continue;
             }
-            let n = u16::try_from(n)
-                .unwrap_or(u16::MAX)
-                .min(super::probe::MAX_REPEAT);
-            p.probe.repeat(ssrc, seq, n);
-            self.metrics.layers.padding_packets.inc_by(u64::from(n));
-            // The injector hands the request to the NACK responder when
-            // the connection's input is next read: now.
-            self.drain(key);
+            let n = u16::try_from(n).unwrap_or(u16::MAX).min(MAX_REPEAT);
+            // The last `n` packets, oldest first.
+            let seqs: Vec<u16> = (0..n).rev().map(|i| seq.wrapping_sub(i)).collect();
+            let sent = self.resend(key, ssrc, &seqs, super::resend::Resend::Padding, now);
+            self.metrics.layers.padding_packets.inc_by(sent as u64);
+            if sent == 0 {
+                // Nothing recent to repeat (the publisher went quiet).
+                if let Some(p) = self.peers.get_mut(&key) {
+                    p.prober.forgive();
+                }
+            }
         }
         self.padding_due = any.then_some(now + TICK);
     }

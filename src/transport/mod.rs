@@ -54,6 +54,7 @@ use tokio::sync::mpsc;
 
 use crate::auth::Grants;
 use crate::hub::Outboxes;
+use crate::media::history::{History, SentLog};
 use crate::metrics::Metrics;
 use crate::perip::PerIp;
 use crate::ratelimit::RateLimiter;
@@ -69,8 +70,8 @@ mod interceptors;
 mod layers;
 mod mix;
 mod peer;
-mod probe;
 mod reader;
+mod resend;
 mod senders;
 mod tcp;
 
@@ -357,14 +358,33 @@ struct Peer {
     created: Instant,
     /// What `publisher-layers` last told it, by its track: the active rids.
     layers_sent: HashMap<MediaStreamTrackId, Vec<Box<str>>>,
-    /// Padding for bandwidth probes: the handle into its interceptors,
-    /// the policy, and the last video packet sent to it (SSRC, sequence
-    /// number), which the padding repeats.
-    probe: probe::ProbeHandle,
+    /// Sends NACKed packets and probe padding again (as RTX).
+    resender: interceptors::Resender,
+    /// Padding for bandwidth probes: the policy, and the last video packet
+    /// sent to it (SSRC, sequence number), which the padding repeats.
     prober: crate::router::probe::Prober,
     last_video: Option<(u32, u16)>,
+    /// What each of its outgoing video streams sent, by SSRC: enough to
+    /// find a NACKed packet in its publisher's history.
+    sent: Vec<(u32, SentLog<Sent>)>,
+    /// The recent packets of each video stream it publishes, by SSRC (one
+    /// per simulcast encoding), for all their subscribers' NACKs.
+    histories: Vec<(u32, History<rtc::rtp::Packet>)>,
     /// Its connection's next timer as last read (in the engine's heap).
     timeout: Option<Instant>,
+}
+
+/// One packet an outgoing video stream sent: which published packet it
+/// was, and the header (and VP8 descriptor) it was sent with.
+#[derive(Debug, Clone, Copy)]
+struct Sent {
+    publisher: PeerKey,
+    /// The publisher's SSRC and sequence number.
+    ssrc: u32,
+    seq: u16,
+    pt: u8,
+    ts: u32,
+    patch: Option<crate::router::DescriptorPatch>,
 }
 
 /// A server-sent m-section whose track went away: inactive in the next
@@ -398,6 +418,12 @@ enum Action {
     KeyframeWanted(PeerKey, TrackName),
     /// A subscriber asked for a keyframe (PLI/FIR) on one of its slots.
     SubscriberPli(PeerKey, OutSlot),
+    /// A subscriber NACKed these sequence numbers of its stream `ssrc`.
+    Nack {
+        sub: PeerKey,
+        ssrc: u32,
+        seqs: Vec<u16>,
+    },
     Chat(PeerKey, String),
     Failed(PeerKey),
 }
@@ -629,6 +655,7 @@ impl Engine {
         self.poll_keyframes(now);
         if self.sweep_due <= now {
             self.sweep_silent(now);
+            self.prune_histories(now);
             self.sweep_due = now + IDLE;
             self.worker_rooms.set(self.router.room_count() as i64);
         }
@@ -787,6 +814,9 @@ impl Engine {
                     Action::SubscriberPli(sub, out) => {
                         let now = Instant::now();
                         self.decide(now, |r, d| r.keyframe_request_from(sub, out, now, d));
+                    }
+                    Action::Nack { sub, ssrc, seqs } => {
+                        self.answer_nack(sub, ssrc, &seqs);
                     }
                     Action::Chat(from, text) => self.relay_chat(from, &text),
                     Action::Failed(key) => self.remove_peer(key),

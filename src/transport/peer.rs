@@ -375,7 +375,7 @@ impl Engine {
     ) -> Result<PeerKey, rtc::shared::error::Error> {
         let ufrag = random_token(16);
         let pwd = random_token(32);
-        let (pc, candidates, (estimate, probe)) = build_connection(
+        let (pc, candidates, (estimate, resender)) = build_connection(
             &ufrag,
             &pwd,
             self.announce,
@@ -455,9 +455,11 @@ impl Engine {
                 estimate,
                 created: Instant::now(),
                 layers_sent: HashMap::new(),
-                probe,
+                resender,
                 prober: crate::router::probe::Prober::new(),
                 last_video: None,
+                sent: Vec::new(),
+                histories: Vec::new(),
                 timeout: None,
             },
         );
@@ -515,8 +517,8 @@ pub(super) fn state_label(state: RTCPeerConnectionState) -> &'static str {
 }
 
 /// What the engine keeps of a connection's interceptors: its estimate and
-/// its probe padding handle.
-type Links = (super::bwe::Estimate, super::probe::ProbeHandle);
+/// its retransmission handle.
+type Links = (super::bwe::Estimate, super::interceptors::Resender);
 
 fn build_connection(
     ufrag: &str,
