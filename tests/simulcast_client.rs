@@ -628,3 +628,78 @@ async fn a_rid_that_never_sends_does_not_stop_the_video() {
     alice.client.leave();
     bob.leave();
 }
+
+/// A layer that stops mid-call (the publisher's encoder dropped it, or its
+/// uplink did): the viewer on it is moved to the best layer still arriving,
+/// at that layer's keyframe, as one continuous stream, and is never stuck.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_layer_that_stops_mid_call_moves_its_viewer_down_and_the_video_goes_on() {
+    let server = server(ServeOptions::default()).await;
+    let room = "simulcast-stops";
+    let mut alice = Publisher::new(Publisher::join(&server, room, "alice", rids()).await);
+    until_connected(&mut alice.client).await;
+    let mut bob = viewer(&server, room, "bob").await;
+    let mut seen = Viewer::default();
+    // Until bob has had 2 s of f (the top layer); 25 s at most.
+    let on_top = run(
+        &mut alice,
+        &mut [(&mut bob, &mut seen)],
+        &[0, 1, 2],
+        Duration::from_secs(25),
+        |_, v| v[0].1.count(2) >= 60,
+    )
+    .await;
+    assert!(
+        on_top,
+        "bob never got 2 s of f: q {}, h {}, f {}",
+        seen.count(0),
+        seen.count(1),
+        seen.count(2)
+    );
+    // f stops; q and h go on. Until bob has had 2 s of h after that; 15 s
+    // at most.
+    let f_before = seen.count(2);
+    let h_before = seen.count(1);
+    let moved = run(
+        &mut alice,
+        &mut [(&mut bob, &mut seen)],
+        &[0, 1],
+        Duration::from_secs(15),
+        |_, v| v[0].1.count(1) >= h_before + 60,
+    )
+    .await;
+    let (order, _) = seen.check_one_stream();
+    assert!(
+        moved,
+        "bob was not moved down from f when it stopped: h {} -> {}, layers {order:?}",
+        h_before,
+        seen.count(1)
+    );
+    assert_eq!(seen.count(2), f_before, "f packets after f stopped");
+    assert_eq!(order.last(), Some(&1), "bob ends on h: {order:?}");
+    assert_eq!(seen.video_tracks.len(), 1, "{:?}", seen.video_tracks);
+    assert!(seen.errors.is_empty(), "bob got errors {:?}", seen.errors);
+    // And the video keeps coming: the last 2 s brought h.
+    let before = seen.distinct();
+    run(
+        &mut alice,
+        &mut [(&mut bob, &mut seen)],
+        &[0, 1],
+        Duration::from_secs(2),
+        |_, _| false,
+    )
+    .await;
+    assert!(
+        seen.distinct() >= before + 30,
+        "video stalled after the switch: {} packets in 2 s",
+        seen.distinct() - before
+    );
+    seen.check_one_stream();
+    eprintln!(
+        "bob: layers {order:?}; f {f_before}, h {h_before} -> {}; alice keyframe requests q/h/f {:?}",
+        seen.count(1),
+        alice.asked
+    );
+    alice.client.leave();
+    bob.leave();
+}
