@@ -375,6 +375,31 @@ async fn run(
     false
 }
 
+/// Two more seconds of `layers` bring the viewer at least a second of
+/// video, still one continuous stream.
+async fn video_goes_on(
+    alice: &mut Publisher,
+    bob: &mut Client,
+    seen: &mut Viewer,
+    layers: &[usize],
+) {
+    let before = seen.distinct();
+    run(
+        alice,
+        &mut [(bob, &mut *seen)],
+        layers,
+        Duration::from_secs(2),
+        |_, _| false,
+    )
+    .await;
+    assert!(
+        seen.distinct() >= before + 30,
+        "video stalled: {} packets in the last 2 s",
+        seen.distinct() - before
+    );
+    seen.check_one_stream();
+}
+
 /// A metric's value (the first series of that name) in `/metrics` text.
 fn metric(text: &str, name: &str) -> Option<f64> {
     text.lines().filter(|l| !l.starts_with('#')).find_map(|l| {
@@ -609,22 +634,8 @@ async fn a_rid_that_never_sends_does_not_stop_the_video() {
     assert_eq!(seen.count(2), 0, "f never sent, yet received");
     assert_eq!(seen.video_tracks.len(), 1, "{:?}", seen.video_tracks);
     assert!(seen.errors.is_empty(), "bob got errors {:?}", seen.errors);
-    // Nothing stalls: the last 2 s brought video.
-    let before = seen.distinct();
-    run(
-        &mut alice,
-        &mut [(&mut bob, &mut seen)],
-        &[0, 1],
-        Duration::from_secs(2),
-        |_, _| false,
-    )
-    .await;
-    assert!(
-        seen.distinct() >= before + 30,
-        "video stalled: {} packets in the last 2 s",
-        seen.distinct() - before
-    );
-    seen.check_one_stream();
+    // Nothing stalls.
+    video_goes_on(&mut alice, &mut bob, &mut seen, &[0, 1]).await;
     alice.client.leave();
     bob.leave();
 }
@@ -679,22 +690,8 @@ async fn a_layer_that_stops_mid_call_moves_its_viewer_down_and_the_video_goes_on
     assert_eq!(order.last(), Some(&1), "bob ends on h: {order:?}");
     assert_eq!(seen.video_tracks.len(), 1, "{:?}", seen.video_tracks);
     assert!(seen.errors.is_empty(), "bob got errors {:?}", seen.errors);
-    // And the video keeps coming: the last 2 s brought h.
-    let before = seen.distinct();
-    run(
-        &mut alice,
-        &mut [(&mut bob, &mut seen)],
-        &[0, 1],
-        Duration::from_secs(2),
-        |_, _| false,
-    )
-    .await;
-    assert!(
-        seen.distinct() >= before + 30,
-        "video stalled after the switch: {} packets in 2 s",
-        seen.distinct() - before
-    );
-    seen.check_one_stream();
+    // And the video keeps coming.
+    video_goes_on(&mut alice, &mut bob, &mut seen, &[0, 1]).await;
     eprintln!(
         "bob: layers {order:?}; f {f_before}, h {h_before} -> {}; alice keyframe requests q/h/f {:?}",
         seen.count(1),
