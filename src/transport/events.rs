@@ -384,6 +384,7 @@ impl Engine {
                                 self.metrics.media_dropped("write-failed");
                                 continue;
                             }
+                            video = true;
                             Some(o.sender_id)
                         }
                         _ => None,
