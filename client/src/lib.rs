@@ -59,9 +59,11 @@ use tokio::sync::mpsc;
 use tokio_tungstenite::tungstenite::Message;
 
 mod keyframes;
+pub mod light;
 mod resume;
 mod simulcast;
 
+pub use light::{LightCounts, LightRtp};
 pub use simulcast::SimulcastError;
 
 pub use rtc::rtp::Packet as RtpPacket;
@@ -117,6 +119,13 @@ pub struct JoinOptions {
     /// `None` (the default): one encoding, as before. The direct (P2P)
     /// connection always carries a single encoding: the last rid's.
     pub simulcast: Option<Vec<String>>,
+    /// Light receive (load generation, see the `light` module): the server
+    /// connection's socket is read with `recvmmsg`, and once connected its
+    /// SRTP datagrams are counted into this handle (distinct in-window
+    /// packets per SSRC) instead of being decrypted: no [`Event::Rtp`] and
+    /// no `TrackAdded` from the server connection. STUN, DTLS and SRTCP
+    /// still go to the connection. `None` (the default): everything does.
+    pub light: Option<LightRtp>,
 }
 
 impl JoinOptions {
@@ -139,6 +148,7 @@ impl JoinOptions {
             p2p: false,
             token: None,
             simulcast: None,
+            light: None,
         }
     }
 
@@ -273,6 +283,14 @@ fn join_message(room: &RoomName, opts: &JoinOptions) -> ClientMessage {
     })
 }
 
+/// The signaling WebSocket's settings: a 4 KiB read chunk instead of
+/// tungstenite's 128 KiB, which it zero-fills on every read attempt, and the
+/// client's loop polls the socket on nearly every turn (a memset of 128 KiB
+/// per media datagram). Larger messages still arrive whole, over more reads.
+pub(crate) fn ws_config() -> tokio_tungstenite::tungstenite::protocol::WebSocketConfig {
+    tokio_tungstenite::tungstenite::protocol::WebSocketConfig::default().read_buffer_size(4096)
+}
+
 /// Whether a datagram is (S)RTP, not RTCP (RFC 5761): first byte
 /// 128..=191, second byte's payload type outside 192..=223.
 fn is_rtp(datagram: &[u8]) -> bool {
@@ -322,7 +340,12 @@ impl Client {
             simulcast::validate(rids, opts.publish_video)?;
         }
         let rids = opts.simulcast.clone().unwrap_or_default();
-        let (mut ws, _) = tokio_tungstenite::connect_async(&opts.url).await?;
+        let (mut ws, _) = tokio_tungstenite::connect_async_with_config(
+            opts.url.as_str(),
+            Some(ws_config()),
+            false,
+        )
+        .await?;
         let join = join_message(&room, &opts);
         ws.send(Message::text(join.to_text())).await?;
         let joined = loop {
@@ -356,7 +379,9 @@ impl Client {
         let await_offer_from = (opts.p2p && joined.mode == MediaMode::P2p)
             .then(|| joined.peers.first().map(|p| p.id.to_string()))
             .flatten();
+        let light = opts.light.clone().map(light::Light::new);
         let task = Task {
+            light,
             id: joined.id.clone(),
             resume_token: joined.resume_token.clone(),
             room,
@@ -534,6 +559,8 @@ struct Sender {
 }
 
 struct Task {
+    /// [`JoinOptions::light`]'s receiver, its counter and buffers.
+    light: Option<light::Light>,
     room: RoomName,
     opts: JoinOptions,
     socket: UdpSocket,
@@ -892,7 +919,12 @@ impl Task {
                         break;
                     }
                 },
-                res = self.socket.recv_from(&mut buf) => {
+                res = self.socket.readable(), if self.light.is_some() => {
+                    if res.is_ok() {
+                        self.on_light_readable(local);
+                    }
+                }
+                res = self.socket.recv_from(&mut buf), if self.light.is_none() => {
                     let keep = match &res {
                         Ok((n, _)) => self.keep_incoming(&buf[..*n]),
                         Err(_) => false,
@@ -1018,6 +1050,70 @@ impl Task {
         }
     }
 
+    /// Light receive: what is waiting, in up to [`light::CALLS`]
+    /// `recvmmsg` calls (until one finds nothing, which also clears the
+    /// socket's readiness); SRTP is counted once connected, the rest goes
+    /// to the connection as usual.
+    fn on_light_readable(&mut self, local: Option<SocketAddr>) {
+        use std::os::fd::AsRawFd;
+        let Some(mut light) = self.light.take() else {
+            return;
+        };
+        let fd = self.socket.as_raw_fd();
+        let mut d = LightCounts::default();
+        for _ in 0..light::CALLS {
+            let read = self
+                .socket
+                .try_io(tokio::io::Interest::READABLE, || light.batch.recv(fd));
+            let Ok(n) = read else {
+                break;
+            };
+            if n == 0 {
+                break;
+            }
+            let now = Instant::now();
+            let in_window = light.in_window(now);
+            d.recv_calls += 1;
+            d.recv_datagrams += n as u64;
+            for i in 0..n {
+                if self.frozen || light.take(i, in_window, &mut d) {
+                    continue;
+                }
+                let Some((data, from)) = light.batch.datagram(i) else {
+                    continue;
+                };
+                if !self.keep_incoming(data) {
+                    continue;
+                }
+                if let (Some(pc), Some(local)) = (self.pc.as_mut(), local) {
+                    let _ = pc.handle_read(TaggedBytesMut {
+                        now,
+                        transport: TransportContext {
+                            local_addr: local,
+                            peer_addr: from,
+                            ecn: None,
+                            transport_protocol: TransportProtocol::UDP,
+                        },
+                        message: BytesMut::from(data),
+                    });
+                }
+            }
+        }
+        light.publish(&d);
+        self.light = Some(light);
+    }
+
+    /// Light receive: the RTX payload types of the server's description,
+    /// whose packets are not counted as received.
+    fn light_learn_rtx(&mut self) {
+        let (Some(light), Some(pc)) = (self.light.as_mut(), self.pc.as_ref()) else {
+            return;
+        };
+        if let Some(d) = pc.remote_description() {
+            light.counter.learn_rtx(&d.sdp);
+        }
+    }
+
     /// Applies the test hooks to one incoming datagram.
     fn keep_incoming(&mut self, datagram: &[u8]) -> bool {
         if self.frozen {
@@ -1048,6 +1144,7 @@ impl Task {
                                 .and_then(|a| pc.set_remote_description(Instant::now(), a));
                             if r.is_ok() {
                                 self.learn_payload_types();
+                                self.light_learn_rtx();
                                 let _ = self.events.send(Event::Negotiated);
                             }
                         }
@@ -1069,6 +1166,7 @@ impl Task {
                                 outgoing
                                     .push(self.to_sfu(json!({"type":"answer","sdp": answer.sdp})));
                                 self.detect_ended_tracks(&silent);
+                                self.light_learn_rtx();
                                 let _ = self.events.send(Event::Negotiated);
                             }
                         }
@@ -1365,6 +1463,10 @@ impl Task {
         self.chat_open = false;
         self.offer_sent = false;
         self.tcp = None;
+        if let Some(light) = self.light.as_mut() {
+            // A new connection: everything goes to it until it is up.
+            light.up = false;
+        }
         *self.server_ufrag.lock().unwrap_or_else(|e| e.into_inner()) = None;
     }
 
@@ -1543,6 +1645,12 @@ impl Task {
         while let Some(event) = pc.poll_event() {
             match event {
                 RTCPeerConnectionEvent::OnConnectionStateChangeEvent(state) => {
+                    if state == RTCPeerConnectionState::Connected {
+                        if let Some(light) = self.light.as_mut() {
+                            // Up (ICE and DTLS): SRTP is counted from now on.
+                            light.up = true;
+                        }
+                    }
                     let _ = self.events.send(Event::Connection(state.to_string()));
                 }
                 RTCPeerConnectionEvent::OnTrack(RTCTrackEvent::OnOpen(init)) => {

@@ -29,11 +29,14 @@ pub(crate) fn backoff(attempt: u32) -> Duration {
 pub(crate) fn connect(url: String) -> oneshot::Receiver<Option<Ws>> {
     let (tx, rx) = oneshot::channel();
     tokio::spawn(async move {
-        let ws = tokio::time::timeout(ATTEMPT, tokio_tungstenite::connect_async(url))
-            .await
-            .ok()
-            .and_then(Result::ok)
-            .map(|(ws, _)| ws);
+        let ws = tokio::time::timeout(
+            ATTEMPT,
+            tokio_tungstenite::connect_async_with_config(url, Some(crate::ws_config()), false),
+        )
+        .await
+        .ok()
+        .and_then(Result::ok)
+        .map(|(ws, _)| ws);
         let _ = tx.send(ws);
     });
     rx
