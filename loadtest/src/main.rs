@@ -220,6 +220,7 @@ mod tests {
         assert!(!a.audio);
         assert_eq!(a.audio_mode, run::AudioModeArg::Forward);
         assert_eq!(a.publishers(), 3);
+        assert!(!a.light_subscribers);
         // The old name still works, with the new options.
         let cli = Cli::try_parse_from([
             "loadtest",
@@ -231,6 +232,7 @@ mod tests {
             "2",
             "--duration",
             "1m 30s",
+            "--light-subscribers",
         ])
         .expect("parses");
         let Command::Run(a) = cli.command else {
@@ -240,5 +242,6 @@ mod tests {
         assert_eq!(a.audio_mode, run::AudioModeArg::Mix);
         assert_eq!(a.publishers(), 2);
         assert_eq!(a.duration, Duration::from_secs(90));
+        assert!(a.light_subscribers);
     }
 }

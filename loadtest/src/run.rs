@@ -41,7 +41,7 @@ use std::process::ExitCode;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use switchboard_client::{Client, ClientError, Event, JoinOptions, Kind};
+use switchboard_client::{Client, ClientError, Event, JoinOptions, Kind, LightCounts, LightRtp};
 use switchboard_proto::{AudioMode, MediaMode, RoomName, ServerMessage};
 use tokio::sync::{mpsc, watch, Semaphore};
 use tokio::time::timeout_at;
@@ -168,6 +168,17 @@ pub struct RunArgs {
     /// figures follow the top layer.
     #[arg(long)]
     pub simulcast: bool,
+    /// Light subscribers: participants publish as usual (full clients,
+    /// encrypting), but their receive side reads the socket with recvmmsg
+    /// and, once connected, counts SRTP datagrams from the cleartext header
+    /// (distinct SSRC and sequence number, arrived inside the window)
+    /// without decrypting them; STUN, DTLS and SRTCP still go to the
+    /// WebRTC stack. One generator core then absorbs far more packets; the
+    /// report has no end-to-end latency, loss per flow or jitter (the
+    /// server's forwarding-latency histogram stays). Not with --simulcast
+    /// or --audio-mode mix.
+    #[arg(long)]
+    pub light_subscribers: bool,
 }
 
 impl RunArgs {
@@ -258,6 +269,13 @@ fn validate(args: &RunArgs, run_id: &str) -> Result<(String, u16, Vec<String>), 
             args.participants
         );
     }
+    if args.light_subscribers && (args.simulcast || args.audio_mode == AudioModeArg::Mix) {
+        return Err(
+            "--light-subscribers counts forwarded packets only: not with --simulcast or \
+             --audio-mode mix"
+                .into(),
+        );
+    }
     if args.connect_concurrency == 0 {
         return Err("--connect-concurrency must be at least 1".into());
     }
@@ -335,6 +353,8 @@ struct Shared {
     plan: MediaPlan,
     audio_mode: AudioMode,
     live: Arc<Live>,
+    /// `--light-subscribers`.
+    light: bool,
 }
 
 impl Shared {
@@ -436,6 +456,7 @@ pub async fn run(args: &RunArgs) -> Result<Report, String> {
         plan: plan.clone(),
         audio_mode: args.audio_mode.proto(),
         live: live.clone(),
+        light: args.light_subscribers,
     });
     let (phase_tx, phase_rx) = watch::channel(Phase::Joining);
     let (ready_tx, mut ready_rx) = mpsc::unbounded_channel::<Ready>();
@@ -652,6 +673,10 @@ pub struct Outcome {
     pub lower_received: [u64; 2],
     /// `publisher-layers` messages received.
     pub publisher_layers: u64,
+    /// `--light-subscribers`: this participant's light receiver, and what it
+    /// had counted when the media phase ended.
+    pub light: Option<LightRtp>,
+    pub light_counts: Option<LightCounts>,
 }
 
 impl Outcome {
@@ -683,6 +708,8 @@ impl Outcome {
             lower_sent: 0,
             lower_received: [0; 2],
             publisher_layers: 0,
+            light: shared.light.then(LightRtp::new),
+            light_counts: None,
         }
     }
 
@@ -907,6 +934,9 @@ async fn participant(
                     Phase::Media(s) => {
                         schedule = Some(s);
                         out.published = true;
+                        if let Some(light) = &out.light {
+                            light.set_window(s.t0, s.t1);
+                        }
                         if out.publisher {
                             [*audio, *video] = Publisher::all(&shared.plan, s.warmup_start);
                         }
@@ -928,6 +958,7 @@ async fn participant(
             () = sleep_until_opt(end) => break,
         }
     }
+    out.light_counts = out.light.as_ref().map(LightRtp::counts);
     client.leave();
     // Let the leave reach the server before the client is dropped.
     let until = Instant::now() + LEAVE_WAIT;
@@ -957,6 +988,7 @@ async fn join(shared: &Shared, out: &mut Outcome, refused: &mut Option<String>) 
     opts.audio = Some(shared.audio_mode);
     opts.publish_audio = out.publisher && shared.plan.audio.is_some();
     opts.publish_video = out.publisher && shared.plan.video.is_some();
+    opts.light = out.light.clone();
     if opts.publish_video && shared.plan.simulcast.is_some() {
         opts.simulcast = Some(SIMULCAST_RIDS.iter().map(|r| (*r).to_owned()).collect());
     }
@@ -1071,6 +1103,15 @@ mod tests {
         assert!(validate(&args(&["--publishers", "5"]), "t").is_err());
         assert!(validate(&args(&["--publishers", "0"]), "t").is_err());
         assert!(validate(&args(&["--timeout", "20s"]), "t").is_err());
+        assert!(validate(&args(&["--light-subscribers"]), "t").is_ok());
+        for bad in [
+            ["--light-subscribers", "--simulcast"],
+            ["--light-subscribers", "--audio-mode=mix"],
+        ] {
+            let e =
+                validate(&args(&bad), "t").expect_err("light mode counts forwarded packets only");
+            assert!(e.contains("--light-subscribers"), "{e}");
+        }
         let remote = args(&["--url", "ws://10.1.2.3:9/ws", "--allow-remote"]);
         assert_eq!(validate(&remote, "t").expect("remote").1, 9);
     }
@@ -1222,6 +1263,7 @@ mod tests {
             plan: media_plan(500, true).expect("plan"),
             audio_mode: AudioMode::Mix,
             live: Arc::new(Live::default()),
+            light: false,
         };
         let s = Schedule::new(base, base, a.warmup, a.duration, a.drain);
         let mut out = Outcome::new(0, &shared);

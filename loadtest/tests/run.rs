@@ -498,3 +498,115 @@ fn a_refused_join_is_a_clear_error() {
         out.stderr
     );
 }
+
+/// `--light-subscribers`: publishers as usual, subscribers count SRTP
+/// headers without decrypting. The counted packets are distinct (SSRC,
+/// seq) pairs, so they can never exceed what the publishers sent times the
+/// subscribers of each packet; the report says it is light mode.
+#[test]
+fn light_subscribers_count_distinct_packets_never_more_than_were_sent() {
+    let server = Server::start(&[]);
+    let dir = Scratch::new("light");
+    let json = dir.0.join("report.json");
+    let pid = server.pid();
+    let participants = 3u32;
+    let out = loadtest(
+        &[
+            "run",
+            "--url",
+            &server.ws_url,
+            "--rooms",
+            "2",
+            "--participants",
+            &participants.to_string(),
+            "--video-kbps",
+            "300",
+            "--audio",
+            "--warmup",
+            "1s",
+            "--duration",
+            "3s",
+            "--drain",
+            "500ms",
+            "--timeout",
+            "60s",
+            "--server-pid",
+            &pid,
+            "--light-subscribers",
+            "--json",
+            json.to_str().expect("utf-8 path"),
+        ],
+        Duration::from_secs(120),
+    );
+    assert!(
+        out.status.success(),
+        "exit {:?}\n{}\n{}",
+        out.status,
+        out.stdout,
+        out.stderr
+    );
+    for line in [
+        "LIGHT MODE",
+        "light subscribers",
+        "not available in light mode",
+        "CPU per packet",
+        "the generator beside it",
+        "forwarding latency",
+        "RSS/participant",
+    ] {
+        assert!(out.stdout.contains(line), "no {line:?} in\n{}", out.stdout);
+    }
+
+    let r: Value = serde_json::from_str(&std::fs::read_to_string(&json).expect("json written"))
+        .expect("valid JSON");
+    assert_eq!(r["config"]["light_subscribers"], true);
+    let light = &r["light"];
+    has_keys(
+        light,
+        "light",
+        &[
+            "counted",
+            "expected",
+            "sent_bound",
+            "duplicates",
+            "rtx",
+            "ssrcs_seen",
+            "ssrcs_expected",
+            "mean_batch",
+        ],
+    );
+    let counted = num(light, "counted");
+    // Every packet any publisher handed to its client over the whole media
+    // phase, once per other participant of its room: an upper bound no
+    // distinct count can pass, whatever the timing.
+    let sent_total: f64 = r["media"]
+        .as_array()
+        .expect("media")
+        .iter()
+        .map(|m| num(m, "sent_total"))
+        .sum();
+    let bound = sent_total * f64::from(participants - 1);
+    println!(
+        "light: counted {counted}, expected {}, bound {bound}, duplicates {}, rtx {}",
+        light["expected"], light["duplicates"], light["rtx"]
+    );
+    assert!(counted > 0.0, "{light}");
+    assert!(counted <= bound, "counted {counted} > sent bound {bound}");
+    assert!(counted <= num(light, "sent_bound"), "{light}");
+    let received: f64 = r["subscribers"]
+        .as_array()
+        .expect("subscribers")
+        .iter()
+        .map(|s| num(s, "received"))
+        .sum();
+    assert_eq!(received, counted, "per-subscriber rows add up");
+    // No decryption: no end-to-end latency, no per-flow rows.
+    assert_eq!(num(&r, "latency_all.count"), 0.0);
+    assert!(r["flows"].as_array().expect("flows").is_empty());
+    assert!(r["server"]["cpu_per_forwarded_packet_basis"]
+        .as_str()
+        .expect("basis")
+        .contains("light"));
+    assert!(num(&r, "server.cpu_per_forwarded_packet_us") > 0.0);
+    assert!(num(&r, "generator.cpu_window_s") > 0.0);
+}

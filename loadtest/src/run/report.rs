@@ -14,6 +14,7 @@ use crate::rxstats::{percent, RtpStats};
 use crate::sampler::{self, Tick};
 use crate::scrape::{self, Estimate, Histogram};
 use crate::stats::{self, Summary};
+use switchboard_client::LightCounts;
 
 /// The server's forwarding counter and latency histogram.
 pub const FORWARDED: &str = "switchboard_media_rtp_forwarded_total";
@@ -81,6 +82,50 @@ pub struct Report {
     pub server_errors: BTreeMap<String, u64>,
     /// `--simulcast`: what went on the lower layers.
     pub simulcast: Option<SimulcastStats>,
+    /// `--light-subscribers`: what the light subscribers counted (then
+    /// `media[].received`, the flows and end-to-end latency are empty, and
+    /// `subscribers[].received` is the light count).
+    pub light: Option<LightStats>,
+}
+
+/// `--light-subscribers`: SRTP datagrams counted from their cleartext
+/// header, not decrypted.
+#[derive(Debug, Serialize)]
+pub struct LightStats {
+    pub note: &'static str,
+    /// Subscribers that took part in the media phase.
+    pub subscribers: usize,
+    /// Distinct (SSRC, sequence number) packets that arrived inside the
+    /// window, over all subscribers: the forwarded packets.
+    pub counted: u64,
+    pub counted_per_s: f64,
+    pub counted_bytes: u64,
+    /// Σ over subscribers of what the room's other publishers sent in the
+    /// window: what the subscribers should have counted.
+    pub expected: u64,
+    /// Σ over subscribers of what the room's other publishers sent over
+    /// the whole media phase: distinct counting cannot exceed it.
+    pub sent_bound: u64,
+    pub lost: u64,
+    pub loss_percent: f64,
+    /// In-window arrivals of a packet already counted.
+    pub duplicates: u64,
+    /// Too far behind their SSRC's highest sequence number to tell.
+    pub stale: u64,
+    /// RTX payload type (retransmissions, probe padding): not counted.
+    pub rtx: u64,
+    pub untracked: u64,
+    pub malformed: u64,
+    /// Every SRTP datagram the light subscribers took (any time).
+    pub rtp_datagrams: u64,
+    /// Mean datagrams per `recvmmsg` call that returned any.
+    pub mean_batch: Option<f64>,
+    /// SSRCs with in-window packets, over subscribers, and the number
+    /// expected (one per other publisher and kind); subscribers that saw
+    /// fewer than they should.
+    pub ssrcs_seen: u64,
+    pub ssrcs_expected: u64,
+    pub subscribers_short: usize,
 }
 
 /// `--simulcast`: the lower layers (the top layer is counted as video
@@ -113,6 +158,8 @@ pub struct Config {
     pub connect_concurrency: usize,
     pub timeout_s: f64,
     pub threads: usize,
+    /// `--light-subscribers`: receivers count SRTP headers, no decryption.
+    pub light_subscribers: bool,
 }
 
 /// Mixed audio: re-encoded by the server, so no stamp survives; counted by
@@ -259,8 +306,11 @@ pub struct ServerStats {
     /// utime + stime over the window.
     pub cpu_window_s: Option<f64>,
     pub cpu_percent_of_core: Option<f64>,
-    /// Window CPU / RTP packets forwarded in the window (server's counter).
+    /// Window CPU / RTP packets forwarded in the window: by the server's
+    /// counter, or with `--light-subscribers` by the distinct in-window
+    /// packets the subscribers counted (`cpu_per_forwarded_packet_basis`).
     pub cpu_per_forwarded_packet_us: Option<f64>,
+    pub cpu_per_forwarded_packet_basis: &'static str,
     /// Window CPU / media datagrams received in the window.
     pub cpu_per_received_datagram_us: Option<f64>,
     /// Window CPU by thread name, % of one core (the media workers are
@@ -445,8 +495,11 @@ impl Report {
             }
         }
         let publishers_per_room = args.publishers();
+        let light = args.light_subscribers;
+        let (mut light_bound, mut ssrcs_expected, mut subscribers_short) = (0u64, 0u64, 0usize);
         for sub in outcomes.iter().filter(|o| o.published) {
             let (mut s_expected, mut s_received, mut s_bytes) = (0u64, 0u64, 0u64);
+            let (mut s_bound, mut s_ssrcs) = (0u64, 0u64);
             let mut s_lat = Vec::new();
             let mut s_jitter: Vec<f64> = Vec::new();
             let mut s_first_max: Option<f64> = None;
@@ -526,6 +579,13 @@ impl Report {
                     t.jitters.extend(jitter);
                     s_jitter.extend(jitter);
                     t.tracks += 1;
+                    s_bound += publisher.sent[k].total;
+                    s_ssrcs += u64::from(sent > 0);
+                    if light {
+                        // Counted per subscriber, not per flow (below).
+                        s_expected += sent;
+                        continue;
+                    }
                     t.missing += usize::from(sent > 0 && received == 0);
                     t.latencies.extend_from_slice(&lat);
                     s_lat.extend_from_slice(&lat);
@@ -551,6 +611,15 @@ impl Report {
                     });
                 }
             }
+            if let (true, Some(c)) = (light, sub.light_counts.as_ref()) {
+                s_received = c.window_distinct;
+                s_bytes = c.window_bytes;
+                subscribers_short += usize::from(c.window_ssrcs < s_ssrcs);
+            } else if light {
+                subscribers_short += 1;
+            }
+            light_bound += s_bound;
+            ssrcs_expected += s_ssrcs;
             let lost = s_expected.saturating_sub(s_received);
             subscribers.push(SubscriberRow {
                 name: sub.name.clone(),
@@ -683,12 +752,50 @@ impl Report {
             None => Vec::new(),
         };
         let expected_forwarded: u64 = media.iter().map(|m| m.expected).sum();
-
-        // Server and generator over the window.
         let window_s = inp
             .window
             .as_ref()
             .map_or(0.0, |(a, b)| (b.at - a.at).as_secs_f64());
+        let light = light.then(|| {
+            let subs: Vec<&LightCounts> = outcomes
+                .iter()
+                .filter(|o| o.published)
+                .filter_map(|o| o.light_counts.as_ref())
+                .collect();
+            let sum = |f: fn(&LightCounts) -> u64| subs.iter().copied().map(f).sum::<u64>();
+            let counted = sum(|c| c.window_distinct);
+            let lost = expected_forwarded.saturating_sub(counted);
+            let calls = sum(|c| c.recv_calls);
+            LightStats {
+                note: "SRTP not decrypted: distinct (SSRC, seq) packets that arrived inside \
+                       the window, read from the cleartext header; no end-to-end latency, \
+                       per-flow loss or jitter",
+                subscribers: outcomes.iter().filter(|o| o.published).count(),
+                counted,
+                counted_per_s: if window_s > 0.0 {
+                    counted as f64 / window_s
+                } else {
+                    0.0
+                },
+                counted_bytes: sum(|c| c.window_bytes),
+                expected: expected_forwarded,
+                sent_bound: light_bound,
+                lost,
+                loss_percent: percent(lost, expected_forwarded),
+                duplicates: sum(|c| c.window_duplicates),
+                stale: sum(|c| c.stale),
+                rtx: sum(|c| c.rtx),
+                untracked: sum(|c| c.untracked),
+                malformed: sum(|c| c.malformed),
+                rtp_datagrams: sum(|c| c.rtp_datagrams),
+                mean_batch: (calls > 0).then(|| sum(|c| c.recv_datagrams) as f64 / calls as f64),
+                ssrcs_seen: sum(|c| c.window_ssrcs),
+                ssrcs_expected,
+                subscribers_short,
+            }
+        });
+
+        // Server and generator over the window.
         let cpu = |get: fn(&Sample) -> Option<Duration>| {
             let (a, b) = inp.window.as_ref()?;
             Some(get(b)?.saturating_sub(get(a)?).as_secs_f64())
@@ -757,7 +864,15 @@ impl Report {
                 name: proc::comm(proc::Pid::Other(pid)).ok(),
                 cpu_window_s: cpu_s,
                 cpu_percent_of_core: per_core(cpu_s),
-                cpu_per_forwarded_packet_us: per(metrics.as_ref().map(|m| m.forwarded)),
+                cpu_per_forwarded_packet_us: match &light {
+                    Some(l) => per(Some(l.counted as f64)),
+                    None => per(metrics.as_ref().map(|m| m.forwarded)),
+                },
+                cpu_per_forwarded_packet_basis: if light.is_some() {
+                    "distinct in-window packets counted by the light subscribers"
+                } else {
+                    "the server's switchboard_media_rtp_forwarded_total"
+                },
                 cpu_per_received_datagram_us: per(metrics.as_ref().and_then(|m| m.datagrams_in)),
                 thread_cpu_percent: inp
                     .window
@@ -784,7 +899,7 @@ impl Report {
             }
         });
         let own = cpu(|s| s.own_cpu);
-        let handled = sent_window_total + received_total;
+        let handled = sent_window_total + received_total + light.as_ref().map_or(0, |l| l.counted);
         let generator = GeneratorStats {
             cpu_window_s: own,
             cpu_percent_of_core: per_core(own),
@@ -829,6 +944,7 @@ impl Report {
                 connect_concurrency: args.connect_concurrency,
                 timeout_s: args.timeout.as_secs_f64(),
                 threads: args.threads.max(1),
+                light_subscribers: args.light_subscribers,
             },
             media_source: inp.plan.source(),
             audio_mode_granted,
@@ -861,6 +977,7 @@ impl Report {
                 lower_received: [0, 1].map(|l| outcomes.iter().map(|o| o.lower_received[l]).sum()),
                 publisher_layers_messages: outcomes.iter().map(|o| o.publisher_layers).sum(),
             }),
+            light,
         }
     }
 
@@ -874,6 +991,7 @@ impl Report {
             && p.dropped == 0
             && p.tasks_lost == 0
             && self.media.iter().all(|m| m.tracks_missing == 0)
+            && self.light.as_ref().is_none_or(|l| l.subscribers_short == 0)
             && self
                 .mixed_audio
                 .as_ref()
@@ -971,11 +1089,16 @@ impl Report {
         )?;
         writeln!(
             t,
-            "  generator    tokio {}, all clients in this process",
+            "  generator    tokio {}, all clients in this process{}",
             if c.threads <= 1 {
                 "current-thread runtime".to_owned()
             } else {
                 format!("multi-thread runtime, {} workers", c.threads)
+            },
+            if c.light_subscribers {
+                "; light subscribers (recvmmsg, SRTP counted by header, not decrypted)"
+            } else {
+                ""
             }
         )?;
         writeln!(
@@ -993,6 +1116,110 @@ impl Report {
             }
         )?;
         writeln!(t)?;
+        if let Some(l) = &self.light {
+            self.write_light(t, l)?;
+        } else {
+            self.write_media(t)?;
+        }
+        writeln!(t)?;
+        writeln!(
+            t,
+            "  {:<34} {:>7} {:>9} {:>9} {:>9} {:>9} {:>9}",
+            "latency (ms)", "count", "p50", "p90", "p99", "max", "mean"
+        )?;
+        let mut rows: Vec<(String, &Summary)> =
+            vec![("join -> connected+negotiated".into(), &self.join_latency)];
+        if self.light.is_none() {
+            for k in &self.media {
+                rows.push((format!("end-to-end {}", k.kind), &k.latency));
+            }
+            rows.push(("end-to-end all".into(), &self.latency_all));
+            rows.push((
+                "warm-up start -> first pkt/track".into(),
+                &self.first_packet_after_warmup,
+            ));
+            rows.push((
+                "join -> first pkt/track".into(),
+                &self.first_packet_after_join,
+            ));
+        }
+        for (name, s) in rows {
+            writeln!(
+                t,
+                "  {:<34} {:>7} {:>9} {:>9} {:>9} {:>9} {:>9}",
+                name,
+                s.count,
+                stats::ms(s.p50),
+                stats::ms(s.p90),
+                stats::ms(s.p99),
+                stats::ms(s.max),
+                stats::ms(s.mean)
+            )?;
+        }
+        if self.light.is_some() {
+            writeln!(
+                t,
+                "  end-to-end latency: not available in light mode (SRTP is not decrypted); see the server's forwarding latency below"
+            )?;
+        }
+        self.write_rest(t)
+    }
+
+    /// `--light-subscribers`: what was sent, and what the subscribers counted.
+    fn write_light(&self, t: &mut String, l: &LightStats) -> std::fmt::Result {
+        writeln!(
+            t,
+            "  LIGHT MODE: subscribers count SRTP headers (distinct SSRC+seq arrived in the window), no decryption"
+        )?;
+        writeln!(
+            t,
+            "  media in the window ({:.2} s)   sent   expected at subscribers",
+            self.window_s
+        )?;
+        for k in &self.media {
+            writeln!(
+                t,
+                "    {:<28} {:>7} {:>10}   ({:.0} kbit/s and {:.1} frames/s per publisher, {} keyframes)",
+                k.kind,
+                k.sent,
+                k.expected,
+                k.sent_kbps_per_publisher,
+                k.frames_per_s_per_publisher,
+                k.keyframes
+            )?;
+        }
+        writeln!(
+            t,
+            "    counted by {} light subscribers: {} distinct packets ({:.0}/s, {:.2} MB) of {} expected, loss {:.3} %; at most {} could be (all sent)",
+            l.subscribers,
+            l.counted,
+            l.counted_per_s,
+            l.counted_bytes as f64 / 1e6,
+            l.expected,
+            l.loss_percent,
+            l.sent_bound
+        )?;
+        writeln!(
+            t,
+            "    not counted: {} duplicates, {} stale, {} RTX, {} on untracked SSRCs, {} malformed; {} SRTP datagrams in all, mean recvmmsg batch {}",
+            l.duplicates,
+            l.stale,
+            l.rtx,
+            l.untracked,
+            l.malformed,
+            l.rtp_datagrams,
+            opt(l.mean_batch, |v| format!("{v:.1}"))
+        )?;
+        writeln!(
+            t,
+            "    SSRCs with packets in the window {} of {} expected; {} subscribers short",
+            l.ssrcs_seen, l.ssrcs_expected, l.subscribers_short
+        )
+    }
+
+    /// The media table of a full run.
+    fn write_media(&self, t: &mut String) -> std::fmt::Result {
+        let c = &self.config;
         writeln!(
             t,
             "  media in the window ({:.2} s)   sent   expected   received       lost  loss %   dup  reord  tracks (missing)",
@@ -1061,40 +1288,12 @@ impl Report {
             } else {
                 format!("; uncounted payloads: {}", join_map(&self.bad_payloads))
             }
-        )?;
-        writeln!(t)?;
-        writeln!(
-            t,
-            "  {:<34} {:>7} {:>9} {:>9} {:>9} {:>9} {:>9}",
-            "latency (ms)", "count", "p50", "p90", "p99", "max", "mean"
-        )?;
-        let mut rows: Vec<(String, &Summary)> =
-            vec![("join -> connected+negotiated".into(), &self.join_latency)];
-        for k in &self.media {
-            rows.push((format!("end-to-end {}", k.kind), &k.latency));
-        }
-        rows.push(("end-to-end all".into(), &self.latency_all));
-        rows.push((
-            "warm-up start -> first pkt/track".into(),
-            &self.first_packet_after_warmup,
-        ));
-        rows.push((
-            "join -> first pkt/track".into(),
-            &self.first_packet_after_join,
-        ));
-        for (name, s) in rows {
-            writeln!(
-                t,
-                "  {:<34} {:>7} {:>9} {:>9} {:>9} {:>9} {:>9}",
-                name,
-                s.count,
-                stats::ms(s.p50),
-                stats::ms(s.p90),
-                stats::ms(s.p99),
-                stats::ms(s.max),
-                stats::ms(s.mean)
-            )?;
-        }
+        )
+    }
+
+    /// Per subscriber, the server, the generator, errors.
+    fn write_rest(&self, t: &mut String) -> std::fmt::Result {
+        let p = &self.participants;
         writeln!(t)?;
         writeln!(
             t,
@@ -1135,15 +1334,21 @@ impl Report {
                 )?;
                 writeln!(
                     t,
-                    "    CPU in window        {}  ({} of one core)",
+                    "    CPU in window        {}  ({} of one core; the generator beside it: {} of one core)",
                     opt(s.cpu_window_s, |v| format!("{v:.2} s")),
-                    opt(s.cpu_percent_of_core, |v| format!("{v:.1} %"))
+                    opt(s.cpu_percent_of_core, |v| format!("{v:.1} %")),
+                    opt(self.generator.cpu_percent_of_core, |v| format!("{v:.1} %"))
                 )?;
                 writeln!(
                     t,
-                    "    CPU per packet       {} per forwarded RTP packet, {} per received datagram",
+                    "    CPU per packet       {} per forwarded RTP packet, {} per received datagram{}",
                     opt(s.cpu_per_forwarded_packet_us, |v| format!("{v:.2} µs")),
-                    opt(s.cpu_per_received_datagram_us, |v| format!("{v:.2} µs"))
+                    opt(s.cpu_per_received_datagram_us, |v| format!("{v:.2} µs")),
+                    if self.light.is_some() {
+                        " (forwarded = distinct packets the light subscribers counted)"
+                    } else {
+                        ""
+                    }
                 )?;
                 if !s.thread_cpu_percent.is_empty() {
                     let threads: Vec<String> = s
