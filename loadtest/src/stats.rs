@@ -1,5 +1,6 @@
 //! Latency summaries: percentiles over a list of durations.
 
+use std::fmt::Write;
 use std::time::Duration;
 
 use serde::Serialize;
@@ -80,6 +81,34 @@ pub fn percentile_sorted(sorted: &[Duration], p: f64) -> Duration {
 /// Milliseconds with two decimals, for the table.
 pub fn ms(d: Duration) -> String {
     format!("{:.2}", d.as_secs_f64() * 1000.0)
+}
+
+/// A latency table: a header and one row per `(name, summary)`, in ms,
+/// the names in a column `width` wide.
+pub fn write_latency_table(
+    t: &mut String,
+    width: usize,
+    rows: &[(String, &Summary)],
+) -> std::fmt::Result {
+    writeln!(
+        t,
+        "  {:<width$} {:>7} {:>9} {:>9} {:>9} {:>9} {:>9}",
+        "latency (ms)", "count", "p50", "p90", "p99", "max", "mean"
+    )?;
+    for (name, s) in rows {
+        writeln!(
+            t,
+            "  {:<width$} {:>7} {:>9} {:>9} {:>9} {:>9} {:>9}",
+            name,
+            s.count,
+            ms(s.p50),
+            ms(s.p90),
+            ms(s.p99),
+            ms(s.max),
+            ms(s.mean)
+        )?;
+    }
+    Ok(())
 }
 
 #[cfg(test)]

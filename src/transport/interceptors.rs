@@ -151,7 +151,7 @@ impl Feedback {
     }
 
     /// Queues the engine's retransmissions for the wire.
-    fn take_resends(&mut self, now: Instant) {
+    fn take_resends(&mut self) {
         // A plain load per poll (no write to the shared line); the swap and
         // the lock only when something is queued.
         if !self.shared.pending.load(Ordering::Relaxed)
@@ -163,6 +163,7 @@ impl Feedback {
             Ok(mut q) => std::mem::take(&mut *q),
             Err(_) => return,
         };
+        let now = Instant::now();
         for packet in packets {
             let Some(stream) = self.streams.get_mut(&packet.header.ssrc) else {
                 continue; // not a stream that answers NACKs (or gone)
@@ -253,7 +254,7 @@ impl Protocol<TaggedPacket, TaggedPacket, ()> for Feedback {
 
     fn poll_write(&mut self) -> Option<TaggedPacket> {
         if self.write.is_empty() {
-            self.take_resends(Instant::now());
+            self.take_resends();
         }
         self.write.pop_front()
     }

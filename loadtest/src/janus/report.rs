@@ -585,11 +585,6 @@ impl Report {
             }
         )?;
         writeln!(t)?;
-        writeln!(
-            t,
-            "  {:<34} {:>7} {:>9} {:>9} {:>9} {:>9} {:>9}",
-            "latency (ms)", "count", "p50", "p90", "p99", "max", "mean"
-        )?;
         let mut rows: Vec<(String, &Summary)> =
             vec![("join -> both PCs connected".into(), &self.join_latency)];
         for k in &self.media {
@@ -604,19 +599,7 @@ impl Report {
             "join -> first pkt/track".into(),
             &self.first_packet_after_join,
         ));
-        for (name, s) in rows {
-            writeln!(
-                t,
-                "  {:<34} {:>7} {:>9} {:>9} {:>9} {:>9} {:>9}",
-                name,
-                s.count,
-                stats::ms(s.p50),
-                stats::ms(s.p90),
-                stats::ms(s.p99),
-                stats::ms(s.max),
-                stats::ms(s.mean)
-            )?;
-        }
+        stats::write_latency_table(t, 34, &rows)?;
         writeln!(t)?;
         match &self.server {
             Some(s) => {

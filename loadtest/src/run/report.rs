@@ -1122,11 +1122,6 @@ impl Report {
             self.write_media(t)?;
         }
         writeln!(t)?;
-        writeln!(
-            t,
-            "  {:<34} {:>7} {:>9} {:>9} {:>9} {:>9} {:>9}",
-            "latency (ms)", "count", "p50", "p90", "p99", "max", "mean"
-        )?;
         let mut rows: Vec<(String, &Summary)> =
             vec![("join -> connected+negotiated".into(), &self.join_latency)];
         if self.light.is_none() {
@@ -1143,19 +1138,7 @@ impl Report {
                 &self.first_packet_after_join,
             ));
         }
-        for (name, s) in rows {
-            writeln!(
-                t,
-                "  {:<34} {:>7} {:>9} {:>9} {:>9} {:>9} {:>9}",
-                name,
-                s.count,
-                stats::ms(s.p50),
-                stats::ms(s.p90),
-                stats::ms(s.p99),
-                stats::ms(s.max),
-                stats::ms(s.mean)
-            )?;
-        }
+        stats::write_latency_table(t, 34, &rows)?;
         if self.light.is_some() {
             writeln!(
                 t,

@@ -284,28 +284,15 @@ impl Report {
             }
         )?;
         writeln!(t)?;
-        writeln!(
+        stats::write_latency_table(
             t,
-            "  {:<18} {:>7} {:>9} {:>9} {:>9} {:>9} {:>9}",
-            "latency (ms)", "count", "p50", "p90", "p99", "max", "mean"
+            18,
+            &[
+                ("ws handshake".into(), &self.handshake_latency),
+                ("join -> joined".into(), &self.join_latency),
+                ("ping -> pong".into(), &self.ping_latency),
+            ],
         )?;
-        for (name, s) in [
-            ("ws handshake", &self.handshake_latency),
-            ("join -> joined", &self.join_latency),
-            ("ping -> pong", &self.ping_latency),
-        ] {
-            writeln!(
-                t,
-                "  {:<18} {:>7} {:>9} {:>9} {:>9} {:>9} {:>9}",
-                name,
-                s.count,
-                stats::ms(s.p50),
-                stats::ms(s.p90),
-                stats::ms(s.p99),
-                stats::ms(s.max),
-                stats::ms(s.mean)
-            )?;
-        }
         writeln!(t)?;
         writeln!(
             t,
