@@ -59,6 +59,11 @@ pub fn start(
     let mut inbound_txs = vec![None];
     let mut inbound_rxs = vec![None];
     for w in 0..workers {
+        // Each worker's series exist (at 0) from the start, before its
+        // thread runs: a scrape right after start-up sees both families.
+        let label = w.to_string();
+        metrics.worker_datagrams.with_label_values(&[&label]);
+        metrics.worker_rooms.with_label_values(&[&label]);
         let (tx, rx) = mpsc::channel(COMMAND_QUEUE);
         commands.push(tx);
         command_rxs.push(rx);
