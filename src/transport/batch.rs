@@ -2,31 +2,75 @@
 //! [`BATCH`] datagrams in one system call, `sendmmsg` writes up to
 //! [`BATCH`] in one (nix's safe wrappers; the workspace forbids `unsafe`).
 //! Buffers and message headers are allocated once per worker.
+//!
+//! Each received datagram carries the kernel's receive time
+//! (`SO_TIMESTAMPNS`, see [`enable_timestamps`]): a datagram that waited in
+//! the socket buffer while the worker was busy is stamped when it arrived,
+//! not when it was read. Those times feed the TWCC feedback that the
+//! publishers' congestion control reads, where a read-time stamp turns the
+//! server's own scheduling delay into apparent network queuing.
 
 use std::io::{self, IoSlice, IoSliceMut};
 use std::net::{SocketAddr, SocketAddrV4, SocketAddrV6};
-use std::os::fd::RawFd;
+use std::os::fd::{AsFd, RawFd};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use bytes::BytesMut;
-use nix::sys::socket::{recvmmsg, sendmmsg, MsgFlags, MultiHeaders, SockaddrStorage};
+use nix::sys::socket::{
+    recvmmsg, sendmmsg, setsockopt, sockopt, ControlMessageOwned, MsgFlags, MultiHeaders,
+    SockaddrStorage,
+};
+use nix::sys::time::TimeSpec;
 
 use super::MAX_DATAGRAM;
 
 /// Datagrams per system call at most.
 pub(super) const BATCH: usize = 64;
 
+/// A kernel receive time older than this (against the clock read right
+/// after the read) is not believed: the wall clock was stepped.
+const MAX_STAMP_AGE: Duration = Duration::from_secs(1);
+
+/// Asks the kernel to stamp every datagram `socket` receives with its
+/// arrival time (`SO_TIMESTAMPNS`). Without it (an error here) datagrams
+/// are stamped when read.
+pub(super) fn enable_timestamps(socket: &impl AsFd) -> io::Result<()> {
+    setsockopt(socket, sockopt::ReceiveTimestampns, &true).map_err(io::Error::from)
+}
+
+/// When a datagram arrived, on the monotonic clock: `read_at` (the
+/// monotonic clock right after the read) less the datagram's age, which is
+/// the wall clock then (`wall_now`, since the epoch) less the kernel's wall
+/// clock `stamp`. Without a stamp, or with one from the future or older
+/// than [`MAX_STAMP_AGE`] (the wall clock moved), `read_at`.
+pub(super) fn arrival(read_at: Instant, wall_now: Duration, stamp: Option<Duration>) -> Instant {
+    stamp
+        .and_then(|s| wall_now.checked_sub(s))
+        .filter(|age| *age <= MAX_STAMP_AGE)
+        .and_then(|age| read_at.checked_sub(age))
+        .unwrap_or(read_at)
+}
+
+/// One datagram of the last [`RecvBatch::recv`].
+pub(super) struct Datagram<'a> {
+    pub data: &'a [u8],
+    pub from: SocketAddr,
+    /// When it arrived ([`arrival`]).
+    pub at: Instant,
+}
+
 /// Receive buffers for one `recvmmsg`.
 pub(super) struct RecvBatch {
     headers: MultiHeaders<SockaddrStorage>,
     bufs: Vec<[u8; MAX_DATAGRAM + 1]>,
-    /// Length and sender of each datagram of the last call.
-    got: Vec<(usize, SocketAddr)>,
+    /// Length, sender and arrival of each datagram of the last call.
+    got: Vec<(usize, SocketAddr, Instant)>,
 }
 
 impl RecvBatch {
     pub(super) fn new() -> RecvBatch {
         RecvBatch {
-            headers: MultiHeaders::preallocate(BATCH, None),
+            headers: MultiHeaders::preallocate(BATCH, Some(nix::cmsg_space!(TimeSpec))),
             bufs: vec![[0u8; MAX_DATAGRAM + 1]; BATCH],
             got: Vec::with_capacity(BATCH),
         }
@@ -50,6 +94,10 @@ impl RecvBatch {
             None,
         )
         .map_err(io::Error::from)?;
+        let read_at = Instant::now();
+        let wall_now = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .unwrap_or_default();
         for msg in results {
             let Some(from) = msg.address.as_ref().and_then(to_socket_addr) else {
                 continue;
@@ -60,16 +108,27 @@ impl RecvBatch {
             } else {
                 msg.bytes
             };
-            self.got.push((len, from));
+            let stamp = msg.cmsgs().ok().and_then(|mut c| {
+                c.find_map(|m| match m {
+                    ControlMessageOwned::ScmTimestampns(ts) => Some(Duration::from(ts)),
+                    _ => None,
+                })
+            });
+            self.got
+                .push((len, from, arrival(read_at, wall_now, stamp)));
         }
         Ok(self.got.len())
     }
 
     /// Datagram `i` of the last call.
-    pub(super) fn datagram(&self, i: usize) -> Option<(&[u8], SocketAddr)> {
-        let (len, from) = *self.got.get(i)?;
+    pub(super) fn datagram(&self, i: usize) -> Option<Datagram<'_>> {
+        let (len, from, at) = *self.got.get(i)?;
         let buf = self.bufs.get(i)?;
-        Some((&buf[..len.min(buf.len())], from))
+        Some(Datagram {
+            data: &buf[..len.min(buf.len())],
+            from,
+            at,
+        })
     }
 }
 
@@ -203,8 +262,8 @@ mod tests {
                 Ok(n) => {
                     assert!(n <= BATCH);
                     for i in 0..n {
-                        let (data, from) = inp.datagram(i).expect("datagram");
-                        seen.push((data.to_vec(), from));
+                        let d = inp.datagram(i).expect("datagram");
+                        seen.push((d.data.to_vec(), d.from));
                     }
                 }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
@@ -233,5 +292,52 @@ mod tests {
             inp.recv(b.as_raw_fd()),
             Err(e) if e.kind() == io::ErrorKind::WouldBlock
         ));
+    }
+
+    #[test]
+    fn a_datagram_is_stamped_when_it_arrived_not_when_it_was_read() {
+        let a = std::net::UdpSocket::bind("127.0.0.1:0").expect("bind");
+        let b = std::net::UdpSocket::bind("127.0.0.1:0").expect("bind");
+        enable_timestamps(&b).expect("SO_TIMESTAMPNS");
+        b.set_nonblocking(true).expect("nonblocking");
+        let before_send = Instant::now();
+        a.send_to(b"early", b.local_addr().expect("addr"))
+            .expect("send");
+        // The datagram waits in b's buffer, as it does while a worker is busy.
+        std::thread::sleep(Duration::from_millis(60));
+        let before_read = Instant::now();
+        let mut inp = RecvBatch::new();
+        let deadline = Instant::now() + Duration::from_secs(5);
+        let n = loop {
+            match inp.recv(b.as_raw_fd()) {
+                Ok(n) => break n,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock && Instant::now() < deadline => {
+                    std::thread::sleep(Duration::from_millis(5))
+                }
+                Err(e) => panic!("recv: {e}"),
+            }
+        };
+        assert_eq!(n, 1);
+        let d = inp.datagram(0).expect("datagram");
+        assert_eq!(d.data, b"early");
+        assert!(
+            d.at < before_read,
+            "stamped at arrival ({:?} after the send), before the read began ({:?} after it)",
+            d.at.duration_since(before_send),
+            before_read.duration_since(before_send)
+        );
+    }
+
+    #[test]
+    fn arrival_falls_back_to_the_read_time_without_a_believable_stamp() {
+        let read_at = Instant::now();
+        let wall = Duration::from_secs(1_800_000_000);
+        let ms = Duration::from_millis;
+        assert_eq!(arrival(read_at, wall, Some(wall - ms(7))), read_at - ms(7));
+        assert_eq!(arrival(read_at, wall, Some(wall)), read_at);
+        assert_eq!(arrival(read_at, wall, None), read_at);
+        // From the future, or older than a second: the wall clock moved.
+        assert_eq!(arrival(read_at, wall, Some(wall + ms(3))), read_at);
+        assert_eq!(arrival(read_at, wall, Some(wall - ms(1500))), read_at);
     }
 }

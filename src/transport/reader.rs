@@ -68,6 +68,8 @@ pub(super) struct Inbound {
     pub from: SocketAddr,
     pub protocol: TransportProtocol,
     pub data: BytesMut,
+    /// When it arrived (the kernel's receive time for UDP, see
+    /// [`super::batch`]): the arrival time TWCC feedback reports.
     pub at: Instant,
 }
 
@@ -141,18 +143,17 @@ impl Reader {
                     break;
                 }
             };
-            let at = Instant::now();
             for i in 0..n {
-                let Some((data, from)) = self.batch.datagram(i) else {
+                let Some(d) = self.batch.datagram(i) else {
                     continue;
                 };
                 let routed = route(
                     &mut self.demux,
                     &self.metrics,
-                    data,
-                    from,
+                    d.data,
+                    d.from,
                     TransportProtocol::UDP,
-                    at,
+                    d.at,
                 );
                 if let Some(inbound) = routed {
                     self.deliver(inbound, own);

@@ -34,6 +34,9 @@ pub fn start(
 ) -> io::Result<MediaPlane> {
     let socket = std::net::UdpSocket::bind(config.bind)?;
     socket.set_nonblocking(true)?;
+    if let Err(e) = super::batch::enable_timestamps(&socket) {
+        tracing::warn!(error = %e, "no kernel receive timestamps: datagrams are stamped when read");
+    }
     let local = socket.local_addr()?;
     let announce = SocketAddr::new(config.public_ip.unwrap_or(local.ip()), local.port());
     // ICE-TCP (passive) on the same port number, for networks that block UDP.
