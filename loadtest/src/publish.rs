@@ -386,6 +386,10 @@ pub struct Publisher {
     clip_shift: u64,
     /// Keyframe requests answered.
     pub keyframes_requested: u64,
+    /// `--simulcast`: which layers (indexed like [`SIMULCAST_RIDS`]) are
+    /// sent; the server's `publisher-layers` turns them off and on
+    /// ([`Publisher::set_layers`]), as a browser applies it to its encoder.
+    active: [bool; 3],
     period: Duration,
     interval: Option<tokio::time::Interval>,
 }
@@ -405,6 +409,7 @@ impl Publisher {
             frame: 0,
             clip_shift: 0,
             keyframes_requested: 0,
+            active: [true; 3],
             period,
             interval: Some(interval),
         }
@@ -484,7 +489,8 @@ impl Publisher {
                     stamp::STAMP_LEN,
                 );
                 let n = parts.len();
-                for (i, mut p) in parts.into_iter().enumerate() {
+                let top_active = plan.simulcast.is_none() || self.active[SIMULCAST_RIDS.len() - 1];
+                for (i, mut p) in parts.into_iter().enumerate().filter(|_| top_active) {
                     let stamp = Stamp {
                         sender,
                         seq: self.seq,
@@ -496,6 +502,9 @@ impl Publisher {
                 }
                 if let Some(sc) = plan.simulcast.as_ref() {
                     for (layer, frames) in sc.layers.iter().enumerate() {
+                        if !self.active[layer] {
+                            continue;
+                        }
                         let Some(f) = frames.get(at) else { continue };
                         let parts = media::vp8_packets(
                             &f.data,
@@ -524,6 +533,27 @@ impl Publisher {
 }
 
 impl Publisher {
+    /// `publisher-layers`: only the layers whose rid is in `active` are
+    /// sent from now on (an empty or unknown list changes nothing). A layer
+    /// that comes back starts with a keyframe, as an encoder's does.
+    /// Returns whether anything changed.
+    pub fn set_layers(&mut self, plan: &MediaPlan, active: &[String]) -> bool {
+        if self.kind != Kind::Video || plan.simulcast.is_none() {
+            return false;
+        }
+        let next: [bool; 3] =
+            std::array::from_fn(|i| active.iter().any(|rid| rid == SIMULCAST_RIDS[i]));
+        if !next.contains(&true) || next == self.active {
+            return false;
+        }
+        let resumed = next.iter().zip(self.active).any(|(n, was)| *n && !was);
+        self.active = next;
+        if resumed {
+            self.keyframe_requested(plan);
+        }
+        true
+    }
+
     /// The server asked for a keyframe (a PLI): the next video frame sent is
     /// the clip's next keyframe (at or after the current position, looping),
     /// unless it already is one. The RTP timestamp runs on unchanged.
@@ -582,7 +612,10 @@ pub fn send_next_layers(
     let in_window = schedule.in_window(frame.sent_ns);
     let sent = &mut sent[kind_index(p.kind)];
     sent.errors += frame.errors;
-    sent.frame(in_window, frame.keyframe);
+    // A frame of a paused top layer (dynacast) is not sent, nor counted.
+    if p.kind == Kind::Audio || !frame.packets.is_empty() {
+        sent.frame(in_window, frame.keyframe);
+    }
     let mut handed = 0;
     for (payload, marker) in frame.packets {
         let len = payload.len();
@@ -839,6 +872,77 @@ mod tests {
         let ratio = |l: usize| bytes[l] as f64 / bytes[2] as f64;
         assert!((0.10..0.16).contains(&ratio(0)), "q/f {}", ratio(0));
         assert!((0.32..0.38).contains(&ratio(1)), "h/f {}", ratio(1));
+    }
+
+    #[tokio::test]
+    async fn publisher_layers_pause_and_resume_layers_and_a_resumed_layer_starts_at_a_keyframe() {
+        let plan = media_plan(500, false)
+            .expect("plan")
+            .with_simulcast()
+            .expect("simulcast");
+        let base = Instant::now();
+        let s = Schedule::new(
+            base,
+            base,
+            Duration::ZERO,
+            Duration::from_secs(60),
+            Duration::ZERO,
+        );
+        let [_, video] = Publisher::all(&plan, s.warmup_start);
+        let mut video = video.expect("video");
+        let mut sent = [Sent::default(); 2];
+        // Sends one frame: (layers that carried packets, q/h/f; whether it
+        // was a keyframe).
+        let frame = |video: &mut Publisher, sent: &mut [Sent; 2]| {
+            let mut top = false;
+            let mut lower = [false; 2];
+            let keyframes = sent[1].window_keyframes;
+            send_next_layers(
+                video,
+                &plan,
+                1,
+                base,
+                &s,
+                sent,
+                |_, _, _, _| {
+                    top = true;
+                    true
+                },
+                |l, _, _, _| {
+                    lower[l] = true;
+                    true
+                },
+            );
+            (
+                [lower[0], lower[1], top],
+                sent[1].window_keyframes > keyframes,
+            )
+        };
+        assert_eq!(frame(&mut video, &mut sent).0, [true; 3]);
+        let rids = |r: &[&str]| r.iter().map(|r| (*r).to_owned()).collect::<Vec<_>>();
+        // Nothing to change, nothing active, unknown rids: no change.
+        assert!(!video.set_layers(&plan, &rids(&["q", "h", "f"])));
+        assert!(!video.set_layers(&plan, &[]));
+        assert!(!video.set_layers(&plan, &rids(&["x"])));
+        assert!(video.set_layers(&plan, &rids(&["q", "f"])));
+        for _ in 0..5 {
+            assert_eq!(frame(&mut video, &mut sent).0, [true, false, true]);
+        }
+        let top_frames = sent[1].window_frames;
+        assert!(video.set_layers(&plan, &rids(&["q"])));
+        for _ in 0..5 {
+            assert_eq!(frame(&mut video, &mut sent).0, [true, false, false]);
+        }
+        assert_eq!(
+            sent[1].window_frames, top_frames,
+            "a paused top layer's frames are not counted"
+        );
+        let requested = video.keyframes_requested;
+        assert!(video.set_layers(&plan, &rids(&["q", "h", "f"])));
+        assert_eq!(video.keyframes_requested, requested + 1);
+        let (layers, keyframe) = frame(&mut video, &mut sent);
+        assert_eq!(layers, [true; 3]);
+        assert!(keyframe, "the resumed layers start with a keyframe");
     }
 
     #[tokio::test]

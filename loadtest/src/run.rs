@@ -163,11 +163,17 @@ pub struct RunArgs {
     /// 1/9 and 3/9 of its bytes (same frame rate), their keyframes
     /// declaring 1/4 and 1/2 of the clip's picture size so the server ranks
     /// them below it. The cut frames do not decode: subscribers only count
-    /// packets. All three layers are sent all the time (publisher-layers is
-    /// counted, not obeyed): the server's worst case. Loss and latency
-    /// figures follow the top layer.
+    /// packets. The publishers obey the server's `publisher-layers`
+    /// (dynacast) as a browser does: a layer nobody needs is not sent, and
+    /// one that comes back starts with a keyframe. Loss and latency figures
+    /// follow the top layer.
     #[arg(long)]
     pub simulcast: bool,
+    /// With --simulcast: send all three layers all the time, whatever
+    /// `publisher-layers` says (counted, not obeyed): the server's worst
+    /// case.
+    #[arg(long, requires = "simulcast")]
+    pub ignore_dynacast: bool,
     /// Light subscribers: participants publish as usual (full clients,
     /// encrypting), but their receive side reads the socket with recvmmsg
     /// and, once connected, counts SRTP datagrams from the cleartext header
@@ -355,6 +361,9 @@ struct Shared {
     live: Arc<Live>,
     /// `--light-subscribers`.
     light: bool,
+    /// Publishers obey `publisher-layers` (`--simulcast` without
+    /// `--ignore-dynacast`).
+    dynacast: bool,
 }
 
 impl Shared {
@@ -457,6 +466,7 @@ pub async fn run(args: &RunArgs) -> Result<Report, String> {
         audio_mode: args.audio_mode.proto(),
         live: live.clone(),
         light: args.light_subscribers,
+        dynacast: args.simulcast && !args.ignore_dynacast,
     });
     let (phase_tx, phase_rx) = watch::channel(Phase::Joining);
     let (ready_tx, mut ready_rx) = mpsc::unbounded_channel::<Ready>();
@@ -667,12 +677,14 @@ pub struct Outcome {
     pub server_errors: BTreeMap<String, u64>,
     /// The client task ended before we left.
     pub closed_early: bool,
-    /// `--simulcast`: lower-layer (q, h) packets handed to the client.
-    pub lower_sent: u64,
+    /// `--simulcast`: lower-layer packets handed to the client, per layer (q, h).
+    pub lower_sent: [u64; 2],
     /// `--simulcast`: lower-layer packets received, per layer (q, h).
     pub lower_received: [u64; 2],
     /// `publisher-layers` messages received.
     pub publisher_layers: u64,
+    /// Of those, the ones that turned a layer off or on (dynacast obeyed).
+    pub layer_changes: u64,
     /// `--light-subscribers`: this participant's light receiver, and what it
     /// had counted when the media phase ended.
     pub light: Option<LightRtp>,
@@ -705,9 +717,10 @@ impl Outcome {
             later_states: Vec::new(),
             server_errors: BTreeMap::new(),
             closed_early: false,
-            lower_sent: 0,
+            lower_sent: [0; 2],
             lower_received: [0; 2],
             publisher_layers: 0,
+            layer_changes: 0,
             light: shared.light.then(LightRtp::new),
             light_counts: None,
         }
@@ -835,7 +848,8 @@ fn send(
 ) {
     // With simulcast, `send_rtp` video goes on the top layer (the client's
     // last rid, `f`); the lower layers name theirs.
-    let (handed, lower) = send_next_layers(
+    let lower_sent = &mut out.lower_sent;
+    let (handed, _) = send_next_layers(
         p,
         &shared.plan,
         out.index,
@@ -844,12 +858,15 @@ fn send(
         &mut out.sent,
         |kind, payload, marker, ts| client.send_rtp(kind, payload, marker, ts).is_ok(),
         |layer, payload, marker, ts| {
-            SIMULCAST_RIDS
+            let ok = SIMULCAST_RIDS
                 .get(layer)
-                .is_some_and(|rid| client.send_rtp_layer(rid, payload, marker, ts).is_ok())
+                .is_some_and(|rid| client.send_rtp_layer(rid, payload, marker, ts).is_ok());
+            if let (true, Some(n)) = (ok, lower_sent.get_mut(layer)) {
+                *n += 1;
+            }
+            ok
         },
     );
-    out.lower_sent += lower;
     Live::add(&shared.live.expected, handed * (shared.per_room - 1) as u64);
 }
 
@@ -908,6 +925,9 @@ async fn participant(
         }
     };
     let mut streams: [Option<Publisher>; 2] = [None, None];
+    // The last `publisher-layers` (dynacast), for a video stream not
+    // started yet when it came.
+    let mut layers: Option<Vec<String>> = None;
     loop {
         let end = schedule.map(|s: Schedule| s.end);
         let [audio, video] = &mut streams;
@@ -924,6 +944,15 @@ async fn participant(
                         v.keyframe_requested(&shared.plan);
                     }
                 }
+                Some(Event::PublisherLayers { active, .. }) if shared.dynacast => {
+                    out.publisher_layers += 1;
+                    if let Some(v) = video.as_mut() {
+                        if v.set_layers(&shared.plan, &active) {
+                            out.layer_changes += 1;
+                        }
+                    }
+                    layers = Some(active);
+                }
                 Some(ev) => out.absorb(ev, schedule.as_ref(), &shared),
             },
             changed = phase.changed() => {
@@ -939,6 +968,9 @@ async fn participant(
                         }
                         if out.publisher {
                             [*audio, *video] = Publisher::all(&shared.plan, s.warmup_start);
+                            if let (Some(v), Some(l)) = (video.as_mut(), layers.as_ref()) {
+                                v.set_layers(&shared.plan, l);
+                            }
                         }
                     }
                     Phase::Stop => break,
@@ -1264,6 +1296,7 @@ mod tests {
             audio_mode: AudioMode::Mix,
             live: Arc::new(Live::default()),
             light: false,
+            dynacast: false,
         };
         let s = Schedule::new(base, base, a.warmup, a.duration, a.drain);
         let mut out = Outcome::new(0, &shared);

@@ -610,3 +610,85 @@ fn light_subscribers_count_distinct_packets_never_more_than_were_sent() {
     assert!(num(&r, "server.cpu_per_forwarded_packet_us") > 0.0);
     assert!(num(&r, "generator.cpu_window_s") > 0.0);
 }
+
+/// Runs `--simulcast` with `extra` flags; returns the JSON report.
+fn simulcast_run(name: &str, extra: &[&str]) -> Value {
+    let server = Server::start(&[]);
+    let dir = Scratch::new(name);
+    let json = dir.0.join("report.json");
+    let pid = server.pid();
+    let mut args = vec![
+        "run",
+        "--url",
+        &server.ws_url,
+        "--rooms",
+        "1",
+        "--participants",
+        "3",
+        "--video-kbps",
+        "300",
+        "--audio",
+        "--warmup",
+        "2s",
+        "--duration",
+        "4s",
+        "--drain",
+        "500ms",
+        "--timeout",
+        "60s",
+        "--server-pid",
+        &pid,
+        "--simulcast",
+        "--json",
+        json.to_str().expect("utf-8 path"),
+    ];
+    args.extend_from_slice(extra);
+    let out = loadtest(&args, Duration::from_secs(120));
+    assert!(
+        out.status.success(),
+        "exit {:?}\n{}\n{}",
+        out.status,
+        out.stdout,
+        out.stderr
+    );
+    assert!(
+        out.stdout.contains("publisher-layers messages"),
+        "{}",
+        out.stdout
+    );
+    serde_json::from_str(&std::fs::read_to_string(&json).expect("json written"))
+        .expect("valid JSON")
+}
+
+/// Simulcast publishers obey `publisher-layers` as browsers do: with every
+/// subscriber on the top layer the server needs only the lowest (its
+/// fallback) and the top one, so the middle layer (`h`) stops at the
+/// publishers while `q` goes on; with `--ignore-dynacast` every layer is
+/// sent all the time. (h's frames are three times q's bytes: sent all the
+/// time, h has more packets than q.)
+#[test]
+fn simulcast_publishers_stop_the_layer_nobody_needs_unless_told_to_ignore_dynacast() {
+    let obeyed = simulcast_run("simulcast-dynacast", &[]);
+    let sc = &obeyed["simulcast"];
+    println!("obeying dynacast: {sc}");
+    assert_eq!(sc["dynacast"], true);
+    assert!(num(sc, "layer_changes") >= 1.0, "{sc}");
+    let (q, h) = (num(sc, "lower_sent.0"), num(sc, "lower_sent.1"));
+    assert!(q > 0.0, "{sc}");
+    assert!(h < q, "h (nobody's layer) stopped early: q {q}, h {h}");
+    // The top layer reached every subscriber all along.
+    for m in obeyed["media"].as_array().expect("media") {
+        if m["kind"] == "video" {
+            assert!(num(m, "received") > 0.0, "{m}");
+        }
+    }
+
+    let ignored = simulcast_run("simulcast-ignored", &["--ignore-dynacast"]);
+    let sc = &ignored["simulcast"];
+    println!("ignoring dynacast: {sc}");
+    assert_eq!(sc["dynacast"], false);
+    assert_eq!(num(sc, "layer_changes"), 0.0, "{sc}");
+    assert!(num(sc, "publisher_layers_messages") >= 1.0, "{sc}");
+    let (q, h) = (num(sc, "lower_sent.0"), num(sc, "lower_sent.1"));
+    assert!(h > q, "every layer sent all the time: q {q}, h {h}");
+}

@@ -135,12 +135,16 @@ pub struct SimulcastStats {
     pub rids: [&'static str; 3],
     /// Picture sizes the lower layers' keyframes declare (q, h).
     pub lower_sizes: [(u16, u16); 2],
-    /// Lower-layer packets the publishers handed to their clients.
-    pub lower_sent: u64,
+    /// Lower-layer packets the publishers handed to their clients, per layer (q, h).
+    pub lower_sent: [u64; 2],
     /// Lower-layer packets the subscribers received, per layer (q, h).
     pub lower_received: [u64; 2],
     /// `publisher-layers` messages the publishers received.
     pub publisher_layers_messages: u64,
+    /// Whether the publishers obeyed them (not `--ignore-dynacast`).
+    pub dynacast: bool,
+    /// Of those messages, the ones that turned a layer off or on.
+    pub layer_changes: u64,
 }
 
 #[derive(Debug, Serialize)]
@@ -973,9 +977,11 @@ impl Report {
             simulcast: inp.plan.simulcast.as_ref().map(|sc| SimulcastStats {
                 rids: crate::publish::SIMULCAST_RIDS,
                 lower_sizes: sc.sizes,
-                lower_sent: outcomes.iter().map(|o| o.lower_sent).sum(),
+                lower_sent: [0, 1].map(|l| outcomes.iter().map(|o| o.lower_sent[l]).sum()),
                 lower_received: [0, 1].map(|l| outcomes.iter().map(|o| o.lower_received[l]).sum()),
                 publisher_layers_messages: outcomes.iter().map(|o| o.publisher_layers).sum(),
+                dynacast: !inp.args.ignore_dynacast,
+                layer_changes: outcomes.iter().map(|o| o.layer_changes).sum(),
             }),
             light,
         }
@@ -1063,16 +1069,22 @@ impl Report {
         if let Some(sc) = &self.simulcast {
             writeln!(
                 t,
-                "  simulcast    rids {}: {} packets sent on q ({}x{}) and h ({}x{}) at 1/9 and 3/9 of the clip's bytes, next to f; received q {}, h {} (the rest of the report is f); {} publisher-layers messages",
+                "  simulcast    rids {}: packets sent on q ({}x{}) {} and on h ({}x{}) {}, at 1/9 and 3/9 of the clip's bytes, next to f; received q {}, h {} (the rest of the report is f); {} publisher-layers messages, {}",
                 sc.rids.join("/"),
-                sc.lower_sent,
                 sc.lower_sizes[0].0,
                 sc.lower_sizes[0].1,
+                sc.lower_sent[0],
                 sc.lower_sizes[1].0,
                 sc.lower_sizes[1].1,
+                sc.lower_sent[1],
                 sc.lower_received[0],
                 sc.lower_received[1],
-                sc.publisher_layers_messages
+                sc.publisher_layers_messages,
+                if sc.dynacast {
+                    format!("obeyed ({} changed the layers sent)", sc.layer_changes)
+                } else {
+                    "ignored (--ignore-dynacast)".to_owned()
+                }
             )?;
         }
         if !self.audio_mode_granted.is_empty() {
