@@ -17,7 +17,11 @@
 //! - Everyone first: every track gets its lowest live layer, most important
 //!   first (the active speaker, then the rest), before any track goes
 //!   higher, so two tracks at the lowest layer beat one high and one paused.
-//!   The least important pause first when even that does not fit.
+//!   The least important pause first when even that does not fit. A track
+//!   paused for bandwidth comes back at its lowest layer, after
+//!   [`HOLD_MIN`], as soon as every track's lowest layer fits the headroom,
+//!   even if that brings more important tracks down from higher layers
+//!   (one high and one paused is never kept where two low would fit).
 //! - Then, most important first, each track goes as high as its wish
 //!   (`max_height`) and the budget allow.
 //! - Hysteresis, so a noisy estimate does not flip layers (each switch costs
@@ -147,6 +151,15 @@ impl TrackState {
             .is_none_or(|d| now.saturating_duration_since(d) >= self.hold)
     }
 
+    /// Whether a track paused for bandwidth may come back at its lowest
+    /// layer: [`HOLD_MIN`] after the pause, whatever failed probes did to
+    /// the hold of its up-switches (a frozen tile costs more than a
+    /// keyframe at the lowest layer).
+    fn may_resume(&self, now: Instant) -> bool {
+        self.last_down
+            .is_none_or(|d| now.saturating_duration_since(d) >= HOLD_MIN.min(self.hold))
+    }
+
     /// A down-switch for bandwidth at `now`. The hold is reset lazily, here:
     /// until the next down-switch only its end (`last_down + hold`) matters.
     fn went_down(&mut self, now: Instant) {
@@ -180,6 +193,8 @@ struct Work {
     fresh: bool,
     /// Not within its hold time.
     may_rise: bool,
+    /// Paused for bandwidth, and may come back ([`TrackState::may_resume`]).
+    may_resume: bool,
     /// One layer only (no simulcast): sent as it is, never adjusted.
     single: bool,
 }
@@ -193,6 +208,7 @@ impl Work {
             target,
             fresh: false,
             may_rise: false,
+            may_resume: false,
             single: false,
         };
         let layers = usable(t.layers);
@@ -241,6 +257,8 @@ impl Work {
             target: base,
             fresh,
             may_rise: prior.is_none_or(|s| s.may_rise(now)),
+            may_resume: base == Target::Paused(PauseCause::Bandwidth)
+                && prior.is_none_or(|s| s.may_resume(now)),
             single: false,
         }
     }
@@ -346,11 +364,30 @@ impl Allocator {
             .filter(|(_, w)| !w.single)
             .map(|(t, w)| cost(usable(t.layers), w.base))
             .sum();
+        // Tracks paused for bandwidth that may come back: what their lowest
+        // layers cost, and what everyone's lowest layers cost.
+        let lowest = |(t, w): (&TrackDemand<'_>, &Work)| layer_cost(usable(t.layers), w.lo);
+        let resuming: u64 = tracks
+            .iter()
+            .zip(&self.work)
+            .filter(|(_, w)| w.may_resume)
+            .map(lowest)
+            .sum();
+        let all_lowest: u64 = tracks
+            .iter()
+            .zip(&self.work)
+            .filter(|(_, w)| !w.single && (w.may_resume || matches!(w.base, Target::Layer(_))))
+            .map(lowest)
+            .sum();
+        // Raising would leave a paused track out (the others' higher layers
+        // fill the headroom) where everyone's lowest fits: rebalance, from
+        // the lowest layers up, as when lowering.
+        let rebalance = resuming > 0 && current + resuming > headroom && all_lowest <= headroom;
         let (work, order) = (&mut self.work[..], &self.order[..]);
-        if current <= budget {
-            fill(work, order, tracks, headroom, false, current);
+        if current <= budget && !rebalance {
+            fill(work, order, tracks, headroom, headroom, false, current);
         } else {
-            fill(work, order, tracks, budget, true, 0);
+            fill(work, order, tracks, budget, headroom, true, 0);
         }
 
         out.clear();
@@ -393,16 +430,19 @@ impl Allocator {
 /// their lowest layer, then each goes as high as `limit` allows.
 ///
 /// Raising (the current targets fit, `total`): tracks paused for bandwidth
-/// and past their hold come back, then tracks past their hold go up to
-/// their cap, all within `limit` = the headroom. Lowering (they do not
-/// fit): every track restarts from its lowest layer (or pauses, the least
-/// important first) and goes back up to at most its current target, within
-/// `limit` = the budget; no track goes up while another goes down.
+/// that may resume come back, then tracks past their hold go up to their
+/// cap, all within `limit` = the headroom. Lowering (they do not fit, or a
+/// paused track is rebalanced in): every track restarts from its lowest
+/// layer (or pauses, the least important first; a paused track that may
+/// resume restarts too) and goes back up to at most its current target,
+/// within `limit` = the budget; no track goes up while another goes down.
+/// A paused track comes back only within `resume_limit` (the headroom).
 fn fill(
     work: &mut [Work],
     order: &[usize],
     tracks: &[TrackDemand<'_>],
     limit: u64,
+    resume_limit: u64,
     lowering: bool,
     mut total: u64,
 ) {
@@ -411,14 +451,15 @@ fn fill(
         if w.single {
             continue;
         }
-        let restart = if lowering {
-            matches!(w.base, Target::Layer(_))
-        } else {
-            w.target == Target::Paused(PauseCause::Bandwidth) && w.may_rise
+        let restart = match w.base {
+            Target::Layer(_) => lowering,
+            Target::Paused(PauseCause::Bandwidth) => w.may_resume,
+            Target::Paused(_) => false,
         };
         if restart {
             let c = layer_cost(usable(tracks[i].layers), w.lo);
-            if total + c <= limit {
+            let within = if w.may_resume { resume_limit } else { limit };
+            if total + c <= within {
                 w.target = Target::Layer(w.lo);
                 total += c;
             } else if lowering {
@@ -658,6 +699,36 @@ mod tests {
         // 4 s again.
         check(&[(145.0, lo, L1), (152.9, hi, L1), (153.0, hi, L2)]);
         check(&[(200.0, lo, L1), (204.0, hi, L2)]);
+    }
+
+    /// Seen under a capped downlink: the speaker held its middle layer and
+    /// the other track stayed paused (its hold doubled by a failed probe)
+    /// at an estimate where both lowest layers fit.
+    #[test]
+    fn a_paused_track_comes_back_at_the_lowest_layer_when_everyone_lowest_fits() {
+        let tracks = [track(1, 0, &SIM), track(2, 1, &SIM)];
+        let mut sub = Sub::new();
+        assert_eq!(sub.at(0.0, 400_000, &tracks).0, [L0, L0]);
+        // Under 300 kbit/s the other track pauses; the speaker, which did
+        // not go down, climbs to its middle layer as the estimate recovers,
+        // while the other is within its hold.
+        assert_eq!(sub.at(1.0, 250_000, &tracks).0, [L0, BW]);
+        assert_eq!(sub.at(2.0, 1_000_000, &tracks).0, [L1, BW]);
+        assert_eq!(sub.at(3.0, 504_000, &tracks).0, [L1, BW]);
+        // 504 kbit/s: the speaker's 500 kbit/s fits, but not with the
+        // other's lowest beside it, while both lowest (300 kbit/s) fit the
+        // headroom: once its hold is over, the other comes back and the
+        // speaker steps down to make room.
+        assert_eq!(sub.at(5.5, 504_000, &tracks).0, [L0, L0]);
+        assert_eq!(sub.at(6.5, 504_000, &tracks).0, [L0, L0]);
+        // Where both lowest do not fit the headroom, the speaker's lowest
+        // is kept and the other stays paused.
+        let mut sub = Sub::new();
+        sub.at(0.0, 400_000, &tracks);
+        assert_eq!(sub.at(1.0, 250_000, &tracks).0, [L0, BW]);
+        assert_eq!(sub.at(2.0, 600_000, &tracks).0, [L1, BW]);
+        assert_eq!(sub.at(6.0, 340_000, &tracks).0, [L0, BW]);
+        assert_eq!(sub.at(12.0, 340_000, &tracks).0, [L0, BW]);
     }
 
     #[test]
