@@ -265,6 +265,15 @@ impl BandwidthEstimator for Bwe {
             if self.loss > LOSS_FULL {
                 let from = self.loss_target.min(self.delay_target);
                 self.loss_target = (from * (1.0 - 0.5 * self.loss)).clamp(MIN, MAX);
+                // The delay-based target comes down with it: a queue that
+                // drops its tail (a token bucket) may never show a delay
+                // trend, and the first clean sample, which lifts the loss
+                // limit, would bring back a stale multi-Mbit/s target at
+                // once (seen under a 600 kbit/s cap: the estimate sawed
+                // between 0.5 and 2.7 Mbit/s, each rise a switch up and a
+                // burst of loss). From here the delay half climbs by its
+                // own rules, near the ceiling learnt below.
+                self.delay_target = self.delay_target.min(self.loss_target);
                 if let Some(received) = received {
                     self.learn_ceiling(now, received);
                 }
@@ -445,6 +454,53 @@ mod tests {
             }
         }
         bwe.target_bitrate()
+    }
+
+    /// `secs` of `rate_bps` from `start`, every `nth` packet lost (0: none),
+    /// no queueing; ids from `first`. The estimate after.
+    fn phase(
+        bwe: &mut Bwe,
+        t0: Instant,
+        start: Instant,
+        first: u64,
+        secs: f64,
+        rate_bps: f64,
+        nth: u64,
+    ) -> f64 {
+        let gap = 1200.0 * 8.0 / rate_bps;
+        let mut batch = Vec::new();
+        for i in 0..(secs / gap) as u64 {
+            let sent = start + Duration::from_secs_f64(i as f64 * gap);
+            let lost = nth != 0 && i % nth == 0;
+            let arrived = (!lost).then(|| sent + Duration::from_millis(20));
+            batch.push(report(first + i, t0, sent, arrived));
+            if batch.len() as f64 * gap >= 0.05 {
+                bwe.on_reports(sent + Duration::from_millis(40), &batch);
+                batch.clear();
+            }
+        }
+        bwe.target_bitrate()
+    }
+
+    #[test]
+    fn a_clean_sample_after_heavy_loss_does_not_bring_back_the_old_estimate() {
+        let (mut bwe, _) = Bwe::new();
+        let t0 = Instant::now();
+        let s = Duration::from_secs;
+        let high = phase(&mut bwe, t0, t0, 0, 6.0, 2_000_000.0, 0);
+        assert!(high > 2_000_000.0, "climbed: {high}");
+        // A token bucket drops half of what is sent, with no delay trend at
+        // all.
+        let cut = phase(&mut bwe, t0, t0 + s(6), 100_000, 4.0, 2_000_000.0, 2);
+        assert!(cut < high * 0.6, "cut: {cut} (from {high})");
+        // The sender keeps within the limit: what it sends arrives whole.
+        // The loss limit lifts, and the estimate climbs from where it was
+        // cut, not back to the old figure at the first clean sample.
+        let first_clean = phase(&mut bwe, t0, t0 + s(10), 200_000, 6.0, 400_000.0, 0);
+        assert!(
+            first_clean <= (cut * 1.3 + HEADROOM).max(1.5 * 400_000.0 * 1.3 + HEADROOM),
+            "a clean sample: {first_clean} (cut to {cut}, was {high})"
+        );
     }
 
     #[test]
