@@ -14,13 +14,19 @@
 //!   [`QUIET`] of the estimate falling, and only when the
 //!   allocator has a deficit the estimate cannot cover: the goal is the
 //!   rate the wishes want, over [`UP_HEADROOM`](super::allocator::UP_HEADROOM).
-//! - Pad up to that goal, but at most doubling what is sent (plus
-//!   [`PAD_FLOOR`]), for [`PROBE_TIME`]; the bytes go out in steps of
-//!   [`TICK`].
-//! - A probe succeeds when the estimate rose by [`SUCCESS_SHARE`] of the
-//!   padding; the next may follow soon. It fails when the estimate fell (the probe filled a
-//!   queue: stop at once) or did not rise; the wait before the next one
-//!   doubles from [`BACKOFF_MIN`] to [`BACKOFF_MAX`].
+//! - Test one step at a time, as libwebrtc's probe controller does: the
+//!   probe rate is [`STEP`] times the estimate (at least [`MIN_STEP`]
+//!   above it), never past the goal; the padding fills what is sent up to
+//!   that rate (at most [`PAD_MAX`]) for [`PROBE_TIME`], in steps of
+//!   [`TICK`]. The rate is above the estimate, or the probe would test
+//!   nothing: padding only up to what the wishes still lack, from a
+//!   connection sending less than its estimate, could never raise it.
+//! - A probe succeeds when the estimate rose [`SUCCESS_SHARE`] of the way
+//!   from where it started to the probe rate; the next may follow soon. It
+//!   fails when the estimate fell (the probe filled a queue: stop at once)
+//!   or did not rise enough; the wait before the next one doubles from
+//!   [`BACKOFF_MIN`] to [`BACKOFF_MAX`] (short enough that a link freed
+//!   after a long congested spell is found again within seconds).
 
 use std::time::{Duration, Instant};
 
@@ -32,12 +38,15 @@ pub const PROBE_TIME: Duration = Duration::from_millis(1500);
 pub const TICK: Duration = Duration::from_millis(20);
 /// Deficits smaller than this are not worth probing for.
 pub const MIN_DEFICIT: u64 = 100_000;
-/// The padding may add this much even to a connection that sends little.
-pub const PAD_FLOOR: u64 = 500_000;
-/// And never more than this.
+/// A probe tests this many times the estimate...
+pub const STEP: f64 = 1.5;
+/// ...and at least this much above it.
+pub const MIN_STEP: u64 = 200_000;
+/// Padding never adds more than this.
 pub const PAD_MAX: u64 = 3_000_000;
-/// A probe succeeds when the estimate rose by this share of the padding
-/// (the link carried it: an estimate that only crept up did not test it).
+/// A probe succeeds when the estimate rose this share of the way to the
+/// probe rate (the link carried it: an estimate that only crept up did not
+/// test it).
 pub const SUCCESS_SHARE: f64 = 0.5;
 /// An estimate this far below where the probe started ends it as failed.
 pub const ABORT_DROP: f64 = 0.90;
@@ -51,7 +60,7 @@ pub const QUIET: Duration = Duration::from_secs(5);
 const FALL: f64 = 0.95;
 /// Wait after a failed probe: doubles each time, within these bounds.
 pub const BACKOFF_MIN: Duration = Duration::from_secs(3);
-pub const BACKOFF_MAX: Duration = Duration::from_secs(30);
+pub const BACKOFF_MAX: Duration = Duration::from_secs(10);
 
 /// How a probe ended, for metrics.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -65,6 +74,8 @@ pub enum ProbeEvent {
 struct Probe {
     until: Instant,
     pad_bps: u64,
+    /// The rate it tests (what is sent plus the padding).
+    rate: u64,
     start_estimate: u64,
 }
 
@@ -128,8 +139,8 @@ impl Prober {
         if let Some(p) = self.probe {
             let fell = (estimate as f64) < p.start_estimate as f64 * ABORT_DROP;
             if fell || now >= p.until {
-                let rose =
-                    estimate as f64 >= p.start_estimate as f64 + p.pad_bps as f64 * SUCCESS_SHARE;
+                let start = p.start_estimate as f64;
+                let rose = estimate as f64 >= start + (p.rate as f64 - start) * SUCCESS_SHARE;
                 self.probe = None;
                 self.owed = 0.0;
                 return Some(if rose && !fell {
@@ -158,28 +169,20 @@ impl Prober {
             return None;
         }
         let sent = summary.allocated;
-        let pad_bps = goal
-            .saturating_sub(sent)
-            .min(sent.max(PAD_FLOOR))
-            .min(PAD_MAX);
+        let step = ((estimate as f64 * STEP) as u64).max(estimate + MIN_STEP);
+        let pad_bps = step.min(goal).saturating_sub(sent).min(PAD_MAX);
+        if pad_bps == 0 {
+            return None;
+        }
         self.probe = Some(Probe {
             until: now + PROBE_TIME,
             pad_bps,
+            rate: sent + pad_bps,
             start_estimate: estimate,
         });
         self.owed = 0.0;
         self.last_tick = Some(now);
         Some(ProbeEvent::Started { pad_bps })
-    }
-
-    /// Padding due by `now` in packets of `size` bytes (0 when not
-    /// probing); what is left over stays owed.
-    pub fn padding_packets(&mut self, now: Instant, size: usize) -> usize {
-        self.accrue(now);
-        let size = size.max(1) as f64;
-        let due = (self.owed / size).floor();
-        self.owed -= due * size;
-        due as usize
     }
 
     /// Padding bytes due by `now` (0 when not probing).
@@ -259,30 +262,40 @@ mod tests {
     }
 
     #[test]
-    fn pads_towards_the_goal_at_most_doubling() {
+    fn pads_up_to_half_again_the_estimate_within_the_goal() {
         let (mut p, t0) = (Prober::new(), Instant::now());
         // Wants 1.3 Mbit/s more over 700 kbit/s sent: the goal is
-        // 2.0 / 0.85 = 2.35 Mbit/s, but padding at most doubles.
+        // 2.0 / 0.85 = 2.35 Mbit/s; one step tests 1.5 x 900 kbit/s.
         let e = p.on_round(t0, Some(900_000), &summary(700_000, 1_300_000));
-        assert_eq!(e, Some(ProbeEvent::Started { pad_bps: 700_000 }));
+        assert_eq!(e, Some(ProbeEvent::Started { pad_bps: 650_000 }));
         // A small goal pads only up to it.
         let mut q = Prober::new();
         let e = q.on_round(t0, Some(400_000), &summary(300_000, 150_000));
         assert_eq!(e, Some(ProbeEvent::Started { pad_bps: 229_411 }));
-        // 700 kbit/s for 1 s, released in ticks: 87,500 bytes.
+        // A connection sending far less than its estimate (its next layer
+        // does not fit): the padding lifts what is sent above the
+        // estimate, or the probe could not raise it (seen after a cap
+        // lifted: 278 kbit/s sent, 737 kbit/s estimated, 500 kbit/s of
+        // padding, every probe failed on a free link).
+        let mut r = Prober::new();
+        let e = r.on_round(t0, Some(736_000), &summary(278_000, 2_662_000));
+        assert_eq!(e, Some(ProbeEvent::Started { pad_bps: 826_000 }));
+        // At least MIN_STEP above a small estimate.
+        let mut r = Prober::new();
+        let e = r.on_round(t0, Some(200_000), &summary(150_000, 500_000));
+        assert_eq!(e, Some(ProbeEvent::Started { pad_bps: 250_000 }));
+        // 650 kbit/s for 1 s, released in ticks: 81,250 bytes.
         let mut bytes = 0;
         for i in 1..=50 {
             bytes += p.padding_due(t0 + TICK * i);
         }
-        assert!((87_400..=87_500).contains(&bytes), "{bytes}");
+        assert!((81_150..=81_250).contains(&bytes), "{bytes}");
         // A late tick is owed at most 5 ticks' worth.
         let late = p.padding_due(t0 + Duration::from_secs(3));
-        assert_eq!(late, 8_750);
-        // In packets: 1,750 bytes per tick is one 1,000-byte packet, then
-        // two (the rest carried over).
+        assert_eq!(late, 8_125);
+        // Then a tick's worth again (1,625 bytes).
         let t = t0 + Duration::from_secs(3);
-        assert_eq!(p.padding_packets(t + TICK, 1000), 1);
-        assert_eq!(p.padding_packets(t + TICK * 2, 1000), 2);
+        assert_eq!(p.padding_due(t + TICK), 1_625);
     }
 
     #[test]
@@ -290,7 +303,8 @@ mod tests {
         let (mut p, t0) = (Prober::new(), Instant::now());
         let s = summary(700_000, 1_300_000);
         let at = |ms: u64| t0 + Duration::from_millis(ms);
-        // Pads 700 kbit/s: success needs the estimate 350 kbit/s higher.
+        // Tests 1.35 Mbit/s from 900 kbit/s: success needs the estimate
+        // half way there, at 1.125 Mbit/s.
         assert!(p.on_round(at(0), Some(900_000), &s).is_some());
         // Mid-probe: nothing changes.
         assert_eq!(p.on_round(at(500), Some(1_000_000), &s), None);
@@ -304,7 +318,8 @@ mod tests {
             p.on_round(at(2000), Some(1_300_000), &s),
             Some(ProbeEvent::Started { .. })
         ));
-        // Crept up 15 %, not by half the padding: failed, 3 s before the next.
+        // Tests 1.95 Mbit/s from 1.3: crept up 15 %, not half way: failed,
+        // 3 s before the next.
         assert_eq!(
             p.on_round(at(3500), Some(1_500_000), &s),
             Some(ProbeEvent::Failed)
@@ -331,5 +346,25 @@ mod tests {
         );
         assert_eq!(p.on_round(at(19_400), Some(1_300_000), &s), None);
         assert!(p.on_round(at(19_500), Some(1_300_000), &s).is_some());
+    }
+
+    #[test]
+    fn failures_back_off_to_ten_seconds_at_most() {
+        let (mut p, t0) = (Prober::new(), Instant::now());
+        let s = summary(300_000, 1_000_000);
+        let mut t = t0;
+        let mut waits = Vec::new();
+        for _ in 0..5 {
+            // The next probe starts at the first 100 ms round allowed.
+            let mut start = t;
+            while p.on_round(start, Some(500_000), &s).is_none() {
+                start += Duration::from_millis(100);
+                assert!(start < t + Duration::from_secs(60), "no probe");
+            }
+            waits.push((start - t).as_secs());
+            t = start + PROBE_TIME;
+            assert_eq!(p.on_round(t, Some(500_000), &s), Some(ProbeEvent::Failed));
+        }
+        assert_eq!(waits, [0, 3, 6, 10, 10]);
     }
 }

@@ -45,10 +45,14 @@ pub const MAX: f64 = 50_000_000.0;
 
 /// Multiplicative climb per second, far from a known ceiling.
 const CLIMB_PER_SECOND: f64 = 1.25;
-/// How far above 1.5 times the received rate the estimate may go: room
-/// for the next simulcast layer (a 360p layer takes about 500 kbit/s), whose
-/// switch is what tests the path.
-pub const HEADROOM: f64 = 400_000.0;
+/// How far above 1.5 times the received rate the estimate may go untested.
+/// Small: a higher layer is reached after a probe's padding got through
+/// (the estimate is then what arrived), not by switching to it on trust.
+/// A switch that does not fit costs a keyframe lost in the queue and a
+/// frozen tile; a failed probe costs a few repaired packets. (It was
+/// 400 kbit/s, room for a 360p layer on trust: under a 600 kbit/s cap the
+/// estimate crept to ~1 Mbit/s and every such switch froze the picture.)
+pub const HEADROOM: f64 = 150_000.0;
 /// Loss above which the path is taken to be full (GCC's threshold): a
 /// lossy but uncongested link (5 % random loss, which NACK repairs) is
 /// left alone.

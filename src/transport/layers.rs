@@ -23,7 +23,8 @@ pub(super) const ALLOCATE_EVERY: Duration = Duration::from_millis(500);
 /// without simulcast are never cut on a guess.
 const NO_FEEDBACK: Duration = Duration::from_secs(5);
 
-/// The size padding is counted in: about a video packet.
+/// How many packets a round's padding starts with: its bytes over about a
+/// video packet (more follow when the packets were smaller).
 const PADDING_PACKET: usize = 1_100;
 
 /// At most this many packets repeated per padding round.
@@ -132,20 +133,33 @@ impl Engine {
                 continue;
             };
             any = true;
-            let n = p.prober.padding_packets(now, PADDING_PACKET);
+            let due = p.prober.padding_due(now);
             let Some((ssrc, seq)) = p.last_video else {
                 p.prober.forgive();
                 continue;
             };
-            if n == 0 {
-                continue;
+            // The last packets, oldest first, until `due` bytes went out
+            // (counted as sent: a probe of small low-layer packets must not
+            // pad at half its rate), at most MAX_REPEAT per round.
+            let (mut left, mut back, mut sent) = (due, 0u16, 0usize);
+            while left > 0 && back < MAX_REPEAT {
+                let n = u16::try_from(left.div_ceil(PADDING_PACKET))
+                    .unwrap_or(u16::MAX)
+                    .min(MAX_REPEAT - back);
+                let seqs: Vec<u16> = (back..back + n)
+                    .rev()
+                    .map(|i| seq.wrapping_sub(i))
+                    .collect();
+                let r = self.resend(key, ssrc, &seqs, super::resend::Resend::Padding, now);
+                if r.packets == 0 {
+                    break;
+                }
+                sent += r.packets;
+                left = left.saturating_sub(r.bytes);
+                back += n;
             }
-            let n = u16::try_from(n).unwrap_or(u16::MAX).min(MAX_REPEAT);
-            // The last `n` packets, oldest first.
-            let seqs: Vec<u16> = (0..n).rev().map(|i| seq.wrapping_sub(i)).collect();
-            let sent = self.resend(key, ssrc, &seqs, super::resend::Resend::Padding, now);
             self.metrics.layers.padding_packets.inc_by(sent as u64);
-            if sent == 0 {
+            if sent == 0 && due > 0 {
                 // Nothing recent to repeat (the publisher went quiet).
                 if let Some(p) = self.peers.get_mut(&key) {
                     p.prober.forgive();

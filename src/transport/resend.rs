@@ -35,6 +35,19 @@ pub(super) enum Resend {
 /// counted as dropped (`nack-over-limit`).
 pub(super) const MAX_NACKED: usize = 128;
 
+/// Bytes of an RTP header without extensions, and of the original
+/// sequence number an RTX packet carries ahead of the payload.
+const RTP_HEADER: usize = 12;
+const RTX_HEADER: usize = 2;
+
+/// What one [`Engine::resend`] handed to the connection.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub(super) struct Resent {
+    pub packets: usize,
+    /// Their size on the wire, about (headers without extensions).
+    pub bytes: usize,
+}
+
 /// The most published streams (simulcast encodings) one connection keeps
 /// a history of; past it, the stream silent the longest is forgotten.
 const MAX_HISTORIES: usize = 16;
@@ -144,12 +157,12 @@ impl Engine {
         seqs: &[u16],
         why: Resend,
         now: Instant,
-    ) -> usize {
+    ) -> Resent {
         let Some(s) = self.peers.get_mut(&sub) else {
-            return 0;
+            return Resent::default();
         };
         let Some((_, log)) = s.sent.iter_mut().find(|(x, _)| *x == ssrc) else {
-            return 0;
+            return Resent::default();
         };
         let wanted: Vec<(u16, Sent)> = seqs
             .iter()
@@ -162,7 +175,7 @@ impl Engine {
             })
             .collect();
         let Some(s) = self.peers.get(&sub) else {
-            return 0;
+            return Resent::default();
         };
         let mut out = Vec::with_capacity(wanted.len());
         for (seq, sent) in wanted {
@@ -175,17 +188,25 @@ impl Engine {
                 out.push(rewritten(original, ssrc, seq, &sent));
             }
         }
-        let found = out.len();
+        let resent = Resent {
+            packets: out.len(),
+            bytes: out
+                .iter()
+                .map(|p| RTP_HEADER + RTX_HEADER + p.payload.len())
+                .sum(),
+        };
         s.resender.resend(&mut out);
-        if found > 0 {
+        if resent.packets > 0 {
             self.touched.push(sub);
         }
-        found
+        resent
     }
 
     /// Answers a NACK of `sub`'s stream `ssrc`.
     pub(super) fn answer_nack(&mut self, sub: PeerKey, ssrc: u32, seqs: &[u16]) {
-        let found = self.resend(sub, ssrc, seqs, Resend::Nack, Instant::now());
+        let found = self
+            .resend(sub, ssrc, seqs, Resend::Nack, Instant::now())
+            .packets;
         self.metrics.nack_answered.inc_by(found as u64);
         self.metrics
             .nack_not_sent
