@@ -339,6 +339,25 @@ impl Allocator {
         now: Instant,
         out: &mut Vec<Allocation>,
     ) -> Summary {
+        self.allocate_tested(estimate, None, audio, tracks, now, out)
+    }
+
+    /// [`Allocator::allocate`], where nothing goes up (nor comes back from
+    /// a pause) past `tested`: the most the link is known to have carried
+    /// lately (what arrived, a probe's padding included). An estimate that
+    /// climbed on trust above it still keeps what is there, but buys no
+    /// higher layer until a probe has shown the link carries it (a switch
+    /// that does not fit costs a keyframe lost in the queue and a frozen
+    /// tile). `None`: no such limit (a connection that cannot be probed).
+    pub fn allocate_tested(
+        &mut self,
+        estimate: u64,
+        tested: Option<u64>,
+        audio: u64,
+        tracks: &[TrackDemand<'_>],
+        now: Instant,
+        out: &mut Vec<Allocation>,
+    ) -> Summary {
         self.work.clear();
         self.work.extend(
             tracks
@@ -352,7 +371,10 @@ impl Allocator {
             .map(|(t, w)| cost(usable(t.layers), w.base))
             .sum();
         let budget = estimate.saturating_sub(audio).saturating_sub(single);
-        let headroom = (budget as f64 * UP_HEADROOM) as u64;
+        let rise_budget = tested.map_or(budget, |t| {
+            budget.min(t.saturating_sub(audio).saturating_sub(single))
+        });
+        let headroom = (rise_budget as f64 * UP_HEADROOM) as u64;
         self.order.clear();
         self.order.extend(0..tracks.len());
         self.order
@@ -729,6 +751,32 @@ mod tests {
         assert_eq!(sub.at(2.0, 600_000, &tracks).0, [L1, BW]);
         assert_eq!(sub.at(6.0, 340_000, &tracks).0, [L0, BW]);
         assert_eq!(sub.at(12.0, 340_000, &tracks).0, [L0, BW]);
+    }
+
+    #[test]
+    fn nothing_goes_up_past_what_the_link_was_seen_to_carry() {
+        let tracks = [track(1, 0, &SIM), track(2, 1, &SIM)];
+        let mut a = Allocator::new();
+        let mut out = Vec::new();
+        let t0 = Instant::now();
+        let at = |s: u64| t0 + Duration::from_secs(s);
+        let targets = |out: &Vec<Allocation>| out.iter().map(|o| o.target).collect::<Vec<_>>();
+        // Both at the lowest layers (300 kbit/s), an estimate of 1 Mbit/s
+        // that only climbed on trust: the link carried 400 kbit/s.
+        a.allocate_tested(1_000_000, Some(400_000), 0, &tracks, at(0), &mut out);
+        assert_eq!(targets(&out), [L0, L0]);
+        a.allocate_tested(1_000_000, Some(400_000), 0, &tracks, at(5), &mut out);
+        assert_eq!(targets(&out), [L0, L0], "no 360p on trust");
+        // A probe's padding got through at 1.1 Mbit/s: the speaker goes up.
+        a.allocate_tested(1_100_000, Some(1_100_000), 0, &tracks, at(6), &mut out);
+        assert_eq!(targets(&out), [L1, L0]);
+        // What is there stays while the estimate allows it, tested or not.
+        a.allocate_tested(1_100_000, Some(400_000), 0, &tracks, at(7), &mut out);
+        assert_eq!(targets(&out), [L1, L0]);
+        // Without a limit (no probing possible) the estimate is trusted.
+        let mut b = Allocator::new();
+        b.allocate_tested(1_000_000, None, 0, &tracks, at(0), &mut out);
+        assert_eq!(targets(&out), [L1, L0]);
     }
 
     #[test]

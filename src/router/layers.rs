@@ -258,6 +258,19 @@ impl Router {
         now: Instant,
         out: &mut Vec<Decision>,
     ) -> Allocated {
+        self.allocate_tested(sub, estimate, None, now, out)
+    }
+
+    /// [`Router::allocate`] where no layer goes up past `tested` (see
+    /// [`crate::router::allocator::Allocator::allocate_tested`]).
+    pub fn allocate_tested(
+        &mut self,
+        sub: PeerKey,
+        estimate: Option<u64>,
+        tested: Option<u64>,
+        now: Instant,
+        out: &mut Vec<Decision>,
+    ) -> Allocated {
         let Some(s) = self.members.get_mut(&sub) else {
             return Allocated::default();
         };
@@ -326,8 +339,9 @@ impl Router {
                 paused: wish.paused,
             })
             .collect();
-        let summary = alloc.allocator.allocate(
+        let summary = alloc.allocator.allocate_tested(
             estimate.unwrap_or(u64::MAX / 4),
+            tested,
             audio,
             &demands,
             now,

@@ -76,7 +76,10 @@ struct Probe {
     pad_bps: u64,
     /// The rate it tests (what is sent plus the padding).
     rate: u64,
+    /// What it started from (the estimate, or less: see
+    /// [`Prober::on_round_tested`]), and the estimate itself.
     start_estimate: u64,
+    start_real: u64,
 }
 
 /// The prober of one connection.
@@ -125,19 +128,35 @@ impl Prober {
         estimate: Option<u64>,
         summary: &Summary,
     ) -> Option<ProbeEvent> {
-        let Some(estimate) = estimate else {
+        self.on_round_tested(now, estimate, None, summary)
+    }
+
+    /// [`Prober::on_round`] where the allocator raises nothing past
+    /// `tested` (what the link was seen to carry): a probe then starts
+    /// from, pads above and is judged by the lower of the two. Congestion
+    /// (the estimate falling) is still read from `estimate` alone: `tested`
+    /// also falls when an old peak is forgotten.
+    pub fn on_round_tested(
+        &mut self,
+        now: Instant,
+        estimate: Option<u64>,
+        tested: Option<u64>,
+        summary: &Summary,
+    ) -> Option<ProbeEvent> {
+        let Some(real) = estimate else {
             self.probe = None;
             return None;
         };
+        let estimate = tested.map_or(real, |t| real.min(t));
         if self
             .last_estimate
-            .replace(estimate)
-            .is_some_and(|last| (estimate as f64) < last as f64 * FALL)
+            .replace(real)
+            .is_some_and(|last| (real as f64) < last as f64 * FALL)
         {
             self.last_fall = Some(now);
         }
         if let Some(p) = self.probe {
-            let fell = (estimate as f64) < p.start_estimate as f64 * ABORT_DROP;
+            let fell = (real as f64) < p.start_real as f64 * ABORT_DROP;
             if fell || now >= p.until {
                 let start = p.start_estimate as f64;
                 let rose = estimate as f64 >= start + (p.rate as f64 - start) * SUCCESS_SHARE;
@@ -179,6 +198,7 @@ impl Prober {
             pad_bps,
             rate: sent + pad_bps,
             start_estimate: estimate,
+            start_real: real,
         });
         self.owed = 0.0;
         self.last_tick = Some(now);
@@ -366,5 +386,31 @@ mod tests {
             assert_eq!(p.on_round(t, Some(500_000), &s), Some(ProbeEvent::Failed));
         }
         assert_eq!(waits, [0, 3, 6, 10, 10]);
+    }
+
+    #[test]
+    fn with_a_tested_rate_below_the_estimate_the_probe_tests_above_it() {
+        let (mut p, t0) = (Prober::new(), Instant::now());
+        let s = summary(400_000, 2_000_000);
+        let at = |ms: u64| t0 + Duration::from_millis(ms);
+        // The estimate climbed to 2 Mbit/s on trust; the link was seen to
+        // carry 600 kbit/s: the probe tests 900 kbit/s.
+        let e = p.on_round_tested(at(0), Some(2_000_000), Some(600_000), &s);
+        assert_eq!(e, Some(ProbeEvent::Started { pad_bps: 500_000 }));
+        // The padding arrived: what was carried rose past half way.
+        assert_eq!(
+            p.on_round_tested(at(1500), Some(2_000_000), Some(880_000), &s),
+            Some(ProbeEvent::Succeeded)
+        );
+        // An old peak forgotten (the tested rate falls) is no congestion:
+        // the next probe follows without the 5 s quiet time.
+        assert!(p
+            .on_round_tested(at(2000), Some(2_000_000), Some(500_000), &s)
+            .is_some());
+        // The estimate itself falling mid-probe aborts it.
+        assert_eq!(
+            p.on_round_tested(at(2500), Some(1_500_000), Some(500_000), &s),
+            Some(ProbeEvent::Failed)
+        );
     }
 }

@@ -75,21 +75,34 @@ const BACK_OFF: f64 = 0.85;
 /// At most one change per this interval (one is seen before the next).
 const INTERVAL: Duration = Duration::from_millis(200);
 
-/// The engine's view of one connection's estimate (bit/s; 0 until the
-/// first feedback).
+/// The engine's view of one connection's estimate and of the most it was
+/// seen to carry lately (bit/s; 0 until the first feedback).
 #[derive(Debug, Clone, Default)]
-pub struct Estimate(Arc<AtomicU64>);
+pub struct Estimate(Arc<[AtomicU64; 2]>);
 
 impl Estimate {
     /// The estimate in bit/s, or `None` before any feedback arrived (the
     /// subscriber may not send TWCC at all: aiortc, older clients).
     pub fn get(&self) -> Option<u64> {
-        match self.0.load(Ordering::Relaxed) {
+        match self.0[0].load(Ordering::Relaxed) {
+            0 => None,
+            v => Some(v),
+        }
+    }
+
+    /// The highest rate that arrived at the far end within about the last
+    /// [`TESTED_MEMORY`] (a probe's padding included), or `None` before one
+    /// was measured: what the link is known to carry.
+    pub fn tested(&self) -> Option<u64> {
+        match self.0[1].load(Ordering::Relaxed) {
             0 => None,
             v => Some(v),
         }
     }
 }
+
+/// How long a received rate counts as what the link carries.
+pub const TESTED_MEMORY: Duration = Duration::from_secs(5);
 
 /// What the far end received, by its own arrival times (feedback comes in
 /// bursts: rated by when it was read here, two reports read a millisecond
@@ -151,6 +164,9 @@ pub struct Bwe {
     last_change: Option<Instant>,
     /// (when, received rate) at the last back-off.
     ceiling: Option<(Instant, f64)>,
+    /// The highest received rate since `tested.0`: a peak is kept for
+    /// [`TESTED_MEMORY`], then the current rate starts the next.
+    tested: Option<(Instant, f64)>,
     shared: Estimate,
 }
 
@@ -170,6 +186,7 @@ impl Bwe {
             target: INITIAL,
             last_change: None,
             ceiling: None,
+            tested: None,
             shared: shared.clone(),
         };
         (bwe, shared)
@@ -256,6 +273,16 @@ impl BandwidthEstimator for Bwe {
             }
         }
         let received = self.received.rate();
+        if let Some(r) = received {
+            self.tested = match self.tested {
+                Some((since, peak))
+                    if now.saturating_duration_since(since) < TESTED_MEMORY && peak >= r =>
+                {
+                    Some((since, peak))
+                }
+                _ => Some((now, r)),
+            };
+        }
         self.rate_control(now, usage, received);
         // Loss, judged over at least LOSS_SAMPLE packets (one feedback
         // batch of ten with two lost is no 20 % loss): above LOSS_FULL the
@@ -287,7 +314,10 @@ impl BandwidthEstimator for Bwe {
             }
         }
         self.target = self.delay_target.min(self.loss_target).clamp(MIN, MAX);
-        self.shared.0.store(self.target as u64, Ordering::Relaxed);
+        self.shared.0[0].store(self.target as u64, Ordering::Relaxed);
+        if let Some((_, peak)) = self.tested {
+            self.shared.0[1].store(peak.max(1.0) as u64, Ordering::Relaxed);
+        }
     }
 
     fn target_bitrate(&self) -> f64 {
@@ -365,6 +395,10 @@ mod tests {
             "untested cap: {after}"
         );
         assert_eq!(shared.get(), Some(after as u64));
+        // What the link carried: about the 1.5 Mbit/s sent, below the
+        // estimate that climbed on trust.
+        let tested = shared.tested().expect("measured") as f64;
+        assert!((1_300_000.0..=1_700_000.0).contains(&tested), "{tested}");
     }
 
     #[test]

@@ -61,7 +61,19 @@ impl Engine {
                 }
                 None => None,
             };
-            let a = self.router.allocate(key, estimate, now, &mut decisions);
+            // No layer goes up past what the link was seen to carry, where a
+            // probe can show more (its padding is RTX): the estimate alone
+            // may have climbed on trust. The answer is read only when that
+            // limit would bind.
+            let tested = p.estimate.tested().filter(|&t| {
+                estimate.is_some_and(|e| e > t)
+                    && p.pc
+                        .remote_description()
+                        .is_some_and(|d| d.sdp.contains(" rtx/90000"))
+            });
+            let a = self
+                .router
+                .allocate_tested(key, estimate, tested, now, &mut decisions);
             if a.switches > 0 && tracing::enabled!(tracing::Level::DEBUG) {
                 let layers = self.router.subscriptions_of(key);
                 let encodings: Vec<_> = layers
@@ -100,7 +112,10 @@ impl Engine {
                 .remote_description()
                 .is_some_and(|d| d.sdp.contains(" rtx/90000"));
         let estimate = p.estimate.get().filter(|_| rtx);
-        let Some(event) = p.prober.on_round(now, estimate, summary) else {
+        // The allocator raises nothing past what the link was seen to
+        // carry: that is what a probe tests.
+        let tested = p.estimate.tested();
+        let Some(event) = p.prober.on_round_tested(now, estimate, tested, summary) else {
             return;
         };
         let outcome = match event {

@@ -390,10 +390,36 @@ impl RTCRtpSenderInternal {
                     &parameters.rtp_parameters.header_extensions,
                 );
 
+                // Switchboard patch: the RTX stream is bound too, as a stream
+                // of its own (its SSRC and payload type, the same header
+                // extensions, no RTCP feedback), so interceptors keyed by
+                // SSRC see retransmissions: transport-wide CC numbers them
+                // and the congestion controller records them. Unbound, an
+                // RTX packet left untagged and unrecorded, and padding sent
+                // as RTX (bandwidth probing) was invisible to the estimate.
+                let rtx_info = stream_info
+                    .ssrc_rtx
+                    .zip(stream_info.payload_type_rtx)
+                    .map(|(ssrc_rtx, payload_type_rtx)| interceptor::StreamInfo {
+                        ssrc: ssrc_rtx,
+                        ssrc_rtx: None,
+                        ssrc_fec: None,
+                        payload_type: payload_type_rtx,
+                        payload_type_rtx: None,
+                        payload_type_fec: None,
+                        rtcp_feedback: Vec::new(),
+                        ..stream_info.clone()
+                    });
                 if is_binding {
                     interceptor.bind_local_stream(&stream_info);
+                    if let Some(rtx_info) = &rtx_info {
+                        interceptor.bind_local_stream(rtx_info);
+                    }
                 } else {
                     interceptor.unbind_local_stream(&stream_info);
+                    if let Some(rtx_info) = &rtx_info {
+                        interceptor.unbind_local_stream(rtx_info);
+                    }
                 }
             }
         }
