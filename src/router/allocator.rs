@@ -342,8 +342,8 @@ impl Allocator {
         self.allocate_tested(estimate, None, audio, tracks, now, out)
     }
 
-    /// [`Allocator::allocate`], where nothing goes up (nor comes back from
-    /// a pause) past `tested`: the most the link is known to have carried
+    /// [`Allocator::allocate`], where nothing goes up past its lowest layer
+    /// beyond `tested`: the most the link is known to have carried
     /// lately (what arrived, a probe's padding included). An estimate that
     /// climbed on trust above it still keeps what is there, but buys no
     /// higher layer until a probe has shown the link carries it (a switch
@@ -371,10 +371,15 @@ impl Allocator {
             .map(|(t, w)| cost(usable(t.layers), w.base))
             .sum();
         let budget = estimate.saturating_sub(audio).saturating_sub(single);
-        let rise_budget = tested.map_or(budget, |t| {
-            budget.min(t.saturating_sub(audio).saturating_sub(single))
+        let headroom = (budget as f64 * UP_HEADROOM) as u64;
+        // Above the lowest layers, only what the link was seen to carry.
+        // (Not for a paused track's lowest layer: with everything paused
+        // little arrives and a probe has no video to repeat, so that limit
+        // would keep the connection paused for good.)
+        let rise = tested.map_or(headroom, |t| {
+            let carried = t.saturating_sub(audio).saturating_sub(single);
+            headroom.min((carried as f64 * UP_HEADROOM) as u64)
         });
-        let headroom = (rise_budget as f64 * UP_HEADROOM) as u64;
         self.order.clear();
         self.order.extend(0..tracks.len());
         self.order
@@ -407,7 +412,7 @@ impl Allocator {
         let rebalance = resuming > 0 && current + resuming > headroom && all_lowest <= headroom;
         let (work, order) = (&mut self.work[..], &self.order[..]);
         if current <= budget && !rebalance {
-            fill(work, order, tracks, headroom, headroom, false, current);
+            fill(work, order, tracks, rise, headroom, false, current);
         } else {
             fill(work, order, tracks, budget, headroom, true, 0);
         }
@@ -452,8 +457,9 @@ impl Allocator {
 /// their lowest layer, then each goes as high as `limit` allows.
 ///
 /// Raising (the current targets fit, `total`): tracks paused for bandwidth
-/// that may resume come back, then tracks past their hold go up to their
-/// cap, all within `limit` = the headroom. Lowering (they do not fit, or a
+/// that may resume come back within `resume_limit` (the headroom), then
+/// tracks past their hold go up to their cap within `limit` (the headroom,
+/// or less: what the link was seen to carry). Lowering (they do not fit, or a
 /// paused track is rebalanced in): every track restarts from its lowest
 /// layer (or pauses, the least important first; a paused track that may
 /// resume restarts too) and goes back up to at most its current target,
@@ -773,6 +779,15 @@ mod tests {
         // What is there stays while the estimate allows it, tested or not.
         a.allocate_tested(1_100_000, Some(400_000), 0, &tracks, at(7), &mut out);
         assert_eq!(targets(&out), [L1, L0]);
+        // A paused track's lowest layer is not held to it: with everything
+        // paused only audio arrives, and nothing would ever come back.
+        let mut c = Allocator::new();
+        c.allocate_tested(1_000_000, Some(150_000), 0, &tracks, at(0), &mut out);
+        c.allocate_tested(250_000, Some(150_000), 0, &tracks, at(1), &mut out);
+        c.allocate_tested(100_000, Some(60_000), 0, &tracks, at(2), &mut out);
+        assert_eq!(targets(&out), [BW, BW]);
+        c.allocate_tested(450_000, Some(60_000), 0, &tracks, at(7), &mut out);
+        assert_eq!(targets(&out), [L0, L0]);
         // Without a limit (no probing possible) the estimate is trusted.
         let mut b = Allocator::new();
         b.allocate_tested(1_000_000, None, 0, &tracks, at(0), &mut out);

@@ -74,6 +74,10 @@ const CEILING_PASSED: f64 = 1.15;
 const BACK_OFF: f64 = 0.85;
 /// At most one change per this interval (one is seen before the next).
 const INTERVAL: Duration = Duration::from_millis(200);
+/// At most one loss back-off per this interval (libwebrtc: 300 ms plus the
+/// round trip): the loss of one congested moment is reported in several
+/// samples, and each must not cut again.
+const LOSS_CUT_INTERVAL: Duration = Duration::from_millis(300);
 
 /// The engine's view of one connection's estimate and of the most it was
 /// seen to carry lately (bit/s; 0 until the first feedback).
@@ -164,6 +168,8 @@ pub struct Bwe {
     last_change: Option<Instant>,
     /// (when, received rate) at the last back-off.
     ceiling: Option<(Instant, f64)>,
+    /// The last loss back-off.
+    last_loss_cut: Option<Instant>,
     /// The highest received rate since `tested.0`: a peak is kept for
     /// [`TESTED_MEMORY`], then the current rate starts the next.
     tested: Option<(Instant, f64)>,
@@ -186,6 +192,7 @@ impl Bwe {
             target: INITIAL,
             last_change: None,
             ceiling: None,
+            last_loss_cut: None,
             tested: None,
             shared: shared.clone(),
         };
@@ -293,9 +300,19 @@ impl BandwidthEstimator for Bwe {
         if self.loss_seen >= LOSS_SAMPLE {
             self.loss = self.loss_lost as f64 / self.loss_seen as f64;
             (self.loss_seen, self.loss_lost) = (0, 0);
-            if self.loss > LOSS_FULL {
+            let may_cut = self
+                .last_loss_cut
+                .is_none_or(|t| now.saturating_duration_since(t) >= LOSS_CUT_INTERVAL);
+            if self.loss > LOSS_FULL && may_cut {
+                self.last_loss_cut = Some(now);
                 let from = self.loss_target.min(self.delay_target);
-                self.loss_target = (from * (1.0 - 0.5 * self.loss)).clamp(MIN, MAX);
+                // Not below what arrives: a full link still carries that
+                // (a token bucket drops the excess and delivers its rate).
+                // Cut after cut from the estimate alone, a second of 70 %
+                // loss took a 600 kbit/s link's estimate to 124 kbit/s,
+                // below both publishers' lowest layers.
+                let floor = received.map_or(MIN, |r| r * BACK_OFF);
+                self.loss_target = (from * (1.0 - 0.5 * self.loss)).max(floor).clamp(MIN, MAX);
                 // The delay-based target comes down with it: a queue that
                 // drops its tail (a token bucket) may never show a delay
                 // trend, and the first clean sample, which lifts the loss
@@ -542,13 +559,42 @@ mod tests {
     }
 
     #[test]
+    fn heavy_loss_cuts_to_what_arrives_not_below() {
+        let (mut bwe, _) = Bwe::new();
+        let t0 = Instant::now();
+        let high = phase(&mut bwe, t0, t0, 0, 6.0, 3_000_000.0, 0);
+        assert!(high > 3_000_000.0, "climbed: {high}");
+        // A 600 kbit/s token bucket: four packets in five dropped, the
+        // fifth delivered, for four seconds.
+        let gap = 1200.0 * 8.0 / 3_000_000.0;
+        let start = t0 + Duration::from_secs(6);
+        let mut batch = Vec::new();
+        for i in 0..(4.0 / gap) as u64 {
+            let sent = start + Duration::from_secs_f64(i as f64 * gap);
+            let arrived = (i % 5 == 0).then(|| sent + Duration::from_millis(20));
+            batch.push(report(100_000 + i, t0, sent, arrived));
+            if batch.len() as f64 * gap >= 0.05 {
+                bwe.on_reports(sent + Duration::from_millis(40), &batch);
+                batch.clear();
+            }
+        }
+        let after = bwe.target_bitrate();
+        assert!(after < 1_000_000.0, "cut: {after}");
+        assert!(
+            after >= 600_000.0 * BACK_OFF * 0.9,
+            "not below what arrives less the back-off: {after}"
+        );
+    }
+
+    #[test]
     fn random_loss_below_ten_percent_is_no_congestion_above_it_is() {
         // 5 %: NACK repairs it; the estimate holds (or climbs).
         let lossy_link = lossy(20, 5.0);
         assert!(lossy_link >= INITIAL, "{lossy_link}");
         // 20 %: the path is full; cut by half the loss every 200 packets,
-        // however fast the delay-based half would climb.
+        // however fast the delay-based half would climb, down to what
+        // arrives (800 kbit/s) less the back-off.
         let full = lossy(5, 20.0);
-        assert!(full < INITIAL * 0.7, "{full}");
+        assert!(full <= 800_000.0 * BACK_OFF * 1.05, "{full}");
     }
 }
