@@ -42,8 +42,11 @@ pub const UP_HEADROOM: f64 = 0.85;
 /// A track that went down waits this long before going up again.
 pub const HOLD_MIN: Duration = Duration::from_secs(4);
 
-/// The hold doubles after each failed probe, up to this.
-pub const HOLD_MAX: Duration = Duration::from_secs(32);
+/// The hold doubles after each failed probe, up to this. (It was 32 s,
+/// when layers went up on an untested estimate; they now go up only past
+/// what the link was seen to carry, and a long hold kept a viewer on its
+/// lowest layer long after a congested link was freed.)
+pub const HOLD_MAX: Duration = Duration::from_secs(8);
 
 /// A down-switch this soon after an up-switch means the up-switch was a
 /// failed probe: the link could not carry the higher layer.
@@ -716,17 +719,15 @@ mod tests {
         check(&[(4.9, hi, L1), (5.0, hi, L2)]);
         // Down 5 s after that up-switch: a failed probe, the hold is 8 s.
         check(&[(10.0, lo, L1), (17.9, hi, L1), (18.0, hi, L2)]);
-        // Again: 16 s, then 32 s (the cap), and 32 s again.
-        check(&[(19.0, lo, L1), (34.9, hi, L1), (35.0, hi, L2)]);
-        check(&[(36.0, lo, L1), (67.9, hi, L1), (68.0, hi, L2)]);
-        check(&[(69.0, lo, L1), (100.9, hi, L1), (101.0, hi, L2)]);
+        // Again: 8 s is the cap.
+        check(&[(19.0, lo, L1), (26.9, hi, L1), (27.0, hi, L2)]);
         // A down 39 s after the up is no failed probe, and 30 s past the
         // end of the hold: back to 4 s.
-        check(&[(140.0, lo, L1), (143.9, hi, L1), (144.0, hi, L2)]);
+        check(&[(66.0, lo, L1), (69.9, hi, L1), (70.0, hi, L2)]);
         // A failed probe doubles it from there; 30 s past that hold it is
         // 4 s again.
-        check(&[(145.0, lo, L1), (152.9, hi, L1), (153.0, hi, L2)]);
-        check(&[(200.0, lo, L1), (204.0, hi, L2)]);
+        check(&[(71.0, lo, L1), (78.9, hi, L1), (79.0, hi, L2)]);
+        check(&[(130.0, lo, L1), (134.0, hi, L2)]);
     }
 
     /// Seen under a capped downlink: the speaker held its middle layer and
