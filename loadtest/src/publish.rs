@@ -785,18 +785,13 @@ mod tests {
         );
     }
 
-    #[tokio::test]
-    async fn simulcast_sends_three_layers_at_one_third_steps() {
+    /// A 500 kbit/s simulcast plan, a minute-long window from now and its
+    /// video publisher.
+    fn simulcast_video() -> (MediaPlan, Instant, Schedule, Publisher) {
         let plan = media_plan(500, false)
             .expect("plan")
             .with_simulcast()
             .expect("simulcast");
-        assert!(media_plan(0, true)
-            .expect("audio")
-            .with_simulcast()
-            .is_err());
-        let sc = plan.simulcast.clone().expect("layers");
-        assert_eq!(sc.sizes, [(80, 60), (160, 120)]);
         let base = Instant::now();
         let s = Schedule::new(
             base,
@@ -806,7 +801,18 @@ mod tests {
             Duration::ZERO,
         );
         let [_, video] = Publisher::all(&plan, s.warmup_start);
-        let mut video = video.expect("video");
+        (plan, base, s, video.expect("video"))
+    }
+
+    #[tokio::test]
+    async fn simulcast_sends_three_layers_at_one_third_steps() {
+        assert!(media_plan(0, true)
+            .expect("audio")
+            .with_simulcast()
+            .is_err());
+        let (plan, base, s, mut video) = simulcast_video();
+        let sc = plan.simulcast.clone().expect("layers");
+        assert_eq!(sc.sizes, [(80, 60), (160, 120)]);
         let mut sent = [Sent::default(); 2];
         let (clip, _) = plan.video.as_ref().expect("clip");
         let mut bytes = [0usize; 3];
@@ -876,20 +882,7 @@ mod tests {
 
     #[tokio::test]
     async fn publisher_layers_pause_and_resume_layers_and_a_resumed_layer_starts_at_a_keyframe() {
-        let plan = media_plan(500, false)
-            .expect("plan")
-            .with_simulcast()
-            .expect("simulcast");
-        let base = Instant::now();
-        let s = Schedule::new(
-            base,
-            base,
-            Duration::ZERO,
-            Duration::from_secs(60),
-            Duration::ZERO,
-        );
-        let [_, video] = Publisher::all(&plan, s.warmup_start);
-        let mut video = video.expect("video");
+        let (plan, base, s, mut video) = simulcast_video();
         let mut sent = [Sent::default(); 2];
         // Sends one frame: (layers that carried packets, q/h/f; whether it
         // was a keyframe).

@@ -102,6 +102,19 @@ struct Output {
     stderr: String,
 }
 
+impl Output {
+    /// Fails the test, with everything loadtest printed, unless it exited 0.
+    fn assert_success(&self) {
+        assert!(
+            self.status.success(),
+            "exit {:?}\n{}\n{}",
+            self.status,
+            self.stdout,
+            self.stderr
+        );
+    }
+}
+
 /// Runs `loadtest` with `args`; kills it and fails the test if it is still
 /// running after `limit` (a hang, not a slow run: the limits are generous).
 fn loadtest(args: &[&str], limit: Duration) -> Output {
@@ -201,13 +214,7 @@ fn a_short_run_reports_every_figure() {
         ],
         Duration::from_secs(120),
     );
-    assert!(
-        out.status.success(),
-        "exit {:?}\n{}\n{}",
-        out.status,
-        out.stdout,
-        out.stderr
-    );
+    out.assert_success();
     // The table, on stdout (no terminal here, so no progress bar).
     for line in [
         "media in the window",
@@ -538,13 +545,7 @@ fn light_subscribers_count_distinct_packets_never_more_than_were_sent() {
         ],
         Duration::from_secs(120),
     );
-    assert!(
-        out.status.success(),
-        "exit {:?}\n{}\n{}",
-        out.status,
-        out.stdout,
-        out.stderr
-    );
+    out.assert_success();
     for line in [
         "LIGHT MODE",
         "light subscribers",
@@ -644,13 +645,7 @@ fn simulcast_run(name: &str, extra: &[&str]) -> Value {
     ];
     args.extend_from_slice(extra);
     let out = loadtest(&args, Duration::from_secs(120));
-    assert!(
-        out.status.success(),
-        "exit {:?}\n{}\n{}",
-        out.status,
-        out.stdout,
-        out.stderr
-    );
+    out.assert_success();
     assert!(
         out.stdout.contains("publisher-layers messages"),
         "{}",
