@@ -213,7 +213,11 @@ fn run(args: &ShapedArgs) -> Result<Report, String> {
         hard,
         base: Instant::now(),
     });
-    let result = rt.block_on(media(args, &ctx, &sandbox, &me, server_pid));
+    let result = rt.block_on(async {
+        timeout_at(hard.into(), media(args, &ctx, &sandbox, &me, server_pid))
+            .await
+            .unwrap_or_else(|_| Err(format!("--timeout {:?} expired", args.timeout)))
+    });
     rt.shutdown_timeout(Duration::from_secs(1));
     let alive = sandbox.server_alive();
     let mut media = result?;
@@ -262,8 +266,8 @@ pub struct Media {
     pub cpu: ServerCpu,
     /// What went wrong, in words (empty: nothing).
     pub problems: Vec<String>,
-    /// ms from the uncap to the shaped viewer's acknowledgement, and the same
-    /// for the cap: how late its clock's boundaries are.
+    /// ms from the cap and from the uncap to the shaped viewer's
+    /// acknowledgement: at most how late its clock takes them.
     pub child_lag_ms: [Option<f64>; 2],
 }
 
@@ -285,11 +289,13 @@ async fn child_lines(
     }
 }
 
-/// The next line of the child with `"event": event` (an `error` event is
-/// an error), within `until`.
+/// The next line of the child with `"event": event` (and, for `phase`,
+/// `"phase": phase`; an `error` event is an error), within `until`, and
+/// when it arrived.
 async fn child_event(
     rx: &mut mpsc::UnboundedReceiver<(Instant, serde_json::Value)>,
     event: &str,
+    phase: Option<&str>,
     until: Instant,
 ) -> Result<(Instant, serde_json::Value), String> {
     loop {
@@ -297,7 +303,9 @@ async fn child_event(
             Err(_) => return Err(format!("the shaped viewer sent no {event:?} in time")),
             Ok(None) => return Err(format!("the shaped viewer ended before {event:?}")),
             Ok(Some((at, v))) => match v["event"].as_str() {
-                Some(e) if e == event => return Ok((at, v)),
+                Some(e) if e == event && (phase.is_none() || v["phase"].as_str() == phase) => {
+                    return Ok((at, v))
+                }
                 Some("error") => {
                     return Err(format!(
                         "shaped viewer: {}",
@@ -404,7 +412,7 @@ async fn media(
             Ok(None) | Err(_) => return Err("not everyone joined in time".into()),
         }
     }
-    child_event(&mut lines, "ready", join_deadline).await?;
+    child_event(&mut lines, "ready", None, join_deadline).await?;
     eprintln!("everyone connected; publishing");
 
     let cpu = |pid: u32| proc::cpu_time(Pid::Other(pid)).ok();
@@ -430,7 +438,13 @@ async fn media(
     let _ = ctl_tx.send(Control::Cap(cap));
     cpu_at.push((cap, cpu(server_pid)));
     eprintln!("capped at {} kbit/s", args.cap_kbit);
-    let (cap_ack, _) = child_event(&mut lines, "phase", cap + Duration::from_secs(5)).await?;
+    let (cap_ack, _) = child_event(
+        &mut lines,
+        "phase",
+        Some("cap"),
+        cap + Duration::from_secs(5),
+    )
+    .await?;
 
     tokio::time::sleep_until((cap + args.capped).into()).await;
     let tbf = sandbox.uncap().await?;
@@ -439,7 +453,13 @@ async fn media(
     let _ = ctl_tx.send(Control::Uncap(uncap));
     cpu_at.push((uncap, cpu(server_pid)));
     eprintln!("cap lifted");
-    let (uncap_ack, _) = child_event(&mut lines, "phase", uncap + Duration::from_secs(5)).await?;
+    let (uncap_ack, _) = child_event(
+        &mut lines,
+        "phase",
+        Some("uncap"),
+        uncap + Duration::from_secs(5),
+    )
+    .await?;
 
     tokio::time::sleep_until((uncap + args.after).into()).await;
     let end = Instant::now();
@@ -451,7 +471,7 @@ async fn media(
 
     let mut problems = Vec::new();
     let until = (Instant::now() + COLLECT).min(ctx.hard);
-    let shaped = match child_event(&mut lines, "report", until).await {
+    let shaped = match child_event(&mut lines, "report", None, until).await {
         Ok((_, v)) => match serde_json::from_value::<ViewerReport>(v["report"].clone()) {
             Ok(r) => Some(r),
             Err(e) => {

@@ -276,13 +276,14 @@ pub struct PublisherFigures {
     pub layer_at_uncap: Option<usize>,
     pub layer_at_end: Option<usize>,
     /// From the cap to the first complete frame of a layer below
-    /// `layer_at_cap`.
+    /// `layer_at_cap`, if one came before the uncap.
     pub cap_to_lower_ms: Option<f64>,
     /// Longest time without a new complete frame in each phase.
     pub freeze_before_ms: Option<f64>,
     pub freeze_capped_ms: Option<f64>,
     pub freeze_after_ms: Option<f64>,
-    /// From the uncap to the first complete top-layer frame after it.
+    /// From the uncap to the first complete top-layer frame after it, if
+    /// one came before the end.
     pub uncap_to_top_ms: Option<f64>,
     /// RTP loss under the cap (and before it, for comparison).
     pub video_loss_before: Loss,
@@ -330,10 +331,11 @@ fn figures(publisher: usize, log: &PublisherLog, p: &Phases) -> PublisherFigures
     let times: Vec<Instant> = frames.iter().map(|f| f.0).collect();
     let layer_before = |t: Instant| frames.iter().rev().find(|f| f.0 < t).map(|f| f.1);
     let layer_at_cap = layer_before(p.cap);
-    let since = |from: Instant, pred: &dyn Fn(usize) -> bool| {
+    // From `from` to the first frame of a layer `pred` accepts before `to`.
+    let since = |from: Instant, to: Instant, pred: &dyn Fn(usize) -> bool| {
         frames
             .iter()
-            .find(|f| f.0 >= from && pred(f.1))
+            .find(|f| (from..to).contains(&f.0) && pred(f.1))
             .map(|f| ms(f.0 - from))
     };
     let first_frame = times.iter().copied().find(|t| *t >= p.start);
@@ -357,11 +359,11 @@ fn figures(publisher: usize, log: &PublisherLog, p: &Phases) -> PublisherFigures
         layer_at_cap,
         layer_at_uncap: layer_before(p.uncap),
         layer_at_end: layer_before(p.end),
-        cap_to_lower_ms: layer_at_cap.and_then(|top| since(p.cap, &|l| l < top)),
+        cap_to_lower_ms: layer_at_cap.and_then(|top| since(p.cap, p.uncap, &|l| l < top)),
         freeze_before_ms: first_frame.and_then(|f| longest_gap(&times, f, p.cap).map(ms)),
         freeze_capped_ms: longest_gap(&times, p.cap, p.uncap).map(ms),
         freeze_after_ms: longest_gap(&times, p.uncap, p.end).map(ms),
-        uncap_to_top_ms: since(p.uncap, &|l| l == TOP),
+        uncap_to_top_ms: since(p.uncap, p.end, &|l| l == TOP),
         video_loss_before: Loss::of(&log.video, p.start, p.cap, media::VP8_CLOCK),
         video_loss_capped: Loss::of(&log.video, p.cap, p.uncap, media::VP8_CLOCK),
         audio_loss_before: Loss::of(&log.audio, p.start, p.cap, media::OPUS_CLOCK),

@@ -246,8 +246,9 @@ impl Report {
         })?;
         row("layer at the uncap", &|f| layer(f.layer_at_uncap))?;
         row("uncap -> first top-layer frame", &|f| {
-            f.uncap_to_top_ms
-                .map_or("not within".to_owned(), |ms| format!("{:.2} s", ms / 1e3))
+            f.uncap_to_top_ms.map_or("not in --after".to_owned(), |ms| {
+                format!("{:.2} s", ms / 1e3)
+            })
         })?;
         row("frames q/h/f after the uncap", &|f| frames(&f.frames_after))?;
         row("longest freeze after the uncap", &|f| {
