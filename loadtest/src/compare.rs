@@ -224,31 +224,9 @@ fn empty_and_delete(netns: &str) {
 /// `Drop`), empties and deletes the namespace, then exits with 130. Every
 /// process this command starts lives in the namespace, so none survives.
 fn watch_signals(netns: String) {
-    std::thread::spawn(move || {
-        let Ok(rt) = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-        else {
-            return;
-        };
-        let signalled = rt.block_on(async {
-            use tokio::signal::unix::{signal, SignalKind};
-            let (Ok(mut int), Ok(mut term)) = (
-                signal(SignalKind::interrupt()),
-                signal(SignalKind::terminate()),
-            ) else {
-                return false;
-            };
-            tokio::select! {
-                _ = int.recv() => true,
-                _ = term.recv() => true,
-            }
-        });
-        if signalled {
-            eprintln!("loadtest compare: interrupted; deleting namespace {netns}");
-            empty_and_delete(&netns);
-            std::process::exit(130);
-        }
+    crate::proc::on_interrupt(move || {
+        eprintln!("loadtest compare: interrupted; deleting namespace {netns}");
+        empty_and_delete(&netns);
     });
 }
 

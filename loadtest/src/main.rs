@@ -18,6 +18,9 @@
 //! - `soak`: participants join and leave at a set rate, with media, for a
 //!   set time; the server's RSS, open files, threads, gauges and metric
 //!   series before, at the peak and after everyone left.
+//! - `shaped`: simulcast publishers, an unshaped viewer and one in a network
+//!   namespace whose downlink is capped with `tc` for a while; layer
+//!   switches, freezes, loss and recovery as each viewer saw them.
 //!
 //! The building blocks are plain modules an adapter for another server can
 //! reuse: [`publish`] (what a publisher sends, paced and stamped, and the
@@ -39,6 +42,7 @@ mod run;
 mod rxstats;
 mod sampler;
 mod scrape;
+mod shaped;
 mod signaling;
 mod soak;
 mod stamp;
@@ -83,6 +87,13 @@ enum Command {
     /// AES-128-GCM seal per output packet, with sendto, sendmmsg and UDP GSO;
     /// reports its CPU per output packet.
     Floor(floor::FloorArgs),
+    /// Simulcast publishers, an unshaped viewer and a shaped one (its
+    /// downlink capped with tc tbf for a while, in a network namespace it
+    /// creates; root): time to a lower layer, freezes, loss, recovery.
+    Shaped(shaped::ShapedArgs),
+    /// The shaped viewer of `shaped` (started by it inside its namespace).
+    #[command(hide = true)]
+    ShapedViewer(shaped::ViewerArgs),
 }
 
 fn main() -> ExitCode {
@@ -93,6 +104,8 @@ fn main() -> ExitCode {
         Command::Janus(args) => janus::main(&args),
         Command::Compare(args) => compare::main(&args),
         Command::Soak(args) => soak::main(&args),
+        Command::Shaped(args) => shaped::main(&args),
+        Command::ShapedViewer(args) => shaped::viewer_main(&args),
         Command::Floor(args) => match floor::floor(&args) {
             Ok(_) => ExitCode::SUCCESS,
             Err(e) => {

@@ -235,6 +235,36 @@ fn invalid(msg: &str) -> io::Error {
     io::Error::new(io::ErrorKind::InvalidData, msg.to_owned())
 }
 
+/// On SIGINT or SIGTERM (which would end the process without running
+/// `Drop`), runs `cleanup` on a thread of its own, then exits with 130.
+pub fn on_interrupt(cleanup: impl FnOnce() + Send + 'static) {
+    std::thread::spawn(move || {
+        let Ok(rt) = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+        else {
+            return;
+        };
+        let signalled = rt.block_on(async {
+            use tokio::signal::unix::{signal, SignalKind};
+            let (Ok(mut int), Ok(mut term)) = (
+                signal(SignalKind::interrupt()),
+                signal(SignalKind::terminate()),
+            ) else {
+                return false;
+            };
+            tokio::select! {
+                _ = int.recv() => true,
+                _ = term.recv() => true,
+            }
+        });
+        if signalled {
+            cleanup();
+            std::process::exit(130);
+        }
+    });
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

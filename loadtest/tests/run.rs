@@ -7,23 +7,16 @@
 //! before running any test; with `cargo test -p loadtest` alone, build it
 //! first (`cargo build -p switchboard`).
 
-use std::io::{BufRead, BufReader, Read};
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, ExitStatus, Stdio};
-use std::time::{Duration, Instant};
+use std::io::{BufRead, BufReader};
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
 
 use serde_json::Value;
 
-fn switchboard_bin() -> PathBuf {
-    let path = Path::new(env!("CARGO_BIN_EXE_loadtest")).with_file_name("switchboard");
-    assert!(
-        path.exists(),
-        "{} is missing: build it with `cargo build -p switchboard` \
-         (`cargo test --workspace` does)",
-        path.display()
-    );
-    path
-}
+mod common;
+
+use common::{loadtest, switchboard_bin};
 
 /// The server process; killed (and reaped) when dropped, even when a test fails.
 struct Server {
@@ -93,65 +86,6 @@ impl Scratch {
 impl Drop for Scratch {
     fn drop(&mut self) {
         let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
-
-struct Output {
-    status: ExitStatus,
-    stdout: String,
-    stderr: String,
-}
-
-impl Output {
-    /// Fails the test, with everything loadtest printed, unless it exited 0.
-    fn assert_success(&self) {
-        assert!(
-            self.status.success(),
-            "exit {:?}\n{}\n{}",
-            self.status,
-            self.stdout,
-            self.stderr
-        );
-    }
-}
-
-/// Runs `loadtest` with `args`; kills it and fails the test if it is still
-/// running after `limit` (a hang, not a slow run: the limits are generous).
-fn loadtest(args: &[&str], limit: Duration) -> Output {
-    let mut child = Command::new(env!("CARGO_BIN_EXE_loadtest"))
-        .args(args)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("spawn loadtest");
-    let drain = |mut r: Box<dyn Read + Send>| {
-        std::thread::spawn(move || {
-            let mut s = String::new();
-            let _ = r.read_to_string(&mut s);
-            s
-        })
-    };
-    let out = drain(Box::new(child.stdout.take().expect("stdout")));
-    let err = drain(Box::new(child.stderr.take().expect("stderr")));
-    let end = Instant::now() + limit;
-    let status = loop {
-        if let Some(s) = child.try_wait().expect("try_wait") {
-            break s;
-        }
-        if Instant::now() > end {
-            let _ = child.kill();
-            let _ = child.wait();
-            panic!(
-                "loadtest {args:?} still running after {limit:?}; stderr so far:\n{}",
-                err.join().unwrap_or_default()
-            );
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    };
-    Output {
-        status,
-        stdout: out.join().unwrap_or_default(),
-        stderr: err.join().unwrap_or_default(),
     }
 }
 
