@@ -95,13 +95,7 @@ fn a_capped_viewer_moves_down_keeps_its_audio_and_the_other_keeps_the_top_layer(
     println!("{}", out.stdout);
     let (netns, veth) = names(&out.stderr);
     assert_gone(&netns, &veth);
-    assert!(
-        out.status.success(),
-        "loadtest shaped: {}\nstdout:\n{}\nstderr:\n{}",
-        out.status,
-        out.stdout,
-        out.stderr
-    );
+    out.assert_success();
     let line = out
         .stdout
         .lines()

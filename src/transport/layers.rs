@@ -5,6 +5,7 @@
 use std::time::{Duration, Instant};
 
 use rtc::media_stream::MediaStreamTrackId;
+use rtc::peer_connection::RTCPeerConnection;
 use switchboard_proto::{ParticipantId, PublisherLayers, ServerMessage, TrackSettings};
 
 use super::Engine;
@@ -65,12 +66,10 @@ impl Engine {
             // probe can show more (its padding is RTX): the estimate alone
             // may have climbed on trust. The answer is read only when that
             // limit would bind.
-            let tested = p.estimate.tested().filter(|&t| {
-                estimate.is_some_and(|e| e > t)
-                    && p.pc
-                        .remote_description()
-                        .is_some_and(|d| d.sdp.contains(" rtx/90000"))
-            });
+            let tested = p
+                .estimate
+                .tested()
+                .filter(|&t| estimate.is_some_and(|e| e > t) && accepts_rtx(&p.pc));
             let a = self
                 .router
                 .allocate_tested(key, estimate, tested, now, &mut decisions);
@@ -107,10 +106,7 @@ impl Engine {
         // not every round of every connection).
         let could_start =
             !p.prober.active() && summary.deficit >= crate::router::probe::MIN_DEFICIT;
-        let rtx = !could_start
-            || p.pc
-                .remote_description()
-                .is_some_and(|d| d.sdp.contains(" rtx/90000"));
+        let rtx = !could_start || accepts_rtx(&p.pc);
         let estimate = p.estimate.get().filter(|_| rtx);
         // The allocator raises nothing past what the link was seen to
         // carry: that is what a probe tests.
@@ -281,4 +277,11 @@ impl Engine {
             tracing::debug!(%participant, mid = %t.mid, ?wish, "track settings");
         }
     }
+}
+
+/// Whether the connection's answer accepted RTX for video: probe padding
+/// is RTX, so only then can a probe show more than was sent.
+fn accepts_rtx(pc: &RTCPeerConnection) -> bool {
+    pc.remote_description()
+        .is_some_and(|d| d.sdp.contains(" rtx/90000"))
 }
