@@ -54,6 +54,7 @@ pub mod follow;
 pub mod history;
 pub mod keyframe;
 pub mod offer;
+pub mod removed;
 pub mod rewrite;
 pub mod rtp;
 pub mod seqno;

@@ -27,8 +27,9 @@
 
 use std::time::Instant;
 
+use super::removed::Removed;
 use super::rtp::{self, RtpError, RtpHeader};
-use super::seqno::{extend_seq, SeqUnwrapper};
+use super::seqno::SeqUnwrapper;
 use super::{PayloadType, SeqNo, Ssrc};
 
 /// Default reordering window, in packets.
@@ -79,6 +80,9 @@ struct Source {
     seq_offset: u64,
     /// `out = in + ts_offset` (wrapping).
     ts_offset: u32,
+    /// Packets left out on purpose (a temporal layer dropped): each moves
+    /// the packets after it down by one, so the output has no gap.
+    removed: Removed,
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -171,8 +175,12 @@ impl SeqRewriter {
             }
             return Rewrite::Drop(reason);
         }
+        let Some(removed) = src.removed.before(ext.0) else {
+            // Older than what is remembered of the packets left out.
+            return Rewrite::Drop(RewriteDrop::TooOld);
+        };
         self.old_in_a_row = 0;
-        let out_seq = ext.0.wrapping_add(src.seq_offset);
+        let out_seq = ext.0.wrapping_add(src.seq_offset).wrapping_sub(removed);
         let out_ts = ts.wrapping_add(src.ts_offset);
         if self.last.is_none_or(|l| out_seq > l.seq) {
             self.last = Some(LastOut {
@@ -208,6 +216,7 @@ impl SeqRewriter {
             start: ext,
             seq_offset: out_seq.wrapping_sub(ext.0),
             ts_offset: out_ts.wrapping_sub(ts),
+            removed: Removed::new(),
         };
         let old = self.current.replace(source);
         if old.is_some() {
@@ -225,17 +234,21 @@ impl SeqRewriter {
         }
     }
 
-    /// The source packet behind output sequence number `out_seq`, if it
-    /// belongs to the current source: (its SSRC, its extended sequence
-    /// number). For answering a subscriber's NACK from a cache keyed by the
-    /// publisher's sequence numbers.
-    pub fn source_of(&self, out_seq: u16) -> Option<(Ssrc, SeqNo)> {
-        let src = self.current.as_ref()?;
-        let last = self.last?;
-        let out_ext = extend_seq(SeqNo(last.seq), out_seq);
-        let in_ext = SeqNo(out_ext.0.wrapping_sub(src.seq_offset));
-        let highest = src.unwrapper.highest()?;
-        (in_ext >= src.start && in_ext <= highest).then_some((src.ssrc, in_ext))
+    /// A packet of `ssrc` the forwarder leaves out on purpose (a temporal
+    /// layer above the subscriber's): the packets after it are numbered as
+    /// if it had never been sent, so the subscriber sees no loss. Returns
+    /// whether it was taken out of the numbering; a packet older than one
+    /// already forwarded cannot be (its slot stays a gap, which the
+    /// subscriber NACKs in vain), nor one of another source than the
+    /// current one (nothing of it is forwarded yet).
+    pub fn skip(&mut self, ssrc: impl Into<Ssrc>, seq: u16) -> bool {
+        let ssrc = ssrc.into();
+        let Some(src) = self.current.as_mut().filter(|s| s.ssrc == ssrc) else {
+            return false;
+        };
+        let newest = src.unwrapper.highest();
+        let ext = src.unwrapper.extend(seq);
+        ext >= src.start && src.removed.remove(ext.0, newest.map(|n| n.0))
     }
 
     /// Parses the RTP packet in `buf`, decides, and on `Forward` rewrites
@@ -265,6 +278,7 @@ impl SeqRewriter {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::media::seqno::extend_seq;
     use crate::media::XorShift;
     use std::time::Duration;
 
@@ -382,11 +396,6 @@ mod tests {
         assert_eq!((seq, ts), (0, 79 + 3000));
         assert_eq!(fwd(r.rewrite(B, 103, 3000, t0)).0, 2);
         assert_eq!(fwd(r.rewrite(B, 102, 3000, t0)).0, 1);
-        // Reverse lookup across the output wrap.
-        assert_eq!(r.source_of(65_535), Some((Ssrc(B), SeqNo((1 << 16) | 100))));
-        assert_eq!(r.source_of(1), Some((Ssrc(B), SeqNo((1 << 16) | 102))));
-        assert_eq!(r.source_of(65_534), None, "belongs to A");
-        assert_eq!(r.source_of(3), None, "not sent yet");
     }
 
     #[test]
@@ -471,6 +480,44 @@ mod tests {
     /// switches. Invariants: output sequence numbers never repeat, every
     /// switch continues at last+1, and within a source output differences
     /// equal input differences.
+    #[test]
+    fn skipped_packets_leave_no_gap_in_order_or_late() {
+        let t0 = Instant::now();
+        let mut r = SeqRewriter::new(90_000);
+        assert_eq!(fwd(r.rewrite(A, 100, 0, t0)).0, 100);
+        // 101 and 102 are a dropped temporal layer's frame.
+        assert!(r.skip(A, 101));
+        assert!(r.skip(A, 102));
+        assert_eq!(fwd(r.rewrite(A, 103, 3000, t0)).0, 101);
+        // 105 skipped before 104 arrived; 104 comes late: still in place.
+        assert!(r.skip(A, 105));
+        assert_eq!(fwd(r.rewrite(A, 106, 6000, t0)).0, 103);
+        assert_eq!(fwd(r.rewrite(A, 104, 6000, t0)).0, 102);
+        // A late packet of a dropped frame cannot be taken out any more:
+        // 106 was already numbered counting it. Its slot stays a gap.
+        let mut q = SeqRewriter::new(90_000);
+        fwd(q.rewrite(A, 10, 0, t0));
+        fwd(q.rewrite(A, 12, 0, t0));
+        assert!(!q.skip(A, 11));
+        assert_eq!(fwd(q.rewrite(A, 13, 0, t0)).0, 13);
+        // Nothing of another source is numbered: nothing to take out.
+        assert!(!q.skip(B, 5));
+    }
+
+    #[test]
+    fn skips_carry_across_a_wrap_and_a_switch_continues_after_them() {
+        let t0 = Instant::now();
+        let mut r = SeqRewriter::new(90_000);
+        fwd(r.rewrite(A, 65_534, 0, t0));
+        assert!(r.skip(A, 65_535));
+        assert!(r.skip(A, 0));
+        assert_eq!(fwd(r.rewrite(A, 1, 0, t0)).0, 65_535);
+        assert_eq!(fwd(r.rewrite(A, 2, 0, t0)).0, 0);
+        // A switch continues from the last number sent, skips included.
+        assert_eq!(fwd(r.rewrite(B, 500, 0, t0 + ms(5))).0, 1);
+        assert_eq!(fwd(r.rewrite(B, 501, 0, t0 + ms(5))).0, 2);
+    }
+
     #[test]
     fn property_random_switching_streams() {
         for seed in 1..=30u64 {

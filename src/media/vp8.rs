@@ -14,12 +14,18 @@
 //! - TL0PICIDX (8 bits): likewise, `last_out + 1` at the switch.
 //! - KEYIDX (5 bits): likewise.
 //!
-//! Within one source the offsets are constant, so reordering comes through.
+//! Within one source the offsets are constant, so reordering comes through,
+//! except for pictures the forwarder leaves out (a temporal layer above
+//! the subscriber's, [`Vp8Munger::drop_picture`]): the pictures after one
+//! are numbered one lower, so the picture ids the subscriber sees have no
+//! gap (Chromium's frame reference finder takes a gap for a missing frame
+//! that later ones may depend on).
 //! Everything is written in place into the descriptor's bytes; a payload
 //! whose descriptor does not parse is refused ([`Vp8MungeError`]) and must not
 //! be forwarded.
 
 use super::codec::{CodecError, Vp8Descriptor};
+use super::removed::Removed;
 use super::Ssrc;
 
 /// Why a packet's descriptor was not rewritten.
@@ -27,7 +33,15 @@ use super::Ssrc;
 pub enum Vp8MungeError {
     #[error("VP8 descriptor: {0}")]
     Descriptor(#[from] CodecError),
+    /// A late packet from before pictures left out that are no longer
+    /// remembered: its picture id cannot be placed.
+    #[error("VP8 picture id older than the pictures left out that are remembered")]
+    TooOld,
 }
+
+/// Extended picture ids start here, so that ids older than the first
+/// (reordered packets) stay positive.
+const PID_BASE: u64 = 1 << 32;
 
 /// Offsets applied to one source's counters.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -48,6 +62,10 @@ pub struct Vp8Munger {
     last_key_idx: Option<u8>,
     /// Whether the next packet of `source` is the first after a switch.
     fresh: bool,
+    /// The newest picture id of `source` (extended), forwarded or left out.
+    newest_pid: Option<u64>,
+    /// `source`'s pictures left out.
+    removed: Removed,
 }
 
 impl Vp8Munger {
@@ -71,6 +89,8 @@ impl Vp8Munger {
         }
         if self.fresh {
             self.fresh = false;
+            self.newest_pid = None;
+            self.removed = Removed::new();
             self.offsets = Offsets {
                 picture_id: match (d.picture_id, self.last_picture_id) {
                     (Some(p), Some(last)) => last.wrapping_add(1).wrapping_sub(p),
@@ -98,6 +118,12 @@ impl Vp8Munger {
             let Some(p) = d.picture_id else {
                 return Ok(());
             };
+            let ext = self.extend_pid(p, wide);
+            // Bounded by the pictures of one source: fits in 16 bits
+            // modulo the id's width, which is all that is kept.
+            let removed = self.removed.before(ext).ok_or(Vp8MungeError::TooOld)? as u16;
+            self.newest_pid = Some(self.newest_pid.map_or(ext, |n| n.max(ext)));
+            let p = p.wrapping_sub(removed);
             if wide {
                 let out = p.wrapping_add(self.offsets.picture_id) & 0x7fff;
                 payload[pos] = 0x80 | (out >> 8) as u8;
@@ -127,6 +153,48 @@ impl Vp8Munger {
             self.last_key_idx = Some(out);
         }
         Ok(())
+    }
+}
+
+impl Vp8Munger {
+    /// A packet of `ssrc` that is not forwarded because its picture is
+    /// left out (a temporal layer above the subscriber's). The pictures
+    /// after it are numbered as if it had never been: the first packet of
+    /// a picture newer than every one seen takes it out of the numbering;
+    /// a late one cannot be (its id stays a gap). Packets of a source not
+    /// forwarded yet change nothing.
+    pub fn drop_picture(
+        &mut self,
+        ssrc: impl Into<Ssrc>,
+        payload: &[u8],
+    ) -> Result<(), Vp8MungeError> {
+        if self.source != Some(ssrc.into()) || self.fresh {
+            return Ok(());
+        }
+        let d = Vp8Descriptor::parse(payload)?;
+        let Some(p) = d.picture_id else {
+            return Ok(());
+        };
+        // Only with I set is there a picture id: byte 2 holds M.
+        let wide = payload.get(2).is_some_and(|b| b & 0x80 != 0);
+        let ext = self.extend_pid(p, wide);
+        self.removed.remove(ext, self.newest_pid);
+        self.newest_pid = Some(self.newest_pid.map_or(ext, |n| n.max(ext)));
+        Ok(())
+    }
+
+    /// `p` (15 or 7 bits) extended around the newest id of the source.
+    fn extend_pid(&self, p: u16, wide: bool) -> u64 {
+        let modulus: u64 = if wide { 1 << 15 } else { 1 << 7 };
+        let Some(newest) = self.newest_pid else {
+            return PID_BASE + u64::from(p);
+        };
+        let delta = (u64::from(p) + modulus - newest % modulus) % modulus;
+        if delta < modulus / 2 {
+            newest + delta
+        } else {
+            newest - (modulus - delta)
+        }
     }
 }
 
@@ -231,6 +299,59 @@ mod tests {
         let mut c = packet(105, 2, 0, true);
         m.munge(1u32, &mut c).expect("munged");
         assert_eq!(fields(&c).0, 102);
+    }
+
+    /// A 15-bit picture id packet with a TID.
+    fn layered(pid: u16, tid: u8, start: bool) -> Vec<u8> {
+        vec![
+            0x80 | if start { 0x10 } else { 0 },
+            0xe0,
+            0x80 | (pid >> 8) as u8,
+            (pid & 0xff) as u8,
+            0,
+            tid << 6,
+            0x00,
+        ]
+    }
+
+    fn pid(p: &[u8]) -> u16 {
+        Vp8Descriptor::parse(p)
+            .expect("parses")
+            .picture_id
+            .expect("pid")
+    }
+
+    #[test]
+    fn pictures_left_out_leave_no_gap_in_the_picture_ids() {
+        let mut m = Vp8Munger::new();
+        let mut out = Vec::new();
+        // L1T3: tids 0 2 1 2 0 2 1 2 ..., TL2 left out, two packets per
+        // picture; ids wrap at 15 bits on the way.
+        for i in 0..12u16 {
+            let id = (0x7ffa + i) & 0x7fff;
+            let tid = [0, 2, 1, 2][usize::from(i % 4)];
+            for start in [true, false] {
+                let mut p = layered(id, tid, start);
+                if tid == 2 {
+                    m.drop_picture(1u32, &p).expect("parses");
+                } else {
+                    m.munge(1u32, &mut p).expect("munged");
+                    if start {
+                        out.push(pid(&p));
+                    }
+                }
+            }
+        }
+        assert_eq!(out, vec![0x7ffa, 0x7ffb, 0x7ffc, 0x7ffd, 0x7ffe, 0x7fff]);
+        // A late packet of a forwarded picture from before the last left
+        // out keeps its place: picture 0x7ffa + 8 went out as 0x7ffe.
+        let mut late = layered((0x7ffa + 8) & 0x7fff, 0, false);
+        m.munge(1u32, &mut late).expect("munged");
+        assert_eq!(pid(&late), 0x7ffe);
+        // A switch continues after the last id sent.
+        let mut k = layered(40, 0, true);
+        m.munge(2u32, &mut k).expect("munged");
+        assert_eq!(pid(&k), 0);
     }
 
     #[test]

@@ -23,6 +23,17 @@ pub const LAYER_STALE: Duration = Duration::from_millis(1000);
 /// Bitrates are measured over windows of this length.
 const RATE_WINDOW: Duration = Duration::from_millis(1000);
 
+/// The temporal layers the allocator tells apart in each encoding of a VP8
+/// simulcast track (Chromium sends L1T3: TL0 at a quarter of the frame
+/// rate, TL1 doubling it, TL2 the rest): up to TL0, up to TL1, all. Always
+/// this many per encoding, whether the publisher layers it or not, so a
+/// layer's index in the allocator does not move when the first TID is
+/// seen; an encoding without temporal layers costs the same in all three.
+pub const TEMPORAL_SLOTS: usize = 3;
+
+/// The highest TID forwarded for each slot (the last: every layer).
+pub const SLOT_MAX_TID: [u8; TEMPORAL_SLOTS] = [0, 1, u8::MAX];
+
 /// One encoding of a published track.
 #[derive(Debug, Clone)]
 pub struct Encoding {
@@ -33,7 +44,14 @@ pub struct Encoding {
     pub height: u16,
     /// Bit/s over the last full window.
     pub bitrate: u32,
+    /// Bit/s of each temporal slot (the layers up to it) over the last
+    /// full window; all equal to `bitrate` without temporal layers.
+    pub slot_bitrate: [u32; TEMPORAL_SLOTS],
     window_bytes: u64,
+    /// This window's bytes by TID (the last counts TID 2 and up).
+    window_tid_bytes: [u64; TEMPORAL_SLOTS],
+    /// Whether this window's packets carried a TID.
+    window_layered: bool,
     window_start: Option<Instant>,
     last_rtp: Option<Instant>,
     pub(super) keyframes: KeyframeRequester,
@@ -47,7 +65,10 @@ impl Encoding {
             width: 0,
             height: 0,
             bitrate: 0,
+            slot_bitrate: [0; TEMPORAL_SLOTS],
             window_bytes: 0,
+            window_tid_bytes: [0; TEMPORAL_SLOTS],
+            window_layered: false,
             window_start: None,
             last_rtp: None,
             keyframes: KeyframeRequester::new(KEYFRAME_THROTTLE),
@@ -67,6 +88,15 @@ impl Encoding {
             0
         }
     }
+
+    /// The bitrate of temporal slot `slot`, or 0 when it went silent.
+    fn slot_rate(&self, slot: usize, now: Instant) -> u32 {
+        if self.live(now) {
+            self.slot_bitrate[slot]
+        } else {
+            0
+        }
+    }
 }
 
 /// A published track's encodings, in arrival order, with their ranking by
@@ -79,14 +109,16 @@ pub struct Encodings {
 }
 
 impl Encodings {
-    /// A packet of `ssrc` with `len` payload bytes: the index of its
-    /// encoding, or `None` when the track already has its
-    /// [`MAX_ENCODINGS`] live ones. A track without simulcast has one
-    /// encoding, which a new SSRC takes over.
+    /// A packet of `ssrc` with `len` payload bytes and temporal layer
+    /// `tid` (when its descriptor has one): the index of its encoding, or
+    /// `None` when the track already has its [`MAX_ENCODINGS`] live ones. A
+    /// track without simulcast has one encoding, which a new SSRC takes
+    /// over.
     pub(super) fn on_packet(
         &mut self,
         ssrc: u32,
         payload: &[u8],
+        tid: Option<u8>,
         info: &TrackInfo,
         keyframe: bool,
         now: Instant,
@@ -118,15 +150,32 @@ impl Encodings {
         match e.window_start {
             Some(start) if now.saturating_duration_since(start) >= RATE_WINDOW => {
                 let secs = now.saturating_duration_since(start).as_secs_f64();
-                e.bitrate = ((e.window_bytes * 8) as f64 / secs).min(f64::from(u32::MAX)) as u32;
+                let rate = |bytes: u64| ((bytes * 8) as f64 / secs).min(f64::from(u32::MAX)) as u32;
+                e.bitrate = rate(e.window_bytes);
+                let mut upto = 0;
+                for (slot, bytes) in e.window_tid_bytes.iter().enumerate() {
+                    upto += bytes;
+                    e.slot_bitrate[slot] = if e.window_layered && slot + 1 < TEMPORAL_SLOTS {
+                        rate(upto)
+                    } else {
+                        e.bitrate
+                    };
+                }
                 e.window_bytes = 0;
+                e.window_tid_bytes = [0; TEMPORAL_SLOTS];
+                e.window_layered = false;
                 e.window_start = Some(now);
             }
             None => e.window_start = Some(now),
             Some(_) => {}
         }
         // Payload plus a typical RTP/SRTP/UDP/IP overhead per packet.
-        e.window_bytes += payload.len() as u64 + 60;
+        let bytes = payload.len() as u64 + 60;
+        e.window_bytes += bytes;
+        if let Some(tid) = tid {
+            e.window_layered = true;
+            e.window_tid_bytes[usize::from(tid).min(TEMPORAL_SLOTS - 1)] += bytes;
+        }
         if keyframe && info.codec == Codec::Vp8 {
             if let Some((w, h)) = vp8_keyframe_size(payload) {
                 if (w, h) != (e.width, e.height) {
@@ -202,17 +251,36 @@ impl Encodings {
             .map(|e| e.ssrc)
     }
 
-    /// The layers as the allocator sees them, smallest first.
-    pub(super) fn view(&self, now: Instant, out: &mut Vec<LayerInfo>) {
+    /// The layers as the allocator sees them, smallest first: one per
+    /// encoding, or with `temporal` [`TEMPORAL_SLOTS`] per encoding (its
+    /// temporal layers, fewest first; see [`Encodings::at_slot`]).
+    pub(super) fn view(&self, now: Instant, temporal: bool, out: &mut Vec<LayerInfo>) {
         out.clear();
-        out.extend(self.rank.iter().map(|&i| {
+        for &i in &self.rank {
             let e = &self.list[usize::from(i)];
-            LayerInfo {
+            let info = |bitrate| LayerInfo {
                 height: e.height,
-                bitrate: e.rate(now),
+                bitrate,
                 live: e.live(now),
+            };
+            if temporal {
+                out.extend((0..TEMPORAL_SLOTS).map(|slot| info(e.slot_rate(slot, now))));
+            } else {
+                out.push(info(e.rate(now)));
             }
-        }));
+        }
+    }
+
+    /// The encoding and the highest TID of the allocator's layer `index`
+    /// in a [`Encodings::view`] with `temporal`.
+    pub fn at_slot(&self, index: u8, temporal: bool) -> Option<(&Encoding, u8)> {
+        if !temporal {
+            return self.at(Layer(index)).map(|e| (e, u8::MAX));
+        }
+        // TEMPORAL_SLOTS (3) fits a u8.
+        let slots = TEMPORAL_SLOTS as u8;
+        let e = self.at(Layer(index / slots))?;
+        Some((e, SLOT_MAX_TID[usize::from(index % slots)]))
     }
 
     /// Sum of the live encodings' bitrates.

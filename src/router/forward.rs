@@ -2,8 +2,9 @@
 
 use std::time::Instant;
 
-use super::layers::Admit;
+use super::layers::{Admit, Temporal};
 use super::{Mixing, PeerKey, Router, TrackName};
+use crate::media::codec::Codec;
 use crate::media::rewrite::{Rewrite, RewriteDrop};
 use crate::media::speaker::SpeakerPacket;
 use crate::media::vp8::Vp8Munger;
@@ -153,11 +154,25 @@ impl Router {
         if keyframe {
             published.keyframes.keyframe_received(arrived);
         }
-        if Router::track_encoding(published, pkt.ssrc, pkt.payload, keyframe, arrived).is_none() {
+        let simulcast = published.info.simulcast;
+        // The temporal layer, read once for every subscriber (only VP8
+        // simulcast tracks are thinned).
+        let temporal = (simulcast && published.info.codec == Codec::Vp8)
+            .then(|| Temporal::of_vp8(pkt.payload))
+            .flatten();
+        if Router::track_encoding(
+            published,
+            pkt.ssrc,
+            pkt.payload,
+            temporal,
+            keyframe,
+            arrived,
+        )
+        .is_none()
+        {
             out.push(Decision::Drop(DropReason::ExtraEncoding));
             return false;
         }
-        let simulcast = published.info.simulcast;
         let classic_layer = if simulcast {
             Router::classic_layer(published)
         } else {
@@ -237,9 +252,19 @@ impl Router {
             if simulcast {
                 // One layer of several: the one this subscriber receives,
                 // or the keyframe it switches at.
-                match down.layers.admit(pkt.ssrc, keyframe) {
+                match down.layers.admit(pkt.ssrc, keyframe, temporal) {
                     Admit::Forward => {}
                     Admit::Skip | Admit::Paused => continue,
+                    Admit::Thinned => {
+                        // Left out of the numbering: no gap to NACK.
+                        down.rewriter.skip(pkt.ssrc, pkt.seq);
+                        if let Some(vp8) = down.layers.vp8.as_mut() {
+                            // A descriptor that does not parse has no
+                            // picture id to take out.
+                            let _ = vp8.drop_picture(pkt.ssrc, pkt.payload);
+                        }
+                        continue;
+                    }
                 }
             } else if down.layers.is_paused() {
                 continue;

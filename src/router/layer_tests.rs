@@ -40,6 +40,20 @@ fn vp8(picture_id: u16, key: Option<(u16, u16)>, size: usize) -> Vec<u8> {
     p
 }
 
+/// The same with L1T3's TL0PICIDX and TID (keyframes are TL0).
+fn vp8_layered(picture_id: u16, tid: u8, key: Option<(u16, u16)>, size: usize) -> Vec<u8> {
+    let mut p = vp8(picture_id, key, size);
+    p[1] = 0xe0;
+    p.splice(4..4, [0, tid << 6]);
+    p.truncate(size);
+    p
+}
+
+/// L1T3's temporal layer of a picture (0 2 1 2, from a keyframe on).
+fn tid_of(picture: u16) -> u8 {
+    [0, 2, 1, 2][usize::from(picture % 4)]
+}
+
 /// The picture id a sent copy carries (its patch, or the original).
 fn picture_id_sent(d: &Send, original: &[u8]) -> u16 {
     let mut bytes = original.to_vec();
@@ -58,6 +72,8 @@ struct Call {
     /// Per encoding: next sequence number and picture id.
     seq: [u16; 3],
     pic: [u16; 3],
+    /// Packets carry L1T3 temporal layers.
+    layered: bool,
 }
 
 impl Call {
@@ -72,6 +88,7 @@ impl Call {
             t: Instant::now(),
             seq: [1000, 5000, 9000],
             pic: [100, 20_000, 32_760],
+            layered: false,
         }
     }
 
@@ -87,7 +104,16 @@ impl Call {
         let i = Call::idx(enc.0);
         // About 60, 160 and 370 kbit/s at 30 frames per second.
         let size = [1500, 200, 600][i];
-        let payload = vp8(self.pic[i], key.then_some((enc.2, enc.3)), size);
+        let size_key = key.then_some((enc.2, enc.3));
+        let payload = if self.layered {
+            if key {
+                // A keyframe restarts the pattern at TL0.
+                self.pic[i] &= !3;
+            }
+            vp8_layered(self.pic[i], tid_of(self.pic[i]), size_key, size)
+        } else {
+            vp8(self.pic[i], size_key, size)
+        };
         self.pic[i] = (self.pic[i] + 1) & 0x7fff;
         let seq = self.seq[i];
         self.seq[i] = seq.wrapping_add(1);
@@ -389,4 +415,88 @@ fn a_classic_member_keeps_the_middle_layer_on() {
         .expect("joins");
     c.r.needed_layers(A, "cam", &mut needed);
     assert_eq!(needed, vec![Q.0, H.0]);
+}
+
+#[test]
+fn a_tight_estimate_thins_temporal_layers_and_the_stream_has_no_gap() {
+    let mut c = Call::new(&[A, B]);
+    c.layered = true;
+    c.start(&[B]);
+    assert!(c.r.set_wish(
+        B,
+        slot(A),
+        Wish {
+            max_height: Some(180),
+            paused: false
+        }
+    ));
+    // Rates measured, every picture of q sent.
+    c.run(&[B], Some(200_000), 3);
+    assert_eq!(c.r.temporal_limit(B, A, "cam"), Some(u8::MAX));
+    // q costs ~62 kbit/s: TL0 a quarter of its pictures (~16), TL0+TL1
+    // half (~31). 45 kbit/s buys TL0+TL1: down at once, no keyframe.
+    let asked = c.run(&[B], Some(45_000), 1);
+    assert!(
+        !asked
+            .iter()
+            .any(|d| matches!(d, Decision::RequestKeyframe { .. })),
+        "{asked:?}"
+    );
+    assert_eq!(c.view(B).current, Some(Layer(0)));
+    let mut sent = Vec::new(); // (seq, picture id, tid)
+    for _ in 0..12 {
+        for (ssrc, d, p) in c.frame(false) {
+            let tid = Vp8Descriptor::parse(&p).expect("vp8").temporal_id;
+            for s in sends(&d).iter().filter(|s| s.to == B) {
+                assert_eq!(ssrc, Q.0);
+                sent.push((s.seq, picture_id_sent(s, &p), tid.expect("a TID")));
+            }
+        }
+    }
+    assert_eq!(c.r.temporal_limit(B, A, "cam"), Some(1));
+    assert_eq!(sent.len(), 6, "half of 12 pictures: {sent:?}");
+    assert!(sent.iter().all(|&(_, _, tid)| tid <= 1), "{sent:?}");
+    for w in sent.windows(2) {
+        assert_eq!(w[1].0, w[0].0.wrapping_add(1), "sequence numbers: {sent:?}");
+        assert_eq!(w[1].1, (w[0].1 + 1) & 0x7fff, "picture ids: {sent:?}");
+    }
+    // Room again: back to every picture, after the hold, without a
+    // keyframe, from a TL0 picture on (the TL1 and TL2 pictures before it
+    // may depend on TL2 pictures B never got). The numbering has no gap
+    // throughout.
+    let mut prev = (sent[5].0, sent[5].1);
+    let mut tids = Vec::new();
+    for _ in 0..10 {
+        for _ in 0..15 {
+            for (_, d, p) in c.frame(false) {
+                let tid = Vp8Descriptor::parse(&p).expect("vp8").temporal_id;
+                for s in sends(&d).iter().filter(|s| s.to == B) {
+                    let pid = picture_id_sent(s, &p);
+                    assert_eq!(s.seq, prev.0.wrapping_add(1), "{tids:?}");
+                    assert_eq!(pid, (prev.1 + 1) & 0x7fff, "{tids:?}");
+                    prev = (s.seq, pid);
+                    tids.push(tid.expect("a TID"));
+                }
+            }
+        }
+        let asked = c.allocate(B, Some(90_000));
+        assert!(
+            !asked
+                .iter()
+                .any(|d| matches!(d, Decision::RequestKeyframe { .. })),
+            "no keyframe for temporal layers: {asked:?}"
+        );
+    }
+    assert_eq!(c.r.temporal_limit(B, A, "cam"), Some(u8::MAX));
+    let first_tl2 = tids.iter().position(|&t| t == 2).expect("TL2 again");
+    assert!(first_tl2 > 0 && tids[first_tl2 - 1] == 0, "{tids:?}");
+    let pattern: Vec<u8> = (0..)
+        .map(|i| [2, 1, 2, 0][i % 4])
+        .take(tids.len() - first_tl2)
+        .collect();
+    assert_eq!(
+        tids[first_tl2..],
+        pattern[..],
+        "every picture from there on"
+    );
 }

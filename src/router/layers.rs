@@ -59,6 +59,31 @@ pub(super) struct SubLayers {
     pub(super) wish: Wish,
     /// Keeps the picture ids continuous across switches (VP8 simulcast).
     pub(super) vp8: Option<Vp8Munger>,
+    /// The highest temporal layer (TID) chosen, and the one forwarded now
+    /// (`u8::MAX`: all). A step down takes effect at the next picture, a
+    /// step up at the next TL0 picture (which depends on nothing left out).
+    tid_target: u8,
+    tid_limit: u8,
+}
+
+/// The temporal layer of a packet of a VP8 track that has them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) struct Temporal {
+    pub tid: u8,
+    /// The packet starts a picture.
+    pub starts_picture: bool,
+}
+
+impl Temporal {
+    /// From a VP8 payload; `None` without a TID (or a descriptor that does
+    /// not parse, which the munger then refuses).
+    pub(super) fn of_vp8(payload: &[u8]) -> Option<Temporal> {
+        let d = crate::media::codec::Vp8Descriptor::parse(payload).ok()?;
+        Some(Temporal {
+            tid: d.temporal_id?,
+            starts_picture: d.start_of_partition && d.partition_id == 0,
+        })
+    }
 }
 
 /// What happens to one packet of a simulcast track for one subscriber.
@@ -69,6 +94,9 @@ pub(super) enum Admit {
     /// keyframe of: not for this subscriber, and not a loss.
     Skip,
     Paused,
+    /// A temporal layer above the one it receives: left out, and numbered
+    /// as if never sent.
+    Thinned,
 }
 
 impl SubLayers {
@@ -81,6 +109,8 @@ impl SubLayers {
             asked: None,
             wish: Wish::default(),
             vp8: (info.simulcast && info.codec == Codec::Vp8).then(Vp8Munger::new),
+            tid_target: u8::MAX,
+            tid_limit: u8::MAX,
         }
     }
 
@@ -92,19 +122,34 @@ impl SubLayers {
     /// allocator chose a layer (its next round, within
     /// `ALLOCATE_EVERY`): the first packets of a simulcast track come from
     /// whichever layer the network delivers first, not the one to start on.
-    pub(super) fn admit(&mut self, ssrc: u32, keyframe: bool) -> Admit {
+    pub(super) fn admit(&mut self, ssrc: u32, keyframe: bool, temporal: Option<Temporal>) -> Admit {
         if self.paused.is_some() {
             return Admit::Paused;
         }
-        if self.current == Some(ssrc) {
-            return Admit::Forward;
-        }
-        if keyframe && self.target == Some(ssrc) {
+        if self.current != Some(ssrc) {
+            if !(keyframe && self.target == Some(ssrc)) {
+                return Admit::Skip;
+            }
             self.current = Some(ssrc);
             self.asked = None;
-            return Admit::Forward;
+            // A keyframe depends on nothing: the new layer starts with the
+            // temporal layers chosen.
+            self.tid_limit = self.tid_target;
         }
-        Admit::Skip
+        let Some(t) = temporal else {
+            return Admit::Forward;
+        };
+        if t.starts_picture
+            && self.tid_limit != self.tid_target
+            && (self.tid_target < self.tid_limit || t.tid == 0)
+        {
+            self.tid_limit = self.tid_target;
+        }
+        if t.tid <= self.tid_limit {
+            Admit::Forward
+        } else {
+            Admit::Thinned
+        }
     }
 
     /// The encoding a keyframe request from this subscriber is for: the
@@ -156,13 +201,14 @@ impl Router {
         published: &mut super::Published,
         ssrc: u32,
         payload: &[u8],
+        temporal: Option<Temporal>,
         keyframe: bool,
         now: Instant,
     ) -> Option<usize> {
         let info = published.info;
         published
             .encodings
-            .on_packet(ssrc, payload, &info, keyframe, now)
+            .on_packet(ssrc, payload, temporal.map(|t| t.tid), &info, keyframe, now)
     }
 
     /// `publisher`'s encoding `ssrc` of `track` is named `rid`.
@@ -312,7 +358,11 @@ impl Router {
                     if alloc.layers.len() <= n {
                         alloc.layers.push(Vec::with_capacity(MAX_ENCODINGS));
                     }
-                    published.encodings.view(now, &mut alloc.layers[n]);
+                    published.encodings.view(
+                        now,
+                        temporal_slots(&published.info),
+                        &mut alloc.layers[n],
+                    );
                     if alloc.layers[n].is_empty() {
                         // Nothing arrived yet: one layer of unknown size,
                         // so the track is counted (and can be paused).
@@ -378,9 +428,12 @@ impl Router {
             return false;
         };
         let info = published.info;
-        let layer_ssrc = match target {
-            Target::Layer(layer) => published.encodings.at(Layer(layer)).map(|e| e.ssrc),
-            Target::Paused(_) => None,
+        let (layer_ssrc, max_tid) = match target {
+            Target::Layer(layer) => published
+                .encodings
+                .at_slot(layer, temporal_slots(&info))
+                .map_or((None, u8::MAX), |(e, tid)| (Some(e.ssrc), tid)),
+            Target::Paused(_) => (None, u8::MAX),
         };
         let Some(down) = self
             .members
@@ -407,6 +460,11 @@ impl Router {
             Target::Layer(_) => {
                 let resumed = l.paused.take().is_some();
                 let changed = resumed || (layer_ssrc.is_some() && layer_ssrc != l.target);
+                // Fewer or more temporal layers of the same encoding: no
+                // keyframe needed (see `admit`).
+                if layer_ssrc.is_some() {
+                    l.tid_target = max_tid;
+                }
                 if layer_ssrc.is_some() {
                     l.target = layer_ssrc;
                 }
@@ -628,8 +686,81 @@ impl Router {
             .any(|d| d.layers.simulcast)
     }
 
+    /// The highest temporal layer `sub` is sent of `publisher`'s `track`
+    /// now (`u8::MAX`: all), or `None` without such a subscription.
+    pub fn temporal_limit(&self, sub: PeerKey, publisher: PeerKey, track: &str) -> Option<u8> {
+        self.members
+            .get(&sub)?
+            .subs
+            .get(&publisher)?
+            .get(track)
+            .map(|d| d.layers.tid_limit)
+    }
+
     /// The smallest live encoding of a track (the default target).
     pub(super) fn lowest_live(published: &super::Published, now: Instant) -> Option<u32> {
         published.encodings.lowest_live(now)
+    }
+}
+
+/// Whether the allocator sees `info`'s temporal layers: those of VP8
+/// simulcast tracks (the only ones whose layers the router rewrites).
+fn temporal_slots(info: &TrackInfo) -> bool {
+    info.simulcast && info.codec == Codec::Vp8
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const VP8_SIMULCAST: TrackInfo = TrackInfo {
+        kind: MediaKind::Video,
+        codec: Codec::Vp8,
+        clock_rate: 90_000,
+        simulcast: true,
+    };
+
+    fn picture(tid: u8) -> [Option<Temporal>; 2] {
+        [true, false].map(|starts_picture| {
+            Some(Temporal {
+                tid,
+                starts_picture,
+            })
+        })
+    }
+
+    /// Whether each packet of pictures with these TIDs is forwarded.
+    fn admitted(l: &mut SubLayers, ssrc: u32, tids: &[u8]) -> Vec<Admit> {
+        tids.iter()
+            .flat_map(|&t| picture(t))
+            .map(|t| l.admit(ssrc, false, t))
+            .collect()
+    }
+
+    #[test]
+    fn temporal_layers_go_down_at_the_next_picture_and_up_only_at_a_tl0_picture() {
+        use Admit::{Forward as F, Thinned as T};
+        let mut l = SubLayers::new(VP8_SIMULCAST);
+        l.target = Some(7);
+        assert_eq!(l.admit(7, true, picture(0)[0]), F);
+        assert_eq!(admitted(&mut l, 7, &[0, 2]), [F, F, F, F]);
+        // Down to TL0+TL1, chosen in the middle of a TL2 picture: its
+        // second packet still goes (a picture is sent whole or not at all).
+        l.admit(7, false, picture(2)[0]);
+        l.tid_target = 1;
+        assert_eq!(l.admit(7, false, picture(2)[1]), F);
+        assert_eq!(admitted(&mut l, 7, &[1, 2, 0, 2]), [F, F, T, T, F, F, T, T]);
+        // Back up to all: not at a TL1 or TL2 picture (they may refer to
+        // TL2 pictures left out), at the next TL0 one.
+        l.tid_target = u8::MAX;
+        assert_eq!(admitted(&mut l, 7, &[1, 2]), [F, F, T, T]);
+        assert_eq!(admitted(&mut l, 7, &[0, 2, 1, 2]), [F; 8]);
+        // A keyframe of a new layer starts with the layers chosen.
+        l.tid_target = 0;
+        l.target = Some(9);
+        assert_eq!(l.admit(9, true, picture(0)[0]), F);
+        assert_eq!(admitted(&mut l, 9, &[2, 1, 0]), [T, T, T, T, F, F]);
+        // Without a TID, everything goes.
+        assert_eq!(l.admit(9, false, None), F);
     }
 }

@@ -160,6 +160,7 @@ export function installTestHooks() {
         frameWidth: x.frameWidth || 0, frameHeight: x.frameHeight || 0,
         framesEncoded: x.framesEncoded || 0, bytesSent: x.bytesSent || 0,
         qualityLimitationReason: x.qualityLimitationReason ?? null,
+        scalabilityMode: x.scalabilityMode ?? null,
       }));
     },
     // The server connection's send-side estimate (bit/s; the selected

@@ -326,7 +326,7 @@ async function main() {
       }))])),
       encodings: Object.fromEntries(PUBS.map((p) => [p, pubSnap[p].encodings])),
       outbound: Object.fromEntries(PUBS.map((p) => [p, pubSnap[p].outbound.map((o) => ({
-        rid: o.rid, frameWidth: o.frameWidth, frameHeight: o.frameHeight, qualityLimitationReason: o.qualityLimitationReason,
+        rid: o.rid, frameWidth: o.frameWidth, frameHeight: o.frameHeight, qualityLimitationReason: o.qualityLimitationReason, scalabilityMode: o.scalabilityMode,
       }))])),
       // Each publisher's own send-side estimate towards the server: the
       // 720p layer needs about 2.2 Mbit/s for all three.
