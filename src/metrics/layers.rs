@@ -76,7 +76,7 @@ impl LayerMetrics {
             estimate,
             switches: counter(
                 "switchboard_layers_switches_total",
-                "Simulcast layer changes chosen for a subscriber (the switch happens at the new layer's next keyframe)",
+                "Simulcast layer changes chosen for a subscriber: another encoding (the switch happens at its next keyframe) or other temporal layers of the same one",
             ),
             paused: gauge(
                 "switchboard_layers_paused_tracks",

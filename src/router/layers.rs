@@ -182,6 +182,8 @@ pub struct LayerView {
     pub target: Option<Layer>,
     pub paused: Option<PauseCause>,
     pub layers: usize,
+    /// The highest temporal layer chosen (`u8::MAX`: all).
+    pub max_tid: u8,
 }
 
 /// Per-subscriber allocation state, kept on the member.
@@ -286,6 +288,7 @@ impl Router {
                     target: rank(down.layers.target),
                     paused: down.layers.paused,
                     layers: enc.len(),
+                    max_tid: down.layers.tid_target,
                 });
             }
         }
@@ -410,7 +413,8 @@ impl Router {
         Allocated { summary, switches }
     }
 
-    /// Puts one allocation into effect. Returns whether the target changed.
+    /// Puts one allocation into effect. Returns whether the target changed
+    /// (its encoding, or its temporal layers).
     fn apply_target(
         &mut self,
         sub: PeerKey,
@@ -444,6 +448,7 @@ impl Router {
             return false;
         };
         let l = &mut down.layers;
+        let mut temporal_changed = false;
         let (changed, ask) = match target {
             // Nothing arrives: nothing to stop. When its packets come back
             // they go on as before (a silent publisher, a muted one, a
@@ -463,6 +468,7 @@ impl Router {
                 // Fewer or more temporal layers of the same encoding: no
                 // keyframe needed (see `admit`).
                 if layer_ssrc.is_some() {
+                    temporal_changed = l.tid_target != max_tid;
                     l.tid_target = max_tid;
                 }
                 if layer_ssrc.is_some() {
@@ -499,7 +505,7 @@ impl Router {
                 .get_mut(&publisher)
                 .and_then(|p| p.published.get_mut(track))
             else {
-                return changed;
+                return changed || temporal_changed;
             };
             let requester = match wanted.and_then(|s| published.encodings.by_ssrc_mut(s)) {
                 Some(e) => &mut e.keyframes,
@@ -513,7 +519,7 @@ impl Router {
                 });
             }
         }
-        changed
+        changed || temporal_changed
     }
 
     /// The encodings (SSRCs) of `publisher`'s `track` that a subscriber

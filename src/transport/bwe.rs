@@ -142,11 +142,29 @@ impl ArrivalRate {
         }
     }
 
-    /// bit/s, or `None` while the window spans too little.
+    /// bit/s, or `None` while the window spans too little: the lower of
+    /// the rates of the window's two halves. A token bucket that refilled
+    /// while little was sent lets its burst through at line rate: a second
+    /// that starts with a 20 KB burst carries 160 kbit more than the link
+    /// sustains (a 600 kbit/s cap read as 760 kbit/s, and a probe "passed"
+    /// into a switch up that froze). The burst falls in one half; the other
+    /// shows the sustained rate.
     fn rate(&self) -> Option<f64> {
         let (first, last) = (self.samples.front()?.0, self.samples.back()?.0);
         let span = last.saturating_sub(first);
-        (span >= Self::MIN_SPAN).then(|| (self.bytes * 8) as f64 / span.as_secs_f64())
+        if span < Self::MIN_SPAN {
+            return None;
+        }
+        let mid = first + span / 2;
+        let early: usize = self
+            .samples
+            .iter()
+            .filter(|&&(t, _)| t < mid)
+            .map(|&(_, size)| size)
+            .sum();
+        let late = self.bytes - early;
+        let half = (span / 2).as_secs_f64();
+        Some((early.min(late) * 8) as f64 / half)
     }
 }
 
@@ -464,6 +482,34 @@ mod tests {
             0.0,
         );
         assert!(after >= 2_000_000.0, "raised: {after} (from {low})");
+    }
+
+    #[test]
+    fn a_token_buckets_burst_does_not_read_as_a_faster_link() {
+        // 600 kbit/s through a bucket that refilled: 20 KB at line rate
+        // (within 2 ms), then 1,200-byte packets at the bucket's rate.
+        let mut r = ArrivalRate::default();
+        let mut at = Duration::ZERO;
+        for _ in 0..17 {
+            r.add(at, 1200);
+            at += Duration::from_micros(100);
+        }
+        let gap = Duration::from_secs_f64(1200.0 * 8.0 / 600_000.0);
+        while at < Duration::from_millis(1000) {
+            at += gap;
+            r.add(at, 1200);
+        }
+        let rate = r.rate().expect("a second of arrivals");
+        assert!((560_000.0..=640_000.0).contains(&rate), "{rate}");
+        // Steady arrivals read as their rate.
+        let mut s = ArrivalRate::default();
+        let mut at = Duration::ZERO;
+        while at < Duration::from_millis(1000) {
+            s.add(at, 1200);
+            at += gap;
+        }
+        let rate = s.rate().expect("a second of arrivals");
+        assert!((560_000.0..=640_000.0).contains(&rate), "{rate}");
     }
 
     #[test]
