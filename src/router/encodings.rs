@@ -31,6 +31,12 @@ const RATE_WINDOW: Duration = Duration::from_millis(1000);
 /// seen; an encoding without temporal layers costs the same in all three.
 pub const TEMPORAL_SLOTS: usize = 3;
 
+/// A layer costs the most it was measured at over this many windows: an
+/// encoder starved of CPU or of uplink sends its 720p layer at 400 kbit/s
+/// one second and 1.5 Mbit/s a few later, and a viewer switched to it on
+/// the low figure is over its link when the encoder recovers.
+const PEAK_WINDOWS: usize = 5;
+
 /// The highest TID forwarded for each slot (the last: every layer).
 pub const SLOT_MAX_TID: [u8; TEMPORAL_SLOTS] = [0, 1, u8::MAX];
 
@@ -48,6 +54,10 @@ pub struct Encoding {
     /// full window; all equal to `bitrate` without temporal layers.
     pub slot_bitrate: [u32; TEMPORAL_SLOTS],
     window_bytes: u64,
+    /// `slot_bitrate` of the last [`PEAK_WINDOWS`] windows, and where
+    /// the next goes.
+    recent: [[u32; TEMPORAL_SLOTS]; PEAK_WINDOWS],
+    recent_next: usize,
     /// This window's bytes by TID (the last counts TID 2 and up).
     window_tid_bytes: [u64; TEMPORAL_SLOTS],
     /// Whether this window's packets carried a TID.
@@ -66,6 +76,8 @@ impl Encoding {
             height: 0,
             bitrate: 0,
             slot_bitrate: [0; TEMPORAL_SLOTS],
+            recent: [[0; TEMPORAL_SLOTS]; PEAK_WINDOWS],
+            recent_next: 0,
             window_bytes: 0,
             window_tid_bytes: [0; TEMPORAL_SLOTS],
             window_layered: false,
@@ -89,10 +101,11 @@ impl Encoding {
         }
     }
 
-    /// The bitrate of temporal slot `slot`, or 0 when it went silent.
-    fn slot_rate(&self, slot: usize, now: Instant) -> u32 {
+    /// What temporal slot `slot` costs: the most it was measured at over
+    /// the last [`PEAK_WINDOWS`] windows, or 0 when it went silent.
+    fn slot_cost(&self, slot: usize, now: Instant) -> u32 {
         if self.live(now) {
-            self.slot_bitrate[slot]
+            self.recent.iter().map(|w| w[slot]).max().unwrap_or(0)
         } else {
             0
         }
@@ -161,6 +174,8 @@ impl Encodings {
                         e.bitrate
                     };
                 }
+                e.recent[e.recent_next] = e.slot_bitrate;
+                e.recent_next = (e.recent_next + 1) % PEAK_WINDOWS;
                 e.window_bytes = 0;
                 e.window_tid_bytes = [0; TEMPORAL_SLOTS];
                 e.window_layered = false;
@@ -251,7 +266,8 @@ impl Encodings {
             .map(|e| e.ssrc)
     }
 
-    /// The layers as the allocator sees them, smallest first: one per
+    /// The layers as the allocator sees them, smallest first, at their
+    /// recent peak bitrates: one per
     /// encoding, or with `temporal` [`TEMPORAL_SLOTS`] per encoding (its
     /// temporal layers, fewest first; see [`Encodings::at_slot`]).
     pub(super) fn view(&self, now: Instant, temporal: bool, out: &mut Vec<LayerInfo>) {
@@ -264,9 +280,9 @@ impl Encodings {
                 live: e.live(now),
             };
             if temporal {
-                out.extend((0..TEMPORAL_SLOTS).map(|slot| info(e.slot_rate(slot, now))));
+                out.extend((0..TEMPORAL_SLOTS).map(|slot| info(e.slot_cost(slot, now))));
             } else {
-                out.push(info(e.rate(now)));
+                out.push(info(e.slot_cost(TEMPORAL_SLOTS - 1, now)));
             }
         }
     }
@@ -286,5 +302,65 @@ impl Encodings {
     /// Sum of the live encodings' bitrates.
     pub(super) fn total_rate(&self, now: Instant) -> u64 {
         self.list.iter().map(|e| u64::from(e.rate(now))).sum()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::sfu::MediaKind;
+
+    const INFO: TrackInfo = TrackInfo {
+        kind: MediaKind::Video,
+        codec: Codec::Vp8,
+        clock_rate: 90_000,
+        simulcast: true,
+    };
+
+    /// One second of 30 pictures of `bytes` each on `ssrc`, TIDs 0 2 1 2.
+    fn second(enc: &mut Encodings, ssrc: u32, bytes: usize, t: &mut Instant) {
+        let payload = vec![0u8; bytes - 60];
+        for i in 0..30 {
+            let tid = [0, 2, 1, 2][i % 4];
+            enc.on_packet(ssrc, &payload, Some(tid), &INFO, false, *t);
+            *t += Duration::from_micros(33_334);
+        }
+    }
+
+    fn costs(enc: &Encodings, now: Instant) -> Vec<u32> {
+        let mut out = Vec::new();
+        enc.view(now, true, &mut out);
+        out.iter().map(|l| l.bitrate).collect()
+    }
+
+    #[test]
+    fn a_layer_costs_its_recent_peak_per_temporal_slot() {
+        let (mut enc, mut t) = (Encodings::default(), Instant::now());
+        // 6,250 bytes a picture at 30 a second: 1.5 Mbit/s.
+        for _ in 0..2 {
+            second(&mut enc, 7, 6_250, &mut t);
+        }
+        let full = costs(&enc, t);
+        assert_eq!(full.len(), TEMPORAL_SLOTS);
+        // TL0 is a quarter of the pictures, TL0+TL1 half, all of them.
+        let near = |x: u32, y: f64| (f64::from(x) - y).abs() < y * 0.1;
+        assert!(
+            near(full[0], 375_000.0) && near(full[1], 750_000.0),
+            "{full:?}"
+        );
+        assert!(near(full[2], 1_500_000.0), "{full:?}");
+        // The encoder falls to 400 kbit/s: the cost stays at the peak for
+        // PEAK_WINDOWS windows, then follows.
+        for _ in 0..PEAK_WINDOWS - 1 {
+            second(&mut enc, 7, 1_667, &mut t);
+            assert_eq!(costs(&enc, t), full);
+        }
+        for _ in 0..2 {
+            second(&mut enc, 7, 1_667, &mut t);
+        }
+        let low = costs(&enc, t);
+        assert!(near(low[2], 400_000.0), "{low:?}");
+        // Silent for a second: not live, costs nothing.
+        assert_eq!(costs(&enc, t + LAYER_STALE), vec![0; TEMPORAL_SLOTS]);
     }
 }
