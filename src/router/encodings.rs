@@ -267,11 +267,13 @@ impl Encodings {
     }
 
     /// The layers as the allocator sees them, smallest first, at their
-    /// recent peak bitrates: one per
-    /// encoding, or with `temporal` [`TEMPORAL_SLOTS`] per encoding (its
-    /// temporal layers, fewest first; see [`Encodings::at_slot`]).
+    /// recent peak bitrates: one per encoding, or with `temporal`
+    /// [`TEMPORAL_SLOTS`] per encoding (its temporal layers, fewest first;
+    /// see [`Encodings::at_slot`]), told apart in the lowest live encoding
+    /// only.
     pub(super) fn view(&self, now: Instant, temporal: bool, out: &mut Vec<LayerInfo>) {
         out.clear();
+        let mut lowest = true;
         for &i in &self.rank {
             let e = &self.list[usize::from(i)];
             let info = |bitrate| LayerInfo {
@@ -279,11 +281,20 @@ impl Encodings {
                 bitrate,
                 live: e.live(now),
             };
-            if temporal {
+            if temporal && lowest {
                 out.extend((0..TEMPORAL_SLOTS).map(|slot| info(e.slot_cost(slot, now))));
+            } else if temporal {
+                // Above the lowest live encoding, only at its full frame
+                // rate (as Jitsi's allocator does for cameras): all three
+                // slots cost the same, so the allocator, which takes the
+                // highest that fits, always takes the last. A smaller
+                // picture at 30 frames a second beats a larger one at 7.5.
+                let full = e.slot_cost(TEMPORAL_SLOTS - 1, now);
+                out.extend((0..TEMPORAL_SLOTS).map(|_| info(full)));
             } else {
                 out.push(info(e.slot_cost(TEMPORAL_SLOTS - 1, now)));
             }
+            lowest &= !e.live(now);
         }
     }
 
@@ -362,5 +373,31 @@ mod tests {
         assert!(near(low[2], 400_000.0), "{low:?}");
         // Silent for a second: not live, costs nothing.
         assert_eq!(costs(&enc, t + LAYER_STALE), vec![0; TEMPORAL_SLOTS]);
+    }
+
+    #[test]
+    fn temporal_steps_are_offered_in_the_lowest_live_encoding_only() {
+        let (mut enc, mut t) = (Encodings::default(), Instant::now());
+        // Two encodings of unknown size rank by arrival: 7 below 8.
+        for _ in 0..2 {
+            let start = t;
+            second(&mut enc, 7, 1_000, &mut t);
+            t = start;
+            second(&mut enc, 8, 4_000, &mut t);
+        }
+        let c = costs(&enc, t);
+        assert_eq!(c.len(), 2 * TEMPORAL_SLOTS);
+        assert!(c[0] < c[1] && c[1] < c[2], "the lowest thins: {c:?}");
+        assert!(
+            c[3] > c[2] && c[3] == c[4] && c[4] == c[5],
+            "the other does not: {c:?}"
+        );
+        // The lowest stops: the next one up is the lowest live, and thins.
+        for _ in 0..2 {
+            second(&mut enc, 8, 4_000, &mut t);
+        }
+        let c = costs(&enc, t);
+        assert_eq!(c[..3], [0, 0, 0], "{c:?}");
+        assert!(c[3] < c[4] && c[4] < c[5], "{c:?}");
     }
 }
