@@ -354,7 +354,7 @@ async function main() {
       if (now < capAt + SETTLE_MS) continue;
       if (windowStart === null) {
         windowStart = { at: now, v };
-        lastAdvanceCheck = windowStart;
+        lastAdvanceCheck = { ...windowStart, pubs: await publishers() };
         const late = PUBS.filter((p) => !(b[p].w > 0 && b[p].w <= LOW_MAX_WIDTH));
         if (late.length) {
           unmet(result, 'late', `subB still decodes ${late.map((p) => `${p} at ${brief(b[p])}`).join(' and ')} ${SETTLE_MS / 1000} s after its downlink `
@@ -372,14 +372,21 @@ async function main() {
         if (freezeS > MAX_FREEZE_S) unmet(result, `freeze-${p}`, `under the cap: subB's video of ${p} froze for ${round(freezeS)} s (${b[p].freezes - was.freezes} freeze(s) ended between two samples ${now - samples[samples.length - 2].at} ms apart; at most ${MAX_FREEZE_S} s expected)`);
       }
       if (now - lastAdvanceCheck.at >= ADVANCE_EVERY_MS) {
+        // The publishers' encoders over the same span: a stall every
+        // viewer sees at once starts there, not in anyone's downlink.
+        const pubs = await publishers();
+        const encoded = (p) => {
+          const was = lastAdvanceCheck.pubs?.[p]?.outbound ?? [];
+          return pubs[p].outbound.map((o) => `${o.rid}+${o.framesEncoded - (was.find((w) => w.rid === o.rid)?.framesEncoded ?? 0)}`).join(' ');
+        };
         for (const n of SUBS) {
           for (const p of PUBS) {
             const x = from(v[n], ids[p]);
             const was = from(lastAdvanceCheck.v[n], ids[p]);
-            if (x.frames <= was.frames) unmet(result, `advance-${n}-${p}`, `under subB's cap: ${n}'s video of ${p} did not advance in ${now - lastAdvanceCheck.at} ms (${was.frames} -> ${x.frames} frames decoded)`);
+            if (x.frames <= was.frames) unmet(result, `advance-${n}-${p}`, `under subB's cap: ${n}'s video of ${p} did not advance in ${now - lastAdvanceCheck.at} ms (${was.frames} -> ${x.frames} frames decoded; ${p} encoded ${encoded(p)}, ${now - capAt} ms after the cap)`);
           }
         }
-        lastAdvanceCheck = { at: now, v };
+        lastAdvanceCheck = { at: now, v, pubs };
       }
     }
     {
