@@ -70,6 +70,12 @@ impl Engine {
                 .estimate
                 .tested()
                 .filter(|&t| estimate.is_some_and(|e| e > t) && accepts_rtx(&p.pc));
+            // While a probe pads, nothing goes up: the padding fills the
+            // link on purpose, and the new layer's keyframe would be lost
+            // in it (seen under a 600 kbit/s cap: a switch to 360p half a
+            // second into a probe, its keyframe lost, a 2.4-s freeze). The
+            // probe's outcome, in the estimate, decides the next round.
+            let tested = if p.prober.active() { Some(0) } else { tested };
             let a = self
                 .router
                 .allocate_tested(key, estimate, tested, now, &mut decisions);
