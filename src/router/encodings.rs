@@ -31,11 +31,14 @@ const RATE_WINDOW: Duration = Duration::from_millis(1000);
 /// seen; an encoding without temporal layers costs the same in all three.
 pub const TEMPORAL_SLOTS: usize = 3;
 
-/// A layer costs the most it was measured at over this many windows: an
-/// encoder starved of CPU or of uplink sends its 720p layer at 400 kbit/s
-/// one second and 1.5 Mbit/s a few later, and a viewer switched to it on
-/// the low figure is over its link when the encoder recovers.
-const PEAK_WINDOWS: usize = 5;
+/// A layer costs the last window's bitrate or, when higher, the mean of
+/// this many windows: an encoder starved of CPU or of uplink sends its
+/// 720p layer at 400 kbit/s one second and 1.5 Mbit/s a few later, and a
+/// viewer switched to it on the low figure is over its link when the
+/// encoder recovers. (The highest window instead made every layer cost its
+/// keyframes: the unshaped viewer lost its 720p and a freed link took
+/// longer to climb back.)
+const COST_WINDOWS: usize = 5;
 
 /// The highest TID forwarded for each slot (the last: every layer).
 pub const SLOT_MAX_TID: [u8; TEMPORAL_SLOTS] = [0, 1, u8::MAX];
@@ -54,10 +57,11 @@ pub struct Encoding {
     /// full window; all equal to `bitrate` without temporal layers.
     pub slot_bitrate: [u32; TEMPORAL_SLOTS],
     window_bytes: u64,
-    /// `slot_bitrate` of the last [`PEAK_WINDOWS`] windows, and where
-    /// the next goes.
-    recent: [[u32; TEMPORAL_SLOTS]; PEAK_WINDOWS],
+    /// `slot_bitrate` of the last [`COST_WINDOWS`] windows, where the
+    /// next goes, and how many are filled.
+    recent: [[u32; TEMPORAL_SLOTS]; COST_WINDOWS],
     recent_next: usize,
+    recent_filled: usize,
     /// This window's bytes by TID (the last counts TID 2 and up).
     window_tid_bytes: [u64; TEMPORAL_SLOTS],
     /// Whether this window's packets carried a TID.
@@ -76,8 +80,9 @@ impl Encoding {
             height: 0,
             bitrate: 0,
             slot_bitrate: [0; TEMPORAL_SLOTS],
-            recent: [[0; TEMPORAL_SLOTS]; PEAK_WINDOWS],
+            recent: [[0; TEMPORAL_SLOTS]; COST_WINDOWS],
             recent_next: 0,
+            recent_filled: 0,
             window_bytes: 0,
             window_tid_bytes: [0; TEMPORAL_SLOTS],
             window_layered: false,
@@ -101,14 +106,18 @@ impl Encoding {
         }
     }
 
-    /// What temporal slot `slot` costs: the most it was measured at over
-    /// the last [`PEAK_WINDOWS`] windows, or 0 when it went silent.
+    /// What temporal slot `slot` costs: its last window's bitrate or the
+    /// mean of the last [`COST_WINDOWS`], whichever is higher; 0 when it
+    /// went silent.
     fn slot_cost(&self, slot: usize, now: Instant) -> u32 {
-        if self.live(now) {
-            self.recent.iter().map(|w| w[slot]).max().unwrap_or(0)
-        } else {
-            0
+        if !self.live(now) || self.recent_filled == 0 {
+            return 0;
         }
+        let filled = &self.recent[..self.recent_filled];
+        let sum: u64 = filled.iter().map(|w| u64::from(w[slot])).sum();
+        // The mean of u32s fits a u32.
+        let mean = (sum / filled.len() as u64) as u32;
+        self.slot_bitrate[slot].max(mean)
     }
 }
 
@@ -175,7 +184,8 @@ impl Encodings {
                     };
                 }
                 e.recent[e.recent_next] = e.slot_bitrate;
-                e.recent_next = (e.recent_next + 1) % PEAK_WINDOWS;
+                e.recent_next = (e.recent_next + 1) % COST_WINDOWS;
+                e.recent_filled = (e.recent_filled + 1).min(COST_WINDOWS);
                 e.window_bytes = 0;
                 e.window_tid_bytes = [0; TEMPORAL_SLOTS];
                 e.window_layered = false;
@@ -267,7 +277,7 @@ impl Encodings {
     }
 
     /// The layers as the allocator sees them, smallest first, at their
-    /// recent peak bitrates: one per encoding, or with `temporal`
+    /// costs (see [`COST_WINDOWS`]): one per encoding, or with `temporal`
     /// [`TEMPORAL_SLOTS`] per encoding (its temporal layers, fewest first;
     /// see [`Encodings::at_slot`]), told apart in the lowest live encoding
     /// only.
@@ -345,7 +355,7 @@ mod tests {
     }
 
     #[test]
-    fn a_layer_costs_its_recent_peak_per_temporal_slot() {
+    fn a_layer_costs_its_last_window_or_the_recent_mean_per_temporal_slot() {
         let (mut enc, mut t) = (Encodings::default(), Instant::now());
         // 6,250 bytes a picture at 30 a second: 1.5 Mbit/s.
         for _ in 0..2 {
@@ -360,17 +370,30 @@ mod tests {
             "{full:?}"
         );
         assert!(near(full[2], 1_500_000.0), "{full:?}");
-        // The encoder falls to 400 kbit/s: the cost stays at the peak for
-        // PEAK_WINDOWS windows, then follows.
-        for _ in 0..PEAK_WINDOWS - 1 {
+        // The encoder falls to 400 kbit/s: the cost comes down with the
+        // mean of the last COST_WINDOWS windows, and is 400 kbit/s only
+        // once the 1.5-Mbit/s ones are all out of it.
+        // (A window closes at the first packet after it: the first low
+        // second closes the last high window.)
+        second(&mut enc, 7, 1_667, &mut t);
+        assert_eq!(costs(&enc, t), full);
+        let mut was = full[2];
+        for _ in 0..COST_WINDOWS - 1 {
             second(&mut enc, 7, 1_667, &mut t);
-            assert_eq!(costs(&enc, t), full);
+            let c = costs(&enc, t)[2];
+            assert!(c < was && f64::from(c) > 1.2 * 400_000.0, "{c} after {was}");
+            was = c;
         }
         for _ in 0..2 {
             second(&mut enc, 7, 1_667, &mut t);
         }
         let low = costs(&enc, t);
         assert!(near(low[2], 400_000.0), "{low:?}");
+        // A window above the mean (the encoder recovers) counts at once.
+        for _ in 0..2 {
+            second(&mut enc, 7, 6_250, &mut t);
+        }
+        assert!(near(costs(&enc, t)[2], 1_500_000.0));
         // Silent for a second: not live, costs nothing.
         assert_eq!(costs(&enc, t + LAYER_STALE), vec![0; TEMPORAL_SLOTS]);
     }
