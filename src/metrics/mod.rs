@@ -272,7 +272,7 @@ impl Limit {
 /// The reasons `switchboard_media_dropped_total` is labelled with: the
 /// demux's (`DropReason::as_str`), the rewriter's (`RewriteDrop::as_str`)
 /// and the transport's own.
-pub const MEDIA_DROP_REASONS: [&str; 28] = [
+pub const MEDIA_DROP_REASONS: [&str; 29] = [
     // demux
     "empty",
     "oversize",
@@ -301,6 +301,8 @@ pub const MEDIA_DROP_REASONS: [&str; 28] = [
     "not-negotiated",
     "rejected",
     "send-failed",
+    // the kernel dropped it: the media socket's receive buffer was full
+    "socket-overflow",
     "standby",
     "tcp-send-failed",
     "unknown-peer",

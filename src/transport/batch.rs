@@ -17,8 +17,8 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use bytes::BytesMut;
 use nix::sys::socket::{
-    recvmmsg, sendmmsg, setsockopt, sockopt, ControlMessageOwned, MsgFlags, MultiHeaders,
-    SockaddrStorage,
+    getsockopt, recvmmsg, sendmmsg, setsockopt, sockopt, ControlMessageOwned, MsgFlags,
+    MultiHeaders, SockaddrStorage,
 };
 use nix::sys::time::TimeSpec;
 
@@ -36,6 +36,45 @@ const MAX_STAMP_AGE: Duration = Duration::from_secs(1);
 /// are stamped when read.
 pub(super) fn enable_timestamps(socket: &impl AsFd) -> io::Result<()> {
     setsockopt(socket, sockopt::ReceiveTimestampns, &true).map_err(io::Error::from)
+}
+
+/// Asks the kernel to report with each datagram how many `socket` has
+/// dropped since it was made, its receive buffer full (`SO_RXQ_OVFL`):
+/// [`RecvBatch::take_overflow`].
+pub(super) fn enable_overflow_count(socket: &impl AsFd) -> io::Result<()> {
+    setsockopt(socket, sockopt::RxqOvfl, &1).map_err(io::Error::from)
+}
+
+/// The kernel buffers of one socket, in bytes, as it reports them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) struct Buffers {
+    pub receive: usize,
+    pub send: usize,
+}
+
+/// Asks for `bytes` of receive and send buffer on `socket`: within the
+/// system's limit (`net.core.rmem_max` / `wmem_max`), past it where the
+/// process may (`CAP_NET_ADMIN`: `SO_RCVBUFFORCE`). Returns what the
+/// kernel granted (it reports double what was set, its bookkeeping
+/// included). A media socket read by a busy worker needs room for the
+/// datagrams of the moments it is not read: the default 208 KiB is a
+/// third of a second of two publishers' simulcast, and a loaded
+/// machine's scheduler took longer (4.4 % of datagrams dropped in a
+/// browser test, every viewer stalling at once).
+pub(super) fn enlarge_buffers(socket: &impl AsFd, bytes: usize) -> io::Result<Buffers> {
+    // Each call may fail alone (no privilege): what counts is the result.
+    let _ = setsockopt(socket, sockopt::RcvBuf, &bytes);
+    if getsockopt(socket, sockopt::RcvBuf).map_err(io::Error::from)? < bytes {
+        let _ = setsockopt(socket, sockopt::RcvBufForce, &bytes);
+    }
+    let _ = setsockopt(socket, sockopt::SndBuf, &bytes);
+    if getsockopt(socket, sockopt::SndBuf).map_err(io::Error::from)? < bytes {
+        let _ = setsockopt(socket, sockopt::SndBufForce, &bytes);
+    }
+    Ok(Buffers {
+        receive: getsockopt(socket, sockopt::RcvBuf).map_err(io::Error::from)?,
+        send: getsockopt(socket, sockopt::SndBuf).map_err(io::Error::from)?,
+    })
 }
 
 /// When a datagram arrived, on the monotonic clock: `read_at` (the
@@ -65,15 +104,45 @@ pub(super) struct RecvBatch {
     bufs: Vec<[u8; MAX_DATAGRAM + 1]>,
     /// Length, sender and arrival of each datagram of the last call.
     got: Vec<(usize, SocketAddr, Instant)>,
+    /// The socket's drop counter (`SO_RXQ_OVFL`) as last reported, and as
+    /// last taken.
+    overflow: Option<u32>,
+    overflow_taken: Option<u32>,
+    /// A datagram's control messages did not fit (see [`RecvBatch::recv`]).
+    truncated_cmsg: bool,
+}
+
+/// Control message room per datagram: its arrival stamp and the socket's
+/// drop counter.
+fn cmsg_room() -> Vec<u8> {
+    nix::cmsg_space!(TimeSpec, u32)
 }
 
 impl RecvBatch {
     pub(super) fn new() -> RecvBatch {
         RecvBatch {
-            headers: MultiHeaders::preallocate(BATCH, Some(nix::cmsg_space!(TimeSpec))),
+            headers: MultiHeaders::preallocate(BATCH, Some(cmsg_room())),
             bufs: vec![[0u8; MAX_DATAGRAM + 1]; BATCH],
             got: Vec::with_capacity(BATCH),
+            overflow: None,
+            overflow_taken: None,
+            truncated_cmsg: false,
         }
+    }
+
+    /// Datagrams the kernel dropped (receive buffer full) since the last
+    /// call, as the drop counter on the datagrams read since shows it (a
+    /// datagram carries the count as it was when it was queued: drops show
+    /// with the next datagram that gets in).
+    pub(super) fn take_overflow(&mut self) -> u64 {
+        let Some(now) = self.overflow else {
+            return 0;
+        };
+        // The counter counts from the socket's creation: the first report
+        // is all new. It wraps at 2^32.
+        let new = now.wrapping_sub(self.overflow_taken.unwrap_or(0));
+        self.overflow_taken = Some(now);
+        u64::from(new)
     }
 
     /// Reads what is waiting, up to [`BATCH`] datagrams, without blocking
@@ -81,6 +150,15 @@ impl RecvBatch {
     /// [`MAX_DATAGRAM`] shows as `MAX_DATAGRAM + 1` bytes.
     pub(super) fn recv(&mut self, fd: RawFd) -> io::Result<usize> {
         self.got.clear();
+        // nix's `recvmmsg` leaves each header's control length as the
+        // kernel set it, the size of what the last datagram in that slot
+        // carried: a slot whose datagram had a stamp only is too small for
+        // a stamp and a drop count. Once a datagram's control messages did
+        // not fit, the headers are made again, full size (rare: the drop
+        // count, once there, comes on every datagram after).
+        if std::mem::take(&mut self.truncated_cmsg) {
+            self.headers = MultiHeaders::preallocate(BATCH, Some(cmsg_room()));
+        }
         let mut iovs: Vec<[IoSliceMut<'_>; 1]> = self
             .bufs
             .iter_mut()
@@ -108,12 +186,17 @@ impl RecvBatch {
             } else {
                 msg.bytes
             };
-            let stamp = msg.cmsgs().ok().and_then(|mut c| {
-                c.find_map(|m| match m {
-                    ControlMessageOwned::ScmTimestampns(ts) => Some(Duration::from(ts)),
-                    _ => None,
-                })
-            });
+            let mut stamp = None;
+            self.truncated_cmsg |= msg.flags.contains(MsgFlags::MSG_CTRUNC);
+            if let Ok(cmsgs) = msg.cmsgs() {
+                for m in cmsgs {
+                    match m {
+                        ControlMessageOwned::ScmTimestampns(ts) => stamp = Some(Duration::from(ts)),
+                        ControlMessageOwned::RxqOvfl(n) => self.overflow = Some(n),
+                        _ => {}
+                    }
+                }
+            }
             self.got
                 .push((len, from, arrival(read_at, wall_now, stamp)));
         }
@@ -292,6 +375,81 @@ mod tests {
             inp.recv(b.as_raw_fd()),
             Err(e) if e.kind() == io::ErrorKind::WouldBlock
         ));
+    }
+
+    #[test]
+    fn datagrams_the_kernel_drops_are_counted_once() {
+        let a = std::net::UdpSocket::bind("127.0.0.1:0").expect("bind");
+        let b = std::net::UdpSocket::bind("127.0.0.1:0").expect("bind");
+        enable_overflow_count(&b).expect("SO_RXQ_OVFL");
+        enable_timestamps(&b).expect("SO_TIMESTAMPNS");
+        // The smallest buffer the kernel allows: a few datagrams.
+        setsockopt(&b, sockopt::RcvBuf, &1).expect("SO_RCVBUF");
+        b.set_nonblocking(true).expect("nonblocking");
+        let to = b.local_addr().expect("addr");
+        let sent = 200;
+        for i in 0..sent {
+            a.send_to(&[i as u8; 1000], to).expect("send");
+        }
+        // Everything sent has been delivered or dropped by now: loopback
+        // delivers within the send call.
+        let mut inp = RecvBatch::new();
+        let mut received = 0;
+        while let Ok(n) = inp.recv(b.as_raw_fd()) {
+            received += n;
+        }
+        // A datagram carries the count as it was when it was queued: the
+        // drops show on the next one that gets in.
+        let deadline = Instant::now() + Duration::from_secs(5);
+        let next = |inp: &mut RecvBatch| {
+            a.send_to(b"one more", to).expect("send");
+            while inp.recv(b.as_raw_fd()).unwrap_or(0) == 0 {
+                assert!(Instant::now() < deadline, "the datagram never arrived");
+            }
+        };
+        // The first may not find room for it (its slot last held a
+        // datagram with a stamp only): the next does.
+        let mut dropped = 0;
+        for _ in 0..2 {
+            next(&mut inp);
+            dropped += inp.take_overflow();
+        }
+        assert!(
+            received > 0 && dropped > 0,
+            "{received} received, {dropped} dropped"
+        );
+        assert_eq!(received as u64 + dropped, sent as u64);
+        // Taken once: nothing new since.
+        next(&mut inp);
+        assert_eq!(inp.take_overflow(), 0);
+    }
+
+    #[test]
+    fn the_media_socket_gets_the_buffers_the_system_allows() {
+        let s = std::net::UdpSocket::bind("127.0.0.1:0").expect("bind");
+        let want = 1 << 20;
+        let got = enlarge_buffers(&s, want).expect("buffers");
+        let max = |f: &str| -> usize {
+            std::fs::read_to_string(f)
+                .ok()
+                .and_then(|v| v.trim().parse().ok())
+                .unwrap_or(0)
+        };
+        // Root (CAP_NET_ADMIN) gets what it asks; anyone else the system's
+        // limit. The kernel reports double what it set.
+        let root = std::fs::read_to_string("/proc/self/status").is_ok_and(|st| {
+            st.lines()
+                .any(|l| l.starts_with("Uid:") && l.split_whitespace().nth(1) == Some("0"))
+        });
+        let floor = |limit: usize| if root { want } else { want.min(limit) };
+        assert!(
+            got.receive >= floor(max("/proc/sys/net/core/rmem_max")),
+            "{got:?}"
+        );
+        assert!(
+            got.send >= floor(max("/proc/sys/net/core/wmem_max")),
+            "{got:?}"
+        );
     }
 
     #[test]

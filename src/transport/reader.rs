@@ -143,6 +143,10 @@ impl Reader {
                     break;
                 }
             };
+            let overflow = self.batch.take_overflow();
+            if overflow > 0 {
+                self.metrics.media_dropped_by("socket-overflow", overflow);
+            }
             for i in 0..n {
                 let Some(d) = self.batch.datagram(i) else {
                     continue;

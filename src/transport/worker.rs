@@ -24,6 +24,11 @@ use crate::router::{PeerKey, Router};
 use crate::sfu::{Command, MediaConfig, MediaPlane, Publishing, COMMAND_QUEUE};
 use crate::webhook::Webhooks;
 
+/// The kernel buffers asked for on the media socket, each way (8 MiB:
+/// about a second of 4 × 4 participants' video, what pion and LiveKit
+/// recommend raising `rmem_max` to).
+const SOCKET_BUFFER: usize = 8 << 20;
+
 /// Starts the media workers; returns the hub's handle on them.
 pub fn start(
     config: MediaConfig,
@@ -36,6 +41,21 @@ pub fn start(
     socket.set_nonblocking(true)?;
     if let Err(e) = super::batch::enable_timestamps(&socket) {
         tracing::warn!(error = %e, "no kernel receive timestamps: datagrams are stamped when read");
+    }
+    if let Err(e) = super::batch::enable_overflow_count(&socket) {
+        tracing::warn!(error = %e, "the kernel will not report datagrams the media socket drops");
+    }
+    match super::batch::enlarge_buffers(&socket, SOCKET_BUFFER) {
+        // The kernel reports double what it was given.
+        Ok(b) if b.receive < SOCKET_BUFFER => tracing::warn!(
+            receive = b.receive,
+            send = b.send,
+            wanted = SOCKET_BUFFER,
+            "the media socket's buffers are small: a busy moment drops datagrams \
+             (raise net.core.rmem_max and wmem_max, or run with CAP_NET_ADMIN)"
+        ),
+        Ok(b) => tracing::info!(receive = b.receive, send = b.send, "media socket buffers"),
+        Err(e) => tracing::warn!(error = %e, "media socket buffers unknown"),
     }
     let local = socket.local_addr()?;
     let announce = SocketAddr::new(config.public_ip.unwrap_or(local.ip()), local.port());
