@@ -16,7 +16,8 @@
 //!   rate the wishes want, over [`UP_HEADROOM`](super::allocator::UP_HEADROOM).
 //! - Test one step at a time, as libwebrtc's probe controller does: the
 //!   probe rate is [`STEP`] times the estimate (at least [`MIN_STEP`]
-//!   above it), never past the goal; the padding fills what is sent up to
+//!   above it; [`STEP_GROWTH`] times more after each success in a row,
+//!   up to [`STEP_MAX`]), never past the goal; the padding fills what is sent up to
 //!   that rate (at most [`PAD_MAX`]) for [`PROBE_TIME`], in steps of
 //!   [`TICK`]. The rate is above the estimate, or the probe would test
 //!   nothing: padding only up to what the wishes still lack, from a
@@ -40,6 +41,14 @@ pub const TICK: Duration = Duration::from_millis(20);
 pub const MIN_DEFICIT: u64 = 100_000;
 /// A probe tests this many times the estimate...
 pub const STEP: f64 = 1.5;
+/// ...this many times more after each success in a row, up to
+/// [`STEP_MAX`] (libwebrtc's probe controller doubles): a link freed after
+/// a long congested spell is found again in a few probes, not one
+/// 1.5-times step every two seconds (seen: 805 kbit/s to 2 Mbit/s took
+/// 12 s after a 600 kbit/s cap lifted). A failure starts again at
+/// [`STEP`], so a capped link is never tested harder than that.
+pub const STEP_GROWTH: f64 = 1.5;
+pub const STEP_MAX: f64 = 3.0;
 /// ...and at least this much above it.
 pub const MIN_STEP: u64 = 200_000;
 /// Padding never adds more than this.
@@ -88,6 +97,8 @@ pub struct Prober {
     probe: Option<Probe>,
     next_allowed: Option<Instant>,
     backoff: Duration,
+    /// The next probe's multiple of the estimate.
+    step: f64,
     /// Padding bytes owed (fractions carried between ticks).
     owed: f64,
     last_tick: Option<Instant>,
@@ -102,6 +113,7 @@ impl Default for Prober {
             probe: None,
             next_allowed: None,
             backoff: BACKOFF_MIN,
+            step: STEP,
             owed: 0.0,
             last_tick: None,
             last_estimate: None,
@@ -165,10 +177,12 @@ impl Prober {
                 return Some(if rose && !fell {
                     self.backoff = BACKOFF_MIN;
                     self.next_allowed = Some(now + AFTER_SUCCESS);
+                    self.step = (self.step * STEP_GROWTH).min(STEP_MAX);
                     ProbeEvent::Succeeded
                 } else {
                     self.next_allowed = Some(now + self.backoff);
                     self.backoff = (self.backoff * 2).min(BACKOFF_MAX);
+                    self.step = STEP;
                     ProbeEvent::Failed
                 });
             }
@@ -188,9 +202,10 @@ impl Prober {
             return None;
         }
         let sent = summary.allocated;
-        let step = ((estimate as f64 * STEP) as u64).max(estimate + MIN_STEP);
+        let step = ((estimate as f64 * self.step) as u64).max(estimate + MIN_STEP);
         let pad_bps = step.min(goal).saturating_sub(sent).min(PAD_MAX);
-        if pad_bps == 0 {
+        if pad_bps == 0 || sent + pad_bps <= estimate {
+            // Nothing above the estimate to test (the padding is capped).
             return None;
         }
         self.probe = Some(Probe {
@@ -338,8 +353,9 @@ mod tests {
             p.on_round(at(2000), Some(1_300_000), &s),
             Some(ProbeEvent::Started { .. })
         ));
-        // Tests 1.95 Mbit/s from 1.3: crept up 15 %, not half way: failed,
-        // 3 s before the next.
+        // Tests 2.25 times 1.3 Mbit/s after a success, within the goal
+        // (2.35 Mbit/s): crept up 15 %, not half way: failed, 3 s before
+        // the next.
         assert_eq!(
             p.on_round(at(3500), Some(1_500_000), &s),
             Some(ProbeEvent::Failed)
@@ -366,6 +382,53 @@ mod tests {
         );
         assert_eq!(p.on_round(at(19_400), Some(1_300_000), &s), None);
         assert!(p.on_round(at(19_500), Some(1_300_000), &s).is_some());
+    }
+
+    #[test]
+    fn steps_grow_with_successes_in_a_row_and_a_failure_starts_again() {
+        let (mut p, t0) = (Prober::new(), Instant::now());
+        // A freed link: the wishes want 6 Mbit/s, 100 kbit/s is sent.
+        let s = summary(100_000, 5_900_000);
+        let mut t = t0;
+        let mut rates = Vec::new();
+        let mut estimate = 400_000u64;
+        for outcome in [true, false, true, true] {
+            let Some(ProbeEvent::Started { pad_bps }) = p.on_round(t, Some(estimate), &s) else {
+                panic!("no probe at {estimate}");
+            };
+            rates.push((100_000 + pad_bps) as f64 / estimate as f64);
+            t += PROBE_TIME;
+            estimate = if outcome { 100_000 + pad_bps } else { estimate };
+            let event = p.on_round(t, Some(estimate), &s);
+            assert_eq!(
+                event,
+                Some(if outcome {
+                    ProbeEvent::Succeeded
+                } else {
+                    ProbeEvent::Failed
+                })
+            );
+            t += BACKOFF_MIN;
+        }
+        let rounded: Vec<f64> = rates.iter().map(|r| (r * 100.0).round() / 100.0).collect();
+        assert_eq!(rounded, [1.5, 2.25, 1.5, 2.25]);
+        // At most STEP_MAX.
+        for _ in 0..5 {
+            p.step = (p.step * STEP_GROWTH).min(STEP_MAX);
+        }
+        assert_eq!(p.step, STEP_MAX);
+    }
+
+    #[test]
+    fn a_probe_that_would_test_nothing_does_not_start() {
+        // 300 kbit/s sent and 3.3 Mbit/s estimated: the most padding
+        // (PAD_MAX, 3 Mbit/s) brings what is sent only to the estimate.
+        let (mut p, t0) = (Prober::new(), Instant::now());
+        assert_eq!(
+            p.on_round(t0, Some(3_300_000), &summary(300_000, 5_700_000)),
+            None
+        );
+        assert!(!p.active());
     }
 
     #[test]
