@@ -63,11 +63,6 @@ impl Removed {
         let after = self.recent.len() - self.recent.partition_point(|&r| r < pos);
         Some(self.total - after as u64)
     }
-
-    /// All removals so far.
-    pub fn total(&self) -> u64 {
-        self.total
-    }
 }
 
 #[cfg(test)]
@@ -83,7 +78,7 @@ mod tests {
         assert_eq!(r.before(13), Some(2));
         assert!(r.remove(15, Some(14)));
         assert_eq!(r.before(16), Some(3));
-        assert_eq!(r.total(), 3);
+        assert_eq!(r.total, 3);
     }
 
     #[test]
@@ -103,7 +98,7 @@ mod tests {
         let mut r = Removed::new();
         assert!(!r.remove(11, Some(14)));
         assert_eq!(r.before(15), Some(0));
-        assert_eq!(r.total(), 0);
+        assert_eq!(r.total, 0);
     }
 
     #[test]
@@ -115,7 +110,7 @@ mod tests {
             assert!(r.remove(2 * i + 1, Some(2 * i)));
         }
         assert_eq!(r.recent.len(), MAX_REMEMBERED);
-        assert_eq!(r.total(), n);
+        assert_eq!(r.total, n);
         // The newest remembered ones still place late packets...
         assert_eq!(r.before(2 * (n - 1)), Some(n - 1));
         // ...one older than a forgotten removal cannot be placed.

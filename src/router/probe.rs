@@ -412,11 +412,35 @@ mod tests {
         }
         let rounded: Vec<f64> = rates.iter().map(|r| (r * 100.0).round() / 100.0).collect();
         assert_eq!(rounded, [1.5, 2.25, 1.5, 2.25]);
-        // At most STEP_MAX.
-        for _ in 0..5 {
-            p.step = (p.step * STEP_GROWTH).min(STEP_MAX);
+    }
+
+    #[test]
+    fn steps_stop_growing_at_the_most() {
+        let (mut p, t0) = (Prober::new(), Instant::now());
+        let s = summary(100_000, 5_900_000);
+        let mut t = t0;
+        let mut rates = Vec::new();
+        for i in 0..5 {
+            // Each probe from 400 kbit/s (the estimate fell back between
+            // them: the next waits QUIET), each a success.
+            if i > 0 {
+                assert_eq!(p.on_round(t, Some(400_000), &s), None);
+                t += QUIET;
+            }
+            let Some(ProbeEvent::Started { pad_bps }) = p.on_round(t, Some(400_000), &s) else {
+                panic!("no probe at {t:?}");
+            };
+            rates.push((100_000 + pad_bps) as f64 / 400_000.0);
+            t += PROBE_TIME;
+            let reached = Some(100_000 + pad_bps);
+            assert_eq!(p.on_round(t, reached, &s), Some(ProbeEvent::Succeeded));
+            t += AFTER_SUCCESS;
         }
-        assert_eq!(p.step, STEP_MAX);
+        let rounded: Vec<f64> = rates
+            .iter()
+            .map(|r| (r * 1000.0).round() / 1000.0)
+            .collect();
+        assert_eq!(rounded, [1.5, 2.25, STEP_MAX, STEP_MAX, STEP_MAX]);
     }
 
     #[test]
