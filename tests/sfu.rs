@@ -750,9 +750,10 @@ async fn a_subscribers_media_sections_are_reused_as_publishers_come_and_go(worke
 }
 
 /// Four rooms on a server with two media workers: the rooms are spread two
-/// and two, each room's media reaches exactly its own members, and each
-/// worker handled at least the packets its two rooms sent (the reader on
-/// worker 0 hands the other worker its datagrams).
+/// and two, each room's media reaches exactly its own members, each
+/// worker handled at least the packets its two rooms sent, and worker 1
+/// read them itself, on sockets connected to its peers, not handed over
+/// by worker 0 (which reads the port).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn rooms_spread_over_two_workers_and_each_carries_its_own() {
     let server = media_server(2).await;
@@ -803,6 +804,21 @@ async fn rooms_spread_over_two_workers_and_each_carries_its_own() {
         let rooms = format!("switchboard_media_worker_rooms{{worker=\"{w}\"}}");
         assert_eq!(metric(&after, &rooms), 2.0, "worker {w} holds two rooms");
     }
+    // Worker 1 read its peers' media on their direct sockets: worker 0
+    // handed over next to nothing of it.
+    let handed = metric(&after, "switchboard_media_handed_over_total")
+        - metric(&before, "switchboard_media_handed_over_total");
+    eprintln!("handed over by worker 0 in the measured round: {handed}");
+    assert!(
+        handed <= 0.01 * per_worker(1),
+        "worker 0 handed over {handed} of worker 1's {} datagrams",
+        per_worker(1)
+    );
+    assert_eq!(
+        metric(&after, "switchboard_media_direct_sockets"),
+        4.0,
+        "one direct socket per peer of worker 1"
+    );
 }
 
 /// Runs each test with one media worker and with two.

@@ -116,6 +116,10 @@ pub struct Metrics {
     pub media_timeouts: IntCounter,
     /// Framed packets received over ICE-TCP.
     pub media_tcp_in: IntCounter,
+    /// Datagrams worker 0 read for another worker and handed over.
+    pub media_handed_over: IntCounter,
+    /// Sockets connected to one peer on the media port (`direct`).
+    pub media_direct_sockets: IntGauge,
     /// Datagrams (and ICE-TCP frames) each media worker handled, by `worker`.
     pub worker_datagrams: IntCounterVec,
     /// Rooms each media worker holds, by `worker`.
@@ -722,6 +726,14 @@ impl Metrics {
             plis_sent: counter(
                 "switchboard_media_plis_sent_total",
                 "PLIs sent to publishers (after throttling)",
+            ),
+            media_handed_over: counter(
+                "switchboard_media_handed_over_total",
+                "Datagrams worker 0 read for another media worker and handed over (a peer without a direct socket yet)",
+            ),
+            media_direct_sockets: gauge(
+                "switchboard_media_direct_sockets",
+                "Sockets on the media port connected to one peer, read by that peer's worker",
             ),
             media_tcp_in: counter(
                 "switchboard_media_tcp_packets_received_total",

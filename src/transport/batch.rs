@@ -145,6 +145,18 @@ impl RecvBatch {
         u64::from(new)
     }
 
+    /// Like [`RecvBatch::take_overflow`] for a batch that reads several
+    /// sockets in turn: the drops reported by the last call against the
+    /// counter of the socket it read, as last taken (`taken`).
+    pub(super) fn take_overflow_of(&mut self, taken: &mut Option<u32>) -> u64 {
+        let Some(now) = self.overflow.take() else {
+            return 0;
+        };
+        let new = now.wrapping_sub(taken.unwrap_or(0));
+        *taken = Some(now);
+        u64::from(new)
+    }
+
     /// Reads what is waiting, up to [`BATCH`] datagrams, without blocking
     /// (`WouldBlock` when there is nothing). A datagram longer than
     /// [`MAX_DATAGRAM`] shows as `MAX_DATAGRAM + 1` bytes.

@@ -10,8 +10,10 @@
 //! crosses workers. Worker 0 also reads the one UDP port (and ICE-TCP) for
 //! all: it drains the socket in batches and routes each datagram by ICE
 //! ufrag, then by remote address ([`crate::media::demux::Demux`]), to the
-//! worker holding its connection (`reader`). Every worker sends on its own
-//! handle of the same socket. Each participant has one [`Peer`]: its
+//! worker holding its connection (`reader`). Once a peer's media flows,
+//! the other workers read it themselves, on a socket of the port's
+//! `SO_REUSEPORT` group connected to that peer (`direct`). Every worker
+//! sends on its own handle of the first socket. Each participant has one [`Peer`]: its
 //! connection, the tracks it publishes and the senders of the tracks
 //! forwarded to it. What
 //! is forwarded to whom, with which rewriting, and when a keyframe is asked
@@ -25,6 +27,8 @@
 //! - `worker`: [`start`], a worker's thread and loop, datagram input and
 //!   output.
 //! - `reader`: worker 0's reading of the port and routing to workers.
+//! - `direct`: the other workers' sockets connected to their peers, which
+//!   take those peers' datagrams off worker 0.
 //! - `peer`: connection building, negotiation (offers, answers,
 //!   candidates).
 //! - `senders`: the senders of forwarded tracks, added and removed as the
@@ -63,6 +67,7 @@ use crate::webhook::Webhooks;
 mod batch;
 mod bwe;
 mod classic;
+mod direct;
 mod events;
 mod interceptors;
 mod layers;
@@ -285,6 +290,9 @@ struct Engine {
     demux: std::sync::mpsc::Sender<reader::DemuxControl>,
     /// This worker's handle of the media socket, for sending.
     out: std::net::UdpSocket,
+    /// Sockets connected to this worker's peers (`direct`); `None` on
+    /// worker 0, which reads the port, and without `SO_REUSEPORT`.
+    direct: Option<direct::Direct>,
     /// Datagrams of one flush, sent with `sendmmsg`.
     send: batch::SendBatch,
     /// Connections the packet path touched since the last flush: only
@@ -453,6 +461,9 @@ impl Engine {
         tracing::info!(participant = %p.participant, room = %p.room, "server connection removed");
         self.publishing.forget(&p.participant);
         let _ = self.demux.send(reader::DemuxControl::Unregister(key));
+        if let Some(d) = self.direct.as_mut() {
+            d.forget(key);
+        }
         self.by_participant.remove(&p.participant);
         let _ = p.pc.close();
         self.metrics.media_connections.dec();

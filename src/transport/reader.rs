@@ -4,7 +4,8 @@
 //! address ([`Demux`]), handles its own connections' datagrams at once and
 //! hands the others' to their workers, one batch per worker per wake-up.
 //! Every worker sends on its own handle of the same socket, so the source
-//! port is always the advertised one.
+//! port is always the advertised one. A peer whose worker has opened a
+//! direct socket for it (`super::direct`) no longer comes through here.
 //!
 //! A connection's key says which worker holds it ([`worker_of`]); workers
 //! register and retire their connections' ICE credentials through a
@@ -215,7 +216,9 @@ impl Reader {
             let sent = self.others[w]
                 .as_ref()
                 .is_some_and(|tx| tx.try_send(ToWorker::Datagrams(full)).is_ok());
-            if !sent {
+            if sent {
+                self.metrics.media_handed_over.inc_by(n as u64);
+            } else {
                 for _ in 0..n {
                     self.metrics.media_dropped("worker-queue-full");
                 }

@@ -37,8 +37,10 @@ pub fn start(
     publishing: Arc<Publishing>,
     webhooks: Arc<Webhooks>,
 ) -> io::Result<MediaPlane> {
-    let socket = std::net::UdpSocket::bind(config.bind)?;
-    socket.set_nonblocking(true)?;
+    let workers = config.workers.max(1);
+    // With several workers the port is a reuseport group, so that each
+    // worker can read its peers' datagrams on sockets of its own.
+    let (socket, direct) = super::direct::media_socket(config.bind, workers > 1)?;
     if let Err(e) = super::batch::enable_timestamps(&socket) {
         tracing::warn!(error = %e, "no kernel receive timestamps: datagrams are stamped when read");
     }
@@ -72,7 +74,6 @@ pub fn start(
         None
     };
     let tcp_announce = tcp.as_ref().map(|_| announce);
-    let workers = config.workers.max(1);
     // Registrations of connections' ICE credentials, from every worker to
     // the reader. Unbounded, but each message is one connection made or
     // removed, which the bounded command queues and room limits pace.
@@ -111,6 +112,7 @@ pub fn start(
             webhooks: webhooks.clone(),
             control: control_tx.clone(),
             out,
+            direct: (w > 0 && direct).then_some(local),
         };
         let name = format!("sfu-media-{w}");
         std::thread::Builder::new()
@@ -144,6 +146,8 @@ struct WorkerContext {
     control: std::sync::mpsc::Sender<reader::DemuxControl>,
     /// The media socket, for sending.
     out: std::net::UdpSocket,
+    /// The port's address, when this worker opens direct sockets on it.
+    direct: Option<SocketAddr>,
 }
 
 /// Worker 0's reading side before it starts: the socket, the ICE-TCP
@@ -227,6 +231,13 @@ impl Engine {
             worker: ctx.worker,
             demux: ctx.control.clone(),
             out: ctx.out,
+            direct: ctx.direct.and_then(|local| {
+                super::direct::Direct::new(local, ctx.metrics.media_direct_sockets.clone())
+                    .map_err(|e| {
+                        tracing::warn!(worker = ctx.worker, error = %e, "no direct sockets: this worker's datagrams go through worker 0");
+                    })
+                    .ok()
+            }),
             send: batch::SendBatch::new(),
             touched: Vec::new(),
             scan_all: true,
@@ -260,6 +271,7 @@ impl Engine {
         mut tcp: Option<mpsc::Receiver<TcpEvent>>,
     ) {
         let mut own: Vec<reader::Inbound> = Vec::with_capacity(reader::BATCH);
+        let direct_ready = self.direct.as_ref().map(|d| d.readiness());
         let mut deadline = Instant::now() + IDLE;
         loop {
             // Timers that came due while input kept the loop busy (a socket
@@ -324,8 +336,21 @@ impl Engine {
                     }
                     self.on_datagrams(&mut own);
                 },
+                Some(mut guard) = direct_readable(&direct_ready) => {
+                    let empty = match self.direct.as_mut() {
+                        Some(d) => d.drain(&mut own, &self.metrics),
+                        None => true,
+                    };
+                    if empty {
+                        guard.clear_ready();
+                    }
+                    self.on_datagrams(&mut own);
+                },
                 Some(msg) = next_inbound(&mut inbound) => match msg {
-                    reader::ToWorker::Datagrams(mut batch) => self.on_datagrams(&mut batch),
+                    reader::ToWorker::Datagrams(mut batch) => {
+                        self.open_direct(&batch);
+                        self.on_datagrams(&mut batch)
+                    }
                     reader::ToWorker::TcpOpened { from, writer } => {
                         self.tcp_writers.insert(from, writer);
                     }
@@ -419,6 +444,34 @@ impl Engine {
             TcpEvent::Closed { from } => {
                 reader.tcp_broadcast(|| reader::ToWorker::TcpClosed { from });
                 self.tcp_writers.remove(&from);
+            }
+        }
+    }
+
+    /// Opens a direct socket for each peer whose media (not only ICE
+    /// checks) worker 0 handed over from an address without one.
+    fn open_direct(&mut self, batch: &[reader::Inbound]) {
+        let Some(direct) = self.direct.as_mut() else {
+            return;
+        };
+        let now = Instant::now();
+        for inbound in batch {
+            // STUN starts with 0..=3 (RFC 7983); DTLS and RTP above.
+            let media = inbound.data.first().is_some_and(|b| *b > 3);
+            if inbound.protocol != TransportProtocol::UDP
+                || !media
+                || !self.peers.contains_key(&inbound.key)
+                || !direct.wants(inbound.key, inbound.from, now)
+            {
+                continue;
+            }
+            match direct.open(inbound.key, inbound.from, now) {
+                Ok(()) => {
+                    tracing::debug!(worker = self.worker, key = inbound.key.0, from = %inbound.from, "direct socket")
+                }
+                Err(e) => {
+                    tracing::debug!(worker = self.worker, from = %inbound.from, error = %e, "no direct socket")
+                }
             }
         }
     }
@@ -530,6 +583,17 @@ impl Engine {
 async fn readable(reader: &Option<reader::Reader>) {
     match reader {
         Some(r) => r.readable().await,
+        None => std::future::pending().await,
+    }
+}
+
+/// Resolves when a direct socket may have something to read; never
+/// without direct sockets.
+async fn direct_readable(
+    ready: &Option<super::direct::Readiness>,
+) -> Option<tokio::io::unix::AsyncFdReadyGuard<'_, super::direct::EpollFd>> {
+    match ready {
+        Some(r) => r.readable().await.ok(),
         None => std::future::pending().await,
     }
 }
