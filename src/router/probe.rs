@@ -25,7 +25,11 @@
 //! - A probe succeeds when the estimate rose [`SUCCESS_SHARE`] of the way
 //!   from where it started to the probe rate; the next may follow soon. It
 //!   fails when the estimate fell (the probe filled a queue: stop at once)
-//!   or did not rise enough; the wait before the next one doubles from
+//!   or did not rise enough, and at once when the far end reports more
+//!   than [`LOSS_ABORT`] of what was sent since it started lost (a link
+//!   already full drops the padding and the media with it: the estimate
+//!   reacts after a second, a loss report within a round trip); the wait
+//!   before the next one doubles from
 //!   [`BACKOFF_MIN`] to [`BACKOFF_MAX`] (short enough that a link freed
 //!   after a long congested spell is found again within seconds).
 
@@ -59,6 +63,15 @@ pub const PAD_MAX: u64 = 3_000_000;
 pub const SUCCESS_SHARE: f64 = 0.5;
 /// An estimate this far below where the probe started ends it as failed.
 pub const ABORT_DROP: f64 = 0.90;
+/// A probe ends as failed once the far end reports more than this share
+/// of the packets sent since it started lost (GCC's "path is full"
+/// threshold)...
+pub const LOSS_ABORT: f64 = 0.10;
+/// ...out of at least this many reported (a handful with one lost is no
+/// 10 % loss). Seen under a 600 kbit/s cap: a probe padding 810 kbit/s
+/// over 330 kbit/s of media ran its full 1.5 s, the token bucket dropped
+/// media with the padding, and the picture froze for 3.4 s.
+pub const LOSS_ABORT_MIN: u64 = 30;
 /// Wait after a successful probe before the next.
 pub const AFTER_SUCCESS: Duration = Duration::from_millis(500);
 /// No probe starts until the estimate has not fallen for this long (a
@@ -89,6 +102,9 @@ struct Probe {
     /// [`Prober::on_round_tested`]), and the estimate itself.
     start_estimate: u64,
     start_real: u64,
+    /// The far end's running totals (reported, lost) at the start of the
+    /// stretch being judged (see [`Prober::on_losses`]).
+    loss_base: Option<(u64, u64)>,
 }
 
 /// The prober of one connection.
@@ -172,19 +188,7 @@ impl Prober {
             if fell || now >= p.until {
                 let start = p.start_estimate as f64;
                 let rose = estimate as f64 >= start + (p.rate as f64 - start) * SUCCESS_SHARE;
-                self.probe = None;
-                self.owed = 0.0;
-                return Some(if rose && !fell {
-                    self.backoff = BACKOFF_MIN;
-                    self.next_allowed = Some(now + AFTER_SUCCESS);
-                    self.step = (self.step * STEP_GROWTH).min(STEP_MAX);
-                    ProbeEvent::Succeeded
-                } else {
-                    self.next_allowed = Some(now + self.backoff);
-                    self.backoff = (self.backoff * 2).min(BACKOFF_MAX);
-                    self.step = STEP;
-                    ProbeEvent::Failed
-                });
+                return Some(self.end(now, rose && !fell));
             }
             return None;
         }
@@ -214,10 +218,47 @@ impl Prober {
             rate: sent + pad_bps,
             start_estimate: estimate,
             start_real: real,
+            loss_base: None,
         });
         self.owed = 0.0;
         self.last_tick = Some(now);
         Some(ProbeEvent::Started { pad_bps })
+    }
+
+    /// The far end's running loss totals (`reported`, `lost`), read at
+    /// each padding tick: ends the probe as failed when more than
+    /// [`LOSS_ABORT`] of a stretch of at least [`LOSS_ABORT_MIN`] packets
+    /// reported were lost. Stretches follow each other (the first starts at
+    /// the probe's first reading), so the loss that begins once a queue is
+    /// full is not diluted by the clean start of the probe.
+    pub fn on_losses(&mut self, now: Instant, reported: u64, lost: u64) -> Option<ProbeEvent> {
+        let p = self.probe.as_mut()?;
+        let (r0, l0) = *p.loss_base.get_or_insert((reported, lost));
+        let (seen, gone) = (reported.saturating_sub(r0), lost.saturating_sub(l0));
+        if seen < LOSS_ABORT_MIN {
+            return None;
+        }
+        if gone as f64 > seen as f64 * LOSS_ABORT {
+            return Some(self.end(now, false));
+        }
+        p.loss_base = Some((reported, lost));
+        None
+    }
+
+    fn end(&mut self, now: Instant, succeeded: bool) -> ProbeEvent {
+        self.probe = None;
+        self.owed = 0.0;
+        if succeeded {
+            self.backoff = BACKOFF_MIN;
+            self.next_allowed = Some(now + AFTER_SUCCESS);
+            self.step = (self.step * STEP_GROWTH).min(STEP_MAX);
+            ProbeEvent::Succeeded
+        } else {
+            self.next_allowed = Some(now + self.backoff);
+            self.backoff = (self.backoff * 2).min(BACKOFF_MAX);
+            self.step = STEP;
+            ProbeEvent::Failed
+        }
     }
 
     /// Padding bytes due by `now` (0 when not probing).
@@ -499,5 +540,48 @@ mod tests {
             p.on_round_tested(at(2500), Some(1_500_000), Some(500_000), &s),
             Some(ProbeEvent::Failed)
         );
+    }
+
+    #[test]
+    fn a_probe_whose_packets_are_lost_ends_at_once_and_backs_off() {
+        let (mut p, t0) = (Prober::new(), Instant::now());
+        let at = |ms: u64| t0 + Duration::from_millis(ms);
+        let s = summary(330_000, 3_000_000);
+        assert!(matches!(
+            p.on_round(at(0), Some(690_000), &s),
+            Some(ProbeEvent::Started { .. })
+        ));
+        // The first reading is the start: earlier losses do not count.
+        assert_eq!(p.on_losses(at(20), 5_000, 900), None);
+        // Too few reported to judge, though most of them were lost.
+        assert_eq!(p.on_losses(at(40), 5_020, 915), None);
+        assert!(p.active());
+
+        let mut p = Prober::new();
+        assert!(p.on_round(at(0), Some(690_000), &s).is_some());
+        assert_eq!(p.on_losses(at(20), 5_000, 900), None);
+        // 3 of 100 lost: clean; the next stretch starts here.
+        assert_eq!(p.on_losses(at(200), 5_100, 903), None);
+        assert_eq!(p.on_losses(at(220), 5_120, 905), None, "too few yet");
+        // 3 of 40 lost (7.5 %): a lossy link, not a full one.
+        assert_eq!(p.on_losses(at(240), 5_140, 906), None);
+        assert!(p.active());
+        // The queue is full: 5 of the next 40 lost (12.5 %; 11 of 180
+        // since the start, 6.1 %, would not have told). The probe ends
+        // now, not at its 1.5 s, and the next waits the back-off.
+        assert_eq!(p.on_losses(at(260), 5_180, 911), Some(ProbeEvent::Failed));
+        assert!(!p.active());
+        assert_eq!(p.padding_due(at(280)), 0);
+        assert_eq!(
+            p.on_losses(at(280), 6_000, 2_000),
+            None,
+            "no probe, nothing to end"
+        );
+        assert_eq!(p.on_round(at(500), Some(690_000), &s), None);
+        assert!(matches!(
+            p.on_round(at(260) + BACKOFF_MIN, Some(690_000), &s),
+            Some(ProbeEvent::Started { .. })
+        ));
+        assert_eq!(p.step, STEP, "a failure starts the steps again");
     }
 }

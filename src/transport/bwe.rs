@@ -82,7 +82,7 @@ const LOSS_CUT_INTERVAL: Duration = Duration::from_millis(300);
 /// The engine's view of one connection's estimate and of the most it was
 /// seen to carry lately (bit/s; 0 until the first feedback).
 #[derive(Debug, Clone, Default)]
-pub struct Estimate(Arc<[AtomicU64; 2]>);
+pub struct Estimate(Arc<[AtomicU64; 4]>);
 
 impl Estimate {
     /// The estimate in bit/s, or `None` before any feedback arrived (the
@@ -102,6 +102,16 @@ impl Estimate {
             0 => None,
             v => Some(v),
         }
+    }
+
+    /// Packets the far end has reported on so far, and how many of them
+    /// it reported lost (running totals: a probe reads what changed while
+    /// it padded, [`crate::router::probe::Prober::on_losses`]).
+    pub fn losses(&self) -> (u64, u64) {
+        (
+            self.0[2].load(Ordering::Relaxed),
+            self.0[3].load(Ordering::Relaxed),
+        )
     }
 }
 
@@ -313,8 +323,11 @@ impl BandwidthEstimator for Bwe {
         // batch of ten with two lost is no 20 % loss): above LOSS_FULL the
         // path drops what we send; back off as GCC's loss half does, from
         // the estimate, by half the loss, and remember the ceiling.
+        let lost = reports.iter().filter(|r| !r.arrived).count();
         self.loss_seen += reports.len();
-        self.loss_lost += reports.iter().filter(|r| !r.arrived).count();
+        self.loss_lost += lost;
+        self.shared.0[2].fetch_add(reports.len() as u64, Ordering::Relaxed);
+        self.shared.0[3].fetch_add(lost as u64, Ordering::Relaxed);
         if self.loss_seen >= LOSS_SAMPLE {
             self.loss = self.loss_lost as f64 / self.loss_seen as f64;
             (self.loss_seen, self.loss_lost) = (0, 0);

@@ -150,6 +150,12 @@ impl Engine {
                 continue;
             };
             any = true;
+            let (reported, lost) = p.estimate.losses();
+            if let Some(event) = p.prober.on_losses(now, reported, lost) {
+                tracing::debug!(participant = %p.participant, estimate = ?p.estimate.get(), reported, lost, ?event, "probe ended on loss");
+                self.metrics.layers.probes("failed");
+                continue;
+            }
             let due = p.prober.padding_due(now);
             let Some((ssrc, seq)) = p.last_video else {
                 p.prober.forgive();
