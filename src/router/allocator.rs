@@ -315,6 +315,30 @@ fn rank(target: Target) -> u16 {
     }
 }
 
+/// How far a round may raise layers above the lowest
+/// ([`Allocator::allocate_tested`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Rise {
+    /// As far as the estimate allows (a connection that cannot be probed:
+    /// nothing better to go by).
+    Estimate,
+    /// No further than the link was seen to carry lately, in bit/s (what
+    /// arrived, a probe's padding included). An estimate that climbed on
+    /// trust above it buys no higher layer until a probe has shown the
+    /// link carries it: a switch that does not fit costs a keyframe lost
+    /// in the queue and a frozen tile. (Not for a paused track's lowest
+    /// layer: with everything paused little arrives and a probe has no
+    /// video to repeat, so that limit would keep the connection paused for
+    /// good.)
+    Tested(u64),
+    /// Not at all this round: a probe is padding the link on purpose, and
+    /// a new layer's keyframe would be lost in the padding (seen under a
+    /// 600 kbit/s cap: a switch to 360p half a second into a probe, its
+    /// keyframe lost, a 2.4-s freeze). The probe's outcome decides the
+    /// next round.
+    Hold,
+}
+
 /// The layer allocator of one subscriber connection. It remembers each
 /// track's target (by [`TrackDemand::key`]) between calls for hysteresis.
 #[derive(Debug, Default)]
@@ -342,20 +366,16 @@ impl Allocator {
         now: Instant,
         out: &mut Vec<Allocation>,
     ) -> Summary {
-        self.allocate_tested(estimate, None, audio, tracks, now, out)
+        self.allocate_tested(estimate, Rise::Estimate, audio, tracks, now, out)
     }
 
-    /// [`Allocator::allocate`], where nothing goes up past its lowest layer
-    /// beyond `tested`: the most the link is known to have carried
-    /// lately (what arrived, a probe's padding included). An estimate that
-    /// climbed on trust above it still keeps what is there, but buys no
-    /// higher layer until a probe has shown the link carries it (a switch
-    /// that does not fit costs a keyframe lost in the queue and a frozen
-    /// tile). `None`: no such limit (a connection that cannot be probed).
+    /// [`Allocator::allocate`], where layers above the lowest go up no
+    /// further than `rise` allows (see [`Rise`]). What is there stays
+    /// while the estimate allows it, whatever `rise` says.
     pub fn allocate_tested(
         &mut self,
         estimate: u64,
-        tested: Option<u64>,
+        rise: Rise,
         audio: u64,
         tracks: &[TrackDemand<'_>],
         now: Instant,
@@ -379,10 +399,14 @@ impl Allocator {
         // (Not for a paused track's lowest layer: with everything paused
         // little arrives and a probe has no video to repeat, so that limit
         // would keep the connection paused for good.)
-        let rise = tested.map_or(headroom, |t| {
-            let carried = t.saturating_sub(audio).saturating_sub(single);
-            headroom.min((carried as f64 * UP_HEADROOM) as u64)
-        });
+        let rise = match rise {
+            Rise::Estimate => headroom,
+            Rise::Tested(t) => {
+                let carried = t.saturating_sub(audio).saturating_sub(single);
+                headroom.min((carried as f64 * UP_HEADROOM) as u64)
+            }
+            Rise::Hold => 0,
+        };
         self.order.clear();
         self.order.extend(0..tracks.len());
         self.order
@@ -770,29 +794,88 @@ mod tests {
         let targets = |out: &Vec<Allocation>| out.iter().map(|o| o.target).collect::<Vec<_>>();
         // Both at the lowest layers (300 kbit/s), an estimate of 1 Mbit/s
         // that only climbed on trust: the link carried 400 kbit/s.
-        a.allocate_tested(1_000_000, Some(400_000), 0, &tracks, at(0), &mut out);
+        a.allocate_tested(
+            1_000_000,
+            Rise::Tested(400_000),
+            0,
+            &tracks,
+            at(0),
+            &mut out,
+        );
         assert_eq!(targets(&out), [L0, L0]);
-        a.allocate_tested(1_000_000, Some(400_000), 0, &tracks, at(5), &mut out);
+        a.allocate_tested(
+            1_000_000,
+            Rise::Tested(400_000),
+            0,
+            &tracks,
+            at(5),
+            &mut out,
+        );
         assert_eq!(targets(&out), [L0, L0], "no 360p on trust");
         // A probe's padding got through at 1.1 Mbit/s: the speaker goes up.
-        a.allocate_tested(1_100_000, Some(1_100_000), 0, &tracks, at(6), &mut out);
+        a.allocate_tested(
+            1_100_000,
+            Rise::Tested(1_100_000),
+            0,
+            &tracks,
+            at(6),
+            &mut out,
+        );
         assert_eq!(targets(&out), [L1, L0]);
         // What is there stays while the estimate allows it, tested or not.
-        a.allocate_tested(1_100_000, Some(400_000), 0, &tracks, at(7), &mut out);
+        a.allocate_tested(
+            1_100_000,
+            Rise::Tested(400_000),
+            0,
+            &tracks,
+            at(7),
+            &mut out,
+        );
         assert_eq!(targets(&out), [L1, L0]);
         // A paused track's lowest layer is not held to it: with everything
         // paused only audio arrives, and nothing would ever come back.
         let mut c = Allocator::new();
-        c.allocate_tested(1_000_000, Some(150_000), 0, &tracks, at(0), &mut out);
-        c.allocate_tested(250_000, Some(150_000), 0, &tracks, at(1), &mut out);
-        c.allocate_tested(100_000, Some(60_000), 0, &tracks, at(2), &mut out);
+        c.allocate_tested(
+            1_000_000,
+            Rise::Tested(150_000),
+            0,
+            &tracks,
+            at(0),
+            &mut out,
+        );
+        c.allocate_tested(250_000, Rise::Tested(150_000), 0, &tracks, at(1), &mut out);
+        c.allocate_tested(100_000, Rise::Tested(60_000), 0, &tracks, at(2), &mut out);
         assert_eq!(targets(&out), [BW, BW]);
-        c.allocate_tested(450_000, Some(60_000), 0, &tracks, at(7), &mut out);
+        c.allocate_tested(450_000, Rise::Tested(60_000), 0, &tracks, at(7), &mut out);
         assert_eq!(targets(&out), [L0, L0]);
         // Without a limit (no probing possible) the estimate is trusted.
         let mut b = Allocator::new();
-        b.allocate_tested(1_000_000, None, 0, &tracks, at(0), &mut out);
+        b.allocate_tested(1_000_000, Rise::Estimate, 0, &tracks, at(0), &mut out);
         assert_eq!(targets(&out), [L1, L0]);
+    }
+
+    #[test]
+    fn nothing_goes_up_while_held_and_what_is_there_stays() {
+        let tracks = [track(1, 0, &SIM), track(2, 1, &SIM)];
+        let mut a = Allocator::new();
+        let mut out = Vec::new();
+        let t0 = Instant::now();
+        let at = |s: u64| t0 + Duration::from_secs(s);
+        let targets = |out: &Vec<Allocation>| out.iter().map(|o| o.target).collect::<Vec<_>>();
+        a.allocate_tested(1_000_000, Rise::Estimate, 0, &tracks, at(0), &mut out);
+        assert_eq!(targets(&out), [L1, L0]);
+        // A probe pads: an estimate of 5 Mbit/s raises nothing, and nothing
+        // comes down either.
+        a.allocate_tested(5_000_000, Rise::Hold, 0, &tracks, at(5), &mut out);
+        assert_eq!(targets(&out), [L1, L0]);
+        a.allocate_tested(5_000_000, Rise::Hold, 0, &tracks, at(10), &mut out);
+        assert_eq!(targets(&out), [L1, L0]);
+        // The hold does not keep a layer the estimate no longer allows.
+        a.allocate_tested(400_000, Rise::Hold, 0, &tracks, at(11), &mut out);
+        assert_eq!(targets(&out), [L0, L0]);
+        // The probe over, the same estimate raises them.
+        a.allocate_tested(5_000_000, Rise::Estimate, 0, &tracks, at(20), &mut out);
+        assert_ne!(targets(&out), [L0, L0]);
     }
 
     #[test]

@@ -22,7 +22,7 @@
 use std::time::{Duration, Instant};
 
 use super::allocator::{
-    Allocation, Allocator, LayerInfo, PauseCause, Summary, Target, TrackDemand,
+    Allocation, Allocator, LayerInfo, PauseCause, Rise, Summary, Target, TrackDemand,
 };
 use super::{Decision, Layer, OutSlot, PeerKey, Router, TrackInfo, TrackName};
 use crate::media::codec::Codec;
@@ -307,16 +307,16 @@ impl Router {
         now: Instant,
         out: &mut Vec<Decision>,
     ) -> Allocated {
-        self.allocate_tested(sub, estimate, None, now, out)
+        self.allocate_tested(sub, estimate, Rise::Estimate, now, out)
     }
 
-    /// [`Router::allocate`] where no layer goes up past `tested` (see
-    /// [`crate::router::allocator::Allocator::allocate_tested`]).
+    /// [`Router::allocate`] where layers go up only as far as `rise`
+    /// allows (see [`Rise`]).
     pub fn allocate_tested(
         &mut self,
         sub: PeerKey,
         estimate: Option<u64>,
-        tested: Option<u64>,
+        rise: Rise,
         now: Instant,
         out: &mut Vec<Decision>,
     ) -> Allocated {
@@ -394,7 +394,7 @@ impl Router {
             .collect();
         let summary = alloc.allocator.allocate_tested(
             estimate.unwrap_or(u64::MAX / 4),
-            tested,
+            rise,
             audio,
             &demands,
             now,

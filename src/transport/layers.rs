@@ -9,7 +9,7 @@ use rtc::peer_connection::RTCPeerConnection;
 use switchboard_proto::{ParticipantId, PublisherLayers, ServerMessage, TrackSettings};
 
 use super::Engine;
-use crate::router::allocator::Summary;
+use crate::router::allocator::{Rise, Summary};
 use crate::router::probe::{ProbeEvent, TICK};
 use crate::router::{OutSlot, PeerKey, Wish};
 
@@ -70,15 +70,15 @@ impl Engine {
                 .estimate
                 .tested()
                 .filter(|&t| estimate.is_some_and(|e| e > t) && accepts_rtx(&p.pc));
-            // While a probe pads, nothing goes up: the padding fills the
-            // link on purpose, and the new layer's keyframe would be lost
-            // in it (seen under a 600 kbit/s cap: a switch to 360p half a
-            // second into a probe, its keyframe lost, a 2.4-s freeze). The
-            // probe's outcome, in the estimate, decides the next round.
-            let tested = if p.prober.active() { Some(0) } else { tested };
+            // While a probe pads, nothing goes up (see `Rise::Hold`).
+            let rise = match tested {
+                _ if p.prober.active() => Rise::Hold,
+                Some(t) => Rise::Tested(t),
+                None => Rise::Estimate,
+            };
             let a = self
                 .router
-                .allocate_tested(key, estimate, tested, now, &mut decisions);
+                .allocate_tested(key, estimate, rise, now, &mut decisions);
             if a.switches > 0 && tracing::enabled!(tracing::Level::DEBUG) {
                 let layers = self.router.subscriptions_of(key);
                 let encodings: Vec<_> = layers
