@@ -17,7 +17,8 @@
 //! - Test one step at a time, as libwebrtc's probe controller does: the
 //!   probe rate is [`STEP`] times the estimate (at least [`MIN_STEP`]
 //!   above it; [`STEP_GROWTH`] times more after each success in a row,
-//!   up to [`STEP_MAX`]), never past the goal; the padding fills what is sent up to
+//!   up to [`STEP_MAX`]; a failure or a fall of the estimate starts again
+//!   at [`STEP`]), never past the goal; the padding fills what is sent up to
 //!   that rate (at most [`PAD_MAX`]) for [`PROBE_TIME`], in steps of
 //!   [`TICK`]. The rate is above the estimate, or the probe would test
 //!   nothing: padding only up to what the wishes still lack, from a
@@ -182,6 +183,12 @@ impl Prober {
             .is_some_and(|last| (real as f64) < last as f64 * FALL)
         {
             self.last_fall = Some(now);
+            // Congestion starts the steps again, as a failed probe does: a
+            // link that just filled is not tested at three times its
+            // estimate (seen: steps grown to 3 before a 600 kbit/s cap,
+            // the first probe under it padded 1.3 Mbit/s and froze the
+            // picture for 3.6 s).
+            self.step = STEP;
         }
         if let Some(p) = self.probe {
             let fell = (real as f64) < p.start_real as f64 * ABORT_DROP;
@@ -461,20 +468,24 @@ mod tests {
         let s = summary(100_000, 5_900_000);
         let mut t = t0;
         let mut rates = Vec::new();
-        for i in 0..5 {
-            // Each probe from 400 kbit/s (the estimate fell back between
-            // them: the next waits QUIET), each a success.
-            if i > 0 {
-                assert_eq!(p.on_round(t, Some(400_000), &s), None);
-                t += QUIET;
-            }
-            let Some(ProbeEvent::Started { pad_bps }) = p.on_round(t, Some(400_000), &s) else {
+        // Each probe from 400 kbit/s (what the link was seen to carry; the
+        // estimate itself never falls, so nothing starts the steps again),
+        // each a success.
+        let mut high = 400_000;
+        for _ in 0..5 {
+            let Some(ProbeEvent::Started { pad_bps }) =
+                p.on_round_tested(t, Some(high), Some(400_000), &s)
+            else {
                 panic!("no probe at {t:?}");
             };
             rates.push((100_000 + pad_bps) as f64 / 400_000.0);
             t += PROBE_TIME;
-            let reached = Some(100_000 + pad_bps);
-            assert_eq!(p.on_round(t, reached, &s), Some(ProbeEvent::Succeeded));
+            let reached = 100_000 + pad_bps;
+            high = high.max(reached);
+            assert_eq!(
+                p.on_round_tested(t, Some(high), Some(reached), &s),
+                Some(ProbeEvent::Succeeded)
+            );
             t += AFTER_SUCCESS;
         }
         let rounded: Vec<f64> = rates
@@ -482,6 +493,38 @@ mod tests {
             .map(|r| (r * 1000.0).round() / 1000.0)
             .collect();
         assert_eq!(rounded, [1.5, 2.25, STEP_MAX, STEP_MAX, STEP_MAX]);
+    }
+
+    #[test]
+    fn a_fall_of_the_estimate_starts_the_steps_again() {
+        let (mut p, t0) = (Prober::new(), Instant::now());
+        let s = summary(100_000, 5_900_000);
+        let at = |ms: u64| t0 + Duration::from_millis(ms);
+        // Two successes, each raising the estimate to the rate it tested:
+        // the next step would be 3 times.
+        for (start, end, from, to) in [
+            (0, 1_500, 400_000, 600_000),
+            (2_000, 3_500, 600_000, 1_350_000),
+        ] {
+            let Some(ProbeEvent::Started { pad_bps }) = p.on_round(at(start), Some(from), &s)
+            else {
+                panic!("no probe at {start} ms");
+            };
+            assert_eq!(100_000 + pad_bps, to);
+            assert_eq!(
+                p.on_round(at(end), Some(to), &s),
+                Some(ProbeEvent::Succeeded)
+            );
+        }
+        assert_eq!(p.step, STEP_MAX);
+        // The link filled (a cap came): the estimate fell.
+        assert_eq!(p.on_round(at(4_000), Some(500_000), &s), None);
+        let later = at(4_000) + QUIET;
+        let Some(ProbeEvent::Started { pad_bps }) = p.on_round(later, Some(500_000), &s) else {
+            panic!("no probe after the quiet time");
+        };
+        // 1.5 times 500 kbit/s, not 3 times.
+        assert_eq!(100_000 + pad_bps, 750_000);
     }
 
     #[test]
