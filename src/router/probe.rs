@@ -17,8 +17,8 @@
 //! - Test one step at a time, as libwebrtc's probe controller does: the
 //!   probe rate is [`STEP`] times the estimate (at least [`MIN_STEP`]
 //!   above it; [`STEP_GROWTH`] times more after each success in a row,
-//!   up to [`STEP_MAX`]; a failure or a fall of the estimate starts again
-//!   at [`STEP`]), never past the goal; the padding fills what is sent up to
+//!   that tested above the estimate, up to [`STEP_MAX`]; a failure or a
+//!   fall of the estimate starts again at [`STEP`]), never past the goal; the padding fills what is sent up to
 //!   that rate (at most [`PAD_MAX`]) for [`PROBE_TIME`], in steps of
 //!   [`TICK`]. The rate is above the estimate, or the probe would test
 //!   nothing: padding only up to what the wishes still lack, from a
@@ -195,7 +195,10 @@ impl Prober {
             if fell || now >= p.until {
                 let start = p.start_estimate as f64;
                 let rose = estimate as f64 >= start + (p.rate as f64 - start) * SUCCESS_SHARE;
-                return Some(self.end(now, rose && !fell));
+                // Only a probe that tested more than the estimate already
+                // claimed is evidence for a larger step.
+                let beyond = p.rate > p.start_real;
+                return Some(self.end(now, rose && !fell, beyond));
             }
             return None;
         }
@@ -246,19 +249,23 @@ impl Prober {
             return None;
         }
         if gone as f64 > seen as f64 * LOSS_ABORT {
-            return Some(self.end(now, false));
+            return Some(self.end(now, false, false));
         }
         p.loss_base = Some((reported, lost));
         None
     }
 
-    fn end(&mut self, now: Instant, succeeded: bool) -> ProbeEvent {
+    /// Ends the probe; a success that tested `beyond` the estimate at its
+    /// start makes the next step larger.
+    fn end(&mut self, now: Instant, succeeded: bool, beyond: bool) -> ProbeEvent {
         self.probe = None;
         self.owed = 0.0;
         if succeeded {
             self.backoff = BACKOFF_MIN;
             self.next_allowed = Some(now + AFTER_SUCCESS);
-            self.step = (self.step * STEP_GROWTH).min(STEP_MAX);
+            if beyond {
+                self.step = (self.step * STEP_GROWTH).min(STEP_MAX);
+            }
             ProbeEvent::Succeeded
         } else {
             self.next_allowed = Some(now + self.backoff);
@@ -525,6 +532,37 @@ mod tests {
         };
         // 1.5 times 500 kbit/s, not 3 times.
         assert_eq!(100_000 + pad_bps, 750_000);
+    }
+
+    #[test]
+    fn a_success_that_tested_less_than_the_estimate_does_not_grow_the_steps() {
+        // Under a 600 kbit/s cap: 329 kbit/s of media arrives, the estimate
+        // (663 kbit/s) climbed on trust above what arrived (373 kbit/s).
+        let (mut p, t0) = (Prober::new(), Instant::now());
+        let s = summary(329_000, 2_858_000);
+        let Some(ProbeEvent::Started { pad_bps }) =
+            p.on_round_tested(t0, Some(663_000), Some(373_000), &s)
+        else {
+            panic!("no probe");
+        };
+        assert_eq!(329_000 + pad_bps, 573_000, "200 kbit/s above what arrived");
+        // It got through: a success, but it tested less than the estimate
+        // claimed, so it says nothing about more room.
+        let end = t0 + PROBE_TIME;
+        assert_eq!(
+            p.on_round_tested(end, Some(700_000), Some(560_000), &s),
+            Some(ProbeEvent::Succeeded)
+        );
+        assert_eq!(p.step, STEP);
+        // The next tests 1.5 times what arrived (840 kbit/s), not 2.25
+        // times (1.26 Mbit/s: seen padding 1.1 Mbit/s into the cap, a 3.5-s
+        // freeze).
+        let Some(ProbeEvent::Started { pad_bps }) =
+            p.on_round_tested(end + AFTER_SUCCESS, Some(700_000), Some(560_000), &s)
+        else {
+            panic!("no second probe");
+        };
+        assert_eq!(329_000 + pad_bps, 840_000);
     }
 
     #[test]
