@@ -19,14 +19,14 @@ pub struct LayerMetrics {
     pub publisher_updates: IntCounter,
     /// `track-settings` naming a mid that carries nothing.
     pub unknown_mid: IntCounter,
-    /// Bandwidth probes by outcome (started, succeeded, failed).
+    /// Bandwidth probes by outcome (started, succeeded, failed, inconclusive).
     probes: IntCounterVec,
     /// Packets repeated on RTX streams as probe padding.
     pub padding_packets: IntCounter,
 }
 
 /// The outcomes `switchboard_layers_probes_total` counts.
-pub const PROBE_OUTCOMES: [&str; 3] = ["started", "succeeded", "failed"];
+pub const PROBE_OUTCOMES: [&str; 4] = ["started", "succeeded", "failed", "inconclusive"];
 
 impl LayerMetrics {
     pub(super) fn new(registry: &Registry) -> LayerMetrics {

@@ -33,6 +33,12 @@
 //!   before the next one doubles from
 //!   [`BACKOFF_MIN`] to [`BACKOFF_MAX`] (short enough that a link freed
 //!   after a long congested spell is found again within seconds).
+//! - A probe that ran its time on a clean link (no stretch lost more than
+//!   [`LOSS_CLEAN`], the estimate did not fall) without the estimate rising
+//!   enough is inconclusive: what was sent may have been less than
+//!   planned. The next follows as after a success, with the same step (seen
+//!   after a cap lifted: two such probes at 4 Mbit/s counted as failures,
+//!   3 and 6 s of back-off, and the climb back took over 20 s).
 
 use std::time::{Duration, Instant};
 
@@ -73,6 +79,8 @@ pub const LOSS_ABORT: f64 = 0.10;
 /// over 330 kbit/s of media ran its full 1.5 s, the token bucket dropped
 /// media with the padding, and the picture froze for 3.4 s.
 pub const LOSS_ABORT_MIN: u64 = 30;
+/// A probe whose every stretch lost at most this share was clean.
+pub const LOSS_CLEAN: f64 = 0.02;
 /// Wait after a successful probe before the next.
 pub const AFTER_SUCCESS: Duration = Duration::from_millis(500);
 /// No probe starts until the estimate has not fallen for this long (a
@@ -88,9 +96,18 @@ pub const BACKOFF_MAX: Duration = Duration::from_secs(10);
 /// How a probe ended, for metrics.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ProbeEvent {
-    Started { pad_bps: u64 },
+    Started {
+        pad_bps: u64,
+    },
     Succeeded,
     Failed,
+    /// It ran its time on a clean link (no stretch lost more than
+    /// [`LOSS_CLEAN`], the estimate did not fall) but the estimate did
+    /// not rise enough: the link carried what was sent, which may have
+    /// been less than planned (an encoder sending below its layer's
+    /// cost). Neither a success nor a failure: the next probe comes as
+    /// soon as after a success, with the same step.
+    Inconclusive,
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -106,6 +123,10 @@ struct Probe {
     /// The far end's running totals (reported, lost) at the start of the
     /// stretch being judged (see [`Prober::on_losses`]).
     loss_base: Option<(u64, u64)>,
+    /// Whether every stretch judged so far was clean ([`LOSS_CLEAN`]),
+    /// and whether any was judged.
+    clean: bool,
+    judged: bool,
 }
 
 /// The prober of one connection.
@@ -195,6 +216,12 @@ impl Prober {
             if fell || now >= p.until {
                 let start = p.start_estimate as f64;
                 let rose = estimate as f64 >= start + (p.rate as f64 - start) * SUCCESS_SHARE;
+                if !rose && !fell && p.judged && p.clean {
+                    self.probe = None;
+                    self.owed = 0.0;
+                    self.next_allowed = Some(now + AFTER_SUCCESS);
+                    return Some(ProbeEvent::Inconclusive);
+                }
                 // Only a probe that tested more than the estimate already
                 // claimed is evidence for a larger step.
                 let beyond = p.rate > p.start_real;
@@ -229,6 +256,8 @@ impl Prober {
             start_estimate: estimate,
             start_real: real,
             loss_base: None,
+            clean: true,
+            judged: false,
         });
         self.owed = 0.0;
         self.last_tick = Some(now);
@@ -251,6 +280,8 @@ impl Prober {
         if gone as f64 > seen as f64 * LOSS_ABORT {
             return Some(self.end(now, false, false));
         }
+        p.judged = true;
+        p.clean &= gone as f64 <= seen as f64 * LOSS_CLEAN;
         p.loss_base = Some((reported, lost));
         None
     }
@@ -563,6 +594,49 @@ mod tests {
             panic!("no second probe");
         };
         assert_eq!(329_000 + pad_bps, 840_000);
+    }
+
+    #[test]
+    fn a_clean_probe_that_did_not_raise_the_estimate_is_inconclusive_not_failed() {
+        let (mut p, t0) = (Prober::new(), Instant::now());
+        let at = |ms: u64| t0 + Duration::from_millis(ms);
+        let s = summary(2_600_000, 1_500_000);
+        assert!(p.on_round(at(0), Some(2_600_000), &s).is_some());
+        assert_eq!(p.step, STEP);
+        // Every stretch clean (1 of 100 lost).
+        assert_eq!(p.on_losses(at(20), 1_000, 10), None);
+        assert_eq!(p.on_losses(at(500), 1_100, 11), None);
+        assert_eq!(p.on_losses(at(1_000), 1_200, 12), None);
+        // The estimate rose from 2.6 to 2.7 Mbit/s, not half way to the
+        // 3.9 Mbit/s tested: inconclusive, and the next comes at once.
+        let end = at(0) + PROBE_TIME;
+        assert_eq!(
+            p.on_round(end, Some(2_700_000), &s),
+            Some(ProbeEvent::Inconclusive)
+        );
+        assert!(!p.active());
+        assert_eq!(p.backoff, BACKOFF_MIN);
+        assert!(p
+            .on_round(end + AFTER_SUCCESS, Some(2_700_000), &s)
+            .is_some());
+
+        // The same with a stretch that lost 5 %: a failure, with back-off.
+        let mut q = Prober::new();
+        assert!(q.on_round(at(0), Some(2_600_000), &s).is_some());
+        assert_eq!(q.on_losses(at(20), 1_000, 10), None);
+        assert_eq!(q.on_losses(at(500), 1_100, 15), None);
+        assert_eq!(
+            q.on_round(end, Some(2_700_000), &s),
+            Some(ProbeEvent::Failed)
+        );
+        assert_eq!(q.on_round(end + AFTER_SUCCESS, Some(2_700_000), &s), None);
+        // And with no loss report at all (nothing judged): a failure.
+        let mut r = Prober::new();
+        assert!(r.on_round(at(0), Some(2_600_000), &s).is_some());
+        assert_eq!(
+            r.on_round(end, Some(2_700_000), &s),
+            Some(ProbeEvent::Failed)
+        );
     }
 
     #[test]

@@ -128,6 +128,7 @@ impl Engine {
             }
             ProbeEvent::Succeeded => "succeeded",
             ProbeEvent::Failed => "failed",
+            ProbeEvent::Inconclusive => "inconclusive",
         };
         if !matches!(event, ProbeEvent::Started { .. }) {
             tracing::debug!(participant = %p.participant, ?estimate, outcome, "probe ended");
