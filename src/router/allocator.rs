@@ -784,98 +784,65 @@ mod tests {
         assert_eq!(sub.at(12.0, 340_000, &tracks).0, [L0, BW]);
     }
 
+    /// One round of `a` over two simulcast tracks (the speaker's first)
+    /// at `secs` after `t0`: the targets.
+    fn round(a: &mut Allocator, t0: Instant, secs: u64, estimate: u64, rise: Rise) -> Vec<Target> {
+        let tracks = [track(1, 0, &SIM), track(2, 1, &SIM)];
+        let mut out = Vec::new();
+        let now = t0 + Duration::from_secs(secs);
+        a.allocate_tested(estimate, rise, 0, &tracks, now, &mut out);
+        out.iter().map(|o| o.target).collect()
+    }
+
     #[test]
     fn nothing_goes_up_past_what_the_link_was_seen_to_carry() {
-        let tracks = [track(1, 0, &SIM), track(2, 1, &SIM)];
-        let mut a = Allocator::new();
-        let mut out = Vec::new();
         let t0 = Instant::now();
-        let at = |s: u64| t0 + Duration::from_secs(s);
-        let targets = |out: &Vec<Allocation>| out.iter().map(|o| o.target).collect::<Vec<_>>();
+        let mut a = Allocator::new();
         // Both at the lowest layers (300 kbit/s), an estimate of 1 Mbit/s
         // that only climbed on trust: the link carried 400 kbit/s.
-        a.allocate_tested(
-            1_000_000,
-            Rise::Tested(400_000),
-            0,
-            &tracks,
-            at(0),
-            &mut out,
+        let tested = Rise::Tested(400_000);
+        assert_eq!(round(&mut a, t0, 0, 1_000_000, tested), [L0, L0]);
+        assert_eq!(
+            round(&mut a, t0, 5, 1_000_000, tested),
+            [L0, L0],
+            "no 360p on trust"
         );
-        assert_eq!(targets(&out), [L0, L0]);
-        a.allocate_tested(
-            1_000_000,
-            Rise::Tested(400_000),
-            0,
-            &tracks,
-            at(5),
-            &mut out,
-        );
-        assert_eq!(targets(&out), [L0, L0], "no 360p on trust");
         // A probe's padding got through at 1.1 Mbit/s: the speaker goes up.
-        a.allocate_tested(
-            1_100_000,
-            Rise::Tested(1_100_000),
-            0,
-            &tracks,
-            at(6),
-            &mut out,
-        );
-        assert_eq!(targets(&out), [L1, L0]);
+        let got = round(&mut a, t0, 6, 1_100_000, Rise::Tested(1_100_000));
+        assert_eq!(got, [L1, L0]);
         // What is there stays while the estimate allows it, tested or not.
-        a.allocate_tested(
-            1_100_000,
-            Rise::Tested(400_000),
-            0,
-            &tracks,
-            at(7),
-            &mut out,
-        );
-        assert_eq!(targets(&out), [L1, L0]);
+        assert_eq!(round(&mut a, t0, 7, 1_100_000, tested), [L1, L0]);
         // A paused track's lowest layer is not held to it: with everything
         // paused only audio arrives, and nothing would ever come back.
         let mut c = Allocator::new();
-        c.allocate_tested(
-            1_000_000,
-            Rise::Tested(150_000),
-            0,
-            &tracks,
-            at(0),
-            &mut out,
+        round(&mut c, t0, 0, 1_000_000, Rise::Tested(150_000));
+        round(&mut c, t0, 1, 250_000, Rise::Tested(150_000));
+        assert_eq!(
+            round(&mut c, t0, 2, 100_000, Rise::Tested(60_000)),
+            [BW, BW]
         );
-        c.allocate_tested(250_000, Rise::Tested(150_000), 0, &tracks, at(1), &mut out);
-        c.allocate_tested(100_000, Rise::Tested(60_000), 0, &tracks, at(2), &mut out);
-        assert_eq!(targets(&out), [BW, BW]);
-        c.allocate_tested(450_000, Rise::Tested(60_000), 0, &tracks, at(7), &mut out);
-        assert_eq!(targets(&out), [L0, L0]);
+        assert_eq!(
+            round(&mut c, t0, 7, 450_000, Rise::Tested(60_000)),
+            [L0, L0]
+        );
         // Without a limit (no probing possible) the estimate is trusted.
         let mut b = Allocator::new();
-        b.allocate_tested(1_000_000, Rise::Estimate, 0, &tracks, at(0), &mut out);
-        assert_eq!(targets(&out), [L1, L0]);
+        assert_eq!(round(&mut b, t0, 0, 1_000_000, Rise::Estimate), [L1, L0]);
     }
 
     #[test]
     fn nothing_goes_up_while_held_and_what_is_there_stays() {
-        let tracks = [track(1, 0, &SIM), track(2, 1, &SIM)];
-        let mut a = Allocator::new();
-        let mut out = Vec::new();
         let t0 = Instant::now();
-        let at = |s: u64| t0 + Duration::from_secs(s);
-        let targets = |out: &Vec<Allocation>| out.iter().map(|o| o.target).collect::<Vec<_>>();
-        a.allocate_tested(1_000_000, Rise::Estimate, 0, &tracks, at(0), &mut out);
-        assert_eq!(targets(&out), [L1, L0]);
+        let mut a = Allocator::new();
+        assert_eq!(round(&mut a, t0, 0, 1_000_000, Rise::Estimate), [L1, L0]);
         // A probe pads: an estimate of 5 Mbit/s raises nothing, and nothing
         // comes down either.
-        a.allocate_tested(5_000_000, Rise::Hold, 0, &tracks, at(5), &mut out);
-        assert_eq!(targets(&out), [L1, L0]);
-        a.allocate_tested(5_000_000, Rise::Hold, 0, &tracks, at(10), &mut out);
-        assert_eq!(targets(&out), [L1, L0]);
+        assert_eq!(round(&mut a, t0, 5, 5_000_000, Rise::Hold), [L1, L0]);
+        assert_eq!(round(&mut a, t0, 10, 5_000_000, Rise::Hold), [L1, L0]);
         // The hold does not keep a layer the estimate no longer allows.
-        a.allocate_tested(400_000, Rise::Hold, 0, &tracks, at(11), &mut out);
-        assert_eq!(targets(&out), [L0, L0]);
+        assert_eq!(round(&mut a, t0, 11, 400_000, Rise::Hold), [L0, L0]);
         // The probe over, the same estimate raises them.
-        a.allocate_tested(5_000_000, Rise::Estimate, 0, &tracks, at(20), &mut out);
-        assert_ne!(targets(&out), [L0, L0]);
+        assert_ne!(round(&mut a, t0, 20, 5_000_000, Rise::Estimate), [L0, L0]);
     }
 
     #[test]

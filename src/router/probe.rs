@@ -110,6 +110,18 @@ pub enum ProbeEvent {
     Inconclusive,
 }
 
+impl ProbeEvent {
+    /// Its `outcome` label in `switchboard_layers_probes_total`.
+    pub fn label(self) -> &'static str {
+        match self {
+            ProbeEvent::Started { .. } => "started",
+            ProbeEvent::Succeeded => "succeeded",
+            ProbeEvent::Failed => "failed",
+            ProbeEvent::Inconclusive => "inconclusive",
+        }
+    }
+}
+
 #[derive(Debug, Clone, Copy)]
 struct Probe {
     until: Instant,
@@ -216,16 +228,16 @@ impl Prober {
             if fell || now >= p.until {
                 let start = p.start_estimate as f64;
                 let rose = estimate as f64 >= start + (p.rate as f64 - start) * SUCCESS_SHARE;
-                if !rose && !fell && p.judged && p.clean {
-                    self.probe = None;
-                    self.owed = 0.0;
-                    self.next_allowed = Some(now + AFTER_SUCCESS);
-                    return Some(ProbeEvent::Inconclusive);
-                }
+                let outcome = if rose && !fell {
+                    ProbeEvent::Succeeded
+                } else if !fell && p.judged && p.clean {
+                    ProbeEvent::Inconclusive
+                } else {
+                    ProbeEvent::Failed
+                };
                 // Only a probe that tested more than the estimate already
                 // claimed is evidence for a larger step.
-                let beyond = p.rate > p.start_real;
-                return Some(self.end(now, rose && !fell, beyond));
+                return Some(self.end(now, outcome, p.rate > p.start_real));
             }
             return None;
         }
@@ -278,7 +290,7 @@ impl Prober {
             return None;
         }
         if gone as f64 > seen as f64 * LOSS_ABORT {
-            return Some(self.end(now, false, false));
+            return Some(self.end(now, ProbeEvent::Failed, false));
         }
         p.judged = true;
         p.clean &= gone as f64 <= seen as f64 * LOSS_CLEAN;
@@ -286,24 +298,28 @@ impl Prober {
         None
     }
 
-    /// Ends the probe; a success that tested `beyond` the estimate at its
-    /// start makes the next step larger.
-    fn end(&mut self, now: Instant, succeeded: bool, beyond: bool) -> ProbeEvent {
+    /// Ends the probe with `outcome` (succeeded, failed or inconclusive);
+    /// a success that tested `beyond` the estimate at its start makes the
+    /// next step larger.
+    fn end(&mut self, now: Instant, outcome: ProbeEvent, beyond: bool) -> ProbeEvent {
         self.probe = None;
         self.owed = 0.0;
-        if succeeded {
-            self.backoff = BACKOFF_MIN;
-            self.next_allowed = Some(now + AFTER_SUCCESS);
-            if beyond {
-                self.step = (self.step * STEP_GROWTH).min(STEP_MAX);
+        match outcome {
+            ProbeEvent::Succeeded => {
+                self.backoff = BACKOFF_MIN;
+                self.next_allowed = Some(now + AFTER_SUCCESS);
+                if beyond {
+                    self.step = (self.step * STEP_GROWTH).min(STEP_MAX);
+                }
             }
-            ProbeEvent::Succeeded
-        } else {
-            self.next_allowed = Some(now + self.backoff);
-            self.backoff = (self.backoff * 2).min(BACKOFF_MAX);
-            self.step = STEP;
-            ProbeEvent::Failed
+            ProbeEvent::Inconclusive => self.next_allowed = Some(now + AFTER_SUCCESS),
+            ProbeEvent::Failed | ProbeEvent::Started { .. } => {
+                self.next_allowed = Some(now + self.backoff);
+                self.backoff = (self.backoff * 2).min(BACKOFF_MAX);
+                self.step = STEP;
+            }
         }
+        outcome
     }
 
     /// Padding bytes due by `now` (0 when not probing).

@@ -120,18 +120,13 @@ impl Engine {
         let Some(event) = p.prober.on_round_tested(now, estimate, tested, summary) else {
             return;
         };
-        let outcome = match event {
+        let outcome = event.label();
+        match event {
             ProbeEvent::Started { pad_bps } => {
                 tracing::debug!(participant = %p.participant, ?estimate, pad_bps, allocated = summary.allocated, deficit = summary.deficit, "probe started");
                 self.padding_due.get_or_insert(now);
-                "started"
             }
-            ProbeEvent::Succeeded => "succeeded",
-            ProbeEvent::Failed => "failed",
-            ProbeEvent::Inconclusive => "inconclusive",
-        };
-        if !matches!(event, ProbeEvent::Started { .. }) {
-            tracing::debug!(participant = %p.participant, ?estimate, outcome, "probe ended");
+            _ => tracing::debug!(participant = %p.participant, ?estimate, outcome, "probe ended"),
         }
         self.metrics.layers.probes(outcome);
     }
@@ -153,8 +148,9 @@ impl Engine {
             any = true;
             let (reported, lost) = p.estimate.losses();
             if let Some(event) = p.prober.on_losses(now, reported, lost) {
-                tracing::debug!(participant = %p.participant, estimate = ?p.estimate.get(), reported, lost, ?event, "probe ended on loss");
-                self.metrics.layers.probes("failed");
+                let outcome = event.label();
+                tracing::debug!(participant = %p.participant, estimate = ?p.estimate.get(), reported, lost, outcome, "probe ended on loss");
+                self.metrics.layers.probes(outcome);
                 continue;
             }
             let due = p.prober.padding_due(now);

@@ -18,6 +18,7 @@ use tokio::sync::mpsc;
 use super::tcp::{accept_tcp, next_tcp, TcpEvent, TCP_EVENT_QUEUE};
 use super::{batch, layers, reader, Engine, IDLE};
 use crate::hub::Outboxes;
+use crate::media::demux::{classify, PacketKind};
 use crate::metrics::Metrics;
 use crate::perip::PerIp;
 use crate::router::{PeerKey, Router};
@@ -456,8 +457,8 @@ impl Engine {
         };
         let now = Instant::now();
         for inbound in batch {
-            // STUN starts with 0..=3 (RFC 7983); DTLS and RTP above.
-            let media = inbound.data.first().is_some_and(|b| *b > 3);
+            // DTLS or RTP/RTCP: the selected path, not only ICE checks.
+            let media = !matches!(classify(&inbound.data), Ok(PacketKind::Stun) | Err(_));
             if inbound.protocol != TransportProtocol::UDP
                 || !media
                 || !self.peers.contains_key(&inbound.key)
