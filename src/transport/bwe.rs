@@ -4,7 +4,8 @@
 //!
 //! rtc 0.21 carries the feedback to a [`BandwidthEstimator`] in its
 //! congestion-control interceptor; this one is built from rtc's GCC parts
-//! (arrival-group delay slope, Kalman filter, adaptive overuse threshold,
+//! (arrival-group delay slope, Kalman filter, adaptive overuse threshold
+//! compared, as in libwebrtc, with the gradient times the number of deltas,
 //! and our own loss and rate control, because rtc's `Gcc` climbs
 //! 8 % per second: from a 300 kbit/s start, 3 Mbit/s takes half a minute,
 //! and a subscriber whose link was just freed would wait that long for
@@ -43,6 +44,10 @@ pub const INITIAL: f64 = 1_000_000.0;
 pub const MIN: f64 = 100_000.0;
 pub const MAX: f64 = 50_000_000.0;
 
+/// The delay gradient is compared with the overuse threshold scaled by
+/// the number of deltas it rests on, up to this many (libwebrtc's
+/// `kMinNumDeltas`).
+const MAX_DELTAS: u32 = 60;
 /// Multiplicative climb per second, far from a known ceiling.
 const CLIMB_PER_SECOND: f64 = 1.25;
 /// How far above 1.5 times the received rate the estimate may go untested.
@@ -182,6 +187,8 @@ impl ArrivalRate {
 pub struct Bwe {
     slope: SlopeEstimator,
     detector: OveruseDetector,
+    /// Delay deltas seen, up to [`MAX_DELTAS`].
+    deltas: u32,
     received: ArrivalRate,
     /// Fraction of packets reported lost in the last full sample, and the
     /// sample being filled (packets reported, lost).
@@ -211,6 +218,7 @@ impl Bwe {
         let bwe = Bwe {
             slope: SlopeEstimator::new(),
             detector: OveruseDetector::new(),
+            deltas: 0,
             received: ArrivalRate::default(),
             loss: 0.0,
             loss_seen: 0,
@@ -304,7 +312,18 @@ impl BandwidthEstimator for Bwe {
                 self.received.add(at, report.size);
             }
             if let Some(trend) = self.slope.accumulate(report) {
-                usage = self.detector.update(trend.at, trend.estimate_ms);
+                // The filtered delay gradient per group, scaled by how many
+                // deltas it rests on (at most 60), as libwebrtc's and
+                // pion's detectors compare it with the threshold: rtc's
+                // compares the bare gradient, so only a queue growing
+                // 12.5 ms per group (a link at well under half of what is
+                // sent) ever read as overuse. A 600 kbit/s token bucket
+                // fed 1 Mbit/s (7 ms per group) filled and dropped while
+                // the estimate kept climbing.
+                self.deltas = (self.deltas + 1).min(MAX_DELTAS);
+                usage = self
+                    .detector
+                    .update(trend.at, trend.estimate_ms * f64::from(self.deltas));
             }
         }
         let received = self.received.rate();
@@ -655,5 +674,99 @@ mod tests {
         // arrives (800 kbit/s) less the back-off.
         let full = lossy(5, 20.0);
         assert!(full <= 800_000.0 * BACK_OFF * 1.05, "{full}");
+    }
+
+    /// A token bucket as `tc tbf` shapes a link (`rate`, `burst`,
+    /// `latency`): packets wait while the bucket is empty and are dropped
+    /// when the queue holds `latency` worth of the rate past the burst.
+    struct Tbf {
+        rate: f64,
+        burst: f64,
+        limit: f64,
+        tokens: f64,
+        last: Instant,
+        queue: VecDeque<(u64, Instant)>,
+    }
+
+    impl Tbf {
+        const SIZE: f64 = 1200.0;
+
+        fn new(bps: f64, burst: f64, latency: Duration, now: Instant) -> Tbf {
+            let rate = bps / 8.0;
+            Tbf {
+                rate,
+                burst,
+                limit: rate * latency.as_secs_f64() + burst,
+                tokens: burst,
+                last: now,
+                queue: VecDeque::new(),
+            }
+        }
+
+        /// Offers a packet; false when the queue is full (dropped).
+        fn send(&mut self, id: u64, now: Instant) -> bool {
+            if (self.queue.len() as f64 + 1.0) * Self::SIZE > self.limit {
+                return false;
+            }
+            self.queue.push_back((id, now));
+            true
+        }
+
+        /// The packets that leave by `now`: (id, sent).
+        fn release(&mut self, now: Instant, out: &mut Vec<(u64, Instant)>) {
+            let since = now.saturating_duration_since(self.last).as_secs_f64();
+            self.tokens = (self.tokens + self.rate * since).min(self.burst);
+            self.last = now;
+            while self.tokens >= Self::SIZE {
+                let Some(p) = self.queue.pop_front() else {
+                    break;
+                };
+                self.tokens -= Self::SIZE;
+                out.push(p);
+            }
+        }
+    }
+
+    #[test]
+    fn a_probe_past_a_token_buckets_rate_reads_as_overuse_before_it_drops() {
+        // The simulcast test's cap: 600 kbit/s, burst 20 KB, latency
+        // 200 ms. 300 kbit/s of media for 6 s, then a probe at 1 Mbit/s.
+        let (mut bwe, shared) = Bwe::new();
+        let t0 = Instant::now();
+        let mut tbf = Tbf::new(600_000.0, 20_000.0, Duration::from_millis(200), t0);
+        let (mut left, mut reports) = (Vec::new(), Vec::new());
+        let (mut next_send, mut next_feedback, mut id) = (t0, t0, 0u64);
+        let mut at_first_loss = None;
+        let mut now = t0;
+        while now < t0 + Duration::from_millis(7500) && at_first_loss.is_none() {
+            let probing = now >= t0 + Duration::from_secs(6);
+            let bps = if probing { 1_000_000.0 } else { 300_000.0 };
+            if now >= next_send {
+                if !tbf.send(id, now) {
+                    reports.push(report(id, t0, now, None));
+                }
+                id += 1;
+                next_send += Duration::from_secs_f64(Tbf::SIZE * 8.0 / bps);
+            }
+            tbf.release(now, &mut left);
+            for (id, sent) in left.drain(..) {
+                reports.push(report(id, t0, sent, Some(now + Duration::from_millis(10))));
+            }
+            // Feedback every 100 ms, 10 ms on the way back.
+            if now >= next_feedback {
+                next_feedback += Duration::from_millis(100);
+                reports.sort_by_key(|r| r.id);
+                bwe.on_reports(now + Duration::from_millis(20), &reports);
+                reports.clear();
+                if shared.losses().1 > 0 {
+                    at_first_loss = shared.get();
+                }
+            }
+            now += Duration::from_micros(500);
+        }
+        let at_first_loss = at_first_loss.expect("the bucket overflowed");
+        // The queue grew for ~0.5 s before the bucket dropped: by then the
+        // estimate is below the link's rate, not still climbing at 1 Mbit/s.
+        assert!(at_first_loss < 600_000, "{at_first_loss}");
     }
 }
