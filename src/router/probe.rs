@@ -122,6 +122,19 @@ impl ProbeEvent {
     }
 }
 
+/// What a connection's congestion feedback says, read at each padding
+/// tick ([`Prober::on_feedback`]).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Feedback {
+    /// The estimate (bit/s), if any.
+    pub estimate: Option<u64>,
+    /// Whether the estimator reads the queue growing.
+    pub overusing: bool,
+    /// The far end's running totals: packets reported on, and lost.
+    pub reported: u64,
+    pub lost: u64,
+}
+
 #[derive(Debug, Clone, Copy)]
 struct Probe {
     until: Instant,
@@ -133,7 +146,7 @@ struct Probe {
     start_estimate: u64,
     start_real: u64,
     /// The far end's running totals (reported, lost) at the start of the
-    /// stretch being judged (see [`Prober::on_losses`]).
+    /// stretch being judged (see [`Prober::on_feedback`]).
     loss_base: Option<(u64, u64)>,
     /// Whether every stretch judged so far was clean ([`LOSS_CLEAN`]),
     /// and whether any was judged.
@@ -276,13 +289,24 @@ impl Prober {
         Some(ProbeEvent::Started { pad_bps })
     }
 
-    /// The far end's running loss totals (`reported`, `lost`), read at
-    /// each padding tick: ends the probe as failed when more than
-    /// [`LOSS_ABORT`] of a stretch of at least [`LOSS_ABORT_MIN`] packets
-    /// reported were lost. Stretches follow each other (the first starts at
-    /// the probe's first reading), so the loss that begins once a queue is
-    /// full is not diluted by the clean start of the probe.
-    pub fn on_losses(&mut self, now: Instant, reported: u64, lost: u64) -> Option<ProbeEvent> {
+    /// At each padding tick, what the connection's feedback says: ends
+    /// the probe as failed at the first sign that the padding is filling
+    /// a queue (the estimator reads overuse, or the estimate fell: read
+    /// each tick, not at the next allocation round up to half a second
+    /// later), or when more than [`LOSS_ABORT`] of a stretch of at least
+    /// [`LOSS_ABORT_MIN`] packets reported were lost. Stretches follow
+    /// each other (the first starts at the probe's first reading), so the
+    /// loss that begins once a queue is full is not diluted by the clean
+    /// start of the probe.
+    pub fn on_feedback(&mut self, now: Instant, f: Feedback) -> Option<ProbeEvent> {
+        let start_real = self.probe?.start_real;
+        let fell = f
+            .estimate
+            .is_some_and(|r| (r as f64) < start_real as f64 * ABORT_DROP);
+        if f.overusing || fell {
+            return Some(self.end(now, ProbeEvent::Failed, false));
+        }
+        let (reported, lost) = (f.reported, f.lost);
         let p = self.probe.as_mut()?;
         let (r0, l0) = *p.loss_base.get_or_insert((reported, lost));
         let (seen, gone) = (reported.saturating_sub(r0), lost.saturating_sub(l0));
@@ -352,6 +376,14 @@ impl Prober {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn losses(reported: u64, lost: u64) -> Feedback {
+        Feedback {
+            reported,
+            lost,
+            ..Feedback::default()
+        }
+    }
 
     fn summary(allocated: u64, deficit: u64) -> Summary {
         Summary {
@@ -620,9 +652,9 @@ mod tests {
         assert!(p.on_round(at(0), Some(2_600_000), &s).is_some());
         assert_eq!(p.step, STEP);
         // Every stretch clean (1 of 100 lost).
-        assert_eq!(p.on_losses(at(20), 1_000, 10), None);
-        assert_eq!(p.on_losses(at(500), 1_100, 11), None);
-        assert_eq!(p.on_losses(at(1_000), 1_200, 12), None);
+        assert_eq!(p.on_feedback(at(20), losses(1_000, 10)), None);
+        assert_eq!(p.on_feedback(at(500), losses(1_100, 11)), None);
+        assert_eq!(p.on_feedback(at(1_000), losses(1_200, 12)), None);
         // The estimate rose from 2.6 to 2.7 Mbit/s, not half way to the
         // 3.9 Mbit/s tested: inconclusive, and the next comes at once.
         let end = at(0) + PROBE_TIME;
@@ -639,8 +671,8 @@ mod tests {
         // The same with a stretch that lost 5 %: a failure, with back-off.
         let mut q = Prober::new();
         assert!(q.on_round(at(0), Some(2_600_000), &s).is_some());
-        assert_eq!(q.on_losses(at(20), 1_000, 10), None);
-        assert_eq!(q.on_losses(at(500), 1_100, 15), None);
+        assert_eq!(q.on_feedback(at(20), losses(1_000, 10)), None);
+        assert_eq!(q.on_feedback(at(500), losses(1_100, 15)), None);
         assert_eq!(
             q.on_round(end, Some(2_700_000), &s),
             Some(ProbeEvent::Failed)
@@ -723,28 +755,35 @@ mod tests {
             Some(ProbeEvent::Started { .. })
         ));
         // The first reading is the start: earlier losses do not count.
-        assert_eq!(p.on_losses(at(20), 5_000, 900), None);
+        assert_eq!(p.on_feedback(at(20), losses(5_000, 900)), None);
         // Too few reported to judge, though most of them were lost.
-        assert_eq!(p.on_losses(at(40), 5_020, 915), None);
+        assert_eq!(p.on_feedback(at(40), losses(5_020, 915)), None);
         assert!(p.active());
 
         let mut p = Prober::new();
         assert!(p.on_round(at(0), Some(690_000), &s).is_some());
-        assert_eq!(p.on_losses(at(20), 5_000, 900), None);
+        assert_eq!(p.on_feedback(at(20), losses(5_000, 900)), None);
         // 3 of 100 lost: clean; the next stretch starts here.
-        assert_eq!(p.on_losses(at(200), 5_100, 903), None);
-        assert_eq!(p.on_losses(at(220), 5_120, 905), None, "too few yet");
+        assert_eq!(p.on_feedback(at(200), losses(5_100, 903)), None);
+        assert_eq!(
+            p.on_feedback(at(220), losses(5_120, 905)),
+            None,
+            "too few yet"
+        );
         // 3 of 40 lost (7.5 %): a lossy link, not a full one.
-        assert_eq!(p.on_losses(at(240), 5_140, 906), None);
+        assert_eq!(p.on_feedback(at(240), losses(5_140, 906)), None);
         assert!(p.active());
         // The queue is full: 5 of the next 40 lost (12.5 %; 11 of 180
         // since the start, 6.1 %, would not have told). The probe ends
         // now, not at its 1.5 s, and the next waits the back-off.
-        assert_eq!(p.on_losses(at(260), 5_180, 911), Some(ProbeEvent::Failed));
+        assert_eq!(
+            p.on_feedback(at(260), losses(5_180, 911)),
+            Some(ProbeEvent::Failed)
+        );
         assert!(!p.active());
         assert_eq!(p.padding_due(at(280)), 0);
         assert_eq!(
-            p.on_losses(at(280), 6_000, 2_000),
+            p.on_feedback(at(280), losses(6_000, 2_000)),
             None,
             "no probe, nothing to end"
         );
@@ -754,5 +793,72 @@ mod tests {
             Some(ProbeEvent::Started { .. })
         ));
         assert_eq!(p.step, STEP, "a failure starts the steps again");
+    }
+
+    #[test]
+    fn the_estimate_falling_ends_a_probe_at_the_next_tick() {
+        let (mut p, t0) = (Prober::new(), Instant::now());
+        let at = |ms: u64| t0 + Duration::from_millis(ms);
+        let s = summary(330_000, 3_000_000);
+        assert!(matches!(
+            p.on_round(at(0), Some(690_000), &s),
+            Some(ProbeEvent::Started { .. })
+        ));
+        assert_eq!(
+            p.on_feedback(
+                at(20),
+                Feedback {
+                    estimate: Some(690_000),
+                    ..losses(5_000, 0)
+                }
+            ),
+            None
+        );
+        // Less than ABORT_DROP below: the estimate wobbles, the probe goes on.
+        assert_eq!(
+            p.on_feedback(
+                at(40),
+                Feedback {
+                    estimate: Some(650_000),
+                    ..losses(5_000, 0)
+                }
+            ),
+            None
+        );
+        assert!(p.active());
+        // The padding filled a queue: the estimate backed off. The probe
+        // ends at this tick, not at the next allocation round.
+        assert_eq!(
+            p.on_feedback(
+                at(60),
+                Feedback {
+                    estimate: Some(600_000),
+                    ..losses(5_000, 0)
+                }
+            ),
+            Some(ProbeEvent::Failed)
+        );
+        assert!(!p.active());
+        assert_eq!(p.padding_due(at(80)), 0);
+        assert_eq!(p.step, STEP);
+        // The next waits the back-off.
+        assert_eq!(p.on_round(at(500), Some(690_000), &s), None);
+    }
+
+    #[test]
+    fn overuse_ends_a_probe_at_the_next_tick() {
+        let (mut p, t0) = (Prober::new(), Instant::now());
+        let at = |ms: u64| t0 + Duration::from_millis(ms);
+        let s = summary(330_000, 3_000_000);
+        assert!(p.on_round(at(0), Some(690_000), &s).is_some());
+        assert_eq!(p.on_feedback(at(20), losses(5_000, 0)), None);
+        // The queue grows: the estimate has not moved yet, nothing is lost.
+        let growing = Feedback {
+            estimate: Some(690_000),
+            overusing: true,
+            ..losses(5_010, 0)
+        };
+        assert_eq!(p.on_feedback(at(40), growing), Some(ProbeEvent::Failed));
+        assert!(!p.active());
     }
 }

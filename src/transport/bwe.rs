@@ -48,6 +48,13 @@ pub const MAX: f64 = 50_000_000.0;
 /// the number of deltas it rests on, up to this many (libwebrtc's
 /// `kMinNumDeltas`).
 const MAX_DELTAS: u32 = 60;
+/// The estimate backs off for overuse once the queue was read growing
+/// for packets sent over this long (until then it holds). A queue behind
+/// a real bottleneck keeps growing (a 1 Mbit/s probe into a 600 kbit/s
+/// token bucket: half a second before its first drop); a receiver on a
+/// busy machine that falls behind for a moment reads as overuse too, and
+/// cut an unshaped viewer's estimate from 4.8 to 0.8 Mbit/s.
+const OVERUSE_PERSIST: Duration = Duration::from_millis(250);
 /// Multiplicative climb per second, far from a known ceiling.
 const CLIMB_PER_SECOND: f64 = 1.25;
 /// How far above 1.5 times the received rate the estimate may go untested.
@@ -87,7 +94,7 @@ const LOSS_CUT_INTERVAL: Duration = Duration::from_millis(300);
 /// The engine's view of one connection's estimate and of the most it was
 /// seen to carry lately (bit/s; 0 until the first feedback).
 #[derive(Debug, Clone, Default)]
-pub struct Estimate(Arc<[AtomicU64; 4]>);
+pub struct Estimate(Arc<[AtomicU64; 5]>);
 
 impl Estimate {
     /// The estimate in bit/s, or `None` before any feedback arrived (the
@@ -117,6 +124,13 @@ impl Estimate {
             self.0[2].load(Ordering::Relaxed),
             self.0[3].load(Ordering::Relaxed),
         )
+    }
+
+    /// Whether the last feedback read the queue growing (overuse), before
+    /// the estimate backs off for it ([`OVERUSE_PERSIST`]): a probe ends
+    /// at the first sign ([`crate::router::probe::Prober::on_feedback`]).
+    pub fn overusing(&self) -> bool {
+        self.0[4].load(Ordering::Relaxed) != 0
     }
 }
 
@@ -181,6 +195,26 @@ impl ArrivalRate {
         let half = (span / 2).as_secs_f64();
         Some((early.min(late) * 8) as f64 / half)
     }
+
+    /// bit/s a back-off starts from, or `None` while the window spans too
+    /// little: halfway between the lower half's rate
+    /// ([`ArrivalRate::rate`], what the link is credited with) and the
+    /// mean over the whole window. The lower half alone cut too deep when
+    /// the receiver read its packets in bursts (a browser on a busy
+    /// machine: an unshaped viewer's estimate fell from 4.8 to 0.8 Mbit/s
+    /// on one overuse, and took 15 s to climb back; a stall that straddles
+    /// the window's middle shortens one half); the mean alone
+    /// counts a token bucket's burst and backs off to above the bucket's
+    /// rate.
+    fn back_off_from(&self) -> Option<f64> {
+        let (first, last) = (self.samples.front()?.0, self.samples.back()?.0);
+        let span = last.saturating_sub(first);
+        if span < Self::MIN_SPAN {
+            return None;
+        }
+        let mean = (self.bytes * 8) as f64 / span.as_secs_f64();
+        Some((mean + self.rate()?) / 2.0)
+    }
 }
 
 /// The estimator in the interceptor chain.
@@ -189,6 +223,12 @@ pub struct Bwe {
     detector: OveruseDetector,
     /// Delay deltas seen, up to [`MAX_DELTAS`].
     deltas: u32,
+    /// When the packets of the current run of overuse readings began to
+    /// be sent (see [`OVERUSE_PERSIST`]).
+    over_since: Option<Instant>,
+    /// What the rate control acts on: the detector's reading, with
+    /// overuse held (as `Under`) until it persisted.
+    usage: Usage,
     received: ArrivalRate,
     /// Fraction of packets reported lost in the last full sample, and the
     /// sample being filled (packets reported, lost).
@@ -219,6 +259,8 @@ impl Bwe {
             slope: SlopeEstimator::new(),
             detector: OveruseDetector::new(),
             deltas: 0,
+            over_since: None,
+            usage: Usage::Normal,
             received: ArrivalRate::default(),
             loss: 0.0,
             loss_seen: 0,
@@ -247,7 +289,15 @@ impl Bwe {
         self.ceiling = Some((now, received.max(kept)));
     }
 
-    fn rate_control(&mut self, now: Instant, usage: Usage, received: Option<f64>) {
+    /// `received`: the link's rate as credited ([`ArrivalRate::rate`]);
+    /// `from`: what a back-off starts from ([`ArrivalRate::back_off_from`]).
+    fn rate_control(
+        &mut self,
+        now: Instant,
+        usage: Usage,
+        received: Option<f64>,
+        from: Option<f64>,
+    ) {
         let since = self
             .last_change
             .map_or(INTERVAL, |t| now.saturating_duration_since(t));
@@ -255,9 +305,9 @@ impl Bwe {
             Usage::Over => {
                 // Back off at once (but once per interval: the queue needs
                 // time to drain before it shows).
-                if let (Some(received), true) = (received, since >= INTERVAL) {
-                    self.delay_target = (received * BACK_OFF).clamp(MIN, MAX);
-                    self.learn_ceiling(now, received);
+                if let (Some(from), true) = (from, since >= INTERVAL) {
+                    self.delay_target = (from * BACK_OFF).clamp(MIN, MAX);
+                    self.learn_ceiling(now, from);
                     self.last_change = Some(now);
                 }
             }
@@ -306,7 +356,7 @@ impl BandwidthEstimator for Bwe {
         if reports.is_empty() {
             return;
         }
-        let mut usage = self.detector.usage();
+        let mut usage = self.usage;
         for report in reports {
             if let (true, Some(at)) = (report.arrived, report.arrival) {
                 self.received.add(at, report.size);
@@ -321,11 +371,33 @@ impl BandwidthEstimator for Bwe {
                 // fed 1 Mbit/s (7 ms per group) filled and dropped while
                 // the estimate kept climbing.
                 self.deltas = (self.deltas + 1).min(MAX_DELTAS);
-                usage = self
+                let read = self
                     .detector
                     .update(trend.at, trend.estimate_ms * f64::from(self.deltas));
+                // Overuse counts once it persisted; until then, hold.
+                usage = match (read, self.over_since) {
+                    (Usage::Over, None) => {
+                        self.over_since = Some(trend.at);
+                        Usage::Under
+                    }
+                    (Usage::Over, Some(since))
+                        if trend.at.saturating_duration_since(since) < OVERUSE_PERSIST =>
+                    {
+                        Usage::Under
+                    }
+                    (Usage::Over, Some(_)) => Usage::Over,
+                    (other, _) => {
+                        self.over_since = None;
+                        other
+                    }
+                };
             }
         }
+        self.usage = usage;
+        self.shared.0[4].store(
+            u64::from(self.detector.usage() == Usage::Over),
+            Ordering::Relaxed,
+        );
         let received = self.received.rate();
         if let Some(r) = received {
             self.tested = match self.tested {
@@ -337,7 +409,7 @@ impl BandwidthEstimator for Bwe {
                 _ => Some((now, r)),
             };
         }
-        self.rate_control(now, usage, received);
+        self.rate_control(now, usage, received, self.received.back_off_from());
         // Loss, judged over at least LOSS_SAMPLE packets (one feedback
         // batch of ten with two lost is no 20 % loss): above LOSS_FULL the
         // path drops what we send; back off as GCC's loss half does, from
@@ -736,7 +808,7 @@ mod tests {
         let mut tbf = Tbf::new(600_000.0, 20_000.0, Duration::from_millis(200), t0);
         let (mut left, mut reports) = (Vec::new(), Vec::new());
         let (mut next_send, mut next_feedback, mut id) = (t0, t0, 0u64);
-        let mut at_first_loss = None;
+        let (mut at_first_loss, mut overuse_read) = (None, None);
         let mut now = t0;
         while now < t0 + Duration::from_millis(7500) && at_first_loss.is_none() {
             let probing = now >= t0 + Duration::from_secs(6);
@@ -758,6 +830,9 @@ mod tests {
                 reports.sort_by_key(|r| r.id);
                 bwe.on_reports(now + Duration::from_millis(20), &reports);
                 reports.clear();
+                if shared.overusing() && overuse_read.is_none() {
+                    overuse_read = Some(now);
+                }
                 if shared.losses().1 > 0 {
                     at_first_loss = shared.get();
                 }
@@ -768,5 +843,51 @@ mod tests {
         // The queue grew for ~0.5 s before the bucket dropped: by then the
         // estimate is below the link's rate, not still climbing at 1 Mbit/s.
         assert!(at_first_loss < 600_000, "{at_first_loss}");
+        // A probe reads the overuse earlier still, before the estimate
+        // backs off for it (OVERUSE_PERSIST), and before the media the
+        // estimate carried was dropped.
+        let read = overuse_read.expect("overuse read");
+        assert!(read > t0 + Duration::from_secs(6), "not before the probe");
+    }
+
+    #[test]
+    fn a_back_off_starts_between_the_sustained_rate_and_the_mean() {
+        let gap = Duration::from_secs_f64(1200.0 * 8.0 / 3_000_000.0);
+        // 3 Mbit/s for a second, but the receiver stalled from 350 to
+        // 650 ms and stamped that stretch's packets at 650 ms.
+        let mut stalled = ArrivalRate::default();
+        let mut at = Duration::ZERO;
+        while at < Duration::from_millis(1000) {
+            let stamp = if (350..650).contains(&at.as_millis()) {
+                Duration::from_millis(650)
+            } else {
+                at
+            };
+            stalled.add(stamp, 1200);
+            at += gap;
+        }
+        let (low, from) = (stalled.rate().unwrap(), stalled.back_off_from().unwrap());
+        assert!(low < 2_600_000.0, "the lower half understates: {low}");
+        assert!(
+            from > low && from <= 3_100_000.0,
+            "{from} (lower half {low})"
+        );
+        // A 600 kbit/s token bucket's burst: 20 KB at once, then its rate.
+        let mut bucket = ArrivalRate::default();
+        let mut at = Duration::ZERO;
+        for _ in 0..17 {
+            bucket.add(at, 1200);
+            at += Duration::from_micros(100);
+        }
+        let gap = Duration::from_secs_f64(1200.0 * 8.0 / 600_000.0);
+        while at < Duration::from_millis(1000) {
+            at += gap;
+            bucket.add(at, 1200);
+        }
+        let from = bucket.back_off_from().unwrap();
+        assert!(
+            from * BACK_OFF < 600_000.0,
+            "backs off below the bucket: {from}"
+        );
     }
 }

@@ -10,7 +10,7 @@ use switchboard_proto::{ParticipantId, PublisherLayers, ServerMessage, TrackSett
 
 use super::Engine;
 use crate::router::allocator::{Rise, Summary};
-use crate::router::probe::{ProbeEvent, TICK};
+use crate::router::probe::{Feedback, ProbeEvent, TICK};
 use crate::router::{OutSlot, PeerKey, Wish};
 
 /// How often every subscriber's layers are chosen again. TWCC feedback
@@ -147,9 +147,15 @@ impl Engine {
             };
             any = true;
             let (reported, lost) = p.estimate.losses();
-            if let Some(event) = p.prober.on_losses(now, reported, lost) {
+            let feedback = Feedback {
+                estimate: p.estimate.get(),
+                overusing: p.estimate.overusing(),
+                reported,
+                lost,
+            };
+            if let Some(event) = p.prober.on_feedback(now, feedback) {
                 let outcome = event.label();
-                tracing::debug!(participant = %p.participant, estimate = ?p.estimate.get(), reported, lost, outcome, "probe ended on loss");
+                tracing::debug!(participant = %p.participant, estimate = ?p.estimate.get(), reported, lost, outcome, "probe ended on feedback");
                 self.metrics.layers.probes(outcome);
                 continue;
             }
