@@ -25,7 +25,8 @@
 //!   connection sending less than its estimate, could never raise it.
 //! - A probe succeeds when the estimate rose [`SUCCESS_SHARE`] of the way
 //!   from where it started to the probe rate; the next may follow soon. It
-//!   fails when the estimate fell (the probe filled a queue: stop at once)
+//!   fails when the estimate fell or the estimator reads the queue
+//!   growing (the probe is filling a queue: stop at the next padding tick)
 //!   or did not rise enough, and at once when the far end reports more
 //!   than [`LOSS_ABORT`] of what was sent since it started lost (a link
 //!   already full drops the padding and the media with it: the estimate
