@@ -169,6 +169,17 @@ pub struct Prober {
     /// The estimate at the last round, and when it last fell.
     last_estimate: Option<u64>,
     last_fall: Option<Instant>,
+    /// Padding bytes due and sent during the current probe, and those of
+    /// the last one that ended ([`Prober::padding_of_last`]).
+    padding: Padding,
+    last_padding: Padding,
+}
+
+/// Padding bytes a probe owed and what the driver sent of them.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Padding {
+    pub due: u64,
+    pub sent: u64,
 }
 
 impl Default for Prober {
@@ -182,6 +193,8 @@ impl Default for Prober {
             last_tick: None,
             last_estimate: None,
             last_fall: None,
+            padding: Padding::default(),
+            last_padding: Padding::default(),
         }
     }
 }
@@ -328,6 +341,7 @@ impl Prober {
     /// next step larger.
     fn end(&mut self, now: Instant, outcome: ProbeEvent, beyond: bool) -> ProbeEvent {
         self.probe = None;
+        self.last_padding = std::mem::take(&mut self.padding);
         self.owed = 0.0;
         match outcome {
             ProbeEvent::Succeeded => {
@@ -352,6 +366,7 @@ impl Prober {
         self.accrue(now);
         let due = self.owed.floor();
         self.owed -= due;
+        self.padding.due += due as u64;
         due as usize
     }
 
@@ -365,6 +380,19 @@ impl Prober {
             .min(TICK * 5);
         self.last_tick = Some(now);
         self.owed += p.pad_bps as f64 / 8.0 * since.as_secs_f64();
+    }
+
+    /// Padding bytes the driver sent for the probe.
+    pub fn padded(&mut self, bytes: usize) {
+        if self.probe.is_some() {
+            self.padding.sent += bytes as u64;
+        }
+    }
+
+    /// What the last probe that ended owed and sent (for its log line: a
+    /// probe that sent less than planned tested less than it claims).
+    pub fn padding_of_last(&self) -> Padding {
+        self.last_padding
     }
 
     /// Bytes the driver could not send (no packet to repeat): not owed
@@ -861,5 +889,38 @@ mod tests {
         };
         assert_eq!(p.on_feedback(at(40), growing), Some(ProbeEvent::Failed));
         assert!(!p.active());
+    }
+
+    #[test]
+    fn a_probe_keeps_what_it_owed_and_what_was_sent() {
+        let (mut p, t0) = (Prober::new(), Instant::now());
+        let at = |ms: u64| t0 + Duration::from_millis(ms);
+        let s = summary(330_000, 3_000_000);
+        let Some(ProbeEvent::Started { pad_bps }) = p.on_round(at(0), Some(690_000), &s) else {
+            panic!("no probe");
+        };
+        let owed: usize = [20, 40, 60].iter().map(|&ms| p.padding_due(at(ms))).sum();
+        // 60 ms of padding at pad_bps, within a byte per tick.
+        let expected = pad_bps as f64 / 8.0 * 0.06;
+        assert!(
+            (owed as f64 - expected).abs() <= 3.0,
+            "{owed} vs {expected}"
+        );
+        p.padded(owed / 2);
+        // Padding sent with no probe running is not counted.
+        assert_eq!(p.padding_of_last(), Padding::default());
+        let growing = Feedback {
+            overusing: true,
+            ..losses(5_000, 0)
+        };
+        assert_eq!(p.on_feedback(at(80), growing), Some(ProbeEvent::Failed));
+        p.padded(1_000);
+        assert_eq!(
+            p.padding_of_last(),
+            Padding {
+                due: owed as u64,
+                sent: (owed / 2) as u64
+            }
+        );
     }
 }

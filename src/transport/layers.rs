@@ -126,7 +126,10 @@ impl Engine {
                 tracing::debug!(participant = %p.participant, ?estimate, pad_bps, allocated = summary.allocated, deficit = summary.deficit, "probe started");
                 self.padding_due.get_or_insert(now);
             }
-            _ => tracing::debug!(participant = %p.participant, ?estimate, outcome, "probe ended"),
+            _ => {
+                let padding = p.prober.padding_of_last();
+                tracing::debug!(participant = %p.participant, ?estimate, padding_due = padding.due, padding_sent = padding.sent, outcome, "probe ended");
+            }
         }
         self.metrics.layers.probes(outcome);
     }
@@ -155,7 +158,8 @@ impl Engine {
             };
             if let Some(event) = p.prober.on_feedback(now, feedback) {
                 let outcome = event.label();
-                tracing::debug!(participant = %p.participant, estimate = ?p.estimate.get(), reported, lost, outcome, "probe ended on feedback");
+                let padding = p.prober.padding_of_last();
+                tracing::debug!(participant = %p.participant, estimate = ?p.estimate.get(), reported, lost, overusing = feedback.overusing, padding_due = padding.due, padding_sent = padding.sent, outcome, "probe ended on feedback");
                 self.metrics.layers.probes(outcome);
                 continue;
             }
@@ -167,7 +171,7 @@ impl Engine {
             // The last packets, oldest first, until `due` bytes went out
             // (counted as sent: a probe of small low-layer packets must not
             // pad at half its rate), at most MAX_REPEAT per round.
-            let (mut left, mut back, mut sent) = (due, 0u16, 0usize);
+            let (mut left, mut back, mut sent, mut bytes) = (due, 0u16, 0usize, 0usize);
             while left > 0 && back < MAX_REPEAT {
                 let n = u16::try_from(left.div_ceil(PADDING_PACKET))
                     .unwrap_or(u16::MAX)
@@ -181,13 +185,15 @@ impl Engine {
                     break;
                 }
                 sent += r.packets;
+                bytes += r.bytes;
                 left = left.saturating_sub(r.bytes);
                 back += n;
             }
             self.metrics.layers.padding_packets.inc_by(sent as u64);
-            if sent == 0 && due > 0 {
-                // Nothing recent to repeat (the publisher went quiet).
-                if let Some(p) = self.peers.get_mut(&key) {
+            if let Some(p) = self.peers.get_mut(&key) {
+                p.prober.padded(bytes);
+                if sent == 0 && due > 0 {
+                    // Nothing recent to repeat (the publisher went quiet).
                     p.prober.forgive();
                 }
             }
