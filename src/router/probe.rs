@@ -173,6 +173,9 @@ pub struct Prober {
     /// the last one that ended ([`Prober::padding_of_last`]).
     padding: Padding,
     last_padding: Padding,
+    /// The last probe that ended failed, and none succeeded since: no
+    /// layer goes up ([`Prober::holds_rises`]).
+    failed_last: bool,
 }
 
 /// Padding bytes a probe owed and what the driver sent of them.
@@ -195,6 +198,7 @@ impl Default for Prober {
             last_fall: None,
             padding: Padding::default(),
             last_padding: Padding::default(),
+            failed_last: false,
         }
     }
 }
@@ -345,6 +349,7 @@ impl Prober {
         self.owed = 0.0;
         match outcome {
             ProbeEvent::Succeeded => {
+                self.failed_last = false;
                 self.backoff = BACKOFF_MIN;
                 self.next_allowed = Some(now + AFTER_SUCCESS);
                 if beyond {
@@ -353,6 +358,7 @@ impl Prober {
             }
             ProbeEvent::Inconclusive => self.next_allowed = Some(now + AFTER_SUCCESS),
             ProbeEvent::Failed | ProbeEvent::Started { .. } => {
+                self.failed_last = true;
                 self.next_allowed = Some(now + self.backoff);
                 self.backoff = (self.backoff * 2).min(BACKOFF_MAX);
                 self.step = STEP;
@@ -380,6 +386,16 @@ impl Prober {
             .min(TICK * 5);
         self.last_tick = Some(now);
         self.owed += p.pad_bps as f64 / 8.0 * since.as_secs_f64();
+    }
+
+    /// Whether the allocator must raise nothing: a probe is padding, or
+    /// the last one failed and none has succeeded since. A failed probe
+    /// showed the link does not carry more than it carries now, whatever
+    /// the estimate says after it (seen under a 600 kbit/s cap: the
+    /// estimate crept to 778 kbit/s while a probe failed, a 360p layer
+    /// went up 1.1 s later, and the picture froze for 4 s).
+    pub fn holds_rises(&self) -> bool {
+        self.probe.is_some() || self.failed_last
     }
 
     /// Padding bytes the driver sent for the probe.
@@ -922,5 +938,30 @@ mod tests {
                 sent: (owed / 2) as u64
             }
         );
+    }
+
+    #[test]
+    fn after_a_failed_probe_nothing_goes_up_until_one_succeeds() {
+        let (mut p, t0) = (Prober::new(), Instant::now());
+        let at = |ms: u64| t0 + Duration::from_millis(ms);
+        let s = summary(330_000, 3_000_000);
+        assert!(!p.holds_rises());
+        assert!(p.on_round(at(0), Some(690_000), &s).is_some());
+        assert!(p.holds_rises(), "while it pads");
+        let growing = Feedback {
+            overusing: true,
+            ..losses(5_000, 0)
+        };
+        assert_eq!(p.on_feedback(at(40), growing), Some(ProbeEvent::Failed));
+        assert!(p.holds_rises(), "after it failed");
+        // The next probe, after the back-off, succeeds: rises are free again.
+        let next = at(40) + BACKOFF_MIN;
+        assert!(p.on_round(next, Some(690_000), &s).is_some());
+        let end = next + PROBE_TIME;
+        assert_eq!(
+            p.on_round(end, Some(1_100_000), &s),
+            Some(ProbeEvent::Succeeded)
+        );
+        assert!(!p.holds_rises());
     }
 }

@@ -70,9 +70,10 @@ impl Engine {
                 .estimate
                 .tested()
                 .filter(|&t| estimate.is_some_and(|e| e > t) && accepts_rtx(&p.pc));
-            // While a probe pads, nothing goes up (see `Rise::Hold`).
+            // While a probe pads, or after one failed until one succeeds,
+            // nothing goes up (see `Rise::Hold`, `Prober::holds_rises`).
             let rise = match tested {
-                _ if p.prober.active() => Rise::Hold,
+                _ if p.prober.holds_rises() => Rise::Hold,
                 Some(t) => Rise::Tested(t),
                 None => Rise::Estimate,
             };
