@@ -430,6 +430,18 @@ mod tests {
         }
     }
 
+    /// A prober whose probe started at `t0` from a 690 kbit/s estimate
+    /// over 330 kbit/s of media, and the summary it started from.
+    fn probing(t0: Instant) -> (Prober, Summary) {
+        let mut p = Prober::new();
+        let s = summary(330_000, 3_000_000);
+        assert!(matches!(
+            p.on_round(t0, Some(690_000), &s),
+            Some(ProbeEvent::Started { .. })
+        ));
+        (p, s)
+    }
+
     fn summary(allocated: u64, deficit: u64) -> Summary {
         Summary {
             allocated,
@@ -792,13 +804,9 @@ mod tests {
 
     #[test]
     fn a_probe_whose_packets_are_lost_ends_at_once_and_backs_off() {
-        let (mut p, t0) = (Prober::new(), Instant::now());
+        let t0 = Instant::now();
         let at = |ms: u64| t0 + Duration::from_millis(ms);
-        let s = summary(330_000, 3_000_000);
-        assert!(matches!(
-            p.on_round(at(0), Some(690_000), &s),
-            Some(ProbeEvent::Started { .. })
-        ));
+        let (mut p, s) = probing(t0);
         // The first reading is the start: earlier losses do not count.
         assert_eq!(p.on_feedback(at(20), losses(5_000, 900)), None);
         // Too few reported to judge, though most of them were lost.
@@ -842,13 +850,9 @@ mod tests {
 
     #[test]
     fn the_estimate_falling_ends_a_probe_at_the_next_tick() {
-        let (mut p, t0) = (Prober::new(), Instant::now());
+        let t0 = Instant::now();
         let at = |ms: u64| t0 + Duration::from_millis(ms);
-        let s = summary(330_000, 3_000_000);
-        assert!(matches!(
-            p.on_round(at(0), Some(690_000), &s),
-            Some(ProbeEvent::Started { .. })
-        ));
+        let (mut p, s) = probing(t0);
         assert_eq!(
             p.on_feedback(
                 at(20),
@@ -892,10 +896,9 @@ mod tests {
 
     #[test]
     fn overuse_ends_a_probe_at_the_next_tick() {
-        let (mut p, t0) = (Prober::new(), Instant::now());
+        let t0 = Instant::now();
         let at = |ms: u64| t0 + Duration::from_millis(ms);
-        let s = summary(330_000, 3_000_000);
-        assert!(p.on_round(at(0), Some(690_000), &s).is_some());
+        let (mut p, _) = probing(t0);
         assert_eq!(p.on_feedback(at(20), losses(5_000, 0)), None);
         // The queue grows: the estimate has not moved yet, nothing is lost.
         let growing = Feedback {

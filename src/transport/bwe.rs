@@ -588,10 +588,10 @@ mod tests {
         assert!(after >= 2_000_000.0, "raised: {after} (from {low})");
     }
 
-    #[test]
-    fn a_token_buckets_burst_does_not_read_as_a_faster_link() {
-        // 600 kbit/s through a bucket that refilled: 20 KB at line rate
-        // (within 2 ms), then 1,200-byte packets at the bucket's rate.
+    /// 600 kbit/s through a bucket that refilled: 20 KB at line rate
+    /// (within 2 ms), then 1,200-byte packets at the bucket's rate, for a
+    /// second.
+    fn bucket_burst_then_rate() -> ArrivalRate {
         let mut r = ArrivalRate::default();
         let mut at = Duration::ZERO;
         for _ in 0..17 {
@@ -603,9 +603,17 @@ mod tests {
             at += gap;
             r.add(at, 1200);
         }
-        let rate = r.rate().expect("a second of arrivals");
+        r
+    }
+
+    #[test]
+    fn a_token_buckets_burst_does_not_read_as_a_faster_link() {
+        let rate = bucket_burst_then_rate()
+            .rate()
+            .expect("a second of arrivals");
         assert!((560_000.0..=640_000.0).contains(&rate), "{rate}");
         // Steady arrivals read as their rate.
+        let gap = Duration::from_secs_f64(1200.0 * 8.0 / 600_000.0);
         let mut s = ArrivalRate::default();
         let mut at = Duration::ZERO;
         while at < Duration::from_millis(1000) {
@@ -872,19 +880,8 @@ mod tests {
             from > low && from <= 3_100_000.0,
             "{from} (lower half {low})"
         );
-        // A 600 kbit/s token bucket's burst: 20 KB at once, then its rate.
-        let mut bucket = ArrivalRate::default();
-        let mut at = Duration::ZERO;
-        for _ in 0..17 {
-            bucket.add(at, 1200);
-            at += Duration::from_micros(100);
-        }
-        let gap = Duration::from_secs_f64(1200.0 * 8.0 / 600_000.0);
-        while at < Duration::from_millis(1000) {
-            at += gap;
-            bucket.add(at, 1200);
-        }
-        let from = bucket.back_off_from().unwrap();
+        // A 600 kbit/s token bucket's burst, then its rate.
+        let from = bucket_burst_then_rate().back_off_from().unwrap();
         assert!(
             from * BACK_OFF < 600_000.0,
             "backs off below the bucket: {from}"
