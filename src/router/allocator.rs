@@ -243,15 +243,23 @@ impl Work {
             .filter(|(_, l)| l.live)
             .rfind(fits)
             .map_or(lo, |(i, _)| i as u8);
-        let (base, fresh) = match prior.map(|s| s.target) {
+        let (base, fresh, fell_through) = match prior.map(|s| s.target) {
             Some(Target::Layer(l)) => {
                 // The highest live layer at or below its target and cap.
-                let l = l.min(cap);
-                let settled = (0..=l).rev().find(|&i| live(layers, i)).unwrap_or(lo);
-                (Target::Layer(settled), false)
+                match (0..=l.min(cap)).rev().find(|&i| live(layers, i)) {
+                    Some(settled) => (Target::Layer(settled), false, false),
+                    // Everything at and below its layer stopped: the lowest
+                    // live layer is above it. Going there is a rise like any
+                    // other, placed by `fill` as a resume within the headroom
+                    // or paused for bandwidth (seen under a 600 kbit/s cap:
+                    // a publisher's 180p went silent for 1.2 s, the track
+                    // fell through to 360p, and its keyframe froze the
+                    // picture for 3.6 s).
+                    None => (Target::Paused(PauseCause::Bandwidth), false, true),
+                }
             }
-            Some(bw @ Target::Paused(PauseCause::Bandwidth)) => (bw, false),
-            _ => (Target::Layer(lo), true),
+            Some(bw @ Target::Paused(PauseCause::Bandwidth)) => (bw, false, false),
+            _ => (Target::Layer(lo), true, false),
         };
         Work {
             lo,
@@ -260,8 +268,9 @@ impl Work {
             target: base,
             fresh,
             may_rise: prior.is_none_or(|s| s.may_rise(now)),
-            may_resume: base == Target::Paused(PauseCause::Bandwidth)
-                && prior.is_none_or(|s| s.may_resume(now)),
+            may_resume: fell_through
+                || (base == Target::Paused(PauseCause::Bandwidth)
+                    && prior.is_none_or(|s| s.may_resume(now))),
             single: false,
         }
     }
@@ -895,6 +904,26 @@ mod tests {
         layers[1].live = false;
         assert_eq!(sub.one(0.0, 1_000_000, track(1, 0, &layers)), L0);
         assert_eq!(sub.one(0.1, 3_000_000, track(1, 0, &layers)), L2);
+    }
+
+    #[test]
+    fn a_fall_through_to_a_higher_layer_is_a_rise_within_the_headroom() {
+        let mut sub = Sub::new();
+        let mut layers = SIM;
+        assert_eq!(sub.one(0.0, 550_000, track(1, 0, &layers)), L0);
+        // The lowest stops. The next live layer (500 kbit/s) fits the
+        // 550 kbit/s estimate only without the headroom an up-switch must
+        // leave: paused for bandwidth, not switched up to the edge of a
+        // link that may not carry it.
+        layers[0].live = false;
+        let (t, s) = sub.at(0.5, 550_000, &[track(1, 0, &layers)]);
+        assert_eq!((t[0], s.paused_for_bandwidth), (BW, 1));
+        // It comes back: at once, at its layer.
+        layers[0].live = true;
+        assert_eq!(sub.one(1.0, 550_000, track(1, 0, &layers)), L0);
+        // With room for it, the fall-through is the working layer at once.
+        layers[0].live = false;
+        assert_eq!(sub.one(1.5, 700_000, track(1, 0, &layers)), L1);
     }
 
     #[test]
