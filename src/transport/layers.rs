@@ -70,10 +70,10 @@ impl Engine {
                 .estimate
                 .tested()
                 .filter(|&t| estimate.is_some_and(|e| e > t) && accepts_rtx(&p.pc));
-            // While a probe pads, or after one failed until one succeeds,
+            // While a probe pads, or during a failed one's back-off,
             // nothing goes up (see `Rise::Hold`, `Prober::holds_rises`).
             let rise = match tested {
-                _ if p.prober.holds_rises() => Rise::Hold,
+                _ if p.prober.holds_rises(now) => Rise::Hold,
                 Some(t) => Rise::Tested(t),
                 None => Rise::Estimate,
             };
@@ -118,7 +118,10 @@ impl Engine {
         // The allocator raises nothing past what the link was seen to
         // carry: that is what a probe tests.
         let tested = p.estimate.tested();
-        let Some(event) = p.prober.on_round_tested(now, estimate, tested, summary) else {
+        let Some(event) =
+            p.prober
+                .on_round_tested(now, estimate, tested, p.estimate.overusing(), summary)
+        else {
             return;
         };
         let outcome = event.label();
