@@ -934,13 +934,14 @@ mod tests {
             "{owed} vs {expected}"
         );
         p.padded(owed / 2);
-        // Padding sent with no probe running is not counted.
+        // No probe has ended yet.
         assert_eq!(p.padding_of_last(), Padding::default());
         let growing = Feedback {
             overusing: true,
             ..losses(5_000, 0)
         };
         assert_eq!(p.on_feedback(at(80), growing), Some(ProbeEvent::Failed));
+        // Padding sent with no probe running is not counted.
         p.padded(1_000);
         assert_eq!(
             p.padding_of_last(),
