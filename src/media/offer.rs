@@ -127,7 +127,7 @@ pub fn check(sdp: &str, limits: &OfferLimits) -> Result<OfferShape, OfferError> 
 /// sending: in the others every `sendrecv` becomes `recvonly` and every
 /// `sendonly` becomes `inactive` (a section with no direction, which means
 /// sendrecv, gets `a=recvonly`). `keep = 0` makes the whole offer
-/// receive-only. Lines are read as the engine reads them ([`sdp_line`]),
+/// receive-only. Lines are read as the engine reads them (`sdp_line`),
 /// and the engine takes a section's first direction attribute, so that is
 /// the one that counts here too. (The engine decides what it accepts from
 /// its own state too; the transport enforces the same caps on the tracks

@@ -309,7 +309,7 @@ impl Encodings {
     }
 
     /// The encoding and the highest TID of the allocator's layer `index`
-    /// in a [`Encodings::view`] with `temporal`.
+    /// in an `Encodings::view` with `temporal`.
     pub fn at_slot(&self, index: u8, temporal: bool) -> Option<(&Encoding, u8)> {
         if !temporal {
             return self.at(Layer(index)).map(|e| (e, u8::MAX));

@@ -6,7 +6,7 @@
 //!   its picture size (read from its keyframes), its measured bitrate and
 //!   when it last sent. Layers are ranked by the size actually received,
 //!   not by rid name: layer 0 is the smallest picture.
-//! - A subscription's [`SubLayers`] holds the encoding it receives
+//! - A subscription's `SubLayers` holds the encoding it receives
 //!   (`current`) and the one the allocator chose (`target`). A switch
 //!   happens only at a keyframe of the target (asked for with a PLI to its
 //!   SSRC); until then the current encoding keeps flowing. Sequence numbers
