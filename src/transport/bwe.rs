@@ -93,14 +93,32 @@ const LOSS_CUT_INTERVAL: Duration = Duration::from_millis(300);
 
 /// The engine's view of one connection's estimate and of the most it was
 /// seen to carry lately (bit/s; 0 until the first feedback).
-#[derive(Debug, Clone, Default)]
-pub struct Estimate(Arc<[AtomicU64; 5]>);
+#[derive(Debug, Clone)]
+pub struct Estimate {
+    values: Arc<[AtomicU64; 5]>,
+    /// What the overuse reading's time (slot 4, in ms) counts from.
+    epoch: Instant,
+}
+
+impl Default for Estimate {
+    fn default() -> Self {
+        Self {
+            values: Arc::default(),
+            epoch: Instant::now(),
+        }
+    }
+}
+
+/// An overuse reading older than this is not believed: the feedback that
+/// would end it stopped coming (a subscriber that went quiet while its
+/// queue grew must not keep its probes off for good).
+pub const OVERUSE_STALE: Duration = Duration::from_secs(1);
 
 impl Estimate {
     /// The estimate in bit/s, or `None` before any feedback arrived (the
     /// subscriber may not send TWCC at all: aiortc, older clients).
     pub fn get(&self) -> Option<u64> {
-        match self.0[0].load(Ordering::Relaxed) {
+        match self.values[0].load(Ordering::Relaxed) {
             0 => None,
             v => Some(v),
         }
@@ -110,7 +128,7 @@ impl Estimate {
     /// [`TESTED_MEMORY`] (a probe's padding included), or `None` before one
     /// was measured: what the link is known to carry.
     pub fn tested(&self) -> Option<u64> {
-        match self.0[1].load(Ordering::Relaxed) {
+        match self.values[1].load(Ordering::Relaxed) {
             0 => None,
             v => Some(v),
         }
@@ -121,16 +139,34 @@ impl Estimate {
     /// it padded, [`crate::router::probe::Prober::on_losses`]).
     pub fn losses(&self) -> (u64, u64) {
         (
-            self.0[2].load(Ordering::Relaxed),
-            self.0[3].load(Ordering::Relaxed),
+            self.values[2].load(Ordering::Relaxed),
+            self.values[3].load(Ordering::Relaxed),
         )
     }
 
     /// Whether the last feedback read the queue growing (overuse), before
     /// the estimate backs off for it ([`OVERUSE_PERSIST`]): a probe ends
     /// at the first sign ([`crate::router::probe::Prober::on_feedback`]).
-    pub fn overusing(&self) -> bool {
-        self.0[4].load(Ordering::Relaxed) != 0
+    /// A reading older than [`OVERUSE_STALE`] at `now` counts as none.
+    pub fn overusing(&self, now: Instant) -> bool {
+        match self.values[4].load(Ordering::Relaxed) {
+            0 => false,
+            at => {
+                let read = self.epoch + Duration::from_millis(at - 1);
+                now.saturating_duration_since(read) < OVERUSE_STALE
+            }
+        }
+    }
+
+    /// Notes the detector's reading at `now` ([`Self::overusing`]).
+    fn set_overusing(&self, now: Instant, over: bool) {
+        let at = if over {
+            // Milliseconds since the epoch, plus one: 0 means "not over".
+            now.saturating_duration_since(self.epoch).as_millis() as u64 + 1
+        } else {
+            0
+        };
+        self.values[4].store(at, Ordering::Relaxed);
     }
 }
 
@@ -394,10 +430,8 @@ impl BandwidthEstimator for Bwe {
             }
         }
         self.usage = usage;
-        self.shared.0[4].store(
-            u64::from(self.detector.usage() == Usage::Over),
-            Ordering::Relaxed,
-        );
+        self.shared
+            .set_overusing(now, self.detector.usage() == Usage::Over);
         let received = self.received.rate();
         if let Some(r) = received {
             self.tested = match self.tested {
@@ -417,8 +451,8 @@ impl BandwidthEstimator for Bwe {
         let lost = reports.iter().filter(|r| !r.arrived).count();
         self.loss_seen += reports.len();
         self.loss_lost += lost;
-        self.shared.0[2].fetch_add(reports.len() as u64, Ordering::Relaxed);
-        self.shared.0[3].fetch_add(lost as u64, Ordering::Relaxed);
+        self.shared.values[2].fetch_add(reports.len() as u64, Ordering::Relaxed);
+        self.shared.values[3].fetch_add(lost as u64, Ordering::Relaxed);
         if self.loss_seen >= LOSS_SAMPLE {
             self.loss = self.loss_lost as f64 / self.loss_seen as f64;
             (self.loss_seen, self.loss_lost) = (0, 0);
@@ -453,9 +487,9 @@ impl BandwidthEstimator for Bwe {
             }
         }
         self.target = self.delay_target.min(self.loss_target).clamp(MIN, MAX);
-        self.shared.0[0].store(self.target as u64, Ordering::Relaxed);
+        self.shared.values[0].store(self.target as u64, Ordering::Relaxed);
         if let Some((_, peak)) = self.tested {
-            self.shared.0[1].store(peak.max(1.0) as u64, Ordering::Relaxed);
+            self.shared.values[1].store(peak.max(1.0) as u64, Ordering::Relaxed);
         }
     }
 
@@ -474,6 +508,24 @@ impl BandwidthEstimator for Bwe {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_overuse_reading_goes_stale_when_feedback_stops() {
+        let estimate = Estimate::default();
+        let t0 = Instant::now();
+        assert!(!estimate.overusing(t0), "no reading yet");
+        estimate.set_overusing(t0, true);
+        assert!(estimate.overusing(t0));
+        assert!(estimate.overusing(t0 + OVERUSE_STALE - Duration::from_millis(10)));
+        // No feedback since: the reading is no longer believed.
+        assert!(!estimate.overusing(t0 + OVERUSE_STALE + Duration::from_millis(10)));
+        // A fresh reading counts again, and "normal" clears it at once.
+        let t1 = t0 + Duration::from_secs(3);
+        estimate.set_overusing(t1, true);
+        assert!(estimate.overusing(t1 + Duration::from_millis(100)));
+        estimate.set_overusing(t1 + Duration::from_millis(200), false);
+        assert!(!estimate.overusing(t1 + Duration::from_millis(200)));
+    }
 
     fn report(id: u64, epoch: Instant, sent: Instant, arrived: Option<Instant>) -> PacketReport {
         PacketReport {
@@ -838,7 +890,7 @@ mod tests {
                 reports.sort_by_key(|r| r.id);
                 bwe.on_reports(now + Duration::from_millis(20), &reports);
                 reports.clear();
-                if shared.overusing() && overuse_read.is_none() {
+                if shared.overusing(now) && overuse_read.is_none() {
                     overuse_read = Some(now);
                 }
                 if shared.losses().1 > 0 {

@@ -120,7 +120,7 @@ impl Engine {
         let tested = p.estimate.tested();
         let Some(event) =
             p.prober
-                .on_round_tested(now, estimate, tested, p.estimate.overusing(), summary)
+                .on_round_tested(now, estimate, tested, p.estimate.overusing(now), summary)
         else {
             return;
         };
@@ -156,7 +156,7 @@ impl Engine {
             let (reported, lost) = p.estimate.losses();
             let feedback = Feedback {
                 estimate: p.estimate.get(),
-                overusing: p.estimate.overusing(),
+                overusing: p.estimate.overusing(now),
                 reported,
                 lost,
             };
