@@ -93,11 +93,6 @@ const FALL: f64 = 0.95;
 /// Wait after a failed probe: doubles each time, within these bounds.
 pub const BACKOFF_MIN: Duration = Duration::from_secs(3);
 pub const BACKOFF_MAX: Duration = Duration::from_secs(10);
-/// After a failed probe no layer goes up for this long at least
-/// ([`Prober::holds_rises`]): as long as the far end's received rate
-/// keeps the probe's padding in the peak the allocator reads
-/// (`transport::bwe::TESTED_MEMORY`).
-pub const HOLD_AFTER_FAILURE: Duration = Duration::from_secs(5);
 
 /// How a probe ended, for metrics.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -178,10 +173,9 @@ pub struct Prober {
     /// the last one that ended ([`Prober::padding_of_last`]).
     padding: Padding,
     last_padding: Padding,
-    /// When the last probe that ended failed (None after a success): no
-    /// layer goes up during its back-off, or [`HOLD_AFTER_FAILURE`] if
-    /// that is longer ([`Prober::holds_rises`]).
-    failed_at: Option<Instant>,
+    /// The last probe that ended failed: no layer goes up during its
+    /// back-off ([`Prober::holds_rises`]).
+    failed_last: bool,
 }
 
 /// Padding bytes a probe owed and what the driver sent of them.
@@ -204,7 +198,7 @@ impl Default for Prober {
             last_fall: None,
             padding: Padding::default(),
             last_padding: Padding::default(),
-            failed_at: None,
+            failed_last: false,
         }
     }
 }
@@ -360,7 +354,7 @@ impl Prober {
         self.owed = 0.0;
         match outcome {
             ProbeEvent::Succeeded => {
-                self.failed_at = None;
+                self.failed_last = false;
                 self.backoff = BACKOFF_MIN;
                 self.next_allowed = Some(now + AFTER_SUCCESS);
                 if beyond {
@@ -369,7 +363,7 @@ impl Prober {
             }
             ProbeEvent::Inconclusive => self.next_allowed = Some(now + AFTER_SUCCESS),
             ProbeEvent::Failed | ProbeEvent::Started { .. } => {
-                self.failed_at = Some(now);
+                self.failed_last = true;
                 self.next_allowed = Some(now + self.backoff);
                 self.backoff = (self.backoff * 2).min(BACKOFF_MAX);
                 self.step = STEP;
@@ -407,17 +401,9 @@ impl Prober {
     /// layer went up 1.1 s later, and the picture froze for 4 s). Held
     /// until a later probe succeeded, a link freed at the end of a cap
     /// waited the back-off and then every probe step: the climb back took
-    /// over 20 s in 3 of 10 runs. The first back-off (3 s) is shorter than
-    /// the far end's received rate remembers the failed probe's padding
-    /// (5 s), which the allocator reads as what the link carries: the
-    /// hold lasts [`HOLD_AFTER_FAILURE`] at least (seen: a 360p layer went
-    /// up 4.3 s after a failed probe, on that memory, and a picture froze
-    /// for 3.4 s).
+    /// over 20 s in 3 of 10 runs.
     pub fn holds_rises(&self, now: Instant) -> bool {
-        self.probe.is_some()
-            || self.failed_at.is_some_and(|failed| {
-                now < failed + HOLD_AFTER_FAILURE || self.next_allowed.is_some_and(|t| now < t)
-            })
+        self.probe.is_some() || (self.failed_last && self.next_allowed.is_some_and(|t| now < t))
     }
 
     /// Padding bytes the driver sent for the probe.
@@ -979,22 +965,8 @@ mod tests {
         assert_eq!(p.on_feedback(at(40), growing), Some(ProbeEvent::Failed));
         assert!(p.holds_rises(at(1_200)), "1.2 s after it failed");
         assert!(p.holds_rises(at(40) + BACKOFF_MIN - Duration::from_millis(1)));
-        // The first back-off (3 s) ran out, but the failed probe's padding
-        // is still in the received rate's memory: held until 5 s.
-        assert!(p.holds_rises(at(40) + BACKOFF_MIN));
-        assert!(p.holds_rises(at(40) + HOLD_AFTER_FAILURE - Duration::from_millis(1)));
-        assert!(!p.holds_rises(at(40) + HOLD_AFTER_FAILURE));
-        // A second failure backs off 6 s: held for all of it.
-        let t1 = at(40) + BACKOFF_MIN;
-        let s = summary(330_000, 3_000_000);
-        assert!(matches!(
-            p.on_round(t1, Some(690_000), &s),
-            Some(ProbeEvent::Started { .. })
-        ));
-        let t2 = t1 + Duration::from_millis(500);
-        assert_eq!(p.on_feedback(t2, growing), Some(ProbeEvent::Failed));
-        assert!(p.holds_rises(t2 + BACKOFF_MIN * 2 - Duration::from_millis(1)));
-        assert!(!p.holds_rises(t2 + BACKOFF_MIN * 2));
+        // The back-off ran out: the estimate may raise layers again.
+        assert!(!p.holds_rises(at(40) + BACKOFF_MIN));
         // A success clears it too.
         let mut q = Prober::new();
         let s = summary(330_000, 3_000_000);
