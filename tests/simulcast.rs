@@ -10,9 +10,9 @@
 //!               pub1    pub2   subA   subB     (10.77.<n>.2)
 //! ```
 //!
-//! The publishers' Chromium films a 1280x720 file (a y4m the test writes:
-//! moving bars over a drifting gradient, with noise, so the encoder has
-//! real work) and sends it in simulcast; the viewers have a microphone
+//! The publishers' Chromium films a 1280x720 file at 15 frames a second
+//! (a y4m the test writes: moving bars over a drifting gradient, with
+//! noise, so the encoder has real work) and sends it in simulcast; the viewers have a microphone
 //! only. tests/browser/simulcast_call.mjs drives the pages (its head has
 //! the timeline and what is asserted); this test owns the network.
 //!
@@ -43,8 +43,9 @@
 //! expectation (and still fails, naming the first) so one run shows every
 //! figure; `SB_KEEP_LOGS=1` keeps the logs (the server's `RUST_LOG` passes
 //! through) of a run that passed; `SB_PAGE_QUERY=simulcast=0` adds page URL parameters (a baseline
-//! without simulcast); `SB_SCREENSHOT_DIR` keeps screenshots there. The logs
-//! of a failed run stay in `target/tmp/simulcast-call-*`.
+//! without simulcast); `SB_SCREENSHOT_DIR` keeps screenshots there;
+//! `SB_CAMERA_FPS` sets the fake camera's frame rate (15 by default). The
+//! logs of a failed run stay in `target/tmp/simulcast-call-*`.
 
 #[path = "common/netns.rs"]
 mod netns;
@@ -86,7 +87,11 @@ const CAP: &[&str] = &[
 /// The script gives up by itself after 210 s; this is the backstop.
 const SCRIPT_LIMIT: Duration = Duration::from_secs(225);
 
-/// The fake camera: 1280x720, 30 frames (Chromium loops the file).
+/// The fake camera: 1280x720, 30 frames (Chromium loops the file) at
+/// `SB_CAMERA_FPS` frames a second, 15 by default: four Chromiums on two
+/// vCPUs encoded a 30-fps camera at 10-13 frames a second, and the
+/// starved browsers' late reads showed up as freezes and estimates that
+/// fell on unshaped links (docs/benchmarks.md, "Simulcast").
 const CAMERA_WIDTH: usize = 1280;
 const CAMERA_HEIGHT: usize = 720;
 const CAMERA_FRAMES: usize = 30;
@@ -325,6 +330,11 @@ fn tail(text: &str, lines: usize) -> String {
 /// drifting down, with a little noise everywhere, so that every frame
 /// differs from the last and the encoder produces real bitrate.
 fn write_y4m(path: &Path, width: usize, height: usize, frames: usize) {
+    let fps: u32 = std::env::var("SB_CAMERA_FPS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .filter(|&f| (1..=60).contains(&f))
+        .unwrap_or(15);
     let file = File::create(path).unwrap_or_else(|e| panic!("create {}: {e}", path.display()));
     let mut out = BufWriter::new(file);
     let mut rng: u64 = 0x9e37_79b9_7f4a_7c15;
@@ -345,7 +355,7 @@ fn write_y4m(path: &Path, width: usize, height: usize, frames: usize) {
     };
     write(
         &mut out,
-        format!("YUV4MPEG2 W{width} H{height} F30:1 Ip A1:1 C420jpeg\n").as_bytes(),
+        format!("YUV4MPEG2 W{width} H{height} F{fps}:1 Ip A1:1 C420jpeg\n").as_bytes(),
     );
     for f in 0..frames {
         for row in 0..height {
