@@ -12,9 +12,10 @@
 //!
 //! The publishers' Chromium films a 1280x720 file at 15 frames a second
 //! (a y4m the test writes: moving bars over a drifting gradient, with
-//! noise, so the encoder has real work) and sends it in simulcast; the viewers have a microphone
-//! only. tests/browser/simulcast_call.mjs drives the pages (its head has
-//! the timeline and what is asserted); this test owns the network.
+//! noise, so the encoder has real work) and sends it in simulcast; the
+//! viewers have a microphone only. tests/browser/simulcast_call.mjs drives
+//! the pages (its head has the timeline and what is asserted); this test
+//! owns the network.
 //!
 //! Control between the two: the script prints `PHASE cap` / `PHASE uncap`
 //! on its stdout and waits (bounded) for a line on its stdin. On `cap` this
@@ -330,11 +331,14 @@ fn tail(text: &str, lines: usize) -> String {
 /// drifting down, with a little noise everywhere, so that every frame
 /// differs from the last and the encoder produces real bitrate.
 fn write_y4m(path: &Path, width: usize, height: usize, frames: usize) {
-    let fps: u32 = std::env::var("SB_CAMERA_FPS")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .filter(|&f| (1..=60).contains(&f))
-        .unwrap_or(15);
+    let fps: u32 = match std::env::var("SB_CAMERA_FPS") {
+        Err(_) => 15,
+        Ok(v) => v
+            .parse()
+            .ok()
+            .filter(|f| (1..=60).contains(f))
+            .unwrap_or_else(|| panic!("SB_CAMERA_FPS={v:?}: expected 1 to 60 frames a second")),
+    };
     let file = File::create(path).unwrap_or_else(|e| panic!("create {}: {e}", path.display()));
     let mut out = BufWriter::new(file);
     let mut rng: u64 = 0x9e37_79b9_7f4a_7c15;

@@ -9,8 +9,8 @@
 //! - A client connected to node A whose room is owned by node B stays
 //!   connected to A; A relays its frames to B and B's answers back over
 //!   Redis pub/sub ([`envelope`]); B runs the connection's session as if it
-//!   were local (the `relay` module). Media goes straight to B: the candidates in B's
-//!   answer are B's.
+//!   were local (the `relay` module). Media goes straight to B: the
+//!   candidates in B's answer are B's.
 //! - A dead owner: A tells its clients `room-closed` with `rejoin`, and
 //!   their next join lands on a live node. A dead origin: B keeps its
 //!   participants for a `resume` (through any node), as for a dropped

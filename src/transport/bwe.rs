@@ -95,8 +95,10 @@ const LOSS_CUT_INTERVAL: Duration = Duration::from_millis(300);
 /// seen to carry lately (bit/s; 0 until the first feedback).
 #[derive(Debug, Clone)]
 pub struct Estimate {
+    /// Indexed by the slots below.
     values: Arc<[AtomicU64; 5]>,
-    /// What the overuse reading's time (slot 4, in ms) counts from.
+    /// What the overuse reading's time ([`Self::OVERUSE_AT`], in ms)
+    /// counts from.
     epoch: Instant,
 }
 
@@ -115,10 +117,19 @@ impl Default for Estimate {
 pub const OVERUSE_STALE: Duration = Duration::from_secs(1);
 
 impl Estimate {
+    /// The slots of `values`: the estimate, the tested peak (bit/s), the
+    /// packets reported and lost (running totals), and when overuse was
+    /// last read (ms since `epoch`, plus one; 0 when not overusing).
+    const TARGET: usize = 0;
+    const TESTED: usize = 1;
+    const REPORTED: usize = 2;
+    const LOST: usize = 3;
+    const OVERUSE_AT: usize = 4;
+
     /// The estimate in bit/s, or `None` before any feedback arrived (the
     /// subscriber may not send TWCC at all: aiortc, older clients).
     pub fn get(&self) -> Option<u64> {
-        match self.values[0].load(Ordering::Relaxed) {
+        match self.values[Self::TARGET].load(Ordering::Relaxed) {
             0 => None,
             v => Some(v),
         }
@@ -128,7 +139,7 @@ impl Estimate {
     /// [`TESTED_MEMORY`] (a probe's padding included), or `None` before one
     /// was measured: what the link is known to carry.
     pub fn tested(&self) -> Option<u64> {
-        match self.values[1].load(Ordering::Relaxed) {
+        match self.values[Self::TESTED].load(Ordering::Relaxed) {
             0 => None,
             v => Some(v),
         }
@@ -139,8 +150,8 @@ impl Estimate {
     /// it padded, [`crate::router::probe::Prober::on_losses`]).
     pub fn losses(&self) -> (u64, u64) {
         (
-            self.values[2].load(Ordering::Relaxed),
-            self.values[3].load(Ordering::Relaxed),
+            self.values[Self::REPORTED].load(Ordering::Relaxed),
+            self.values[Self::LOST].load(Ordering::Relaxed),
         )
     }
 
@@ -149,7 +160,7 @@ impl Estimate {
     /// at the first sign ([`crate::router::probe::Prober::on_feedback`]).
     /// A reading older than [`OVERUSE_STALE`] at `now` counts as none.
     pub fn overusing(&self, now: Instant) -> bool {
-        match self.values[4].load(Ordering::Relaxed) {
+        match self.values[Self::OVERUSE_AT].load(Ordering::Relaxed) {
             0 => false,
             at => {
                 let read = self.epoch + Duration::from_millis(at - 1);
@@ -166,7 +177,7 @@ impl Estimate {
         } else {
             0
         };
-        self.values[4].store(at, Ordering::Relaxed);
+        self.values[Self::OVERUSE_AT].store(at, Ordering::Relaxed);
     }
 }
 
@@ -451,8 +462,8 @@ impl BandwidthEstimator for Bwe {
         let lost = reports.iter().filter(|r| !r.arrived).count();
         self.loss_seen += reports.len();
         self.loss_lost += lost;
-        self.shared.values[2].fetch_add(reports.len() as u64, Ordering::Relaxed);
-        self.shared.values[3].fetch_add(lost as u64, Ordering::Relaxed);
+        self.shared.values[Estimate::REPORTED].fetch_add(reports.len() as u64, Ordering::Relaxed);
+        self.shared.values[Estimate::LOST].fetch_add(lost as u64, Ordering::Relaxed);
         if self.loss_seen >= LOSS_SAMPLE {
             self.loss = self.loss_lost as f64 / self.loss_seen as f64;
             (self.loss_seen, self.loss_lost) = (0, 0);
@@ -487,9 +498,9 @@ impl BandwidthEstimator for Bwe {
             }
         }
         self.target = self.delay_target.min(self.loss_target).clamp(MIN, MAX);
-        self.shared.values[0].store(self.target as u64, Ordering::Relaxed);
+        self.shared.values[Estimate::TARGET].store(self.target as u64, Ordering::Relaxed);
         if let Some((_, peak)) = self.tested {
-            self.shared.values[1].store(peak.max(1.0) as u64, Ordering::Relaxed);
+            self.shared.values[Estimate::TESTED].store(peak.max(1.0) as u64, Ordering::Relaxed);
         }
     }
 
