@@ -27,7 +27,10 @@ use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::Arc;
 use std::time::Instant;
 
+use bytes::BytesMut;
 use nix::sys::socket::{recvmmsg, MsgFlags, MultiHeaders, SockaddrStorage};
+use rtc::sansio::Protocol;
+use rtc::shared::{TaggedBytesMut, TransportContext, TransportProtocol};
 
 /// Datagrams per `recvmmsg` at most.
 pub const BATCH: usize = 32;
@@ -454,6 +457,73 @@ impl Light {
     /// Adds one batch's counts to the shared handle.
     pub(crate) fn publish(&self, d: &LightCounts) {
         self.handle.add(d);
+    }
+}
+
+/// The client task's side of light receive.
+impl crate::Task {
+    /// Light receive: what is waiting, in up to [`CALLS`]
+    /// `recvmmsg` calls (until one finds nothing, which also clears the
+    /// socket's readiness); SRTP is counted once connected, the rest goes
+    /// to the connection as usual.
+    pub(crate) fn on_light_readable(&mut self, local: Option<SocketAddr>) {
+        use std::os::fd::AsRawFd;
+        let Some(mut light) = self.light.take() else {
+            return;
+        };
+        let fd = self.socket.as_raw_fd();
+        let mut d = LightCounts::default();
+        for _ in 0..CALLS {
+            let read = self
+                .socket
+                .try_io(tokio::io::Interest::READABLE, || light.batch.recv(fd));
+            let Ok(n) = read else {
+                break;
+            };
+            if n == 0 {
+                break;
+            }
+            let now = Instant::now();
+            let in_window = light.in_window(now);
+            d.recv_calls += 1;
+            d.recv_datagrams += n as u64;
+            for i in 0..n {
+                if self.frozen || light.take(i, in_window, &mut d) {
+                    continue;
+                }
+                let Some((data, from)) = light.batch.datagram(i) else {
+                    continue;
+                };
+                if !self.keep_incoming(data) {
+                    continue;
+                }
+                if let (Some(pc), Some(local)) = (self.pc.as_mut(), local) {
+                    let _ = pc.handle_read(TaggedBytesMut {
+                        now,
+                        transport: TransportContext {
+                            local_addr: local,
+                            peer_addr: from,
+                            ecn: None,
+                            transport_protocol: TransportProtocol::UDP,
+                        },
+                        message: BytesMut::from(data),
+                    });
+                }
+            }
+        }
+        light.publish(&d);
+        self.light = Some(light);
+    }
+
+    /// Light receive: the RTX payload types of the server's description,
+    /// whose packets are not counted as received.
+    pub(crate) fn light_learn_rtx(&mut self) {
+        let (Some(light), Some(pc)) = (self.light.as_mut(), self.pc.as_ref()) else {
+            return;
+        };
+        if let Some(d) = pc.remote_description() {
+            light.counter.learn_rtx(&d.sdp);
+        }
     }
 }
 

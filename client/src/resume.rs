@@ -4,9 +4,41 @@
 
 use std::time::Duration;
 
+use futures_util::StreamExt;
 use tokio::sync::oneshot;
+use tokio_tungstenite::tungstenite::Message;
 
-use crate::Ws;
+pub(crate) type Ws =
+    tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
+pub(crate) type WsSink = futures_util::stream::SplitSink<Ws, Message>;
+pub(crate) type WsStream = futures_util::stream::SplitStream<Ws>;
+
+/// Messages kept while the signaling connection is down, sent after
+/// `resumed`; past this the oldest are dropped.
+pub(crate) const PENDING_WHILE_DOWN: usize = 256;
+/// Reconnection attempts before the client gives up.
+pub(crate) const MAX_ATTEMPTS: u32 = 30;
+
+/// The next frame of the signaling connection; never resolves while it is
+/// down.
+pub(crate) async fn next_frame(
+    link: &mut Option<(WsSink, WsStream)>,
+) -> Option<Result<Message, tokio_tungstenite::tungstenite::Error>> {
+    match link {
+        Some((_, stream)) => stream.next().await,
+        None => std::future::pending().await,
+    }
+}
+
+/// A connection attempt's result; never resolves without one running.
+pub(crate) async fn attempt(
+    connecting: &mut Option<tokio::sync::oneshot::Receiver<Option<Ws>>>,
+) -> Option<Ws> {
+    match connecting {
+        Some(rx) => rx.await.ok().flatten(),
+        None => std::future::pending().await,
+    }
+}
 
 /// First wait before reconnecting; doubles per failed attempt.
 const FIRST: Duration = Duration::from_millis(250);
