@@ -18,7 +18,8 @@
 //!   probe rate is [`STEP`] times the estimate (at least [`MIN_STEP`]
 //!   above it; [`STEP_GROWTH`] times more after each success in a row,
 //!   that tested above the estimate, up to [`STEP_MAX`]; a failure or a
-//!   fall of the estimate starts again at [`STEP`]), never past the goal; the padding fills what is sent up to
+//!   fall of the estimate starts again at [`STEP`]), never past the goal
+//!   by more than [`PAST_GOAL`]; the padding fills what is sent up to
 //!   that rate (at most [`PAD_MAX`]) for [`PROBE_TIME`], in steps of
 //!   [`TICK`]. The rate is above the estimate, or the probe would test
 //!   nothing: padding only up to what the wishes still lack, from a
@@ -65,6 +66,14 @@ pub const STEP_MAX: f64 = 3.0;
 pub const MIN_STEP: u64 = 200_000;
 /// Padding never adds more than this.
 pub const PAD_MAX: u64 = 3_000_000;
+/// A probe tests up to this much past the goal. The allocator raises a
+/// layer only once what arrived covers it within
+/// [`UP_HEADROOM`](super::allocator::UP_HEADROOM), and a probe aimed at the
+/// goal itself arrives a little short of it (the rate's window starts
+/// before the padding did, and the layers' costs are their recent
+/// highs): seen after a cap lifted, a probe to the goal succeeded, the
+/// next round raised nothing, and the same probe ran again 2 s later.
+pub const PAST_GOAL: f64 = 1.1;
 /// A probe succeeds when the estimate rose this share of the way to the
 /// probe rate (the link carried it: an estimate that only crept up did not
 /// test it).
@@ -139,9 +148,12 @@ pub struct Feedback {
 #[derive(Debug, Clone, Copy)]
 struct Probe {
     until: Instant,
-    pad_bps: u64,
-    /// The rate it tests (what is sent plus the padding).
+    /// The rate it tests: the media sent to the connection while it runs
+    /// ([`Prober::sent`]) plus the padding, which fills what the media
+    /// leaves up to it.
     rate: u64,
+    /// Media bytes sent since the last padding tick.
+    media: u64,
     /// What it started from (the estimate, or less: see
     /// [`Prober::on_round_tested`]), and the estimate itself.
     start_estimate: u64,
@@ -163,8 +175,11 @@ pub struct Prober {
     backoff: Duration,
     /// The next probe's multiple of the estimate.
     step: f64,
-    /// Padding bytes owed (fractions carried between ticks).
+    /// Padding bytes owed (fractions carried between ticks; below zero
+    /// while the media sent more than the probe's rate).
     owed: f64,
+    /// What the last tick released.
+    last_due: usize,
     last_tick: Option<Instant>,
     /// The estimate at the last round, and when it last fell.
     last_estimate: Option<u64>,
@@ -193,6 +208,7 @@ impl Default for Prober {
             backoff: BACKOFF_MIN,
             step: STEP,
             owed: 0.0,
+            last_due: 0,
             last_tick: None,
             last_estimate: None,
             last_fall: None,
@@ -224,21 +240,17 @@ impl Prober {
         self.on_round_tested(now, estimate, None, false, summary)
     }
 
-    /// [`Prober::on_round`] where the allocator raises nothing past
-    /// `tested` (what the link was seen to carry): a probe then starts
-    /// from, pads above and is judged by the lower of the two. Congestion
-    /// (the estimate falling) is still read from `estimate` alone: `tested`
-    /// also falls when an old peak is forgotten. No probe starts while
-    /// the estimator reads the queue growing (`overusing`): it would end
-    /// at its first tick and cost a back-off (seen: a probe that lasted
-    /// 4 ms, and the next came 10 s later, after the cap had lifted).
-    pub fn on_round_tested(
+    /// The first half of a round, before the allocation: notes a fall of
+    /// `estimate` and ends a probe that ran its time (or whose estimate
+    /// fell), judged by the lower of `estimate` and `tested` (see
+    /// [`Prober::on_round_tested`]). Called before the layers are chosen,
+    /// a success lets them rise in the same round, not half a second
+    /// later; [`Prober::on_round_tested`] calls it too.
+    pub fn end_round(
         &mut self,
         now: Instant,
         estimate: Option<u64>,
         tested: Option<u64>,
-        overusing: bool,
-        summary: &Summary,
     ) -> Option<ProbeEvent> {
         let Some(real) = estimate else {
             self.probe = None;
@@ -258,24 +270,48 @@ impl Prober {
             // picture for 3.6 s).
             self.step = STEP;
         }
-        if let Some(p) = self.probe {
-            let fell = (real as f64) < p.start_real as f64 * ABORT_DROP;
-            if fell || now >= p.until {
-                let start = p.start_estimate as f64;
-                let rose = estimate as f64 >= start + (p.rate as f64 - start) * SUCCESS_SHARE;
-                let outcome = if rose && !fell {
-                    ProbeEvent::Succeeded
-                } else if !fell && p.judged && p.clean {
-                    ProbeEvent::Inconclusive
-                } else {
-                    ProbeEvent::Failed
-                };
-                // Only a probe that tested more than the estimate already
-                // claimed is evidence for a larger step.
-                return Some(self.end(now, outcome, p.rate > p.start_real));
-            }
+        let p = self.probe?;
+        let fell = (real as f64) < p.start_real as f64 * ABORT_DROP;
+        if !fell && now < p.until {
             return None;
         }
+        let start = p.start_estimate as f64;
+        let rose = estimate as f64 >= start + (p.rate as f64 - start) * SUCCESS_SHARE;
+        let outcome = if rose && !fell {
+            ProbeEvent::Succeeded
+        } else if !fell && p.judged && p.clean {
+            ProbeEvent::Inconclusive
+        } else {
+            ProbeEvent::Failed
+        };
+        // Only a probe that tested more than the estimate already claimed
+        // is evidence for a larger step.
+        Some(self.end(now, outcome, p.rate > p.start_real))
+    }
+
+    /// [`Prober::on_round`] where the allocator raises nothing past
+    /// `tested` (what the link was seen to carry): a probe then starts
+    /// from, pads above and is judged by the lower of the two. Congestion
+    /// (the estimate falling) is still read from `estimate` alone: `tested`
+    /// also falls when an old peak is forgotten. No probe starts while
+    /// the estimator reads the queue growing (`overusing`): it would end
+    /// at its first tick and cost a back-off (seen: a probe that lasted
+    /// 4 ms, and the next came 10 s later, after the cap had lifted).
+    pub fn on_round_tested(
+        &mut self,
+        now: Instant,
+        estimate: Option<u64>,
+        tested: Option<u64>,
+        overusing: bool,
+        summary: &Summary,
+    ) -> Option<ProbeEvent> {
+        if let Some(ended) = self.end_round(now, estimate, tested) {
+            return Some(ended);
+        }
+        let (Some(real), None) = (estimate, self.probe) else {
+            return None;
+        };
+        let estimate = tested.map_or(real, |t| real.min(t));
         if summary.deficit < MIN_DEFICIT
             || overusing
             || self.next_allowed.is_some_and(|t| now < t)
@@ -292,6 +328,7 @@ impl Prober {
         }
         let sent = summary.allocated;
         let step = ((estimate as f64 * self.step) as u64).max(estimate + MIN_STEP);
+        let goal = (goal as f64 * PAST_GOAL) as u64;
         let pad_bps = step.min(goal).saturating_sub(sent).min(PAD_MAX);
         if pad_bps == 0 || sent + pad_bps <= estimate {
             // Nothing above the estimate to test (the padding is capped).
@@ -299,8 +336,8 @@ impl Prober {
         }
         self.probe = Some(Probe {
             until: now + PROBE_TIME,
-            pad_bps,
             rate: sent + pad_bps,
+            media: 0,
             start_estimate: estimate,
             start_real: real,
             loss_base: None,
@@ -375,14 +412,22 @@ impl Prober {
     /// Padding bytes due by `now` (0 when not probing).
     pub fn padding_due(&mut self, now: Instant) -> usize {
         self.accrue(now);
-        let due = self.owed.floor();
+        let due = self.owed.floor().max(0.0);
         self.owed -= due;
         self.padding.due += due as u64;
+        self.last_due = due as usize;
         due as usize
     }
 
+    /// Adds what the probe's rate would send since the last tick (at most
+    /// 5 ticks: a late tick does not release a burst), less the media
+    /// sent meanwhile, to what is owed; at most [`PAD_MAX`] over that
+    /// time is owed, and media above the rate (a keyframe) holds the
+    /// padding back for at most [`TICK`] times 25. Padding a planned rate
+    /// over the media's planned cost instead, a probe sent less than it
+    /// claimed whenever the encoders sent below their layers' cost.
     fn accrue(&mut self, now: Instant) {
-        let Some(p) = self.probe else {
+        let Some(p) = self.probe.as_mut() else {
             return;
         };
         let since = self
@@ -390,7 +435,20 @@ impl Prober {
             .map_or(TICK, |t| now.saturating_duration_since(t))
             .min(TICK * 5);
         self.last_tick = Some(now);
-        self.owed += p.pad_bps as f64 / 8.0 * since.as_secs_f64();
+        let per_second = p.rate as f64 / 8.0;
+        let media = std::mem::take(&mut p.media) as f64;
+        let most = PAD_MAX as f64 / 8.0 * since.as_secs_f64();
+        let least = -per_second * (TICK * 25).as_secs_f64();
+        self.owed = (self.owed + per_second * since.as_secs_f64() - media).clamp(least, most);
+    }
+
+    /// Media bytes (RTP header and payload) the driver sent to the
+    /// connection: while a probe runs, its padding fills only what they
+    /// leave of its rate.
+    pub fn sent(&mut self, bytes: usize) {
+        if let Some(p) = self.probe.as_mut() {
+            p.media += bytes as u64;
+        }
     }
 
     /// Whether the allocator must raise nothing at `now`: a probe is
@@ -410,6 +468,9 @@ impl Prober {
     pub fn padded(&mut self, bytes: usize) {
         if self.probe.is_some() {
             self.padding.sent += bytes as u64;
+            // Whole packets ran past what was due: the excess is taken
+            // from what comes next.
+            self.owed -= bytes.saturating_sub(self.last_due) as f64;
         }
     }
 
@@ -502,10 +563,11 @@ mod tests {
         // 2.0 / 0.85 = 2.35 Mbit/s; one step tests 1.5 x 900 kbit/s.
         let e = p.on_round(t0, Some(900_000), &summary(700_000, 1_300_000));
         assert_eq!(e, Some(ProbeEvent::Started { pad_bps: 650_000 }));
-        // A small goal pads only up to it.
+        // A small goal (450 / 0.85 = 529 kbit/s) pads only up to a tenth
+        // past it.
         let mut q = Prober::new();
         let e = q.on_round(t0, Some(400_000), &summary(300_000, 150_000));
-        assert_eq!(e, Some(ProbeEvent::Started { pad_bps: 229_411 }));
+        assert_eq!(e, Some(ProbeEvent::Started { pad_bps: 282_352 }));
         // A connection sending far less than its estimate (its next layer
         // does not fit): the padding lifts what is sent above the
         // estimate, or the probe could not raise it (seen after a cap
@@ -518,18 +580,51 @@ mod tests {
         let mut r = Prober::new();
         let e = r.on_round(t0, Some(200_000), &summary(150_000, 500_000));
         assert_eq!(e, Some(ProbeEvent::Started { pad_bps: 250_000 }));
-        // 650 kbit/s for 1 s, released in ticks: 81,250 bytes.
+        // The media sends its 700 kbit/s (1,750 bytes a tick): the padding
+        // fills the rest of 1.35 Mbit/s, 650 kbit/s for 1 s, released in
+        // ticks: 81,250 bytes.
         let mut bytes = 0;
         for i in 1..=50 {
+            p.sent(1_750);
             bytes += p.padding_due(t0 + TICK * i);
         }
         assert!((81_150..=81_250).contains(&bytes), "{bytes}");
-        // A late tick is owed at most 5 ticks' worth.
-        let late = p.padding_due(t0 + Duration::from_secs(3));
-        assert_eq!(late, 8_125);
-        // Then a tick's worth again (1,625 bytes).
+        // A late tick is owed at most 5 ticks' worth (of the whole rate: no
+        // media came either).
         let t = t0 + Duration::from_secs(3);
+        assert_eq!(p.padding_due(t), 16_875);
+        // Then a tick's worth again (1,625 bytes).
+        p.sent(1_750);
         assert_eq!(p.padding_due(t + TICK), 1_625);
+    }
+
+    #[test]
+    fn the_padding_fills_what_the_media_leaves_of_the_rate() {
+        let (mut p, t0) = (Prober::new(), Instant::now());
+        let at = |ms: u64| t0 + Duration::from_millis(ms);
+        // Tests 1.35 Mbit/s over 700 kbit/s allocated (3,375 bytes a tick).
+        let e = p.on_round(at(0), Some(900_000), &summary(700_000, 1_300_000));
+        assert_eq!(e, Some(ProbeEvent::Started { pad_bps: 650_000 }));
+        // The encoders send half their layers' cost: the padding makes up
+        // the difference, and the probe still sends 1.35 Mbit/s.
+        p.sent(875);
+        assert_eq!(p.padding_due(at(20)), 2_500);
+        // A keyframe: 9,000 bytes in one tick, 5,625 past the rate. No
+        // padding until the rate has caught up with it (two ticks).
+        p.sent(9_000);
+        assert_eq!(p.padding_due(at(40)), 0);
+        assert_eq!(p.padding_due(at(60)), 0);
+        assert_eq!(p.padding_due(at(80)), 1_125);
+        // Whole packets ran past what was due: the next tick owes less.
+        p.padded(2_000);
+        assert_eq!(p.padding_due(at(100)), 2_500);
+        // Media far above the rate holds the padding back for at most half
+        // a second, not for as long as it lasted.
+        p.sent(1_000_000);
+        assert_eq!(p.padding_due(at(120)), 0);
+        let released: usize = (7..=31).map(|i| p.padding_due(at(i * 20))).sum();
+        assert_eq!(released, 0, "within half a second of the burst");
+        assert!(p.padding_due(at(640)) + p.padding_due(at(660)) > 0);
     }
 
     #[test]
@@ -926,7 +1021,14 @@ mod tests {
         let Some(ProbeEvent::Started { pad_bps }) = p.on_round(at(0), Some(690_000), &s) else {
             panic!("no probe");
         };
-        let owed: usize = [20, 40, 60].iter().map(|&ms| p.padding_due(at(ms))).sum();
+        // The media sends its 330 kbit/s (825 bytes a tick).
+        let owed: usize = [20, 40, 60]
+            .iter()
+            .map(|&ms| {
+                p.sent(825);
+                p.padding_due(at(ms))
+            })
+            .sum();
         // 60 ms of padding at pad_bps, within a byte per tick.
         let expected = pad_bps as f64 / 8.0 * 0.06;
         assert!(

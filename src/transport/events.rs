@@ -371,6 +371,7 @@ impl Engine {
                         patch: send.patch,
                     };
                     let out = super::resend::rewritten(packet, send.ssrc.0, send.seq, &sent);
+                    let size = super::resend::RTP_HEADER + out.payload.len();
                     let mut video = false;
                     let sender_id = match (s.down.get(&send.out), &s.speaker_out) {
                         (Some(down), _) => {
@@ -395,6 +396,8 @@ impl Engine {
                     match sender.write_rtp(now, out) {
                         Ok(()) => {
                             self.metrics.media_forwarded.inc();
+                            // A probe's padding fills what the media leaves.
+                            s.prober.sent(size);
                             if video {
                                 // What bandwidth-probe padding repeats.
                                 s.last_video = Some((send.ssrc.0, send.seq));

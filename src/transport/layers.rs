@@ -46,6 +46,9 @@ impl Engine {
         decisions.clear();
         let (mut paused, mut deficit) = (0i64, 0i64);
         for key in keys {
+            // A probe that has run its time ends first: its success lets
+            // the layers rise in this round.
+            self.end_probe(key, now);
             let Some(p) = self.peers.get(&key) else {
                 continue;
             };
@@ -100,6 +103,34 @@ impl Engine {
         self.dynacast();
     }
 
+    /// Before `key`'s allocation round: ends its probe if it ran its time
+    /// or its estimate fell (see [`Prober::end_round`]).
+    ///
+    /// [`Prober::end_round`]: crate::router::probe::Prober::end_round
+    fn end_probe(&mut self, key: PeerKey, now: Instant) {
+        let Some(p) = self.peers.get_mut(&key) else {
+            return;
+        };
+        if !p.prober.active() {
+            return;
+        }
+        let estimate = p.estimate.get();
+        if let Some(event) = p.prober.end_round(now, estimate, p.estimate.tested()) {
+            self.probe_ended(key, event);
+        }
+    }
+
+    /// Logs and counts how `key`'s probe ended.
+    fn probe_ended(&mut self, key: PeerKey, event: ProbeEvent) {
+        let Some(p) = self.peers.get(&key) else {
+            return;
+        };
+        let padding = p.prober.padding_of_last();
+        let outcome = event.label();
+        tracing::debug!(participant = %p.participant, estimate = ?p.estimate.get(), padding_due = padding.due, padding_sent = padding.sent, outcome, "probe ended");
+        self.metrics.layers.probes(outcome);
+    }
+
     /// After `key`'s allocation round: starts, ends or aborts its
     /// bandwidth probe. Only connections whose answer accepted RTX for
     /// video are probed (the padding is RTX retransmissions; repeated
@@ -124,18 +155,14 @@ impl Engine {
         else {
             return;
         };
-        let outcome = event.label();
         match event {
             ProbeEvent::Started { pad_bps } => {
                 tracing::debug!(participant = %p.participant, ?estimate, pad_bps, allocated = summary.allocated, deficit = summary.deficit, "probe started");
                 self.padding_due.get_or_insert(now);
+                self.metrics.layers.probes(event.label());
             }
-            _ => {
-                let padding = p.prober.padding_of_last();
-                tracing::debug!(participant = %p.participant, ?estimate, padding_due = padding.due, padding_sent = padding.sent, outcome, "probe ended");
-            }
+            _ => self.probe_ended(key, event),
         }
-        self.metrics.layers.probes(outcome);
     }
 
     /// Sends the padding due on every probing connection: the last

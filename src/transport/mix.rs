@@ -304,9 +304,12 @@ impl Engine {
                     payload,
                 };
                 mo.seq = mo.seq.wrapping_add(1);
+                let size = super::resend::RTP_HEADER + packet.payload.len();
                 if let Some(mut sender) = p.pc.rtp_sender(mo.sender_id) {
-                    if sender.write_rtp(started, packet).is_err() {
-                        self.metrics.media_dropped("write-failed");
+                    match sender.write_rtp(started, packet) {
+                        // A probe's padding fills what the media leaves.
+                        Ok(()) => p.prober.sent(size),
+                        Err(_) => self.metrics.media_dropped("write-failed"),
                     }
                 }
             }

@@ -37,7 +37,7 @@ pub(super) const MAX_NACKED: usize = 128;
 
 /// Bytes of an RTP header without extensions, and of the original
 /// sequence number an RTX packet carries ahead of the payload.
-const RTP_HEADER: usize = 12;
+pub(super) const RTP_HEADER: usize = 12;
 const RTX_HEADER: usize = 2;
 
 /// What one [`Engine::resend`] handed to the connection.
@@ -204,9 +204,12 @@ impl Engine {
 
     /// Answers a NACK of `sub`'s stream `ssrc`.
     pub(super) fn answer_nack(&mut self, sub: PeerKey, ssrc: u32, seqs: &[u16]) {
-        let found = self
-            .resend(sub, ssrc, seqs, Resend::Nack, Instant::now())
-            .packets;
+        let resent = self.resend(sub, ssrc, seqs, Resend::Nack, Instant::now());
+        // Repairs take their share of a probe's rate, as media does.
+        if let Some(s) = self.peers.get_mut(&sub) {
+            s.prober.sent(resent.bytes);
+        }
+        let found = resent.packets;
         self.metrics.nack_answered.inc_by(found as u64);
         self.metrics
             .nack_not_sent
