@@ -89,13 +89,14 @@ const base = process.argv[2];
 const KEEP_GOING = process.env.SB_SIMULCAST_ALL === '1';
 // The issue's adaptive-quality goals under a capped downlink (the low
 // layer within 10 s, no freeze over 1 s, frames every 2 s, the unshaped
-// viewer at >= 1000 px, climbing back within 20 s) are measured and
-// reported in `goals`; they fail the test only with SB_SIMULCAST_GOALS=1.
-// The allocator meets them on an idle machine but not reliably on this
-// 2-vCPU one without padding probes (docs/benchmarks.md "Simulcast").
-// Everything else (decoding through the SFU, video advancing and audio
-// intact under the cap, maxHeight, pause, dynacast) always fails the test.
-const STRICT_GOALS = process.env.SB_SIMULCAST_GOALS === '1';
+// viewer at >= 1000 px, climbing back within 20 s) fail the test like
+// everything else (decoding through the SFU, video advancing and audio
+// intact under the cap, maxHeight, pause, dynacast). With
+// SB_SIMULCAST_GOALS=0 they are only measured and reported in
+// `goalsUnmet` (to see the other checks on a machine too slow for them).
+// On this 2-vCPU machine 12 runs in a row met them all
+// (docs/benchmarks.md "Probes that fill the media's gap").
+const STRICT_GOALS = process.env.SB_SIMULCAST_GOALS !== '0';
 const GOALS = new Set(['late', 'recover']);
 const isGoal = (key) => GOALS.has(key) || /^(low|high|freeze|advance)-/.test(key);
 const unmetSeen = new Set();
