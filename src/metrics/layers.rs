@@ -19,14 +19,21 @@ pub struct LayerMetrics {
     pub publisher_updates: IntCounter,
     /// `track-settings` naming a mid that carries nothing.
     pub unknown_mid: IntCounter,
-    /// Bandwidth probes by outcome (started, succeeded, failed, inconclusive).
+    /// Bandwidth probes by outcome (started, succeeded, failed, inconclusive,
+    /// interrupted).
     probes: IntCounterVec,
     /// Packets repeated on RTX streams as probe padding.
     pub padding_packets: IntCounter,
 }
 
 /// The outcomes `switchboard_layers_probes_total` counts.
-pub const PROBE_OUTCOMES: [&str; 4] = ["started", "succeeded", "failed", "inconclusive"];
+pub const PROBE_OUTCOMES: [&str; 5] = [
+    "started",
+    "succeeded",
+    "failed",
+    "inconclusive",
+    "interrupted",
+];
 
 impl LayerMetrics {
     pub(super) fn new(registry: &Registry) -> LayerMetrics {

@@ -118,6 +118,14 @@ pub enum ProbeEvent {
     /// cost). Neither a success nor a failure: the next probe comes as
     /// soon as after a success, with the same step.
     Inconclusive,
+    /// The estimator read the queue growing on packets sent before the
+    /// probe began: the media alone fills the link, the padding stops, but
+    /// the probe showed nothing about its rate. Not a failure: the back-off
+    /// does not grow, the next probe may come [`BACKOFF_MIN`] later (seen:
+    /// a probe that ended 82 ms after it began, counted as failed, pushed
+    /// the back-off to 10 s just as a cap lifted; the climb back took
+    /// 19.98 s).
+    Interrupted,
 }
 
 impl ProbeEvent {
@@ -128,6 +136,7 @@ impl ProbeEvent {
             ProbeEvent::Succeeded => "succeeded",
             ProbeEvent::Failed => "failed",
             ProbeEvent::Inconclusive => "inconclusive",
+            ProbeEvent::Interrupted => "interrupted",
         }
     }
 }
@@ -138,8 +147,9 @@ impl ProbeEvent {
 pub struct Feedback {
     /// The estimate (bit/s), if any.
     pub estimate: Option<u64>,
-    /// Whether the estimator reads the queue growing.
-    pub overusing: bool,
+    /// Whether the estimator reads the queue growing, and if so since the
+    /// departure of which packets.
+    pub overuse: Option<Instant>,
     /// The far end's running totals: packets reported on, and lost.
     pub reported: u64,
     pub lost: u64,
@@ -147,6 +157,7 @@ pub struct Feedback {
 
 #[derive(Debug, Clone, Copy)]
 struct Probe {
+    started: Instant,
     until: Instant,
     /// The rate it tests: the media sent to the connection while it runs
     /// ([`Prober::sent`]) plus the padding, which fills what the media
@@ -335,6 +346,7 @@ impl Prober {
             return None;
         }
         self.probe = Some(Probe {
+            started: now,
             until: now + PROBE_TIME,
             rate: sent + pad_bps,
             media: 0,
@@ -357,14 +369,25 @@ impl Prober {
     /// [`LOSS_ABORT_MIN`] packets reported were lost. Stretches follow
     /// each other (the first starts at the probe's first reading), so the
     /// loss that begins once a queue is full is not diluted by the clean
-    /// start of the probe.
+    /// start of the probe. Overuse read on packets sent before the probe
+    /// began ends it as [`ProbeEvent::Interrupted`]: the queue was growing
+    /// without its padding.
     pub fn on_feedback(&mut self, now: Instant, f: Feedback) -> Option<ProbeEvent> {
-        let start_real = self.probe?.start_real;
+        let Probe {
+            start_real,
+            started,
+            ..
+        } = self.probe?;
         let fell = f
             .estimate
             .is_some_and(|r| (r as f64) < start_real as f64 * ABORT_DROP);
-        if f.overusing || fell {
-            return Some(self.end(now, ProbeEvent::Failed, false));
+        if fell || f.overuse.is_some() {
+            let outcome = if f.overuse.is_some_and(|since| since < started) {
+                ProbeEvent::Interrupted
+            } else {
+                ProbeEvent::Failed
+            };
+            return Some(self.end(now, outcome, false));
         }
         let (reported, lost) = (f.reported, f.lost);
         let p = self.probe.as_mut()?;
@@ -399,6 +422,11 @@ impl Prober {
                 }
             }
             ProbeEvent::Inconclusive => self.next_allowed = Some(now + AFTER_SUCCESS),
+            ProbeEvent::Interrupted => {
+                self.failed_last = false;
+                self.next_allowed = Some(now + BACKOFF_MIN);
+                self.step = STEP;
+            }
             ProbeEvent::Failed | ProbeEvent::Started { .. } => {
                 self.failed_last = true;
                 self.next_allowed = Some(now + self.backoff);
@@ -1006,11 +1034,70 @@ mod tests {
         // The queue grows: the estimate has not moved yet, nothing is lost.
         let growing = Feedback {
             estimate: Some(690_000),
-            overusing: true,
+            overuse: Some(at(10)),
             ..losses(5_010, 0)
         };
         assert_eq!(p.on_feedback(at(40), growing), Some(ProbeEvent::Failed));
         assert!(!p.active());
+    }
+
+    #[test]
+    fn overuse_that_began_before_the_probe_interrupts_it_without_a_longer_back_off() {
+        let t0 = Instant::now() + Duration::from_secs(1);
+        let at = |ms: u64| t0 + Duration::from_millis(ms);
+        let s = summary(330_000, 3_000_000);
+        // A probe failed: the back-off is now 6 s.
+        let (mut p, _) = probing(t0);
+        let own = Feedback {
+            overuse: Some(at(10)),
+            ..losses(5_000, 0)
+        };
+        assert_eq!(p.on_feedback(at(40), own), Some(ProbeEvent::Failed));
+        assert_eq!(p.backoff, BACKOFF_MIN * 2);
+        let t1 = at(40) + BACKOFF_MIN;
+        assert!(matches!(
+            p.on_round(t1, Some(690_000), &s),
+            Some(ProbeEvent::Started { .. })
+        ));
+        // 80 ms in, overuse is read on packets sent 60 ms before the probe
+        // began: the padding stops, the probe is not counted as failed.
+        let before = Feedback {
+            overuse: Some(t1 - Duration::from_millis(60)),
+            ..losses(5_100, 0)
+        };
+        let t2 = t1 + Duration::from_millis(80);
+        assert_eq!(p.on_feedback(t2, before), Some(ProbeEvent::Interrupted));
+        assert!(!p.active());
+        assert_eq!(p.padding_due(t2 + TICK), 0);
+        // The back-off did not grow, and nothing holds the layers.
+        assert_eq!(p.backoff, BACKOFF_MIN * 2);
+        assert!(!p.holds_rises(t2 + TICK));
+        assert_eq!(p.step, STEP);
+        // The next probe may come BACKOFF_MIN later, not 6 s.
+        let almost = t2 + BACKOFF_MIN - Duration::from_millis(1);
+        assert_eq!(p.on_round(almost, Some(690_000), &s), None);
+        assert!(matches!(
+            p.on_round(t2 + BACKOFF_MIN, Some(690_000), &s),
+            Some(ProbeEvent::Started { .. })
+        ));
+        // The estimate falling for that earlier queue is no failure of the
+        // probe either; falling with no overuse read (loss) is.
+        let t3 = t2 + BACKOFF_MIN + Duration::from_millis(40);
+        let fell = Feedback {
+            estimate: Some(500_000),
+            overuse: Some(t2),
+            ..losses(5_200, 0)
+        };
+        assert_eq!(p.on_feedback(t3, fell), Some(ProbeEvent::Interrupted));
+        let t4 = t3 + BACKOFF_MIN;
+        assert!(p.on_round(t4, Some(690_000), &s).is_some());
+        let fell_alone = Feedback {
+            estimate: Some(500_000),
+            ..losses(5_300, 0)
+        };
+        let t5 = t4 + Duration::from_millis(40);
+        assert_eq!(p.on_feedback(t5, fell_alone), Some(ProbeEvent::Failed));
+        assert_eq!(p.backoff, BACKOFF_MAX);
     }
 
     #[test]
@@ -1039,7 +1126,7 @@ mod tests {
         // No probe has ended yet.
         assert_eq!(p.padding_of_last(), Padding::default());
         let growing = Feedback {
-            overusing: true,
+            overuse: Some(at(50)),
             ..losses(5_000, 0)
         };
         assert_eq!(p.on_feedback(at(80), growing), Some(ProbeEvent::Failed));
@@ -1061,7 +1148,7 @@ mod tests {
         let (mut p, _) = probing(t0);
         assert!(p.holds_rises(at(20)), "while it pads");
         let growing = Feedback {
-            overusing: true,
+            overuse: Some(at(10)),
             ..losses(5_000, 0)
         };
         assert_eq!(p.on_feedback(at(40), growing), Some(ProbeEvent::Failed));

@@ -96,7 +96,7 @@ const LOSS_CUT_INTERVAL: Duration = Duration::from_millis(300);
 #[derive(Debug, Clone)]
 pub struct Estimate {
     /// Indexed by the slots below.
-    values: Arc<[AtomicU64; 5]>,
+    values: Arc<[AtomicU64; 6]>,
     /// What the overuse reading's time ([`Self::OVERUSE_AT`], in ms)
     /// counts from.
     epoch: Instant,
@@ -118,13 +118,15 @@ pub const OVERUSE_STALE: Duration = Duration::from_secs(1);
 
 impl Estimate {
     /// The slots of `values`: the estimate, the tested peak (bit/s), the
-    /// packets reported and lost (running totals), and when overuse was
-    /// last read (ms since `epoch`, plus one; 0 when not overusing).
+    /// packets reported and lost (running totals), when overuse was last
+    /// read and since which packet's departure it reads so (both ms since
+    /// `epoch`, plus one; 0 when not overusing).
     const TARGET: usize = 0;
     const TESTED: usize = 1;
     const REPORTED: usize = 2;
     const LOST: usize = 3;
     const OVERUSE_AT: usize = 4;
+    const OVERUSE_SINCE: usize = 5;
 
     /// The estimate in bit/s, or `None` before any feedback arrived (the
     /// subscriber may not send TWCC at all: aiortc, older clients).
@@ -160,23 +162,31 @@ impl Estimate {
     /// at the first sign ([`crate::router::probe::Prober::on_feedback`]).
     /// A reading older than [`OVERUSE_STALE`] at `now` counts as none.
     pub fn overusing(&self, now: Instant) -> bool {
-        match self.values[Self::OVERUSE_AT].load(Ordering::Relaxed) {
-            0 => false,
-            at => {
-                let read = self.epoch + Duration::from_millis(at - 1);
-                now.saturating_duration_since(read) < OVERUSE_STALE
-            }
-        }
+        self.overuse(now).is_some()
     }
 
-    /// Notes the detector's reading at `now` ([`Self::overusing`]).
-    fn set_overusing(&self, now: Instant, over: bool) {
-        let at = if over {
-            // Milliseconds since the epoch, plus one: 0 means "not over".
-            now.saturating_duration_since(self.epoch).as_millis() as u64 + 1
-        } else {
-            0
+    /// When overuse is read at `now` ([`Self::overusing`]): the departure
+    /// of the first packets it was read on. A queue that began to grow on
+    /// packets sent before a probe started is not the probe's doing.
+    pub fn overuse(&self, now: Instant) -> Option<Instant> {
+        let ms = |slot: usize| match self.values[slot].load(Ordering::Relaxed) {
+            0 => None,
+            v => Some(self.epoch + Duration::from_millis(v - 1)),
         };
+        let read = ms(Self::OVERUSE_AT)?;
+        if now.saturating_duration_since(read) >= OVERUSE_STALE {
+            return None;
+        }
+        Some(ms(Self::OVERUSE_SINCE).unwrap_or(read))
+    }
+
+    /// Notes the detector's reading at `now`: overuse on the packets sent
+    /// since `since`, or none ([`Self::overuse`]).
+    fn set_overuse(&self, now: Instant, since: Option<Instant>) {
+        // Milliseconds since the epoch, plus one: 0 means "not over".
+        let ms = |t: Instant| t.saturating_duration_since(self.epoch).as_millis() as u64 + 1;
+        let (at, since) = since.map_or((0, 0), |s| (ms(now), ms(s)));
+        self.values[Self::OVERUSE_SINCE].store(since, Ordering::Relaxed);
         self.values[Self::OVERUSE_AT].store(at, Ordering::Relaxed);
     }
 }
@@ -441,8 +451,12 @@ impl BandwidthEstimator for Bwe {
             }
         }
         self.usage = usage;
-        self.shared
-            .set_overusing(now, self.detector.usage() == Usage::Over);
+        let over = self.detector.usage() == Usage::Over;
+        // The first overusing reading of this run, on packets sent then.
+        self.shared.set_overuse(
+            now,
+            self.over_since.filter(|_| over).or(over.then_some(now)),
+        );
         let received = self.received.rate();
         if let Some(r) = received {
             self.tested = match self.tested {
@@ -523,18 +537,23 @@ mod tests {
     #[test]
     fn an_overuse_reading_goes_stale_when_feedback_stops() {
         let estimate = Estimate::default();
-        let t0 = Instant::now();
+        let t0 = Instant::now() + Duration::from_secs(1);
+        let sent = t0 - Duration::from_millis(120);
         assert!(!estimate.overusing(t0), "no reading yet");
-        estimate.set_overusing(t0, true);
+        estimate.set_overuse(t0, Some(sent));
         assert!(estimate.overusing(t0));
+        // It says since which packets the queue grows (ms precision).
+        let since = estimate.overuse(t0).expect("overusing");
+        assert!(since <= sent && sent - since < Duration::from_millis(1));
         assert!(estimate.overusing(t0 + OVERUSE_STALE - Duration::from_millis(10)));
         // No feedback since: the reading is no longer believed.
         assert!(!estimate.overusing(t0 + OVERUSE_STALE + Duration::from_millis(10)));
+        assert_eq!(estimate.overuse(t0 + OVERUSE_STALE), None);
         // A fresh reading counts again, and "normal" clears it at once.
         let t1 = t0 + Duration::from_secs(3);
-        estimate.set_overusing(t1, true);
+        estimate.set_overuse(t1, Some(t1));
         assert!(estimate.overusing(t1 + Duration::from_millis(100)));
-        estimate.set_overusing(t1 + Duration::from_millis(200), false);
+        estimate.set_overuse(t1 + Duration::from_millis(200), None);
         assert!(!estimate.overusing(t1 + Duration::from_millis(200)));
     }
 
@@ -901,8 +920,8 @@ mod tests {
                 reports.sort_by_key(|r| r.id);
                 bwe.on_reports(now + Duration::from_millis(20), &reports);
                 reports.clear();
-                if shared.overusing(now) && overuse_read.is_none() {
-                    overuse_read = Some(now);
+                if let (Some(since), None) = (shared.overuse(now), overuse_read) {
+                    overuse_read = Some((now, since));
                 }
                 if shared.losses().1 > 0 {
                     at_first_loss = shared.get();
@@ -917,8 +936,14 @@ mod tests {
         // A probe reads the overuse earlier still, before the estimate
         // backs off for it (OVERUSE_PERSIST), and before the media the
         // estimate carried was dropped.
-        let read = overuse_read.expect("overuse read");
+        let (read, since) = overuse_read.expect("overuse read");
         assert!(read > t0 + Duration::from_secs(6), "not before the probe");
+        // And it says the queue grew on the probe's packets, not before.
+        assert!(
+            since >= t0 + Duration::from_secs(6) && since < read,
+            "since {:?} after the probe's start",
+            since.saturating_duration_since(t0)
+        );
     }
 
     #[test]

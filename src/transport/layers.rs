@@ -183,14 +183,14 @@ impl Engine {
             let (reported, lost) = p.estimate.losses();
             let feedback = Feedback {
                 estimate: p.estimate.get(),
-                overusing: p.estimate.overusing(now),
+                overuse: p.estimate.overuse(now),
                 reported,
                 lost,
             };
             if let Some(event) = p.prober.on_feedback(now, feedback) {
                 let outcome = event.label();
                 let padding = p.prober.padding_of_last();
-                tracing::debug!(participant = %p.participant, estimate = ?p.estimate.get(), reported, lost, overusing = feedback.overusing, padding_due = padding.due, padding_sent = padding.sent, outcome, "probe ended on feedback");
+                tracing::debug!(participant = %p.participant, estimate = ?p.estimate.get(), reported, lost, overusing = feedback.overuse.is_some(), padding_due = padding.due, padding_sent = padding.sent, outcome, "probe ended on feedback");
                 self.metrics.layers.probes(outcome);
                 continue;
             }
