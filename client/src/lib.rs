@@ -24,7 +24,8 @@
 //! The client task's parts: this file has the API and the task's loop and
 //! signaling; `sfu` the server connection and the RTP it sends, `p2p` the
 //! direct connection, `tcp` ICE-TCP, `resume` getting the signaling back,
-//! `light` counting receive for load generation.
+//! `light` counting receive for load generation, `host` building a
+//! PeerConnection that offers one host candidate.
 
 use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
@@ -63,6 +64,7 @@ use tokio::net::UdpSocket;
 use tokio::sync::mpsc;
 use tokio_tungstenite::tungstenite::Message;
 
+mod host;
 mod keyframes;
 pub mod light;
 mod p2p;
@@ -76,6 +78,7 @@ use resume::{attempt, next_frame, Ws, MAX_ATTEMPTS, PENDING_WHILE_DOWN};
 use sfu::{add_tracks, learn_payload_types};
 use tcp::{read_tcp, TcpLink};
 
+pub use host::{host_peer_connection, udp_host_candidate};
 pub use light::{LightCounts, LightRtp};
 pub use simulcast::SimulcastError;
 

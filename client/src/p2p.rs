@@ -98,28 +98,7 @@ impl Task {
         std_socket.set_nonblocking(true)?;
         let socket = UdpSocket::from_std(std_socket)?;
         let local = socket.local_addr()?;
-        let mut media_engine = MediaEngine::default();
-        media_engine.register_default_codecs()?;
-        let registry =
-            register_default_interceptors(rtc::interceptor::Registry::new(), &mut media_engine)?;
-        let mut pc = RTCPeerConnectionBuilder::new()
-            .with_configuration(RTCConfigurationBuilder::new().build())
-            .with_setting_engine(SettingEngineBuilder::new().build())
-            .with_media_engine(media_engine)
-            .with_interceptor_registry(registry)
-            .build(Instant::now())?;
-        let candidate = CandidateHostConfig {
-            base_config: CandidateConfig {
-                network: "udp".to_owned(),
-                address: local.ip().to_string(),
-                port: local.port(),
-                component: 1,
-                ..Default::default()
-            },
-            ..Default::default()
-        }
-        .new_candidate_host()?;
-        pc.add_local_candidate(RTCIceCandidate::from(&candidate).to_json()?)?;
+        let mut pc = host_peer_connection(local)?;
         let senders = add_tracks(&self.opts, &mut pc, false)?;
         let sdp = if offer {
             let o = pc.create_offer(None)?;

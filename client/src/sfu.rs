@@ -71,17 +71,6 @@ impl Task {
             .with_interceptor_registry(registry)
             .build(Instant::now())?;
         let local = self.socket.local_addr()?;
-        let candidate = CandidateHostConfig {
-            base_config: CandidateConfig {
-                network: "udp".to_owned(),
-                address: self.opts.bind_ip.to_string(),
-                port: local.port(),
-                component: 1,
-                ..Default::default()
-            },
-            ..Default::default()
-        }
-        .new_candidate_host()?;
         if self.opts.ice_tcp {
             // An active candidate does not listen: port 9 by convention.
             let active = CandidateHostConfig {
@@ -97,7 +86,7 @@ impl Task {
             .new_candidate_host()?;
             pc.add_local_candidate(RTCIceCandidate::from(&active).to_json()?)?;
         } else {
-            pc.add_local_candidate(RTCIceCandidate::from(&candidate).to_json()?)?;
+            pc.add_local_candidate(udp_host_candidate(self.opts.bind_ip, local.port())?)?;
         }
         self.senders = add_tracks(&self.opts, &mut pc, true)?;
         self.chat = Some(pc.create_data_channel("chat", None)?.id());
