@@ -748,12 +748,7 @@ impl Hub {
     /// `now` and that still qualifies (see [`Room::poll`]). The server calls
     /// this on a timer when the option is on.
     pub fn run_due_returns(&self, now: Instant) {
-        let due: Vec<RoomName> = {
-            let mut returns = self.returns.lock().unwrap_or_else(|e| e.into_inner());
-            let (due, later): (Vec<_>, Vec<_>) = returns.drain(..).partition(|(at, _)| *at <= now);
-            *returns = later;
-            due.into_iter().map(|(_, name)| name).collect()
-        };
+        let due = take_due(&self.returns, now);
         for name in due {
             let Some(mut room) = self.rooms.get_mut(&name) else {
                 continue;
@@ -768,12 +763,7 @@ impl Hub {
 
     /// Frees the empty rooms whose empty timeout is over at `now`.
     pub fn run_due_frees(&self, now: Instant) {
-        let due: Vec<RoomName> = {
-            let mut frees = self.frees.lock().unwrap_or_else(|e| e.into_inner());
-            let (due, later): (Vec<_>, Vec<_>) = frees.drain(..).partition(|(at, _)| *at <= now);
-            *frees = later;
-            due.into_iter().map(|(_, name)| name).collect()
-        };
+        let due = take_due(&self.frees, now);
         for name in due {
             // Still waiting (someone came and went since): `free_if_empty`
             // queues it again with its new time.
@@ -856,6 +846,14 @@ impl Hub {
             }
         }
     }
+}
+
+/// Takes the rooms due by `now` out of a timer queue (`frees`, `returns`).
+fn take_due(queue: &Mutex<Vec<(Instant, RoomName)>>, now: Instant) -> Vec<RoomName> {
+    let mut queue = queue.lock().unwrap_or_else(|e| e.into_inner());
+    let (due, later): (Vec<_>, Vec<_>) = queue.drain(..).partition(|(at, _)| *at <= now);
+    *queue = later;
+    due.into_iter().map(|(_, name)| name).collect()
 }
 
 fn room_ref(room: &Room) -> RoomRef {

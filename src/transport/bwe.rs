@@ -451,12 +451,12 @@ impl BandwidthEstimator for Bwe {
             }
         }
         self.usage = usage;
+        // Overuse since the departure of the group where the run of
+        // overuse readings began (`over_since` is set whenever the
+        // detector reads overuse, and cleared by any other reading).
         let over = self.detector.usage() == Usage::Over;
-        // The first overusing reading of this run, on packets sent then.
-        self.shared.set_overuse(
-            now,
-            self.over_since.filter(|_| over).or(over.then_some(now)),
-        );
+        self.shared
+            .set_overuse(now, self.over_since.filter(|_| over));
         let received = self.received.rate();
         if let Some(r) = received {
             self.tested = match self.tested {

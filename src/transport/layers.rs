@@ -116,18 +116,21 @@ impl Engine {
         }
         let estimate = p.estimate.get();
         if let Some(event) = p.prober.end_round(now, estimate, p.estimate.tested()) {
-            self.probe_ended(key, event);
+            self.probe_ended(key, event, now);
         }
     }
 
-    /// Logs and counts how `key`'s probe ended.
-    fn probe_ended(&mut self, key: PeerKey, event: ProbeEvent) {
+    /// Logs and counts how `key`'s probe ended at `now`, with what its
+    /// connection's feedback said then.
+    fn probe_ended(&mut self, key: PeerKey, event: ProbeEvent, now: Instant) {
         let Some(p) = self.peers.get(&key) else {
             return;
         };
         let padding = p.prober.padding_of_last();
+        let (reported, lost) = p.estimate.losses();
+        let overusing = p.estimate.overusing(now);
         let outcome = event.label();
-        tracing::debug!(participant = %p.participant, estimate = ?p.estimate.get(), padding_due = padding.due, padding_sent = padding.sent, outcome, "probe ended");
+        tracing::debug!(participant = %p.participant, estimate = ?p.estimate.get(), reported, lost, overusing, padding_due = padding.due, padding_sent = padding.sent, outcome, "probe ended");
         self.metrics.layers.probes(outcome);
     }
 
@@ -161,7 +164,7 @@ impl Engine {
                 self.padding_due.get_or_insert(now);
                 self.metrics.layers.probes(event.label());
             }
-            _ => self.probe_ended(key, event),
+            _ => self.probe_ended(key, event, now),
         }
     }
 
@@ -188,10 +191,7 @@ impl Engine {
                 lost,
             };
             if let Some(event) = p.prober.on_feedback(now, feedback) {
-                let outcome = event.label();
-                let padding = p.prober.padding_of_last();
-                tracing::debug!(participant = %p.participant, estimate = ?p.estimate.get(), reported, lost, overusing = feedback.overuse.is_some(), padding_due = padding.due, padding_sent = padding.sent, outcome, "probe ended on feedback");
-                self.metrics.layers.probes(outcome);
+                self.probe_ended(key, event, now);
                 continue;
             }
             let due = p.prober.padding_due(now);
