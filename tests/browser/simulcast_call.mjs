@@ -94,8 +94,9 @@ const KEEP_GOING = process.env.SB_SIMULCAST_ALL === '1';
 // intact under the cap, maxHeight, pause, dynacast). With
 // SB_SIMULCAST_GOALS=0 they are only measured and reported in
 // `goalsUnmet` (to see the other checks on a machine too slow for them).
-// On this 2-vCPU machine 12 runs in a row met them all
-// (docs/benchmarks.md "Probes that fill the media's gap").
+// On this 2-vCPU machine 32 runs in a row met them all
+// (docs/benchmarks.md "Probes that fill the media's gap" and the next
+// section).
 const STRICT_GOALS = process.env.SB_SIMULCAST_GOALS !== '0';
 const GOALS = new Set(['late', 'recover']);
 const isGoal = (key) => GOALS.has(key) || /^(low|high|freeze|advance)-/.test(key);
